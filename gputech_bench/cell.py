@@ -1,0 +1,180 @@
+"""Run one cell in this process and describe it as a result dict.
+
+The worker module wraps this with a status and atomic writing; tests call it
+directly. Measurements are added to ``result`` as soon as they exist, so a
+failure late in the cell still leaves everything measured before it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+
+from .config import BenchConfig, to_dict
+from .dataset import prepare_data
+from .measure import cuda as cuda_memory
+from .measure.host import peak_rss_bytes
+from .measure.units import figure, to_mib
+from .modeling import build_model
+from .provenance import environment, utc_now
+from .results import SCHEMA
+from .strategies import RunContext, build_plan, parse_cell
+from .training.evaluate import evaluate
+from .training.loop import StepEvent, TrainOutcome, train
+
+EventSink = Callable[[dict[str, Any]], None]
+
+FINAL_LOSS_WINDOW = 10
+
+
+class DeviceError(ValueError):
+    """The requested device is not usable; the message is one line."""
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cpu":
+        return torch.device("cpu")
+    available = torch.cuda.is_available()
+    if choice == "cuda" and not available:
+        raise DeviceError(
+            "CUDA was requested but torch.cuda.is_available() is False: use --device cpu, "
+            "or install a CUDA build of torch on a machine with a GPU"
+        )
+    return torch.device("cuda", torch.cuda.current_device()) if available else torch.device("cpu")
+
+
+def new_result(cell_text: str, config: BenchConfig) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA,
+        "cell": cell_text,
+        "status": "error",
+        "reason": "the cell did not finish",
+        "preset": config.preset,
+        "config": to_dict(config),
+        "metrics": {},
+        "memory_breakdown": {},
+        "notes": [],
+        "provenance": {"started_at": utc_now(), **environment()},
+    }
+
+
+def run_cell(
+    cell_text: str, config: BenchConfig, result: dict[str, Any], emit: EventSink = lambda event: None
+) -> dict[str, Any]:
+    """Train and evaluate one cell, filling ``result`` in place; raises on failure."""
+    started = time.perf_counter()
+    cell = parse_cell(cell_text)
+    result.update(cell=cell.name, strategies=[cls.name for cls in cell.strategies])
+    device = resolve_device(config.device)
+    result["device"] = {"type": device.type}
+    if device.type == "cuda":
+        result["device"].update(cuda_memory.device_info(device))
+    ctx = RunContext(config, device)
+
+    emit({"event": "phase", "phase": "data"})
+    data = prepare_data(config)
+    result["data"] = data.info
+    if config.model.vocab_rows > data.tokenizer_size and not config.model.pretrained:
+        result["notes"].append(
+            f"the model has {config.model.vocab_rows:,} vocabulary rows and the tokenizer {data.tokenizer_size:,} tokens: "
+            "the extra rows stay, so memory and time match the seed's model"
+        )
+
+    emit({"event": "phase", "phase": "model"})
+    model = build_model(config.model, data.tokenizer_size, data.pad_token_id, config.train.seed)
+    plan = build_plan(cell, model, ctx)
+    result["strategy_facts"] = plan.facts
+    if device.type == "cpu" and plan.facts["compute_dtype"] != "float32":
+        result["notes"].append(f"compute copy runs in {plan.facts['compute_dtype']} on the CPU")
+
+    sampler = None
+    if device.type == "cuda":
+        cuda_memory.reset_peaks(device)
+        sampler = cuda_memory.NvmlSampler(device).start()
+
+    def forward_step(event: StepEvent) -> None:
+        emit({"event": "step", "step": event.step, "total": event.total_steps, "epoch": event.epoch,
+              "loss": event.loss, "seconds": event.seconds, "tracked": event.tracked})
+
+    emit({"event": "phase", "phase": "train"})
+    try:
+        outcome = train(plan, data.train, data.masking, ctx, forward_step)
+    finally:
+        if sampler is not None:
+            record_cuda_memory(result, device, sampler.stop())
+    record_training(result, outcome, config)
+
+    emit({"event": "phase", "phase": "eval"})
+    scores = evaluate(plan.model, data.eval_set, device, config.train.eval_batch_size)
+    metrics = result["metrics"]
+    metrics["eval_masked_accuracy"] = figure(
+        scores.masked_accuracy, "fraction", f"correct predictions at the {scores.masked_tokens} masked eval positions"
+    )
+    metrics["eval_token_accuracy"] = figure(
+        scores.token_accuracy, "fraction",
+        f"the seed's accuracy: predictions equal to the input ids over all {scores.scored_tokens} non-padding eval tokens",
+    )
+    metrics["eval_loss"] = figure(scores.loss, "nats/token", "mean cross-entropy over masked eval positions")
+    metrics["peak_rss_mib"] = figure(
+        to_mib(peak_rss_bytes()), "MiB", "getrusage ru_maxrss: whole-process lifetime peak, includes Python and libraries"
+    )
+    metrics["cell_seconds"] = figure(
+        round(time.perf_counter() - started, 3), "s", "wall time of the whole cell in the worker: data, model, train, eval"
+    )
+    result.update(status="ok", reason=None)
+    return result
+
+
+def record_cuda_memory(result: dict[str, Any], device: torch.device, nvml: cuda_memory.NvmlReading) -> None:
+    allocated, reserved = cuda_memory.allocator_peaks(device)
+    metrics = result["metrics"]
+    metrics["peak_allocated_mib"] = figure(to_mib(allocated), "MiB", "torch.cuda.max_memory_allocated over the training steps")
+    metrics["peak_reserved_mib"] = figure(to_mib(reserved), "MiB", "torch.cuda.max_memory_reserved over the training steps")
+    metrics["nvml_process_peak_mib"] = figure(
+        None if nvml.peak_bytes is None else to_mib(nvml.peak_bytes), "MiB", nvml.method
+    )
+
+
+def record_training(result: dict[str, Any], outcome: TrainOutcome, config: BenchConfig) -> None:
+    metrics = result["metrics"]
+    epoch_seconds, epoch_method = outcome.epoch_time
+    metrics["epoch_seconds"] = figure(None if epoch_seconds is None else round(epoch_seconds, 4), "s", epoch_method)
+    metrics["epoch_time_extrapolated"] = figure(not outcome.epoch_seconds, "bool", "true when fewer than one full epoch was timed")
+    metrics["samples_per_second"] = figure(
+        None if not epoch_seconds else round(outcome.samples_per_epoch / epoch_seconds, 3),
+        "samples/s", "training samples per epoch / epoch_seconds",
+    )
+    mean_step = outcome.mean_step_seconds
+    metrics["mean_step_seconds"] = figure(
+        None if mean_step is None else round(mean_step, 5), "s", f"mean of {len(outcome.step_seconds)} untracked optimizer steps"
+    )
+    metrics["tracked_step_seconds"] = figure(
+        outcome.tracked_step_seconds, "s", "the step run under MemTracker (slowed by tracking; not in any timing)"
+    )
+    metrics["steps_run"] = figure(outcome.steps_run, "steps", f"optimizer steps run of {outcome.total_steps} planned")
+    window = outcome.losses[-FINAL_LOSS_WINDOW:]
+    metrics["final_train_loss"] = figure(
+        sum(window) / len(window) if window else None, "nats/token", f"mean loss of the last {len(window)} optimizer steps"
+    )
+    metrics["nonfinite_loss_steps"] = figure(outcome.nonfinite_losses, "steps", "optimizer steps whose loss was NaN or infinite")
+
+    breakdown = {}
+    for peak in outcome.tracked_peaks:
+        breakdown[peak.device] = {
+            "total_mib": to_mib(peak.total_bytes),
+            **{f"{name}_mib": to_mib(value) for name, value in peak.by_category.items()},
+        }
+    result["memory_breakdown"] = breakdown
+    if breakdown:
+        compute_device = result["device"]["type"]
+        compute_peaks = [p for p in outcome.tracked_peaks if p.device.startswith(compute_device)]
+        host_peaks = [p for p in outcome.tracked_peaks if p.device.startswith("cpu")]
+        method = "torch MemTracker: peak live tensor bytes during one full optimizer step (forward, backward, update), the second of the run so that optimizer state is live"
+        if compute_peaks:
+            metrics["tracked_peak_mib"] = figure(to_mib(compute_peaks[0].total_bytes), "MiB", f"{method}, on {compute_peaks[0].device}")
+        if compute_device != "cpu" and host_peaks:
+            metrics["tracked_host_peak_mib"] = figure(to_mib(host_peaks[0].total_bytes), "MiB", f"{method}, on the host")
+    if outcome.epoch_seconds == [] and config.train.max_steps:
+        result["notes"].append(f"short run (train.max_steps={config.train.max_steps}): epoch time is extrapolated")

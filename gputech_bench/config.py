@@ -1,0 +1,382 @@
+"""Run configuration: frozen dataclasses, TOML presets and ``--set key=value`` overrides.
+
+The dataclass defaults are the seed's setup (``configs/seed.toml`` states them again,
+and a test keeps the two equal). A preset is a TOML file whose sections mirror the
+dataclasses; anything it leaves out keeps its default. Unknown keys and badly typed
+values are errors, never silently ignored, because a typo in a benchmark recipe
+produces numbers for a run nobody asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message is one line."""
+
+
+def setting(default: Any, help: str) -> Any:
+    """A dataclass field with its documentation attached (shown by ``presets``)."""
+    if isinstance(default, (list, dict)):
+        raise TypeError("mutable defaults are not allowed in frozen config")
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network that is fine-tuned."""
+
+    pretrained: str = setting(
+        "", "Local Hugging Face folder or hub id of a BertForMaskedLM; empty = random init from the fields below."
+    )
+    vocab_rows: int = setting(
+        149_798,
+        "Embedding rows. The seed extended multilingual BERT to 149,798; 0 = the tokenizer's size. "
+        "Rows beyond the tokenizer stay, so memory and time match the seed.",
+    )
+    hidden_size: int = setting(768, "Hidden width (BERT-base: 768).")
+    num_layers: int = setting(12, "Transformer layers (BERT-base: 12).")
+    num_heads: int = setting(12, "Attention heads (BERT-base: 12).")
+    intermediate_size: int = setting(3072, "Feed-forward width (BERT-base: 3072).")
+    max_position_embeddings: int = setting(512, "Position embedding rows.")
+    dropout: float = setting(0.1, "Hidden and attention dropout probability.")
+    attention: str = setting(
+        "eager",
+        "Attention kernel passed to transformers: 'eager' (what the seed's 2022 stack ran) or 'sdpa'.",
+    )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Corpus, tokenizer and masking."""
+
+    train_file: str = setting("", "Text file, one sentence per line; empty = the embedded stdlib-docstring corpus.")
+    eval_file: str = setting("", "Eval text file; empty = hold out eval sentences from the training source.")
+    train_sentences: int = setting(10_000, "Training sentences taken from the corpus (0 = all lines of --train-file).")
+    eval_sentences: int = setting(110, "Eval sentences.")
+    max_length: int = setting(128, "Tokens per sequence, padded and truncated.")
+    tokenizer_vocab_size: int = setting(
+        30_522, "Vocabulary of the WordPiece tokenizer trained on the training split (ignored with model.pretrained)."
+    )
+    mask_probability: float = setting(0.15, "Fraction of non-special tokens chosen for masked-LM (80/10/10).")
+    cache_dir: str = setting("", "Where tokenizers and tokenized tensors are cached; empty = $GPUTECH_BENCH_CACHE or ~/.cache/gputech-bench.")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation recipe, shared by every cell of a matrix."""
+
+    batch_size: int = setting(32, "Samples per optimizer step.")
+    epochs: int = setting(3, "Passes over the training set.")
+    max_steps: int = setting(0, "Stop after this many optimizer steps in total (0 = no limit); epoch time is then extrapolated.")
+    lr: float = setting(3e-5, "Peak learning rate.")
+    adam_eps: float = setting(1e-8, "Adam epsilon.")
+    weight_decay: float = setting(0.0, "AdamW weight decay (0.0 is transformers.AdamW's default, which the seed used).")
+    warmup_ratio: float = setting(0.1, "Linear warm-up over this fraction of the steps run, then linear decay to 0.")
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm (0 = none). Strategy 4 never clips, as in the seed.")
+    seed: int = setting(222, "Seed for weights, data order and masks: every cell sees the same batches and masks.")
+    eval_batch_size: int = setting(32, "Batch size for evaluation.")
+    track_memory: bool = setting(
+        True, "Run the first optimizer step under torch's MemTracker for a per-category breakdown (never timed)."
+    )
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Knobs of the individual strategies; the defaults are the seed's."""
+
+    micro_batch_size: int = setting(8, "Strategy 2: samples per micro-batch; accumulation steps = batch_size / this.")
+    accumulation_loss: str = setting(
+        "seed",
+        "Strategy 2: 'seed' divides each micro-batch loss by the step count (the seed's rule); "
+        "'token-weighted' weights by masked tokens, which reproduces the full batch's gradient exactly.",
+    )
+    adam8bit_betas: tuple[float, float] = setting((0.9, 0.995), "Strategy 3: betas of bitsandbytes Adam8bit, as in the seed.")
+    half_dtype: str = setting(
+        "auto",
+        "Strategy 4: dtype of the compute copy: 'auto' = float16 on CUDA (the seed) and bfloat16 on CPU "
+        "(fp16 matmul is ~40x slower there), or 'float16' / 'bfloat16'.",
+    )
+    lora_r: int = setting(8, "LoRA rank.")
+    lora_alpha: int = setting(32, "LoRA alpha.")
+    lora_dropout: float = setting(0.1, "LoRA dropout.")
+    lora_targets: tuple[str, ...] = setting(("query", "value"), "Module names that get LoRA adapters.")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything one cell needs, resolved and saved with its result."""
+
+    preset: str = setting("seed", "Name of the preset this config started from.")
+    device: str = setting("auto", "'auto' (CUDA when available), 'cuda' or 'cpu'.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "strategy": StrategyConfig,
+}
+TOP_LEVEL_KEYS = ("preset", "device")
+PRESET_META_KEYS = ("description",)
+
+
+# --------------------------------------------------------------------------- values
+
+
+def _type_name(tp: Any) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    if tp in names:
+        return names[tp]
+    return "a comma-separated list"
+
+
+def coerce(key: str, tp: Any, value: Any) -> Any:
+    """Turn a TOML value or a command-line string into the field's type, or explain why not."""
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{key} expects a comma-separated list, got {value!r}")
+        args = typing.get_args(tp)
+        item_type = args[0]
+        coerced = tuple(coerce(key, item_type, v.strip() if isinstance(v, str) else v) for v in items)
+        if args[-1] is not Ellipsis and len(coerced) != len(args):
+            raise ConfigError(f"{key} expects {len(args)} comma-separated values, got {len(coerced)}: {value!r}")
+        return coerced
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key} expects {_type_name(tp)}, got {value!r}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _unknown_key(key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(sorted(known))}"
+    return ConfigError(f"unknown config key '{key}': {hint}")
+
+
+def all_keys() -> list[str]:
+    keys = list(TOP_LEVEL_KEYS)
+    for section, cls in SECTIONS.items():
+        keys += [f"{section}.{f.name}" for f in fields(cls)]
+    return keys
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _apply_section(current: Any, section: str, values: dict[str, Any]) -> Any:
+    cls = type(current)
+    types_by_name = _field_types(cls)
+    changes = {}
+    for name, value in values.items():
+        key = f"{section}.{name}"
+        if name not in types_by_name:
+            raise _unknown_key(key, all_keys())
+        changes[name] = coerce(key, types_by_name[name], value)
+    return replace(current, **changes)
+
+
+def apply_mapping(config: BenchConfig, mapping: dict[str, Any], origin: str = "") -> BenchConfig:
+    """Apply a nested mapping (a parsed TOML preset) on top of ``config``."""
+    where = f" in {origin}" if origin else ""
+    for key, value in mapping.items():
+        if key in PRESET_META_KEYS:
+            continue
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{key}]{where} must be a table of settings")
+            try:
+                config = replace(config, **{key: _apply_section(getattr(config, key), key, value)})
+            except ConfigError as error:
+                raise ConfigError(f"{error}{where}") from None
+        elif key in TOP_LEVEL_KEYS:
+            config = replace(config, **{key: coerce(key, str, value)})
+        else:
+            raise ConfigError(f"{_unknown_key(key, all_keys())}{where}")
+    return validate(config)
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value (for example train.epochs=1), got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def apply_overrides(config: BenchConfig, overrides: list[str] | tuple[str, ...]) -> BenchConfig:
+    """Apply ``section.key=value`` strings, as given to ``--set``."""
+    nested: dict[str, Any] = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        if key in TOP_LEVEL_KEYS:
+            nested[key] = value
+            continue
+        section, _, name = key.partition(".")
+        if section not in SECTIONS or not name:
+            raise _unknown_key(key, all_keys())
+        nested.setdefault(section, {})[name] = value
+    return apply_mapping(config, nested)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = "0 or more" if allow_zero else "more than 0"
+        raise ConfigError(f"{key} must be {bound}, got {value}")
+
+
+def validate(config: BenchConfig) -> BenchConfig:
+    """Range checks that a type alone cannot express."""
+    m, d, t, s = config.model, config.data, config.train, config.strategy
+    for key, value in (
+        ("model.hidden_size", m.hidden_size),
+        ("model.num_layers", m.num_layers),
+        ("model.num_heads", m.num_heads),
+        ("model.intermediate_size", m.intermediate_size),
+        ("data.eval_sentences", d.eval_sentences),
+        ("data.max_length", d.max_length),
+        ("train.batch_size", t.batch_size),
+        ("train.epochs", t.epochs),
+        ("train.lr", t.lr),
+        ("train.eval_batch_size", t.eval_batch_size),
+        ("strategy.micro_batch_size", s.micro_batch_size),
+        ("strategy.lora_r", s.lora_r),
+    ):
+        _positive(key, value)
+    for key, value in (
+        ("model.vocab_rows", m.vocab_rows),
+        ("data.train_sentences", d.train_sentences),
+        ("train.max_steps", t.max_steps),
+        ("train.max_grad_norm", t.max_grad_norm),
+        ("train.weight_decay", t.weight_decay),
+    ):
+        _positive(key, value, allow_zero=True)
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})")
+    if d.max_length > m.max_position_embeddings:
+        raise ConfigError(
+            f"data.max_length ({d.max_length}) exceeds model.max_position_embeddings ({m.max_position_embeddings})"
+        )
+    for key, value in (("model.dropout", m.dropout), ("strategy.lora_dropout", s.lora_dropout), ("train.warmup_ratio", t.warmup_ratio)):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1), got {value}")
+    if not 0.0 < d.mask_probability < 1.0:
+        raise ConfigError(f"data.mask_probability must be in (0, 1), got {d.mask_probability}")
+    if d.tokenizer_vocab_size < 100:
+        raise ConfigError(f"data.tokenizer_vocab_size must be at least 100, got {d.tokenizer_vocab_size}")
+    choices = {
+        "device": (config.device, ("auto", "cuda", "cpu")),
+        "model.attention": (m.attention, ("eager", "sdpa")),
+        "strategy.accumulation_loss": (s.accumulation_loss, ("seed", "token-weighted")),
+        "strategy.half_dtype": (s.half_dtype, ("auto", "float16", "bfloat16")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+    return config
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def presets_dir() -> Path:
+    """Presets ship inside the wheel; in a source checkout they are the top-level configs/."""
+    packaged = Path(__file__).resolve().parent / "configs"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in presets_dir().glob("*.toml"))
+
+
+def read_preset(name: str) -> dict[str, Any]:
+    path = presets_dir() / f"{name}.toml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset '{name}': choose one of {', '.join(preset_names()) or '(none found)'}")
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"preset file {path} is not valid TOML: {error}") from None
+
+
+def load_preset(name: str) -> BenchConfig:
+    config = apply_mapping(BenchConfig(), read_preset(name), origin=f"preset '{name}'")
+    return replace(config, preset=name)
+
+
+def default_preset_name(cuda_available: bool) -> str:
+    """The seed's full recipe on a GPU; a 2-layer shrink of it on a CPU."""
+    return "seed" if cuda_available else "cpu"
+
+
+# --------------------------------------------------------------------------- (de)serialisation
+
+
+def to_dict(config: BenchConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def from_dict(data: dict[str, Any]) -> BenchConfig:
+    """Rebuild a config from ``to_dict`` output (for example the worker's --config file)."""
+    if not isinstance(data, dict):
+        raise ConfigError("config file must hold a JSON object")
+    return apply_mapping(BenchConfig(), data)
+
+
+def describe_fields() -> list[tuple[str, Any, str]]:
+    """(key, default, help) for every setting, for ``--help`` and ``presets``."""
+    rows: list[tuple[str, Any, str]] = []
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            rows.append((f"{section}.{f.name}", f.default, f.metadata.get("help", "")))
+    return rows
+

@@ -1,0 +1,108 @@
+"""CUDA memory: torch's allocator peaks, the device itself, and NVML's view of the process."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+def device_info(device: torch.device) -> dict[str, Any]:
+    props = torch.cuda.get_device_properties(device)
+    return {
+        "name": props.name,
+        "total_memory_mib": round(props.total_memory / 2**20, 1),
+        "compute_capability": f"{props.major}.{props.minor}",
+        "cuda_runtime": torch.version.cuda,
+    }
+
+
+def reset_peaks(device: torch.device) -> None:
+    torch.cuda.reset_peak_memory_stats(device)
+
+
+def allocator_peaks(device: torch.device) -> tuple[int, int]:
+    """(peak allocated, peak reserved) bytes since the last reset."""
+    return torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+
+
+@dataclass(frozen=True)
+class NvmlReading:
+    peak_bytes: int | None
+    method: str
+
+
+class NvmlSampler:
+    """Polls NVML in a background thread and keeps the highest reading.
+
+    Prefers the per-process figure (what nvidia-smi lists for this PID, the seed's
+    number). Inside containers the PID namespace often hides it; then it falls back
+    to device-wide usage minus the usage seen before the cell started, and says so.
+    """
+
+    def __init__(self, device: torch.device, interval_s: float = 0.02) -> None:
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._peak: int | None = None
+        self._method = "unavailable"
+        self._thread: threading.Thread | None = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            uuid = str(torch.cuda.get_device_properties(device).uuid)
+            self._handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+            self._baseline_used = pynvml.nvmlDeviceGetMemoryInfo(self._handle).used
+        except Exception as error:  # no NVML library, no driver access, unknown UUID
+            self._nvml = None
+            self._method = f"unavailable ({type(error).__name__}: {str(error).strip()[:80]})"
+
+    def _process_bytes(self) -> int | None:
+        pid = os.getpid()
+        for query in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
+            try:
+                for process in getattr(self._nvml, query)(self._handle):
+                    if process.pid == pid and process.usedGpuMemory is not None:
+                        return int(process.usedGpuMemory)
+            except Exception:
+                continue
+        return None
+
+    def _sample(self) -> None:
+        own = self._process_bytes()
+        if own is not None:
+            value, method = own, "NVML per-process usedGpuMemory (nvidia-smi's figure), sampled every 20 ms"
+        else:
+            used = self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used
+            value = max(0, used - self._baseline_used)
+            method = "NVML device-wide used minus usage before the cell (PID hidden from NVML), sampled every 20 ms"
+        if self._peak is None or value > self._peak:
+            self._peak, self._method = value, method
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._sample()
+            except Exception:
+                pass
+            self._stop.wait(self._interval_s)
+
+    def start(self) -> "NvmlSampler":
+        if self._nvml is not None:
+            self._thread = threading.Thread(target=self._run, name="nvml-sampler", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> NvmlReading:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=2)
+            try:
+                self._sample()
+            except Exception:
+                pass
+        return NvmlReading(self._peak, self._method)

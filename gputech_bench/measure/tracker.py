@@ -1,0 +1,100 @@
+"""Peak live-tensor bytes of one optimizer step, by category, from torch's MemTracker.
+
+MemTracker is a TorchDispatchMode: it sees every tensor the step creates and
+attributes it to parameters, gradients, optimizer state, activations or
+temporaries, per device. It slows the step it watches, so the training loop
+runs it on one step and keeps that step out of the timing.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+from torch.distributed._tools.mem_tracker import MemTracker
+
+#: MemTracker's reference types, renamed to the words a result file uses.
+CATEGORY_NAMES = {
+    "Parameter": "parameters",
+    "Buffer": "buffers",
+    "Gradient": "gradients",
+    "Optstate": "optimizer_state",
+    "Activation": "activations",
+    "Temp": "temporaries",
+    "Other": "other",
+}
+TOTAL_KEY = "Total"
+
+
+@dataclass(frozen=True)
+class TrackedPeak:
+    """The highest total of live tensor bytes on one device, and what made it up then."""
+
+    device: str
+    total_bytes: int
+    by_category: dict[str, int]
+
+
+class _NoHook:
+    """Stands in for a gradient-hook handle on a frozen parameter."""
+
+    def remove(self) -> None:
+        pass
+
+
+class StepMemoryTracker:
+    """Context manager around one training step; ``peaks()`` afterwards."""
+
+    def __init__(self, *external: Any) -> None:
+        self._tracker = MemTracker()
+        # Tensors created before the step (weights, existing optimizer state) are
+        # unknown to a dispatch mode unless registered up front.
+        self._tracker.track_external(*[obj for obj in external if obj is not None])
+        self._skip_frozen_parameters(external)
+
+    def _skip_frozen_parameters(self, external: tuple[Any, ...]) -> None:
+        # MemTracker registers a gradient hook on every parameter of every module it
+        # sees run, which raises for frozen ones (LoRA's base weights). Marking them as
+        # already hooked makes it skip them; frozen weights never get gradients anyway.
+        handles = getattr(self._tracker, "_param_to_grad_hook_handles", None)
+        if handles is None:
+            return
+        for obj in external:
+            if isinstance(obj, nn.Module):
+                for param in obj.parameters():
+                    if not param.requires_grad:
+                        handles[param] = (_NoHook(), _NoHook())
+
+    def __enter__(self) -> "StepMemoryTracker":
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        # ModTracker warns for every module whose backward hook outlives its weakref
+        # (checkpointed layers); the totals are unaffected.
+        warnings.filterwarnings("ignore", message="Module is None", category=UserWarning)
+        self._tracker.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self._tracker.__exit__(*exc)
+        finally:
+            self._warnings.__exit__(*exc)
+
+    def before_forward(self) -> None:
+        """Call before each forward of a step: MemTracker keeps per-module stats for one
+        forward only, so micro-batches would otherwise trip it. Peaks are kept."""
+        self._tracker.reset_mod_stats()
+
+    def peaks(self) -> list[TrackedPeak]:
+        snapshot = self._tracker.get_tracker_snapshot("peak")
+        result = []
+        for device, categories in snapshot.items():
+            by_category = {
+                CATEGORY_NAMES.get(getattr(key, "value", key), str(key)): int(value)
+                for key, value in categories.items()
+                if getattr(key, "value", key) != TOTAL_KEY
+            }
+            result.append(TrackedPeak(str(device), int(categories.get(TOTAL_KEY, sum(by_category.values()))), by_category))
+        return sorted(result, key=lambda peak: peak.device)

@@ -1,0 +1,58 @@
+"""The result file of one cell: schema, status and atomic writing."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+SCHEMA = "gputech-bench/cell-result/1"
+STATUSES = ("ok", "oom", "error", "timeout", "crashed", "interrupted")
+
+
+class ResultError(ValueError):
+    """A result file that cannot be read or does not belong to gputech-bench."""
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinity are not JSON; store them as null rather than as invalid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_atomic(path: Path, result: dict[str, Any]) -> Path:
+    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_json_safe(result), indent=2, sort_keys=False, allow_nan=False) + "\n"
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ResultError(f"{path}: no such result file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ResultError(f"{path}: not a readable JSON result ({type(error).__name__}); delete it or re-run its cell") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA or data.get("status") not in STATUSES:
+        raise ResultError(f"{path}: not a gputech-bench cell result; move it out of the results folder")
+    return data

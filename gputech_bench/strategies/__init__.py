@@ -1,0 +1,29 @@
+"""Memory-saving strategies, registered by number and name.
+
+Importing this package registers the seed's five; ``plan.build_plan`` composes a
+cell's strategies into one training setup.
+"""
+
+from . import accumulation, adam8bit, checkpointing, lora, mixed_precision  # noqa: F401  (registration)
+from .base import MicroBatch, Placement, RunContext, Strategy, StrategyError
+from .plan import TrainingPlan, build_plan, check_cell
+from .registry import BASELINE, Cell, check_combinable, parse_cell, refusal_reason, register, registered, unregister
+
+__all__ = [
+    "BASELINE",
+    "Cell",
+    "MicroBatch",
+    "Placement",
+    "RunContext",
+    "Strategy",
+    "StrategyError",
+    "TrainingPlan",
+    "build_plan",
+    "check_cell",
+    "check_combinable",
+    "parse_cell",
+    "refusal_reason",
+    "register",
+    "registered",
+    "unregister",
+]

@@ -1,0 +1,117 @@
+"""The strategy protocol: a few named hooks instead of an if-chain in the training loop.
+
+A strategy acts on a run through these hooks:
+
+* ``prepare_model``   change the fp32 model (LoRA adapters, activation checkpointing);
+                      every strategy may use it, in ``order``.
+* ``placement``       decide where the trained weights live and how an optimizer step
+                      reaches them (the fp32 master copy on the host). Exclusive.
+* ``build_optimizer`` choose the optimizer class (8-bit Adam). Exclusive.
+* ``split_batch``     turn one batch into micro-batches with their loss weights
+                      (gradient accumulation). Exclusive.
+
+"Exclusive" hooks have one owner per cell; two strategies that claim the same one
+cannot be combined and the cell is refused before anything runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from ..config import BenchConfig
+
+
+class StrategyError(ValueError):
+    """A strategy or combination that cannot run; the message is one line."""
+
+
+#: Hooks that only one strategy of a cell may own.
+EXCLUSIVE_HOOKS = ("placement", "build_optimizer", "split_batch")
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a hook may look at: the resolved config and where compute happens."""
+
+    config: "BenchConfig"
+    device: "torch.device"
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """A slice of the batch and the factor its loss is multiplied by before backward."""
+
+    inputs: dict[str, "torch.Tensor"]
+    loss_weight: float
+
+
+class Placement:
+    """Where trainable weights live and what happens around ``optimizer.step()``.
+
+    The default keeps the weights in the model itself, on the compute device.
+    """
+
+    #: The module that runs forward and backward.
+    compute_model: "nn.Module"
+    #: Whether gradient clipping (train.max_grad_norm) applies to this placement.
+    clips_gradients: bool = True
+    #: dtype the compute copy runs in, for the result.
+    compute_dtype: "torch.dtype"
+
+    def optimizer_parameters(self) -> list["torch.Tensor"]:
+        raise NotImplementedError
+
+    def before_step(self) -> None:
+        """Make ``optimizer_parameters()`` carry the gradients of the last backward."""
+
+    def after_step(self) -> None:
+        """Make the compute model see the updated weights."""
+
+    def tracked_objects(self) -> list[Any]:
+        """Modules and tensors a memory tracker must know about besides the compute model."""
+        return []
+
+
+class Strategy:
+    """One memory-saving technique. Subclasses override the hooks they use."""
+
+    #: Seed number ("1".."4") or a short name; what users type.
+    key: ClassVar[str]
+    #: Long name, also accepted on the command line.
+    name: ClassVar[str]
+    #: One line each, shown by ``gputech-bench strategies``.
+    saves: ClassVar[str]
+    costs: ClassVar[str]
+    #: Position in a canonical cell name and in the order ``prepare_model`` runs.
+    order: ClassVar[int]
+
+    def claims(self) -> set[str]:
+        """The exclusive hooks this strategy overrides."""
+        return {hook for hook in EXCLUSIVE_HOOKS if getattr(type(self), hook) is not getattr(Strategy, hook)}
+
+    def check(self, ctx: RunContext) -> None:
+        """Raise StrategyError when this strategy cannot run with this config or device."""
+
+    def prepare_model(self, model: "nn.Module", ctx: RunContext) -> "nn.Module":
+        return model
+
+    def placement(self, model: "nn.Module", ctx: RunContext) -> Placement:
+        raise NotImplementedError
+
+    def build_optimizer(self, params: Iterable["torch.Tensor"], ctx: RunContext) -> "torch.optim.Optimizer":
+        raise NotImplementedError
+
+    def split_batch(self, batch: dict[str, "torch.Tensor"], ctx: RunContext) -> list[MicroBatch]:
+        raise NotImplementedError
+
+    def describe(self, model: "nn.Module", ctx: RunContext) -> dict[str, Any]:
+        """Facts about what the strategy did, recorded in the result."""
+        return {}
+
+
+StrategyFactory = Callable[[], Strategy]

@@ -1,0 +1,49 @@
+"""Strategy 1: activation (gradient) checkpointing through transformers."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import RunContext, Strategy, StrategyError
+from .registry import register
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Turn on checkpointing with the non-reentrant implementation.
+
+    transformers 5 names the method ``activation_checkpointing_enable`` and warns on
+    the 4.x name ``gradient_checkpointing_enable``; use whichever the installed
+    version has. Non-reentrant checkpointing is torch's recommendation and, unlike
+    the reentrant one, works when the inputs do not require grad (frozen embeddings
+    under LoRA).
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise StrategyError(f"{type(model).__name__} has no checkpointing method: strategy 1 needs a transformers model")
+
+
+def is_checkpointing(model: nn.Module) -> bool:
+    for attribute in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(model, attribute):
+            return bool(getattr(model, attribute))
+    return False
+
+
+@register
+class Checkpointing(Strategy):
+    key = "1"
+    name = "checkpointing"
+    saves = "activations: keeps each layer's input only and recomputes the rest during backward"
+    costs = "about one extra forward pass per step (~30% more compute)"
+    order = 10
+
+    def prepare_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+        enable_activation_checkpointing(model)
+        return model
+
+    def describe(self, model: nn.Module, ctx: RunContext) -> dict:
+        return {"checkpointing": "transformers activation checkpointing, use_reentrant=False"}

@@ -1,0 +1,70 @@
+"""Compose a cell's strategies into one training setup.
+
+Each exclusive hook goes to the one strategy that owns it, or to the baseline's
+behaviour in ``defaults``; ``prepare_model`` hooks run in the strategies' order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .base import MicroBatch, Placement, RunContext, Strategy
+from .defaults import InPlacePlacement, build_adamw, whole_batch
+from .registry import Cell, check_combinable
+
+
+@dataclass
+class TrainingPlan:
+    """The objects a training loop needs, whatever strategies produced them."""
+
+    cell: Cell
+    strategies: list[Strategy]
+    placement: Placement
+    optimizer: torch.optim.Optimizer
+    split_batch: Callable[[dict[str, torch.Tensor]], list[MicroBatch]]
+    facts: dict[str, Any]
+
+    @property
+    def model(self) -> nn.Module:
+        return self.placement.compute_model
+
+
+def check_cell(cell: Cell, ctx: RunContext) -> list[Strategy]:
+    """Refuse an undefined combination or a strategy that cannot run here, before any work."""
+    check_combinable(cell)
+    strategies = cell.instantiate()
+    for strategy in strategies:
+        strategy.check(ctx)
+    return strategies
+
+
+def build_plan(cell: Cell, model: nn.Module, ctx: RunContext) -> TrainingPlan:
+    strategies = check_cell(cell, ctx)
+    for strategy in strategies:  # already in canonical order
+        model = strategy.prepare_model(model, ctx)
+    owners = {hook: strategy for strategy in strategies for hook in strategy.claims()}
+
+    placement = owners["placement"].placement(model, ctx) if "placement" in owners else InPlacePlacement(model, ctx)
+    params = placement.optimizer_parameters()
+    if "build_optimizer" in owners:
+        optimizer = owners["build_optimizer"].build_optimizer(params, ctx)
+    else:
+        optimizer = build_adamw(params, ctx)
+    splitter = owners.get("split_batch")
+    split = (lambda batch: splitter.split_batch(batch, ctx)) if splitter else (lambda batch: whole_batch(batch, ctx))
+
+    facts: dict[str, Any] = {
+        "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
+        "compute_dtype": str(placement.compute_dtype).removeprefix("torch."),
+        "gradient_clipping": placement.clips_gradients and ctx.config.train.max_grad_norm > 0,
+    }
+    trainable = sum(p.numel() for p in placement.compute_model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in placement.compute_model.parameters())
+    facts.update(trainable_parameters=trainable, total_parameters=total)
+    for strategy in strategies:
+        facts.update(strategy.describe(placement.compute_model, ctx))
+    return TrainingPlan(cell, strategies, placement, optimizer, split, facts)

@@ -1,0 +1,108 @@
+"""Strategy registry and cell names such as ``1+2+3`` or ``checkpointing+lora``.
+
+Numbers and names both resolve. A cell is stored under a canonical name (strategies
+sorted by their ``order``) so that ``3+1`` and ``1+3`` are the same cell.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import Strategy, StrategyError
+
+BASELINE = "baseline"
+
+_REGISTRY: dict[str, type[Strategy]] = {}
+
+
+def register(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: make a strategy available by its key and its name."""
+    for alias in (cls.key, cls.name):
+        alias = alias.lower()
+        if alias == BASELINE or alias in _REGISTRY and _REGISTRY[alias] is not cls:
+            raise ValueError(f"strategy alias '{alias}' is already taken")
+        _REGISTRY[alias] = cls
+    return cls
+
+
+def unregister(cls: type[Strategy]) -> None:
+    """Remove a strategy (tests register temporary ones)."""
+    for alias in (cls.key.lower(), cls.name.lower()):
+        if _REGISTRY.get(alias) is cls:
+            del _REGISTRY[alias]
+
+
+def registered() -> list[type[Strategy]]:
+    """Every strategy once, in canonical order."""
+    unique = {cls for cls in _REGISTRY.values()}
+    return sorted(unique, key=lambda cls: cls.order)
+
+
+def _known() -> str:
+    return ", ".join(f"{cls.key} ({cls.name})" if cls.key != cls.name else cls.key for cls in registered())
+
+
+def lookup(token: str) -> type[Strategy]:
+    cls = _REGISTRY.get(token.strip().lower())
+    if cls is None:
+        raise StrategyError(f"unknown strategy '{token}': choose from {_known()}, or 'baseline'")
+    return cls
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the matrix: a set of strategies applied together."""
+
+    strategies: tuple[type[Strategy], ...]
+
+    @property
+    def name(self) -> str:
+        return "+".join(cls.key for cls in self.strategies) or BASELINE
+
+    @property
+    def long_name(self) -> str:
+        return "+".join(cls.name for cls in self.strategies) or BASELINE
+
+    def instantiate(self) -> list[Strategy]:
+        return [cls() for cls in self.strategies]
+
+
+def parse_cell(text: str) -> Cell:
+    """Parse ``1+2+3``, ``checkpointing+accumulation`` or ``baseline``; refuse malformed names."""
+    cleaned = text.strip()
+    if not cleaned:
+        raise StrategyError("empty strategy name: use a number, a name or a combination like 1+2+3")
+    if cleaned.lower() == BASELINE:
+        return Cell(())
+    tokens = cleaned.split("+")
+    if any(not token.strip() for token in tokens):
+        raise StrategyError(f"malformed combination '{text}': join strategies with single '+', as in 1+2+3")
+    if BASELINE in (t.strip().lower() for t in tokens):
+        raise StrategyError(f"'baseline' cannot be combined ('{text}'): it is the cell with no strategy")
+    classes = [lookup(token) for token in tokens]
+    seen: set[type[Strategy]] = set()
+    for token, cls in zip(tokens, classes):
+        if cls in seen:
+            raise StrategyError(f"strategy '{token.strip()}' appears twice in '{text}': name each strategy once")
+        seen.add(cls)
+    return Cell(tuple(sorted(classes, key=lambda cls: cls.order)))
+
+
+def refusal_reason(cell: Cell) -> str | None:
+    """Why the strategies of ``cell`` cannot be combined, judged from their hooks alone."""
+    owners: dict[str, str] = {}
+    for strategy in cell.instantiate():
+        for hook in sorted(strategy.claims()):
+            if hook in owners:
+                return (
+                    f"'{owners[hook]}' and '{strategy.key}' both own the {hook} hook, "
+                    f"so '{cell.name}' is undefined: run them in separate cells"
+                )
+            owners[hook] = strategy.key
+    return None
+
+
+def check_combinable(cell: Cell) -> None:
+    reason = refusal_reason(cell)
+    if reason:
+        raise StrategyError(f"refused combination: {reason}")

@@ -1,0 +1,1 @@
+"""The training loop, its batches and the evaluation, shared by every cell."""

@@ -1,0 +1,60 @@
+"""Eval metrics: masked-token accuracy (the honest one) and the seed's all-token accuracy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Eval sentences masked once, with a fixed seed, so every cell is scored on the same task."""
+
+    input_ids: torch.Tensor  # masked
+    labels: torch.Tensor  # original id at masked positions, -100 elsewhere
+    original_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+@dataclass(frozen=True)
+class EvalScores:
+    masked_accuracy: float
+    token_accuracy: float
+    loss: float
+    masked_tokens: int
+    scored_tokens: int
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, eval_set: EvalSet, device: torch.device, batch_size: int) -> EvalScores:
+    was_training = model.training
+    model.eval()
+    masked_correct = masked_total = token_correct = token_total = 0
+    loss_sum = 0.0
+    for start in range(0, eval_set.input_ids.shape[0], batch_size):
+        part = slice(start, start + batch_size)
+        labels = eval_set.labels[part].to(device)
+        attention = eval_set.attention_mask[part].to(device)
+        output = model(input_ids=eval_set.input_ids[part].to(device), attention_mask=attention, labels=labels)
+        predicted = output.logits.argmax(dim=-1)
+        masked = labels != -100
+        count = int(masked.sum())
+        masked_correct += int((predicted == labels)[masked].sum())
+        masked_total += count
+        if count:
+            loss_sum += float(output.loss.float()) * count
+        # The seed's "eval accuracy": every non-padding position against the input ids,
+        # so unmasked tokens (mostly copied through) count too.
+        real = attention.bool()
+        token_correct += int((predicted == eval_set.original_ids[part].to(device))[real].sum())
+        token_total += int(real.sum())
+    model.train(was_training)
+    return EvalScores(
+        masked_accuracy=masked_correct / masked_total if masked_total else float("nan"),
+        token_accuracy=token_correct / token_total if token_total else float("nan"),
+        loss=loss_sum / masked_total if masked_total else float("nan"),
+        masked_tokens=masked_total,
+        scored_tokens=token_total,
+    )

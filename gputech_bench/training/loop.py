@@ -1,0 +1,166 @@
+"""The one training loop every cell runs; strategies act only through the plan's hooks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from transformers import get_linear_schedule_with_warmup
+
+from ..data import MaskingSpec, TokenizedSplit
+from ..measure.timing import SyncedStopwatch
+from ..measure.tracker import StepMemoryTracker, TrackedPeak
+from ..strategies import RunContext, TrainingPlan
+from .batches import epoch_batches, steps_per_epoch
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """Progress of one optimizer step, for whoever displays it."""
+
+    step: int  # 1-based
+    total_steps: int
+    epoch: int  # 0-based
+    loss: float
+    seconds: float
+    tracked: bool
+
+
+@dataclass
+class TrainOutcome:
+    steps_run: int
+    total_steps: int
+    steps_per_epoch: int
+    samples_per_epoch: int
+    #: Wall time of each untracked optimizer step, device synchronised.
+    step_seconds: list[float] = field(default_factory=list)
+    #: Seconds of the step that ran under the memory tracker (never part of the timing).
+    tracked_step_seconds: float | None = None
+    tracked_peaks: list[TrackedPeak] = field(default_factory=list)
+    #: Per complete epoch: its untracked steps' time, plus the mean step time for each tracked step.
+    epoch_seconds: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    nonfinite_losses: int = 0
+
+    @property
+    def mean_step_seconds(self) -> float | None:
+        return sum(self.step_seconds) / len(self.step_seconds) if self.step_seconds else None
+
+    @property
+    def epoch_time(self) -> tuple[float | None, str]:
+        """(seconds per epoch, how it was obtained)."""
+        if self.epoch_seconds:
+            return (
+                sum(self.epoch_seconds) / len(self.epoch_seconds),
+                f"mean of {len(self.epoch_seconds)} complete epoch(s), training steps only, device synchronised; "
+                "the memory-tracked step is replaced by the mean step time",
+            )
+        if self.mean_step_seconds is None:
+            return None, "no untracked step ran (raise train.max_steps)"
+        return (
+            self.mean_step_seconds * self.steps_per_epoch,
+            f"extrapolated: mean of {len(self.step_seconds)} timed step(s) x {self.steps_per_epoch} steps per epoch",
+        )
+
+
+def planned_steps(num_samples: int, batch_size: int, epochs: int, max_steps: int) -> int:
+    full = steps_per_epoch(num_samples, batch_size) * epochs
+    return min(full, max_steps) if max_steps else full
+
+
+def accumulate_gradients(
+    plan: TrainingPlan,
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+    before_forward: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """Forward and backward every micro-batch of ``batch``; returns the weighted loss."""
+    step_loss = torch.zeros((), device=device)
+    for micro in plan.split_batch(batch):
+        if before_forward:
+            before_forward()
+        # Move each micro-batch on its own: the device only ever holds one.
+        inputs = {name: tensor.to(device, non_blocking=True) for name, tensor in micro.inputs.items()}
+        loss = plan.model(**inputs).loss
+        (loss * micro.loss_weight if micro.loss_weight != 1.0 else loss).backward()
+        step_loss += loss.detach().float() * micro.loss_weight
+    return step_loss
+
+
+def optimizer_step(
+    plan: TrainingPlan,
+    scheduler,
+    batch: dict[str, torch.Tensor],
+    ctx: RunContext,
+    before_forward: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """Gradients of one batch, then one update. Returns the step's loss."""
+    step_loss = accumulate_gradients(plan, batch, ctx.device, before_forward)
+    plan.placement.before_step()
+    max_norm = ctx.config.train.max_grad_norm
+    if plan.placement.clips_gradients and max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(plan.placement.optimizer_parameters(), max_norm)
+    plan.optimizer.step()
+    scheduler.step()
+    plan.optimizer.zero_grad(set_to_none=True)
+    plan.placement.after_step()
+    return step_loss
+
+
+def memory_tracked_step(total_steps: int) -> int:
+    """Track the second step when there is one: the first runs before the optimizer
+    state exists, so its forward and backward would miss that state in the peak."""
+    return 1 if total_steps > 1 else 0
+
+
+def train(
+    plan: TrainingPlan,
+    split: TokenizedSplit,
+    masking: MaskingSpec,
+    ctx: RunContext,
+    on_step: Callable[[StepEvent], None] | None = None,
+) -> TrainOutcome:
+    settings = ctx.config.train
+    per_epoch = steps_per_epoch(len(split), settings.batch_size)
+    total = planned_steps(len(split), settings.batch_size, settings.epochs, settings.max_steps)
+    # The schedule spans the steps actually run, so a short run is a complete small recipe.
+    scheduler = get_linear_schedule_with_warmup(plan.optimizer, int(settings.warmup_ratio * total), total)
+    outcome = TrainOutcome(0, total, per_epoch, len(split))
+    plan.model.train()
+
+    tracked_step = memory_tracked_step(total) if settings.track_memory else -1
+    step = 0
+    for epoch in range(math.ceil(total / per_epoch)):
+        epoch_untracked: list[float] = []
+        epoch_tracked = 0
+        for batch in epoch_batches(split, masking, settings.batch_size, settings.seed, epoch):
+            if step >= total:
+                break
+            tracked = step == tracked_step
+            watch = SyncedStopwatch(ctx.device)
+            if tracked:
+                tracker = StepMemoryTracker(plan.model, plan.optimizer, *plan.placement.tracked_objects())
+                with watch, tracker:
+                    loss = optimizer_step(plan, scheduler, batch, ctx, tracker.before_forward)
+                outcome.tracked_peaks = tracker.peaks()
+                outcome.tracked_step_seconds = watch.seconds
+                epoch_tracked += 1
+            else:
+                with watch:
+                    loss = optimizer_step(plan, scheduler, batch, ctx)
+                outcome.step_seconds.append(watch.seconds)
+                epoch_untracked.append(watch.seconds)
+            step += 1
+            value = float(loss)
+            outcome.losses.append(value)
+            outcome.nonfinite_losses += 0 if math.isfinite(value) else 1
+            if on_step:
+                on_step(StepEvent(step, total, epoch, value, watch.seconds, tracked))
+        completed = len(epoch_untracked) + epoch_tracked == per_epoch
+        if completed and epoch_untracked:
+            mean = sum(epoch_untracked) / len(epoch_untracked)
+            outcome.epoch_seconds.append(sum(epoch_untracked) + epoch_tracked * mean)
+    outcome.steps_run = step
+    return outcome

@@ -1,0 +1,82 @@
+"""Run one matrix cell in its own process and always leave one JSON result behind.
+
+    python -m gputech_bench.worker --cell 1+2+3 --config resolved.json --out results/x/1+2+3.json
+
+The result's status is ``ok``, ``oom``, ``error`` or ``interrupted``, with the
+reason and the last traceback lines. With ``--events`` the worker also prints one
+JSON object per line on stdout (phases and steps) for a runner to display.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, from_dict
+from .provenance import utc_now
+from .results import write_atomic
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m gputech_bench.worker", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cell", required=True, help="strategy combination, e.g. baseline, 1, 1+2+3, lora")
+    parser.add_argument("--config", required=True, type=Path, help="resolved config JSON (as saved in results)")
+    parser.add_argument("--out", required=True, type=Path, help="where to write the result JSON")
+    parser.add_argument("--events", action="store_true", help="print JSON-lines progress events on stdout")
+    return parser.parse_args(argv)
+
+
+def _stderr_progress(event: dict[str, Any]) -> None:
+    if event["event"] == "phase":
+        print(f"[worker] {event['phase']}...", file=sys.stderr, flush=True)
+    elif event["event"] == "step":
+        step, total = event["step"], event["total"]
+        if step == 1 or step == total or step % max(1, total // 10) == 0:
+            print(f"[worker] step {step}/{total} loss {event['loss']:.4f}", file=sys.stderr, flush=True)
+
+
+def _stdout_events(event: dict[str, Any]) -> None:
+    print(json.dumps(event), flush=True)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    # A runner stops a cell with SIGTERM; treat it like Ctrl-C so the result is still written.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+    # Heavy imports come after argument parsing so that --help is instant.
+    from .cell import new_result, run_cell
+    from .errors import classify
+
+    try:
+        config = from_dict(json.loads(args.config.read_text(encoding="utf-8")))
+    except (OSError, json.JSONDecodeError, ConfigError) as error:
+        print(f"error: cannot use config {args.config}: {error}", file=sys.stderr)
+        return 2
+    result = new_result(args.cell, config)
+    emit = _stdout_events if args.events else _stderr_progress
+    try:
+        run_cell(args.cell, config, result, emit)
+    except BaseException as error:  # noqa: BLE001 - every failure must become a result
+        status, reason, tail = classify(error)
+        result.update(status=status, reason=reason, traceback=tail)
+    finally:
+        result["provenance"]["finished_at"] = utc_now()
+        write_atomic(args.out, result)
+    emit({"event": "done", "status": result["status"], "reason": result["reason"]})
+    if result["status"] != "ok":
+        print(f"[worker] {result['cell']}: {result['status']}: {result['reason']}", file=sys.stderr)
+    return 0 if result["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
