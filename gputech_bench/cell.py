@@ -148,7 +148,10 @@ def record_training(result: dict[str, Any], outcome: TrainOutcome, config: Bench
     )
     mean_step = outcome.mean_step_seconds
     metrics["mean_step_seconds"] = figure(
-        None if mean_step is None else round(mean_step, 5), "s", f"mean of {len(outcome.step_seconds)} untracked optimizer steps"
+        None if mean_step is None else round(mean_step, 5), "s", f"mean of {len(outcome.step_seconds)} timed optimizer steps (steady state: warm-up and tracked steps excluded)"
+    )
+    metrics["first_step_seconds"] = figure(
+        outcome.first_step_seconds, "s", "the first optimizer step: lazy initialisation and warm-up, not in any timing"
     )
     metrics["tracked_step_seconds"] = figure(
         outcome.tracked_step_seconds, "s", "the step run under MemTracker (slowed by tracking; not in any timing)"

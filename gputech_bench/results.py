@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from .atomic import atomic_write_bytes
 
 SCHEMA = "gputech-bench/cell-result/1"
 STATUSES = ("ok", "oom", "error", "timeout", "crashed", "interrupted")
@@ -29,21 +29,10 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_atomic(path: Path, result: dict[str, Any]) -> Path:
-    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_json_safe(result), indent=2, sort_keys=False, allow_nan=False) + "\n"
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    """Write a result as JSON through a temporary file and a rename."""
+    text = json.dumps(_json_safe(result), indent=2, allow_nan=False) + "\n"
+    atomic_write_bytes(Path(path), text.encode("utf-8"))
+    return Path(path)
 
 
 def read_result(path: Path) -> dict[str, Any]:

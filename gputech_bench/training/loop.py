@@ -34,12 +34,14 @@ class TrainOutcome:
     total_steps: int
     steps_per_epoch: int
     samples_per_epoch: int
-    #: Wall time of each untracked optimizer step, device synchronised.
+    #: Wall time of each timed optimizer step (not the warm-up, not the tracked one), device synchronised.
     step_seconds: list[float] = field(default_factory=list)
+    #: Seconds of the first step: lazy initialisation and allocator warm-up, never part of the timing.
+    first_step_seconds: float | None = None
     #: Seconds of the step that ran under the memory tracker (never part of the timing).
     tracked_step_seconds: float | None = None
     tracked_peaks: list[TrackedPeak] = field(default_factory=list)
-    #: Per complete epoch: its untracked steps' time, plus the mean step time for each tracked step.
+    #: Per complete epoch: its timed steps, plus the mean step time for each untimed one.
     epoch_seconds: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     nonfinite_losses: int = 0
@@ -55,10 +57,10 @@ class TrainOutcome:
             return (
                 sum(self.epoch_seconds) / len(self.epoch_seconds),
                 f"mean of {len(self.epoch_seconds)} complete epoch(s), training steps only, device synchronised; "
-                "the memory-tracked step is replaced by the mean step time",
+                "the warm-up and memory-tracked steps count at the mean step time",
             )
         if self.mean_step_seconds is None:
-            return None, "no untracked step ran (raise train.max_steps)"
+            return None, "no step was timed: the first (warm-up) and the memory-tracked steps never are; raise train.max_steps"
         return (
             self.mean_step_seconds * self.steps_per_epoch,
             f"extrapolated: mean of {len(self.step_seconds)} timed step(s) x {self.steps_per_epoch} steps per epoch",
@@ -109,6 +111,9 @@ def optimizer_step(
     return step_loss
 
 
+WARMUP_STEP = 0
+
+
 def memory_tracked_step(total_steps: int) -> int:
     """Track the second step when there is one: the first runs before the optimizer
     state exists, so its forward and backward would miss that state in the peak."""
@@ -133,8 +138,8 @@ def train(
     tracked_step = memory_tracked_step(total) if settings.track_memory else -1
     step = 0
     for epoch in range(math.ceil(total / per_epoch)):
-        epoch_untracked: list[float] = []
-        epoch_tracked = 0
+        epoch_timed: list[float] = []
+        epoch_untimed = 0
         for batch in epoch_batches(split, masking, settings.batch_size, settings.seed, epoch):
             if step >= total:
                 break
@@ -146,21 +151,25 @@ def train(
                     loss = optimizer_step(plan, scheduler, batch, ctx, tracker.before_forward)
                 outcome.tracked_peaks = tracker.peaks()
                 outcome.tracked_step_seconds = watch.seconds
-                epoch_tracked += 1
             else:
                 with watch:
                     loss = optimizer_step(plan, scheduler, batch, ctx)
+            if step == WARMUP_STEP:
+                outcome.first_step_seconds = watch.seconds
+            if tracked or step == WARMUP_STEP:
+                epoch_untimed += 1
+            else:
                 outcome.step_seconds.append(watch.seconds)
-                epoch_untracked.append(watch.seconds)
+                epoch_timed.append(watch.seconds)
             step += 1
             value = float(loss)
             outcome.losses.append(value)
             outcome.nonfinite_losses += 0 if math.isfinite(value) else 1
             if on_step:
                 on_step(StepEvent(step, total, epoch, value, watch.seconds, tracked))
-        completed = len(epoch_untracked) + epoch_tracked == per_epoch
-        if completed and epoch_untracked:
-            mean = sum(epoch_untracked) / len(epoch_untracked)
-            outcome.epoch_seconds.append(sum(epoch_untracked) + epoch_tracked * mean)
+        completed = len(epoch_timed) + epoch_untimed == per_epoch
+        if completed and epoch_timed:
+            mean = sum(epoch_timed) / len(epoch_timed)
+            outcome.epoch_seconds.append(sum(epoch_timed) + epoch_untimed * mean)
     outcome.steps_run = step
     return outcome

@@ -1,0 +1,30 @@
+"""Atomic file writes: readers see the old file or the complete new one, never half of one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so readers see either the old file or the complete new one.
+
+    The temp file lives in the destination folder because os.replace is only atomic
+    within one filesystem; concurrent writers of the same cache entry are harmless
+    because each replaces the file with identical, complete content.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as tmp:
+            tmp.write(data)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        # Never leave stray temp files behind, even on KeyboardInterrupt.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise

@@ -1,0 +1,29 @@
+"""Data layer: corpus, tokenizer, masked-LM corruption and token caching.
+
+Everything a user can get wrong raises DataError with a one-line message.
+"""
+
+from __future__ import annotations
+
+from .cache import TokenizedSplit, tokenize_cached
+from .corpus import Corpus, default_cache_dir, embedded_corpus, load_corpus_files, stdlib_sentences
+from .errors import DataError
+from .masking import IGNORE_INDEX, MaskingSpec, mask_tokens
+from .tokenizer import load_pretrained_tokenizer, tokenizer_fingerprint, train_wordpiece
+
+__all__ = [
+    "IGNORE_INDEX",
+    "Corpus",
+    "DataError",
+    "MaskingSpec",
+    "TokenizedSplit",
+    "default_cache_dir",
+    "embedded_corpus",
+    "load_corpus_files",
+    "load_pretrained_tokenizer",
+    "mask_tokens",
+    "stdlib_sentences",
+    "tokenize_cached",
+    "tokenizer_fingerprint",
+    "train_wordpiece",
+]

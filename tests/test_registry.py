@@ -1,0 +1,104 @@
+"""Strategy names, combinations and refusals."""
+
+from __future__ import annotations
+
+import pytest
+
+from gputech_bench.strategies import (
+    Placement,
+    Strategy,
+    StrategyError,
+    build_plan,
+    check_combinable,
+    parse_cell,
+    register,
+    registered,
+    unregister,
+)
+
+from helpers import context, tiny_bert
+
+
+def test_every_seed_strategy_is_registered_by_number_and_name():
+    assert [(cls.key, cls.name) for cls in registered()] == [
+        ("1", "checkpointing"),
+        ("2", "accumulation"),
+        ("3", "adam8bit"),
+        ("4", "mixed-precision"),
+        ("lora", "lora"),
+    ]
+    for cls in registered():
+        assert cls.saves and cls.costs
+
+
+@pytest.mark.parametrize(
+    "text, canonical",
+    [
+        ("baseline", "baseline"),
+        ("1", "1"),
+        ("3+2+1", "1+2+3"),
+        ("checkpointing+accumulation", "1+2"),
+        (" Checkpointing + 4 ", "1+4"),
+        ("LORA", "lora"),
+        ("1+2+4", "1+2+4"),
+    ],
+)
+def test_cells_parse_to_a_canonical_name(text, canonical):
+    assert parse_cell(text).name == canonical
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("9", "unknown strategy '9'"),
+        ("1++2", "malformed combination '1++2'"),
+        ("+3", "malformed combination '+3'"),
+        ("3+", "malformed combination '3+'"),
+        ("1+1", "appears twice"),
+        ("1+checkpointing", "appears twice"),
+        ("baseline+1", "'baseline' cannot be combined"),
+        ("", "empty strategy name"),
+    ],
+)
+def test_malformed_cells_are_refused_in_one_line(text, message):
+    with pytest.raises(StrategyError) as error:
+        parse_cell(text)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+class _HostPlacement(Strategy):
+    """A stand-in strategy that, like strategy 4, decides where the weights live."""
+
+    key = "test-host"
+    name = "test-host-placement"
+    saves = costs = "nothing (test double)"
+    order = 99
+
+    def placement(self, model, ctx) -> Placement:  # pragma: no cover - never built
+        raise AssertionError
+
+
+def test_two_owners_of_one_hook_are_refused_before_anything_runs():
+    register(_HostPlacement)
+    try:
+        cell = parse_cell("4+test-host")
+        with pytest.raises(StrategyError, match="'4' and 'test-host' both own the placement hook"):
+            check_combinable(cell)
+        with pytest.raises(StrategyError, match="refused combination"):
+            build_plan(cell, tiny_bert(), context())
+    finally:
+        unregister(_HostPlacement)
+
+
+def test_claims_come_from_the_overridden_hooks():
+    by_key = {cls.key: cls() for cls in registered()}
+    assert by_key["1"].claims() == set()
+    assert by_key["2"].claims() == {"split_batch"}
+    assert by_key["3"].claims() == {"build_optimizer"}
+    assert by_key["4"].claims() == {"placement"}
+    assert by_key["lora"].claims() == set()
+
+
+def test_a_strategy_that_cannot_run_with_the_config_is_refused_with_the_fix():
+    with pytest.raises(StrategyError, match="micro_batch_size \\(5\\) to divide train.batch_size \\(32\\)"):
+        build_plan(parse_cell("2"), tiny_bert(), context("strategy.micro_batch_size=5"))
