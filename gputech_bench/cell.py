@@ -84,10 +84,21 @@ def run_cell(
 
     emit({"event": "phase", "phase": "model"})
     model = build_model(config.model, data.tokenizer_size, data.pad_token_id, config.train.seed)
+    result["model"] = {
+        "source": config.model.pretrained or "random init from the config (no pretrained weights)",
+        "vocab_rows": model.config.vocab_size,
+        "hidden_size": model.config.hidden_size,
+        "num_layers": model.config.num_hidden_layers,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "attention": model.config._attn_implementation,
+    }
     plan = build_plan(cell, model, ctx)
     result["strategy_facts"] = plan.facts
     if device.type == "cpu" and plan.facts["compute_dtype"] != "float32":
         result["notes"].append(f"compute copy runs in {plan.facts['compute_dtype']} on the CPU")
+    trainable, total = plan.facts["trainable_parameters"], plan.facts["total_parameters"]
+    if trainable < total:
+        result["notes"].append(f"trains {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
     sampler = None
     if device.type == "cuda":

@@ -59,6 +59,11 @@ def resolve_config(
     eval_file: Optional[Path],
     device: str,
 ) -> BenchConfig:
+    if device == "cuda" and not cuda_available():
+        raise ConfigError(
+            "--device cuda was given but torch.cuda.is_available() is False: use --device cpu, "
+            "or install a CUDA build of torch on a machine with a GPU"
+        )
     name = preset or default_preset_name(cuda_available())
     if preset is None:
         why = "a CUDA device is available" if name == "seed" else "no CUDA device was found; --preset seed runs the seed's full setup"
@@ -187,6 +192,9 @@ def run(
             progress.advance(overall)
 
     console.print(render_summary(finished))
+    for result in finished:
+        for note in result.get("notes", []):
+            console.print(f"  [dim]{result['cell']}:[/] {note}", highlight=False)
     console.print(f"results: {layout.root}", highlight=False)
     if any(result["status"] != "ok" for result in finished):
         raise typer.Exit(1)

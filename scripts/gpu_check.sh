@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The GPU check for a lent device machine: the seed preset's 8 cells, short, with
+# allocated / reserved / NVML memory and step time side by side.
+#
+# Here, once (the device image lacks bitsandbytes and nvidia-ml-py; carry them as wheels):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl bitsandbytes==0.50.2 nvidia-ml-py
+# Then on the device (carry .whl):  bash scripts/gpu_check.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MAX_STEPS="${MAX_STEPS:-15}"
+OUT_DIR="${OUT:-/tmp/gpu-check}"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONUNBUFFERED=1 GPUTECH_BENCH_CACHE=/tmp/gputech-cache HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+python3 -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)" || echo "bitsandbytes missing: cells 3 and 1+2+3 will be error rows"
+
+time python3 -m gputech_bench.cli run --matrix --preset seed --device cuda \
+  --set train.max_steps="$MAX_STEPS" --results "$OUT_DIR/results" --run-name seed-gpu-check || true
+
+python3 - "$OUT_DIR/results/seed-gpu-check" <<'PY'
+import json, pathlib, sys
+def v(r, k):
+    x = r.get("metrics", {}).get(k, {}).get("value")
+    return "-" if x is None else (f"{x:,.0f}" if isinstance(x, float) and x > 100 else f"{x:.4g}" if isinstance(x, float) else str(x))
+order = ["baseline", "1", "2", "3", "4", "1+2+3", "1+2+4", "lora"]
+rows = {json.loads(p.read_text())["cell"]: json.loads(p.read_text()) for p in pathlib.Path(sys.argv[1]).glob("*.json") if p.name != "config.json"}
+print("| cell | status | peak allocated MiB | peak reserved MiB | NVML process MiB | tracked host MiB | mean step s | epoch s (extrapolated) | masked acc |")
+print("|---|---|---|---|---|---|---|---|---|")
+for cell in order:
+    r = rows.get(cell, {"status": "missing"})
+    print(f"| {cell} | {r['status']} {r.get('reason') or ''} | {v(r,'peak_allocated_mib')} | {v(r,'peak_reserved_mib')} | {v(r,'nvml_process_peak_mib')} | "
+          f"{v(r,'tracked_host_peak_mib')} | {v(r,'mean_step_seconds')} | {v(r,'epoch_seconds')} | {v(r,'eval_masked_accuracy')} |")
+some = next(iter(rows.values()), {})
+print("NVML method:", some.get("metrics", {}).get("nvml_process_peak_mib", {}).get("method"))
+PY

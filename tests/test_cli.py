@@ -1,0 +1,113 @@
+"""The command line, run as a user runs it: a real process, real workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_RUN
+
+
+def gputech(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "gputech_bench", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+def tiny_sets(cache_dir: Path, *leave_out: str) -> list[str]:
+    args = []
+    for override in TINY_RUN + [f"data.cache_dir={cache_dir}", "train.max_steps=3"]:
+        if not override.startswith(leave_out):
+            args += ["--set", override]
+    return args
+
+
+@pytest.mark.slow
+def test_run_writes_a_result_per_cell_and_prints_the_table(tmp_path: Path, cache_dir: Path):
+    out = gputech("run", "--strategies", "4,lora", "--preset", "cpu", *tiny_sets(cache_dir),
+                  "--results", str(tmp_path / "results"), "--run-name", "smoke", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = tmp_path / "results" / "smoke"
+    assert {p.name for p in run_dir.glob("*.json")} == {"config.json", "baseline.json", "4.json", "lora.json"}
+    for cell in ("baseline", "4", "lora"):
+        assert json.loads((run_dir / f"{cell}.json").read_text())["status"] == "ok"
+    assert "tensor peak" in out.stdout and "lora" in out.stdout
+    assert "compute copy runs in bfloat16 on the CPU" in out.stdout  # strategy 4 says its dtype
+    assert "trains " in out.stdout and "parameters (" in out.stdout  # LoRA reports trainable/total
+
+
+@pytest.mark.slow
+def test_user_text_files_replace_the_embedded_corpus(tmp_path: Path, cache_dir: Path):
+    sentences = [f"Sentence number {i} talks about the {w} of a small benchmark." for i, w in
+                 enumerate(["shape", "cost", "memory", "speed", "time", "size"] * 12)]
+    (tmp_path / "train.txt").write_text("\n".join(sentences[:60]) + "\n")
+    (tmp_path / "eval.txt").write_text("\n".join(sentences[60:]) + "\n")
+    # No data.train_sentences: a user's file is used whole unless that is set.
+    out = gputech("run", "--strategies", "1", "--preset", "cpu", *tiny_sets(cache_dir, "data.train_sentences"), "--train-file", "train.txt",
+                  "--eval-file", "eval.txt", "--results", "results", "--run-name", "files", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "results" / "files" / "1.json").read_text())
+    assert result["data"]["train_sentences"] == 60 and result["data"]["eval_sentences"] == 12
+    assert result["data"]["corpus_source"].startswith("files")
+
+
+def assert_one_line_error(out: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, out.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--strategies", "9"], ["unknown strategy '9'"]),
+        (["--strategies", "1++2"], ["malformed combination '1++2'"]),
+        (["--preset", "huge"], ["unknown preset 'huge'"]),
+        (["--set", "train.epoch=1"], ["unknown config key 'train.epoch'", "did you mean 'train.epochs'"]),
+        (["--set", "train.epochs=many"], ["train.epochs expects an integer"]),
+        (["--train-file", "missing.txt"], ["--train-file 'missing.txt' is not a file"]),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], fragments: list[str]):
+    out = gputech("run", "--preset", "cpu", *args, "--results", str(tmp_path / "r"), cwd=tmp_path)
+    assert_one_line_error(out, *fragments)
+    assert not (tmp_path / "r").exists()  # nothing was started
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is absent")
+def test_cuda_requested_without_cuda_is_refused(tmp_path: Path):
+    out = gputech("run", "--device", "cuda", "--preset", "cpu", cwd=tmp_path)
+    assert_one_line_error(out, "--device cuda", "use --device cpu")
+
+
+def test_unwritable_results_folder_is_refused(tmp_path: Path):
+    blocker = tmp_path / "occupied"
+    blocker.write_text("a file where the results folder should be")
+    out = gputech("run", "--preset", "cpu", "--results", str(blocker), cwd=tmp_path)
+    assert_one_line_error(out, "cannot write to results folder", "--results")
+    assert blocker.read_text() == "a file where the results folder should be"
+
+
+def test_help_shows_examples(tmp_path: Path):
+    out = gputech("run", "--help", cwd=tmp_path)
+    assert out.returncode == 0
+    assert "gputech-bench run --matrix" in out.stdout
+
+
+def test_strategies_and_presets_list_everything(tmp_path: Path):
+    strategies = gputech("strategies", cwd=tmp_path)
+    assert strategies.returncode == 0
+    for name in ("checkpointing", "accumulation", "adam8bit", "mixed-precision", "lora"):
+        assert name in strategies.stdout
+    presets = gputech("presets", cwd=tmp_path)
+    assert presets.returncode == 0 and "seed" in presets.stdout and "model.num_layers = 2" in presets.stdout
