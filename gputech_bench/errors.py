@@ -9,6 +9,7 @@ import torch
 from .cell import DeviceError
 from .config import ConfigError
 from .data import DataError
+from .messages import first_line
 from .modeling import ModelError
 from .results import ResultError
 from .strategies import StrategyError
@@ -17,11 +18,6 @@ from .strategies import StrategyError
 USER_ERRORS = (ConfigError, DataError, DeviceError, ModelError, ResultError, StrategyError)
 
 TRACEBACK_LINES = 15
-
-
-def one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -36,8 +32,8 @@ def classify(error: BaseException) -> tuple[str, str, list[str] | None]:
     if isinstance(error, KeyboardInterrupt):
         return "interrupted", "interrupted (Ctrl-C or SIGTERM) before the cell finished", None
     if isinstance(error, USER_ERRORS):
-        return "error", one_line(error), None
+        return "error", first_line(error), None
     lines = traceback.format_exception(type(error), error, error.__traceback__)
     tail = "".join(lines).rstrip().splitlines()[-TRACEBACK_LINES:]
     status = "oom" if is_out_of_memory(error) else "error"
-    return status, f"{type(error).__name__}: {one_line(error)}", tail
+    return status, f"{type(error).__name__}: {first_line(error)}", tail

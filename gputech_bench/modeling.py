@@ -6,6 +6,7 @@ import torch
 from transformers import BertConfig, BertForMaskedLM
 
 from .config import ModelConfig
+from .messages import first_line
 
 
 class ModelError(ValueError):
@@ -51,9 +52,8 @@ def load_pretrained(model_config: ModelConfig, tokenizer_size: int) -> BertForMa
             model_config.pretrained, attn_implementation=model_config.attention, torch_dtype=torch.float32
         )
     except Exception as error:  # hub, file-system and format errors all end here
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelError(
-            f"could not load BertForMaskedLM from '{model_config.pretrained}' ({message}): "
+            f"could not load BertForMaskedLM from '{model_config.pretrained}' ({first_line(error)}): "
             "pass a local folder holding config.json and the weights, or a reachable hub id"
         ) from None
     rows = model.get_input_embeddings().num_embeddings

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import BenchConfig, to_dict
-from .results import ResultError, read_result, write_atomic
+from .results import SCHEMA, ResultError, read_result, write_atomic
 
 EventCallback = Callable[[str, dict[str, Any]], None]
 
@@ -71,7 +71,7 @@ def run_worker(cell: str, layout: RunLayout, on_event: EventCallback) -> dict[st
         if returncode < 0:
             reason = f"worker killed by signal {-returncode} (see {layout.log_path(cell)})"
         crashed = {
-            "schema": "gputech-bench/cell-result/1", "cell": cell, "status": "crashed", "reason": reason,
+            "schema": SCHEMA, "cell": cell, "status": "crashed", "reason": reason,
             "metrics": {}, "memory_breakdown": {}, "notes": [],
         }
         write_atomic(layout.result_path(cell), crashed)

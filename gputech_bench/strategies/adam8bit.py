@@ -6,6 +6,7 @@ import importlib
 
 import torch
 
+from ..messages import first_line
 from .base import RunContext, Strategy, StrategyError
 from .registry import register
 
@@ -15,9 +16,8 @@ def load_bitsandbytes():
     try:
         return importlib.import_module("bitsandbytes")
     except Exception as error:  # broken installs raise all sorts of things
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise StrategyError(
-            f"bitsandbytes could not be imported ({first_line}): pip install 'bitsandbytes>=0.45' "
+            f"bitsandbytes could not be imported ({first_line(error)}): pip install 'bitsandbytes>=0.45' "
             "for this torch and CUDA, or leave strategy 3 out"
         ) from None
 

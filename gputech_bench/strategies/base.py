@@ -17,7 +17,7 @@ cannot be combined and the cell is refused before anything runs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable
 
 if TYPE_CHECKING:
     import torch
@@ -113,5 +113,3 @@ class Strategy:
         """Facts about what the strategy did, recorded in the result."""
         return {}
 
-
-StrategyFactory = Callable[[], Strategy]
