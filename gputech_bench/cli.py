@@ -1,7 +1,12 @@
-"""The ``gputech-bench`` command line."""
+"""The ``gputech-bench`` command line.
+
+Exit codes: 0 every cell ok, 1 a cell failed (the table is printed all the same),
+2 bad input (one line naming the problem and the fix), 130 interrupted.
+"""
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from datetime import datetime
@@ -14,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
+from .atomic import atomic_write_bytes
 from .config import (
     BenchConfig,
     ConfigError,
@@ -25,13 +31,16 @@ from .config import (
     read_preset,
 )
 
-SEED_MATRIX = ("baseline", "1", "2", "3", "4", "1+2+3", "1+2+4", "lora")
+EXIT_FAILED_CELL = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode="markdown",
-    help="Which memory-saving strategy makes your fine-tune fit, what it saves, what it costs, and whether accuracy holds.",
+    help="Which memory-saving strategy makes your fine-tune fit, what it saves, what it costs, and whether accuracy holds."
+    "\n\n**Start here:** `gputech-bench run --matrix`",
 )
 console = Console()
 errors = Console(stderr=True)
@@ -39,8 +48,8 @@ errors = Console(stderr=True)
 
 def fail(message: str) -> None:
     """One line naming the problem and the fix, exit status 2, no traceback."""
-    errors.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(2)
+    errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(EXIT_BAD_INPUT)
 
 
 def cuda_available() -> bool:
@@ -49,6 +58,18 @@ def cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def check_text_file(option: str, path: Path) -> None:
+    if not path.is_file():
+        raise ConfigError(f"{option} '{path}' is not a file: pass a text file with one sentence per line")
+    try:
+        with path.open(encoding="utf-8") as handle:
+            has_text = any(line.strip() for line in handle)
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{option} '{path}' cannot be read as UTF-8 text ({type(error).__name__}): save it as UTF-8") from None
+    if not has_text:
+        raise ConfigError(f"{option} '{path}' is empty: put one sentence per line in it")
 
 
 def resolve_config(
@@ -64,17 +85,17 @@ def resolve_config(
             "--device cuda was given but torch.cuda.is_available() is False: use --device cpu, "
             "or install a CUDA build of torch on a machine with a GPU"
         )
-    name = preset or default_preset_name(cuda_available())
+    name = preset or default_preset_name(cuda_available() and device != "cpu")
     if preset is None:
-        why = "a CUDA device is available" if name == "seed" else "no CUDA device was found; --preset seed runs the seed's full setup"
+        why = "a CUDA device is available" if name == "seed" else "no CUDA device in use; --preset seed runs the seed's full setup"
         console.print(f"preset [bold]{name}[/] ({why})", highlight=False)
     config = load_preset(name)
     overrides = [f"device={device}"]
     if model:
         overrides.append(f"model.pretrained={model}")
     for option, path in (("--train-file", train_file), ("--eval-file", eval_file)):
-        if path is not None and not path.is_file():
-            raise ConfigError(f"{option} '{path}' is not a file: pass a text file with one sentence per line")
+        if path is not None:
+            check_text_file(option, path)
     if train_file:
         # A user's file is used whole unless --set data.train_sentences=N says otherwise.
         overrides += [f"data.train_file={train_file.resolve()}", "data.train_sentences=0"]
@@ -83,69 +104,77 @@ def resolve_config(
     return apply_overrides(config, overrides + list(sets))
 
 
-def parse_strategies(text: Optional[str], matrix: bool) -> list[str]:
-    from .strategies import parse_cell, refusal_reason
-
-    if matrix or not text:
-        requested = list(SEED_MATRIX)
-    else:
-        requested = ["baseline"] + [part.strip() for part in text.split(",")]
-    cells: list[str] = []
-    for item in requested:
-        cell = parse_cell(item)
-        reason = refusal_reason(cell)
-        if reason:
-            raise ConfigError(f"refused combination: {reason}")
-        if cell.name not in cells:
-            cells.append(cell.name)
-    return cells
+def uses_cuda(config: BenchConfig) -> bool:
+    return config.device == "cuda" or (config.device == "auto" and cuda_available())
 
 
-def _metric(result: dict[str, Any], name: str) -> Any:
-    return result.get("metrics", {}).get(name, {}).get("value")
+def check_gpu_idle(allow_busy: bool) -> None:
+    from .measure.gpu_busy import busy_gpus
+
+    busy = busy_gpus()
+    if not busy:
+        return
+    what = "; ".join(gpu.describe() for gpu in busy)
+    if allow_busy:
+        errors.print(f"[yellow]warning:[/] {what}: memory figures include other processes' usage", highlight=False)
+        return
+    fail(f"{what}, so every memory figure would be off: stop those processes, or pass --allow-busy-gpu to run anyway")
 
 
-def render_summary(results: list[dict[str, Any]]) -> Table:
-    on_cuda = any(r.get("device", {}).get("type") == "cuda" for r in results)
-    memory_metric = "nvml_process_peak_mib" if on_cuda else "tracked_peak_mib"
-    table = Table(title="gputech-bench", title_justify="left")
-    table.add_column("cell")
-    table.add_column("GPU memory (NVML) MiB" if on_cuda else "tensor peak MiB", justify="right")
-    table.add_column("time/epoch s", justify="right")
-    table.add_column("masked acc", justify="right")
-    table.add_column("token acc (seed)", justify="right")
-    table.add_column("status")
-    for result in results:
-        if result["status"] != "ok":
-            table.add_row(result["cell"], "-", "-", "-", "-", f"[red]{result['status']}[/]: {result.get('reason') or ''}")
-            continue
-        memory = _metric(result, memory_metric)
-        seconds = _metric(result, "epoch_seconds")
-        masked, token = _metric(result, "eval_masked_accuracy"), _metric(result, "eval_token_accuracy")
-        table.add_row(
-            result["cell"],
-            "-" if memory is None else f"{memory:,.1f}",
-            "-" if seconds is None else f"{seconds:,.2f}",
-            "-" if masked is None else f"{100 * masked:.1f}%",
-            "-" if token is None else f"{100 * token:.1f}%",
-            "ok",
+class MatrixProgress:
+    """Cell i of N, the running cell's step out of its total, and time left."""
+
+    def __init__(self, cells: list[str]) -> None:
+        self.cells = cells
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TimeRemainingColumn(), console=console, transient=True,
         )
-    return table
+        self.overall = self.progress.add_task(f"cell 1/{len(cells)}", total=len(cells))
+        self.steps = self.progress.add_task("", total=None, visible=False)
+
+    def __enter__(self) -> "MatrixProgress":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def cell_started(self, index: int, cell: str) -> None:
+        self.progress.update(self.overall, description=f"cell {index + 1}/{len(self.cells)}")
+        self.progress.reset(self.steps, total=None, description=f"  {cell}: starting", visible=True)
+
+    def cell_finished(self, index: int, result: dict[str, Any]) -> None:
+        self.progress.advance(self.overall)
+        status = result["status"]
+        mark = "[green]ok[/]" if status == "ok" else f"[bold red]{status}[/]: {result.get('reason') or ''}"
+        console.print(f"  {result['cell']}: {mark}", highlight=False)
+
+    def event(self, cell: str, event: dict[str, Any]) -> None:
+        if event["event"] == "phase":
+            self.progress.update(self.steps, description=f"  {cell}: {event['phase']}")
+        elif event["event"] == "step":
+            self.progress.update(self.steps, description=f"  {cell}: train", completed=event["step"], total=event["total"])
 
 
-RUN_EXAMPLES = """
+RUN_HELP = """Run strategy cells, one isolated process each, and print the comparison table.
+
+Results go to RESULTS/RUN-NAME: one JSON per cell, the resolved config, report.md/.csv/.json
+and a log per cell. Re-running with the same --run-name skips cells that are already ok.
+
 **Examples**
 
 * `gputech-bench run --matrix` - the seed's 8 cells on this machine's default preset
-* `gputech-bench run --strategies 1,3,1+2+3 --set train.max_steps=40` - chosen cells, short
-* `gputech-bench run --matrix --preset seed --device cuda` - the seed's exact setup on a GPU
+* `gputech-bench run --strategies 1,3,1+2+3 --set train.max_steps=40` - chosen cells (+ baseline), short
+* `gputech-bench run --matrix --preset seed --device cuda --cell-timeout 1800` - the seed's exact setup on a GPU
+* `gputech-bench run --matrix --model ./my-bert --train-file train.txt --eval-file eval.txt`
 """
 
 
-@app.command(help="Run strategy cells, one isolated process each, and print the comparison." + RUN_EXAMPLES)
+@app.command(help=RUN_HELP)
 def run(
     matrix: bool = typer.Option(False, "--matrix", help="Run the seed's 8 cells: baseline, 1, 2, 3, 4, 1+2+3, 1+2+4, lora."),
-    strategies: Optional[str] = typer.Option(None, help="Comma-separated cells (numbers or names), e.g. '1,3,1+2+3'; the baseline is always added."),
+    strategies: Optional[str] = typer.Option(None, help="Comma-separated cells, numbers or names (e.g. '1,3,1+2+3' or 'checkpointing+accumulation'); the baseline is always added."),
     preset: Optional[str] = typer.Option(None, help="Preset name (see `gputech-bench presets`); default: seed with CUDA, cpu without."),
     set_: List[str] = typer.Option([], "--set", help="Override a setting, e.g. --set train.epochs=1 (repeatable)."),
     model: Optional[str] = typer.Option(None, help="Local Hugging Face folder (or hub id) of a BertForMaskedLM."),
@@ -153,66 +182,138 @@ def run(
     eval_file: Optional[Path] = typer.Option(None, help="Eval text, one sentence per line."),
     device: str = typer.Option("auto", help="auto, cuda or cpu."),
     results: Path = typer.Option(Path("results"), help="Folder that receives one sub-folder per run."),
-    run_name: Optional[str] = typer.Option(None, help="Sub-folder name; default: preset and a timestamp."),
+    run_name: Optional[str] = typer.Option(None, help="Sub-folder name; default: the preset and a timestamp."),
+    cell_timeout: Optional[float] = typer.Option(None, min=1, help="Seconds a cell may run before it is stopped and recorded as 'timeout'."),
+    force: bool = typer.Option(False, "--force", help="Re-run every cell, even those already ok in this run."),
+    allow_busy_gpu: bool = typer.Option(False, "--allow-busy-gpu", help="Run even when other processes hold GPU memory."),
 ) -> None:
-    from .runner import RunLayout, run_worker, write_run_config
+    from .matrix import expand
+    from .report import load_run, rich_table, build_frame, write_exports
+    from .runner import RunLayout, prepare_run_dir, run_matrix
 
     try:
         config = resolve_config(preset, set_, model, train_file, eval_file, device)
-        cells = parse_strategies(strategies, matrix)
+        cells = expand(strategies, matrix, config)
     except ValueError as error:
         fail(str(error))
+    if uses_cuda(config):
+        check_gpu_idle(allow_busy_gpu)
     name = run_name or f"{config.preset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     layout = RunLayout(results / name)
     try:
-        write_run_config(layout, config)
-    except OSError as error:
-        fail(f"cannot write to results folder '{layout.root}' ({error.strerror or error}): pass a writable --results DIR")
-    console.print(f"run [bold]{name}[/]: {len(cells)} cell(s) -> {layout.root}", highlight=False)
+        prepare_run_dir(layout, config, force)
+    except ConfigError as error:
+        fail(str(error))
+    console.print(f"run [bold]{name}[/]: {len(cells)} cell(s), preset {config.preset} -> {layout.root}", highlight=False)
 
-    finished: list[dict[str, Any]] = []
-    progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=console, transient=True,
-    )
-    with progress:
-        overall = progress.add_task("cells", total=len(cells))
-        steps = progress.add_task("", total=None)
+    with MatrixProgress(cells) as progress:
+        outcome = run_matrix(
+            cells, layout, force=force, cell_timeout=cell_timeout, on_event=progress.event,
+            on_cell_start=progress.cell_started, on_cell_end=progress.cell_finished,
+        )
+    if outcome.reused:
+        console.print(f"reused {len(outcome.reused)} finished cell(s): {', '.join(outcome.reused)} (--force re-runs them)", highlight=False)
 
-        def on_event(cell: str, event: dict[str, Any]) -> None:
-            if event["event"] == "phase":
-                progress.update(steps, description=f"{cell}: {event['phase']}")
-            elif event["event"] == "step":
-                progress.update(steps, description=f"{cell}: train", completed=event["step"], total=event["total"])
-
-        for index, cell in enumerate(cells):
-            progress.reset(steps, total=None, description=f"{cell}: starting")
-            progress.update(overall, description=f"cell {index + 1}/{len(cells)}")
-            finished.append(run_worker(cell, layout, on_event))
-            progress.advance(overall)
-
-    console.print(render_summary(finished))
-    for result in finished:
+    frame, measure = build_frame(outcome.results)
+    console.print(rich_table(frame, measure, title=f"gputech-bench: {name}"))
+    for result in outcome.results:
         for note in result.get("notes", []):
             console.print(f"  [dim]{result['cell']}:[/] {note}", highlight=False)
-    console.print(f"results: {layout.root}", highlight=False)
-    if any(result["status"] != "ok" for result in finished):
-        raise typer.Exit(1)
+    try:
+        written = write_exports(load_run(layout.root))
+        console.print(f"results: {layout.root} ({', '.join(path.name for path in written)})", highlight=False)
+    except OSError as error:
+        errors.print(f"[yellow]warning:[/] could not write the report files ({error}); the cell results are in {layout.root}")
+    console.print(f"matrix wall time: {outcome.seconds:,.0f} s", highlight=False)
+
+    if outcome.interrupted:
+        left = [cell for cell in cells if cell not in {r["cell"] for r in outcome.results}]
+        console.print(f"interrupted: re-run with --run-name {name} to finish {', '.join(left) or 'the stopped cell'}", highlight=False)
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if any(result["status"] != "ok" for result in outcome.results):
+        raise typer.Exit(EXIT_FAILED_CELL)
 
 
-@app.command("strategies", help="List every strategy: its number, name, what it saves and what it costs.")
+REPORT_HELP = """Render a run's table again from its saved results.
+
+**Examples**
+
+* `gputech-bench report results/cpu-20261127-120000`
+* `gputech-bench report results/RUN --format md --output table.md`
+* `gputech-bench report results/RUN --format csv --baseline 1`
+"""
+
+
+@app.command(help=REPORT_HELP)
+def report(
+    run_dir: Path = typer.Argument(..., help="A run folder made by 'gputech-bench run'."),
+    format_: str = typer.Option("table", "--format", help="table, md, csv or json."),
+    output: Optional[Path] = typer.Option(None, help="Write to this file instead of the terminal."),
+    baseline: str = typer.Option("baseline", help="The cell the x-baseline and difference columns compare against."),
+) -> None:
+    from .report import FORMATS, load_run, render
+    from .results import ResultError
+
+    if format_ not in FORMATS:
+        fail(f"unknown format '{format_}': choose one of {', '.join(FORMATS)}")
+    try:
+        loaded = load_run(run_dir)
+    except ResultError as error:
+        fail(str(error))
+    for problem in loaded.problems:
+        errors.print(f"[yellow]warning:[/] {problem}", highlight=False, soft_wrap=True)
+    cells = [result["cell"] for result in loaded.results]
+    if baseline not in cells:
+        fail(f"baseline cell '{baseline}' is not in {run_dir}: choose one of {', '.join(cells)}")
+    rendered = render(loaded, format_, baseline)
+    if output is None:
+        if isinstance(rendered, Table):
+            console.print(rendered)
+        else:
+            sys.stdout.write(rendered)
+        return
+    if isinstance(rendered, Table):
+        capture = Console(file=io.StringIO(), width=160, color_system=None)
+        capture.print(rendered)
+        rendered = capture.file.getvalue()
+    try:
+        atomic_write_bytes(output, rendered.encode("utf-8"))
+    except OSError as error:
+        fail(f"cannot write '{output}' ({error.strerror or error}): pass a writable --output path")
+    console.print(f"wrote {output}", highlight=False)
+
+
+@app.command("strategies", help="List every strategy: its number, name, what it saves and costs, and which combinations are refused.\n\n**Example:** `gputech-bench strategies`")
 def list_strategies() -> None:
-    from .strategies import registered
+    from itertools import combinations
+
+    from .strategies import Cell, refusal_reason, registered
 
     table = Table(title="strategies (combine with '+', e.g. 1+2+3)", title_justify="left")
-    for column in ("key", "name", "saves", "costs"):
+    for column in ("key", "name", "saves", "costs", "needs"):
         table.add_column(column, overflow="fold")
     for cls in registered():
-        table.add_row(cls.key, cls.name, cls.saves, cls.costs)
+        table.add_row(cls.key, cls.name, cls.saves, cls.costs, cls.requires or "-")
     console.print(table)
+    refused = [
+        (f"{a.key}+{b.key}", reason)
+        for a, b in combinations(registered(), 2)
+        if (reason := refusal_reason(Cell((a, b))))
+    ]
+    if refused:
+        console.print("[bold]refused combinations[/] (both strategies own the same hook):")
+        for name, reason in refused:
+            console.print(f"  {name}: {reason}", highlight=False)
+    else:
+        console.print(
+            "refused combinations: none - no two of these strategies own the same hook "
+            "(placement, optimizer, batch split), so every combination is defined. "
+            "A cell can still be refused by its config (see 'needs').",
+            highlight=False,
+        )
 
 
-@app.command("presets", help="List the presets and the settings each changes from the seed's defaults.")
+@app.command("presets", help="List the presets and the settings each changes from the seed's defaults.\n\n**Example:** `gputech-bench presets`")
 def list_presets() -> None:
     defaults = {key: default for key, default, _ in describe_fields()}
     for name in preset_names():
@@ -247,7 +348,7 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         errors.print("interrupted")
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,31 @@
-"""Run cells one process each and collect their results.
+"""Run a matrix: one worker process per cell, failures as rows, safe to re-run.
 
-The runner itself never touches CUDA: each worker starts with a fresh allocator
-and context, so one cell's fragmentation, leaks or crash cannot affect the next.
+The runner itself never touches CUDA: each worker starts with a fresh allocator and
+context, so one cell's fragmentation, leaks or crash cannot affect the next. Results
+are written atomically, one file per cell, so a runner killed at any moment loses
+nothing that had finished, and a re-run with the same name picks up where it stopped.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import BenchConfig, to_dict
+from .config import BenchConfig, ConfigError, to_dict
 from .results import SCHEMA, ResultError, read_result, write_atomic
 
 EventCallback = Callable[[str, dict[str, Any]], None]
+
+#: How long a worker gets to write its result after SIGTERM before it is killed.
+STOP_GRACE_SECONDS = 20.0
 
 
 @dataclass(frozen=True)
@@ -36,9 +44,56 @@ class RunLayout:
     def log_path(self, cell: str) -> Path:
         return self.root / "logs" / f"{cell}.log"
 
+    def previous_path(self, cell: str) -> Path:
+        return self.root / "previous" / f"{cell}.json"
 
-def write_run_config(layout: RunLayout, config: BenchConfig) -> None:
-    write_atomic(layout.config_path, to_dict(config))
+    def report_path(self, extension: str) -> Path:
+        return self.root / f"report.{extension}"
+
+
+def _config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = sorted(set(saved) | set(current))
+    differences = []
+    for key in keys:
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            differences += _config_differences(a, b, f"{prefix}{key}.")
+        elif a != b and not (isinstance(a, list) and isinstance(b, tuple) and list(b) == a):
+            differences.append(f"{prefix}{key}")
+    return differences
+
+
+def prepare_run_dir(layout: RunLayout, config: BenchConfig, force: bool) -> None:
+    """Create the run folder and save the resolved config; refuse to mix two configs in one run."""
+    current = to_dict(config)
+    if layout.config_path.exists() and not force:
+        try:
+            saved = json.loads(layout.config_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            saved = None
+        if not isinstance(saved, dict):
+            raise ConfigError(f"{layout.config_path} is unreadable: delete it, or pass --force to start the run over")
+        differences = _config_differences(saved, current)
+        if differences:
+            raise ConfigError(
+                f"run folder {layout.root} holds results of a different config ({', '.join(differences[:4])}): "
+                "use another --run-name, or --force to re-run every cell with this config"
+            )
+    try:
+        write_atomic(layout.config_path, current)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot write to results folder '{layout.root}' ({error.strerror or error}): pass a writable --results DIR"
+        ) from None
+
+
+def reusable_result(layout: RunLayout, cell: str) -> dict[str, Any] | None:
+    """A finished ``ok`` result from an earlier attempt of this run, if there is one."""
+    try:
+        result = read_result(layout.result_path(cell))
+    except ResultError:
+        return None
+    return result if result["status"] == "ok" else None
 
 
 def worker_command(cell: str, layout: RunLayout) -> list[str]:
@@ -48,31 +103,141 @@ def worker_command(cell: str, layout: RunLayout) -> list[str]:
     ]
 
 
-def run_worker(cell: str, layout: RunLayout, on_event: EventCallback) -> dict[str, Any]:
-    """Start the worker, relay its events, and return its result (or a ``crashed`` one)."""
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the runner dies, so an orphaned worker stops and records it."""
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except Exception:
+        pass  # not Linux: the worker notices through its broken stdout instead
+
+
+def _relay_events(process: subprocess.Popen, cell: str, log, on_event: EventCallback) -> None:
+    assert process.stdout is not None
+    for line in process.stdout:
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            log.write(line)  # a library printing to stdout: keep it in the log, off the display
+            log.flush()
+            continue
+        if isinstance(event, dict) and "event" in event:
+            on_event(cell, event)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM (the worker records ``interrupted``), then SIGKILL if it does not finish in time."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(STOP_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _signal_name(returncode: int) -> str:
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return f"signal {-returncode}"
+
+
+def _failed_result(cell: str, status: str, reason: str) -> dict[str, Any]:
+    return {"schema": SCHEMA, "cell": cell, "status": status, "reason": reason, "metrics": {}, "memory_breakdown": {}, "notes": []}
+
+
+@dataclass
+class CellRun:
+    result: dict[str, Any]
+    interrupted: bool = False
+
+
+def run_worker(cell: str, layout: RunLayout, on_event: EventCallback, timeout: float | None = None) -> CellRun:
+    """Run one cell's worker and return its result; a crash, timeout or Ctrl-C becomes a row too."""
+    result_path = layout.result_path(cell)
+    if result_path.exists():
+        # Keep the earlier attempt, but never mistake it for this one's result.
+        layout.previous_path(cell).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(result_path, layout.previous_path(cell))
     layout.log_path(cell).parent.mkdir(parents=True, exist_ok=True)
+    timed_out = interrupted = False
     with layout.log_path(cell).open("w", encoding="utf-8") as log:
         process = subprocess.Popen(
-            worker_command(cell, layout), stdout=subprocess.PIPE, stderr=log, text=True, env=os.environ.copy()
+            worker_command(cell, layout), stdout=subprocess.PIPE, stderr=log, text=True,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
-        assert process.stdout is not None
-        for line in process.stdout:
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                log.write(line)  # a library printing to stdout; keep it, don't crash the display
-                continue
-            on_event(cell, event)
-        returncode = process.wait()
+        relay = threading.Thread(target=_relay_events, args=(process, cell, log, on_event), daemon=True)
+        relay.start()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _stop(process)
+        except KeyboardInterrupt:
+            interrupted = True
+            _stop(process)
+        relay.join(timeout=5)
+
+    log_hint = f"see {layout.log_path(cell)}"
     try:
-        return read_result(layout.result_path(cell))
+        result = read_result(result_path)
     except ResultError:
-        reason = f"worker exited with code {returncode} without writing a result (see {layout.log_path(cell)})"
-        if returncode < 0:
-            reason = f"worker killed by signal {-returncode} (see {layout.log_path(cell)})"
-        crashed = {
-            "schema": SCHEMA, "cell": cell, "status": "crashed", "reason": reason,
-            "metrics": {}, "memory_breakdown": {}, "notes": [],
-        }
-        write_atomic(layout.result_path(cell), crashed)
-        return crashed
+        if process.returncode is not None and process.returncode < 0:
+            name = _signal_name(process.returncode)
+            hint = " (the kernel's OOM killer sends SIGKILL when host memory runs out)" if name == "SIGKILL" else ""
+            result = _failed_result(cell, "crashed", f"worker killed by {name}{hint}; {log_hint}")
+        else:
+            result = _failed_result(
+                cell, "crashed", f"worker exited with code {process.returncode} without a result; {log_hint}"
+            )
+    if timed_out and result["status"] != "ok":
+        result.update(status="timeout", reason=f"exceeded --cell-timeout of {timeout:g} s; {log_hint}")
+    elif interrupted and result["status"] != "ok":
+        result.update(status="interrupted", reason="stopped by Ctrl-C; re-run with the same --run-name to finish")
+    write_atomic(result_path, result)
+    return CellRun(result, interrupted)
+
+
+@dataclass
+class MatrixOutcome:
+    results: list[dict[str, Any]] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    interrupted: bool = False
+    seconds: float = 0.0
+
+
+def run_matrix(
+    cells: list[str],
+    layout: RunLayout,
+    *,
+    force: bool = False,
+    cell_timeout: float | None = None,
+    on_event: EventCallback = lambda cell, event: None,
+    on_cell_start: Callable[[int, str], None] = lambda index, cell: None,
+    on_cell_end: Callable[[int, dict[str, Any]], None] = lambda index, result: None,
+) -> MatrixOutcome:
+    """Run ``cells`` in order; stops early only on Ctrl-C, never on a failed cell."""
+    started = time.perf_counter()
+    outcome = MatrixOutcome()
+    try:
+        for index, cell in enumerate(cells):
+            previous = None if force else reusable_result(layout, cell)
+            if previous is not None:
+                outcome.results.append(previous)
+                outcome.reused.append(cell)
+                on_cell_end(index, previous)
+                continue
+            on_cell_start(index, cell)
+            run = run_worker(cell, layout, on_event, cell_timeout)
+            outcome.results.append(run.result)
+            on_cell_end(index, run.result)
+            if run.interrupted:
+                outcome.interrupted = True
+                break
+    except KeyboardInterrupt:  # between cells: nothing is running, everything finished is on disk
+        outcome.interrupted = True
+    outcome.seconds = time.perf_counter() - started
+    return outcome

@@ -67,12 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_cell(args.cell, config, result, emit)
     except BaseException as error:  # noqa: BLE001 - every failure must become a result
+        # A second Ctrl-C or SIGTERM must not cut the result file short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         status, reason, tail = classify(error)
         result.update(status=status, reason=reason, traceback=tail)
     finally:
         result["provenance"]["finished_at"] = utc_now()
         write_atomic(args.out, result)
-    emit({"event": "done", "status": result["status"], "reason": result["reason"]})
+    try:
+        emit({"event": "done", "status": result["status"], "reason": result["reason"]})
+    except OSError:
+        pass  # the runner went away; the result file is what counts
     if result["status"] != "ok":
         print(f"[worker] {result['cell']}: {result['status']}: {result['reason']}", file=sys.stderr)
     return 0 if result["status"] == "ok" else 1

@@ -35,12 +35,35 @@ def test_run_writes_a_result_per_cell_and_prints_the_table(tmp_path: Path, cache
                   "--results", str(tmp_path / "results"), "--run-name", "smoke", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir = tmp_path / "results" / "smoke"
-    assert {p.name for p in run_dir.glob("*.json")} == {"config.json", "baseline.json", "4.json", "lora.json"}
-    for cell in ("baseline", "4", "lora"):
-        assert json.loads((run_dir / f"{cell}.json").read_text())["status"] == "ok"
-    assert "tensor peak" in out.stdout and "lora" in out.stdout
+    cells = ["baseline", "4", "lora"]
+    assert {p.name for p in run_dir.glob("*.json")} == {"config.json", "report.json", *(f"{c}.json" for c in cells)}
+    results = {c: json.loads((run_dir / f"{c}.json").read_text()) for c in cells}
+    assert all(r["status"] == "ok" for r in results.values())
+
+    # The terminal table: the seed's columns, rows in the seed's order.
+    assert "tensor peak (CPU)" in out.stdout and "time / epoch" in out.stdout and "token acc (seed)" in out.stdout
+    table_rows = [line for line in out.stdout.splitlines() if line.startswith("│")]
+    assert [row.split("│")[1].strip() for row in table_rows] == cells
     assert "compute copy runs in bfloat16 on the CPU" in out.stdout  # strategy 4 says its dtype
     assert "trains " in out.stdout and "parameters (" in out.stdout  # LoRA reports trainable/total
+
+    # Markdown shaped like the seed's: baseline figures in the headers, provenance below.
+    markdown = (run_dir / "report.md").read_text()
+    baseline_peak = results["baseline"]["metrics"]["tracked_peak_mib"]["value"]
+    assert f"tensor peak (CPU) (baseline: {baseline_peak:,.1f} MiB)" in markdown
+    assert "| 4 (mixed-precision) |" in markdown and "**device:** CPU" in markdown and "torch " in markdown
+
+    # CSV and JSON: one row per cell, every measured field, stable names.
+    import pandas as pd
+
+    from gputech_bench.report import COLUMNS
+
+    csv = pd.read_csv(run_dir / "report.csv")
+    assert list(csv.columns) == list(COLUMNS) and list(csv["cell"]) == cells
+    assert csv.loc[csv.cell == "4", "tracked_peak_mib"].item() == results["4"]["metrics"]["tracked_peak_mib"]["value"]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert [row["cell"] for row in report["rows"]] == cells and report["memory_column"] == "tracked_peak_mib"
+    assert report["rows"][0]["memory_x_baseline"] == 1.0
 
 
 @pytest.mark.slow

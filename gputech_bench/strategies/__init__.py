@@ -6,7 +6,7 @@ cell's strategies into one training setup.
 
 from . import accumulation, adam8bit, checkpointing, lora, mixed_precision  # noqa: F401  (registration)
 from .base import MicroBatch, Placement, RunContext, Strategy, StrategyError
-from .plan import TrainingPlan, build_plan, check_cell
+from .plan import TrainingPlan, build_plan, check_cell, refuse_for_config
 from .registry import BASELINE, Cell, check_combinable, parse_cell, refusal_reason, register, registered, unregister
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "check_combinable",
     "parse_cell",
     "refusal_reason",
+    "refuse_for_config",
     "register",
     "registered",
     "unregister",

@@ -44,8 +44,10 @@ class Accumulation(Strategy):
     costs = "smaller matmuls and 4 forward/backward launches per step (the seed measured 1.6x the time)"
     order = 20
 
-    def check(self, ctx: RunContext) -> None:
-        batch, micro = ctx.config.train.batch_size, ctx.config.strategy.micro_batch_size
+    requires = "strategy.micro_batch_size must divide train.batch_size into 2 or more micro-batches"
+
+    def check_config(self, config) -> None:
+        batch, micro = config.train.batch_size, config.strategy.micro_batch_size
         if micro >= batch or batch % micro:
             raise StrategyError(
                 f"strategy 2 needs strategy.micro_batch_size ({micro}) to divide train.batch_size ({batch}) "

@@ -89,13 +89,19 @@ class Strategy:
     costs: ClassVar[str]
     #: Position in a canonical cell name and in the order ``prepare_model`` runs.
     order: ClassVar[int]
+    #: What it needs to run, shown by ``gputech-bench strategies`` ("" = nothing special).
+    requires: ClassVar[str] = ""
 
     def claims(self) -> set[str]:
         """The exclusive hooks this strategy overrides."""
         return {hook for hook in EXCLUSIVE_HOOKS if getattr(type(self), hook) is not getattr(Strategy, hook)}
 
+    def check_config(self, config: "BenchConfig") -> None:
+        """Raise StrategyError when the config rules this strategy out. Cheap and import-free,
+        so the runner can refuse a cell before starting any process."""
+
     def check(self, ctx: RunContext) -> None:
-        """Raise StrategyError when this strategy cannot run with this config or device."""
+        """Raise StrategyError when this strategy cannot run on this device or installation."""
 
     def prepare_model(self, model: "nn.Module", ctx: RunContext) -> "nn.Module":
         return model

@@ -7,7 +7,7 @@ behaviour in ``defaults``; ``prepare_model`` hooks run in the strategies' order.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -15,6 +15,9 @@ from torch import nn
 from .base import MicroBatch, Placement, RunContext, Strategy
 from .defaults import InPlacePlacement, build_adamw, whole_batch
 from .registry import Cell, check_combinable
+
+if TYPE_CHECKING:
+    from ..config import BenchConfig
 
 
 @dataclass
@@ -33,10 +36,18 @@ class TrainingPlan:
         return self.placement.compute_model
 
 
-def check_cell(cell: Cell, ctx: RunContext) -> list[Strategy]:
-    """Refuse an undefined combination or a strategy that cannot run here, before any work."""
+def refuse_for_config(cell: Cell, config: "BenchConfig") -> list[Strategy]:
+    """Refuse an undefined combination, or one the config rules out; cheap enough for the runner."""
     check_combinable(cell)
     strategies = cell.instantiate()
+    for strategy in strategies:
+        strategy.check_config(config)
+    return strategies
+
+
+def check_cell(cell: Cell, ctx: RunContext) -> list[Strategy]:
+    """Everything ``refuse_for_config`` checks, plus what this device and installation need."""
+    strategies = refuse_for_config(cell, ctx.config)
     for strategy in strategies:
         strategy.check(ctx)
     return strategies

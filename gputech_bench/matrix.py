@@ -1,0 +1,38 @@
+"""Which cells a run holds: the seed's matrix, or the user's list plus the baseline."""
+
+from __future__ import annotations
+
+from .config import BenchConfig
+from .strategies import BASELINE, StrategyError, parse_cell, refuse_for_config
+
+#: The seed's table, in the seed's order, then LoRA.
+SEED_MATRIX = ("baseline", "1", "2", "3", "4", "1+2+3", "1+2+4", "lora")
+
+
+def expand(strategies: str | None, matrix: bool, config: BenchConfig) -> list[str]:
+    """Canonical cell names in run order; refuses bad names and combinations before anything runs.
+
+    ``--matrix`` gives the seed's eight cells; ``--strategies "1,3,1+2+3"`` gives those
+    cells after the baseline, which every comparison needs. Both may be given.
+    """
+    requested: list[str] = []
+    if matrix or not strategies:
+        requested += SEED_MATRIX
+    if strategies is not None:
+        items = [item.strip() for item in strategies.split(",")]
+        if not any(items):
+            raise StrategyError("--strategies is empty: list cells such as '1,3,1+2+3'")
+        if any(not item for item in items):
+            raise StrategyError(f"--strategies '{strategies}' has an empty entry: separate cells with single commas")
+        requested = [BASELINE, *requested, *items]
+    cells: list[str] = []
+    for item in requested:
+        cell = parse_cell(item)
+        try:
+            refuse_for_config(cell, config)
+        except StrategyError as error:
+            message = str(error).removeprefix("refused combination: ")
+            raise StrategyError(f"refused cell '{item}': {message}") from None
+        if cell.name not in cells:
+            cells.append(cell.name)
+    return cells
