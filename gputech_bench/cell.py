@@ -17,6 +17,7 @@ from .dataset import prepare_data
 from .measure import cuda as cuda_memory
 from .measure.host import peak_rss_bytes
 from .measure.units import figure, to_mib
+from .messages import UserError
 from .modeling import build_model
 from .provenance import environment, utc_now
 from .results import SCHEMA
@@ -29,7 +30,7 @@ EventSink = Callable[[dict[str, Any]], None]
 FINAL_LOSS_WINDOW = 10
 
 
-class DeviceError(ValueError):
+class DeviceError(UserError):
     """The requested device is not usable; the message is one line."""
 
 

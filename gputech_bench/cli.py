@@ -188,7 +188,7 @@ def run(
     allow_busy_gpu: bool = typer.Option(False, "--allow-busy-gpu", help="Run even when other processes hold GPU memory."),
 ) -> None:
     from .matrix import expand
-    from .report import load_run, rich_table, build_frame, write_exports
+    from .report import build_frame, load_run, rich_table, write_exports
     from .runner import RunLayout, prepare_run_dir, run_matrix
 
     try:
@@ -227,8 +227,9 @@ def run(
     console.print(f"matrix wall time: {outcome.seconds:,.0f} s", highlight=False)
 
     if outcome.interrupted:
-        left = [cell for cell in cells if cell not in {r["cell"] for r in outcome.results}]
-        console.print(f"interrupted: re-run with --run-name {name} to finish {', '.join(left) or 'the stopped cell'}", highlight=False)
+        done = {result["cell"] for result in outcome.results if result["status"] == "ok"}
+        left = [cell for cell in cells if cell not in done]
+        console.print(f"interrupted: re-run with --run-name {name} to finish {', '.join(left)}", highlight=False)
         raise typer.Exit(EXIT_INTERRUPTED)
     if any(result["status"] != "ok" for result in outcome.results):
         raise typer.Exit(EXIT_FAILED_CELL)

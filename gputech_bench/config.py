@@ -17,13 +17,15 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .messages import UserError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration problem the user can fix; the message is one line."""
 
 

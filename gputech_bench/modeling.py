@@ -6,10 +6,10 @@ import torch
 from transformers import BertConfig, BertForMaskedLM
 
 from .config import ModelConfig
-from .messages import first_line
+from .messages import UserError, first_line
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A model that cannot be built or loaded; the message is one line."""
 
 

@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_write_bytes
+from .messages import UserError
 
 SCHEMA = "gputech-bench/cell-result/1"
 STATUSES = ("ok", "oom", "error", "timeout", "crashed", "interrupted")
 
 
-class ResultError(ValueError):
+class ResultError(UserError):
     """A result file that cannot be read or does not belong to gputech-bench."""
 
 

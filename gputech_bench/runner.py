@@ -8,6 +8,7 @@ nothing that had finished, and a re-run with the same name picks up where it sto
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -103,8 +104,29 @@ def worker_command(cell: str, layout: RunLayout) -> list[str]:
     ]
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM if the runner dies, so an orphaned worker stops and records it."""
+class _DeferredCtrlC:
+    """Note a Ctrl-C instead of raising it, until ``release()`` raises it where it can be handled.
+
+    Python runs signal handlers in the main thread, so this holds whichever thread the
+    kernel delivered SIGINT to. (Exec resets the handler to the default in the child.)
+    """
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._previous = signal.signal(signal.SIGINT, self._note)
+
+    def _note(self, signum: int, frame: object) -> None:
+        self.pressed = True
+
+    def release(self) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+        if self.pressed:
+            raise KeyboardInterrupt
+
+
+def _prepare_worker_process() -> None:
+    """In the child, before exec: get SIGTERM if the runner dies, so an orphaned worker
+    stops and records it."""
     try:
         import ctypes
 
@@ -138,6 +160,15 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
+@contextlib.contextmanager
+def _ctrl_c_ignored():
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _signal_name(returncode: int) -> str:
     try:
         return signal.Signals(-returncode).name
@@ -165,20 +196,29 @@ def run_worker(cell: str, layout: RunLayout, on_event: EventCallback, timeout: f
     layout.log_path(cell).parent.mkdir(parents=True, exist_ok=True)
     timed_out = interrupted = False
     with layout.log_path(cell).open("w", encoding="utf-8") as log:
-        process = subprocess.Popen(
-            worker_command(cell, layout), stdout=subprocess.PIPE, stderr=log, text=True,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-        )
-        relay = threading.Thread(target=_relay_events, args=(process, cell, log, on_event), daemon=True)
-        relay.start()
+        # Hold Ctrl-C while the worker starts: raised inside Popen, it would leave a worker
+        # nobody stops. Released inside the try below, where it stops the worker properly.
+        ctrl_c = _DeferredCtrlC()
         try:
+            process = subprocess.Popen(
+                worker_command(cell, layout), stdout=subprocess.PIPE, stderr=log, text=True,
+                preexec_fn=_prepare_worker_process if os.name == "posix" else None,
+            )
+        except BaseException:
+            ctrl_c.release()
+            raise
+        relay = threading.Thread(target=_relay_events, args=(process, cell, log, on_event), daemon=True)
+        try:
+            ctrl_c.release()
+            relay.start()
             process.wait(timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
-            _stop(process)
         except KeyboardInterrupt:
             interrupted = True
-            _stop(process)
+        if timed_out or interrupted:
+            with _ctrl_c_ignored():  # a second Ctrl-C must not orphan the worker
+                _stop(process)
         relay.join(timeout=5)
 
     log_hint = f"see {layout.log_path(cell)}"

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, from_dict
+from .errors import classify
 from .provenance import utc_now
-from .results import write_atomic
+from .results import SCHEMA, write_atomic
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,23 +49,29 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def read_config(path: Path):
+    try:
+        return from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"cannot use config {path} ({type(error).__name__}): pass the config.json of a run") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     # A runner stops a cell with SIGTERM; treat it like Ctrl-C so the result is still written.
     signal.signal(signal.SIGTERM, _raise_interrupt)
-
-    # Heavy imports come after argument parsing so that --help is instant.
-    from .cell import new_result, run_cell
-    from .errors import classify
-
-    try:
-        config = from_dict(json.loads(args.config.read_text(encoding="utf-8")))
-    except (OSError, json.JSONDecodeError, ConfigError) as error:
-        print(f"error: cannot use config {args.config}: {error}", file=sys.stderr)
-        return 2
-    result = new_result(args.cell, config)
+    # Written even if the cell dies while torch is still importing.
+    result: dict[str, Any] = {
+        "schema": SCHEMA, "cell": args.cell, "status": "error", "reason": "the cell did not finish",
+        "metrics": {}, "memory_breakdown": {}, "notes": [], "provenance": {"started_at": utc_now()},
+    }
     emit = _stdout_events if args.events else _stderr_progress
     try:
+        config = read_config(args.config)
+        # Heavy imports (torch, transformers) come after argument parsing so that --help is instant.
+        from .cell import new_result, run_cell
+
+        result = new_result(args.cell, config)
         run_cell(args.cell, config, result, emit)
     except BaseException as error:  # noqa: BLE001 - every failure must become a result
         # A second Ctrl-C or SIGTERM must not cut the result file short.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -93,7 +94,7 @@ def test_config_round_trips_through_json():
 
 
 def test_config_is_frozen():
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         BenchConfig().train.epochs = 5  # type: ignore[misc]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import context, random_batch, tiny_bert
 from transformers import get_linear_schedule_with_warmup
 
 from gputech_bench.measure.tracker import StepMemoryTracker
@@ -11,8 +12,6 @@ from gputech_bench.strategies import build_plan, parse_cell
 from gputech_bench.strategies.accumulation import split_into_micro_batches
 from gputech_bench.strategies.checkpointing import is_checkpointing
 from gputech_bench.training.loop import accumulate_gradients, optimizer_step
-
-from helpers import context, random_batch, tiny_bert
 
 
 def saved_activation_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from helpers import context, tiny_bert
 
 from gputech_bench.strategies import (
     Placement,
@@ -15,8 +16,6 @@ from gputech_bench.strategies import (
     registered,
     unregister,
 )
-
-from helpers import context, tiny_bert
 
 
 def test_every_seed_strategy_is_registered_by_number_and_name():

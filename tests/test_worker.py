@@ -138,11 +138,13 @@ def test_worker_explains_missing_cuda(tmp_path, tiny_config):
     assert "CUDA was requested but torch.cuda.is_available() is False: use --device cpu" in result["reason"]
 
 
-def test_worker_rejects_an_unreadable_config(tmp_path, capsys):
+def test_worker_records_an_unreadable_config(tmp_path, capsys):
     bad = tmp_path / "config.json"
     bad.write_text("{not json")
     code = worker_main(["--cell", "1", "--config", str(bad), "--out", str(tmp_path / "r.json")])
-    assert code == 2
+    result = read_result(tmp_path / "r.json")
+    assert code == 1 and result["status"] == "error"
+    assert result["reason"].startswith(f"cannot use config {bad} (JSONDecodeError)")
     assert "cannot use config" in capsys.readouterr().err
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from ..messages import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """A data problem the user caused and can fix (bad file, too few sentences, ...).
 
     The message is always a single line that names the problem and the fix, so the

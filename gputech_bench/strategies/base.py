@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Iterable
 
+from ..messages import UserError
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
     from ..config import BenchConfig
 
 
-class StrategyError(ValueError):
+class StrategyError(UserError):
     """A strategy or combination that cannot run; the message is one line."""
 
 

@@ -1,0 +1,206 @@
+"""The matrix runner with real worker processes: crashes, timeouts, Ctrl-C and resuming."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import TINY_RUN
+from gputech_bench.measure.gpu_busy import busy_gpus
+from gputech_bench.results import read_result
+
+
+def tiny_args(cache_dir: Path) -> list[str]:
+    args = ["--preset", "cpu"]
+    for override in TINY_RUN + [f"data.cache_dir={cache_dir}", "train.max_steps=3"]:
+        args += ["--set", override]
+    return args
+
+
+def start_cli(tmp_path: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "gputech_bench", "run", *args, "--results", str(tmp_path / "results")],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+def worker_pids(cell: str, under: Path) -> list[int]:
+    """Worker processes of ``cell`` whose results go below ``under`` (read from /proc)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            args = Path(f"/proc/{entry}/cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        if "gputech_bench.worker" in args and "--cell" in args and args[args.index("--cell") + 1] == cell:
+            if str(under) in args[args.index("--out") + 1]:
+                pids.append(int(entry))
+    return pids
+
+
+def wait_for(condition, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds worker processes through /proc")
+
+
+@pytest.mark.slow
+def test_a_worker_killed_with_sigkill_is_a_crashed_row_and_the_matrix_goes_on(tmp_path: Path, cache_dir: Path):
+    process = start_cli(tmp_path, "--strategies", "1,lora", *tiny_args(cache_dir), "--run-name", "kill")
+
+    def kill_cell_1() -> None:
+        wait_for(lambda: bool(worker_pids("1", tmp_path)))
+        for pid in worker_pids("1", tmp_path):
+            os.kill(pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_cell_1)
+    killer.start()
+    stdout, stderr = process.communicate(timeout=600)
+    killer.join()
+    assert process.returncode == 1, stderr[-2000:]
+    run_dir = tmp_path / "results" / "kill"
+    crashed = read_result(run_dir / "1.json")
+    assert crashed["status"] == "crashed" and crashed["reason"].startswith("worker killed by SIGKILL")
+    assert read_result(run_dir / "baseline.json")["status"] == "ok"
+    assert read_result(run_dir / "lora.json")["status"] == "ok"
+    assert "crashed" in stdout and "Traceback" not in stderr
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_without_rerunning_finished_cells(tmp_path: Path, cache_dir: Path):
+    args = ["--strategies", "1,2", *tiny_args(cache_dir), "--run-name", "resume"]
+    run_dir = tmp_path / "results" / "resume"
+    process = start_cli(tmp_path, *args)
+    # Ctrl-C once the baseline is done and cell 1's worker is running.
+    wait_for(lambda: (run_dir / "baseline.json").exists() and bool(worker_pids("1", tmp_path)))
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "interrupted" in stdout and "--run-name resume" in stdout
+    assert read_result(run_dir / "1.json")["status"] == "interrupted"
+    assert not (run_dir / "2.json").exists()
+    finished = (run_dir / "baseline.json").read_bytes()
+    finished_mtime = (run_dir / "baseline.json").stat().st_mtime_ns
+
+    process = start_cli(tmp_path, *args)
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-2000:]
+    assert "reused 1 finished cell(s): baseline" in stdout
+    assert (run_dir / "baseline.json").read_bytes() == finished
+    assert (run_dir / "baseline.json").stat().st_mtime_ns == finished_mtime
+    assert {read_result(run_dir / f"{c}.json")["status"] for c in ("1", "2")} == {"ok"}
+    assert read_result(run_dir / "previous" / "1.json")["status"] == "interrupted"  # the old attempt is kept
+
+
+@pytest.mark.slow
+def test_cell_timeout_stops_the_worker_and_records_timeout(tmp_path: Path, cache_dir: Path):
+    # Importing torch and transformers alone takes longer than one second.
+    process = start_cli(tmp_path, "--strategies", "1", *tiny_args(cache_dir), "--run-name", "slow", "--cell-timeout", "1")
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1, stderr[-2000:]
+    for cell in ("baseline", "1"):
+        result = read_result(tmp_path / "results" / "slow" / f"{cell}.json")
+        assert result["status"] == "timeout" and result["reason"].startswith("exceeded --cell-timeout of 1 s")
+
+
+def test_a_run_name_with_another_config_is_refused(tmp_path: Path, cache_dir: Path):
+    run_dir = tmp_path / "results" / "mixed"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"preset": "seed", "train": {"epochs": 9}}))
+    process = start_cli(tmp_path, *tiny_args(cache_dir), "--run-name", "mixed")
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 2
+    assert "holds results of a different config" in stderr and "--force" in stderr
+    assert json.loads((run_dir / "config.json").read_text())["train"] == {"epochs": 9}  # untouched
+
+
+def test_refused_combination_exits_2_before_anything_runs(tmp_path: Path):
+    from gputech_bench.cli import app
+    from gputech_bench.strategies import Placement, Strategy, register, unregister
+
+    class HostPlacement(Strategy):
+        key, name, saves, costs, order = "test-host", "test-host-placement", "-", "-", 99
+
+        def placement(self, model, ctx) -> Placement:  # pragma: no cover - never reached
+            raise AssertionError
+
+    register(HostPlacement)
+    try:
+        out = CliRunner().invoke(app, ["run", "--preset", "cpu", "--strategies", "4+test-host", "--results", str(tmp_path / "r")])
+    finally:
+        unregister(HostPlacement)
+    assert out.exit_code == 2
+    assert "refused cell '4+test-host'" in out.output and "both own the placement hook" in out.output
+    assert not (tmp_path / "r").exists()
+
+
+class FakeNvml:
+    """Just enough of pynvml for the idle check."""
+
+    def __init__(self, used_mib: list[float], processes: list[int]) -> None:
+        self.used, self.processes = used_mib, processes
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlShutdown(self):
+        pass
+
+    def nvmlDeviceGetCount(self):
+        return len(self.used)
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return index
+
+    def nvmlDeviceGetName(self, handle):
+        return b"NVIDIA H100"
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return type("Info", (), {"used": self.used[handle] * 2**20})()
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle):
+        return [object()] * self.processes[handle]
+
+
+def test_busy_gpus_are_found_through_nvml(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert busy_gpus(FakeNvml([300.0, 300.0], [0, 0])) == []
+    busy = busy_gpus(FakeNvml([300.0, 20_000.0], [0, 1]))
+    assert [gpu.index for gpu in busy] == [1]
+    assert busy[0].describe() == "GPU 1 (NVIDIA H100): 20,000 MiB in use by 1 process(es)"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert busy_gpus(FakeNvml([300.0, 20_000.0], [0, 1])) == []  # only the visible GPU matters
+
+
+def test_a_busy_gpu_stops_the_run_unless_allowed(monkeypatch, capsys):
+    import typer
+
+    from gputech_bench import cli
+    from gputech_bench.measure import gpu_busy
+
+    real_busy_gpus = gpu_busy.busy_gpus
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(gpu_busy, "busy_gpus", lambda: real_busy_gpus(FakeNvml([20_000.0], [1])))
+    with pytest.raises(typer.Exit) as stopped:
+        cli.check_gpu_idle(allow_busy=False)
+    assert stopped.value.exit_code == 2
+    assert "--allow-busy-gpu" in capsys.readouterr().err
+    cli.check_gpu_idle(allow_busy=True)  # warns and goes on
+    assert "warning" in capsys.readouterr().err
