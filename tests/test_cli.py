@@ -133,3 +133,10 @@ def test_strategies_and_presets_list_everything(tmp_path: Path):
         assert name in strategies.stdout
     presets = gputech("presets", cwd=tmp_path)
     assert presets.returncode == 0 and "seed" in presets.stdout and "model.num_layers = 2" in presets.stdout
+
+
+def test_an_empty_corpus_file_is_refused(tmp_path: Path):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    out = gputech("run", "--preset", "cpu", "--train-file", "empty.txt", "--results", str(tmp_path / "r"), cwd=tmp_path)
+    assert_one_line_error(out, "--train-file 'empty.txt' is empty", "one sentence per line")
+    assert not (tmp_path / "r").exists()

@@ -110,6 +110,22 @@ def test_interrupted_run_resumes_without_rerunning_finished_cells(tmp_path: Path
 
 
 @pytest.mark.slow
+def test_a_runner_killed_with_sigkill_loses_nothing_and_its_worker_stops(tmp_path: Path, cache_dir: Path):
+    run_dir = tmp_path / "results" / "killed"
+    process = start_cli(tmp_path, "--strategies", "1", *tiny_args(cache_dir), "--run-name", "killed")
+    wait_for(lambda: (run_dir / "baseline.json").exists() and bool(worker_pids("1", tmp_path)))
+    time.sleep(1.0)  # past interpreter start-up: the worker's signal handler is in place
+    finished = (run_dir / "baseline.json").read_bytes()
+    process.kill()
+    process.communicate(timeout=60)
+    # The orphaned worker is told (SIGTERM on parent death), stops, and says so.
+    wait_for(lambda: not worker_pids("1", tmp_path), timeout=60)
+    assert (run_dir / "baseline.json").read_bytes() == finished
+    assert read_result(run_dir / "baseline.json")["status"] == "ok"
+    assert read_result(run_dir / "1.json")["status"] == "interrupted"
+
+
+@pytest.mark.slow
 def test_cell_timeout_stops_the_worker_and_records_timeout(tmp_path: Path, cache_dir: Path):
     # Importing torch and transformers alone takes longer than one second.
     process = start_cli(tmp_path, "--strategies", "1", *tiny_args(cache_dir), "--run-name", "slow", "--cell-timeout", "1")
