@@ -29,6 +29,11 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def bare_result(cell: str, status: str, reason: str | None) -> dict[str, Any]:
+    """The smallest valid result: what is known when a cell failed before measuring anything."""
+    return {"schema": SCHEMA, "cell": cell, "status": status, "reason": reason, "metrics": {}, "memory_breakdown": {}, "notes": []}
+
+
 def write_atomic(path: Path, result: dict[str, Any]) -> Path:
     """Write a result as JSON through a temporary file and a rename."""
     text = json.dumps(_json_safe(result), indent=2, allow_nan=False) + "\n"

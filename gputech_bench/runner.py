@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import BenchConfig, ConfigError, to_dict
-from .results import SCHEMA, ResultError, read_result, write_atomic
+from .results import ResultError, bare_result, read_result, write_atomic
 
 EventCallback = Callable[[str, dict[str, Any]], None]
 
@@ -176,10 +176,6 @@ def _signal_name(returncode: int) -> str:
         return f"signal {-returncode}"
 
 
-def _failed_result(cell: str, status: str, reason: str) -> dict[str, Any]:
-    return {"schema": SCHEMA, "cell": cell, "status": status, "reason": reason, "metrics": {}, "memory_breakdown": {}, "notes": []}
-
-
 @dataclass
 class CellRun:
     result: dict[str, Any]
@@ -228,9 +224,9 @@ def run_worker(cell: str, layout: RunLayout, on_event: EventCallback, timeout: f
         if process.returncode is not None and process.returncode < 0:
             name = _signal_name(process.returncode)
             hint = " (the kernel's OOM killer sends SIGKILL when host memory runs out)" if name == "SIGKILL" else ""
-            result = _failed_result(cell, "crashed", f"worker killed by {name}{hint}; {log_hint}")
+            result = bare_result(cell, "crashed", f"worker killed by {name}{hint}; {log_hint}")
         else:
-            result = _failed_result(
+            result = bare_result(
                 cell, "crashed", f"worker exited with code {process.returncode} without a result; {log_hint}"
             )
     if timed_out and result["status"] != "ok":

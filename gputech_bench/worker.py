@@ -19,7 +19,7 @@ from typing import Any
 from .config import ConfigError, from_dict
 from .errors import classify
 from .provenance import utc_now
-from .results import SCHEMA, write_atomic
+from .results import bare_result, write_atomic
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -61,10 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     # A runner stops a cell with SIGTERM; treat it like Ctrl-C so the result is still written.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     # Written even if the cell dies while torch is still importing.
-    result: dict[str, Any] = {
-        "schema": SCHEMA, "cell": args.cell, "status": "error", "reason": "the cell did not finish",
-        "metrics": {}, "memory_breakdown": {}, "notes": [], "provenance": {"started_at": utc_now()},
-    }
+    result = bare_result(args.cell, "error", "the cell did not finish") | {"provenance": {"started_at": utc_now()}}
     emit = _stdout_events if args.events else _stderr_progress
     try:
         config = read_config(args.config)

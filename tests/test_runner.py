@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TINY_RUN
 from typer.testing import CliRunner
 
-from conftest import TINY_RUN
 from gputech_bench.measure.gpu_busy import busy_gpus
 from gputech_bench.results import read_result
 
