@@ -220,3 +220,23 @@ def test_a_busy_gpu_stops_the_run_unless_allowed(monkeypatch, capsys):
     assert "--allow-busy-gpu" in capsys.readouterr().err
     cli.check_gpu_idle(allow_busy=True)  # warns and goes on
     assert "warning" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_broken_bitsandbytes_fails_only_its_cells_with_the_fix(tmp_path: Path, cache_dir: Path):
+    fake = tmp_path / "fake-site" / "bitsandbytes"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise ImportError("libbitsandbytes_cuda128.so: cannot open shared object file")\n')
+    env = {**os.environ, "PYTHONPATH": str(fake.parent), "COLUMNS": "200"}
+    process = subprocess.run(
+        [sys.executable, "-m", "gputech_bench", "run", "--strategies", "1,3", *tiny_args(cache_dir),
+         "--results", str(tmp_path / "results"), "--run-name", "nobnb"],
+        cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert process.returncode == 1, process.stderr[-2000:]
+    run_dir = tmp_path / "results" / "nobnb"
+    broken = read_result(run_dir / "3.json")
+    assert broken["status"] == "error" and broken["traceback"] is None
+    assert broken["reason"].startswith("bitsandbytes could not be imported (libbitsandbytes_cuda128.so")
+    assert "pip install 'bitsandbytes>=0.45'" in broken["reason"]
+    assert {read_result(run_dir / f"{c}.json")["status"] for c in ("baseline", "1")} == {"ok"}
