@@ -8,6 +8,7 @@ failure late in the cell still leaves everything measured before it.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -15,12 +16,15 @@ import torch
 from .config import BenchConfig, to_dict
 from .dataset import prepare_data
 from .measure import cuda as cuda_memory
+from .measure.cap import plan_cap
 from .measure.host import peak_rss_bytes
+from .measure.snapshot import MemorySnapshot
 from .measure.units import figure, to_mib
 from .messages import UserError
 from .modeling import build_model
 from .provenance import environment, utc_now
 from .results import SCHEMA
+from .sizes import parse_size
 from .strategies import RunContext, build_plan, parse_cell
 from .training.evaluate import evaluate
 from .training.loop import StepEvent, TrainOutcome, train
@@ -61,17 +65,49 @@ def new_result(cell_text: str, config: BenchConfig) -> dict[str, Any]:
     }
 
 
+def apply_memory_cap(config: BenchConfig, device: torch.device, result: dict[str, Any]) -> None:
+    """Limit this process to ``gpu_memory_limit``, the CUDA context counted against it."""
+    torch.zeros(1, device=device)  # create the context now, so that it can be measured
+    context_bytes, method = cuda_memory.context_bytes(device)
+    total = torch.cuda.get_device_properties(device).total_memory
+    cap = plan_cap(parse_size(config.gpu_memory_limit), context_bytes, total)
+    torch.cuda.set_per_process_memory_fraction(cap.fraction, device)
+    result["memory_cap"] = {**cap.describe(), "context_method": method}
+
+
 def run_cell(
-    cell_text: str, config: BenchConfig, result: dict[str, Any], emit: EventSink = lambda event: None
+    cell_text: str,
+    config: BenchConfig,
+    result: dict[str, Any],
+    emit: EventSink = lambda event: None,
+    snapshot_path: Path | None = None,
 ) -> dict[str, Any]:
-    """Train and evaluate one cell, filling ``result`` in place; raises on failure."""
-    started = time.perf_counter()
+    """Train and evaluate one cell, filling ``result`` in place; raises on failure.
+
+    With ``memory_snapshot`` on CUDA, the allocator history is written to
+    ``snapshot_path`` whatever happens, an out-of-memory failure included.
+    """
     cell = parse_cell(cell_text)
     result.update(cell=cell.name, strategies=[cls.name for cls in cell.strategies])
     device = resolve_device(config.device)
     result["device"] = {"type": device.type}
-    if device.type == "cuda":
-        result["device"].update(cuda_memory.device_info(device))
+    if device.type != "cuda":
+        return _measure_cell(cell, config, device, result, emit)
+    result["device"].update(cuda_memory.device_info(device))
+    snapshot = MemorySnapshot() if config.memory_snapshot and snapshot_path else None
+    if snapshot:
+        snapshot.start()
+    try:
+        if config.gpu_memory_limit:
+            apply_memory_cap(config, device, result)
+        return _measure_cell(cell, config, device, result, emit)
+    finally:
+        if snapshot:
+            result["memory_snapshot"] = str(snapshot.dump(snapshot_path))
+
+
+def _measure_cell(cell, config: BenchConfig, device: torch.device, result: dict[str, Any], emit: EventSink) -> dict[str, Any]:
+    started = time.perf_counter()
     ctx = RunContext(config, device)
 
     emit({"event": "phase", "phase": "data"})

@@ -167,6 +167,7 @@ and a log per cell. Re-running with the same --run-name skips cells that are alr
 * `gputech-bench run --matrix` - the seed's 8 cells on this machine's default preset
 * `gputech-bench run --strategies 1,3,1+2+3 --set train.max_steps=40` - chosen cells (+ baseline), short
 * `gputech-bench run --matrix --preset seed --device cuda --cell-timeout 1800` - the seed's exact setup on a GPU
+* `gputech-bench run --matrix --preset seed-512 --gpu-memory-limit 24GiB` - which cells fit a 24 GiB card?
 * `gputech-bench run --matrix --model ./my-bert --train-file train.txt --eval-file eval.txt`
 """
 
@@ -186,13 +187,19 @@ def run(
     cell_timeout: Optional[float] = typer.Option(None, min=1, help="Seconds a cell may run before it is stopped and recorded as 'timeout'."),
     force: bool = typer.Option(False, "--force", help="Re-run every cell, even those already ok in this run."),
     allow_busy_gpu: bool = typer.Option(False, "--allow-busy-gpu", help="Run even when other processes hold GPU memory."),
+    gpu_memory_limit: Optional[str] = typer.Option(None, help="Emulate a smaller card, e.g. 24GiB: cells past it become 'oom' rows."),
+    memory_snapshot: bool = typer.Option(False, "--memory-snapshot", help="Write a CUDA memory snapshot per cell (open it in pytorch.org/memory_viz)."),
 ) -> None:
     from .matrix import expand
     from .report import build_frame, load_run, rich_table, write_exports
     from .runner import RunLayout, prepare_run_dir, run_matrix
 
+    extra = [f"gpu_memory_limit={gpu_memory_limit}"] if gpu_memory_limit else []
+    extra += ["memory_snapshot=true"] if memory_snapshot else []
     try:
-        config = resolve_config(preset, set_, model, train_file, eval_file, device)
+        config = resolve_config(preset, [*set_, *extra], model, train_file, eval_file, device)
+        if (config.gpu_memory_limit or config.memory_snapshot) and not uses_cuda(config):
+            raise ConfigError("--gpu-memory-limit and --memory-snapshot need a CUDA device: drop them on this machine")
         cells = expand(strategies, matrix, config)
     except ValueError as error:
         fail(str(error))

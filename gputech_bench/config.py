@@ -123,6 +123,10 @@ class BenchConfig:
 
     preset: str = setting("seed", "Name of the preset this config started from.")
     device: str = setting("auto", "'auto' (CUDA when available), 'cuda' or 'cpu'.")
+    gpu_memory_limit: str = setting(
+        "", "Emulate a smaller card, e.g. '24GiB': the cell may use this much GPU memory, CUDA context included."
+    )
+    memory_snapshot: bool = setting(False, "Record the CUDA allocator's history and write a memory_viz snapshot per cell.")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -135,7 +139,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "strategy": StrategyConfig,
 }
-TOP_LEVEL_KEYS = ("preset", "device")
+TOP_LEVEL_KEYS = ("preset", "device", "gpu_memory_limit", "memory_snapshot")
 PRESET_META_KEYS = ("description",)
 
 
@@ -236,7 +240,7 @@ def apply_mapping(config: BenchConfig, mapping: dict[str, Any], origin: str = ""
             except ConfigError as error:
                 raise ConfigError(f"{error}{where}") from None
         elif key in TOP_LEVEL_KEYS:
-            config = replace(config, **{key: coerce(key, str, value)})
+            config = replace(config, **{key: coerce(key, _field_types(BenchConfig)[key], value)})
         else:
             raise ConfigError(f"{_unknown_key(key, all_keys())}{where}")
     return validate(config)
@@ -321,6 +325,15 @@ def validate(config: BenchConfig) -> BenchConfig:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+    if config.gpu_memory_limit:
+        from .sizes import SizeError, parse_size
+
+        try:
+            parse_size(config.gpu_memory_limit)
+        except SizeError as error:
+            raise ConfigError(f"gpu_memory_limit: {error}") from None
+        if config.device == "cpu":
+            raise ConfigError("gpu_memory_limit needs a CUDA device: drop it, or run with --device cuda")
     return config
 
 

@@ -52,8 +52,12 @@ DERIVED_COLUMNS = (
     "masked_accuracy_delta_points",
     "token_accuracy_delta_points",
 )
+OOM_COLUMNS = ("oom_requested_mib", "oom_in_use_mib", "gpu_memory_limit_mib")
 INFO_COLUMNS = ("device_type", "device_name", "compute_dtype", "optimizer", "trainable_parameters", "total_parameters", "preset")
-COLUMNS = ("cell", "strategies", "status", "reason", *DERIVED_COLUMNS, *METRIC_COLUMNS, *BREAKDOWN_COLUMNS, *INFO_COLUMNS)
+COLUMNS = (
+    "cell", "strategies", "status", "reason",
+    *DERIVED_COLUMNS, *METRIC_COLUMNS, *BREAKDOWN_COLUMNS, *OOM_COLUMNS, *INFO_COLUMNS,
+)
 
 #: Which way is better, for colouring and for readers of the CSV.
 LOWER_IS_BETTER = {"memory_mib", "memory_x_baseline", "epoch_seconds", "epoch_x_baseline", "eval_loss", "final_train_loss"}
@@ -119,11 +123,14 @@ def _metric(result: dict[str, Any], name: str) -> Any:
 
 def memory_measure(results: list[dict[str, Any]]) -> MemoryMeasure:
     ok = [r for r in results if r["status"] == "ok"]
-    if not any(r.get("device", {}).get("type") == "cuda" for r in ok):
+    if not any(r.get("device", {}).get("type") == "cuda" for r in results):
         return CPU_MEASURE
-    if all(_metric(r, NVML_MEASURE.metric) is not None for r in ok):
-        return NVML_MEASURE
-    return RESERVED_MEASURE
+    measure = NVML_MEASURE if all(_metric(r, NVML_MEASURE.metric) is not None for r in ok) else RESERVED_MEASURE
+    caps = {r["memory_cap"]["limit_mib"] for r in results if r.get("memory_cap")}
+    if caps:
+        limit = max(caps)
+        measure = MemoryMeasure(measure.metric, f"{measure.label}, cap {limit / 1024:.1f} GiB")
+    return measure
 
 
 def _row(result: dict[str, Any]) -> dict[str, Any]:
@@ -141,6 +148,12 @@ def _row(result: dict[str, Any]) -> dict[str, Any]:
         side = "device" if device.startswith(device_type) else "host"
         for category in CATEGORIES:
             row[f"tracked_{side}_{category}_mib"] = categories.get(f"{category}_mib")
+    oom = result.get("oom", {})
+    row.update(
+        oom_requested_mib=oom.get("requested_mib"),
+        oom_in_use_mib=oom.get("process_in_use_mib", oom.get("allocated_by_pytorch_mib")),
+        gpu_memory_limit_mib=result.get("memory_cap", {}).get("limit_mib"),
+    )
     facts = result.get("strategy_facts", {})
     row.update(
         device_type=result.get("device", {}).get("type"),

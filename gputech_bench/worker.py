@@ -69,13 +69,18 @@ def main(argv: list[str] | None = None) -> int:
         from .cell import new_result, run_cell
 
         result = new_result(args.cell, config)
-        run_cell(args.cell, config, result, emit)
+        run_cell(args.cell, config, result, emit, snapshot_path=args.out.with_suffix(".snapshot.pickle"))
     except BaseException as error:  # noqa: BLE001 - every failure must become a result
         # A second Ctrl-C or SIGTERM must not cut the result file short.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         status, reason, tail = classify(error)
         result.update(status=status, reason=reason, traceback=tail)
+        if status == "oom":
+            from .measure.oom import oom_details, oom_reason
+
+            result["oom"] = oom_details(error)
+            result["reason"] = oom_reason(result["oom"], result.get("memory_cap")) or reason
     finally:
         result["provenance"]["finished_at"] = utc_now()
         write_atomic(args.out, result)

@@ -121,7 +121,9 @@ def test_worker_classifies_out_of_memory(tmp_path, tiny_config, exploding_strate
     exploding_strategy.error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     code, result = run_worker(tmp_path, tiny_config, "test-explode")
     assert code == 1 and result["status"] == "oom"
-    assert "Tried to allocate 2.00 GiB" in result["reason"]
+    assert result["reason"] == "out of memory: asked for 2,048 MiB"
+    assert result["oom"]["requested_mib"] == 2048.0
+    assert "Tried to allocate 2.00 GiB" in result["traceback"][-1]
 
 
 def test_worker_records_a_refused_cell_as_a_one_line_error(tmp_path, tiny_config):

@@ -29,6 +29,25 @@ def allocator_peaks(device: torch.device) -> tuple[int, int]:
     return torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
 
 
+def context_bytes(device: torch.device) -> tuple[int, str]:
+    """GPU memory this process holds outside the caching allocator (the CUDA context), and how it was measured."""
+    reserved = torch.cuda.memory_reserved(device)
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        uuid = str(torch.cuda.get_device_properties(device).uuid)
+        handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+        for process in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if process.pid == os.getpid() and process.usedGpuMemory:
+                return max(0, int(process.usedGpuMemory) - reserved), "NVML process usage minus the allocator's reserve"
+    except Exception:
+        pass
+    free, total = torch.cuda.mem_get_info(device)
+    # Device-wide: assumes an idle GPU, which the runner checks before a CUDA matrix.
+    return max(0, total - free - reserved), "device used (cudaMemGetInfo) minus the allocator's reserve"
+
+
 @dataclass(frozen=True)
 class NvmlReading:
     peak_bytes: int | None

@@ -1,0 +1,52 @@
+"""Emulate a smaller card: cap what this process may take from the GPU.
+
+``torch.cuda.set_per_process_memory_fraction`` limits the caching allocator only.
+The CUDA context (kernels, cuBLAS handles, driver bookkeeping) lives outside it,
+yet it occupies a real card's memory too. So the cap given to the allocator is the
+emulated card's size *minus the context this process measured*, and a cell under
+``--gpu-memory-limit 24GiB`` sees what it would see on a 24 GiB card.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..sizes import SizeError, format_gib
+
+
+@dataclass(frozen=True)
+class MemoryCap:
+    limit_bytes: int  # the emulated card
+    context_bytes: int  # measured outside the allocator, counted against the limit
+    device_total_bytes: int  # the real card
+
+    @property
+    def allocator_bytes(self) -> int:
+        return self.limit_bytes - self.context_bytes
+
+    @property
+    def fraction(self) -> float:
+        return self.allocator_bytes / self.device_total_bytes
+
+    def describe(self) -> dict[str, float | str]:
+        return {
+            "limit_mib": round(self.limit_bytes / 2**20, 1),
+            "context_mib": round(self.context_bytes / 2**20, 1),
+            "allocator_cap_mib": round(self.allocator_bytes / 2**20, 1),
+            "fraction_of_device": round(self.fraction, 6),
+            "method": "torch.cuda.set_per_process_memory_fraction((limit - measured CUDA context) / device total)",
+        }
+
+
+def plan_cap(limit_bytes: int, context_bytes: int, device_total_bytes: int) -> MemoryCap:
+    if limit_bytes > device_total_bytes:
+        raise SizeError(
+            f"--gpu-memory-limit {format_gib(limit_bytes)} is more than this GPU has ({format_gib(device_total_bytes)}): "
+            "pass a smaller limit, or leave it out"
+        )
+    if limit_bytes <= context_bytes:
+        raise SizeError(
+            f"--gpu-memory-limit {format_gib(limit_bytes)} leaves nothing after the CUDA context "
+            f"({format_gib(context_bytes)}): pass a larger limit"
+        )
+    return MemoryCap(limit_bytes, context_bytes, device_total_bytes)

@@ -1,0 +1,64 @@
+"""What an out-of-memory error says: how much was asked for, and how much was in use.
+
+PyTorch writes these figures into the message of ``torch.OutOfMemoryError``
+("Tried to allocate 2.00 GiB ... this process has 21.50 GiB memory in use. Of the
+allocated memory 20.10 GiB is allocated by PyTorch ..."). They are parsed, not
+guessed: a field the message does not state stays absent.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+_AMOUNT = r"([0-9]+(?:\.[0-9]+)?) (B|KiB|MiB|GiB|TiB)"
+_FIELDS = {
+    "requested_mib": rf"Tried to allocate {_AMOUNT}",
+    "device_total_mib": rf"total capacity of {_AMOUNT}",
+    "device_free_mib": rf"of which {_AMOUNT} is free",
+    "process_in_use_mib": rf"(?:this process|Process \d+) has {_AMOUNT} memory in use",
+    "allocated_by_pytorch_mib": rf"{_AMOUNT} is allocated by PyTorch",
+    "reserved_unallocated_mib": rf"{_AMOUNT} is reserved by PyTorch but unallocated",
+}
+
+
+def _mib(number: str, unit: str) -> float:
+    return round(float(number) * _UNITS[unit] / 2**20, 1)
+
+
+def parse_oom_message(message: str) -> dict[str, Any]:
+    details: dict[str, Any] = {}
+    for name, pattern in _FIELDS.items():
+        match = re.search(pattern, message)
+        if match:
+            details[name] = _mib(*match.groups())
+    return details
+
+
+def oom_reason(details: dict[str, Any], cap: dict[str, Any] | None) -> str | None:
+    """A short table reason, e.g. 'out of memory: asked for 2,048 MiB with 21,504 MiB in use (cap 24,576 MiB)'."""
+    if "requested_mib" not in details:
+        return None
+    in_use = details.get("process_in_use_mib", details.get("allocated_by_pytorch_mib"))
+    text = f"out of memory: asked for {details['requested_mib']:,.0f} MiB"
+    if in_use is not None:
+        text += f" with {in_use:,.0f} MiB in use"
+    if cap:
+        text += f" (cap {cap['limit_mib']:,.0f} MiB)"
+    return text
+
+
+def oom_details(error: BaseException) -> dict[str, Any]:
+    """The message's figures, plus the allocator's own view at the moment it was caught."""
+    details = parse_oom_message(str(error))
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            details["allocated_when_caught_mib"] = round(torch.cuda.memory_allocated() / 2**20, 1)
+            details["peak_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            details["peak_reserved_mib"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
+    except Exception:
+        pass  # the figures from the message are what matter; never fail while reporting a failure
+    return details

@@ -1,0 +1,124 @@
+"""CUDA-only mechanisms, made testable on a CPU: sizes, the memory cap, OOM figures, snapshots."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_report import make_result
+
+from gputech_bench.config import BenchConfig, ConfigError, apply_overrides
+from gputech_bench.measure.cap import plan_cap
+from gputech_bench.measure.oom import oom_reason, parse_oom_message
+from gputech_bench.measure.snapshot import MemorySnapshot
+from gputech_bench.report import build_frame
+from gputech_bench.sizes import SizeError, parse_size
+
+GIB, MIB = 2**30, 2**20
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("24GiB", 24 * GIB), ("24 GiB", 24 * GIB), ("24G", 24 * GIB), ("24", 24 * GIB), ("24GB", 24 * 10**9),
+     ("512MiB", 512 * MIB), ("1.5 gib", int(1.5 * GIB)), ("80gb", 80 * 10**9)],
+)
+def test_sizes_are_read_as_people_write_them(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "24 parsecs", "", "-3GiB", "0GiB"])
+def test_unreadable_sizes_are_refused(text):
+    with pytest.raises(SizeError):
+        parse_size(text)
+
+
+def test_the_cap_counts_the_cuda_context_against_the_emulated_card():
+    cap = plan_cap(limit_bytes=24 * GIB, context_bytes=512 * MIB, device_total_bytes=80 * GIB)
+    assert cap.allocator_bytes == 24 * GIB - 512 * MIB
+    assert cap.fraction == pytest.approx((24 * 1024 - 512) / (80 * 1024))
+    assert cap.describe()["allocator_cap_mib"] == 24 * 1024 - 512
+
+
+def test_impossible_caps_are_refused():
+    with pytest.raises(SizeError, match="more than this GPU has"):
+        plan_cap(96 * GIB, 512 * MIB, 80 * GIB)
+    with pytest.raises(SizeError, match="leaves nothing after the CUDA context"):
+        plan_cap(256 * MIB, 512 * MIB, 80 * GIB)
+
+
+def test_a_memory_limit_is_a_cuda_setting():
+    config = apply_overrides(BenchConfig(), ["gpu_memory_limit=24GiB"])
+    assert config.gpu_memory_limit == "24GiB"
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        apply_overrides(BenchConfig(), ["gpu_memory_limit=24GiB", "device=cpu"])
+    with pytest.raises(ConfigError, match="cannot read memory size 'lots'"):
+        apply_overrides(BenchConfig(), ["gpu_memory_limit=lots"])
+
+
+# The shape of torch 2.x's message (c10/cuda/CUDACachingAllocator.cpp).
+TORCH_OOM = (
+    "CUDA out of memory. Tried to allocate 2.29 GiB. GPU 0 has a total capacity of 79.19 GiB of which 55.01 GiB is free. "
+    "Including non-PyTorch memory, this process has 24.15 GiB memory in use. Of the allocated memory 21.80 GiB is "
+    "allocated by PyTorch, and 1.27 GiB is reserved by PyTorch but unallocated. If reserved but unallocated memory is "
+    "large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation."
+)
+
+
+def test_oom_figures_are_read_from_the_message():
+    details = parse_oom_message(TORCH_OOM)
+    assert details == {
+        "requested_mib": 2345.0,
+        "device_total_mib": 81090.6,
+        "device_free_mib": 56330.2,
+        "process_in_use_mib": 24729.6,
+        "allocated_by_pytorch_mib": 22323.2,
+        "reserved_unallocated_mib": 1300.5,
+    }
+    assert oom_reason(details, {"limit_mib": 24576.0}) == "out of memory: asked for 2,345 MiB with 24,730 MiB in use (cap 24,576 MiB)"
+    assert parse_oom_message("DefaultCPUAllocator: can't allocate memory") == {}
+    assert oom_reason({}, None) is None
+
+
+def test_oom_rows_carry_the_request_and_the_cap_into_the_table():
+    failed = make_result("baseline", status="oom", device="cuda")
+    failed["oom"] = parse_oom_message(TORCH_OOM)
+    failed["memory_cap"] = {"limit_mib": 24576.0}
+    fits = make_result("1+2+3", device="cuda", nvml_process_peak_mib=9000.0)
+    fits["memory_cap"] = {"limit_mib": 24576.0}
+    frame, measure = build_frame([failed, fits])
+    row = frame.set_index("cell").loc["baseline"]
+    assert (row.oom_requested_mib, row.oom_in_use_mib, row.gpu_memory_limit_mib) == (2345.0, 24729.6, 24576.0)
+    assert measure.label == "GPU memory (NVML), cap 24.0 GiB"
+
+
+class FakeCudaMemory:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def _record_memory_history(self, **kwargs):
+        self.calls.append(("record", kwargs))
+
+    def _dump_snapshot(self, path):
+        self.calls.append(("dump", path))
+        Path(path).write_bytes(b"snapshot")
+
+
+def test_snapshot_records_then_dumps_and_stops(tmp_path: Path):
+    memory = FakeCudaMemory()
+    snapshot = MemorySnapshot(cuda=type("Cuda", (), {"memory": memory})())
+    snapshot.start()
+    path = snapshot.dump(tmp_path / "cells" / "1.snapshot.pickle")
+    assert path.read_bytes() == b"snapshot"
+    assert [call[0] for call in memory.calls] == ["record", "dump", "record"]
+    assert memory.calls[-1][1] == {"enabled": None}  # recording stopped
+    assert not snapshot.recording
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is absent")
+def test_cli_refuses_gpu_options_without_cuda(tmp_path: Path):
+    out = subprocess.run([sys.executable, "-m", "gputech_bench", "run", "--preset", "cpu", "--gpu-memory-limit", "24GiB"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "CUDA device" in out.stderr and "Traceback" not in out.stderr
