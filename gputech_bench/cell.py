@@ -94,19 +94,29 @@ def run_cell(
     if device.type != "cuda":
         return _measure_cell(cell, config, device, result, emit)
     result["device"].update(cuda_memory.device_info(device))
+    # NVML first: its device-wide fallback subtracts what was in use before this cell allocated anything.
+    sampler = cuda_memory.NvmlSampler(device).start()
     snapshot = MemorySnapshot() if config.memory_snapshot and snapshot_path else None
     if snapshot:
         snapshot.start()
     try:
         if config.gpu_memory_limit:
             apply_memory_cap(config, device, result)
-        return _measure_cell(cell, config, device, result, emit)
+        return _measure_cell(cell, config, device, result, emit, sampler)
     finally:
+        sampler.stop()
         if snapshot:
             result["memory_snapshot"] = str(snapshot.dump(snapshot_path))
 
 
-def _measure_cell(cell, config: BenchConfig, device: torch.device, result: dict[str, Any], emit: EventSink) -> dict[str, Any]:
+def _measure_cell(
+    cell,
+    config: BenchConfig,
+    device: torch.device,
+    result: dict[str, Any],
+    emit: EventSink,
+    sampler: cuda_memory.NvmlSampler | None = None,
+) -> dict[str, Any]:
     started = time.perf_counter()
     ctx = RunContext(config, device)
 
@@ -137,10 +147,8 @@ def _measure_cell(cell, config: BenchConfig, device: torch.device, result: dict[
     if trainable < total:
         result["notes"].append(f"trains {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
-    sampler = None
     if device.type == "cuda":
         cuda_memory.reset_peaks(device)
-        sampler = cuda_memory.NvmlSampler(device).start()
 
     def forward_step(event: StepEvent) -> None:
         emit({"event": "step", "step": event.step, "total": event.total_steps, "epoch": event.epoch,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from test_report import make_result
 
 from gputech_bench.config import BenchConfig, ConfigError, apply_overrides
 from gputech_bench.measure.cap import plan_cap
+from gputech_bench.measure.cuda import NvmlSampler
 from gputech_bench.measure.oom import oom_reason, parse_oom_message
 from gputech_bench.measure.snapshot import MemorySnapshot
 from gputech_bench.report import build_frame
@@ -122,3 +124,51 @@ def test_cli_refuses_gpu_options_without_cuda(tmp_path: Path):
     out = subprocess.run([sys.executable, "-m", "gputech_bench", "run", "--preset", "cpu", "--gpu-memory-limit", "24GiB"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "CUDA device" in out.stderr and "Traceback" not in out.stderr
+
+
+class FakeNvml:
+    """A GPU whose device-wide usage the test sets, with or without this process listed."""
+
+    def __init__(self, used_mib: float, own_mib: float | None = None) -> None:
+        self.used_mib, self.own_mib = used_mib, own_mib
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return type("Info", (), {"used": int(self.used_mib * MIB)})()
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle):
+        if self.own_mib is None:
+            return []  # a container's PID namespace hides us
+        return [type("Process", (), {"pid": os.getpid(), "usedGpuMemory": int(self.own_mib * MIB)})()]
+
+    nvmlDeviceGetGraphicsRunningProcesses = nvmlDeviceGetComputeRunningProcesses
+
+
+def test_nvml_falls_back_to_device_usage_minus_the_usage_before_the_cell():
+    nvml = FakeNvml(used_mib=1_000)  # another tenant's 1,000 MiB, before the cell
+    sampler = NvmlSampler(None, nvml=nvml, handle=0)
+    for used in (1_000, 9_000, 23_500, 12_000):
+        nvml.used_mib = used
+        sampler._sample()
+    reading = sampler.stop()
+    assert reading.peak_bytes == 22_500 * MIB
+    assert reading.method.startswith("NVML device-wide used minus usage before the cell")
+
+
+def test_nvml_prefers_the_per_process_figure():
+    nvml = FakeNvml(used_mib=30_000, own_mib=21_000)
+    sampler = NvmlSampler(None, nvml=nvml, handle=0)
+    sampler._sample()
+    reading = sampler.stop()
+    assert reading.peak_bytes == 21_000 * MIB and reading.method.startswith("NVML per-process usedGpuMemory")
+
+
+def test_nvml_missing_is_recorded_not_fatal():
+    class Broken:
+        def nvmlInit(self):
+            raise OSError("libnvidia-ml.so.1: cannot open shared object file")
+
+    reading = NvmlSampler(None, nvml=Broken(), handle=0).start().stop()
+    assert reading.peak_bytes is None and reading.method.startswith("unavailable (OSError: libnvidia-ml.so.1")

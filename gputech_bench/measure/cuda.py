@@ -60,22 +60,27 @@ class NvmlSampler:
     Prefers the per-process figure (what nvidia-smi lists for this PID, the seed's
     number). Inside containers the PID namespace often hides it; then it falls back
     to device-wide usage minus the usage seen before the cell started, and says so.
+    Create it before the cell allocates anything on the GPU, so that this baseline
+    leaves the cell's own context, weights and reserve in the figure.
     """
 
-    def __init__(self, device: torch.device, interval_s: float = 0.02) -> None:
+    def __init__(self, device: torch.device | None, interval_s: float = 0.02, nvml: Any = None, handle: Any = None) -> None:
         self._interval_s = interval_s
         self._stop = threading.Event()
         self._peak: int | None = None
         self._method = "unavailable"
         self._thread: threading.Thread | None = None
         try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self._nvml = pynvml
-            uuid = str(torch.cuda.get_device_properties(device).uuid)
-            self._handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
-            self._baseline_used = pynvml.nvmlDeviceGetMemoryInfo(self._handle).used
+            if nvml is None:
+                import pynvml as nvml
+            nvml.nvmlInit()
+            self._nvml = nvml
+            if handle is None:
+                # Reads properties only: allocates nothing, so the baseline below is clean.
+                uuid = str(torch.cuda.get_device_properties(device).uuid)
+                handle = nvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+            self._handle = handle
+            self._baseline_used = nvml.nvmlDeviceGetMemoryInfo(self._handle).used
         except Exception as error:  # no NVML library, no driver access, unknown UUID
             self._nvml = None
             self._method = f"unavailable ({type(error).__name__}: {str(error).strip()[:80]})"
@@ -117,9 +122,11 @@ class NvmlSampler:
         return self
 
     def stop(self) -> NvmlReading:
+        """Stop sampling (once; later calls just return the reading)."""
         if self._thread is not None:
             self._stop.set()
             self._thread.join(timeout=2)
+            self._thread = None
             try:
                 self._sample()
             except Exception:
