@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -82,6 +83,7 @@ def main() -> None:
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per side (the first 2 are not timed)")
     parser.add_argument("--set", action="append", default=[], dest="sets", help="config override, as in gputech-bench")
+    parser.add_argument("--repeat", type=int, default=3, help="pairs of runs, alternating sides; medians are compared")
     parser.add_argument("--bare", help=argparse.SUPPRESS)  # internal: run the bare loop on this config file
     args = parser.parse_args()
     if args.bare:
@@ -91,21 +93,27 @@ def main() -> None:
     from gputech_bench.config import apply_overrides, load_preset, to_dict
 
     config = apply_overrides(load_preset(args.preset), [f"train.max_steps={args.steps}", *args.sets])
+    bares, harnesses = [], []
     with tempfile.TemporaryDirectory() as folder:
         config_path = str(Path(folder) / "config.json")
         Path(config_path).write_text(json.dumps(to_dict(config)))
-        # Same start-up conditions: each side in its own fresh process.
-        bare = json.loads(subprocess.run(
-            [sys.executable, __file__, "--bare", config_path, "--steps", str(args.steps)],
-            check=True, capture_output=True, text=True,
-        ).stdout.strip().splitlines()[-1])
-        harness = worker_cell(config_path, Path(folder) / "baseline.json")
+        # Same start-up conditions: each side in its own fresh process, alternating, so
+        # that a noisy neighbour slows both sides rather than one.
+        for _ in range(args.repeat):
+            bares.append(json.loads(subprocess.run(
+                [sys.executable, __file__, "--bare", config_path, "--steps", str(args.steps)],
+                check=True, capture_output=True, text=True,
+            ).stdout.strip().splitlines()[-1]))
+            harnesses.append(worker_cell(config_path, Path(folder) / "baseline.json"))
 
-    ratio = harness["mean_step_seconds"] / bare["mean_step_seconds"]
-    print(f"preset {args.preset}, {args.steps} steps per side, device {config.device}")
-    print(f"bare loop  : {bare['mean_step_seconds'] * 1000:9.2f} ms/step over {bare['timed_steps']} steps")
-    print(f"worker     : {harness['mean_step_seconds'] * 1000:9.2f} ms/step over {harness['timed_steps']} steps")
-    print(f"time overhead : {100 * (ratio - 1):+.1f}%  (target within 5%)")
+    bare_ms = sorted(run["mean_step_seconds"] * 1000 for run in bares)
+    worker_ms = sorted(run["mean_step_seconds"] * 1000 for run in harnesses)
+    bare, harness = bares[0], harnesses[0]
+    ratio = statistics.median(worker_ms) / statistics.median(bare_ms)
+    print(f"preset {args.preset}, {args.steps} steps per side ({bare['timed_steps']} timed), {args.repeat} runs each, device {config.device}")
+    print(f"bare loop  : median {statistics.median(bare_ms):8.2f} ms/step  (runs: {', '.join(f'{v:.2f}' for v in bare_ms)})")
+    print(f"worker     : median {statistics.median(worker_ms):8.2f} ms/step  (runs: {', '.join(f'{v:.2f}' for v in worker_ms)})")
+    print(f"time overhead : {100 * (ratio - 1):+.1f}% of the median  (target within 5%)")
     if bare["peak_allocated_mib"] and harness["peak_allocated_mib"]:
         memory = harness["peak_allocated_mib"] / bare["peak_allocated_mib"]
         print(f"peak allocated: bare {bare['peak_allocated_mib']:,.0f} MiB, worker {harness['peak_allocated_mib']:,.0f} MiB, "

@@ -172,3 +172,27 @@ def test_nvml_missing_is_recorded_not_fatal():
 
     reading = NvmlSampler(None, nvml=Broken(), handle=0).start().stop()
     assert reading.peak_bytes is None and reading.method.startswith("unavailable (OSError: libnvidia-ml.so.1")
+
+
+def test_a_bitsandbytes_without_kernels_for_the_device_is_one_line():
+    from gputech_bench.strategies import StrategyError
+    from gputech_bench.strategies.adam8bit import probe_kernels
+
+    class NoKernels:
+        __version__ = "0.50.2"
+
+        class optim:
+            class Adam8bit:
+                def __init__(self, params, lr):
+                    pass
+
+                def step(self):
+                    raise RuntimeError("CUDA Setup failed despite GPU being available.\nmore detail")
+
+    with pytest.raises(StrategyError) as error:
+        probe_kernels(NoKernels, torch.device("cpu"))
+    message = str(error.value)
+    assert "\n" not in message and "cannot step an 8-bit optimizer on cpu (CUDA Setup failed" in message
+    import bitsandbytes
+
+    probe_kernels(bitsandbytes, torch.device("cpu"))  # the real CPU kernels pass

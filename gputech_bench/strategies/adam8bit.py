@@ -22,6 +22,21 @@ def load_bitsandbytes():
         ) from None
 
 
+def probe_kernels(bnb, device: torch.device) -> None:
+    """One 8-bit step on a throw-away tensor: a bitsandbytes build without kernels for this
+    GPU or CUDA version fails here, in one line, instead of mid-training."""
+    try:
+        # 4096 elements: the smallest tensor bitsandbytes keeps in 8-bit state.
+        probe = torch.nn.Parameter(torch.zeros(4096, device=device))
+        probe.grad = torch.ones_like(probe)
+        bnb.optim.Adam8bit([probe], lr=1e-3).step()
+    except Exception as error:
+        raise StrategyError(
+            f"bitsandbytes {getattr(bnb, '__version__', '?')} cannot step an 8-bit optimizer on {device} "
+            f"({first_line(error)}): install a bitsandbytes build for this GPU and CUDA version, or leave strategy 3 out"
+        ) from None
+
+
 @register
 class Adam8bit(Strategy):
     key = "3"
@@ -32,7 +47,7 @@ class Adam8bit(Strategy):
     requires = "bitsandbytes >= 0.45 (CPU kernels included); on CUDA, a build with kernels for this GPU"
 
     def check(self, ctx: RunContext) -> None:
-        load_bitsandbytes()
+        probe_kernels(load_bitsandbytes(), ctx.device)
 
     def build_optimizer(self, params: list[torch.Tensor], ctx: RunContext) -> torch.optim.Optimizer:
         bnb = load_bitsandbytes()
