@@ -106,7 +106,10 @@ def run_cell(
     finally:
         sampler.stop()
         if snapshot:
-            result["memory_snapshot"] = str(snapshot.dump(snapshot_path))
+            try:
+                result["memory_snapshot"] = str(snapshot.dump(snapshot_path))
+            except Exception as error:  # never let the snapshot hide why the cell failed
+                result["notes"].append(f"memory snapshot not written: {type(error).__name__}: {error}")
 
 
 def _measure_cell(
