@@ -350,6 +350,10 @@ FORMATS = ("table", "md", "csv", "json")
 
 def render(run: LoadedRun, fmt: str, baseline: str = "baseline") -> str | Table:
     frame, measure = build_frame(run.results, baseline)
+    return _render(run, frame, measure, fmt, baseline)
+
+
+def _render(run: LoadedRun, frame: pd.DataFrame, measure: MemoryMeasure, fmt: str, baseline: str) -> str | Table:
     if fmt == "table":
         return rich_table(frame, measure, title=f"gputech-bench: {run.root.name}")
     if fmt == "md":
@@ -363,10 +367,11 @@ def render(run: LoadedRun, fmt: str, baseline: str = "baseline") -> str | Table:
 
 def write_exports(run: LoadedRun, baseline: str = "baseline") -> list[Path]:
     """report.md, report.csv and report.json beside the results."""
+    frame, measure = build_frame(run.results, baseline)
     written = []
     for fmt, extension in (("md", "md"), ("csv", "csv"), ("json", "json")):
         path = run.root / f"report.{extension}"
-        text = render(run, fmt, baseline)
+        text = _render(run, frame, measure, fmt, baseline)
         assert isinstance(text, str)
         atomic_write_bytes(path, text.encode("utf-8"))
         written.append(path)
