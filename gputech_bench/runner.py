@@ -25,6 +25,8 @@ from .results import ResultError, bare_result, read_result, write_atomic
 
 EventCallback = Callable[[str, dict[str, Any]], None]
 
+#: How often the runner looks up from waiting on a worker, to act on Ctrl-C promptly.
+WAIT_SLICE_SECONDS = 0.2
 #: How long a worker gets to write its result after SIGTERM before it is killed.
 STOP_GRACE_SECONDS = 20.0
 
@@ -160,6 +162,25 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
+def _wait(process: subprocess.Popen, timeout: float | None) -> None:
+    """``process.wait(timeout)``, but in short slices so that Ctrl-C is acted on at once.
+
+    The kernel may deliver SIGINT to any thread (the event relay, rich's refresh thread);
+    Python then runs the handler in the main thread only when it next executes bytecode,
+    which a bare ``waitpid`` would postpone until the worker exits on its own.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        remaining = WAIT_SLICE_SECONDS if deadline is None else min(WAIT_SLICE_SECONDS, deadline - time.monotonic())
+        if remaining <= 0:
+            raise subprocess.TimeoutExpired(process.args, timeout)
+        try:
+            process.wait(remaining)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 @contextlib.contextmanager
 def _ctrl_c_ignored():
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -207,7 +228,7 @@ def run_worker(cell: str, layout: RunLayout, on_event: EventCallback, timeout: f
         try:
             ctrl_c.release()
             relay.start()
-            process.wait(timeout)
+            _wait(process, timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
         except KeyboardInterrupt:

@@ -240,3 +240,23 @@ def test_a_broken_bitsandbytes_fails_only_its_cells_with_the_fix(tmp_path: Path,
     assert broken["reason"].startswith("bitsandbytes could not be imported (libbitsandbytes_cuda128.so")
     assert "pip install 'bitsandbytes>=0.45'" in broken["reason"]
     assert {read_result(run_dir / f"{c}.json")["status"] for c in ("baseline", "1")} == {"ok"}
+
+
+def test_ctrl_c_delivered_to_another_thread_still_stops_the_worker_at_once(tmp_path: Path, monkeypatch):
+    """The kernel may hand SIGINT to any thread; the runner must not wait for the worker to finish."""
+    from gputech_bench import runner
+
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    monkeypatch.setattr(runner, "worker_command", lambda cell, layout: sleeper)
+    layout = runner.RunLayout(tmp_path / "run")
+    layout.root.mkdir()
+
+    def ctrl_c_in_this_thread() -> None:
+        time.sleep(1.0)
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # not the main thread
+
+    threading.Thread(target=ctrl_c_in_this_thread, daemon=True).start()
+    started = time.monotonic()
+    run = runner.run_worker("1", layout, on_event=lambda cell, event: None)
+    assert run.interrupted and run.result["status"] == "interrupted"
+    assert time.monotonic() - started < 30  # far below the sleeper's 60 s
