@@ -47,7 +47,9 @@ class Adam8bit(Strategy):
     requires = "bitsandbytes >= 0.45 (CPU kernels included); on CUDA, a build with kernels for this GPU"
 
     def check(self, ctx: RunContext) -> None:
-        probe_kernels(load_bitsandbytes(), ctx.device)
+        bnb = load_bitsandbytes()
+        if not ctx.tracing:
+            probe_kernels(bnb, ctx.device)
 
     def build_optimizer(self, params: list[torch.Tensor], ctx: RunContext) -> torch.optim.Optimizer:
         bnb = load_bitsandbytes()

@@ -42,6 +42,9 @@ class RunContext:
 
     config: "BenchConfig"
     device: "torch.device"
+    #: True while the memory estimate traces a step on fake tensors: no kernel runs,
+    #: so checks that run one (bitsandbytes' probe) have nothing to test.
+    tracing: bool = False
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .base import Placement, RunContext, Strategy
+from .moving import move_module
 from .registry import register
 
 HOST = torch.device("cpu")
@@ -22,7 +23,8 @@ def compute_dtype_for(ctx: RunContext) -> torch.dtype:
     choice = ctx.config.strategy.half_dtype
     if choice == "auto":
         # fp16 matmul on these CPUs is ~40x slower than fp32; bf16 is the CPU's half type.
-        return torch.float16 if ctx.device.type == "cuda" else torch.bfloat16
+        # "meta" is the memory estimate's stand-in for a GPU.
+        return torch.float16 if ctx.device.type in ("cuda", "meta") else torch.bfloat16
     return getattr(torch, choice)
 
 
@@ -31,14 +33,15 @@ class MasterCopyPlacement(Placement):
 
     def __init__(self, model: nn.Module, ctx: RunContext) -> None:
         self.compute_dtype = compute_dtype_for(ctx)
-        self._compute_params = [p for p in model.parameters() if p.requires_grad]
         # clone(): on a CPU run .to() would otherwise return the very same tensor.
         self.master = nn.ParameterList(
-            nn.Parameter(p.detach().to(HOST, torch.float32).clone()) for p in self._compute_params
+            nn.Parameter(p.detach().to(HOST, torch.float32).clone()) for p in model.parameters() if p.requires_grad
         )
-        # Converting in place frees each fp32 tensor as its half copy appears, so the
-        # device never holds both precisions (Parameter objects, and so ties, survive).
-        self.compute_model = model.to(device=ctx.device, dtype=self.compute_dtype)
+        # Each fp32 tensor is dropped as its half copy appears, so the device never
+        # holds both precisions; tied weights stay tied.
+        self.compute_model = move_module(model, ctx.device, self.compute_dtype)
+        # The same order as the master list: both walk model.parameters().
+        self._compute_params = [p for p in self.compute_model.parameters() if p.requires_grad]
 
     def optimizer_parameters(self) -> list[torch.Tensor]:
         return list(self.master)
