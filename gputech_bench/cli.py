@@ -351,6 +351,11 @@ def main_callback(
     """Top-level options."""
 
 
+from .estimate.commands import register as _register_estimate_commands  # noqa: E402  (needs the names above)
+
+_register_estimate_commands(app)
+
+
 def main() -> None:
     try:
         app()

@@ -25,25 +25,45 @@ def vocab_rows_for(model_config: ModelConfig, tokenizer_size: int) -> int:
     return model_config.vocab_rows
 
 
+def bert_config(model_config: ModelConfig, tokenizer_size: int, pad_token_id: int) -> BertConfig:
+    """The architecture a cell trains: from the pretrained folder's config.json, or from ours."""
+    if model_config.pretrained:
+        try:
+            config = BertConfig.from_pretrained(model_config.pretrained)
+        except Exception as error:
+            raise ModelError(
+                f"could not read the config of '{model_config.pretrained}' ({first_line(error)}): "
+                "pass a local folder holding config.json, or a reachable hub id"
+            ) from None
+    else:
+        config = BertConfig(
+            vocab_size=vocab_rows_for(model_config, tokenizer_size),
+            hidden_size=model_config.hidden_size,
+            num_hidden_layers=model_config.num_layers,
+            num_attention_heads=model_config.num_heads,
+            intermediate_size=model_config.intermediate_size,
+            max_position_embeddings=model_config.max_position_embeddings,
+            hidden_dropout_prob=model_config.dropout,
+            attention_probs_dropout_prob=model_config.dropout,
+            pad_token_id=pad_token_id,
+            use_cache=False,  # an encoder has no cache; avoids a warning under checkpointing
+        )
+    config._attn_implementation = model_config.attention
+    return config
+
+
 def build_model(model_config: ModelConfig, tokenizer_size: int, pad_token_id: int, seed: int) -> BertForMaskedLM:
     """A fp32 model on the CPU, identical for every cell of a run (same seed, same init)."""
     torch.manual_seed(seed)
     if model_config.pretrained:
         return load_pretrained(model_config, tokenizer_size)
-    config = BertConfig(
-        vocab_size=vocab_rows_for(model_config, tokenizer_size),
-        hidden_size=model_config.hidden_size,
-        num_hidden_layers=model_config.num_layers,
-        num_attention_heads=model_config.num_heads,
-        intermediate_size=model_config.intermediate_size,
-        max_position_embeddings=model_config.max_position_embeddings,
-        hidden_dropout_prob=model_config.dropout,
-        attention_probs_dropout_prob=model_config.dropout,
-        pad_token_id=pad_token_id,
-        use_cache=False,  # an encoder has no cache; avoids a warning under checkpointing
-    )
-    config._attn_implementation = model_config.attention
-    return BertForMaskedLM(config)
+    return BertForMaskedLM(bert_config(model_config, tokenizer_size, pad_token_id))
+
+
+def build_shape_model(model_config: ModelConfig, tokenizer_size: int, pad_token_id: int, seed: int) -> BertForMaskedLM:
+    """The same architecture with random weights: all a memory estimate needs (no weights are read)."""
+    torch.manual_seed(seed)
+    return BertForMaskedLM(bert_config(model_config, tokenizer_size, pad_token_id))
 
 
 def load_pretrained(model_config: ModelConfig, tokenizer_size: int) -> BertForMaskedLM:

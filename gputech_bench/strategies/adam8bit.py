@@ -44,6 +44,7 @@ class Adam8bit(Strategy):
     saves = "optimizer state: two uint8 moments instead of two fp32 (about 2 of 8 bytes per parameter)"
     costs = "quantisation work in each step; under nvidia-smi the saving can hide in the allocator's reserve"
     order = 30
+    gives_up = "quantised optimizer moments (8-bit block-wise)"
     requires = "bitsandbytes >= 0.45 (CPU kernels included); on CUDA, a build with kernels for this GPU"
 
     def check(self, ctx: RunContext) -> None:

@@ -96,6 +96,8 @@ class Strategy:
     order: ClassVar[int]
     #: What it needs to run, shown by ``gputech-bench strategies`` ("" = nothing special).
     requires: ClassVar[str] = ""
+    #: What training gives up with it ("" = the same training), shown by ``fit``.
+    gives_up: ClassVar[str] = ""
 
     def claims(self) -> set[str]:
         """The exclusive hooks this strategy overrides."""

@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from .base import MicroBatch, Placement, RunContext
-from .moving import move_module
 
 
 class InPlacePlacement(Placement):
@@ -15,7 +14,7 @@ class InPlacePlacement(Placement):
     clips_gradients = True
 
     def __init__(self, model: nn.Module, ctx: RunContext) -> None:
-        self.compute_model = move_module(model, ctx.device)
+        self.compute_model = model.to(ctx.device)
         self.compute_dtype = next(model.parameters()).dtype
 
     def optimizer_parameters(self) -> list[torch.Tensor]:

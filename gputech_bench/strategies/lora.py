@@ -21,6 +21,7 @@ class Lora(Strategy):
     saves = "gradients and optimizer state of the frozen base (only the adapters train)"
     costs = "trains a different, much smaller set of parameters: accuracy can differ from full fine-tuning"
     order = 50
+    gives_up = "trains only the adapters, a different set of parameters: accuracy can differ"
     requires = "peft"
 
     def prepare_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:

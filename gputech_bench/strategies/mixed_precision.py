@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from .base import Placement, RunContext, Strategy
-from .moving import move_module
 from .registry import register
 
 HOST = torch.device("cpu")
@@ -37,10 +36,11 @@ class MasterCopyPlacement(Placement):
         self.master = nn.ParameterList(
             nn.Parameter(p.detach().to(HOST, torch.float32).clone()) for p in model.parameters() if p.requires_grad
         )
-        # Each fp32 tensor is dropped as its half copy appears, so the device never
-        # holds both precisions; tied weights stay tied.
-        self.compute_model = move_module(model, ctx.device, self.compute_dtype)
-        # The same order as the master list: both walk model.parameters().
+        # Converting in place frees each fp32 tensor as its half copy appears, so the
+        # device never holds both precisions; tied weights stay tied.
+        self.compute_model = model.to(device=ctx.device, dtype=self.compute_dtype)
+        # Read after the move (a fake trace replaces parameters rather than converting
+        # them); the same order as the master list, since both walk model.parameters().
         self._compute_params = [p for p in self.compute_model.parameters() if p.requires_grad]
 
     def optimizer_parameters(self) -> list[torch.Tensor]:
@@ -69,6 +69,7 @@ class MixedPrecision(Strategy):
     saves = "device memory: half-precision weights, grads and activations; the fp32 master and optimizer state move to the host"
     costs = "a host<->device copy of every weight and grad each step, and an optimizer step on the CPU (the seed measured ~4x the time)"
     order = 40
+    gives_up = "fp16 compute without loss scaling or gradient clipping (as in the seed)"
 
     def placement(self, model: nn.Module, ctx: RunContext) -> Placement:
         return MasterCopyPlacement(model, ctx)

@@ -1,0 +1,301 @@
+"""``gputech-bench estimate`` and ``gputech-bench fit``; registered on the main app by cli.py."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..cli import EXIT_FAILED_CELL, console, errors, fail, resolve_config
+from ..config import BenchConfig, ConfigError, from_dict
+from ..messages import UserError, first_line
+from ..sizes import parse_size
+
+ESTIMATE_HELP = """Predict each cell's peak memory without a GPU: one training step traced on fake tensors.
+
+The real model, strategies and training step run under PyTorch's FakeTensorMode, so
+nothing is allocated; MemTracker counts parameters, gradients, optimizer state,
+activations and temporaries. The CUDA context and the allocator's reserve are added as
+labelled lines (calibrated from a measured run with --compare).
+
+**Examples**
+
+* `gputech-bench estimate --matrix --preset seed --device-memory 24GiB` - will the seed's cells fit a 24 GiB card?
+* `gputech-bench estimate --strategies 1,1+2+3 --preset seed --set data.max_length=512`
+* `gputech-bench estimate --compare results/seed-20261127-120000` - predicted against measured, error in %
+"""
+
+FIT_HELP = """Find the fastest setup predicted to fit a memory budget.
+
+Tries every strategy combination the registry allows, and micro-batch sizes 16x2, 8x4,
+4x8 and 2x16 for accumulation, keeping the effective batch. Time comes from a measured
+run (--from) or a labelled cost model.
+
+**Examples**
+
+* `gputech-bench fit --budget 24GiB --preset seed`
+* `gputech-bench fit --budget 8GB --preset seed --from results/seed-20261127-120000` - times from a measured run
+* `gputech-bench fit --budget 6GiB --preset cpu --verify` - and run the winner to check the prediction
+"""
+
+
+def _trace_progress(total: int) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=True,
+    )
+
+
+def _predict(setups, config: BenchConfig, jobs: int, description: str = "tracing"):
+    from .predict import predict
+
+    with _trace_progress(len(setups)) as progress:
+        task = progress.add_task(description, total=len(setups))
+        return predict(setups, config, jobs, on_done=lambda prediction: progress.advance(task))
+
+
+def _load_run(run_dir: Path) -> tuple[BenchConfig, list[dict[str, Any]]]:
+    from ..report import load_run
+    from ..runner import RunLayout
+
+    layout = RunLayout(run_dir)
+    if not layout.config_path.is_file():
+        raise ConfigError(f"'{run_dir}' holds no config.json: pass a folder made by 'gputech-bench run'")
+    try:
+        config = from_dict(json.loads(layout.config_path.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{layout.config_path} is unreadable ({first_line(error)}): re-run the cells into a new --run-name") from None
+    return config, load_run(run_dir).results
+
+
+def _device_memory(option: Optional[str]) -> Optional[int]:
+    if option:
+        return parse_size(option)
+    from ..cli import cuda_available
+
+    if cuda_available():
+        import torch
+
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return None
+
+
+def _emit(text_or_table: Any, output: Optional[Path]) -> None:
+    if output is None:
+        console.print(text_or_table) if not isinstance(text_or_table, str) else console.print(text_or_table, end="", highlight=False, soft_wrap=True, markup=False)
+        return
+    from ..atomic import atomic_write_bytes
+
+    try:
+        atomic_write_bytes(output, str(text_or_table).encode("utf-8"))
+    except OSError as error:
+        fail(f"cannot write {output} ({error.strerror or error}): pass a writable --output path")
+    console.print(f"wrote {output}", highlight=False)
+
+
+def build_estimate(
+    config: BenchConfig, cells: list[str], jobs: int, budget: Optional[int], results: Optional[list[dict[str, Any]]]
+):
+    """Trace ``cells`` and assemble the report; shared by ``estimate`` and ``run``."""
+    from .compare import measured_peak
+    from .overheads import DEFAULTS, calibrate
+    from .predict import setups_for
+    from .report import EstimateReport
+    from .trace import trace_target
+
+    target = trace_target()
+    predictions = _predict(setups_for(cells, config), config, jobs)
+    overheads = calibrate(results) if results else DEFAULTS
+    measured = {}
+    if results is not None:
+        by_cell = {result["cell"]: result for result in results}
+        measured = {cell: measured_peak(by_cell.get(cell)) for cell in cells}
+    return EstimateReport(target.label, target.caveat, predictions, overheads, budget, measured)
+
+
+def estimate(
+    matrix: bool = typer.Option(False, "--matrix", help="The seed's 8 cells."),
+    strategies: Optional[str] = typer.Option(None, help="Comma-separated cells, as for 'run'; the baseline is always added."),
+    preset: Optional[str] = typer.Option(None, help="Preset name; default: seed with CUDA, cpu without."),
+    set_: List[str] = typer.Option([], "--set", help="Override a setting, e.g. --set data.max_length=512 (repeatable)."),
+    model: Optional[str] = typer.Option(None, help="Local Hugging Face folder of a BertForMaskedLM (only its config.json is read)."),
+    train_file: Optional[Path] = typer.Option(None, help="Training text, one sentence per line (sets the tokenizer)."),
+    device_memory: Optional[str] = typer.Option(None, help="Memory to fit, e.g. 24GiB or 24GB; default: this GPU's, if any."),
+    compare: Optional[Path] = typer.Option(None, help="A run folder: use its config, and show predicted against measured."),
+    jobs: int = typer.Option(0, min=0, help="Processes tracing in parallel; 0 = one per core, up to 4."),
+    format_: str = typer.Option("table", "--format", help="table, md or json."),
+    output: Optional[Path] = typer.Option(None, help="Write to this file instead of the terminal."),
+) -> None:
+    from ..matrix import expand
+    from .predict import default_jobs
+    from .report import legend, markdown, rich_table, to_json
+
+    if format_ not in ("table", "md", "json"):
+        fail(f"unknown --format '{format_}': choose table, md or json")
+    results = None
+    try:
+        if compare is not None:
+            if preset or set_ or model or train_file:
+                raise ConfigError("--compare uses the run's own config: drop --preset, --set, --model and --train-file")
+            config, results = _load_run(compare)
+            chosen = [result["cell"] for result in results]
+            cells = expand(strategies, matrix, config) if (strategies or matrix) else chosen
+        else:
+            config = resolve_config(preset, set_, model, train_file, None, "auto")
+            cells = expand(strategies, matrix, config)
+        budget = _device_memory(device_memory)
+    except ValueError as error:
+        fail(str(error))
+    if not cells:
+        fail(f"'{compare}' holds no cell results: run some cells first, or pass --strategies")
+    try:
+        report = build_estimate(config, cells, jobs or default_jobs(), budget, results)
+    except UserError as error:
+        fail(str(error))
+    except Exception as error:  # a model or strategy the tracer cannot follow
+        errors.print(f"[bold red]error:[/] the trace failed ({type(error).__name__}: {first_line(error)})", highlight=False)
+        raise typer.Exit(EXIT_FAILED_CELL)
+    if format_ == "json":
+        _emit(to_json(report), output)
+    elif format_ == "md" or output is not None:
+        _emit(markdown(report), output)
+    else:
+        console.print(rich_table(report, title=f"gputech-bench estimate: preset {config.preset} (MiB)"))
+        for line in legend(report):
+            console.print(f"  [dim]{line}[/]", highlight=False)
+
+
+def _print_fit(result, config: BenchConfig) -> None:
+    from rich.table import Table
+
+    from .fit import gives_up
+
+    gib = lambda num: f"{num / 2**30:.2f}"  # noqa: E731
+    if result.floor is not None:
+        console.print(
+            f"[bold red]nothing fits {result.budget / 2**30:.1f} GiB[/]: the most frugal setup, "
+            f"{result.floor.setup.label}, needs {gib(result.floor.device_total)} GiB", highlight=False,
+        )
+        for line in result.suggestions:
+            console.print(f"  would fit: {line}", highlight=False)
+        return
+    table = Table(title=f"setups that fit {result.budget / 2**30:.1f} GiB, fastest first", title_justify="left")
+    for header in ("", "setup", "device GiB", "host GiB", "time", "time from", "gives up"):
+        table.add_column(header, justify="right" if "GiB" in header or header == "time" else "left")
+    for rank, candidate in enumerate(result.chosen, start=1):
+        time = candidate.time
+        shown = f"{time.seconds:,.0f} s/epoch" if time.seconds is not None else f"{time.factor:.2f}x baseline"
+        host = candidate.prediction.host
+        table.add_row(
+            "best" if rank == 1 else f"#{rank}", candidate.setup.label, gib(candidate.device_total),
+            "-" if host is None else gib(host.total_bytes), shown, time.source, gives_up(candidate.setup),
+        )
+    console.print(table)
+    if result.rejected:
+        too_big = ", ".join(f"{c.setup.label} ({gib(c.device_total)} GiB)" for c in result.rejected)
+        console.print(f"  [dim]faster but too big: {too_big}[/]", highlight=False)
+    console.print(
+        f"  [dim]device GiB = traced tensor peak + allocator reserve + CUDA context; "
+        f"{result.untraced} slower candidate(s) not traced[/]", highlight=False,
+    )
+
+
+def fit(
+    budget: str = typer.Option(..., help="Device memory to fit, e.g. 24GiB or 24GB (GB = 10^9 bytes, GiB = 2^30)."),
+    preset: Optional[str] = typer.Option(None, help="Preset name; default: seed with CUDA, cpu without."),
+    set_: List[str] = typer.Option([], "--set", help="Override a setting (repeatable)."),
+    model: Optional[str] = typer.Option(None, help="Local Hugging Face folder of a BertForMaskedLM (only its config.json is read)."),
+    from_: Optional[Path] = typer.Option(None, "--from", help="A measured run folder: its times and overheads, and its config."),
+    exclude: List[str] = typer.Option([], help="Leave a strategy out of the search, e.g. --exclude lora (repeatable)."),
+    top: int = typer.Option(3, min=1, help="How many fitting setups to list."),
+    verify: bool = typer.Option(False, "--verify", help="Run the best setup as a real cell and check the prediction."),
+    results_dir: Path = typer.Option(Path("results"), "--results", help="Where --verify writes its run."),
+    jobs: int = typer.Option(0, min=0, help="Processes tracing in parallel; 0 = one per core, up to 4."),
+) -> None:
+    from ..strategies import StrategyError
+    from ..strategies.registry import lookup
+    from .fit import search
+    from .overheads import DEFAULTS, calibrate
+    from .predict import default_jobs
+
+    measured: dict[str, dict[str, Any]] = {}
+    results = None
+    try:
+        budget_bytes = parse_size(budget)
+        for name in exclude:
+            lookup(name)
+        if from_ is not None:
+            if preset or set_ or model:
+                raise ConfigError("--from uses the run's own config: drop --preset, --set and --model")
+            config, results = _load_run(from_)
+            measured = {result["cell"]: result for result in results}
+        else:
+            config = resolve_config(preset, set_, model, None, None, "auto")
+    except (ValueError, StrategyError) as error:
+        fail(str(error))
+    overheads = calibrate(results) if results else DEFAULTS
+    workers = jobs or default_jobs()
+    excluded = {name.strip().lower() for name in exclude}
+    try:
+        result = search(
+            config, budget_bytes, overheads, lambda setups, cfg: _predict(setups, cfg, workers),
+            measured, config.strategy.micro_batch_size, top, excluded,
+        )
+    except UserError as error:
+        fail(str(error))
+    _print_fit(result, config)
+    if result.floor is not None:
+        raise typer.Exit(EXIT_FAILED_CELL)
+    if verify:
+        _verify(result.chosen[0], config, results_dir, budget_bytes)
+
+
+def _verify(candidate, config: BenchConfig, results_dir: Path, budget: int) -> None:
+    """Run the chosen setup as a real cell and put its measurement next to the prediction."""
+    from ..runner import RunLayout, prepare_run_dir, run_matrix
+    from .compare import error_percent, measured_peak
+
+    setup = candidate.setup
+    cell_config = setup.config_for(config)
+    name = f"fit-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    layout = RunLayout(results_dir / name)
+    try:
+        prepare_run_dir(layout, cell_config, force=False)
+    except ConfigError as error:
+        fail(str(error))
+    console.print(f"verifying {setup.label} as a real cell -> {layout.root}", highlight=False)
+    outcome = run_matrix([setup.cell], layout)
+    result = outcome.results[0]
+    measured = measured_peak(result)
+    predicted = candidate.prediction.device.total_bytes
+    if measured.bytes is None:
+        console.print(f"  {setup.label}: {result['status']} - nothing to compare ({measured.what}); {result.get('reason') or ''}", highlight=False)
+        raise typer.Exit(EXIT_FAILED_CELL)
+    error = error_percent(predicted, measured)
+    console.print(
+        f"  {setup.label}: predicted tensor peak {predicted / 2**20:,.1f} MiB, measured {measured.bytes / 2**20:,.1f} MiB "
+        f"({measured.what}): {error:+.1f}%", highlight=False,
+    )
+    if result.get("device", {}).get("type") == "cuda":
+        process = result["metrics"].get("nvml_process_peak_mib", {}).get("value")
+        if process is not None:
+            held = process * 2**20 <= budget
+            console.print(
+                f"  NVML process peak {process:,.0f} MiB (predicted {candidate.device_total / 2**20:,.0f} MiB with overheads): "
+                f"{'fits' if held else 'does NOT fit'} {budget / 2**30:.1f} GiB", highlight=False,
+            )
+    else:
+        console.print("  [dim]a CPU run checks the tensor peak only: whether it fits a GPU needs a CUDA run[/]", highlight=False)
+    if outcome.interrupted:
+        raise typer.Exit(130)
+
+
+def register(app: typer.Typer) -> None:
+    app.command(help=ESTIMATE_HELP)(estimate)
+    app.command(help=FIT_HELP)(fit)
+
+

@@ -1,0 +1,137 @@
+"""Predict the memory of many setups: one fake trace each, in parallel processes.
+
+A setup is a cell plus, for cells with accumulation, a micro-batch size; ``fit``
+tries several of those per cell. Traces are independent and single-threaded
+Python, so a pool of processes divides the wall time by the cores it gets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from ..config import BenchConfig, from_dict, to_dict
+from ..measure.tracker import TrackedPeak
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What one trace runs: a cell, and the micro-batch size when the cell accumulates."""
+
+    cell: str
+    micro_batch_size: int | None = None
+
+    @property
+    def label(self) -> str:
+        return self.cell if self.micro_batch_size is None else f"{self.cell} (micro {self.micro_batch_size})"
+
+    def config_for(self, config: BenchConfig) -> BenchConfig:
+        if self.micro_batch_size is None:
+            return config
+        return dataclasses.replace(
+            config, strategy=dataclasses.replace(config.strategy, micro_batch_size=self.micro_batch_size)
+        )
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The traced peak of one setup: tensors on the compute device and on the host."""
+
+    setup: Setup
+    device: TrackedPeak
+    host: TrackedPeak | None
+    trace_seconds: float
+    facts: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cell": self.setup.cell,
+            "micro_batch_size": self.setup.micro_batch_size,
+            "device": dataclasses.asdict(self.device),
+            "host": None if self.host is None else dataclasses.asdict(self.host),
+            "trace_seconds": round(self.trace_seconds, 3),
+            "facts": self.facts,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Prediction":
+        host = data.get("host")
+        return cls(
+            Setup(data["cell"], data.get("micro_batch_size")),
+            TrackedPeak(**data["device"]),
+            None if host is None else TrackedPeak(**host),
+            float(data.get("trace_seconds", 0.0)),
+            dict(data.get("facts", {})),
+        )
+
+
+def _uses_accumulation(cell: str) -> bool:
+    from ..strategies import parse_cell
+
+    return any(cls.key == "2" for cls in parse_cell(cell).strategies)
+
+
+def setups_for(cells: Iterable[str], config: BenchConfig) -> list[Setup]:
+    """The cells as ``run`` would train them: accumulation at the config's micro-batch size."""
+    return [
+        Setup(cell, config.strategy.micro_batch_size if _uses_accumulation(cell) else None) for cell in cells
+    ]
+
+
+# Each pool process keeps its trace inputs between setups: tokenising is the slow part.
+_worker_inputs: dict[str, Any] = {}
+
+
+def _trace_in_worker(config_data: dict[str, Any], setup: Setup) -> dict[str, Any]:
+    from ..strategies import parse_cell
+    from .trace import trace_cell, trace_inputs, trace_target
+
+    config = setup.config_for(from_dict(config_data))
+    key = repr(sorted(config_data.items()))
+    if key not in _worker_inputs:
+        _worker_inputs.clear()
+        _worker_inputs[key] = trace_inputs(config)
+    trace = trace_cell(parse_cell(setup.cell), config, _worker_inputs[key], trace_target())
+    return Prediction(setup, trace.device, trace.host, trace.seconds, trace.facts).to_dict()
+
+
+def default_jobs() -> int:
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def predict(
+    setups: list[Setup],
+    config: BenchConfig,
+    jobs: int = 1,
+    on_done: Callable[[Prediction], None] = lambda prediction: None,
+) -> list[Prediction]:
+    """Trace every setup; the result keeps the order of ``setups``. Raises on the first failure."""
+    from .trace import trace_inputs
+
+    config_data = to_dict(config)
+    # Tokenise once here: the pool's processes then read the cache instead of racing to write it.
+    trace_inputs(config)
+    done: dict[Setup, Prediction] = {}
+    if jobs <= 1 or len(setups) <= 1:
+        for setup in setups:
+            done[setup] = Prediction.from_dict(_trace_in_worker(config_data, setup))
+            on_done(done[setup])
+    else:
+        # spawn: a forked copy of a process that already imported torch can deadlock.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(jobs, len(setups)), mp_context=context) as pool:
+            futures = {pool.submit(_trace_in_worker, config_data, setup): setup for setup in setups}
+            try:
+                for future in as_completed(futures):
+                    prediction = Prediction.from_dict(future.result())
+                    done[prediction.setup] = prediction
+                    on_done(prediction)
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+    return [done[setup] for setup in setups]

@@ -1,0 +1,177 @@
+"""The estimate as a table: categories, overheads, total, fits, and measured where known."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.table import Table
+
+from .compare import Measured, error_percent
+from .overheads import Overheads
+from .predict import Prediction
+
+MIB = 2**20
+SCHEMA = "gputech-bench/estimate/1"
+#: Category columns, in the order memory is usually explained.
+SHOWN_CATEGORIES = (
+    ("parameters", "params"),
+    ("gradients", "grads"),
+    ("optimizer_state", "optim"),
+    ("activations", "activ"),
+    ("temporaries", "temp"),
+)
+
+
+@dataclass(frozen=True)
+class EstimateReport:
+    target: str
+    caveat: str | None
+    predictions: list[Prediction]
+    overheads: Overheads
+    budget_bytes: int | None = None
+    measured: dict[str, Measured] = field(default_factory=dict)
+
+    def row(self, prediction: Prediction) -> dict[str, Any]:
+        device = prediction.device
+        total = self.overheads.device_total(device.total_bytes)
+        row: dict[str, Any] = {"setup": prediction.setup.label, "cell": prediction.setup.cell}
+        for category, _ in SHOWN_CATEGORIES:
+            row[f"{category}_mib"] = device.by_category.get(category, 0) / MIB
+        row["tensor_peak_mib"] = device.total_bytes / MIB
+        row["allocator_reserve_mib"] = self.overheads.reserve_bytes(device.total_bytes) / MIB
+        row["cuda_context_mib"] = self.overheads.context_bytes / MIB
+        row["device_total_mib"] = total / MIB
+        row["host_peak_mib"] = None if prediction.host is None else prediction.host.total_bytes / MIB
+        row["fits"] = None if self.budget_bytes is None else total <= self.budget_bytes
+        measured = self.measured.get(prediction.setup.cell)
+        if measured is not None:
+            row["measured_mib"] = None if measured.bytes is None else measured.bytes / MIB
+            row["measured_what"] = measured.what
+            row["error_percent"] = error_percent(device.total_bytes, measured)
+        row["trace_seconds"] = prediction.trace_seconds
+        return row
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [self.row(prediction) for prediction in self.predictions]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "target": self.target,
+            "caveat": self.caveat,
+            "budget_bytes": self.budget_bytes,
+            "overheads": {
+                "cuda_context_bytes": self.overheads.context_bytes,
+                "cuda_context_source": self.overheads.context_source,
+                "allocator_reserve_fraction": self.overheads.reserve_fraction,
+                "allocator_reserve_source": self.overheads.reserve_source,
+            },
+            "predictions": [prediction.to_dict() for prediction in self.predictions],
+            "rows": self.rows(),
+        }
+
+
+def from_dict(data: dict[str, Any]) -> EstimateReport:
+    if data.get("schema") != SCHEMA:
+        raise ValueError(f"not an estimate file (schema {data.get('schema')!r})")
+    overheads = data["overheads"]
+    return EstimateReport(
+        data["target"],
+        data.get("caveat"),
+        [Prediction.from_dict(item) for item in data["predictions"]],
+        Overheads(
+            int(overheads["cuda_context_bytes"]), overheads["cuda_context_source"],
+            float(overheads["allocator_reserve_fraction"]), overheads["allocator_reserve_source"],
+        ),
+        data.get("budget_bytes"),
+    )
+
+
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def _gib(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.1f} GiB"
+
+
+def _fits(value: bool | None) -> str:
+    return "-" if value is None else ("[green]yes[/]" if value else "[red]no[/]")
+
+
+def _error(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.1f}%"
+
+
+def rich_table(report: EstimateReport, title: str = "gputech-bench estimate (MiB)") -> Table:
+    rows = report.rows()
+    compared = any("measured_what" in row for row in rows)
+    table = Table(title=title, title_justify="left")
+    table.add_column("setup", style="bold")
+    for _, header in SHOWN_CATEGORIES:
+        table.add_column(header, justify="right")
+    table.add_column("tensor peak", justify="right", style="bold")
+    table.add_column("+reserve", justify="right")
+    table.add_column("+context", justify="right")
+    table.add_column("device", justify="right", style="bold")
+    table.add_column("host", justify="right")
+    if report.budget_bytes is not None:
+        table.add_column(f"fits {_gib(report.budget_bytes)}", justify="center")
+    if compared:
+        table.add_column("measured", justify="right")
+        table.add_column("error", justify="right")
+    for row in rows:
+        cells = [row["setup"], *(_mib(row[f"{category}_mib"]) for category, _ in SHOWN_CATEGORIES)]
+        cells += [_mib(row["tensor_peak_mib"]), _mib(row["allocator_reserve_mib"]), _mib(row["cuda_context_mib"])]
+        cells += [_mib(row["device_total_mib"]), _mib(row["host_peak_mib"])]
+        if report.budget_bytes is not None:
+            cells.append(_fits(row["fits"]))
+        if compared:
+            measured = row.get("measured_mib")
+            cells += [_mib(measured) if measured is not None else row.get("measured_what", "-"), _error(row.get("error_percent"))]
+        table.add_row(*cells)
+    return table
+
+
+def legend(report: EstimateReport) -> list[str]:
+    lines = [
+        f"traced on {report.target}: one full optimizer step (the second, so optimizer state is live), "
+        "peak live tensor bytes by category (torch MemTracker)",
+        f"+ reserve: {report.overheads.reserve_fraction:.0%} of the tensor peak, {report.overheads.reserve_source}",
+        f"+ context: {report.overheads.context_bytes / MIB:,.0f} MiB CUDA context, {report.overheads.context_source}",
+        "host: peak tensor bytes in host memory (strategy 4's fp32 master, its gradients and optimizer state)",
+    ]
+    if any("measured_what" in row for row in report.rows()):
+        lines.append("error: tensor peak against the measured peak (allocated on CUDA, MemTracker on CPU)")
+    if report.caveat:
+        lines.append(f"note: {report.caveat}")
+    return lines
+
+
+def markdown(report: EstimateReport) -> str:
+    rows = report.rows()
+    compared = any("measured_what" in row for row in rows)
+    headers = ["setup", *(header for _, header in SHOWN_CATEGORIES), "tensor peak", "+ reserve", "+ context",
+               "device total", "host"]
+    if report.budget_bytes is not None:
+        headers.append(f"fits {_gib(report.budget_bytes)}")
+    if compared:
+        headers += ["measured", "error"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in rows:
+        cells = [row["setup"], *(_mib(row[f"{category}_mib"]) for category, _ in SHOWN_CATEGORIES)]
+        cells += [_mib(row["tensor_peak_mib"]), _mib(row["allocator_reserve_mib"]), _mib(row["cuda_context_mib"])]
+        cells += [_mib(row["device_total_mib"]), _mib(row["host_peak_mib"])]
+        if report.budget_bytes is not None:
+            cells.append("-" if row["fits"] is None else ("yes" if row["fits"] else "no"))
+        if compared:
+            measured = row.get("measured_mib")
+            cells += [_mib(measured) if measured is not None else row.get("measured_what", "-"), _error(row.get("error_percent"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(["Memory in MiB.", "", *lines, "", *(f"- {line}" for line in legend(report))]) + "\n"
+
+
+def to_json(report: EstimateReport) -> str:
+    return json.dumps(report.to_dict(), indent=2, default=str) + "\n"

@@ -1,0 +1,196 @@
+"""Trace one full training step of a cell on fake tensors and read its memory peak.
+
+Under ``FakeTensorMode`` every tensor has a shape, dtype and device but no storage,
+so the real model, the real strategy hooks and the real training step run without
+allocating. The same ``StepMemoryTracker`` that measures CPU runs watches the
+traced step, so a prediction and a CPU measurement count bytes identically.
+
+As in a real run, the tracked step is the second: the first creates the optimizer
+state, which is then live during the second step's forward and backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from transformers import get_linear_schedule_with_warmup
+
+from ..config import BenchConfig
+from ..measure.tracker import StepMemoryTracker, TrackedPeak
+from ..modeling import build_shape_model
+from ..strategies import Cell, RunContext, build_plan, check_cell
+from ..training.loop import optimizer_step
+
+HOST = "cpu"
+
+
+@dataclass(frozen=True)
+class TraceTarget:
+    """The device a trace puts the compute side on, and what that means for the numbers."""
+
+    device: torch.device
+    label: str
+    caveat: str | None
+
+
+def trace_target() -> TraceTarget:
+    """Fake CUDA tensors where this torch can make them; else the meta device stands in.
+
+    A CPU-only torch refuses to move even a fake tensor to CUDA (its Python bindings
+    need the CUDA runtime), so there the compute side is traced on ``meta``: the same
+    shapes and dtypes, kept apart from the host side that strategy 4 uses.
+    """
+    if torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+        return TraceTarget(device, f"fake CUDA tensors ({torch.cuda.get_device_name(device)})", None)
+    return TraceTarget(
+        torch.device("meta"),
+        "fake tensors on a stand-in device (this torch has no CUDA)",
+        "traced without CUDA: tensors are counted exactly, but cuBLAS workspaces and "
+        "the allocator's 512-byte rounding are not",
+    )
+
+
+@dataclass(frozen=True)
+class TraceInputs:
+    """What the trace takes from the data: the vocabulary and two real batches' shapes."""
+
+    tokenizer_size: int
+    pad_token_id: int
+    batches: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
+
+
+def trace_inputs(config: BenchConfig) -> TraceInputs:
+    """The vocabulary and the first two batches a real run of ``config`` would train on."""
+    from ..dataset import prepare_data
+    from ..training.batches import epoch_batches
+
+    data = prepare_data(config)
+    batches = epoch_batches(data.train, data.masking, config.train.batch_size, config.train.seed, epoch=0)
+    first = next(batches)
+    second = next(batches, first)  # a one-batch data set repeats its batch, as a second epoch would
+    return TraceInputs(data.tokenizer_size, data.pad_token_id, (first, second))
+
+
+@dataclass(frozen=True)
+class CellTrace:
+    cell: str
+    device: TrackedPeak
+    host: TrackedPeak | None
+    facts: dict[str, Any]
+    seconds: float
+
+
+@contextlib.contextmanager
+def _real_quantisation_maps() -> Iterator[None]:
+    """bitsandbytes builds its 256-entry quantisation maps through Python lists when an
+    8-bit optimizer is created, which fake tensors cannot give: build them for real.
+    (They become fake on first use, like the data batches.)"""
+    functional = sys.modules.get("bitsandbytes.functional")
+    original = getattr(functional, "create_dynamic_map", None)
+    if original is None:
+        yield
+        return
+
+    def create_for_real(*args: Any, **kwargs: Any) -> torch.Tensor:
+        with unset_fake_temporarily():
+            return original(*args, **kwargs)
+
+    functional.create_dynamic_map = create_for_real
+    try:
+        yield
+    finally:
+        functional.create_dynamic_map = original
+
+
+def _split_real_batches(plan) -> None:
+    """The batches are real data: split them outside the fake mode, where counting
+    masked tokens (the token-weighted rule) has values to count."""
+    split = plan.split_batch
+
+    def split_for_real(batch):
+        with unset_fake_temporarily():
+            return split(batch)
+
+    plan.split_batch = split_for_real
+
+
+def _replace_tensors(module: nn.Module, device: torch.device | None, dtype: torch.dtype | None) -> nn.Module:
+    """``module.to(device, dtype)`` by replacing parameters and buffers: floating-point
+    tensors change dtype, tied parameters stay tied, ``device=None`` keeps each one's."""
+    moved: dict[int, nn.Parameter] = {}
+
+    def target(tensor: torch.Tensor) -> tuple[torch.device, torch.dtype]:
+        return device or tensor.device, dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is None:
+                continue
+            if id(param) not in moved:
+                to_device, to_dtype = target(param)
+                same = param.device == to_device and param.dtype == to_dtype
+                moved[id(param)] = param if same else nn.Parameter(
+                    param.detach().to(device=to_device, dtype=to_dtype), requires_grad=param.requires_grad
+                )
+            sub._parameters[name] = moved[id(param)]
+        for name, buffer in list(sub._buffers.items()):
+            if buffer is not None:
+                to_device, to_dtype = target(buffer)
+                sub._buffers[name] = buffer.to(device=to_device, dtype=to_dtype)
+    return module
+
+
+@contextlib.contextmanager
+def _modules_move_without_swapping() -> Iterator[None]:
+    """``nn.Module.to`` swaps FakeTensor parameters in place, which fails: FakeTensorMode
+    keeps weak references to them. The strategies' placements and peft call ``.to``, so
+    during a trace it replaces the tensors instead: the same result, the same bytes."""
+    original = nn.Module.to
+
+    def to(self: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+        device, dtype, _non_blocking, _memory_format = torch._C._nn._parse_to(*args, **kwargs)
+        return _replace_tensors(self, device, dtype)
+
+    nn.Module.to = to
+    try:
+        yield
+    finally:
+        nn.Module.to = original
+
+
+@contextlib.contextmanager
+def _fake_mode() -> Iterator[FakeTensorMode]:
+    # Real tensors (the data batches, bitsandbytes' maps) become fake on first use.
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, _modules_move_without_swapping():
+        yield mode
+
+
+def trace_cell(cell: Cell, config: BenchConfig, inputs: TraceInputs, target: TraceTarget) -> CellTrace:
+    """Peak bytes by category of the cell's second optimizer step, device and host apart."""
+    started = time.perf_counter()
+    ctx = RunContext(config, target.device, tracing=True)
+    check_cell(cell, ctx)  # imports what the strategies need (bitsandbytes) before the fake mode starts
+    with _fake_mode(), _real_quantisation_maps():
+        model = build_shape_model(config.model, inputs.tokenizer_size, inputs.pad_token_id, config.train.seed)
+        plan = build_plan(cell, model, ctx)
+        _split_real_batches(plan)
+        scheduler = get_linear_schedule_with_warmup(plan.optimizer, 0, 2)
+        plan.model.train()
+        optimizer_step(plan, scheduler, inputs.batches[0], ctx)
+        tracker = StepMemoryTracker(plan.model, plan.optimizer, *plan.placement.tracked_objects())
+        with tracker:
+            optimizer_step(plan, scheduler, inputs.batches[1], ctx, tracker.before_forward)
+    peaks = {peak.device: peak for peak in tracker.peaks()}
+    device_peak = peaks.get(str(target.device)) or TrackedPeak(str(target.device), 0, {})
+    host_peak = peaks.get(HOST) if target.device.type != HOST else None
+    if host_peak is not None and host_peak.total_bytes == 0:
+        host_peak = None
+    return CellTrace(cell.name, device_peak, host_peak, plan.facts, time.perf_counter() - started)

@@ -1,0 +1,213 @@
+"""The memory estimate: fake-tensor traces checked against real tracked CPU runs, and fit."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_RUN
+from typer.testing import CliRunner
+
+from gputech_bench.cell import new_result, run_cell
+from gputech_bench.cli import app
+from gputech_bench.config import apply_overrides, load_preset
+from gputech_bench.estimate.fit import candidates, modelled_factor, search
+from gputech_bench.estimate.overheads import DEFAULTS, Overheads, calibrate
+from gputech_bench.estimate.predict import Setup, predict, setups_for
+from gputech_bench.estimate.trace import trace_cell, trace_inputs, trace_target
+from gputech_bench.strategies import parse_cell
+
+MIB = 2**20
+
+
+def tiny_config(cache_dir: Path):
+    return apply_overrides(load_preset("cpu"), TINY_RUN + [f"data.cache_dir={cache_dir}"])
+
+
+@pytest.fixture(scope="module")
+def tiny(cache_dir: Path):
+    config = apply_overrides(tiny_config(cache_dir), ["train.max_steps=2"])
+    return config, trace_inputs(config)
+
+
+@pytest.mark.parametrize("cell", ["baseline", "1", "2", "3", "1+2+3"])
+def test_the_traced_peak_matches_a_real_tracked_cpu_run_within_5_percent(tiny, cell):
+    config, inputs = tiny
+    traced = trace_cell(parse_cell(cell), config, inputs, trace_target())
+    real = run_cell(cell, config, new_result(cell, config))
+    measured = real["metrics"]["tracked_peak_mib"]["value"] * MIB
+    assert traced.device.total_bytes == pytest.approx(measured, rel=0.05)
+    # Not just the total: parameters and optimizer state are the same tensors.
+    real_categories = real["memory_breakdown"]["cpu"]
+    for category in ("parameters", "optimizer_state"):
+        assert traced.device.by_category[category] == pytest.approx(real_categories[f"{category}_mib"] * MIB, abs=0.01 * MIB)
+
+
+def test_the_trace_allocates_nothing_and_keeps_the_host_apart_for_strategy_4(tiny):
+    config, inputs = tiny
+    traced = trace_cell(parse_cell("4"), config, inputs, trace_target())
+    baseline = trace_cell(parse_cell("baseline"), config, inputs, trace_target())
+    # The device holds half-precision weights; the fp32 master and AdamW's two moments are on the host.
+    assert traced.device.by_category["parameters"] == pytest.approx(baseline.device.by_category["parameters"] / 2, rel=0.02)
+    assert traced.device.by_category["optimizer_state"] == 0
+    assert traced.host is not None
+    assert traced.host.by_category["parameters"] == pytest.approx(baseline.device.by_category["parameters"], rel=0.01)
+    # The moments, plus what AdamW allocates inside its step (counted as optimizer state).
+    assert traced.host.by_category["optimizer_state"] >= baseline.device.by_category["optimizer_state"]
+
+
+def test_8bit_adam_state_is_about_a_quarter_of_adamw_in_the_trace(tiny):
+    config, inputs = apply_overrides(tiny[0], ["model.hidden_size=128", "model.intermediate_size=512"]), None
+    inputs = trace_inputs(config)
+    adamw = trace_cell(parse_cell("baseline"), config, inputs, trace_target()).device.by_category["optimizer_state"]
+    adam8 = trace_cell(parse_cell("3"), config, inputs, trace_target()).device.by_category["optimizer_state"]
+    assert 0.2 < adam8 / adamw < 0.35
+
+
+@pytest.mark.slow
+def test_the_seed_estimate_orders_memory_as_physics_says(cache_dir: Path):
+    config = apply_overrides(load_preset("seed"), [f"data.cache_dir={cache_dir}"])
+    cells = ["baseline", "1", "2", "1+2+3", "1+2+4"]
+    peaks = {p.setup.cell: p.device.total_bytes for p in predict(setups_for(cells, config), config, jobs=2)}
+    assert peaks["1+2+4"] < peaks["1+2+3"] < peaks["2"] < peaks["baseline"]
+    assert peaks["1"] < peaks["baseline"]
+
+
+def test_overheads_are_calibrated_from_measured_cuda_cells():
+    def cuda_result(allocated, reserved, nvml):
+        metrics = {"peak_allocated_mib": {"value": allocated}, "peak_reserved_mib": {"value": reserved},
+                   "nvml_process_peak_mib": {"value": nvml}}
+        return {"status": "ok", "device": {"type": "cuda"}, "metrics": metrics}
+
+    overheads = calibrate([cuda_result(1000, 1200, 1700), cuda_result(2000, 2200, 2800), {"status": "oom"}])
+    assert overheads.reserve_fraction == pytest.approx((0.2 + 0.1) / 2)
+    assert overheads.context_bytes == 550 * MIB
+    assert "2 measured" in overheads.context_source
+    assert calibrate([]) == DEFAULTS
+
+
+def test_fit_candidates_keep_the_effective_batch(cache_dir: Path):
+    config = load_preset("seed")
+    setups = candidates(config)
+    micro = {s.micro_batch_size for s in setups if "2" in s.cell.split("+")}
+    assert micro == {16, 8, 4, 2}
+    assert Setup("baseline") in setups and all(s.micro_batch_size is None for s in setups if "2" not in s.cell.split("+"))
+    assert modelled_factor(Setup("1+2", 8), config) == pytest.approx(4 / 3 * 1.6)
+    assert "lora" not in {s.cell for s in candidates(config, exclude={"lora"})}
+
+
+def _fake_trace(device_bytes: dict[str, int]):
+    """A trace that returns set peaks per cell: fit's search logic on its own."""
+    from gputech_bench.estimate.predict import Prediction
+    from gputech_bench.measure.tracker import TrackedPeak
+
+    def trace(setups, config):
+        out = []
+        for setup in setups:
+            base = device_bytes.get(setup.cell, device_bytes["default"])
+            scale = config.data.max_length / 128 * ((setup.micro_batch_size or 32) / 32 if "2" in setup.cell else 1)
+            out.append(Prediction(setup, TrackedPeak("meta", int(base * scale), {}), None, 0.0, {}))
+        return out
+
+    return trace
+
+
+NO_OVERHEAD = Overheads(0, "test", 0.0, "test")
+
+
+def test_fit_picks_the_fastest_setup_that_fits_when_the_baseline_does_not():
+    config = load_preset("seed")
+    trace = _fake_trace({"baseline": 20 * 2**30, "3": 19 * 2**30, "1": 12 * 2**30, "default": 4 * 2**30})
+    result = search(config, 16 * 2**30, NO_OVERHEAD, trace, wanted=2, exclude={"lora"})
+    assert result.floor is None
+    assert result.chosen[0].setup.cell != "baseline" and result.chosen[0].fits
+    assert all(c.device_total <= 16 * 2**30 for c in result.chosen)
+    assert {c.setup.cell for c in result.rejected} >= {"baseline"}
+    factors = [c.time.factor for c in result.chosen]
+    assert factors == sorted(factors)
+
+
+def test_fit_says_what_would_fit_when_nothing_does():
+    config = load_preset("seed")
+    # The floor (every strategy, micro-batch 2) needs 3 GiB x 2/32; half the sequence length halves that.
+    result = search(config, int(0.15 * 2**30), NO_OVERHEAD, _fake_trace({"default": 3 * 2**30}))
+    assert result.floor is not None and not result.chosen
+    assert result.suggestions and "data.max_length=64" in result.suggestions[0]
+
+
+def test_fit_on_a_real_trace_of_the_tiny_model(tiny):
+    config, _ = tiny
+    trace = lambda setups, cfg: predict(setups, cfg, jobs=1)  # noqa: E731
+    baseline = trace([Setup("baseline")], config)[0].device.total_bytes
+    result = search(config, int(baseline * 0.8), NO_OVERHEAD, trace, wanted=1, exclude={"lora", "3"})
+    assert result.chosen and result.chosen[0].device_total < baseline * 0.8
+
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("budget", ["24 GB", "24GiB"])
+def test_fit_reads_budgets_as_people_write_them(budget, cache_dir: Path):
+    args = ["fit", "--budget", budget, "--preset", "cpu", "--jobs", "1", *sum((["--set", o] for o in TINY_RUN), []),
+            "--set", f"data.cache_dir={cache_dir}"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "best" in result.output
+
+
+def test_fit_rejects_a_budget_it_cannot_read():
+    result = runner.invoke(app, ["fit", "--budget", "lots", "--preset", "cpu"])
+    assert result.exit_code == 2
+    assert "cannot read memory size 'lots'" in result.output and "Traceback" not in result.output
+
+
+def test_fit_refuses_cleanly_when_nothing_fits(cache_dir: Path):
+    args = ["fit", "--budget", "1KiB", "--preset", "cpu", "--jobs", "1", *sum((["--set", o] for o in TINY_RUN), []),
+            "--set", f"data.cache_dir={cache_dir}"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert "nothing fits" in result.output and "Traceback" not in result.output
+
+
+def test_estimate_command_prints_categories_and_fit(cache_dir: Path):
+    args = ["estimate", "--strategies", "1,4", "--preset", "cpu", "--jobs", "1", "--device-memory", "1GiB",
+            *sum((["--set", o] for o in TINY_RUN), []), "--set", f"data.cache_dir={cache_dir}", "--format", "md"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "| baseline |" in result.output and "| 4 |" in result.output and "fits 1.0 GiB" in result.output
+
+
+def test_estimate_compares_with_a_run_it_is_given(tmp_path: Path, cache_dir: Path):
+    from gputech_bench.results import write_atomic
+    from gputech_bench.runner import RunLayout, prepare_run_dir
+
+    config = tiny_config(cache_dir)
+    layout = RunLayout(tmp_path / "run")
+    prepare_run_dir(layout, config, force=False)
+    measured = dataclasses.replace(config, train=dataclasses.replace(config.train, max_steps=2))
+    result = run_cell("1", measured, new_result("1", measured))
+    write_atomic(layout.result_path("1"), result)
+    out = runner.invoke(app, ["estimate", "--compare", str(layout.root), "--jobs", "1", "--format", "json"])
+    assert out.exit_code == 0, out.output
+    import json
+
+    rows = {row["cell"]: row for row in json.loads(out.output)["rows"]}
+    assert abs(rows["1"]["error_percent"]) < 5
+
+
+def test_estimate_refuses_a_folder_that_is_not_a_run(tmp_path: Path):
+    result = runner.invoke(app, ["estimate", "--compare", str(tmp_path)])
+    assert result.exit_code == 2 and "holds no config.json" in result.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: fake CUDA tensors need a CUDA build of torch")
+def test_fake_cuda_trace_runs_on_a_gpu_machine(tiny):
+    config, inputs = tiny
+    target = trace_target()
+    assert target.device.type == "cuda"
+    before = torch.cuda.memory_allocated()
+    traced = trace_cell(parse_cell("1+2+4"), config, inputs, target)
+    assert traced.device.total_bytes > 0 and traced.host is not None
+    assert torch.cuda.memory_allocated() == before  # nothing real was allocated
