@@ -189,6 +189,7 @@ def run(
     allow_busy_gpu: bool = typer.Option(False, "--allow-busy-gpu", help="Run even when other processes hold GPU memory."),
     gpu_memory_limit: Optional[str] = typer.Option(None, help="Emulate a smaller card, e.g. 24GiB: cells past it become 'oom' rows."),
     memory_snapshot: bool = typer.Option(False, "--memory-snapshot", help="Write a CUDA memory snapshot per cell (open it in pytorch.org/memory_viz)."),
+    estimate: bool = typer.Option(True, "--estimate/--no-estimate", help="After the cells, trace each one on fake tensors and show predicted against measured memory."),
 ) -> None:
     from .matrix import expand
     from .report import build_frame, load_run, rich_table, write_exports
@@ -232,6 +233,10 @@ def run(
     except OSError as error:
         errors.print(f"[yellow]warning:[/] could not write the report files ({error}); the cell results are in {layout.root}")
     console.print(f"matrix wall time: {outcome.seconds:,.0f} s", highlight=False)
+    if estimate and not outcome.interrupted:
+        from .estimate.commands import estimate_run
+
+        estimate_run(config, outcome.results, layout.root / "estimate.json")
 
     if outcome.interrupted:
         done = {result["cell"] for result in outcome.results if result["status"] == "ok"}

@@ -86,7 +86,7 @@ class LoadedRun:
     config: dict[str, Any] | None = None
 
 
-NON_RESULT_FILES = {"config.json", "report.json"}
+NON_RESULT_FILES = {"config.json", "report.json", "estimate.json"}
 
 
 def load_run(root: Path) -> LoadedRun:

@@ -117,6 +117,26 @@ def build_estimate(
     return EstimateReport(target.label, target.caveat, predictions, overheads, budget, measured)
 
 
+def estimate_run(config: BenchConfig, results: list[dict[str, Any]], path: Path) -> None:
+    """The predicted-against-measured table after ``run``. A failing estimate is a warning:
+    the measured results are what the run is for."""
+    from ..atomic import atomic_write_bytes
+    from .predict import default_jobs
+    from .report import legend, rich_table, to_json
+
+    cells = [result["cell"] for result in results]
+    try:
+        report = build_estimate(config, cells, default_jobs(), None, results)
+        atomic_write_bytes(path, to_json(report).encode("utf-8"))
+    except Exception as error:  # noqa: BLE001 - never lose a finished run to its estimate
+        errors.print(f"[yellow]warning:[/] no memory estimate ({type(error).__name__}: {first_line(error)}); "
+                     f"'gputech-bench estimate --compare {path.parent}' retries it", highlight=False)
+        return
+    console.print(rich_table(report, title="predicted (fake-tensor trace) against measured, MiB"))
+    for line in legend(report):
+        console.print(f"  [dim]{line}[/]", highlight=False)
+
+
 def estimate(
     matrix: bool = typer.Option(False, "--matrix", help="The seed's 8 cells."),
     strategies: Optional[str] = typer.Option(None, help="Comma-separated cells, as for 'run'; the baseline is always added."),

@@ -86,6 +86,18 @@ def setups_for(cells: Iterable[str], config: BenchConfig) -> list[Setup]:
 _worker_inputs: dict[str, Any] = {}
 
 
+def _single_threaded() -> None:
+    # A trace computes nothing; extra intra-op threads per process only contend for the cores.
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _trace_cost(setup: Setup, config: BenchConfig) -> int:
+    """Relative trace time: one tracked forward and backward per micro-batch."""
+    return config.train.batch_size // setup.micro_batch_size if setup.micro_batch_size else 1
+
+
 def _trace_in_worker(config_data: dict[str, Any], setup: Setup) -> dict[str, Any]:
     from ..strategies import parse_cell
     from .trace import trace_cell, trace_inputs, trace_target
@@ -123,8 +135,10 @@ def predict(
     else:
         # spawn: a forked copy of a process that already imported torch can deadlock.
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(jobs, len(setups)), mp_context=context) as pool:
-            futures = {pool.submit(_trace_in_worker, config_data, setup): setup for setup in setups}
+        with ProcessPoolExecutor(max_workers=min(jobs, len(setups)), mp_context=context, initializer=_single_threaded) as pool:
+            # The longest traces first, so that no process is left with one at the end.
+            ordered = sorted(setups, key=lambda setup: -_trace_cost(setup, config))
+            futures = {pool.submit(_trace_in_worker, config_data, setup): setup for setup in ordered}
             try:
                 for future in as_completed(futures):
                     prediction = Prediction.from_dict(future.result())
