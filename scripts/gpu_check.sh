@@ -23,7 +23,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 python3 -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)" || echo "bitsandbytes missing: cells 3 and 1+2+3 will be error rows"
 
-time python3 -m gputech_bench.cli run --matrix --preset seed --device cuda \
+time python3 -m gputech_bench run --matrix --preset seed --device cuda \
   --set train.max_steps="$MAX_STEPS" --results "$OUT_DIR/results" --run-name seed-gpu-check || true
 
 python3 - "$OUT_DIR/results/seed-gpu-check" <<'PY'
@@ -32,7 +32,7 @@ def v(r, k):
     x = r.get("metrics", {}).get(k, {}).get("value")
     return "-" if x is None else (f"{x:,.0f}" if isinstance(x, float) and x > 100 else f"{x:.4g}" if isinstance(x, float) else str(x))
 order = ["baseline", "1", "2", "3", "4", "1+2+3", "1+2+4", "lora"]
-rows = {json.loads(p.read_text())["cell"]: json.loads(p.read_text()) for p in pathlib.Path(sys.argv[1]).glob("*.json") if p.name != "config.json"}
+rows = {json.loads(p.read_text())["cell"]: json.loads(p.read_text()) for p in pathlib.Path(sys.argv[1]).glob("*.json") if p.name not in ("config.json", "report.json", "estimate.json")}
 print("| cell | status | peak allocated MiB | peak reserved MiB | NVML process MiB | tracked host MiB | mean step s | epoch s (extrapolated) | masked acc |")
 print("|---|---|---|---|---|---|---|---|---|")
 for cell in order:
@@ -42,3 +42,6 @@ for cell in order:
 some = next(iter(rows.values()), {})
 print("NVML method:", some.get("metrics", {}).get("nvml_process_peak_mib", {}).get("method"))
 PY
+
+# Issue 5's check: the fake-CUDA estimate of every seed cell against the measured allocated peak.
+time python3 -m gputech_bench estimate --compare "$OUT_DIR/results/seed-gpu-check" --format md || true

@@ -35,14 +35,21 @@ def test_run_writes_a_result_per_cell_and_prints_the_table(tmp_path: Path, cache
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir = tmp_path / "results" / "smoke"
     cells = ["baseline", "4", "lora"]
-    assert {p.name for p in run_dir.glob("*.json")} == {"config.json", "report.json", *(f"{c}.json" for c in cells)}
+    assert {p.name for p in run_dir.glob("*.json")} == {"config.json", "report.json", "estimate.json", *(f"{c}.json" for c in cells)}
     results = {c: json.loads((run_dir / f"{c}.json").read_text()) for c in cells}
     assert all(r["status"] == "ok" for r in results.values())
 
     # The terminal table: the seed's columns, rows in the seed's order.
     assert "tensor peak (CPU)" in out.stdout and "time / epoch" in out.stdout and "token acc (seed)" in out.stdout
-    table_rows = [line for line in out.stdout.splitlines() if line.startswith("│")]
+    measured_table, estimate_table = out.stdout.split("predicted (fake-tensor trace) against measured")
+    table_rows = [line for line in measured_table.splitlines() if line.startswith("│")]
     assert [row.split("│")[1].strip() for row in table_rows] == cells
+    # After the cells, the fake-tensor estimate of each, against what was measured.
+    estimate = {row["cell"]: row for row in json.loads((run_dir / "estimate.json").read_text())["rows"]}
+    assert set(estimate) == set(cells)
+    assert abs(estimate["baseline"]["error_percent"]) < 5 and abs(estimate["lora"]["error_percent"]) < 5
+    assert estimate["4"]["measured_what"].startswith("n/a on CPU") and estimate["4"]["host_peak_mib"] > 0
+    assert "| baseline" not in estimate_table and "│ baseline" in estimate_table
     assert "compute copy runs in bfloat16 on the CPU" in out.stdout  # strategy 4 says its dtype
     assert "trains " in out.stdout and "parameters (" in out.stdout  # LoRA reports trainable/total
 
@@ -73,7 +80,7 @@ def test_user_text_files_replace_the_embedded_corpus(tmp_path: Path, cache_dir: 
     (tmp_path / "eval.txt").write_text("\n".join(sentences[60:]) + "\n")
     # No data.train_sentences: a user's file is used whole unless that is set.
     out = gputech("run", "--strategies", "1", "--preset", "cpu", *tiny_sets(cache_dir, "data.train_sentences"), "--train-file", "train.txt",
-                  "--eval-file", "eval.txt", "--results", "results", "--run-name", "files", cwd=tmp_path)
+                  "--eval-file", "eval.txt", "--results", "results", "--run-name", "files", "--no-estimate", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "results" / "files" / "1.json").read_text())
     assert result["data"]["train_sentences"] == 60 and result["data"]["eval_sentences"] == 12

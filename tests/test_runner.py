@@ -20,7 +20,7 @@ from gputech_bench.results import read_result
 
 
 def tiny_args(cache_dir: Path) -> list[str]:
-    args = ["--preset", "cpu"]
+    args = ["--preset", "cpu", "--no-estimate"]  # the estimate after a run is tested in test_cli
     for override in TINY_RUN + [f"data.cache_dir={cache_dir}", "train.max_steps=3"]:
         args += ["--set", override]
     return args

@@ -10,7 +10,7 @@ from typing import Any, List, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..cli import EXIT_FAILED_CELL, console, errors, fail, resolve_config
+from ..cli_support import EXIT_FAILED_CELL, console, cuda_available, errors, fail, resolve_config
 from ..config import BenchConfig, ConfigError, from_dict
 from ..messages import UserError, first_line
 from ..sizes import parse_size
@@ -75,8 +75,6 @@ def _load_run(run_dir: Path) -> tuple[BenchConfig, list[dict[str, Any]]]:
 def _device_memory(option: Optional[str]) -> Optional[int]:
     if option:
         return parse_size(option)
-    from ..cli import cuda_available
-
     if cuda_available():
         import torch
 
