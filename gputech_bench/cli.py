@@ -38,6 +38,8 @@ from .config import (
     preset_names,
     read_preset,
 )
+from .estimate.commands import register as register_estimate_commands
+from .estimate.commands import show_saved_estimate
 
 app = typer.Typer(
     add_completion=False,
@@ -220,6 +222,7 @@ def report(
     if output is None:
         if isinstance(rendered, Table):
             console.print(rendered)
+            show_saved_estimate(loaded)
         else:
             sys.stdout.write(rendered)
         return
@@ -241,10 +244,10 @@ def list_strategies() -> None:
     from .strategies import Cell, refusal_reason, registered
 
     table = Table(title="strategies (combine with '+', e.g. 1+2+3)", title_justify="left")
-    for column in ("key", "name", "saves", "costs", "needs"):
+    for column in ("key", "name", "saves", "costs", "gives up", "needs"):
         table.add_column(column, overflow="fold")
     for cls in registered():
-        table.add_row(cls.key, cls.name, cls.saves, cls.costs, cls.requires or "-")
+        table.add_row(cls.key, cls.name, cls.saves, cls.costs, cls.gives_up or "nothing", cls.requires or "-")
     console.print(table)
     refused = [
         (f"{a.key}+{b.key}", reason)
@@ -294,9 +297,7 @@ def main_callback(
     """Top-level options."""
 
 
-from .estimate.commands import register as _register_estimate_commands  # noqa: E402  (needs the names above)
-
-_register_estimate_commands(app)
+register_estimate_commands(app)
 
 
 def main() -> None:

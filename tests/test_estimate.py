@@ -211,3 +211,34 @@ def test_fake_cuda_trace_runs_on_a_gpu_machine(tiny):
     traced = trace_cell(parse_cell("1+2+4"), config, inputs, target)
     assert traced.device.total_bytes > 0 and traced.host is not None
     assert torch.cuda.memory_allocated() == before  # nothing real was allocated
+
+
+@pytest.mark.slow
+def test_fit_verify_runs_the_best_setup_and_checks_the_prediction(tmp_path: Path, cache_dir: Path):
+    sets = sum((["--set", o] for o in TINY_RUN + [f"data.cache_dir={cache_dir}", "train.max_steps=2"]), [])
+    result = runner.invoke(app, ["fit", "--budget", "1GiB", "--preset", "cpu", "--jobs", "1", *sets, "--top", "1",
+                                 "--verify", "--results", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    import re
+
+    text = " ".join(result.output.split())  # rich wraps long lines
+    error = float(re.search(r"predicted tensor peak .*?: ([+-][0-9.]+)%", text).group(1))
+    assert abs(error) < 5
+    assert len(list((tmp_path / "r").glob("fit-*/*.json"))) >= 2  # config.json and the cell's result
+
+
+def test_report_shows_the_saved_estimate_under_the_table(tmp_path: Path, cache_dir: Path):
+    from gputech_bench.estimate.commands import build_estimate
+    from gputech_bench.estimate.report import to_json
+    from gputech_bench.results import write_atomic
+
+    config = apply_overrides(tiny_config(cache_dir), ["train.max_steps=2"])
+    result = run_cell("baseline", config, new_result("baseline", config))
+    write_atomic(tmp_path / "baseline.json", result)
+    (tmp_path / "estimate.json").write_text(to_json(build_estimate(config, ["baseline"], 1, None, [result])))
+    out = runner.invoke(app, ["report", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    assert "predicted (fake-tensor trace) against measured" in out.output and "skipped" not in out.output
+    (tmp_path / "estimate.json").write_text("{broken")
+    out = runner.invoke(app, ["report", str(tmp_path)])
+    assert out.exit_code == 0 and "estimate.json is unreadable" in " ".join(out.output.split())

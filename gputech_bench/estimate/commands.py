@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import datetime
 from pathlib import Path
@@ -120,7 +121,7 @@ def estimate_run(config: BenchConfig, results: list[dict[str, Any]], path: Path)
     the measured results are what the run is for."""
     from ..atomic import atomic_write_bytes
     from .predict import default_jobs
-    from .report import legend, rich_table, to_json
+    from .report import to_json
 
     cells = [result["cell"] for result in results]
     try:
@@ -130,9 +131,34 @@ def estimate_run(config: BenchConfig, results: list[dict[str, Any]], path: Path)
         errors.print(f"[yellow]warning:[/] no memory estimate ({type(error).__name__}: {first_line(error)}); "
                      f"'gputech-bench estimate --compare {path.parent}' retries it", highlight=False)
         return
+    _print_against_measured(report)
+
+
+def _print_against_measured(report) -> None:
+    from .report import legend, rich_table
+
     console.print(rich_table(report, title="predicted (fake-tensor trace) against measured, MiB"))
     for line in legend(report):
         console.print(f"  [dim]{line}[/]", highlight=False)
+
+
+def show_saved_estimate(loaded) -> None:
+    """The run's saved estimate against its results, under ``report``'s table (if there is one)."""
+    from .compare import measured_peak
+    from .report import from_dict
+
+    path = Path(loaded.root) / "estimate.json"
+    if not path.is_file():
+        return
+    try:
+        saved = from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        errors.print(f"[yellow]warning:[/] {path} is unreadable ({first_line(error)}): "
+                     f"'gputech-bench estimate --compare {loaded.root}' makes it again", highlight=False)
+        return
+    by_cell = {result["cell"]: result for result in loaded.results}
+    measured = {p.setup.cell: measured_peak(by_cell.get(p.setup.cell)) for p in saved.predictions}
+    _print_against_measured(dataclasses.replace(saved, measured=measured))
 
 
 def estimate(

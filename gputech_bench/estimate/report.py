@@ -141,7 +141,8 @@ def legend(report: EstimateReport) -> list[str]:
         "peak live tensor bytes by category (torch MemTracker)",
         f"+ reserve: {report.overheads.reserve_fraction:.0%} of the tensor peak, {report.overheads.reserve_source}",
         f"+ context: {report.overheads.context_bytes / MIB:,.0f} MiB CUDA context, {report.overheads.context_source}",
-        "host: peak tensor bytes in host memory (strategy 4's fp32 master, its gradients and optimizer state)",
+        "host: peak tensor bytes in host memory where the model lives partly there "
+        "(strategy 4's fp32 master, its gradients and optimizer state); - where it does not",
     ]
     if any("measured_what" in row for row in report.rows()):
         lines.append("error: tensor peak against the measured peak (allocated on CUDA, MemTracker on CPU)")

@@ -191,6 +191,6 @@ def trace_cell(cell: Cell, config: BenchConfig, inputs: TraceInputs, target: Tra
     peaks = {peak.device: peak for peak in tracker.peaks()}
     device_peak = peaks.get(str(target.device)) or TrackedPeak(str(target.device), 0, {})
     host_peak = peaks.get(HOST) if target.device.type != HOST else None
-    if host_peak is not None and host_peak.total_bytes == 0:
-        host_peak = None
+    if host_peak is not None and not host_peak.by_category.get("parameters"):
+        host_peak = None  # only the data batch waits there: the host holds none of the model
     return CellTrace(cell.name, device_peak, host_peak, plan.facts, time.perf_counter() - started)

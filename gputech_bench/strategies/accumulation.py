@@ -43,7 +43,7 @@ class Accumulation(Strategy):
     saves = "activations: only one micro-batch (8 of 32 samples) is in flight at a time"
     costs = "smaller matmuls and 4 forward/backward launches per step (the seed measured 1.6x the time)"
     order = 20
-    gives_up = "nothing with strategy.accumulation_loss=token-weighted; the seed's /k rule under-weights a short last batch"
+    gives_up = "with the seed's /k loss rule, a short last batch counts less (accumulation_loss=token-weighted avoids it)"
 
     requires = "strategy.micro_batch_size must divide train.batch_size into 2 or more micro-batches"
 
