@@ -125,7 +125,8 @@ def estimate_run(config: BenchConfig, results: list[dict[str, Any]], path: Path)
 
     cells = [result["cell"] for result in results]
     try:
-        report = build_estimate(config, cells, default_jobs(), None, results)
+        # Starting a trace process costs an import of torch and transformers (~5 s): not for two cells.
+        report = build_estimate(config, cells, default_jobs() if len(cells) > 2 else 1, None, results)
         atomic_write_bytes(path, to_json(report).encode("utf-8"))
     except Exception as error:  # noqa: BLE001 - never lose a finished run to its estimate
         errors.print(f"[yellow]warning:[/] no memory estimate ({type(error).__name__}: {first_line(error)}); "
@@ -287,7 +288,7 @@ def fit(
     try:
         result = search(
             config, budget_bytes, overheads, lambda setups, cfg: _predict(setups, cfg, workers),
-            measured, config.strategy.micro_batch_size, top, excluded,
+            measured, config.strategy.micro_batch_size, top, excluded, parallel=workers,
         )
     except UserError as error:
         fail(str(error))

@@ -137,6 +137,7 @@ class FitResult:
     suggestions: list[str]
 
 
+#: Traces setups (each carrying its micro-batch size) under a config, in the setups' order.
 TraceFn = Callable[[list[Setup], BenchConfig], list[Prediction]]
 
 
@@ -149,6 +150,7 @@ def search(
     run_micro: int | None = None,
     wanted: int = 3,
     exclude: set[str] = frozenset(),
+    parallel: int = 1,
 ) -> FitResult:
     """Trace candidates fastest-first until ``wanted`` fit; say what would fit when none does."""
     measured = measured or {}
@@ -170,13 +172,19 @@ def search(
     rejected: list[Candidate] = []
     order = sorted(setups, key=lambda s: (times[s].seconds if times[s].seconds is not None else times[s].factor, s.label))
     traced = 0
-    for setup in order:
-        if len(chosen) >= wanted:
-            break
-        prediction = floor_candidate.prediction if setup == floor else trace([setup], _cell_config(setup, config))[0]
-        traced += 1
-        candidate = judge(setup, prediction)
-        (chosen if candidate.fits else rejected).append(candidate)
+    while order and len(chosen) < wanted:
+        # As many traces at once as there are processes to run them.
+        chunk, order = order[:parallel], order[parallel:]
+        fresh = [setup for setup in chunk if setup != floor]
+        predictions = dict(zip(fresh, trace(fresh, config))) if fresh else {}
+        predictions[floor] = floor_candidate.prediction
+        for setup in chunk:
+            traced += 1
+            candidate = judge(setup, predictions[setup])
+            if not candidate.fits:
+                rejected.append(candidate)
+            elif len(chosen) < wanted:
+                chosen.append(candidate)
     return FitResult(budget, chosen, rejected, len(setups) - traced, None, [])
 
 

@@ -128,8 +128,7 @@ def predict(
     # Tokenise once here: the pool's processes then read the cache instead of racing to write it.
     trace_inputs(config)
     done: dict[Setup, Prediction] = {}
-    # Starting a process costs an import of torch and transformers (~5 s): not worth it for two traces.
-    if jobs <= 1 or len(setups) <= 2:
+    if jobs <= 1 or len(setups) == 1:
         for setup in setups:
             done[setup] = Prediction.from_dict(_trace_in_worker(config_data, setup))
             on_done(done[setup])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -175,7 +176,10 @@ def _modules_move_without_swapping() -> Iterator[None]:
 @contextlib.contextmanager
 def _fake_mode() -> Iterator[FakeTensorMode]:
     # Real tensors (the data batches, bitsandbytes' maps) become fake on first use.
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode, _modules_move_without_swapping():
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, _modules_move_without_swapping(), warnings.catch_warnings():
+        # peft asks transformers 5 for a renamed attribute on every LoRA+checkpointing
+        # step; a real cell logs it once, a search of many traces would repeat it.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         yield mode
 
 
