@@ -136,11 +136,12 @@ def estimate_run(config: BenchConfig, results: list[dict[str, Any]], path: Path)
 
 
 def _print_against_measured(report) -> None:
-    from .report import legend, rich_table
+    from .report import compact_table, legend
 
-    console.print(rich_table(report, title="predicted (fake-tensor trace) against measured, MiB"))
-    for line in legend(report):
+    console.print(compact_table(report, title="predicted (fake-tensor trace) against measured, MiB"))
+    for line in legend(report, with_overheads=False):
         console.print(f"  [dim]{line}[/]", highlight=False)
+    console.print("  [dim]categories, CUDA context and allocator reserve: 'gputech-bench estimate --compare RUN_DIR'[/]", highlight=False)
 
 
 def show_saved_estimate(loaded) -> None:

@@ -135,17 +135,40 @@ def rich_table(report: EstimateReport, title: str = "gputech-bench estimate (MiB
     return table
 
 
-def legend(report: EstimateReport) -> list[str]:
+def compact_table(report: EstimateReport, title: str) -> Table:
+    """Predicted against measured only, for under ``run``'s table; ``estimate`` shows the categories."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("cell", style="bold")
+    table.add_column("predicted", justify="right")
+    table.add_column("host", justify="right")
+    table.add_column("measured", justify="right")
+    table.add_column("error", justify="right")
+    for row in report.rows():
+        measured = row.get("measured_mib")
+        shown = _mib(measured) if measured is not None else ("n/a" if "n/a" in row.get("measured_what", "") else row.get("measured_what", "-"))
+        table.add_row(row["setup"], _mib(row["tensor_peak_mib"]), _mib(row["host_peak_mib"]), shown, _error(row.get("error_percent")))
+    return table
+
+
+def legend(report: EstimateReport, with_overheads: bool = True) -> list[str]:
     lines = [
         f"traced on {report.target}: one full optimizer step (the second, so optimizer state is live), "
         "peak live tensor bytes by category (torch MemTracker)",
-        f"+ reserve: {report.overheads.reserve_fraction:.0%} of the tensor peak, {report.overheads.reserve_source}",
-        f"+ context: {report.overheads.context_bytes / MIB:,.0f} MiB CUDA context, {report.overheads.context_source}",
-        "host: peak tensor bytes in host memory where the model lives partly there "
-        "(strategy 4's fp32 master, its gradients and optimizer state); - where it does not",
     ]
-    if any("measured_what" in row for row in report.rows()):
+    if with_overheads:
+        lines += [
+            f"+ reserve: {report.overheads.reserve_fraction:.0%} of the tensor peak, {report.overheads.reserve_source}",
+            f"+ context: {report.overheads.context_bytes / MIB:,.0f} MiB CUDA context, {report.overheads.context_source}",
+        ]
+    lines.append(
+        "host: peak tensor bytes in host memory where the model lives partly there "
+        "(strategy 4's fp32 master, its gradients and optimizer state); - where it does not"
+    )
+    rows = report.rows()
+    if any("measured_what" in row for row in rows):
         lines.append("error: tensor peak against the measured peak (allocated on CUDA, MemTracker on CPU)")
+    if any(row.get("measured_what", "").startswith("n/a") for row in rows):
+        lines.append("n/a: a CPU run holds strategy 4's device and host sides in one memory, so there is no device peak to compare")
     if report.caveat:
         lines.append(f"note: {report.caveat}")
     return lines
