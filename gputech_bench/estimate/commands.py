@@ -51,11 +51,11 @@ def _trace_progress(total: int) -> Progress:
     )
 
 
-def _predict(setups, config: BenchConfig, jobs: int, description: str = "tracing"):
+def _predict(setups, config: BenchConfig, jobs: int):
     from .predict import predict
 
     with _trace_progress(len(setups)) as progress:
-        task = progress.add_task(description, total=len(setups))
+        task = progress.add_task("tracing on fake tensors", total=len(setups))
         return predict(setups, config, jobs, on_done=lambda prediction: progress.advance(task))
 
 
@@ -83,14 +83,15 @@ def _device_memory(option: Optional[str]) -> Optional[int]:
     return None
 
 
-def _emit(text_or_table: Any, output: Optional[Path]) -> None:
+def _emit(text: str, output: Optional[Path]) -> None:
+    """Markdown or JSON to the terminal as is, or atomically to ``output``."""
     if output is None:
-        console.print(text_or_table) if not isinstance(text_or_table, str) else console.print(text_or_table, end="", highlight=False, soft_wrap=True, markup=False)
+        console.print(text, end="", highlight=False, soft_wrap=True, markup=False)
         return
     from ..atomic import atomic_write_bytes
 
     try:
-        atomic_write_bytes(output, str(text_or_table).encode("utf-8"))
+        atomic_write_bytes(output, text.encode("utf-8"))
     except OSError as error:
         fail(f"cannot write {output} ({error.strerror or error}): pass a writable --output path")
     console.print(f"wrote {output}", highlight=False)

@@ -39,10 +39,6 @@ class FitError(UserError):
     """No setup fits, or the search cannot start; one line."""
 
 
-def _cell_config(setup: Setup, config: BenchConfig) -> BenchConfig:
-    return setup.config_for(config)
-
-
 def candidates(config: BenchConfig, exclude: set[str] = frozenset()) -> list[Setup]:
     """Every allowed combination, with each micro-batch size for those that accumulate."""
     strategies = [cls for cls in registered() if cls.key not in exclude and cls.name not in exclude]
@@ -59,7 +55,7 @@ def candidates(config: BenchConfig, exclude: set[str] = frozenset()) -> list[Set
             for micro in micro_sizes:
                 setup = Setup(cell.name, micro)
                 try:
-                    refuse_for_config(cell, _cell_config(setup, config))
+                    refuse_for_config(cell, setup.config_for(config))
                 except StrategyError:
                     continue
                 setups.append(setup)
@@ -137,7 +133,7 @@ class FitResult:
     suggestions: list[str]
 
 
-#: Traces setups (each carrying its micro-batch size) under a config, in the setups' order.
+#: Traces setups under a config, in the setups' order; each setup applies its own micro-batch size.
 TraceFn = Callable[[list[Setup], BenchConfig], list[Prediction]]
 
 
@@ -164,14 +160,14 @@ def search(
         return Candidate(setup, times[setup], prediction, total, total <= budget)
 
     floor = floor_setup(setups)
-    floor_candidate = judge(floor, trace([floor], _cell_config(floor, config))[0])
+    floor_candidate = judge(floor, trace([floor], config)[0])
     if not floor_candidate.fits:
         return FitResult(budget, [], [], len(setups) - 1, floor_candidate, _suggestions(floor, config, budget, overheads, trace))
 
     chosen: list[Candidate] = []
     rejected: list[Candidate] = []
     order = sorted(setups, key=lambda s: (times[s].seconds if times[s].seconds is not None else times[s].factor, s.label))
-    traced = 0
+    traced = {floor}
     while order and len(chosen) < wanted:
         # As many traces at once as there are processes to run them.
         chunk, order = order[:parallel], order[parallel:]
@@ -179,13 +175,13 @@ def search(
         predictions = dict(zip(fresh, trace(fresh, config))) if fresh else {}
         predictions[floor] = floor_candidate.prediction
         for setup in chunk:
-            traced += 1
+            traced.add(setup)
             candidate = judge(setup, predictions[setup])
             if not candidate.fits:
                 rejected.append(candidate)
             elif len(chosen) < wanted:
                 chosen.append(candidate)
-    return FitResult(budget, chosen, rejected, len(setups) - traced, None, [])
+    return FitResult(budget, chosen, rejected, len(setups) - len(traced), None, [])
 
 
 def _suggestions(floor: Setup, config: BenchConfig, budget: int, overheads: Overheads, trace: TraceFn) -> list[str]:
@@ -196,7 +192,7 @@ def _suggestions(floor: Setup, config: BenchConfig, budget: int, overheads: Over
     while length > 16:
         length //= 2
         shorter = dataclasses.replace(config, data=dataclasses.replace(config.data, max_length=length))
-        prediction = trace([floor], _cell_config(floor, shorter))[0]
+        prediction = trace([floor], shorter)[0]
         total = overheads.device_total(prediction.device.total_bytes)
         if total <= budget:
             return [f"--set data.max_length={length}: {floor.label} would need {total / 2**30:.2f} GiB"]
