@@ -242,3 +242,30 @@ def test_report_shows_the_saved_estimate_under_the_table(tmp_path: Path, cache_d
     (tmp_path / "estimate.json").write_text("{broken")
     out = runner.invoke(app, ["report", str(tmp_path)])
     assert out.exit_code == 0 and "estimate.json is unreadable" in " ".join(out.output.split())
+
+
+def test_a_cell_the_tracer_cannot_follow_is_a_row_with_its_reason_and_the_others_stand(tiny):
+    from gputech_bench.strategies import Strategy, register, unregister
+
+    class ReadsAValue(Strategy):
+        key = "test-reads"
+        name = "test-reads-a-value"
+        saves = costs = "nothing (test)"
+        order = 95
+
+        def prepare_model(self, model, ctx):
+            float(next(model.parameters()).sum())  # data-dependent: fake tensors have no values
+            return model
+
+    register(ReadsAValue)
+    try:
+        config, _ = tiny
+        predictions = predict([Setup("baseline"), Setup("test-reads")], config, jobs=1)
+    finally:
+        unregister(ReadsAValue)
+    assert predictions[0].error is None and predictions[0].device.total_bytes > 0
+    assert predictions[1].error and "DataDependentOutputException" in predictions[1].error
+    from gputech_bench.estimate.report import EstimateReport, markdown
+
+    text = markdown(EstimateReport("test", None, predictions, NO_OVERHEAD, 2**30))
+    assert "| test-reads | untraceable: DataDependentOutputException" in text

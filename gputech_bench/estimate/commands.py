@@ -214,6 +214,8 @@ def estimate(
         console.print(rich_table(report, title=f"gputech-bench estimate: preset {config.preset} (MiB)"))
         for line in legend(report):
             console.print(f"  [dim]{line}[/]", highlight=False)
+    if any(prediction.error for prediction in report.predictions):
+        raise typer.Exit(EXIT_FAILED_CELL)
 
 
 def _print_fit(result, config: BenchConfig) -> None:
@@ -223,6 +225,8 @@ def _print_fit(result, config: BenchConfig) -> None:
 
     gib = lambda num: f"{num / 2**30:.2f}"  # noqa: E731
     if result.floor is not None:
+        for candidate in result.untraceable:
+            console.print(f"  [yellow]not traced[/] {candidate.setup.label}: {candidate.prediction.error}", highlight=False)
         console.print(
             f"[bold red]nothing fits {result.budget / 2**30:.1f} GiB[/]: the most frugal setup, "
             f"{result.floor.setup.label}, needs {gib(result.floor.device_total)} GiB", highlight=False,
@@ -242,6 +246,9 @@ def _print_fit(result, config: BenchConfig) -> None:
             "-" if host is None else gib(host.total_bytes), shown, time.source, gives_up(candidate.setup),
         )
     console.print(table)
+    if result.untraceable:
+        for candidate in result.untraceable:
+            console.print(f"  [yellow]not traced[/] {candidate.setup.label}: {candidate.prediction.error}", highlight=False)
     if result.rejected:
         too_big = ", ".join(f"{c.setup.label} ({gib(c.device_total)} GiB)" for c in result.rejected)
         console.print(f"  [dim]faster but too big: {too_big}[/]", highlight=False)

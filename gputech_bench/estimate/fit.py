@@ -20,7 +20,7 @@ always labelled as such. The model's factors multiply, relative to the baseline'
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..config import BenchConfig
@@ -131,6 +131,7 @@ class FitResult:
     untraced: int
     floor: Candidate | None  # set when nothing fits
     suggestions: list[str]
+    untraceable: list[Candidate] = field(default_factory=list)  # the tracer could not follow these
 
 
 #: Traces setups under a config, in the setups' order; each setup applies its own micro-batch size.
@@ -157,11 +158,12 @@ def search(
 
     def judge(setup: Setup, prediction: Prediction) -> Candidate:
         total = overheads.device_total(prediction.device.total_bytes)
-        return Candidate(setup, times[setup], prediction, total, total <= budget)
+        return Candidate(setup, times[setup], prediction, total, total <= budget and not prediction.error)
 
     floor = floor_setup(setups)
     floor_candidate = judge(floor, trace([floor], config)[0])
-    if not floor_candidate.fits:
+    untraceable = [floor_candidate] if floor_candidate.prediction.error else []
+    if not floor_candidate.fits and not untraceable:
         return FitResult(budget, [], [], len(setups) - 1, floor_candidate, _suggestions(floor, config, budget, overheads, trace))
 
     chosen: list[Candidate] = []
@@ -177,11 +179,19 @@ def search(
         for setup in chunk:
             traced.add(setup)
             candidate = judge(setup, predictions[setup])
-            if not candidate.fits:
+            if candidate.prediction.error:
+                if candidate not in untraceable:
+                    untraceable.append(candidate)
+            elif not candidate.fits:
                 rejected.append(candidate)
             elif len(chosen) < wanted:
                 chosen.append(candidate)
-    return FitResult(budget, chosen, rejected, len(setups) - len(traced), None, [])
+    if not chosen and not rejected:
+        raise FitError(f"no candidate could be traced ({untraceable[0].prediction.error}): fix that, or --exclude the strategy")
+    if not chosen:
+        smallest = min(rejected, key=lambda candidate: candidate.device_total)
+        return FitResult(budget, [], rejected, len(setups) - len(traced), smallest, [], untraceable)
+    return FitResult(budget, chosen, rejected, len(setups) - len(traced), None, [], untraceable)
 
 
 def _suggestions(floor: Setup, config: BenchConfig, budget: int, overheads: Overheads, trace: TraceFn) -> list[str]:

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable
 
 from ..config import BenchConfig, from_dict, to_dict
 from ..measure.tracker import TrackedPeak
+from ..messages import UserError
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class Prediction:
     host: TrackedPeak | None
     trace_seconds: float
     facts: dict[str, Any]
+    #: Why the setup could not be traced (its peaks are then zero); None when it was.
+    error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -55,6 +58,7 @@ class Prediction:
             "host": None if self.host is None else dataclasses.asdict(self.host),
             "trace_seconds": round(self.trace_seconds, 3),
             "facts": self.facts,
+            "error": self.error,
         }
 
     @classmethod
@@ -66,6 +70,7 @@ class Prediction:
             None if host is None else TrackedPeak(**host),
             float(data.get("trace_seconds", 0.0)),
             dict(data.get("facts", {})),
+            data.get("error"),
         )
 
 
@@ -107,7 +112,14 @@ def _trace_in_worker(config_data: dict[str, Any], setup: Setup) -> dict[str, Any
     if key not in _worker_inputs:
         _worker_inputs.clear()
         _worker_inputs[key] = trace_inputs(config)
-    trace = trace_cell(parse_cell(setup.cell), config, _worker_inputs[key], trace_target())
+    target = trace_target()
+    try:
+        trace = trace_cell(parse_cell(setup.cell), config, _worker_inputs[key], target)
+    except Exception as error:  # noqa: BLE001 - one setup the tracer cannot follow must not sink the others
+        from ..messages import first_line
+
+        reason = first_line(error) if isinstance(error, UserError) else f"{type(error).__name__}: {first_line(error)}"
+        return Prediction(setup, TrackedPeak(str(target.device), 0, {}), None, 0.0, {}, reason).to_dict()
     return Prediction(setup, trace.device, trace.host, trace.seconds, trace.facts).to_dict()
 
 
@@ -121,7 +133,8 @@ def predict(
     jobs: int = 1,
     on_done: Callable[[Prediction], None] = lambda prediction: None,
 ) -> list[Prediction]:
-    """Trace every setup; the result keeps the order of ``setups``. Raises on the first failure."""
+    """Trace every setup; the result keeps the order of ``setups``. A setup that cannot be
+    traced comes back with ``error`` set; a config or data problem raises."""
     from .trace import trace_inputs
 
     config_data = to_dict(config)

@@ -36,7 +36,7 @@ class EstimateReport:
     def row(self, prediction: Prediction) -> dict[str, Any]:
         device = prediction.device
         total = self.overheads.device_total(device.total_bytes)
-        row: dict[str, Any] = {"setup": prediction.setup.label, "cell": prediction.setup.cell}
+        row: dict[str, Any] = {"setup": prediction.setup.label, "cell": prediction.setup.cell, "error": prediction.error}
         for category, _ in SHOWN_CATEGORIES:
             row[f"{category}_mib"] = device.by_category.get(category, 0) / MIB
         row["tensor_peak_mib"] = device.total_bytes / MIB
@@ -44,9 +44,9 @@ class EstimateReport:
         row["cuda_context_mib"] = self.overheads.context_bytes / MIB
         row["device_total_mib"] = total / MIB
         row["host_peak_mib"] = None if prediction.host is None else prediction.host.total_bytes / MIB
-        row["fits"] = None if self.budget_bytes is None else total <= self.budget_bytes
+        row["fits"] = None if self.budget_bytes is None or prediction.error else total <= self.budget_bytes
         measured = self.measured.get(prediction.setup.cell)
-        if measured is not None:
+        if measured is not None and not prediction.error:
             row["measured_mib"] = None if measured.bytes is None else measured.bytes / MIB
             row["measured_what"] = measured.what
             row["error_percent"] = error_percent(device.total_bytes, measured)
@@ -105,6 +105,11 @@ def _error(value: float | None) -> str:
     return "-" if value is None else f"{value:+.1f}%"
 
 
+def _untraceable(row: dict[str, Any], width: int) -> list[str]:
+    """A row for a setup the tracer could not follow: the reason, then dashes."""
+    return [row["setup"], f"untraceable: {row['error']}", *(["-"] * (width - 2))]
+
+
 def rich_table(report: EstimateReport, title: str = "gputech-bench estimate (MiB)") -> Table:
     rows = report.rows()
     compared = any("measured_what" in row for row in rows)
@@ -123,6 +128,9 @@ def rich_table(report: EstimateReport, title: str = "gputech-bench estimate (MiB
         table.add_column("measured", justify="right")
         table.add_column("error", justify="right")
     for row in rows:
+        if row["error"]:
+            table.add_row(*_untraceable(row, len(table.columns)))
+            continue
         cells = [row["setup"], *(_mib(row[f"{category}_mib"]) for category, _ in SHOWN_CATEGORIES)]
         cells += [_mib(row["tensor_peak_mib"]), _mib(row["allocator_reserve_mib"]), _mib(row["cuda_context_mib"])]
         cells += [_mib(row["device_total_mib"]), _mib(row["host_peak_mib"])]
@@ -144,6 +152,9 @@ def compact_table(report: EstimateReport, title: str) -> Table:
     table.add_column("measured", justify="right")
     table.add_column("error", justify="right")
     for row in report.rows():
+        if row["error"]:
+            table.add_row(*_untraceable(row, 5))
+            continue
         measured = row.get("measured_mib")
         shown = _mib(measured) if measured is not None else ("n/a" if "n/a" in row.get("measured_what", "") else row.get("measured_what", "-"))
         table.add_row(row["setup"], _mib(row["tensor_peak_mib"]), _mib(row["host_peak_mib"]), shown, _error(row.get("error_percent")))
@@ -185,6 +196,9 @@ def markdown(report: EstimateReport) -> str:
         headers += ["measured", "error"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
+        if row["error"]:
+            lines.append("| " + " | ".join(_untraceable(row, len(headers))) + " |")
+            continue
         cells = [row["setup"], *(_mib(row[f"{category}_mib"]) for category, _ in SHOWN_CATEGORIES)]
         cells += [_mib(row["tensor_peak_mib"]), _mib(row["allocator_reserve_mib"]), _mib(row["cuda_context_mib"])]
         cells += [_mib(row["device_total_mib"]), _mib(row["host_peak_mib"])]
