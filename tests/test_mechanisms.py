@@ -200,3 +200,55 @@ def test_combinations_compose_every_hook(cell):
         assert plan.facts["compute_dtype"] == "bfloat16"
     if "accumulation" in names:
         assert len(plan.split_batch(random_batch(8, 16, 300))) == 2
+
+
+# --------------------------------------------------------------------------- sparse-head
+
+
+def test_sparse_head_loss_and_masked_predictions_equal_the_full_heads():
+    from gputech_bench.strategies.sparse_head import MaskedPositionsHead
+
+    model = tiny_bert(vocab=500, dropout=0.0)
+    batch = random_batch(4, 24, 500, seed=3)
+    full = model(**batch)
+    sparse = MaskedPositionsHead(model).train()
+    loss = sparse(**batch).loss
+    torch.testing.assert_close(loss, full.loss, rtol=1e-6, atol=1e-6)
+    logits, targets = sparse.masked_logits(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    masked = batch["labels"] != -100
+    torch.testing.assert_close(logits, full.logits[masked], rtol=1e-5, atol=1e-5)
+    assert torch.equal(logits.argmax(-1), full.logits[masked].argmax(-1))
+    assert torch.equal(targets, batch["labels"][masked])
+    # Gradients are the full head's too.
+    loss.backward()
+    sparse_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    model(**batch).loss.backward()
+    for sparse_grad, param in zip(sparse_grads, model.parameters()):
+        torch.testing.assert_close(sparse_grad, param.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_sparse_head_lowers_the_tracked_peak_where_the_vocabulary_dominates():
+    def tracked_peak(cell: str) -> int:
+        ctx = context("train.batch_size=8")
+        plan = build_plan(parse_cell(cell), tiny_bert(vocab=8000, hidden=32), ctx)
+        scheduler = get_linear_schedule_with_warmup(plan.optimizer, 0, 10)
+        batch = random_batch(8, 32, 8000)
+        optimizer_step(plan, scheduler, batch, ctx)
+        tracker = StepMemoryTracker(plan.model, plan.optimizer)
+        with tracker:
+            optimizer_step(plan, scheduler, batch, ctx, tracker.before_forward)
+        return tracker.peaks()[0].total_bytes
+
+    full, sparse = tracked_peak("baseline"), tracked_peak("sparse-head")
+    assert sparse < 0.8 * full, (sparse, full)
+
+
+def test_sparse_head_combines_with_lora_and_checkpointing():
+    ctx = context("train.batch_size=4")
+    plan = build_plan(parse_cell("1+lora+sparse-head"), tiny_bert(vocab=300), ctx)
+    scheduler = get_linear_schedule_with_warmup(plan.optimizer, 0, 10)
+    loss = optimizer_step(plan, scheduler, random_batch(4, 16, 300), ctx)
+    assert torch.isfinite(loss)
+    trainable = {name for name, p in plan.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)

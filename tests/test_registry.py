@@ -25,6 +25,7 @@ def test_every_seed_strategy_is_registered_by_number_and_name():
         ("3", "adam8bit"),
         ("4", "mixed-precision"),
         ("lora", "lora"),
+        ("sparse-head", "sparse-head"),
     ]
     for cls in registered():
         assert cls.saves and cls.costs
