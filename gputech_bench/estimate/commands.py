@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..cli_support import EXIT_FAILED_CELL, console, cuda_available, errors, fail, resolve_config
 from ..config import BenchConfig, ConfigError, from_dict
+from ..measure.units import MIB
 from ..messages import UserError, first_line
 from ..sizes import parse_size
 
@@ -331,15 +332,15 @@ def _verify(candidate, config: BenchConfig, results_dir: Path, budget: int) -> N
         raise typer.Exit(EXIT_FAILED_CELL)
     error = error_percent(predicted, measured)
     console.print(
-        f"  {setup.label}: predicted tensor peak {predicted / 2**20:,.1f} MiB, measured {measured.bytes / 2**20:,.1f} MiB "
+        f"  {setup.label}: predicted tensor peak {predicted / MIB:,.1f} MiB, measured {measured.bytes / MIB:,.1f} MiB "
         f"({measured.what}): {error:+.1f}%", highlight=False,
     )
     if result.get("device", {}).get("type") == "cuda":
         process = result["metrics"].get("nvml_process_peak_mib", {}).get("value")
         if process is not None:
-            held = process * 2**20 <= budget
+            held = process * MIB <= budget
             console.print(
-                f"  NVML process peak {process:,.0f} MiB (predicted {candidate.device_total / 2**20:,.0f} MiB with overheads): "
+                f"  NVML process peak {process:,.0f} MiB (predicted {candidate.device_total / MIB:,.0f} MiB with overheads): "
                 f"{'fits' if held else 'does NOT fit'} {budget / 2**30:.1f} GiB", highlight=False,
             )
     else:

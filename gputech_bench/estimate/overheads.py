@@ -16,7 +16,8 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-MIB = 2**20
+from ..measure.units import MIB
+
 DEFAULT_CONTEXT_BYTES = 512 * MIB
 DEFAULT_RESERVE_FRACTION = 0.10
 

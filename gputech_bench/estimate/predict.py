@@ -103,12 +103,16 @@ def _trace_cost(setup: Setup, config: BenchConfig) -> int:
     return config.train.batch_size // setup.micro_batch_size if setup.micro_batch_size else 1
 
 
+def _inputs_key(config_data: dict[str, Any]) -> str:
+    return repr(sorted(config_data.items()))
+
+
 def _trace_in_worker(config_data: dict[str, Any], setup: Setup) -> dict[str, Any]:
     from ..strategies import parse_cell
     from .trace import trace_cell, trace_inputs, trace_target
 
     config = setup.config_for(from_dict(config_data))
-    key = repr(sorted(config_data.items()))
+    key = _inputs_key(config_data)
     if key not in _worker_inputs:
         _worker_inputs.clear()
         _worker_inputs[key] = trace_inputs(config)
@@ -138,8 +142,10 @@ def predict(
     from .trace import trace_inputs
 
     config_data = to_dict(config)
-    # Tokenise once here: the pool's processes then read the cache instead of racing to write it.
-    trace_inputs(config)
+    # Tokenise once here: the pool's processes then read the cache instead of racing to write
+    # it, and a trace in this process reuses the batches.
+    _worker_inputs.clear()
+    _worker_inputs[_inputs_key(config_data)] = trace_inputs(config)
     done: dict[Setup, Prediction] = {}
     if jobs <= 1 or len(setups) == 1:
         for setup in setups:

@@ -8,11 +8,11 @@ from typing import Any
 
 from rich.table import Table
 
+from ..measure.units import MIB
 from .compare import Measured, error_percent
 from .overheads import Overheads
 from .predict import Prediction
 
-MIB = 2**20
 SCHEMA = "gputech-bench/estimate/1"
 #: Category columns, in the order memory is usually explained.
 SHOWN_CATEGORIES = (
