@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from rich.table import Table
 
@@ -101,6 +101,23 @@ def _fits(value: bool | None) -> str:
     return "-" if value is None else ("[green]yes[/]" if value else "[red]no[/]")
 
 
+def _plain_fits(value: bool | None) -> str:
+    return "-" if value is None else ("yes" if value else "no")
+
+
+def _row_cells(report: EstimateReport, row: dict[str, Any], compared: bool, fits: Callable[[bool | None], str]) -> list[str]:
+    """One traced row's cells, in the column order both the table and the markdown use."""
+    cells = [row["setup"], *(_mib(row[f"{category}_mib"]) for category, _ in SHOWN_CATEGORIES)]
+    cells += [_mib(row["tensor_peak_mib"]), _mib(row["allocator_reserve_mib"]), _mib(row["cuda_context_mib"])]
+    cells += [_mib(row["device_total_mib"]), _mib(row["host_peak_mib"])]
+    if report.budget_bytes is not None:
+        cells.append(fits(row["fits"]))
+    if compared:
+        measured = row.get("measured_mib")
+        cells += [_mib(measured) if measured is not None else row.get("measured_what", "-"), _error(row.get("error_percent"))]
+    return cells
+
+
 def _error(value: float | None) -> str:
     return "-" if value is None else f"{value:+.1f}%"
 
@@ -131,15 +148,7 @@ def rich_table(report: EstimateReport, title: str = "gputech-bench estimate (MiB
         if row["error"]:
             table.add_row(*_untraceable(row, len(table.columns)))
             continue
-        cells = [row["setup"], *(_mib(row[f"{category}_mib"]) for category, _ in SHOWN_CATEGORIES)]
-        cells += [_mib(row["tensor_peak_mib"]), _mib(row["allocator_reserve_mib"]), _mib(row["cuda_context_mib"])]
-        cells += [_mib(row["device_total_mib"]), _mib(row["host_peak_mib"])]
-        if report.budget_bytes is not None:
-            cells.append(_fits(row["fits"]))
-        if compared:
-            measured = row.get("measured_mib")
-            cells += [_mib(measured) if measured is not None else row.get("measured_what", "-"), _error(row.get("error_percent"))]
-        table.add_row(*cells)
+        table.add_row(*_row_cells(report, row, compared, _fits))
     return table
 
 
@@ -199,15 +208,7 @@ def markdown(report: EstimateReport) -> str:
         if row["error"]:
             lines.append("| " + " | ".join(_untraceable(row, len(headers))) + " |")
             continue
-        cells = [row["setup"], *(_mib(row[f"{category}_mib"]) for category, _ in SHOWN_CATEGORIES)]
-        cells += [_mib(row["tensor_peak_mib"]), _mib(row["allocator_reserve_mib"]), _mib(row["cuda_context_mib"])]
-        cells += [_mib(row["device_total_mib"]), _mib(row["host_peak_mib"])]
-        if report.budget_bytes is not None:
-            cells.append("-" if row["fits"] is None else ("yes" if row["fits"] else "no"))
-        if compared:
-            measured = row.get("measured_mib")
-            cells += [_mib(measured) if measured is not None else row.get("measured_what", "-"), _error(row.get("error_percent"))]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(_row_cells(report, row, compared, _plain_fits)) + " |")
     return "\n".join(["Memory in MiB.", "", *lines, "", *(f"- {line}" for line in legend(report))]) + "\n"
 
 
