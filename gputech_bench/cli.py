@@ -141,7 +141,7 @@ def run(
         config = resolve_config(preset, [*set_, *extra], model, train_file, eval_file, device)
         if (config.gpu_memory_limit or config.memory_snapshot) and not uses_cuda(config):
             raise ConfigError("--gpu-memory-limit and --memory-snapshot need a CUDA device: drop them on this machine")
-        cells = expand(strategies, matrix, config)
+        cells = expand(strategies, matrix, config, uses_cuda(config))
     except ValueError as error:
         fail(str(error))
     if uses_cuda(config):
@@ -243,11 +243,13 @@ def list_strategies() -> None:
 
     from .strategies import Cell, refusal_reason, registered
 
+    cuda = cuda_available()
     table = Table(title="strategies (combine with '+', e.g. 1+2+3)", title_justify="left")
-    for column in ("key", "name", "saves", "costs", "gives up", "needs"):
+    for column in ("key", "name", "saves", "costs", "gives up", "needs", "here"):
         table.add_column(column, overflow="fold")
     for cls in registered():
-        table.add_row(cls.key, cls.name, cls.saves, cls.costs, cls.gives_up or "nothing", cls.requires or "-")
+        here = "[red]no: needs CUDA[/]" if cls.needs_cuda and not cuda else "yes"
+        table.add_row(cls.key, cls.name, cls.saves, cls.costs, cls.gives_up or "nothing", cls.requires or "-", here)
     console.print(table)
     refused = [
         (f"{a.key}+{b.key}", reason)

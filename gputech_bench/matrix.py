@@ -9,11 +9,12 @@ from .strategies import BASELINE, StrategyError, parse_cell, refuse_for_config
 SEED_MATRIX = ("baseline", "1", "2", "3", "4", "1+2+3", "1+2+4", "lora")
 
 
-def expand(strategies: str | None, matrix: bool, config: BenchConfig) -> list[str]:
+def expand(strategies: str | None, matrix: bool, config: BenchConfig, cuda: bool | None = None) -> list[str]:
     """Canonical cell names in run order; refuses bad names and combinations before anything runs.
 
     ``--matrix`` gives the seed's eight cells; ``--strategies "1,3,1+2+3"`` gives those
-    cells after the baseline, which every comparison needs. Both may be given.
+    cells after the baseline, which every comparison needs. Both may be given. With ``cuda``
+    False, cells that need a CUDA device are refused.
     """
     requested: list[str] = []
     if matrix or not strategies:
@@ -29,7 +30,7 @@ def expand(strategies: str | None, matrix: bool, config: BenchConfig) -> list[st
     for item in requested:
         cell = parse_cell(item)
         try:
-            refuse_for_config(cell, config)
+            refuse_for_config(cell, config, cuda)
         except StrategyError as error:
             message = str(error).removeprefix("refused combination: ")
             raise StrategyError(f"refused cell '{item}': {message}") from None

@@ -24,8 +24,13 @@ def test_every_seed_strategy_is_registered_by_number_and_name():
         ("2", "accumulation"),
         ("3", "adam8bit"),
         ("4", "mixed-precision"),
+        ("fsdp-offload", "fsdp-offload"),
+        ("paged-adam8bit", "paged-adam8bit"),
         ("lora", "lora"),
+        ("amp", "amp"),
+        ("amp-fp16", "amp-fp16"),
         ("sparse-head", "sparse-head"),
+        ("compile", "compile"),
     ]
     for cls in registered():
         assert cls.saves and cls.costs
@@ -95,8 +100,12 @@ def test_claims_come_from_the_overridden_hooks():
     assert by_key["1"].claims() == set()
     assert by_key["2"].claims() == {"split_batch"}
     assert by_key["3"].claims() == {"build_optimizer"}
-    assert by_key["4"].claims() == {"placement"}
+    assert by_key["4"].claims() == {"placement", "precision"}
     assert by_key["lora"].claims() == set()
+    assert by_key["amp"].claims() == by_key["amp-fp16"].claims() == {"precision"}
+    assert by_key["paged-adam8bit"].claims() == {"build_optimizer"}
+    assert by_key["fsdp-offload"].claims() == {"placement"}
+    assert by_key["sparse-head"].claims() == by_key["compile"].claims() == set()
 
 
 def test_a_strategy_that_cannot_run_with_the_config_is_refused_with_the_fix():

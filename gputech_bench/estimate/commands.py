@@ -273,9 +273,10 @@ def fit(
 ) -> None:
     from ..strategies import StrategyError
     from ..strategies.registry import lookup
-    from .fit import search
+    from .fit import search, unsearchable
     from .overheads import DEFAULTS, calibrate
     from .predict import default_jobs
+    from .trace import trace_target
 
     measured: dict[str, dict[str, Any]] = {}
     results = None
@@ -295,10 +296,17 @@ def fit(
     overheads = calibrate(results) if results else DEFAULTS
     workers = jobs or default_jobs()
     excluded = {name.strip().lower() for name in exclude}
+    device_type = trace_target().device.type
+    left_out = [key for key in unsearchable(device_type) if key not in excluded]
+    if left_out:
+        console.print(
+            f"[dim]not searched (the estimate cannot trace them here; measure them with 'run'): {', '.join(left_out)}[/]",
+            highlight=False,
+        )
     try:
         result = search(
             config, budget_bytes, overheads, lambda setups, cfg: _predict(setups, cfg, workers),
-            measured, config.strategy.micro_batch_size, top, excluded, parallel=workers,
+            measured, config.strategy.micro_batch_size, top, excluded, parallel=workers, device_type=device_type,
         )
     except UserError as error:
         fail(str(error))

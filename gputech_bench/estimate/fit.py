@@ -14,7 +14,9 @@ always labelled as such. The model's factors multiply, relative to the baseline'
   0.2 reproduces the seed's measured 1.6x for 8x4 on an A30;
 * 8-bit Adam (3): x 1.0, the optimizer step is small next to forward and backward;
 * master copy on the host (4): x 3.8, the seed's measured ratio (host Adam and PCIe copies);
-* LoRA: x 0.75, frozen weights need no weight gradients (backward of about one forward).
+* LoRA: x 0.75, frozen weights need no weight gradients (backward of about one forward);
+* amp: x 0.6, half-precision matmuls on tensor cores. An assumption from commonly reported
+  BERT-base speed-ups (1.5-2x), not a measurement of this project: a --from run replaces it.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from .predict import Prediction, Setup
 
 #: The effective batch is divided into this many micro-batches (16x2, 8x4, 4x8, 2x16 for 32).
 ACCUMULATION_STEPS = (2, 4, 8, 16)
-MODEL_FACTORS = {"1": 4 / 3, "3": 1.0, "4": 3.8, "lora": 0.75}
+MODEL_FACTORS = {"1": 4 / 3, "3": 1.0, "4": 3.8, "lora": 0.75, "amp": 0.6, "amp-fp16": 0.6}
 ACCUMULATION_OVERHEAD = 0.2
 
 
@@ -39,9 +41,17 @@ class FitError(UserError):
     """No setup fits, or the search cannot start; one line."""
 
 
-def candidates(config: BenchConfig, exclude: set[str] = frozenset()) -> list[Setup]:
-    """Every allowed combination, with each micro-batch size for those that accumulate."""
-    strategies = [cls for cls in registered() if cls.key not in exclude and cls.name not in exclude]
+def unsearchable(device_type: str) -> list[str]:
+    """Strategies the estimate cannot trace on ``device_type`` fake tensors, so fit leaves them out."""
+    return [cls.key for cls in registered() if not cls.traceable(device_type)]
+
+
+def candidates(config: BenchConfig, exclude: set[str] = frozenset(), device_type: str = "meta") -> list[Setup]:
+    """Every allowed, traceable combination, with each micro-batch size for those that accumulate."""
+    strategies = [
+        cls for cls in registered()
+        if cls.key not in exclude and cls.name not in exclude and cls.traceable(device_type)
+    ]
     batch = config.train.batch_size
     setups: list[Setup] = []
     for size in range(len(strategies) + 1):
@@ -148,10 +158,11 @@ def search(
     wanted: int = 3,
     exclude: set[str] = frozenset(),
     parallel: int = 1,
+    device_type: str = "meta",
 ) -> FitResult:
     """Trace candidates fastest-first until ``wanted`` fit; say what would fit when none does."""
     measured = measured or {}
-    setups = candidates(config, exclude)
+    setups = candidates(config, exclude, device_type)
     if not setups:
         raise FitError("no strategy combination is left to try: drop some --exclude entries")
     times = {setup: expected_time(setup, config, measured, run_micro) for setup in setups}

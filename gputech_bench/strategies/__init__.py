@@ -1,10 +1,21 @@
 """Memory-saving strategies, registered by number and name.
 
-Importing this package registers the seed's five and sparse-head; ``plan.build_plan`` composes a
-cell's strategies into one training setup.
+Importing this package registers the seed's five and the modern ones; ``plan.build_plan`` composes
+a cell's strategies into one training setup.
 """
 
-from . import accumulation, adam8bit, checkpointing, lora, mixed_precision, sparse_head  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration)
+    accumulation,
+    adam8bit,
+    amp,
+    checkpointing,
+    compile,
+    fsdp_offload,
+    lora,
+    mixed_precision,
+    paged_adam8bit,
+    sparse_head,
+)
 from .base import MicroBatch, Placement, RunContext, Strategy, StrategyError
 from .plan import TrainingPlan, build_plan, check_cell, refuse_for_config
 from .registry import BASELINE, Cell, check_combinable, parse_cell, refusal_reason, register, registered, unregister

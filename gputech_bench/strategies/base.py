@@ -9,6 +9,8 @@ A strategy acts on a run through these hooks:
 * ``build_optimizer`` choose the optimizer class (8-bit Adam). Exclusive.
 * ``split_batch``     turn one batch into micro-batches with their loss weights
                       (gradient accumulation). Exclusive.
+* ``precision``       how forward runs and how the loss reaches the gradients
+                      (autocast, loss scaling). Exclusive.
 
 "Exclusive" hooks have one owner per cell; two strategies that claim the same one
 cannot be combined and the cell is refused before anything runs.
@@ -16,6 +18,7 @@ cannot be combined and the cell is refused before anything runs.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Iterable
 
@@ -33,7 +36,7 @@ class StrategyError(UserError):
 
 
 #: Hooks that only one strategy of a cell may own.
-EXCLUSIVE_HOOKS = ("placement", "build_optimizer", "split_batch")
+EXCLUSIVE_HOOKS = ("placement", "build_optimizer", "split_batch", "precision")
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,27 @@ class Placement:
         return []
 
 
+class Precision:
+    """How the forward pass runs and how the loss becomes gradients.
+
+    The default is the seed's: whatever dtype the weights have, no autocast and no
+    loss scaling.
+    """
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Entered around every forward pass, training and evaluation alike."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: "torch.Tensor") -> None:
+        loss.backward()
+
+    def unscale(self, optimizer: "torch.optim.Optimizer") -> None:
+        """Bring the gradients to their true scale, before clipping reads them."""
+
+    def step(self, optimizer: "torch.optim.Optimizer") -> None:
+        optimizer.step()
+
+
 class Strategy:
     """One memory-saving technique. Subclasses override the hooks they use."""
 
@@ -98,6 +122,14 @@ class Strategy:
     requires: ClassVar[str] = ""
     #: What training gives up with it ("" = the same training), shown by ``fit``.
     gives_up: ClassVar[str] = ""
+    #: Runs only on a CUDA device; a run elsewhere refuses the cell before it starts.
+    needs_cuda: ClassVar[bool] = False
+
+    @classmethod
+    def traceable(cls, device_type: str) -> bool:
+        """Whether the memory estimate can follow this strategy on fake tensors of ``device_type``;
+        ``fit`` searches only these."""
+        return True
 
     def claims(self) -> set[str]:
         """The exclusive hooks this strategy overrides."""
@@ -120,6 +152,9 @@ class Strategy:
         raise NotImplementedError
 
     def split_batch(self, batch: dict[str, "torch.Tensor"], ctx: RunContext) -> list[MicroBatch]:
+        raise NotImplementedError
+
+    def precision(self, ctx: RunContext) -> Precision:
         raise NotImplementedError
 
     def describe(self, model: "nn.Module", ctx: RunContext) -> dict[str, Any]:

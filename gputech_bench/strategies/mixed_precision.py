@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Placement, RunContext, Strategy
+from .base import Placement, Precision, RunContext, Strategy
 from .registry import register
 
 HOST = torch.device("cpu")
@@ -73,6 +73,12 @@ class MixedPrecision(Strategy):
 
     def placement(self, model: nn.Module, ctx: RunContext) -> Placement:
         return MasterCopyPlacement(model, ctx)
+
+    def precision(self, ctx: RunContext) -> Precision:
+        # The seed's: the weights themselves are half, with no autocast and no loss scaling.
+        # Owning the hook keeps amp out: autocast over half weights and a GradScaler on a
+        # host optimizer's gradients would be neither recipe.
+        return Precision()
 
     def describe(self, model, ctx: RunContext) -> dict:
         return {

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
-from .base import MicroBatch, Placement, RunContext, Strategy
+from .base import MicroBatch, Placement, Precision, RunContext, Strategy, StrategyError
 from .defaults import InPlacePlacement, build_adamw, whole_batch
 from .registry import Cell, check_combinable
 
@@ -29,6 +29,7 @@ class TrainingPlan:
     placement: Placement
     optimizer: torch.optim.Optimizer
     split_batch: Callable[[dict[str, torch.Tensor]], list[MicroBatch]]
+    precision: Precision
     facts: dict[str, Any]
 
     @property
@@ -36,11 +37,18 @@ class TrainingPlan:
         return self.placement.compute_model
 
 
-def refuse_for_config(cell: Cell, config: "BenchConfig") -> list[Strategy]:
-    """Refuse an undefined combination, or one the config rules out; cheap enough for the runner."""
+def refuse_for_config(cell: Cell, config: "BenchConfig", cuda: bool | None = None) -> list[Strategy]:
+    """Refuse an undefined combination, or one the config rules out; cheap enough for the runner.
+
+    ``cuda`` says whether the run will have a CUDA device (None: not known yet, as in a trace)."""
     check_combinable(cell)
     strategies = cell.instantiate()
     for strategy in strategies:
+        if strategy.needs_cuda and cuda is False:
+            raise StrategyError(
+                f"{strategy.key} needs a CUDA device and this run has none ({strategy.requires}): "
+                "run it on a GPU machine, or leave it out"
+            )
         strategy.check_config(config)
     return strategies
 
@@ -67,6 +75,7 @@ def build_plan(cell: Cell, model: nn.Module, ctx: RunContext) -> TrainingPlan:
         optimizer = build_adamw(params, ctx)
     splitter = owners.get("split_batch")
     split = (lambda batch: splitter.split_batch(batch, ctx)) if splitter else (lambda batch: whole_batch(batch, ctx))
+    precision = owners["precision"].precision(ctx) if "precision" in owners else Precision()
 
     facts: dict[str, Any] = {
         "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
@@ -78,4 +87,4 @@ def build_plan(cell: Cell, model: nn.Module, ctx: RunContext) -> TrainingPlan:
     facts.update(trainable_parameters=trainable, total_parameters=total)
     for strategy in strategies:
         facts.update(strategy.describe(placement.compute_model, ctx))
-    return TrainingPlan(cell, strategies, placement, optimizer, split, facts)
+    return TrainingPlan(cell, strategies, placement, optimizer, split, precision, facts)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -27,9 +29,23 @@ class EvalScores:
     scored_tokens: int
 
 
+def predicts_in_chunks(model: nn.Module) -> bool:
+    """Whether ``model`` (or the module a DDP wrapper holds) returns predictions instead of logits."""
+    return bool(getattr(model, "predicts_in_chunks", False) or getattr(getattr(model, "module", None), "predicts_in_chunks", False))
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, eval_set: EvalSet, device: torch.device, batch_size: int) -> EvalScores:
+def evaluate(
+    model: nn.Module,
+    eval_set: EvalSet,
+    device: torch.device,
+    batch_size: int,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> EvalScores:
+    """Score ``eval_set``; ``autocast`` is the training's precision context, so evaluation runs
+    in the precision the cell trains in."""
     was_training = model.training
+    chunked = predicts_in_chunks(model)
     model.eval()
     masked_correct = masked_total = token_correct = token_total = 0
     loss_sum = 0.0
@@ -37,8 +53,14 @@ def evaluate(model: nn.Module, eval_set: EvalSet, device: torch.device, batch_si
         part = slice(start, start + batch_size)
         labels = eval_set.labels[part].to(device)
         attention = eval_set.attention_mask[part].to(device)
-        output = model(input_ids=eval_set.input_ids[part].to(device), attention_mask=attention, labels=labels)
-        predicted = output.logits.argmax(dim=-1)
+        inputs = {"input_ids": eval_set.input_ids[part].to(device), "attention_mask": attention, "labels": labels}
+        with autocast():
+            if chunked:  # sparse-head: the argmax comes back, never the full logits
+                output = model(**inputs, return_predictions=True)
+                predicted = output.predicted
+            else:
+                output = model(**inputs)
+                predicted = output.logits.argmax(dim=-1)
         masked = labels != -100
         count = int(masked.sum())
         masked_correct += int((predicted == labels)[masked].sum())

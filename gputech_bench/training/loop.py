@@ -85,8 +85,9 @@ def accumulate_gradients(
             before_forward()
         # Move each micro-batch on its own: the device only ever holds one.
         inputs = {name: tensor.to(device, non_blocking=True) for name, tensor in micro.inputs.items()}
-        loss = plan.model(**inputs).loss
-        (loss * micro.loss_weight if micro.loss_weight != 1.0 else loss).backward()
+        with plan.precision.autocast():
+            loss = plan.model(**inputs).loss
+        plan.precision.backward(loss * micro.loss_weight if micro.loss_weight != 1.0 else loss)
         step_loss += loss.detach().float() * micro.loss_weight
     return step_loss
 
@@ -103,8 +104,9 @@ def optimizer_step(
     plan.placement.before_step()
     max_norm = ctx.config.train.max_grad_norm
     if plan.placement.clips_gradients and max_norm > 0:
+        plan.precision.unscale(plan.optimizer)
         torch.nn.utils.clip_grad_norm_(plan.placement.optimizer_parameters(), max_norm)
-    plan.optimizer.step()
+    plan.precision.step(plan.optimizer)
     scheduler.step()
     plan.optimizer.zero_grad(set_to_none=True)
     plan.placement.after_step()

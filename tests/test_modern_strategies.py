@@ -1,0 +1,192 @@
+"""The strategies beyond the seed (amp, sparse-head in evaluation, paged 8-bit Adam, compile)
+do what their names say, proven with numbers on a tiny CPU BERT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import context, random_batch, tiny_bert
+from transformers import get_linear_schedule_with_warmup
+
+from gputech_bench.cell import record_compile_time
+from gputech_bench.matrix import expand
+from gputech_bench.measure.tracker import StepMemoryTracker
+from gputech_bench.strategies import StrategyError, build_plan, check_cell, parse_cell
+from gputech_bench.strategies.amp import AutocastPrecision
+from gputech_bench.strategies.sparse_head import MaskedPositionsHead
+from gputech_bench.training.evaluate import EvalSet, evaluate
+from gputech_bench.training.loop import TrainOutcome, optimizer_step
+
+
+def losses_of(cell: str, steps: int = 3, *overrides: str) -> list[float]:
+    ctx = context("train.batch_size=8", "train.lr=1e-3", *overrides)
+    plan = build_plan(parse_cell(cell), tiny_bert(vocab=300), ctx)
+    scheduler = get_linear_schedule_with_warmup(plan.optimizer, 0, 100)
+    batch = random_batch(8, 32, 300)  # the same batch each step, so that the loss must fall
+    return [float(optimizer_step(plan, scheduler, batch, ctx)) for _ in range(steps)]
+
+
+# --------------------------------------------------------------------------- amp
+
+
+def test_amp_runs_in_bf16_on_cpu_and_its_loss_stays_close_to_fp32():
+    plan = build_plan(parse_cell("amp"), tiny_bert(), context())
+    assert isinstance(plan.precision, AutocastPrecision)
+    assert plan.precision.dtype == torch.bfloat16 and plan.precision.scaler is None
+    assert plan.facts["autocast_dtype"] == "bfloat16"
+    # The weights (and so gradients and optimizer state) stay fp32: only compute is half.
+    assert all(p.dtype == torch.float32 for p in plan.model.parameters())
+
+    full, amp = losses_of("baseline"), losses_of("amp")
+    assert full[-1] < full[0] and amp[-1] < amp[0]  # both train
+    for a, b in zip(amp, full):
+        assert abs(a - b) / b < 0.02, (amp, full)
+
+
+def test_amp_halves_the_activations_saved_for_backward():
+    def saved_bytes(cell: str) -> int:
+        plan = build_plan(parse_cell(cell), tiny_bert(vocab=300, hidden=64), context())
+        parameters = {p.untyped_storage().data_ptr() for p in plan.model.parameters()}
+        storages: dict[int, int] = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in parameters:
+                storages[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), plan.precision.autocast():
+            plan.model(**random_batch(8, 64, 300)).loss.backward()
+        return sum(storages.values())
+
+    full, amp = saved_bytes("baseline"), saved_bytes("amp")
+    # Matmul inputs and outputs are saved in bf16; softmax, layer norm and the loss stay fp32.
+    assert amp < 0.8 * full, (amp, full)
+
+
+def test_amp_fp16_scales_the_loss_and_skips_a_step_whose_gradients_overflow():
+    ctx = context("train.batch_size=4", "train.max_grad_norm=0")
+    plan = build_plan(parse_cell("amp-fp16"), tiny_bert(), ctx)
+    assert plan.precision.dtype == torch.float16 and plan.precision.scaler is not None
+    assert plan.facts["loss_scaling"].startswith("torch.amp.GradScaler")
+    scheduler = get_linear_schedule_with_warmup(plan.optimizer, 0, 10)
+    loss = optimizer_step(plan, scheduler, random_batch(4, 16, 300), ctx)
+    assert torch.isfinite(loss)
+    scale = plan.precision.scaler.get_scale()
+    assert scale > 1
+
+    with torch.no_grad():  # an infinite weight makes the loss and the gradients overflow
+        plan.model.bert.embeddings.word_embeddings.weight[0] = float("inf")
+    before = [p.detach().clone() for p in plan.model.parameters()]
+    optimizer_step(plan, scheduler, random_batch(4, 16, 300, seed=1) | {"input_ids": torch.zeros(4, 16, dtype=torch.long)}, ctx)
+    # The scaler skipped the update and halved its scale, as in fp16 training on a GPU.
+    assert all(torch.equal(a, b) for a, b in zip(plan.model.parameters(), before))
+    assert plan.precision.scaler.get_scale() == scale / 2
+
+
+def test_amp_combines_with_checkpointing_and_sparse_head():
+    losses = losses_of("1+amp+sparse-head", 2)
+    reference = losses_of("amp", 2)
+    for a, b in zip(losses, reference):
+        assert abs(a - b) / b < 0.02, (losses, reference)
+
+
+def test_amp_and_the_seeds_master_copy_are_refused_together():
+    with pytest.raises(StrategyError, match="both own the precision hook"):
+        check_cell(parse_cell("4+amp"), context())
+
+
+# --------------------------------------------------------------------------- sparse-head in evaluation
+
+
+def eval_set(vocab: int, size: int = 6, length: int = 24) -> EvalSet:
+    original = random_batch(size, length, vocab, seed=7)
+    ids = original["input_ids"].clone()
+    masked = original["labels"] != -100
+    ids[masked] = original["labels"][masked]  # the unmasked sentence
+    return EvalSet(original["input_ids"], original["labels"], ids, original["attention_mask"])
+
+
+def test_sparse_head_evaluation_scores_like_the_full_head():
+    model = tiny_bert(vocab=500)
+    data = eval_set(500)
+    full = evaluate(model, data, torch.device("cpu"), batch_size=4)
+    sparse = evaluate(MaskedPositionsHead(model), data, torch.device("cpu"), batch_size=4)
+    assert sparse.masked_accuracy == full.masked_accuracy
+    assert sparse.token_accuracy == full.token_accuracy
+    assert sparse.loss == pytest.approx(full.loss, rel=1e-5)
+    assert (sparse.masked_tokens, sparse.scored_tokens) == (full.masked_tokens, full.scored_tokens)
+
+
+def test_sparse_head_evaluation_never_holds_the_full_logits(monkeypatch):
+    import gputech_bench.strategies.sparse_head as sparse_head
+
+    monkeypatch.setattr(sparse_head, "EVAL_CHUNK_POSITIONS", 32)
+    model = tiny_bert(vocab=8000)
+    data = eval_set(8000, size=8, length=32)
+
+    def eval_peak(module: torch.nn.Module) -> int:
+        with StepMemoryTracker(module) as tracker:
+            evaluate(module, data, torch.device("cpu"), batch_size=8)
+        return tracker.peaks()[0].total_bytes
+
+    full_logits = 8 * 32 * 8000 * 4
+    full, sparse = eval_peak(model), eval_peak(MaskedPositionsHead(model))
+    assert full - sparse > 0.8 * full_logits, (full, sparse, full_logits)
+
+
+# --------------------------------------------------------------------------- paged 8-bit Adam
+
+
+def test_paged_adam8bit_is_refused_before_running_without_cuda():
+    from gputech_bench.config import BenchConfig
+
+    with pytest.raises(StrategyError, match="needs a CUDA device"):
+        expand("paged-adam8bit", False, BenchConfig(), cuda=False)
+    with pytest.raises(StrategyError, match="paged-adam8bit needs CUDA"):
+        check_cell(parse_cell("paged-adam8bit"), context())
+    assert expand("paged-adam8bit", False, BenchConfig(), cuda=True) == ["baseline", "paged-adam8bit"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="paged optimizers need CUDA unified memory; no CUDA device here")
+def test_paged_adam8bit_steps_with_paged_state_on_cuda():
+    from gputech_bench.config import BenchConfig, apply_overrides
+    from gputech_bench.strategies import RunContext
+
+    ctx = RunContext(apply_overrides(BenchConfig(), ["device=cuda"]), torch.device("cuda"))
+    plan = build_plan(parse_cell("paged-adam8bit"), tiny_bert(vocab=8000), ctx)
+    scheduler = get_linear_schedule_with_warmup(plan.optimizer, 0, 10)
+    optimizer_step(plan, scheduler, random_batch(4, 16, 8000), ctx)
+    assert type(plan.optimizer).__name__ == "PagedAdamW8bit"
+    states = [s for s in plan.optimizer.state.values() if "state1" in s]
+    assert states and all(s["state1"].dtype == torch.uint8 for s in states)
+    assert any(getattr(s["state1"], "is_paged", False) for s in states)
+
+
+# --------------------------------------------------------------------------- compile
+
+
+def compile_unavailable() -> str | None:
+    """Why torch.compile cannot run here (no C++ compiler, unsupported platform), or None."""
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(4))
+    except Exception as error:  # the reasons vary by platform; each is a skip, not a failure
+        return f"torch.compile cannot compile on this platform ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
+    return None
+
+
+@pytest.mark.slow
+def test_compile_trains_like_eager():
+    reason = compile_unavailable()
+    if reason:
+        pytest.skip(reason)
+    compiled, eager = losses_of("compile", 3), losses_of("baseline", 3)
+    for a, b in zip(compiled, eager):
+        assert a == pytest.approx(b, rel=1e-3)
+
+
+def test_compile_time_is_the_first_steps_excess_over_a_steady_step():
+    outcome = TrainOutcome(5, 5, 5, 40, step_seconds=[0.1, 0.1, 0.1], first_step_seconds=12.6)
+    result = {"metrics": {}}
+    record_compile_time(result, outcome)
+    assert result["metrics"]["compile_seconds"]["value"] == pytest.approx(12.5)
