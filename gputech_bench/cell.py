@@ -15,6 +15,8 @@ import torch
 
 from .config import BenchConfig, to_dict
 from .dataset import prepare_data
+from .distributed import ensure_process_group, launched_by_torchrun, ranks_from_env
+from .distributed import shutdown as shutdown_process_group
 from .measure import cuda as cuda_memory
 from .measure.cap import plan_cap
 from .measure.host import peak_rss_bytes
@@ -38,7 +40,8 @@ class DeviceError(UserError):
     """The requested device is not usable; the message is one line."""
 
 
-def resolve_device(choice: str) -> torch.device:
+def resolve_device(choice: str, local_rank: int | None = None) -> torch.device:
+    """The compute device; under torchrun, the GPU of this rank's ``local_rank``."""
     if choice == "cpu":
         return torch.device("cpu")
     available = torch.cuda.is_available()
@@ -47,7 +50,32 @@ def resolve_device(choice: str) -> torch.device:
             "CUDA was requested but torch.cuda.is_available() is False: use --device cpu, "
             "or install a CUDA build of torch on a machine with a GPU"
         )
-    return torch.device("cuda", torch.cuda.current_device()) if available else torch.device("cpu")
+    if not available:
+        return torch.device("cpu")
+    if local_rank is not None:
+        if local_rank >= torch.cuda.device_count():
+            raise DeviceError(
+                f"rank with LOCAL_RANK {local_rank} has no GPU: {torch.cuda.device_count()} visible; "
+                "lower --nproc-per-node to the GPUs per node, or list more with --gpus"
+            )
+        torch.cuda.set_device(local_rank)
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def check_rank_split(config: BenchConfig, train_rows: int, world_size: int) -> None:
+    """Every rank must get rows of every batch, or the ranks' collectives would stop matching."""
+    batch = config.train.batch_size
+    if batch % world_size:
+        raise UserError(
+            f"train.batch_size ({batch}) does not split evenly over {world_size} ranks: "
+            f"pass --set train.batch_size=<a multiple of {world_size}>"
+        )
+    last = train_rows % batch
+    if 0 < last < world_size:
+        raise UserError(
+            f"the last batch of each epoch has {last} row(s), fewer than the {world_size} ranks: "
+            f"pass --set data.train_sentences={train_rows - last}"
+        )
 
 
 def new_result(cell_text: str, config: BenchConfig) -> dict[str, Any]:
@@ -89,10 +117,21 @@ def run_cell(
     """
     cell = parse_cell(cell_text)
     result.update(cell=cell.name, strategies=[cls.name for cls in cell.strategies])
-    device = resolve_device(config.device)
+    ranks = ranks_from_env()
+    device = resolve_device(config.device, ranks.local_rank if launched_by_torchrun() else None)
     result["device"] = {"type": device.type}
-    if device.type != "cuda":
-        return _measure_cell(cell, config, device, result, emit)
+    if launched_by_torchrun():
+        result["rank"] = {"rank": ranks.rank, "local_rank": ranks.local_rank, "world_size": ranks.world_size}
+    try:
+        if device.type != "cuda":
+            return _measure_cell(cell, config, device, result, emit)
+        return _measure_cuda_cell(cell, config, device, result, emit, snapshot_path)
+    finally:
+        shutdown_process_group()
+
+
+def _measure_cuda_cell(cell, config: BenchConfig, device: torch.device, result: dict[str, Any], emit: EventSink,
+                       snapshot_path: Path | None) -> dict[str, Any]:
     result["device"].update(cuda_memory.device_info(device))
     # NVML first: its device-wide fallback subtracts what was in use before this cell allocated anything.
     sampler = cuda_memory.NvmlSampler(device).start()
@@ -121,11 +160,14 @@ def _measure_cell(
     sampler: cuda_memory.NvmlSampler | None = None,
 ) -> dict[str, Any]:
     started = time.perf_counter()
-    ctx = RunContext(config, device)
+    ranks = ensure_process_group(device) if launched_by_torchrun() else ranks_from_env()
+    ctx = RunContext(config, device, rank=ranks.rank, world_size=ranks.world_size)
 
     emit({"event": "phase", "phase": "data"})
     data = prepare_data(config)
     result["data"] = data.info
+    if ranks.is_distributed:
+        check_rank_split(config, len(data.train), ranks.world_size)
     if config.model.vocab_rows > data.tokenizer_size and not config.model.pretrained:
         result["notes"].append(
             f"the model has {config.model.vocab_rows:,} vocabulary rows and the tokenizer {data.tokenizer_size:,} tokens: "

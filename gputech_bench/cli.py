@@ -62,7 +62,7 @@ def check_gpu_idle(allow_busy: bool) -> None:
 
 
 class MatrixProgress:
-    """Cell i of N, the running cell's step out of its total, and time left."""
+    """Cells done out of N, and a step bar for each running cell (several with --gpus)."""
 
     def __init__(self, cells: list[str]) -> None:
         self.cells = cells
@@ -70,8 +70,9 @@ class MatrixProgress:
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TimeRemainingColumn(), console=console, transient=True,
         )
-        self.overall = self.progress.add_task(f"cell 1/{len(cells)}", total=len(cells))
-        self.steps = self.progress.add_task("", total=None, visible=False)
+        self.overall = self.progress.add_task("cells", total=len(cells))
+        self.running: dict[str, Any] = {}
+        self.labels: dict[str, str] = {}
 
     def __enter__(self) -> "MatrixProgress":
         self.progress.__enter__()
@@ -80,21 +81,28 @@ class MatrixProgress:
     def __exit__(self, *exc: Any) -> None:
         self.progress.__exit__(*exc)
 
-    def cell_started(self, index: int, cell: str) -> None:
-        self.progress.update(self.overall, description=f"cell {index + 1}/{len(self.cells)}")
-        self.progress.reset(self.steps, total=None, description=f"  {cell}: starting", visible=True)
+    def cell_started(self, index: int, cell: str, slot: Any = None) -> None:
+        where = f" on GPU {','.join(slot)}" if slot else ""
+        self.labels[cell] = f"  {cell}{where}"
+        self.running[cell] = self.progress.add_task(f"{self.labels[cell]}: starting", total=None)
 
     def cell_finished(self, index: int, result: dict[str, Any]) -> None:
         self.progress.advance(self.overall)
+        task = self.running.pop(result["cell"], None)
+        if task is not None:
+            self.progress.remove_task(task)
         status = result["status"]
         mark = "[green]ok[/]" if status == "ok" else f"[bold red]{status}[/]: {result.get('reason') or ''}"
         console.print(f"  {result['cell']}: {mark}", highlight=False)
 
     def event(self, cell: str, event: dict[str, Any]) -> None:
+        task = self.running.get(cell)
+        if task is None:
+            return
         if event["event"] == "phase":
-            self.progress.update(self.steps, description=f"  {cell}: {event['phase']}")
+            self.progress.update(task, description=f"{self.labels[cell]}: {event['phase']}")
         elif event["event"] == "step":
-            self.progress.update(self.steps, description=f"  {cell}: train", completed=event["step"], total=event["total"])
+            self.progress.update(task, description=f"{self.labels[cell]}: train", completed=event["step"], total=event["total"])
 
 
 RUN_HELP = """Run strategy cells, one isolated process each, and print the comparison table.
@@ -109,6 +117,10 @@ and a log per cell. Re-running with the same --run-name skips cells that are alr
 * `gputech-bench run --matrix --preset seed --device cuda --cell-timeout 1800` - the seed's exact setup on a GPU
 * `gputech-bench run --matrix --preset seed-512 --gpu-memory-limit 24GiB` - which cells fit a 24 GiB card?
 * `gputech-bench run --matrix --model ./my-bert --train-file train.txt --eval-file eval.txt`
+* `gputech-bench run --strategies amp,amp+sparse-head,1+amp+sparse-head,fsdp-offload` - the modern strategies
+* `gputech-bench run --matrix --gpus 0,1,2,3` - four cells at a time, one per GPU
+* `gputech-bench run --strategies fsdp-offload --nproc-per-node 4` - each cell sharded over 4 GPUs (torchrun)
+* `gputech-bench run --matrix --nproc-per-node 8 --nnodes 2 --node-rank 0 --rdzv-endpoint node0:29500` - on node 0 of 2
 """
 
 
@@ -130,7 +142,13 @@ def run(
     gpu_memory_limit: Optional[str] = typer.Option(None, help="Emulate a smaller card, e.g. 24GiB: cells past it become 'oom' rows."),
     memory_snapshot: bool = typer.Option(False, "--memory-snapshot", help="Write a CUDA memory snapshot per cell (open it in pytorch.org/memory_viz)."),
     estimate: bool = typer.Option(True, "--estimate/--no-estimate", help="After the cells, trace each one on fake tensors and show predicted against measured memory."),
+    gpus: Optional[str] = typer.Option(None, help="Run cells at the same time, one per GPU, e.g. --gpus 0,1,2,3 (each pinned with CUDA_VISIBLE_DEVICES)."),
+    nproc_per_node: int = typer.Option(1, "--nproc-per-node", min=1, help="Ranks per cell through torchrun: data-parallel (DDP), or sharded with fsdp-offload. gloo on CPU."),
+    nnodes: int = typer.Option(1, min=1, help="Nodes taking part in each cell (torchrun --nnodes); run the same command on every node."),
+    node_rank: int = typer.Option(0, "--node-rank", min=0, help="This node's rank, 0 to nnodes-1 (torchrun --node-rank)."),
+    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of node 0, reachable from every node (torchrun --rdzv-endpoint)."),
 ) -> None:
+    from .launch import Launch, gpu_slots
     from .matrix import expand
     from .report import build_frame, load_run, rich_table, write_exports
     from .runner import RunLayout, prepare_run_dir, run_matrix
@@ -142,6 +160,11 @@ def run(
         if (config.gpu_memory_limit or config.memory_snapshot) and not uses_cuda(config):
             raise ConfigError("--gpu-memory-limit and --memory-snapshot need a CUDA device: drop them on this machine")
         cells = expand(strategies, matrix, config, uses_cuda(config))
+        launch = Launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
+        launch.check()
+        if gpus is not None and not uses_cuda(config):
+            raise ConfigError("--gpus needs CUDA devices and this run has none: drop --gpus, or run on a GPU machine")
+        slots = gpu_slots(gpus, nproc_per_node)
     except ValueError as error:
         fail(str(error))
     if uses_cuda(config):
@@ -153,11 +176,18 @@ def run(
     except ConfigError as error:
         fail(str(error))
     console.print(f"run [bold]{name}[/]: {len(cells)} cell(s), preset {config.preset} -> {layout.root}", highlight=False)
+    if launch.distributed:
+        console.print(
+            f"each cell: {launch.world_size} rank(s) via torchrun ({launch.nproc_per_node} per node x {launch.nnodes} node(s))",
+            highlight=False,
+        )
+    if len(slots) > 1:
+        console.print(f"{len(slots)} cells at a time: " + ", ".join(f"GPU {','.join(slot)}" for slot in slots), highlight=False)
 
     with MatrixProgress(cells) as progress:
         outcome = run_matrix(
             cells, layout, force=force, cell_timeout=cell_timeout, on_event=progress.event,
-            on_cell_start=progress.cell_started, on_cell_end=progress.cell_finished,
+            on_cell_start=progress.cell_started, on_cell_end=progress.cell_finished, launch=launch, slots=slots,
         )
     if outcome.reused:
         console.print(f"reused {len(outcome.reused)} finished cell(s): {', '.join(outcome.reused)} (--force re-runs them)", highlight=False)
@@ -173,7 +203,9 @@ def run(
     except OSError as error:
         errors.print(f"[yellow]warning:[/] could not write the report files ({error}); the cell results are in {layout.root}")
     console.print(f"matrix wall time: {outcome.seconds:,.0f} s", highlight=False)
-    if estimate and not outcome.interrupted:
+    if estimate and launch.distributed:
+        console.print("[dim]no memory estimate: it traces one process with the whole batch, not a rank's share[/]", highlight=False)
+    elif estimate and not outcome.interrupted:
         from .estimate.commands import estimate_run
 
         estimate_run(config, outcome.results, layout.root / "estimate.json")

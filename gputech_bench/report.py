@@ -17,6 +17,7 @@ from rich.table import Table
 
 from .atomic import atomic_write_bytes
 from .matrix import SEED_MATRIX
+from .pareto import frontier
 from .results import ResultError, read_result
 
 FAILED = "failed"
@@ -36,6 +37,7 @@ METRIC_COLUMNS = (
     "first_step_seconds",
     "tracked_step_seconds",
     "cell_seconds",
+    "compile_seconds",
     "steps_run",
     "nonfinite_loss_steps",
     "eval_masked_accuracy",
@@ -47,13 +49,18 @@ CATEGORIES = ("parameters", "buffers", "gradients", "optimizer_state", "activati
 BREAKDOWN_COLUMNS = tuple(f"tracked_{side}_{category}_mib" for side in ("device", "host") for category in CATEGORIES)
 DERIVED_COLUMNS = (
     "memory_mib",
+    "memory_rank_mean_mib",
+    "memory_all_ranks_mib",
     "memory_x_baseline",
     "epoch_x_baseline",
     "masked_accuracy_delta_points",
     "token_accuracy_delta_points",
 )
 OOM_COLUMNS = ("oom_requested_mib", "oom_in_use_mib", "gpu_memory_limit_mib")
-INFO_COLUMNS = ("device_type", "device_name", "compute_dtype", "optimizer", "trainable_parameters", "total_parameters", "preset")
+INFO_COLUMNS = (
+    "pareto", "world_size", "device_type", "device_name", "compute_dtype", "optimizer", "trainable_parameters",
+    "total_parameters", "preset",
+)
 COLUMNS = (
     "cell", "strategies", "status", "reason",
     *DERIVED_COLUMNS, *METRIC_COLUMNS, *BREAKDOWN_COLUMNS, *OOM_COLUMNS, *INFO_COLUMNS,
@@ -124,8 +131,12 @@ def _metric(result: dict[str, Any], name: str) -> Any:
 def memory_measure(results: list[dict[str, Any]]) -> MemoryMeasure:
     ok = [r for r in results if r["status"] == "ok"]
     if not any(r.get("device", {}).get("type") == "cuda" for r in results):
+        if any(r.get("distributed") for r in results):
+            return MemoryMeasure(CPU_MEASURE.metric, f"{CPU_MEASURE.label}, largest rank")
         return CPU_MEASURE
     measure = NVML_MEASURE if all(_metric(r, NVML_MEASURE.metric) is not None for r in ok) else RESERVED_MEASURE
+    if any(r.get("distributed") for r in results):
+        measure = MemoryMeasure(measure.metric, f"{measure.label}, largest rank")
     caps = {r["memory_cap"]["limit_mib"] for r in results if r.get("memory_cap")}
     if caps:
         limit = max(caps)
@@ -155,6 +166,7 @@ def _row(result: dict[str, Any]) -> dict[str, Any]:
         gpu_memory_limit_mib=result.get("memory_cap", {}).get("limit_mib"),
     )
     facts = result.get("strategy_facts", {})
+    row["world_size"] = result.get("distributed", {}).get("world_size", 1)
     row.update(
         device_type=result.get("device", {}).get("type"),
         device_name=result.get("device", {}).get("name", "cpu" if device_type == "cpu" else None),
@@ -174,6 +186,9 @@ def build_frame(results: list[dict[str, Any]], baseline: str = "baseline") -> tu
     numeric = [c for c in (*DERIVED_COLUMNS, *METRIC_COLUMNS, *BREAKDOWN_COLUMNS) if c != "epoch_time_extrapolated"]
     frame[numeric] = frame[numeric].apply(pd.to_numeric, errors="coerce").astype("float64")
     frame["memory_mib"] = frame[measure.metric]
+    spread = [result.get("memory_per_rank", {}).get(measure.metric, {}) for result in results]
+    frame["memory_rank_mean_mib"] = [entry.get("mean", math.nan) for entry in spread]
+    frame["memory_all_ranks_mib"] = [entry.get("total", math.nan) for entry in spread]
     base = frame[(frame["cell"] == baseline) & (frame["status"] == "ok")]
     if not base.empty:
         reference = base.iloc[0]
@@ -183,7 +198,15 @@ def build_frame(results: list[dict[str, Any]], baseline: str = "baseline") -> tu
         frame["token_accuracy_delta_points"] = 100 * (frame["eval_token_accuracy"] - reference["eval_token_accuracy"])
     failed = frame["status"] != "ok"
     frame.loc[failed, list(numeric)] = float("nan")  # a failed cell's partial figures are not comparable
+    on_frontier = set(pareto_cells(frame))
+    frame["pareto"] = frame["cell"].isin(on_frontier)
     return frame, measure
+
+
+def pareto_cells(frame: pd.DataFrame) -> list[str]:
+    """The finished cells no other beats on both memory and time per epoch, smallest first."""
+    ok = frame[frame["status"] == "ok"]
+    return frontier(zip(ok["cell"], ok["memory_mib"], ok["epoch_seconds"]))
 
 
 # --------------------------------------------------------------------------- formatting
@@ -262,8 +285,13 @@ def rich_table(frame: pd.DataFrame, measure: MemoryMeasure, title: str = "gputec
         )
         styled = [_styled(text, getattr(row, column), extremes[column]) for text, column in zip(texts, columns)]
         table.add_row(row.cell, *styled, "[green]ok[/]")
+    captions = []
     if frame["epoch_time_extrapolated"].eq(True).any():
-        table.caption = "* extrapolated from the timed steps of a short run (train.max_steps)"
+        captions.append("* extrapolated from the timed steps of a short run (train.max_steps)")
+    frontier_cells = pareto_cells(frame)
+    if len(frontier_cells) > 1:
+        captions.append(f"Pareto frontier (no other cell is both smaller and faster): {', '.join(frontier_cells)}")
+    table.caption = "\n".join(captions) or None
     return table
 
 
@@ -306,6 +334,9 @@ def markdown(frame: pd.DataFrame, measure: MemoryMeasure, results: list[dict[str
     lines.append("")
     if frame["epoch_time_extrapolated"].eq(True).any():
         lines.append("\\* time per epoch extrapolated from the timed steps of a short run (`train.max_steps`).")
+    frontier_cells = pareto_cells(frame)
+    if len(frontier_cells) > 1:
+        lines.append(f"- **Pareto frontier** (no other cell is both smaller and faster): {', '.join(frontier_cells)}")
     lines += provenance_lines(results, measure)
     return "\n".join(lines) + "\n"
 
@@ -321,7 +352,12 @@ def provenance_lines(results: list[dict[str, Any]], measure: MemoryMeasure) -> l
     packages = first.get("provenance", {}).get("packages", {})
     versions = ", ".join(f"{name} {version}" for name, version in packages.items() if version)
     method = (first.get("metrics", {}).get(measure.metric) or {}).get("method", "")
-    return [
+    ranks = next((r["distributed"] for r in results if r.get("distributed")), None)
+    spread = (
+        [f"- **ranks:** {ranks['world_size']} per cell via torchrun; memory is the largest rank's "
+         "(mean and total per rank in report.csv)"] if ranks else []
+    )
+    return spread + [
         f"- **device:** {where}",
         f"- **preset:** {first.get('preset')}; memory column: `{measure.metric}` ({method})",
         f"- **packages:** {versions}, Python {first.get('provenance', {}).get('python', '?')}",

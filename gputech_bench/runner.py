@@ -4,6 +4,9 @@ The runner itself never touches CUDA: each worker starts with a fresh allocator 
 context, so one cell's fragmentation, leaks or crash cannot affect the next. Results
 are written atomically, one file per cell, so a runner killed at any moment loses
 nothing that had finished, and a re-run with the same name picks up where it stopped.
+
+With several GPU slots (``--gpus``) cells run at the same time, one per slot; with
+``--nproc-per-node`` each cell is a torchrun launch whose ranks' results are merged.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,7 +23,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import BenchConfig, ConfigError, to_dict
+from .launch import Launch, Slot, slot_environment, worker_command
+from .rank_results import clear_rank_results, merge_rank_results, read_rank_results
 from .results import ResultError, bare_result, read_result, write_atomic
+from .schedule import run_on_slots
 
 EventCallback = Callable[[str, dict[str, Any]], None]
 
@@ -99,13 +104,6 @@ def reusable_result(layout: RunLayout, cell: str) -> dict[str, Any] | None:
     return result if result["status"] == "ok" else None
 
 
-def worker_command(cell: str, layout: RunLayout) -> list[str]:
-    return [
-        sys.executable, "-m", "gputech_bench.worker",
-        "--cell", cell, "--config", str(layout.config_path), "--out", str(layout.result_path(cell)), "--events",
-    ]
-
-
 class _DeferredCtrlC:
     """Note a Ctrl-C instead of raising it, until ``release()`` raises it where it can be handled.
 
@@ -162,15 +160,18 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def _wait(process: subprocess.Popen, timeout: float | None) -> None:
+def _wait(process: subprocess.Popen, timeout: float | None, stop: threading.Event | None = None) -> None:
     """``process.wait(timeout)``, but in short slices so that Ctrl-C is acted on at once.
 
     The kernel may deliver SIGINT to any thread (the event relay, rich's refresh thread);
     Python then runs the handler in the main thread only when it next executes bytecode,
-    which a bare ``waitpid`` would postpone until the worker exits on its own.
+    which a bare ``waitpid`` would postpone until the worker exits on its own. A cell
+    running beside others (``--gpus``) is told to stop through ``stop`` instead.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
+        if stop is not None and stop.is_set():
+            raise KeyboardInterrupt
         remaining = WAIT_SLICE_SECONDS if deadline is None else min(WAIT_SLICE_SECONDS, deadline - time.monotonic())
         if remaining <= 0:
             raise subprocess.TimeoutExpired(process.args, timeout)
@@ -181,8 +182,17 @@ def _wait(process: subprocess.Popen, timeout: float | None) -> None:
             continue
 
 
+def _in_main_thread() -> bool:
+    # Only the main thread may set signal handlers; cells run beside others (--gpus) run
+    # in threads, and the main thread handles Ctrl-C for all of them.
+    return threading.current_thread() is threading.main_thread()
+
+
 @contextlib.contextmanager
 def _ctrl_c_ignored():
+    if not _in_main_thread():
+        yield
+        return
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         yield
@@ -203,32 +213,47 @@ class CellRun:
     interrupted: bool = False
 
 
-def run_worker(cell: str, layout: RunLayout, on_event: EventCallback, timeout: float | None = None) -> CellRun:
-    """Run one cell's worker and return its result; a crash, timeout or Ctrl-C becomes a row too."""
+def run_worker(
+    cell: str,
+    layout: RunLayout,
+    on_event: EventCallback,
+    timeout: float | None = None,
+    launch: Launch = Launch(),
+    slot: Slot = None,
+    stop: threading.Event | None = None,
+) -> CellRun:
+    """Run one cell's worker and return its result; a crash, timeout or Ctrl-C becomes a row too.
+
+    ``slot`` pins the worker to its GPUs; ``stop`` stops it from another thread."""
     result_path = layout.result_path(cell)
     if result_path.exists():
         # Keep the earlier attempt, but never mistake it for this one's result.
         layout.previous_path(cell).parent.mkdir(parents=True, exist_ok=True)
         os.replace(result_path, layout.previous_path(cell))
+    if launch.distributed:
+        clear_rank_results(result_path)
     layout.log_path(cell).parent.mkdir(parents=True, exist_ok=True)
     timed_out = interrupted = False
     with layout.log_path(cell).open("w", encoding="utf-8") as log:
         # Hold Ctrl-C while the worker starts: raised inside Popen, it would leave a worker
         # nobody stops. Released inside the try below, where it stops the worker properly.
-        ctrl_c = _DeferredCtrlC()
+        ctrl_c = _DeferredCtrlC() if _in_main_thread() else None
         try:
             process = subprocess.Popen(
-                worker_command(cell, layout), stdout=subprocess.PIPE, stderr=log, text=True,
+                worker_command(cell, layout.config_path, result_path, launch), stdout=subprocess.PIPE, stderr=log,
+                text=True, env=slot_environment(slot, dict(os.environ)),
                 preexec_fn=_prepare_worker_process if os.name == "posix" else None,
             )
         except BaseException:
-            ctrl_c.release()
+            if ctrl_c:
+                ctrl_c.release()
             raise
         relay = threading.Thread(target=_relay_events, args=(process, cell, log, on_event), daemon=True)
         try:
-            ctrl_c.release()
+            if ctrl_c:
+                ctrl_c.release()
             relay.start()
-            _wait(process, timeout)
+            _wait(process, timeout, stop)
         except subprocess.TimeoutExpired:
             timed_out = True
         except KeyboardInterrupt:
@@ -238,24 +263,32 @@ def run_worker(cell: str, layout: RunLayout, on_event: EventCallback, timeout: f
                 _stop(process)
         relay.join(timeout=5)
 
+    result = _collect_result(cell, layout, launch, process)
     log_hint = f"see {layout.log_path(cell)}"
-    try:
-        result = read_result(result_path)
-    except ResultError:
-        if process.returncode is not None and process.returncode < 0:
-            name = _signal_name(process.returncode)
-            hint = " (the kernel's OOM killer sends SIGKILL when host memory runs out)" if name == "SIGKILL" else ""
-            result = bare_result(cell, "crashed", f"worker killed by {name}{hint}; {log_hint}")
-        else:
-            result = bare_result(
-                cell, "crashed", f"worker exited with code {process.returncode} without a result; {log_hint}"
-            )
     if timed_out and result["status"] != "ok":
         result.update(status="timeout", reason=f"exceeded --cell-timeout of {timeout:g} s; {log_hint}")
     elif interrupted and result["status"] != "ok":
         result.update(status="interrupted", reason="stopped by Ctrl-C; re-run with the same --run-name to finish")
     write_atomic(result_path, result)
     return CellRun(result, interrupted)
+
+
+def _collect_result(cell: str, layout: RunLayout, launch: Launch, process: subprocess.Popen) -> dict[str, Any]:
+    """The worker's result file, the merge of its ranks' files, or a row saying why there is none."""
+    log_hint = f"see {layout.log_path(cell)}"
+    if launch.distributed:
+        ranks = read_rank_results(layout.result_path(cell), launch)
+        if any(rank["status"] != "crashed" for rank in ranks):
+            return merge_rank_results(ranks, launch)
+    try:
+        return read_result(layout.result_path(cell))
+    except ResultError:
+        pass
+    if process.returncode is not None and process.returncode < 0:
+        name = _signal_name(process.returncode)
+        hint = " (the kernel's OOM killer sends SIGKILL when host memory runs out)" if name == "SIGKILL" else ""
+        return bare_result(cell, "crashed", f"worker killed by {name}{hint}; {log_hint}")
+    return bare_result(cell, "crashed", f"worker exited with code {process.returncode} without a result; {log_hint}")
 
 
 @dataclass
@@ -273,28 +306,48 @@ def run_matrix(
     force: bool = False,
     cell_timeout: float | None = None,
     on_event: EventCallback = lambda cell, event: None,
-    on_cell_start: Callable[[int, str], None] = lambda index, cell: None,
+    on_cell_start: Callable[[int, str, Slot], None] = lambda index, cell, slot: None,
     on_cell_end: Callable[[int, dict[str, Any]], None] = lambda index, result: None,
+    launch: Launch = Launch(),
+    slots: list[Slot] = [None],  # noqa: B006 - never mutated
 ) -> MatrixOutcome:
-    """Run ``cells`` in order; stops early only on Ctrl-C, never on a failed cell."""
+    """Run ``cells``, one per slot at a time; stops early only on Ctrl-C, never on a failed cell.
+
+    The results come back in the order of ``cells`` whichever slot finished first."""
     started = time.perf_counter()
     outcome = MatrixOutcome()
+    results: dict[int, dict[str, Any]] = {}
+    pending: list[tuple[int, str]] = []
+    for index, cell in enumerate(cells):
+        previous = None if force else reusable_result(layout, cell)
+        if previous is None:
+            pending.append((index, cell))
+            continue
+        results[index] = previous
+        outcome.reused.append(cell)
+        on_cell_end(index, previous)
+
+    stop = threading.Event()
+
+    def run_one(item: tuple[int, str], slot: Slot) -> bool:
+        index, cell = item
+        on_cell_start(index, cell, slot)
+        run = run_worker(cell, layout, on_event, cell_timeout, launch, slot, None if len(slots) == 1 else stop)
+        results[index] = run.result
+        on_cell_end(index, run.result)
+        if run.interrupted:
+            outcome.interrupted = True
+        return not run.interrupted
+
     try:
-        for index, cell in enumerate(cells):
-            previous = None if force else reusable_result(layout, cell)
-            if previous is not None:
-                outcome.results.append(previous)
-                outcome.reused.append(cell)
-                on_cell_end(index, previous)
-                continue
-            on_cell_start(index, cell)
-            run = run_worker(cell, layout, on_event, cell_timeout)
-            outcome.results.append(run.result)
-            on_cell_end(index, run.result)
-            if run.interrupted:
-                outcome.interrupted = True
-                break
-    except KeyboardInterrupt:  # between cells: nothing is running, everything finished is on disk
+        if len(slots) == 1:
+            for item in pending:  # in this thread, where Ctrl-C arrives
+                if not run_one(item, slots[0]):
+                    break
+        else:
+            run_on_slots(pending, slots, run_one, stop)
+    except KeyboardInterrupt:  # between cells, or while parallel cells were stopped and recorded
         outcome.interrupted = True
+    outcome.results = [results[index] for index in sorted(results)]
     outcome.seconds = time.perf_counter() - started
     return outcome

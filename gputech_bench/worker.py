@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 from .config import ConfigError, from_dict
 from .errors import classify
 from .provenance import utc_now
+from .rank_results import rank_result_path
 from .results import bare_result, write_atomic
 
 
@@ -56,20 +58,31 @@ def read_config(path: Path):
         raise ConfigError(f"cannot use config {path} ({type(error).__name__}): pass the config.json of a run") from None
 
 
+def _quiet(event: dict[str, Any]) -> None:
+    """Ranks other than 0 under torchrun: rank 0 reports progress for all of them."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    # A runner stops a cell with SIGTERM; treat it like Ctrl-C so the result is still written.
+    # A runner (or torchrun) stops a cell with SIGTERM; treat it like Ctrl-C so the result is still written.
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Under torchrun every rank writes its own file, which the runner merges into --out.
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    out = rank_result_path(args.out, rank) if "WORLD_SIZE" in os.environ else args.out
     # Written even if the cell dies while torch is still importing.
     result = bare_result(args.cell, "error", "the cell did not finish") | {"provenance": {"started_at": utc_now()}}
+    if "WORLD_SIZE" in os.environ:
+        result["rank"] = {"rank": rank, "world_size": world_size}
     emit = _stdout_events if args.events else _stderr_progress
+    if rank != 0:
+        emit = _quiet
     try:
         config = read_config(args.config)
         # Heavy imports (torch, transformers) come after argument parsing so that --help is instant.
         from .cell import new_result, run_cell
 
-        result = new_result(args.cell, config)
-        run_cell(args.cell, config, result, emit, snapshot_path=args.out.with_suffix(".snapshot.pickle"))
+        result = new_result(args.cell, config) | {key: result[key] for key in ("rank",) if key in result}
+        run_cell(args.cell, config, result, emit, snapshot_path=out.with_suffix(".snapshot.pickle"))
     except BaseException as error:  # noqa: BLE001 - every failure must become a result
         # A second Ctrl-C or SIGTERM must not cut the result file short.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -83,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             result["reason"] = oom_reason(result["oom"], result.get("memory_cap")) or reason
     finally:
         result["provenance"]["finished_at"] = utc_now()
-        write_atomic(args.out, result)
+        write_atomic(out, result)
     try:
         emit({"event": "done", "status": result["status"], "reason": result["reason"]})
     except OSError:

@@ -2,26 +2,12 @@
 # The GPU check for a lent device machine: the seed preset's 8 cells, short, with
 # allocated / reserved / NVML memory and step time side by side.
 #
-# Here, once (the device image lacks bitsandbytes and nvidia-ml-py; carry them as wheels):
-#   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#     -d .whl bitsandbytes==0.50.2 nvidia-ml-py
-# Then on the device (carry .whl):  bash scripts/gpu_check.sh
+# On the device (carry .whl, see scripts/gpu_env.sh):  bash scripts/gpu_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MAX_STEPS="${MAX_STEPS:-15}"
 OUT_DIR="${OUT:-/tmp/gpu-check}"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-else
-  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONUNBUFFERED=1 GPUTECH_BENCH_CACHE=/tmp/gputech-cache HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'peft', peft.__version__)"
-python3 -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)" || echo "bitsandbytes missing: cells 3 and 1+2+3 will be error rows"
+source scripts/gpu_env.sh
 
 time python3 -m gputech_bench run --matrix --preset seed --device cuda \
   --set train.max_steps="$MAX_STEPS" --results "$OUT_DIR/results" --run-name seed-gpu-check || true

@@ -247,7 +247,7 @@ def test_ctrl_c_delivered_to_another_thread_still_stops_the_worker_at_once(tmp_p
     from gputech_bench import runner
 
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
-    monkeypatch.setattr(runner, "worker_command", lambda cell, layout: sleeper)
+    monkeypatch.setattr(runner, "worker_command", lambda *args: sleeper)
     layout = runner.RunLayout(tmp_path / "run")
     layout.root.mkdir()
 

@@ -12,8 +12,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
 from torch.distributed._tools.mem_tracker import MemTracker
+from torch.utils.weak import WeakIdKeyDictionary
 
 #: MemTracker's reference types, renamed to the words a result file uses.
 CATEGORY_NAMES = {
@@ -44,6 +44,19 @@ class _NoHook:
         pass
 
 
+class _FrozenAreHooked(WeakIdKeyDictionary):
+    """MemTracker's parameter -> gradient-hook table, which reports frozen tensors as hooked."""
+
+    def __init__(self, existing: WeakIdKeyDictionary) -> None:
+        super().__init__()
+        self.update(existing)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        if not getattr(key, "requires_grad", True):
+            return (_NoHook(), _NoHook())
+        return super().get(key, default)
+
+
 class StepMemoryTracker:
     """Context manager around one training step; ``peaks()`` afterwards."""
 
@@ -56,16 +69,14 @@ class StepMemoryTracker:
 
     def _skip_frozen_parameters(self, external: tuple[Any, ...]) -> None:
         # MemTracker registers a gradient hook on every parameter of every module it
-        # sees run, which raises for frozen ones (LoRA's base weights). Marking them as
-        # already hooked makes it skip them; frozen weights never get gradients anyway.
+        # sees run, which raises for frozen ones (LoRA's base weights). Answering "already
+        # hooked" for every frozen tensor makes it skip them; frozen weights never get
+        # gradients anyway. A lookup (not a list made up front) also covers the frozen
+        # full-size parameters FSDP creates anew each time it gathers a layer.
         handles = getattr(self._tracker, "_param_to_grad_hook_handles", None)
         if handles is None:
             return
-        for obj in external:
-            if isinstance(obj, nn.Module):
-                for param in obj.parameters():
-                    if not param.requires_grad:
-                        handles[param] = (_NoHook(), _NoHook())
+        self._tracker._param_to_grad_hook_handles = _FrozenAreHooked(handles)
 
     def __enter__(self) -> "StepMemoryTracker":
         self._warnings = warnings.catch_warnings()

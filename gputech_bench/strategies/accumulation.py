@@ -55,9 +55,18 @@ class Accumulation(Strategy):
                 "into 2 or more micro-batches: change one of them with --set"
             )
 
+    def check(self, ctx: RunContext) -> None:
+        micro, rows = ctx.config.strategy.micro_batch_size, ctx.rank_batch_size
+        if ctx.world_size > 1 and (micro >= rows or rows % micro):
+            raise StrategyError(
+                f"strategy 2 needs strategy.micro_batch_size ({micro}) to divide each rank's {rows} rows "
+                f"(train.batch_size / {ctx.world_size} ranks) into 2 or more micro-batches: lower it with --set"
+            )
+
     def split_batch(self, batch: dict[str, torch.Tensor], ctx: RunContext) -> list[MicroBatch]:
         micro = ctx.config.strategy.micro_batch_size
-        steps = ctx.config.train.batch_size // micro
+        # Per rank: with several ranks each splits its own share of the batch.
+        steps = ctx.rank_batch_size // micro
         return split_into_micro_batches(batch, micro, steps, ctx.config.strategy.accumulation_loss)
 
     def describe(self, model, ctx: RunContext) -> dict:

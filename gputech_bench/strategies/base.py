@@ -48,6 +48,15 @@ class RunContext:
     #: True while the memory estimate traces a step on fake tensors: no kernel runs,
     #: so checks that run one (bitsandbytes' probe) have nothing to test.
     tracing: bool = False
+    #: This process's rank and the number of ranks (``--nproc-per-node``); each rank
+    #: trains on its share of every batch.
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def rank_batch_size(self) -> int:
+        """Rows of each training batch this rank computes."""
+        return self.config.train.batch_size // self.world_size
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,9 @@ class Placement:
     clips_gradients: bool = True
     #: dtype the compute copy runs in, for the result.
     compute_dtype: "torch.dtype"
+    #: True when the placement splits the weights over the ranks itself (FSDP); other
+    #: placements are wrapped in DistributedDataParallel when there are several ranks.
+    shards: bool = False
 
     def optimizer_parameters(self) -> list["torch.Tensor"]:
         raise NotImplementedError
@@ -124,6 +136,8 @@ class Strategy:
     gives_up: ClassVar[str] = ""
     #: Runs only on a CUDA device; a run elsewhere refuses the cell before it starts.
     needs_cuda: ClassVar[bool] = False
+    #: Strategies (by key) this one cannot run with, and why; refused like a hook clash.
+    incompatible: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def traceable(cls, device_type: str) -> bool:

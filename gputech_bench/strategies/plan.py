@@ -68,6 +68,10 @@ def build_plan(cell: Cell, model: nn.Module, ctx: RunContext) -> TrainingPlan:
     owners = {hook: strategy for strategy in strategies for hook in strategy.claims()}
 
     placement = owners["placement"].placement(model, ctx) if "placement" in owners else InPlacePlacement(model, ctx)
+    if ctx.world_size > 1 and not placement.shards:
+        from ..distributed import data_parallel
+
+        placement.compute_model = data_parallel(placement.compute_model, ctx.device)
     params = placement.optimizer_parameters()
     if "build_optimizer" in owners:
         optimizer = owners["build_optimizer"].build_optimizer(params, ctx)

@@ -90,6 +90,11 @@ def parse_cell(text: str) -> Cell:
 
 def refusal_reason(cell: Cell) -> str | None:
     """Why the strategies of ``cell`` cannot be combined, judged from their hooks alone."""
+    keys = {cls.key for cls in cell.strategies}
+    for cls in cell.strategies:
+        for other, why in cls.incompatible.items():
+            if other in keys:
+                return f"'{cls.key}' cannot run with '{other}' ({why}), so '{cell.name}' is refused: run them in separate cells"
     owners: dict[str, str] = {}
     for strategy in cell.instantiate():
         for hook in sorted(strategy.claims()):

@@ -29,3 +29,9 @@ def epoch_batches(
             "attention_mask": split.attention_mask[index],
             "labels": labels[index],
         }
+
+
+def rank_share(batch: dict[str, torch.Tensor], rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    """This rank's rows of a batch: every rank walks the same batches and takes its slice,
+    so that N ranks train on exactly the batches of one process."""
+    return {name: tensor.tensor_split(world_size)[rank] for name, tensor in batch.items()}

@@ -13,7 +13,7 @@ from ..data import MaskingSpec, TokenizedSplit
 from ..measure.timing import SyncedStopwatch
 from ..measure.tracker import StepMemoryTracker, TrackedPeak
 from ..strategies import RunContext, TrainingPlan
-from .batches import epoch_batches, steps_per_epoch
+from .batches import epoch_batches, rank_share, steps_per_epoch
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,8 @@ def train(
         for batch in epoch_batches(split, masking, settings.batch_size, settings.seed, epoch):
             if step >= total:
                 break
+            if ctx.world_size > 1:
+                batch = rank_share(batch, ctx.rank, ctx.world_size)
             tracked = step == tracked_step
             watch = SyncedStopwatch(ctx.device)
             if tracked:

@@ -1,0 +1,97 @@
+"""How a cell's worker is started: which GPUs it sees, and whether torchrun starts it.
+
+``--gpus 0,1,2,3`` turns the GPUs into slots: one cell runs per slot at a time, its
+process pinned with ``CUDA_VISIBLE_DEVICES`` so that it sees its own GPUs only. With
+``--nproc-per-node N`` each cell is launched by ``torch.distributed.run`` with N ranks,
+and a slot holds N GPUs.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ConfigError
+
+#: A slot's GPUs as CUDA_VISIBLE_DEVICES lists them; None inherits the runner's environment.
+Slot = tuple[str, ...] | None
+
+_GPU_ID = re.compile(r"^(\d+|GPU-[0-9a-fA-F-]+|MIG-[0-9a-zA-Z/-]+)$")
+_ENDPOINT = re.compile(r"^[A-Za-z0-9.\-_:\[\]]+:\d+$")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """torchrun's options for every cell; the defaults are one plain process."""
+
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.nproc_per_node > 1 or self.nnodes > 1
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+    def check(self) -> None:
+        if self.nproc_per_node < 1 or self.nnodes < 1:
+            raise ConfigError("--nproc-per-node and --nnodes must be at least 1")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"--node-rank {self.node_rank} is outside 0..{self.nnodes - 1}: number the nodes from 0")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ConfigError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT, the address of node 0 that every node can reach")
+        if self.rdzv_endpoint and not _ENDPOINT.match(self.rdzv_endpoint):
+            raise ConfigError(f"--rdzv-endpoint '{self.rdzv_endpoint}' is not HOST:PORT: pass e.g. 10.0.0.1:29500")
+
+    def torchrun_options(self) -> list[str]:
+        if self.nnodes == 1 and not self.rdzv_endpoint:
+            # --standalone: a private rendezvous on a free local port, so that parallel
+            # cells (--gpus) never collide on one.
+            return ["--standalone", "--nproc-per-node", str(self.nproc_per_node)]
+        # torchrun's static rendezvous: node 0 hosts the store at the endpoint, and
+        # every node states its rank, so that global ranks are fixed in advance.
+        return [
+            "--nnodes", str(self.nnodes), "--node-rank", str(self.node_rank),
+            "--rdzv-endpoint", str(self.rdzv_endpoint), "--nproc-per-node", str(self.nproc_per_node),
+        ]
+
+
+def gpu_slots(gpus: str | None, nproc_per_node: int = 1) -> list[Slot]:
+    """``--gpus 0,1,2,3`` as slots of ``nproc_per_node`` GPUs each; no --gpus is one inherited slot."""
+    if gpus is None:
+        return [None]
+    ids = [item.strip() for item in gpus.split(",")]
+    if not all(ids) or not all(_GPU_ID.match(item) for item in ids):
+        raise ConfigError(f"--gpus '{gpus}' is not a list of GPU indices: pass e.g. --gpus 0,1,2,3 (as nvidia-smi numbers them)")
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"--gpus '{gpus}' names a GPU twice: list each GPU once")
+    if len(ids) % nproc_per_node:
+        raise ConfigError(
+            f"--gpus lists {len(ids)} GPU(s), which --nproc-per-node {nproc_per_node} does not divide: "
+            f"list a multiple of {nproc_per_node} GPUs"
+        )
+    return [tuple(ids[start:start + nproc_per_node]) for start in range(0, len(ids), nproc_per_node)]
+
+
+def slot_environment(slot: Slot, base: dict[str, str]) -> dict[str, str]:
+    environment = dict(base)
+    if slot is not None:
+        environment["CUDA_VISIBLE_DEVICES"] = ",".join(slot)
+    return environment
+
+
+def describe_slot(slot: Slot) -> str:
+    return "" if slot is None else f"GPU {','.join(slot)}"
+
+
+def worker_command(cell: str, config_path: Path, out: Path, launch: Launch) -> list[str]:
+    worker = ["--cell", cell, "--config", str(config_path), "--out", str(out), "--events"]
+    if not launch.distributed:
+        return [sys.executable, "-m", "gputech_bench.worker", *worker]
+    return [sys.executable, "-m", "torch.distributed.run", *launch.torchrun_options(), "-m", "gputech_bench.worker", *worker]

@@ -1,0 +1,197 @@
+"""Launching cells: GPU slots (--gpus), torchrun's options, and merging the ranks' results."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from gputech_bench import runner
+from gputech_bench.config import BenchConfig, ConfigError
+from gputech_bench.launch import Launch, gpu_slots, worker_command
+from gputech_bench.rank_results import merge_rank_results, rank_result_path, read_rank_results
+from gputech_bench.results import SCHEMA, read_result, write_atomic
+from gputech_bench.schedule import run_on_slots
+
+# --------------------------------------------------------------------------- --gpus
+
+
+def test_gpus_become_slots_of_nproc_gpus_each():
+    assert gpu_slots(None) == [None]
+    assert gpu_slots("0,1,2,3") == [("0",), ("1",), ("2",), ("3",)]
+    assert gpu_slots("0, 1,2,3", nproc_per_node=2) == [("0", "1"), ("2", "3")]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("0,,1", "not a list of GPU indices"),
+    ("a,b", "not a list of GPU indices"),
+    ("0,0", "names a GPU twice"),
+    ("0,1,2", "does not divide"),
+])
+def test_bad_gpu_lists_are_refused_with_the_fix(text, message):
+    with pytest.raises(ConfigError, match=message):
+        gpu_slots(text, nproc_per_node=2 if message == "does not divide" else 1)
+
+
+def test_fake_devices_run_every_cell_once_and_never_two_on_one_device():
+    cells = [f"cell{i}" for i in range(9)]
+    slots = [("0",), ("1",), ("2",)]
+    busy: dict[tuple[str, ...], str] = {}
+    lock = threading.Lock()
+    ran: list[tuple[str, tuple[str, ...]]] = []
+    overlaps: list[str] = []
+
+    def run_one(cell: str, slot: tuple[str, ...]) -> bool:
+        with lock:
+            if slot in busy:
+                overlaps.append(f"{cell} started on GPU {slot} while {busy[slot]} ran there")
+            busy[slot] = cell
+        time.sleep(0.01 * (1 + len(cell) % 3))
+        with lock:
+            del busy[slot]
+            ran.append((cell, slot))
+        return True
+
+    run_on_slots(cells, slots, run_one, threading.Event())
+    assert sorted(cell for cell, _ in ran) == sorted(cells)  # each exactly once
+    assert not overlaps
+    assert {slot for _, slot in ran} == set(slots)  # all devices were used
+
+
+def test_a_slot_that_fails_stops_the_others_and_the_error_reaches_the_caller():
+    started: list[str] = []
+
+    def run_one(cell: str, slot: str) -> bool:
+        started.append(cell)
+        if cell == "b":
+            raise OSError("disk full")
+        time.sleep(0.05)
+        return True
+
+    with pytest.raises(OSError, match="disk full"):
+        run_on_slots(["a", "b", "c", "d", "e", "f"], ["x", "y"], run_one, threading.Event())
+    assert len(started) < 6
+
+
+FAKE_WORKER = """
+import json, os, sys, time
+out = sys.argv[sys.argv.index("--out") + 1]
+cell = sys.argv[sys.argv.index("--cell") + 1]
+start = time.monotonic()
+time.sleep(0.3)
+result = {"schema": "%s", "cell": cell, "status": "ok", "reason": None, "metrics": {}, "memory_breakdown": {},
+          "notes": [], "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"), "span": [start, time.monotonic()]}
+open(out, "w").write(json.dumps(result))
+""" % SCHEMA
+
+
+def test_the_runner_pins_each_cell_to_its_slot_and_keeps_the_table_order(tmp_path: Path, monkeypatch):
+    script = tmp_path / "fake_worker.py"
+    script.write_text(FAKE_WORKER)
+    monkeypatch.setattr(runner, "worker_command", lambda cell, config, out, launch: [
+        sys.executable, str(script), "--cell", cell, "--out", str(out)])
+    layout = runner.RunLayout(tmp_path / "run")
+    runner.prepare_run_dir(layout, BenchConfig(), force=False)
+    cells = ["baseline", "1", "2", "3", "4", "1+2+3"]
+    outcome = runner.run_matrix(cells, layout, slots=gpu_slots("0,1"))
+
+    assert [result["cell"] for result in outcome.results] == cells
+    assert {result["gpu"] for result in outcome.results} == {"0", "1"}
+    for gpu in ("0", "1"):
+        spans = sorted(result["span"] for result in outcome.results if result["gpu"] == gpu)
+        assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:])), spans
+    # Two slots really ran at once: the matrix took about half the sequential time.
+    assert outcome.seconds < 0.3 * len(cells)
+
+
+def test_ctrl_c_stops_every_running_slot_and_records_its_cell(tmp_path: Path, monkeypatch):
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    monkeypatch.setattr(runner, "worker_command", lambda *args: sleeper)
+    layout = runner.RunLayout(tmp_path / "run")
+    runner.prepare_run_dir(layout, BenchConfig(), force=False)
+
+    def ctrl_c_soon() -> None:
+        time.sleep(1.5)
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=ctrl_c_soon, daemon=True).start()
+    started = time.monotonic()
+    outcome = runner.run_matrix(["baseline", "1", "2", "3"], layout, slots=gpu_slots("0,1"))
+    assert outcome.interrupted
+    assert time.monotonic() - started < 30
+    statuses = {result["cell"]: result["status"] for result in outcome.results}
+    assert statuses == {"baseline": "interrupted", "1": "interrupted"}  # 2 and 3 never started
+    assert read_result(layout.result_path("1"))["status"] == "interrupted"
+
+
+# --------------------------------------------------------------------------- torchrun
+
+
+def test_one_node_uses_a_private_rendezvous_and_several_pass_torchruns_options_through():
+    single = worker_command("1", Path("c.json"), Path("o/1.json"), Launch(nproc_per_node=2))
+    assert single[1:4] == ["-m", "torch.distributed.run", "--standalone"]
+    assert single[single.index("--nproc-per-node") + 1] == "2"
+    assert single[single.index("-m", 3):][:2] == ["-m", "gputech_bench.worker"]
+
+    node = Launch(nproc_per_node=8, nnodes=2, node_rank=1, rdzv_endpoint="10.0.0.1:29500")
+    command = worker_command("1", Path("c.json"), Path("o/1.json"), node)
+    for option, value in (("--nnodes", "2"), ("--node-rank", "1"), ("--rdzv-endpoint", "10.0.0.1:29500")):
+        assert command[command.index(option) + 1] == value
+    assert "--standalone" not in command
+    assert worker_command("1", Path("c.json"), Path("o/1.json"), Launch())[1:3] == ["-m", "gputech_bench.worker"]
+
+
+@pytest.mark.parametrize("launch, message", [
+    (Launch(nnodes=2), "needs --rdzv-endpoint"),
+    (Launch(nnodes=2, node_rank=2, rdzv_endpoint="h:1"), "outside 0..1"),
+    (Launch(nproc_per_node=2, rdzv_endpoint="no-port"), "not HOST:PORT"),
+])
+def test_bad_torchrun_options_are_refused_with_the_fix(launch, message):
+    with pytest.raises(ConfigError, match=message):
+        launch.check()
+
+
+def rank_result(rank: int, status: str = "ok", reason: str | None = None, **metrics: float) -> dict:
+    return {
+        "schema": SCHEMA, "cell": "fsdp-offload", "status": status, "reason": reason, "memory_breakdown": {}, "notes": [],
+        "rank": {"rank": rank, "world_size": 2},
+        "metrics": {name: {"value": value, "unit": "MiB", "method": "m"} for name, value in metrics.items()}
+        | {"samples_per_second": {"value": 10.0, "unit": "samples/s", "method": "samples / s"}},
+    }
+
+
+def test_merged_memory_is_the_largest_rank_with_mean_and_total_beside_it():
+    launch = Launch(nproc_per_node=2)
+    merged = merge_rank_results(
+        [rank_result(1, peak_allocated_mib=300.0), rank_result(0, peak_allocated_mib=100.0)], launch
+    )
+    assert merged["status"] == "ok"
+    assert merged["metrics"]["peak_allocated_mib"]["value"] == 300.0
+    assert merged["memory_per_rank"]["peak_allocated_mib"] == {
+        "max": 300.0, "mean": 200.0, "total": 400.0, "by_rank": {"1": 300.0, "0": 100.0}}
+    assert merged["distributed"]["world_size"] == 2
+    assert [rank["rank"] for rank in merged["ranks"]] == [1, 0]
+    assert "all 2 ranks" in merged["metrics"]["samples_per_second"]["method"]
+    assert "rank" not in merged
+
+
+def test_the_rank_that_caused_a_failure_explains_the_cell(tmp_path: Path):
+    launch = Launch(nproc_per_node=2)
+    merged = merge_rank_results(
+        [rank_result(0, "interrupted", "stopped"), rank_result(1, "oom", "CUDA out of memory")], launch
+    )
+    assert (merged["status"], merged["reason"]) == ("oom", "rank 1: CUDA out of memory")
+
+    out = tmp_path / "fsdp-offload.json"
+    write_atomic(rank_result_path(out, 0), rank_result(0))
+    ranks = read_rank_results(out, launch)  # rank 1 left nothing
+    assert [r["status"] for r in ranks] == ["ok", "crashed"]
+    assert merge_rank_results(ranks, launch)["reason"].startswith("rank 1: left no result")
+    assert json.loads(rank_result_path(out, 0).read_text())["rank"]["rank"] == 0
