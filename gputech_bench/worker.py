@@ -66,13 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     # A runner (or torchrun) stops a cell with SIGTERM; treat it like Ctrl-C so the result is still written.
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    # Under torchrun every rank writes its own file, which the runner merges into --out.
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    out = rank_result_path(args.out, rank) if "WORLD_SIZE" in os.environ else args.out
+    # Under torchrun (which sets WORLD_SIZE for every rank) each rank writes its own file,
+    # and the runner merges them into --out.
+    launched = "WORLD_SIZE" in os.environ
+    rank = int(os.environ.get("RANK", 0))
+    out = rank_result_path(args.out, rank) if launched else args.out
+    rank_info = {"rank": {"rank": rank, "world_size": int(os.environ["WORLD_SIZE"])}} if launched else {}
     # Written even if the cell dies while torch is still importing.
-    result = bare_result(args.cell, "error", "the cell did not finish") | {"provenance": {"started_at": utc_now()}}
-    if "WORLD_SIZE" in os.environ:
-        result["rank"] = {"rank": rank, "world_size": world_size}
+    result = bare_result(args.cell, "error", "the cell did not finish") | {"provenance": {"started_at": utc_now()}} | rank_info
     emit = _stdout_events if args.events else _stderr_progress
     if rank != 0:
         emit = _quiet
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         # Heavy imports (torch, transformers) come after argument parsing so that --help is instant.
         from .cell import new_result, run_cell
 
-        result = new_result(args.cell, config) | {key: result[key] for key in ("rank",) if key in result}
+        result = new_result(args.cell, config) | rank_info
         run_cell(args.cell, config, result, emit, snapshot_path=out.with_suffix(".snapshot.pickle"))
     except BaseException as error:  # noqa: BLE001 - every failure must become a result
         # A second Ctrl-C or SIGTERM must not cut the result file short.

@@ -268,4 +268,5 @@ def test_a_cell_the_tracer_cannot_follow_is_a_row_with_its_reason_and_the_others
     from gputech_bench.estimate.report import EstimateReport, markdown
 
     text = markdown(EstimateReport("test", None, predictions, NO_OVERHEAD, 2**30))
-    assert "| test-reads | untraceable: DataDependentOutputException" in text
+    assert "| test-reads | not traced [1] |" in text
+    assert "- [1] not traced: DataDependentOutputException" in text

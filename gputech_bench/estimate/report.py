@@ -122,9 +122,19 @@ def _error(value: float | None) -> str:
     return "-" if value is None else f"{value:+.1f}%"
 
 
-def _untraceable(row: dict[str, Any], width: int) -> list[str]:
-    """A row for a setup the tracer could not follow: the reason, then dashes."""
-    return [row["setup"], f"untraceable: {row['error']}", *(["-"] * (width - 2))]
+def untraced_reasons(report: EstimateReport) -> dict[str, int]:
+    """Each distinct reason a setup could not be traced, numbered for footnotes."""
+    reasons: dict[str, int] = {}
+    for row in report.rows():
+        if row["error"] and row["error"] not in reasons:
+            reasons[row["error"]] = len(reasons) + 1
+    return reasons
+
+
+def _untraceable(report: EstimateReport, row: dict[str, Any], width: int) -> list[str]:
+    """A row for a setup the tracer could not follow: a footnote to its reason, then dashes.
+    (Several cells share a reason, such as every amp cell without CUDA.)"""
+    return [row["setup"], f"not traced [{untraced_reasons(report)[row['error']]}]", *(["-"] * (width - 2))]
 
 
 def rich_table(report: EstimateReport, title: str = "gputech-bench estimate (MiB)") -> Table:
@@ -146,7 +156,7 @@ def rich_table(report: EstimateReport, title: str = "gputech-bench estimate (MiB
         table.add_column("error", justify="right")
     for row in rows:
         if row["error"]:
-            table.add_row(*_untraceable(row, len(table.columns)))
+            table.add_row(*_untraceable(report, row, len(table.columns)))
             continue
         table.add_row(*_row_cells(report, row, compared, _fits))
     return table
@@ -162,7 +172,7 @@ def compact_table(report: EstimateReport, title: str) -> Table:
     table.add_column("error", justify="right")
     for row in report.rows():
         if row["error"]:
-            table.add_row(*_untraceable(row, 5))
+            table.add_row(*_untraceable(report, row, 5))
             continue
         measured = row.get("measured_mib")
         shown = _mib(measured) if measured is not None else ("n/a" if "n/a" in row.get("measured_what", "") else row.get("measured_what", "-"))
@@ -191,6 +201,7 @@ def legend(report: EstimateReport, with_overheads: bool = True) -> list[str]:
         lines.append("n/a: a CPU run holds strategy 4's device and host sides in one memory, so there is no device peak to compare")
     if report.caveat:
         lines.append(f"note: {report.caveat}")
+    lines += [f"[{number}] not traced: {reason}" for reason, number in untraced_reasons(report).items()]
     return lines
 
 
@@ -206,7 +217,7 @@ def markdown(report: EstimateReport) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
         if row["error"]:
-            lines.append("| " + " | ".join(_untraceable(row, len(headers))) + " |")
+            lines.append("| " + " | ".join(_untraceable(report, row, len(headers))) + " |")
             continue
         lines.append("| " + " | ".join(_row_cells(report, row, compared, _plain_fits)) + " |")
     return "\n".join(["Memory in MiB.", "", *lines, "", *(f"- {line}" for line in legend(report))]) + "\n"
