@@ -105,12 +105,27 @@ def assert_one_line_error(out: subprocess.CompletedProcess, *fragments: str) -> 
         (["--set", "train.epoch=1"], ["unknown config key 'train.epoch'", "did you mean 'train.epochs'"]),
         (["--set", "train.epochs=many"], ["train.epochs expects an integer"]),
         (["--train-file", "missing.txt"], ["--train-file 'missing.txt' is not a file"]),
+        (["--strategies", "4+amp"], ["'4' and 'amp' both own the precision hook"]),
+        (["--strategies", "3+fsdp-offload"], ["'fsdp-offload' cannot run with '3'", "DTensor"]),
+        (["--nnodes", "2"], ["--nnodes > 1 needs --rdzv-endpoint HOST:PORT"]),
+        (["--nproc-per-node", "2", "--rdzv-endpoint", "node0"], ["'node0' is not HOST:PORT"]),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], fragments: list[str]):
     out = gputech("run", "--preset", "cpu", *args, "--results", str(tmp_path / "r"), cwd=tmp_path)
     assert_one_line_error(out, *fragments)
     assert not (tmp_path / "r").exists()  # nothing was started
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is absent")
+@pytest.mark.parametrize("args, fragment", [
+    (["--strategies", "paged-adam8bit"], "paged-adam8bit needs a CUDA device and this run has none"),
+    (["--gpus", "0,1"], "--gpus needs CUDA devices and this run has none"),
+])
+def test_cuda_only_options_are_refused_without_cuda(tmp_path: Path, args: list[str], fragment: str):
+    out = gputech("run", "--preset", "cpu", *args, "--results", str(tmp_path / "r"), cwd=tmp_path)
+    assert_one_line_error(out, fragment)
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is absent")
