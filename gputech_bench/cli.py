@@ -62,17 +62,17 @@ def check_gpu_idle(allow_busy: bool) -> None:
 
 
 class MatrixProgress:
-    """Cells done out of N, and a step bar for each running cell (several with --gpus)."""
+    """Runs done out of N, and a step bar for each running cell (several with --gpus)."""
 
-    def __init__(self, cells: list[str]) -> None:
-        self.cells = cells
+    def __init__(self, total: int) -> None:
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TimeRemainingColumn(), console=console, transient=True,
         )
-        self.overall = self.progress.add_task("cells", total=len(cells))
-        self.running: dict[str, Any] = {}
-        self.labels: dict[str, str] = {}
+        self.overall = self.progress.add_task("cells", total=total)
+        self.tasks: dict[str, Any] = {}  # label -> its step bar
+        self.labels: dict[int, str] = {}  # job index -> label
+        self.titles: dict[str, str] = {}
 
     def __enter__(self) -> "MatrixProgress":
         self.progress.__enter__()
@@ -81,28 +81,29 @@ class MatrixProgress:
     def __exit__(self, *exc: Any) -> None:
         self.progress.__exit__(*exc)
 
-    def cell_started(self, index: int, cell: str, slot: Any = None) -> None:
-        where = f" on GPU {','.join(slot)}" if slot else ""
-        self.labels[cell] = f"  {cell}{where}"
-        self.running[cell] = self.progress.add_task(f"{self.labels[cell]}: starting", total=None)
+    def cell_started(self, index: int, label: str, slot: Any = None) -> None:
+        self.labels[index] = label
+        self.titles[label] = f"  {label}" + (f" on GPU {','.join(slot)}" if slot else "")
+        self.tasks[label] = self.progress.add_task(f"{self.titles[label]}: starting", total=None)
 
     def cell_finished(self, index: int, result: dict[str, Any]) -> None:
         self.progress.advance(self.overall)
-        task = self.running.pop(result["cell"], None)
+        label = self.labels.pop(index, result["cell"])
+        task = self.tasks.pop(label, None)
         if task is not None:
             self.progress.remove_task(task)
         status = result["status"]
         mark = "[green]ok[/]" if status == "ok" else f"[bold red]{status}[/]: {result.get('reason') or ''}"
-        console.print(f"  {result['cell']}: {mark}", highlight=False)
+        console.print(f"  {label}: {mark}", highlight=False)
 
-    def event(self, cell: str, event: dict[str, Any]) -> None:
-        task = self.running.get(cell)
+    def event(self, label: str, event: dict[str, Any]) -> None:
+        task = self.tasks.get(label)
         if task is None:
             return
         if event["event"] == "phase":
-            self.progress.update(task, description=f"{self.labels[cell]}: {event['phase']}")
+            self.progress.update(task, description=f"{self.titles[label]}: {event['phase']}")
         elif event["event"] == "step":
-            self.progress.update(task, description=f"{self.labels[cell]}: train", completed=event["step"], total=event["total"])
+            self.progress.update(task, description=f"{self.titles[label]}: train", completed=event["step"], total=event["total"])
 
 
 RUN_HELP = """Run strategy cells, one isolated process each, and print the comparison table.
@@ -118,6 +119,8 @@ and a log per cell. Re-running with the same --run-name skips cells that are alr
 * `gputech-bench run --matrix --preset seed-512 --gpu-memory-limit 24GiB` - which cells fit a 24 GiB card?
 * `gputech-bench run --matrix --model ./my-bert --train-file train.txt --eval-file eval.txt`
 * `gputech-bench run --strategies amp,amp+sparse-head,1+amp+sparse-head,fsdp-offload` - the modern strategies
+* `gputech-bench run --matrix --repeat 5` - medians, spread and outliers; differences within noise are marked
+* `gputech-bench run --strategies 1,amp --repeat 3 --vary-seed` - accuracy's spread over seeds
 * `gputech-bench run --matrix --gpus 0,1,2,3` - four cells at a time, one per GPU
 * `gputech-bench run --strategies fsdp-offload --nproc-per-node 4` - each cell sharded over 4 GPUs (torchrun)
 * `gputech-bench run --matrix --nproc-per-node 8 --nnodes 2 --node-rank 0 --rdzv-endpoint node0:29500` - on node 0 of 2
@@ -147,6 +150,8 @@ def run(
     nnodes: int = typer.Option(1, min=1, help="Nodes taking part in each cell (torchrun --nnodes); run the same command on every node."),
     node_rank: int = typer.Option(0, "--node-rank", min=0, help="This node's rank, 0 to nnodes-1 (torchrun --node-rank)."),
     rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of node 0, reachable from every node (torchrun --rdzv-endpoint)."),
+    repeat: int = typer.Option(1, min=1, help="Run each cell N times, each in a fresh process; the table shows medians, and differences within the spread are marked as noise."),
+    vary_seed: bool = typer.Option(False, "--vary-seed", help="With --repeat: train.seed + 0, 1, 2... (weights, batches, masks), to see accuracy's spread; without it the seed is fixed and the spread is timing noise alone."),
 ) -> None:
     from .launch import Launch, gpu_slots
     from .matrix import expand
@@ -165,8 +170,11 @@ def run(
         if gpus is not None and not uses_cuda(config):
             raise ConfigError("--gpus needs CUDA devices and this run has none: drop --gpus, or run on a GPU machine")
         slots = gpu_slots(gpus, nproc_per_node)
+        if vary_seed and repeat < 2:
+            raise ConfigError("--vary-seed needs --repeat 2 or more: each repeat takes the next seed")
     except ValueError as error:
         fail(str(error))
+    seeds = [config.train.seed + (k if vary_seed else 0) for k in range(repeat)]
     if uses_cuda(config):
         check_gpu_idle(allow_busy_gpu)
     name = run_name or f"{config.preset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
@@ -183,11 +191,15 @@ def run(
         )
     if len(slots) > 1:
         console.print(f"{len(slots)} cells at a time: " + ", ".join(f"GPU {','.join(slot)}" for slot in slots), highlight=False)
+    if repeat > 1:
+        how = f"seeds {seeds[0]}..{seeds[-1]}" if vary_seed else f"seed {seeds[0]} each time: the spread is timing noise"
+        console.print(f"each cell {repeat} times, in a fresh process each, round-robin ({how})", highlight=False)
 
-    with MatrixProgress(cells) as progress:
+    with MatrixProgress(len(cells) * repeat) as progress:
         outcome = run_matrix(
             cells, layout, force=force, cell_timeout=cell_timeout, on_event=progress.event,
             on_cell_start=progress.cell_started, on_cell_end=progress.cell_finished, launch=launch, slots=slots,
+            repeats=repeat, seeds=seeds if repeat > 1 else None,
         )
     if outcome.reused:
         console.print(f"reused {len(outcome.reused)} finished cell(s): {', '.join(outcome.reused)} (--force re-runs them)", highlight=False)

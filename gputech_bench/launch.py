@@ -90,8 +90,9 @@ def describe_slot(slot: Slot) -> str:
     return "" if slot is None else f"GPU {','.join(slot)}"
 
 
-def worker_command(cell: str, config_path: Path, out: Path, launch: Launch) -> list[str]:
+def worker_command(cell: str, config_path: Path, out: Path, launch: Launch, seed: int | None = None) -> list[str]:
     worker = ["--cell", cell, "--config", str(config_path), "--out", str(out), "--events"]
+    worker += [] if seed is None else ["--seed", str(seed)]
     if not launch.distributed:
         return [sys.executable, "-m", "gputech_bench.worker", *worker]
     return [sys.executable, "-m", "torch.distributed.run", *launch.torchrun_options(), "-m", "gputech_bench.worker", *worker]

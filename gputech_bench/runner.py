@@ -25,6 +25,7 @@ from typing import Any, Callable
 from .config import BenchConfig, ConfigError, to_dict
 from .launch import Launch, Slot, slot_environment, worker_command
 from .rank_results import clear_rank_results, merge_rank_results, read_rank_results
+from .repeats import aggregate
 from .results import ResultError, bare_result, read_result, write_atomic
 from .schedule import run_on_slots
 
@@ -49,6 +50,10 @@ class RunLayout:
     def result_path(self, cell: str) -> Path:
         return self.root / f"{cell}.json"
 
+    def job_result_path(self, job: "Job") -> Path:
+        """A repeat's own file; a cell run once writes the cell's result directly."""
+        return self.root / "repeats" / f"{job.label}.json" if job.repeat else self.result_path(job.cell)
+
     def log_path(self, cell: str) -> Path:
         return self.root / "logs" / f"{cell}.log"
 
@@ -57,6 +62,32 @@ class RunLayout:
 
     def report_path(self, extension: str) -> Path:
         return self.root / f"report.{extension}"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One worker process: a cell, or one repeat of it (``--repeat``)."""
+
+    cell: str
+    #: 1..N with --repeat N; 0 when the cell runs once.
+    repeat: int = 0
+    #: train.seed for this run; None keeps the config's.
+    seed: int | None = None
+
+    @property
+    def label(self) -> str:
+        """Names its result, log and progress line."""
+        return f"{self.cell}.rep{self.repeat}" if self.repeat else self.cell
+
+
+def plan_jobs(cells: list[str], repeats: int = 1, seeds: list[int] | None = None) -> list[Job]:
+    """Every cell once, or every cell ``repeats`` times, round-robin: the first repeat of each
+    cell, then the second of each... so that drift in the machine (heat, other load) is
+    spread over the cells instead of landing on the last ones."""
+    if repeats <= 1:
+        return [Job(cell) for cell in cells]
+    seeds = seeds or [None] * repeats
+    return [Job(cell, repeat, seeds[repeat - 1]) for repeat in range(1, repeats + 1) for cell in cells]
 
 
 def _config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
@@ -95,10 +126,11 @@ def prepare_run_dir(layout: RunLayout, config: BenchConfig, force: bool) -> None
         ) from None
 
 
-def reusable_result(layout: RunLayout, cell: str) -> dict[str, Any] | None:
+def reusable_result(layout: RunLayout, job: "Job | str") -> dict[str, Any] | None:
     """A finished ``ok`` result from an earlier attempt of this run, if there is one."""
+    job = Job(job) if isinstance(job, str) else job
     try:
-        result = read_result(layout.result_path(cell))
+        result = read_result(layout.job_result_path(job))
     except ResultError:
         return None
     return result if result["status"] == "ok" else None
@@ -214,7 +246,7 @@ class CellRun:
 
 
 def run_worker(
-    cell: str,
+    job: Job | str,
     layout: RunLayout,
     on_event: EventCallback,
     timeout: float | None = None,
@@ -225,22 +257,25 @@ def run_worker(
     """Run one cell's worker and return its result; a crash, timeout or Ctrl-C becomes a row too.
 
     ``slot`` pins the worker to its GPUs; ``stop`` stops it from another thread."""
-    result_path = layout.result_path(cell)
+    job = Job(job) if isinstance(job, str) else job
+    label = job.label
+    result_path = layout.job_result_path(job)
+    result_path.parent.mkdir(parents=True, exist_ok=True)
     if result_path.exists():
         # Keep the earlier attempt, but never mistake it for this one's result.
-        layout.previous_path(cell).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(result_path, layout.previous_path(cell))
+        layout.previous_path(label).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(result_path, layout.previous_path(label))
     if launch.distributed:
         clear_rank_results(result_path)
-    layout.log_path(cell).parent.mkdir(parents=True, exist_ok=True)
+    layout.log_path(label).parent.mkdir(parents=True, exist_ok=True)
     timed_out = interrupted = False
-    with layout.log_path(cell).open("w", encoding="utf-8") as log:
+    with layout.log_path(label).open("w", encoding="utf-8") as log:
         # Hold Ctrl-C while the worker starts: raised inside Popen, it would leave a worker
         # nobody stops. Released inside the try below, where it stops the worker properly.
         ctrl_c = _DeferredCtrlC() if _in_main_thread() else None
         try:
             process = subprocess.Popen(
-                worker_command(cell, layout.config_path, result_path, launch), stdout=subprocess.PIPE, stderr=log,
+                worker_command(job.cell, layout.config_path, result_path, launch, job.seed), stdout=subprocess.PIPE, stderr=log,
                 text=True, env=slot_environment(slot, dict(os.environ)),
                 preexec_fn=_prepare_worker_process if os.name == "posix" else None,
             )
@@ -248,7 +283,7 @@ def run_worker(
             if ctrl_c:
                 ctrl_c.release()
             raise
-        relay = threading.Thread(target=_relay_events, args=(process, cell, log, on_event), daemon=True)
+        relay = threading.Thread(target=_relay_events, args=(process, label, log, on_event), daemon=True)
         try:
             if ctrl_c:
                 ctrl_c.release()
@@ -263,8 +298,10 @@ def run_worker(
                 _stop(process)
         relay.join(timeout=5)
 
-    result = _collect_result(cell, layout, launch, process)
-    log_hint = f"see {layout.log_path(cell)}"
+    result = _collect_result(job, layout, launch, process)
+    if job.repeat:
+        result["repeat"] = job.repeat
+    log_hint = f"see {layout.log_path(label)}"
     if timed_out and result["status"] != "ok":
         result.update(status="timeout", reason=f"exceeded --cell-timeout of {timeout:g} s; {log_hint}")
     elif interrupted and result["status"] != "ok":
@@ -273,15 +310,15 @@ def run_worker(
     return CellRun(result, interrupted)
 
 
-def _collect_result(cell: str, layout: RunLayout, launch: Launch, process: subprocess.Popen) -> dict[str, Any]:
+def _collect_result(job: Job, layout: RunLayout, launch: Launch, process: subprocess.Popen) -> dict[str, Any]:
     """The worker's result file, the merge of its ranks' files, or a row saying why there is none."""
-    log_hint = f"see {layout.log_path(cell)}"
+    cell, log_hint = job.cell, f"see {layout.log_path(job.label)}"
     if launch.distributed:
-        ranks = read_rank_results(layout.result_path(cell), launch)
+        ranks = read_rank_results(layout.job_result_path(job), launch)
         if any(rank["status"] != "crashed" for rank in ranks):
             return merge_rank_results(ranks, launch)
     try:
-        return read_result(layout.result_path(cell))
+        return read_result(layout.job_result_path(job))
     except ResultError:
         pass
     if process.returncode is not None and process.returncode < 0:
@@ -305,34 +342,40 @@ def run_matrix(
     *,
     force: bool = False,
     cell_timeout: float | None = None,
-    on_event: EventCallback = lambda cell, event: None,
-    on_cell_start: Callable[[int, str, Slot], None] = lambda index, cell, slot: None,
+    on_event: EventCallback = lambda label, event: None,
+    on_cell_start: Callable[[int, str, Slot], None] = lambda index, label, slot: None,
     on_cell_end: Callable[[int, dict[str, Any]], None] = lambda index, result: None,
     launch: Launch = Launch(),
     slots: list[Slot] = [None],  # noqa: B006 - never mutated
+    repeats: int = 1,
+    seeds: list[int] | None = None,
 ) -> MatrixOutcome:
-    """Run ``cells``, one per slot at a time; stops early only on Ctrl-C, never on a failed cell.
+    """Run ``cells`` (``repeats`` times each), one per slot at a time; stops early only on
+    Ctrl-C, never on a failed cell.
 
-    The results come back in the order of ``cells`` whichever slot finished first."""
+    The callbacks see jobs (a cell, or one repeat of it) by their index in the job list
+    and their label. The outcome's results are per cell, in the order of ``cells``,
+    whichever slot finished first; repeats are aggregated into their cell's result."""
     started = time.perf_counter()
     outcome = MatrixOutcome()
+    jobs = plan_jobs(cells, repeats, seeds)
     results: dict[int, dict[str, Any]] = {}
-    pending: list[tuple[int, str]] = []
-    for index, cell in enumerate(cells):
-        previous = None if force else reusable_result(layout, cell)
+    pending: list[tuple[int, Job]] = []
+    for index, job in enumerate(jobs):
+        previous = None if force else reusable_result(layout, job)
         if previous is None:
-            pending.append((index, cell))
+            pending.append((index, job))
             continue
         results[index] = previous
-        outcome.reused.append(cell)
+        outcome.reused.append(job.label)
         on_cell_end(index, previous)
 
     stop = threading.Event()
 
-    def run_one(item: tuple[int, str], slot: Slot) -> bool:
-        index, cell = item
-        on_cell_start(index, cell, slot)
-        run = run_worker(cell, layout, on_event, cell_timeout, launch, slot, None if len(slots) == 1 else stop)
+    def run_one(item: tuple[int, Job], slot: Slot) -> bool:
+        index, job = item
+        on_cell_start(index, job.label, slot)
+        run = run_worker(job, layout, on_event, cell_timeout, launch, slot, None if len(slots) == 1 else stop)
         results[index] = run.result
         on_cell_end(index, run.result)
         if run.interrupted:
@@ -348,6 +391,25 @@ def run_matrix(
             run_on_slots(pending, slots, run_one, stop)
     except KeyboardInterrupt:  # between cells, or while parallel cells were stopped and recorded
         outcome.interrupted = True
-    outcome.results = [results[index] for index in sorted(results)]
+    if repeats <= 1:
+        outcome.results = [results[index] for index in sorted(results)]
+    else:
+        outcome.results = _aggregate_repeats(cells, jobs, results, layout, repeats)
     outcome.seconds = time.perf_counter() - started
     return outcome
+
+
+def _aggregate_repeats(
+    cells: list[str], jobs: list[Job], results: dict[int, dict[str, Any]], layout: RunLayout, repeats: int
+) -> list[dict[str, Any]]:
+    """Each cell's result from the repeats that ran, written beside the single-run results."""
+    aggregated = []
+    for cell in cells:
+        indexed = sorted((job.repeat, index) for index, job in enumerate(jobs) if job.cell == cell and index in results)
+        if not indexed:
+            continue
+        seeds = [job.seed for job in jobs if job.cell == cell]
+        result = aggregate(cell, [results[index] for _, index in indexed], repeats, seeds)
+        write_atomic(layout.result_path(cell), result)
+        aggregated.append(result)
+    return aggregated

@@ -10,6 +10,7 @@ JSON object per line on stdout (phases and steps) for a runner to display.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -31,6 +32,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, type=Path, help="resolved config JSON (as saved in results)")
     parser.add_argument("--out", required=True, type=Path, help="where to write the result JSON")
     parser.add_argument("--events", action="store_true", help="print JSON-lines progress events on stdout")
+    parser.add_argument("--seed", type=int, help="train.seed for this run (a repeat with --vary-seed)")
     return parser.parse_args(argv)
 
 
@@ -79,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         emit = _quiet
     try:
         config = read_config(args.config)
+        if args.seed is not None:
+            config = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=args.seed))
         # Heavy imports (torch, transformers) come after argument parsing so that --help is instant.
         from .cell import new_result, run_cell
 

@@ -92,7 +92,7 @@ open(out, "w").write(json.dumps(result))
 def test_the_runner_pins_each_cell_to_its_slot_and_keeps_the_table_order(tmp_path: Path, monkeypatch):
     script = tmp_path / "fake_worker.py"
     script.write_text(FAKE_WORKER)
-    monkeypatch.setattr(runner, "worker_command", lambda cell, config, out, launch: [
+    monkeypatch.setattr(runner, "worker_command", lambda cell, config, out, launch, seed=None: [
         sys.executable, str(script), "--cell", cell, "--out", str(out)])
     layout = runner.RunLayout(tmp_path / "run")
     runner.prepare_run_dir(layout, BenchConfig(), force=False)
