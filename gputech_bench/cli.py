@@ -231,22 +231,25 @@ def run(
         raise typer.Exit(EXIT_FAILED_CELL)
 
 
-REPORT_HELP = """Render a run's table again from its saved results.
+REPORT_HELP = """Render a run's table again from its saved results, plot it, or make one shareable HTML file.
 
 **Examples**
 
 * `gputech-bench report results/cpu-20261127-120000`
 * `gputech-bench report results/RUN --format md --output table.md`
 * `gputech-bench report results/RUN --format csv --baseline 1`
+* `gputech-bench report results/RUN --plot plots/` - memory against time, where the memory goes, accuracy spread (PNG)
+* `gputech-bench report results/RUN --format html --output report.html` - table, plots, provenance and config in one file
 """
 
 
 @app.command(help=REPORT_HELP)
 def report(
     run_dir: Path = typer.Argument(..., help="A run folder made by 'gputech-bench run'."),
-    format_: str = typer.Option("table", "--format", help="table, md, csv or json."),
+    format_: str = typer.Option("table", "--format", help="table, md, csv, json or html (html goes to RUN_DIR/report.html unless --output says where)."),
     output: Optional[Path] = typer.Option(None, help="Write to this file instead of the terminal."),
     baseline: str = typer.Option("baseline", help="The cell the x-baseline and difference columns compare against."),
+    plot: Optional[Path] = typer.Option(None, help="Also write the plots as PNG files into this folder."),
 ) -> None:
     from .report import FORMATS, load_run, render
     from .results import ResultError
@@ -262,7 +265,17 @@ def report(
     cells = [result["cell"] for result in loaded.results]
     if baseline not in cells:
         fail(f"baseline cell '{baseline}' is not in {run_dir}: choose one of {', '.join(cells)}")
+    if plot is not None:
+        from .plots import write_plots
+
+        try:
+            written = write_plots(loaded, plot, baseline)
+        except OSError as error:
+            fail(f"cannot write plots to '{plot}' ({error.strerror or error}): pass a writable --plot folder")
+        console.print(f"plots: {', '.join(str(path) for path in written)}", highlight=False)
     rendered = render(loaded, format_, baseline)
+    if format_ == "html" and output is None:
+        output = run_dir / "report.html"
     if output is None:
         if isinstance(rendered, Table):
             console.print(rendered)
@@ -278,6 +291,60 @@ def report(
         atomic_write_bytes(output, rendered.encode("utf-8"))
     except OSError as error:
         fail(f"cannot write '{output}' ({error.strerror or error}): pass a writable --output path")
+    console.print(f"wrote {output}", highlight=False)
+
+
+COMPARE_HELP = """Put two runs side by side, cell by cell: figures, ratios B/A, and what changed beyond noise.
+
+Warns when the presets, the resolved configs or the devices differ, and says how. A change
+is beyond noise when both runs repeated the cell (`run --repeat N`) and the ranges do not overlap.
+
+**Examples**
+
+* `gputech-bench compare results/a30-run results/h100-run` - one card against another
+* `gputech-bench compare results/before results/after --format md --output upgrade.md` - a library upgrade
+"""
+
+
+@app.command(help=COMPARE_HELP)
+def compare(
+    run_a: Path = typer.Argument(..., help="The first run folder (A)."),
+    run_b: Path = typer.Argument(..., help="The second run folder (B); ratios are B/A."),
+    format_: str = typer.Option("table", "--format", help="table, md or json."),
+    output: Optional[Path] = typer.Option(None, help="Write to this file instead of the terminal."),
+) -> None:
+    import json
+
+    from .comparison import compare_runs, comparison_markdown, comparison_table, footer
+    from .report import load_run
+    from .results import ResultError
+
+    if format_ not in ("table", "md", "json"):
+        fail(f"unknown format '{format_}': choose one of table, md, json")
+    try:
+        loaded = [load_run(run_dir) for run_dir in (run_a, run_b)]
+    except ResultError as error:
+        fail(str(error))
+    comparison = compare_runs(*loaded)
+    if not comparison.cells:
+        fail(f"{run_a} and {run_b} have no cell in common: compare runs of the same strategies")
+    if format_ == "table" and output is None:
+        for warning in comparison.warnings:
+            errors.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+        console.print(comparison_table(comparison))
+        for line in footer(comparison):
+            console.print(f"  [dim]{line.removeprefix('- ')}[/]", highlight=False)
+        return
+    text = json.dumps(comparison.to_dict(), indent=2) + "\n" if format_ == "json" else comparison_markdown(comparison)
+    if output is None:
+        sys.stdout.write(text)
+        return
+    try:
+        atomic_write_bytes(output, text.encode("utf-8"))
+    except OSError as error:
+        fail(f"cannot write '{output}' ({error.strerror or error}): pass a writable --output path")
+    for warning in comparison.warnings:
+        errors.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     console.print(f"wrote {output}", highlight=False)
 
 

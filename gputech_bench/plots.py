@@ -496,19 +496,22 @@ def accuracy_figure(run: LoadedRun, frame: pd.DataFrame) -> Figure | None:
 # --------------------------------------------------------------------------- files
 
 
-def write_plots(run: LoadedRun, out_dir: Path, baseline: str = "baseline") -> list[Path]:
-    """Write the run's plots as PNG files into out_dir (created if missing); return their paths."""
-    out_dir = Path(out_dir)
+def run_figures(run: LoadedRun, baseline: str = "baseline") -> dict[str, Figure]:
+    """The run's figures by file name; the accuracy plot only when cells were repeated."""
     frame, measure = build_frame(run.results, baseline)
     figures = {
         MEMORY_TIME_PNG: memory_time_figure(frame, measure, baseline, run_name=run.root.name),
         BREAKDOWN_PNG: memory_breakdown_figure(run, frame, measure),
         ACCURACY_PNG: accuracy_figure(run, frame),
     }
+    return {name: figure for name, figure in figures.items() if figure is not None}
+
+
+def write_plots(run: LoadedRun, out_dir: Path, baseline: str = "baseline") -> list[Path]:
+    """Write the run's plots as PNG files into out_dir (created if missing); return their paths."""
+    out_dir = Path(out_dir)
     written = []
-    for name, figure in figures.items():
-        if figure is None:
-            continue
+    for name, figure in run_figures(run, baseline).items():
         path = out_dir / name
         atomic_write_bytes(path, png_bytes(figure))
         written.append(path)

@@ -19,6 +19,7 @@ from .atomic import atomic_write_bytes
 from .matrix import SEED_MATRIX
 from .pareto import frontier
 from .results import ResultError, read_result
+from .stats import WITHIN_NOISE, Summary, versus
 
 FAILED = "failed"
 
@@ -47,6 +48,9 @@ METRIC_COLUMNS = (
 )
 CATEGORIES = ("parameters", "buffers", "gradients", "optimizer_state", "activations", "temporaries", "other")
 BREAKDOWN_COLUMNS = tuple(f"tracked_{side}_{category}_mib" for side in ("device", "host") for category in CATEGORIES)
+#: Against the baseline, from the repeats' ranges: "lower", "higher", "within noise",
+#: "single run" (no repeats to judge by), or empty for the baseline itself.
+VERDICT_COLUMNS = ("memory_vs_baseline", "time_vs_baseline", "masked_accuracy_vs_baseline")
 DERIVED_COLUMNS = (
     "memory_mib",
     "memory_rank_mean_mib",
@@ -62,8 +66,8 @@ INFO_COLUMNS = (
     "total_parameters", "preset",
 )
 COLUMNS = (
-    "cell", "strategies", "status", "reason",
-    *DERIVED_COLUMNS, *METRIC_COLUMNS, *BREAKDOWN_COLUMNS, *OOM_COLUMNS, *INFO_COLUMNS,
+    "cell", "strategies", "status", "reason", "repeats",
+    *DERIVED_COLUMNS, *VERDICT_COLUMNS, *METRIC_COLUMNS, *BREAKDOWN_COLUMNS, *OOM_COLUMNS, *INFO_COLUMNS,
 )
 
 #: Which way is better, for colouring and for readers of the CSV.
@@ -150,6 +154,7 @@ def _row(result: dict[str, Any]) -> dict[str, Any]:
         "strategies": "+".join(result.get("strategies", [])) or "baseline",
         "status": result["status"],
         "reason": result.get("reason"),
+        "repeats": result.get("repeats", {}).get("ok", 1),
     }
     for name in METRIC_COLUMNS:
         row[name] = _metric(result, name)
@@ -200,7 +205,30 @@ def build_frame(results: list[dict[str, Any]], baseline: str = "baseline") -> tu
     frame.loc[failed, list(numeric)] = float("nan")  # a failed cell's partial figures are not comparable
     on_frontier = set(pareto_cells(frame))
     frame["pareto"] = frame["cell"].isin(on_frontier)
+    reference = next((r for r in results if r["cell"] == baseline and r["status"] == "ok"), None)
+    for column, metric in zip(VERDICT_COLUMNS, (measure.metric, "epoch_seconds", "eval_masked_accuracy")):
+        frame[column] = [_verdict(result, reference, metric) for result in results]
     return frame, measure
+
+
+def _statistics(result: dict[str, Any], metric: str) -> Summary | None:
+    data = result.get("repeats", {}).get("statistics", {}).get(metric)
+    return Summary.from_dict(data) if data else None
+
+
+def _verdict(result: dict[str, Any], reference: dict[str, Any] | None, metric: str) -> str | None:
+    """How ``result`` stands against the baseline on ``metric``, judged by the repeats' spread."""
+    if reference is None or result is reference or result["status"] != "ok":
+        return None
+    mine, theirs = _statistics(result, metric), _statistics(reference, metric)
+    if mine is None or theirs is None:
+        return None
+    return versus(mine, theirs)
+
+
+def noise_mark(verdict: Any) -> str:
+    """'≈' after a comparison that the repeats cannot tell from noise."""
+    return " ≈" if verdict == WITHIN_NOISE else ""
 
 
 def pareto_cells(frame: pd.DataFrame) -> list[str]:
@@ -276,11 +304,11 @@ def rich_table(frame: pd.DataFrame, measure: MemoryMeasure, title: str = "gputec
             continue
         texts = (
             "-" if _missing(row.memory_mib) else fmt_mib(row.memory_mib),
-            fmt_ratio(row.memory_x_baseline),
+            fmt_ratio(row.memory_x_baseline) + noise_mark(row.memory_vs_baseline),
             fmt_seconds(row.epoch_seconds) + ("*" if row.epoch_time_extrapolated else ""),
-            fmt_ratio(row.epoch_x_baseline),
+            fmt_ratio(row.epoch_x_baseline) + noise_mark(row.time_vs_baseline),
             fmt_percent(row.eval_masked_accuracy),
-            fmt_points(row.masked_accuracy_delta_points),
+            fmt_points(row.masked_accuracy_delta_points) + noise_mark(row.masked_accuracy_vs_baseline),
             fmt_percent(row.eval_token_accuracy),
         )
         styled = [_styled(text, getattr(row, column), extremes[column]) for text, column in zip(texts, columns)]
@@ -291,8 +319,21 @@ def rich_table(frame: pd.DataFrame, measure: MemoryMeasure, title: str = "gputec
     frontier_cells = pareto_cells(frame)
     if len(frontier_cells) > 1:
         captions.append(f"Pareto frontier (no other cell is both smaller and faster): {', '.join(frontier_cells)}")
+    captions += repeat_notes(frame)
     table.caption = "\n".join(captions) or None
     return table
+
+
+def repeat_notes(frame: pd.DataFrame) -> list[str]:
+    """What the figures of a repeated run are, and what '≈' means."""
+    counts = frame.loc[frame["status"] == "ok", "repeats"].dropna()
+    if counts.empty or counts.max() <= 1:
+        return []
+    notes = [f"figures are medians of {int(counts.min())}-{int(counts.max())} repeats" if counts.min() != counts.max()
+             else f"figures are medians of {int(counts.max())} repeats"]
+    if frame[list(VERDICT_COLUMNS)].eq(WITHIN_NOISE).any().any():
+        notes.append("≈ within noise of the baseline: the repeats' ranges overlap (outliers left out)")
+    return notes
 
 
 def _baseline_value(frame: pd.DataFrame, baseline: str, column: str) -> Any:
@@ -326,9 +367,12 @@ def markdown(frame: pd.DataFrame, measure: MemoryMeasure, results: list[dict[str
             lines.append(f"| {name} | {row.status} | {row.status} | {row.status} | {row.status} | {row.status}: {reason} |")
             continue
         lines.append(
-            f"| {name} | {fmt_mib(row.memory_mib) if not _missing(row.memory_mib) else '-'} ({fmt_ratio(row.memory_x_baseline)}) "
-            f"| {fmt_seconds(row.epoch_seconds)}{'*' if row.epoch_time_extrapolated else ''} ({fmt_ratio(row.epoch_x_baseline)}) "
-            f"| {fmt_percent(row.eval_masked_accuracy)} ({fmt_points(row.masked_accuracy_delta_points)}) "
+            f"| {name} | {fmt_mib(row.memory_mib) if not _missing(row.memory_mib) else '-'} "
+            f"({fmt_ratio(row.memory_x_baseline)}{noise_mark(row.memory_vs_baseline)}) "
+            f"| {fmt_seconds(row.epoch_seconds)}{'*' if row.epoch_time_extrapolated else ''} "
+            f"({fmt_ratio(row.epoch_x_baseline)}{noise_mark(row.time_vs_baseline)}) "
+            f"| {fmt_percent(row.eval_masked_accuracy)} ({fmt_points(row.masked_accuracy_delta_points)}"
+            f"{noise_mark(row.masked_accuracy_vs_baseline)}) "
             f"| {fmt_percent(row.eval_token_accuracy)} | ok |"
         )
     lines.append("")
@@ -337,6 +381,7 @@ def markdown(frame: pd.DataFrame, measure: MemoryMeasure, results: list[dict[str
     frontier_cells = pareto_cells(frame)
     if len(frontier_cells) > 1:
         lines.append(f"- **Pareto frontier** (no other cell is both smaller and faster): {', '.join(frontier_cells)}")
+    lines += [f"- {note}" for note in repeat_notes(frame)]
     lines += provenance_lines(results, measure)
     return "\n".join(lines) + "\n"
 
@@ -381,7 +426,7 @@ def to_csv(frame: pd.DataFrame) -> str:
     return frame.to_csv(index=False)
 
 
-FORMATS = ("table", "md", "csv", "json")
+FORMATS = ("table", "md", "csv", "json", "html")
 
 
 def render(run: LoadedRun, fmt: str, baseline: str = "baseline") -> str | Table:
@@ -398,6 +443,10 @@ def _render(run: LoadedRun, frame: pd.DataFrame, measure: MemoryMeasure, fmt: st
         return to_csv(frame)
     if fmt == "json":
         return to_json(frame, measure, baseline)
+    if fmt == "html":
+        from .html_report import html_report  # matplotlib only when asked for
+
+        return html_report(run, frame, measure, baseline)
     raise ValueError(f"unknown format '{fmt}': choose one of {', '.join(FORMATS)}")
 
 

@@ -1,0 +1,229 @@
+"""Two result sets side by side, cell by cell: an A30 against an H100, or a library
+before and after an upgrade.
+
+For each cell both runs hold: memory, time per epoch and masked accuracy from each, the
+ratio B/A (points for accuracy), and whether the change is beyond noise. Noise is judged
+from the repeats' ranges when both runs repeated the cell (``run --repeat``); a single
+run on either side cannot tell a change from noise, and the table says so instead of
+guessing. Differences in preset or resolved config are reported first, key by key:
+they are usually the reason for a change, or the reason a comparison is unfair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from .report import LoadedRun, build_frame, cell_order
+from .stats import HIGHER, LOWER, SINGLE_RUN, WITHIN_NOISE, Summary, versus
+
+#: (label, column of the frame, statistics key or None for the run's memory measure, unit)
+FIGURES = (
+    ("memory", "memory_mib", None, "MiB"),
+    ("time / epoch", "epoch_seconds", "epoch_seconds", "s"),
+    ("masked accuracy", "eval_masked_accuracy", "eval_masked_accuracy", "fraction"),
+)
+
+
+def config_differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """'key: A -> B' for every setting that differs between two resolved configs."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        lines = []
+        for key in sorted(set(a) | set(b)):
+            lines += config_differences(a.get(key), b.get(key), f"{prefix}{key}.")
+        return lines
+    if a != b and not (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b)):
+        return [f"{prefix.rstrip('.')}: {a!r} -> {b!r}"]
+    return []
+
+
+@dataclass(frozen=True)
+class Change:
+    figure: str
+    a: float | None
+    b: float | None
+    verdict: str  # lower, higher, within noise, single run, or "-" when a side has no figure
+
+    @property
+    def ratio(self) -> float | None:
+        if self.a is None or self.b is None or self.a == 0:
+            return None
+        return self.b / self.a
+
+
+@dataclass(frozen=True)
+class CellComparison:
+    cell: str
+    status_a: str
+    status_b: str
+    changes: tuple[Change, ...]
+
+    @property
+    def beyond_noise(self) -> list[str]:
+        return [f"{change.figure} {change.verdict}" for change in self.changes if change.verdict in (LOWER, HIGHER)]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    name_a: str
+    name_b: str
+    measure_a: str
+    measure_b: str
+    warnings: tuple[str, ...]
+    cells: tuple[CellComparison, ...]
+    only_a: tuple[str, ...]
+    only_b: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": "gputech-bench/compare/1",
+            "a": self.name_a, "b": self.name_b, "memory_a": self.measure_a, "memory_b": self.measure_b,
+            "warnings": list(self.warnings), "only_in_a": list(self.only_a), "only_in_b": list(self.only_b),
+            "cells": [
+                {"cell": c.cell, "status_a": c.status_a, "status_b": c.status_b, "beyond_noise": c.beyond_noise,
+                 "figures": [{"figure": ch.figure, "a": ch.a, "b": ch.b, "ratio_b_over_a": ch.ratio,
+                              "verdict": ch.verdict} for ch in c.changes]}
+                for c in self.cells
+            ],
+        }
+
+
+def _value(frame: pd.DataFrame, cell: str, column: str) -> float | None:
+    value = frame.loc[frame["cell"] == cell, column].iloc[0]
+    return None if pd.isna(value) else float(value)
+
+
+def _summary(result: dict[str, Any], key: str) -> Summary | None:
+    data = result.get("repeats", {}).get("statistics", {}).get(key)
+    return Summary.from_dict(data) if data else None
+
+
+def _verdict(result_a: dict[str, Any], result_b: dict[str, Any], key: str, a: float | None, b: float | None) -> str:
+    if a is None or b is None:
+        return "-"
+    summary_a, summary_b = _summary(result_a, key), _summary(result_b, key)
+    if summary_a is None or summary_b is None:
+        return SINGLE_RUN
+    return versus(summary_b, summary_a)
+
+
+def _warnings(run_a: LoadedRun, run_b: LoadedRun) -> list[str]:
+    warnings = []
+    presets = ({r.get("preset") for r in run_a.results}, {r.get("preset") for r in run_b.results})
+    if presets[0] != presets[1]:
+        warnings.append(f"presets differ: {', '.join(map(str, sorted(presets[0], key=str)))} -> "
+                        f"{', '.join(map(str, sorted(presets[1], key=str)))}")
+    if run_a.config is None or run_b.config is None:
+        warnings.append("a run has no config.json: its settings cannot be compared")
+    else:
+        differences = config_differences(run_a.config, run_b.config)
+        if differences:
+            warnings.append(f"resolved configs differ in {len(differences)} setting(s): {'; '.join(differences[:8])}"
+                            + ("; ..." if len(differences) > 8 else ""))
+    devices = [{(r.get("device") or {}).get("name") or (r.get("device") or {}).get("type") for r in run.results} - {None}
+               for run in (run_a, run_b)]
+    if devices[0] != devices[1]:
+        warnings.append(f"devices differ: {', '.join(sorted(devices[0]))} -> {', '.join(sorted(devices[1]))}")
+    return warnings
+
+
+def compare_runs(run_a: LoadedRun, run_b: LoadedRun) -> Comparison:
+    frame_a, measure_a = build_frame(run_a.results)
+    frame_b, measure_b = build_frame(run_b.results)
+    warnings = _warnings(run_a, run_b)
+    if measure_a.metric != measure_b.metric:
+        warnings.append(f"memory is measured differently ({measure_a.label} -> {measure_b.label}): "
+                        "its ratio compares two different figures")
+    by_cell_a = {r["cell"]: r for r in run_a.results}
+    by_cell_b = {r["cell"]: r for r in run_b.results}
+    common = sorted(set(by_cell_a) & set(by_cell_b), key=cell_order)
+    cells = []
+    for cell in common:
+        result_a, result_b = by_cell_a[cell], by_cell_b[cell]
+        changes = []
+        for label, column, key, _unit in FIGURES:
+            a, b = _value(frame_a, cell, column), _value(frame_b, cell, column)
+            stats_a = key or measure_a.metric
+            changes.append(Change(label, a, b, _verdict(result_a, result_b, stats_a, a, b)))
+        cells.append(CellComparison(cell, result_a["status"], result_b["status"], tuple(changes)))
+    return Comparison(
+        run_a.root.name, run_b.root.name, measure_a.label, measure_b.label, tuple(warnings), tuple(cells),
+        tuple(sorted(set(by_cell_a) - set(by_cell_b), key=cell_order)),
+        tuple(sorted(set(by_cell_b) - set(by_cell_a), key=cell_order)),
+    )
+
+
+def describe_change(change: Change) -> str:
+    """The B/A figure as the table shows it: a ratio, or points for accuracy."""
+    if change.a is None or change.b is None:
+        return "-"
+    if change.figure == "masked accuracy":
+        return f"{100 * (change.b - change.a):+.1f} pts"
+    return "-" if change.ratio is None else f"{change.ratio:.2f}x"
+
+
+VERDICT_TEXT = {LOWER: "lower", HIGHER: "higher", WITHIN_NOISE: "within noise", SINGLE_RUN: "single run", "-": "-"}
+
+
+def _shown(change: Change) -> tuple[str, str]:
+    from .report import fmt_mib, fmt_percent, fmt_seconds
+
+    fmt = {"memory": fmt_mib, "time / epoch": fmt_seconds, "masked accuracy": fmt_percent}[change.figure]
+    return tuple("-" if value is None else fmt(value) for value in (change.a, change.b))  # type: ignore[return-value]
+
+
+def _verdicts(cell: CellComparison) -> str:
+    if cell.status_a != "ok" or cell.status_b != "ok":
+        return f"status {cell.status_a} -> {cell.status_b}"
+    verdicts = {change.verdict for change in cell.changes} - {"-"}
+    if verdicts == {SINGLE_RUN}:
+        return "? (no repeats)"
+    return ", ".join(cell.beyond_noise) or "none"
+
+
+def comparison_rows(comparison: Comparison) -> list[list[str]]:
+    rows = []
+    for cell in comparison.cells:
+        row = [cell.cell]
+        for change in cell.changes:
+            row += [*_shown(change), describe_change(change)]
+        rows.append(row + [_verdicts(cell)])
+    return rows
+
+
+def headers(comparison: Comparison) -> list[str]:
+    # Short: the title names A and B, and a table of eleven columns must fit a terminal.
+    return ["cell", "memory A", "memory B", "B/A", "time A", "time B", "B/A", "masked A", "masked B", "B-A",
+            "beyond noise"]
+
+
+def comparison_table(comparison: Comparison):
+    from rich.table import Table
+
+    table = Table(title=f"A = {comparison.name_a}, B = {comparison.name_b}", title_justify="left")
+    for index, header in enumerate(headers(comparison)):
+        table.add_column(header, justify="left" if index in (0, 10) else "right", overflow="fold")
+    for row in comparison_rows(comparison):
+        table.add_row(*row)
+    return table
+
+
+def comparison_markdown(comparison: Comparison) -> str:
+    lines = [f"# {comparison.name_a} (A) against {comparison.name_b} (B)", ""]
+    lines += [f"- **warning:** {warning}" for warning in comparison.warnings]
+    lines += ["", "| " + " | ".join(headers(comparison)) + " |", "|" + "---|" * len(headers(comparison))]
+    lines += ["| " + " | ".join(row) + " |" for row in comparison_rows(comparison)]
+    lines += ["", *footer(comparison)]
+    return "\n".join(lines) + "\n"
+
+
+def footer(comparison: Comparison) -> list[str]:
+    lines = [f"- memory: A {comparison.measure_a}, B {comparison.measure_b}; a change is beyond noise when the "
+             "repeats' ranges (outliers left out) do not overlap; '?': a side ran once (no --repeat), so noise is unknown"]
+    if comparison.only_a:
+        lines.append(f"- only in A: {', '.join(comparison.only_a)}")
+    if comparison.only_b:
+        lines.append(f"- only in B: {', '.join(comparison.only_b)}")
+    return lines

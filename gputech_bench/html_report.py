@@ -1,0 +1,129 @@
+"""One self-contained HTML file of a run: the table, the plots, the provenance and the
+resolved config, for a pull request or a chat.
+
+Self-contained means no request leaves the file: styles are inline, plots are PNG data
+URIs, and nothing links to a script, font or image elsewhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from typing import Any
+
+import pandas as pd
+
+from .plots import png_bytes, run_figures
+from .report import (
+    LoadedRun,
+    MemoryMeasure,
+    fmt_mib,
+    fmt_percent,
+    fmt_points,
+    fmt_ratio,
+    fmt_seconds,
+    noise_mark,
+    pareto_cells,
+    provenance_lines,
+    repeat_notes,
+)
+
+STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 70rem;
+       color: #1b1b1b; line-height: 1.45; padding: 0 1rem; }
+h1 { font-size: 1.5rem; } h2 { font-size: 1.15rem; margin-top: 2rem; }
+table { border-collapse: collapse; width: 100%; font-size: 0.9rem; }
+th, td { border-bottom: 1px solid #ddd; padding: 0.35rem 0.6rem; text-align: right; }
+th:first-child, td:first-child, td.status { text-align: left; }
+th { background: #f3f3f3; }
+tr.pareto td:first-child { font-weight: 600; }
+tr.failed td { color: #a00; }
+td.status { white-space: normal; max-width: 24rem; }
+img { max-width: 100%; height: auto; display: block; margin: 1rem 0; border: 1px solid #eee; }
+pre { background: #f6f6f6; padding: 1rem; overflow-x: auto; font-size: 0.8rem; }
+.note { color: #555; font-size: 0.85rem; }
+"""
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _table(frame: pd.DataFrame, measure: MemoryMeasure) -> str:
+    head = ["cell", measure.label, "x baseline", "time / epoch", "x baseline", "masked accuracy", "Δ points",
+            "token accuracy (seed's)", "status"]
+    rows = []
+    for row in frame.itertuples(index=False):
+        classes = ["pareto"] if row.pareto else []
+        if row.status != "ok":
+            rows.append(f'<tr class="failed"><td>{_esc(row.cell)}</td>' + "<td>-</td>" * 7
+                        + f'<td class="status">{_esc(row.status)}: {_esc(row.reason or "")}</td></tr>')
+            continue
+        cells = [
+            "-" if pd.isna(row.memory_mib) else fmt_mib(row.memory_mib),
+            fmt_ratio(row.memory_x_baseline) + noise_mark(row.memory_vs_baseline),
+            fmt_seconds(row.epoch_seconds) + ("*" if row.epoch_time_extrapolated else ""),
+            fmt_ratio(row.epoch_x_baseline) + noise_mark(row.time_vs_baseline),
+            fmt_percent(row.eval_masked_accuracy),
+            fmt_points(row.masked_accuracy_delta_points) + noise_mark(row.masked_accuracy_vs_baseline),
+            fmt_percent(row.eval_token_accuracy),
+        ]
+        rows.append(f'<tr class="{" ".join(classes)}"><td>{_esc(row.cell)}</td>'
+                    + "".join(f"<td>{_esc(text)}</td>" for text in cells) + '<td class="status">ok</td></tr>')
+    header = "".join(f"<th>{_esc(text)}</th>" for text in head)
+    return f"<table><thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def _markdown_bold_to_html(line: str) -> str:
+    """provenance_lines() writes '- **key:** text' with `code`; keep the emphasis, escape the rest."""
+    text = _esc(line.removeprefix("- "))
+    for marker, tag in (("**", "strong"), ("`", "code")):
+        parts = text.split(marker)
+        text = "".join(part if i % 2 == 0 else f"<{tag}>{part}</{tag}>" for i, part in enumerate(parts))
+    return f"<li>{text}</li>"
+
+
+def html_report(run: LoadedRun, frame: pd.DataFrame, measure: MemoryMeasure, baseline: str = "baseline") -> str:
+    title = f"gputech-bench: {run.root.name}"
+    notes = []
+    if frame["epoch_time_extrapolated"].eq(True).any():
+        notes.append("* time per epoch extrapolated from the timed steps of a short run (train.max_steps)")
+    frontier = pareto_cells(frame)
+    if len(frontier) > 1:
+        notes.append(f"Pareto frontier (no other cell is both smaller and faster, in bold): {', '.join(frontier)}")
+    notes += repeat_notes(frame)
+    plots = "".join(
+        f'<figure><img alt="{_esc(name)}" src="data:image/png;base64,{base64.b64encode(png_bytes(figure)).decode()}">'
+        f"</figure>"
+        for name, figure in run_figures(run, baseline).items()
+    )
+    cell_notes = "".join(
+        f"<li><strong>{_esc(result['cell'])}:</strong> {_esc(note)}</li>"
+        for result in run.results for note in result.get("notes", [])
+    )
+    config = json.dumps(run.config, indent=2) if run.config is not None else "(config.json missing)"
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{_esc(title)}</title>
+<style>{STYLE}</style>
+</head>
+<body>
+<h1>{_esc(title)}</h1>
+<p class="note">Baseline for the ratios: {_esc(baseline)}. Made by <code>gputech-bench report --format html</code>.</p>
+{_table(frame, measure)}
+<ul class="note">{"".join(f"<li>{_esc(note)}</li>" for note in notes)}</ul>
+<h2>Plots</h2>
+{plots}
+<h2>Notes per cell</h2>
+<ul class="note">{cell_notes or "<li>none</li>"}</ul>
+<h2>Provenance</h2>
+<ul>{"".join(_markdown_bold_to_html(line) for line in provenance_lines(run.results, measure))}</ul>
+<h2>Resolved config</h2>
+<pre>{html.escape(config, quote=False)}</pre>
+</body>
+</html>
+"""
