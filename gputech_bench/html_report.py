@@ -15,19 +15,7 @@ from typing import Any
 import pandas as pd
 
 from .plots import png_bytes, run_figures
-from .report import (
-    LoadedRun,
-    MemoryMeasure,
-    fmt_mib,
-    fmt_percent,
-    fmt_points,
-    fmt_ratio,
-    fmt_seconds,
-    noise_mark,
-    pareto_cells,
-    provenance_lines,
-    repeat_notes,
-)
+from .report import LoadedRun, MemoryMeasure, provenance_lines, row_texts, table_notes
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 70rem;
@@ -60,17 +48,8 @@ def _table(frame: pd.DataFrame, measure: MemoryMeasure) -> str:
             rows.append(f'<tr class="failed"><td>{_esc(row.cell)}</td>' + "<td>-</td>" * 7
                         + f'<td class="status">{_esc(row.status)}: {_esc(row.reason or "")}</td></tr>')
             continue
-        cells = [
-            "-" if pd.isna(row.memory_mib) else fmt_mib(row.memory_mib),
-            fmt_ratio(row.memory_x_baseline) + noise_mark(row.memory_vs_baseline),
-            fmt_seconds(row.epoch_seconds) + ("*" if row.epoch_time_extrapolated else ""),
-            fmt_ratio(row.epoch_x_baseline) + noise_mark(row.time_vs_baseline),
-            fmt_percent(row.eval_masked_accuracy),
-            fmt_points(row.masked_accuracy_delta_points) + noise_mark(row.masked_accuracy_vs_baseline),
-            fmt_percent(row.eval_token_accuracy),
-        ]
         rows.append(f'<tr class="{" ".join(classes)}"><td>{_esc(row.cell)}</td>'
-                    + "".join(f"<td>{_esc(text)}</td>" for text in cells) + '<td class="status">ok</td></tr>')
+                    + "".join(f"<td>{_esc(text)}</td>" for text in row_texts(row)) + '<td class="status">ok</td></tr>')
     header = "".join(f"<th>{_esc(text)}</th>" for text in head)
     return f"<table><thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
@@ -86,13 +65,7 @@ def _markdown_bold_to_html(line: str) -> str:
 
 def html_report(run: LoadedRun, frame: pd.DataFrame, measure: MemoryMeasure, baseline: str = "baseline") -> str:
     title = f"gputech-bench: {run.root.name}"
-    notes = []
-    if frame["epoch_time_extrapolated"].eq(True).any():
-        notes.append("* time per epoch extrapolated from the timed steps of a short run (train.max_steps)")
-    frontier = pareto_cells(frame)
-    if len(frontier) > 1:
-        notes.append(f"Pareto frontier (no other cell is both smaller and faster, in bold): {', '.join(frontier)}")
-    notes += repeat_notes(frame)
+    notes = table_notes(frame) + (["cells on the Pareto frontier are in bold"] if frame["pareto"].sum() > 1 else [])
     plots = "".join(
         f'<figure><img alt="{_esc(name)}" src="data:image/png;base64,{base64.b64encode(png_bytes(figure)).decode()}">'
         f"</figure>"

@@ -18,6 +18,7 @@ from rich.table import Table
 from .atomic import atomic_write_bytes
 from .matrix import SEED_MATRIX
 from .pareto import frontier
+from .rank_results import MEMORY_METRICS
 from .results import ResultError, read_result
 from .stats import WITHIN_NOISE, Summary, versus
 
@@ -25,12 +26,7 @@ FAILED = "failed"
 
 #: Metrics copied from each result, in column order.
 METRIC_COLUMNS = (
-    "peak_allocated_mib",
-    "peak_reserved_mib",
-    "nvml_process_peak_mib",
-    "tracked_peak_mib",
-    "tracked_host_peak_mib",
-    "peak_rss_mib",
+    *MEMORY_METRICS,
     "epoch_seconds",
     "epoch_time_extrapolated",
     "samples_per_second",
@@ -302,26 +298,35 @@ def rich_table(frame: pd.DataFrame, measure: MemoryMeasure, title: str = "gputec
             reason = row.reason or ""
             table.add_row(row.cell, *["-"] * 7, f"[bold red]{row.status}[/]: {reason}")
             continue
-        texts = (
-            "-" if _missing(row.memory_mib) else fmt_mib(row.memory_mib),
-            fmt_ratio(row.memory_x_baseline) + noise_mark(row.memory_vs_baseline),
-            fmt_seconds(row.epoch_seconds) + ("*" if row.epoch_time_extrapolated else ""),
-            fmt_ratio(row.epoch_x_baseline) + noise_mark(row.time_vs_baseline),
-            fmt_percent(row.eval_masked_accuracy),
-            fmt_points(row.masked_accuracy_delta_points) + noise_mark(row.masked_accuracy_vs_baseline),
-            fmt_percent(row.eval_token_accuracy),
-        )
-        styled = [_styled(text, getattr(row, column), extremes[column]) for text, column in zip(texts, columns)]
+        styled = [_styled(text, getattr(row, column), extremes[column]) for text, column in zip(row_texts(row), columns)]
         table.add_row(row.cell, *styled, "[green]ok[/]")
-    captions = []
+    table.caption = "\n".join(table_notes(frame)) or None
+    return table
+
+
+def row_texts(row: Any) -> tuple[str, ...]:
+    """An ok row's figures as the terminal and HTML tables show them: memory, its ratio, time,
+    its ratio, masked accuracy, its change in points, the seed's token accuracy."""
+    return (
+        "-" if _missing(row.memory_mib) else fmt_mib(row.memory_mib),
+        fmt_ratio(row.memory_x_baseline) + noise_mark(row.memory_vs_baseline),
+        fmt_seconds(row.epoch_seconds) + ("*" if row.epoch_time_extrapolated else ""),
+        fmt_ratio(row.epoch_x_baseline) + noise_mark(row.time_vs_baseline),
+        fmt_percent(row.eval_masked_accuracy),
+        fmt_points(row.masked_accuracy_delta_points) + noise_mark(row.masked_accuracy_vs_baseline),
+        fmt_percent(row.eval_token_accuracy),
+    )
+
+
+def table_notes(frame: pd.DataFrame) -> list[str]:
+    """The lines under every rendering of the table: extrapolated times, the frontier, repeats."""
+    notes = []
     if frame["epoch_time_extrapolated"].eq(True).any():
-        captions.append("* extrapolated from the timed steps of a short run (train.max_steps)")
+        notes.append("* time per epoch extrapolated from the timed steps of a short run (train.max_steps)")
     frontier_cells = pareto_cells(frame)
     if len(frontier_cells) > 1:
-        captions.append(f"Pareto frontier (no other cell is both smaller and faster): {', '.join(frontier_cells)}")
-    captions += repeat_notes(frame)
-    table.caption = "\n".join(captions) or None
-    return table
+        notes.append(f"Pareto frontier (no other cell is both smaller and faster): {', '.join(frontier_cells)}")
+    return notes + repeat_notes(frame)
 
 
 def repeat_notes(frame: pd.DataFrame) -> list[str]:
@@ -376,12 +381,7 @@ def markdown(frame: pd.DataFrame, measure: MemoryMeasure, results: list[dict[str
             f"| {fmt_percent(row.eval_token_accuracy)} | ok |"
         )
     lines.append("")
-    if frame["epoch_time_extrapolated"].eq(True).any():
-        lines.append("\\* time per epoch extrapolated from the timed steps of a short run (`train.max_steps`).")
-    frontier_cells = pareto_cells(frame)
-    if len(frontier_cells) > 1:
-        lines.append(f"- **Pareto frontier** (no other cell is both smaller and faster): {', '.join(frontier_cells)}")
-    lines += [f"- {note}" for note in repeat_notes(frame)]
+    lines += [f"- {note}".replace("- *", "- \\*", 1) for note in table_notes(frame)]
     lines += provenance_lines(results, measure)
     return "\n".join(lines) + "\n"
 

@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 from transformers import get_linear_schedule_with_warmup
 
 from gputech_bench import distributed
-from gputech_bench.strategies import StrategyError, TrainingPlan, build_plan, parse_cell
+from gputech_bench.strategies import StrategyError, TrainingPlan, build_plan, check_cell, parse_cell
 from gputech_bench.strategies.fsdp_offload import FsdpOffload
 from gputech_bench.training.loop import accumulate_gradients, optimizer_step
 
@@ -110,9 +110,10 @@ def test_combinations_train_like_their_cells_without_fsdp(others, process_group)
 def test_the_memory_estimate_is_refused_in_one_line():
     ctx = dataclasses.replace(context(), tracing=True)
     with pytest.raises(StrategyError) as error:
-        FsdpOffload().check(ctx)
-    assert "cannot trace FSDP's collectives" in str(error.value) and "\n" not in str(error.value)
-    assert not FsdpOffload.traceable("cuda")
+        check_cell(parse_cell("fsdp-offload"), ctx)
+    assert "fsdp-offload cannot be traced (a fake-tensor trace runs no collective" in str(error.value)
+    assert "\n" not in str(error.value)
+    assert FsdpOffload.trace_refusal("cuda")
 
 
 # --------------------------------------------------------------------------- two ranks

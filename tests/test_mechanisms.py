@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from helpers import context, random_batch, tiny_bert
@@ -14,8 +16,9 @@ from gputech_bench.strategies.checkpointing import is_checkpointing
 from gputech_bench.training.loop import accumulate_gradients, optimizer_step
 
 
-def saved_activation_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
-    """Bytes autograd keeps for backward after the forward pass, parameters excluded."""
+def saved_activation_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor], around=contextlib.nullcontext) -> int:
+    """Bytes autograd keeps for backward after the forward pass (run inside ``around()``, e.g.
+    autocast), parameters excluded."""
     parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
 
@@ -25,7 +28,7 @@ def saved_activation_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor
             storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), around():
         loss = model(**batch).loss
     loss.backward()
     return sum(storages.values())

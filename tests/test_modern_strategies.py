@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import context, random_batch, tiny_bert
+from test_mechanisms import saved_activation_bytes
 from transformers import get_linear_schedule_with_warmup
 
 from gputech_bench.cell import record_compile_time
@@ -46,18 +47,7 @@ def test_amp_runs_in_bf16_on_cpu_and_its_loss_stays_close_to_fp32():
 def test_amp_halves_the_activations_saved_for_backward():
     def saved_bytes(cell: str) -> int:
         plan = build_plan(parse_cell(cell), tiny_bert(vocab=300, hidden=64), context())
-        parameters = {p.untyped_storage().data_ptr() for p in plan.model.parameters()}
-        storages: dict[int, int] = {}
-
-        def pack(tensor: torch.Tensor) -> torch.Tensor:
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in parameters:
-                storages[storage.data_ptr()] = storage.nbytes()
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), plan.precision.autocast():
-            plan.model(**random_batch(8, 64, 300)).loss.backward()
-        return sum(storages.values())
+        return saved_activation_bytes(plan.model, random_batch(8, 64, 300), plan.precision.autocast)
 
     full, amp = saved_bytes("baseline"), saved_bytes("amp")
     # Matmul inputs and outputs are saved in bf16; softmax, layer norm and the loss stay fp32.

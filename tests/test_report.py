@@ -132,7 +132,7 @@ def test_report_command_renders_every_format_and_warns_about_skipped_files(tmp_p
     (run_dir / "garbage.json").write_text("not json at all")
     out = cli("report", str(run_dir), "--format", "csv", cwd=tmp_path)
     assert out.returncode == 0
-    assert out.stdout.splitlines()[0].startswith("cell,strategies,status,reason,memory_mib")
+    assert out.stdout.splitlines()[0].startswith("cell,strategies,status,reason,repeats,memory_mib")
     assert "garbage.json" in out.stderr and "Traceback" not in out.stderr
     out = cli("report", str(run_dir), "--format", "md", "--output", str(tmp_path / "t.md"), "--baseline", "1", cwd=tmp_path)
     assert out.returncode == 0 and "(1: 60.0 MiB)" in (tmp_path / "t.md").read_text()

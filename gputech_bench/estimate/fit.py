@@ -43,14 +43,14 @@ class FitError(UserError):
 
 def unsearchable(device_type: str) -> list[str]:
     """Strategies the estimate cannot trace on ``device_type`` fake tensors, so fit leaves them out."""
-    return [cls.key for cls in registered() if not cls.traceable(device_type)]
+    return [cls.key for cls in registered() if cls.trace_refusal(device_type)]
 
 
 def candidates(config: BenchConfig, exclude: set[str] = frozenset(), device_type: str = "meta") -> list[Setup]:
     """Every allowed, traceable combination, with each micro-batch size for those that accumulate."""
     strategies = [
         cls for cls in registered()
-        if cls.key not in exclude and cls.name not in exclude and cls.traceable(device_type)
+        if cls.key not in exclude and cls.name not in exclude and not cls.trace_refusal(device_type)
     ]
     batch = config.train.batch_size
     setups: list[Setup] = []

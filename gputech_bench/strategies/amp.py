@@ -15,7 +15,7 @@ import contextlib
 
 import torch
 
-from .base import Precision, RunContext, Strategy, StrategyError
+from .base import Precision, RunContext, Strategy
 from .registry import register
 
 
@@ -51,14 +51,6 @@ def supports_bf16(device: torch.device) -> bool:
     return device.type == "cpu"  # CPU autocast computes bf16 on every x86 and ARM build
 
 
-def check_autocast(key: str, ctx: RunContext) -> None:
-    if ctx.device.type == "meta":
-        raise StrategyError(
-            f"{key} cannot be traced without CUDA (autocast has no rules for the stand-in device): "
-            "run the estimate on a machine with a CUDA build of torch, or measure the cell with 'run'"
-        )
-
-
 class _Autocast(Strategy):
     order = 55
     requires = "torch.autocast on the compute device (CUDA, or bf16 on CPU)"
@@ -66,14 +58,13 @@ class _Autocast(Strategy):
     costs = "none on tensor-core GPUs (usually faster); the fp32 weights stay on the device, so only activations shrink"
 
     @classmethod
-    def traceable(cls, device_type: str) -> bool:
-        return device_type == "cuda"
+    def trace_refusal(cls, device_type: str) -> str | None:
+        if device_type == "cuda":
+            return None
+        return "autocast has no rules for the stand-in device a torch without CUDA traces on; a CUDA build can trace it"
 
     def dtype(self, ctx: RunContext) -> torch.dtype:
         raise NotImplementedError
-
-    def check(self, ctx: RunContext) -> None:
-        check_autocast(self.key, ctx)
 
     def precision(self, ctx: RunContext) -> Precision:
         return AutocastPrecision(ctx.device, self.dtype(ctx))

@@ -139,11 +139,14 @@ class Strategy:
     #: Strategies (by key) this one cannot run with, and why; refused like a hook clash.
     incompatible: ClassVar[dict[str, str]] = {}
 
+    #: Why the memory estimate cannot follow this strategy on fake tensors ("" = it can).
+    untraceable: ClassVar[str] = ""
+
     @classmethod
-    def traceable(cls, device_type: str) -> bool:
-        """Whether the memory estimate can follow this strategy on fake tensors of ``device_type``;
-        ``fit`` searches only these."""
-        return True
+    def trace_refusal(cls, device_type: str) -> str | None:
+        """Why the estimate cannot trace this strategy on fake tensors of ``device_type``, or
+        None when it can; ``fit`` searches only traceable strategies."""
+        return cls.untraceable or None
 
     def claims(self) -> set[str]:
         """The exclusive hooks this strategy overrides."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import RunContext, Strategy, StrategyError
+from .base import RunContext, Strategy
 from .registry import register
 
 
@@ -23,17 +23,7 @@ class Compile(Strategy):
     # Last: it compiles the model as the other strategies left it (adapters, head wrapper).
     order = 90
     requires = "a C++ compiler on CPU; Triton on CUDA"
-
-    @classmethod
-    def traceable(cls, device_type: str) -> bool:
-        return False
-
-    def check(self, ctx: RunContext) -> None:
-        if ctx.tracing:
-            raise StrategyError(
-                "compile cannot be traced: Inductor's fused kernels allocate differently from the eager step "
-                "the estimate follows; measure it with 'run'"
-            )
+    untraceable = "Inductor's fused kernels allocate differently from the eager step the estimate follows"
 
     def prepare_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         # In place (not torch.compile(model)): the module keeps its identity and class,

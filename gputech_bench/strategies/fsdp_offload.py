@@ -77,17 +77,9 @@ class FsdpOffload(Strategy):
         for key in ("3", "paged-adam8bit")
     }
 
-    @classmethod
-    def traceable(cls, device_type: str) -> bool:
-        # A fake-tensor trace runs no collective and has no process group to shard over.
-        return False
+    untraceable = "a fake-tensor trace runs no collective and has no process group to shard over"
 
     def check(self, ctx: RunContext) -> None:
-        if ctx.tracing:
-            raise StrategyError(
-                "the memory estimate cannot trace FSDP's collectives: a fake-tensor trace has no process group; "
-                "measure fsdp-offload with a real run instead"
-            )
         if not torch.distributed.is_available():
             raise StrategyError("this torch build has no torch.distributed: install a build with it, or leave fsdp-offload out")
         try:

@@ -25,9 +25,7 @@ class PagedAdam8bit(Strategy):
     requires = "CUDA (unified memory) and bitsandbytes >= 0.45 with kernels for this GPU"
     gives_up = "quantised optimizer moments (8-bit block-wise), decoupled weight decay (AdamW)"
 
-    @classmethod
-    def traceable(cls, device_type: str) -> bool:
-        return False
+    untraceable = "its state lives in unified memory, outside the allocator the estimate models"
 
     def check(self, ctx: RunContext) -> None:
         if ctx.device.type != "cuda":
@@ -35,13 +33,7 @@ class PagedAdam8bit(Strategy):
                 "paged-adam8bit needs CUDA: bitsandbytes pages optimizer state through CUDA unified memory; "
                 "run it on a GPU, or use 3 (adam8bit) on this machine"
             )
-        bnb = load_bitsandbytes()
-        if ctx.tracing:
-            raise StrategyError(
-                "paged-adam8bit cannot be traced: its state lives in unified memory, outside the allocator "
-                "the estimate models; measure it with 'run'"
-            )
-        probe_kernels(bnb, ctx.device)
+        probe_kernels(load_bitsandbytes(), ctx.device)
 
     def build_optimizer(self, params: list[torch.Tensor], ctx: RunContext) -> torch.optim.Optimizer:
         bnb = load_bitsandbytes()

@@ -57,6 +57,9 @@ def check_cell(cell: Cell, ctx: RunContext) -> list[Strategy]:
     """Everything ``refuse_for_config`` checks, plus what this device and installation need."""
     strategies = refuse_for_config(cell, ctx.config)
     for strategy in strategies:
+        refusal = type(strategy).trace_refusal(ctx.device.type) if ctx.tracing else None
+        if refusal:
+            raise StrategyError(f"{strategy.key} cannot be traced ({refusal}): measure it with 'run'")
         strategy.check(ctx)
     return strategies
 

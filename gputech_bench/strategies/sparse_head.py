@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import MaskedLMOutput
 
-from .base import RunContext, Strategy, StrategyError
+from .base import RunContext, Strategy
 from .registry import register
 
 IGNORE_INDEX = -100
@@ -100,17 +100,7 @@ class SparseHead(Strategy):
     costs = "none measurable expected: less head compute; evaluation still scores every position"
     order = 60
 
-    @classmethod
-    def traceable(cls, device_type: str) -> bool:
-        # The masked positions are data: their count is unknown on fake tensors.
-        return False
-
-    def check(self, ctx: RunContext) -> None:
-        if ctx.tracing:
-            raise StrategyError(
-                "sparse-head cannot be traced: how many positions are masked is data, unknown on fake tensors; "
-                "measure it with 'run'"
-            )
+    untraceable = "how many positions are masked is data, unknown on fake tensors"
 
     def prepare_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         return MaskedPositionsHead(model)
