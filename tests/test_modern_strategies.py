@@ -180,3 +180,34 @@ def test_compile_time_is_the_first_steps_excess_over_a_steady_step():
     result = {"metrics": {}}
     record_compile_time(result, outcome)
     assert result["metrics"]["compile_seconds"]["value"] == pytest.approx(12.5)
+
+
+# --------------------------------------------------------------------------- the estimate
+
+
+@pytest.mark.parametrize("cell, reason", [
+    ("sparse-head", "how many positions are masked is data"),
+    ("compile", "Inductor's fused kernels"),
+    ("fsdp-offload", "no process group"),
+    ("paged-adam8bit", "unified memory"),
+    ("amp", "autocast has no rules for the stand-in device"),
+])
+def test_strategies_the_estimate_cannot_follow_say_why_in_one_line(cell, reason):
+    import dataclasses
+
+    ctx = dataclasses.replace(context(), device=torch.device("meta"), tracing=True)
+    with pytest.raises(StrategyError) as error:
+        check_cell(parse_cell(f"1+{cell}"), ctx)
+    message = str(error.value)
+    assert message.startswith(f"{cell} cannot be traced (") and reason in message and "\n" not in message
+
+
+def test_fit_searches_only_what_the_trace_can_follow():
+    from gputech_bench.estimate.fit import candidates, unsearchable
+
+    assert set(unsearchable("meta")) == {"amp", "amp-fp16", "sparse-head", "compile", "fsdp-offload", "paged-adam8bit"}
+    assert "amp" not in unsearchable("cuda")
+    from gputech_bench.config import BenchConfig
+
+    searched = {part for setup in candidates(BenchConfig()) for part in setup.cell.split("+")}
+    assert searched == {"baseline", "1", "2", "3", "4", "lora"}
