@@ -52,10 +52,12 @@ class Adam8bit(Strategy):
         if not ctx.tracing:
             probe_kernels(bnb, ctx.device)
 
+    #: The bitsandbytes optimizer (in ``bitsandbytes.optim``) this strategy builds.
+    optimizer_class = "Adam8bit"
+
     def build_optimizer(self, params: list[torch.Tensor], ctx: RunContext) -> torch.optim.Optimizer:
-        bnb = load_bitsandbytes()
         train = ctx.config.train
-        return bnb.optim.Adam8bit(
+        return getattr(load_bitsandbytes().optim, self.optimizer_class)(
             params,
             lr=train.lr,
             betas=ctx.config.strategy.adam8bit_betas,
@@ -66,7 +68,7 @@ class Adam8bit(Strategy):
     def describe(self, model, ctx: RunContext) -> dict:
         bnb = load_bitsandbytes()
         return {
-            "optimizer": "bitsandbytes.optim.Adam8bit",
+            "optimizer": f"bitsandbytes.optim.{self.optimizer_class}",
             "betas": list(ctx.config.strategy.adam8bit_betas),
             "bitsandbytes_version": getattr(bnb, "__version__", "unknown"),
         }
