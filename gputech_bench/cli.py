@@ -70,9 +70,8 @@ class MatrixProgress:
             TimeRemainingColumn(), console=console, transient=True,
         )
         self.overall = self.progress.add_task("cells", total=total)
-        self.tasks: dict[str, Any] = {}  # label -> its step bar
+        self.bars: dict[str, tuple[Any, str]] = {}  # label -> (its step bar, its title)
         self.labels: dict[int, str] = {}  # job index -> label
-        self.titles: dict[str, str] = {}
 
     def __enter__(self) -> "MatrixProgress":
         self.progress.__enter__()
@@ -83,27 +82,27 @@ class MatrixProgress:
 
     def cell_started(self, index: int, label: str, slot: Any = None) -> None:
         self.labels[index] = label
-        self.titles[label] = f"  {label}" + (f" on GPU {','.join(slot)}" if slot else "")
-        self.tasks[label] = self.progress.add_task(f"{self.titles[label]}: starting", total=None)
+        title = f"  {label}" + (f" on GPU {','.join(slot)}" if slot else "")
+        self.bars[label] = (self.progress.add_task(f"{title}: starting", total=None), title)
 
     def cell_finished(self, index: int, result: dict[str, Any]) -> None:
         self.progress.advance(self.overall)
         label = self.labels.pop(index, result["cell"])
-        task = self.tasks.pop(label, None)
-        if task is not None:
-            self.progress.remove_task(task)
+        bar = self.bars.pop(label, None)
+        if bar is not None:
+            self.progress.remove_task(bar[0])
         status = result["status"]
         mark = "[green]ok[/]" if status == "ok" else f"[bold red]{status}[/]: {result.get('reason') or ''}"
         console.print(f"  {label}: {mark}", highlight=False)
 
     def event(self, label: str, event: dict[str, Any]) -> None:
-        task = self.tasks.get(label)
-        if task is None:
+        if label not in self.bars:
             return
+        task, title = self.bars[label]
         if event["event"] == "phase":
-            self.progress.update(task, description=f"{self.titles[label]}: {event['phase']}")
+            self.progress.update(task, description=f"{title}: {event['phase']}")
         elif event["event"] == "step":
-            self.progress.update(task, description=f"{self.titles[label]}: train", completed=event["step"], total=event["total"])
+            self.progress.update(task, description=f"{title}: train", completed=event["step"], total=event["total"])
 
 
 RUN_HELP = """Run strategy cells, one isolated process each, and print the comparison table.

@@ -126,9 +126,8 @@ def prepare_run_dir(layout: RunLayout, config: BenchConfig, force: bool) -> None
         ) from None
 
 
-def reusable_result(layout: RunLayout, job: "Job | str") -> dict[str, Any] | None:
+def reusable_result(layout: RunLayout, job: Job) -> dict[str, Any] | None:
     """A finished ``ok`` result from an earlier attempt of this run, if there is one."""
-    job = Job(job) if isinstance(job, str) else job
     try:
         result = read_result(layout.job_result_path(job))
     except ResultError:
@@ -246,7 +245,7 @@ class CellRun:
 
 
 def run_worker(
-    job: Job | str,
+    job: Job,
     layout: RunLayout,
     on_event: EventCallback,
     timeout: float | None = None,
@@ -257,7 +256,6 @@ def run_worker(
     """Run one cell's worker and return its result; a crash, timeout or Ctrl-C becomes a row too.
 
     ``slot`` pins the worker to its GPUs; ``stop`` stops it from another thread."""
-    job = Job(job) if isinstance(job, str) else job
     label = job.label
     result_path = layout.job_result_path(job)
     result_path.parent.mkdir(parents=True, exist_ok=True)

@@ -257,6 +257,6 @@ def test_ctrl_c_delivered_to_another_thread_still_stops_the_worker_at_once(tmp_p
 
     threading.Thread(target=ctrl_c_in_this_thread, daemon=True).start()
     started = time.monotonic()
-    run = runner.run_worker("1", layout, on_event=lambda cell, event: None)
+    run = runner.run_worker(runner.Job("1"), layout, on_event=lambda cell, event: None)
     assert run.interrupted and run.result["status"] == "interrupted"
     assert time.monotonic() - started < 30  # far below the sleeper's 60 s
