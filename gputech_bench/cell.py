@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from .config import BenchConfig, to_dict
+from .data.objective import SEED
 from .dataset import prepare_data
 from .distributed import ensure_process_group, launched_by_torchrun, ranks_from_env
 from .distributed import shutdown as shutdown_process_group
@@ -28,7 +29,7 @@ from .provenance import environment, utc_now
 from .results import SCHEMA
 from .sizes import parse_size
 from .strategies import RunContext, build_plan, parse_cell
-from .training.evaluate import evaluate
+from .training.evaluate import EvalScores, evaluate
 from .training.loop import StepEvent, TrainOutcome, train
 
 EventSink = Callable[[dict[str, Any]], None]
@@ -211,15 +212,8 @@ def _measure_cell(
 
     emit({"event": "phase", "phase": "eval"})
     scores = evaluate(plan.model, data.eval_set, device, config.train.eval_batch_size, plan.precision.autocast)
+    record_scores(result, scores, config.data.objective)
     metrics = result["metrics"]
-    metrics["eval_masked_accuracy"] = figure(
-        scores.masked_accuracy, "fraction", f"correct predictions at the {scores.masked_tokens} masked eval positions"
-    )
-    metrics["eval_token_accuracy"] = figure(
-        scores.token_accuracy, "fraction",
-        f"the seed's accuracy: predictions equal to the input ids over all {scores.scored_tokens} non-padding eval tokens",
-    )
-    metrics["eval_loss"] = figure(scores.loss, "nats/token", "mean cross-entropy over masked eval positions")
     metrics["peak_rss_mib"] = figure(
         to_mib(peak_rss_bytes()), "MiB", "getrusage ru_maxrss: whole-process lifetime peak, includes Python and libraries"
     )
@@ -228,6 +222,27 @@ def _measure_cell(
     )
     result.update(status="ok", reason=None)
     return result
+
+
+def record_scores(result: dict[str, Any], scores: EvalScores, objective: str) -> None:
+    """The eval figures, each saying which objective trained the model it scores."""
+    trained = f"trained under data.objective={objective}"
+    metrics = result["metrics"]
+    metrics["eval_masked_accuracy"] = figure(
+        scores.masked_accuracy, "fraction",
+        f"correct predictions at the {scores.masked_tokens} masked eval positions ({trained})",
+    )
+    metrics["eval_token_accuracy"] = figure(
+        scores.token_accuracy, "fraction",
+        f"the seed's accuracy: predictions equal to the input ids over all {scores.scored_tokens} non-padding eval "
+        f"tokens, masked or not ({trained})",
+    )
+    scored = "every position, padding included" if objective == SEED else "the masked positions"
+    metrics["eval_loss"] = figure(
+        scores.loss, "nats/token",
+        f"the objective's loss: mean cross-entropy over the {scores.labelled_tokens} labelled eval positions "
+        f"({scored}; data.objective={objective})",
+    )
 
 
 def record_cuda_memory(result: dict[str, Any], device: torch.device, nvml: cuda_memory.NvmlReading) -> None:
@@ -273,7 +288,8 @@ def record_training(result: dict[str, Any], outcome: TrainOutcome, config: Bench
     metrics["steps_run"] = figure(outcome.steps_run, "steps", f"optimizer steps run of {outcome.total_steps} planned")
     window = outcome.losses[-FINAL_LOSS_WINDOW:]
     metrics["final_train_loss"] = figure(
-        sum(window) / len(window) if window else None, "nats/token", f"mean loss of the last {len(window)} optimizer steps"
+        sum(window) / len(window) if window else None, "nats/token",
+        f"mean loss of the last {len(window)} optimizer steps (data.objective={config.data.objective})"
     )
     metrics["nonfinite_loss_steps"] = figure(outcome.nonfinite_losses, "steps", "optimizer steps whose loss was NaN or infinite")
 

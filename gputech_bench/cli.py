@@ -117,7 +117,7 @@ and a log per cell. Re-running with the same --run-name skips cells that are alr
 * `gputech-bench run --matrix --preset seed --device cuda --cell-timeout 1800` - the seed's exact setup on a GPU
 * `gputech-bench run --matrix --preset seed-512 --gpu-memory-limit 24GiB` - which cells fit a 24 GiB card?
 * `gputech-bench run --matrix --model ./my-bert --train-file train.txt --eval-file eval.txt`
-* `gputech-bench run --strategies amp,amp+sparse-head,1+amp+sparse-head,fsdp-offload` - the modern strategies
+* `gputech-bench run --strategies amp,amp+sparse-head,1+amp+sparse-head,fsdp-offload --set data.objective=mlm` - the modern strategies (sparse-head needs the mlm objective)
 * `gputech-bench run --matrix --repeat 5` - medians, spread and outliers; differences within noise are marked
 * `gputech-bench run --strategies 1,amp --repeat 3 --vary-seed` - accuracy's spread over seeds
 * `gputech-bench run --matrix --gpus 0,1,2,3` - four cells at a time, one per GPU

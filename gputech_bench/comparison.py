@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from .report import LoadedRun, build_frame, cell_order
+from .results import objective_of
 from .stats import HIGHER, LOWER, SINGLE_RUN, WITHIN_NOISE, Summary, versus
 
 #: (label, column of the frame, statistics key or None for the run's memory measure, unit)
@@ -115,6 +116,11 @@ def _warnings(run_a: LoadedRun, run_b: LoadedRun) -> list[str]:
     if presets[0] != presets[1]:
         warnings.append(f"presets differ: {', '.join(map(str, sorted(presets[0], key=str)))} -> "
                         f"{', '.join(map(str, sorted(presets[1], key=str)))}")
+    objectives = [{objective_of(r) for r in run.results} - {None} for run in (run_a, run_b)]
+    if objectives[0] != objectives[1]:
+        warnings.append(f"training objectives differ: {', '.join(sorted(objectives[0]))} -> "
+                        f"{', '.join(sorted(objectives[1]))}, so their accuracies measure different things "
+                        "(data.objective)")
     if run_a.config is None or run_b.config is None:
         warnings.append("a run has no config.json: its settings cannot be compared")
     else:

@@ -25,6 +25,14 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 
+#: The training objectives ``data.objective`` accepts, and what each means (table footers
+#: and errors say it; ``data/objective.py`` implements them).
+OBJECTIVES: dict[str, str] = {
+    "seed": "the seed's: labels on every position, padding included; [MASK] only; masks drawn once per run",
+    "mlm": "standard masked-LM: labels at the masked positions only; 80/10/10; masks drawn afresh each epoch",
+}
+
+
 class ConfigError(UserError):
     """A configuration problem the user can fix; the message is one line."""
 
@@ -72,7 +80,13 @@ class DataConfig:
     tokenizer_vocab_size: int = setting(
         30_522, "Vocabulary of the WordPiece tokenizer trained on the training split (ignored with model.pretrained)."
     )
-    mask_probability: float = setting(0.15, "Fraction of non-special tokens chosen for masked-LM (80/10/10).")
+    objective: str = setting(
+        "seed",
+        "Training objective. 'seed': the seed's own (labels on every position, padding included; chosen tokens all "
+        "become [MASK]; masks drawn once per run), so its 89% token accuracy can be compared. 'mlm': standard "
+        "masked-LM (labels at masked positions only; 80/10/10; masks drawn afresh each epoch); sparse-head needs it.",
+    )
+    mask_probability: float = setting(0.15, "Fraction of non-special tokens chosen for masking.")
     cache_dir: str = setting("", "Where tokenizers and tokenized tensors are cached; empty = $GPUTECH_BENCH_CACHE or ~/.cache/gputech-bench.")
 
 
@@ -319,6 +333,7 @@ def validate(config: BenchConfig) -> BenchConfig:
     choices = {
         "device": (config.device, ("auto", "cuda", "cpu")),
         "model.attention": (m.attention, ("eager", "sdpa")),
+        "data.objective": (d.objective, tuple(OBJECTIVES)),
         "strategy.accumulation_loss": (s.accumulation_loss, ("seed", "token-weighted")),
         "strategy.half_dtype": (s.half_dtype, ("auto", "float16", "bfloat16")),
     }

@@ -1,4 +1,5 @@
-"""Turn the data config into tensors: corpus, tokenizer, cached tokens and the fixed eval masks."""
+"""Turn the data config into tensors: corpus, tokenizer, cached tokens and the fixed eval masks
+(masked as the run's objective trains)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ from .config import BenchConfig
 from .data import (
     MaskingSpec,
     TokenizedSplit,
+    apply_objective,
     default_cache_dir,
     embedded_corpus,
     load_corpus_files,
     load_pretrained_tokenizer,
-    mask_tokens,
     tokenize_cached,
     tokenizer_fingerprint,
     train_wordpiece,
@@ -67,8 +68,8 @@ def prepare_data(config: BenchConfig) -> PreparedData:
         special_token_ids=tuple(sorted(set(tokenizer.all_special_ids))),
         probability=settings.mask_probability,
     )
-    eval_ids, eval_labels = mask_tokens(held_out.input_ids, masking, generator(seed, "eval-masks"))
-    eval_set = EvalSet(eval_ids, eval_labels, held_out.input_ids, held_out.attention_mask)
+    eval_masks = apply_objective(settings.objective, held_out.input_ids, masking, generator(seed, "eval-masks"))
+    eval_set = EvalSet(eval_masks.input_ids, eval_masks.labels, held_out.input_ids, held_out.attention_mask, eval_masks.masked)
     info = {
         "corpus_source": corpus.source,
         "corpus_fingerprint": corpus.fingerprint,
@@ -78,6 +79,7 @@ def prepare_data(config: BenchConfig) -> PreparedData:
         "tokenizer_size": len(tokenizer),
         "tokenizer_fingerprint": fingerprint,
         "max_length": settings.max_length,
+        "objective": settings.objective,
         "cache_dir": str(cache),
     }
     return PreparedData(train, eval_set, masking, len(tokenizer), tokenizer.pad_token_id, info)

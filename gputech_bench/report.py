@@ -19,7 +19,8 @@ from .atomic import atomic_write_bytes
 from .matrix import SEED_MATRIX
 from .pareto import frontier
 from .rank_results import MEMORY_METRICS
-from .results import ResultError, read_result
+from .config import OBJECTIVES
+from .results import ResultError, objective_of, read_result
 from .stats import WITHIN_NOISE, Summary, versus
 
 FAILED = "failed"
@@ -59,7 +60,7 @@ DERIVED_COLUMNS = (
 OOM_COLUMNS = ("oom_requested_mib", "oom_in_use_mib", "gpu_memory_limit_mib")
 INFO_COLUMNS = (
     "pareto", "world_size", "device_type", "device_name", "compute_dtype", "optimizer", "trainable_parameters",
-    "total_parameters", "preset",
+    "total_parameters", "preset", "objective",
 )
 COLUMNS = (
     "cell", "strategies", "status", "reason", "repeats",
@@ -176,6 +177,7 @@ def _row(result: dict[str, Any]) -> dict[str, Any]:
         trainable_parameters=facts.get("trainable_parameters"),
         total_parameters=facts.get("total_parameters"),
         preset=result.get("preset"),
+        objective=objective_of(result),
     )
     return row
 
@@ -326,7 +328,25 @@ def table_notes(frame: pd.DataFrame) -> list[str]:
     frontier_cells = pareto_cells(frame)
     if len(frontier_cells) > 1:
         notes.append(f"Pareto frontier (no other cell is both smaller and faster): {', '.join(frontier_cells)}")
-    return notes + repeat_notes(frame)
+    return notes + objective_notes(frame) + repeat_notes(frame)
+
+
+def objective_notes(frame: pd.DataFrame) -> list[str]:
+    """Which objective trained the cells: the accuracies mean different things under each."""
+    objectives = list(dict.fromkeys(frame["objective"].dropna()))
+    if not objectives:
+        return []
+    if len(objectives) > 1:
+        by_objective = "; ".join(
+            f"{name}: {', '.join(frame.loc[frame['objective'] == name, 'cell'])}" for name in objectives
+        )
+        return [f"objective differs between cells, so their accuracies are not comparable ({by_objective})"]
+    name = objectives[0]
+    notes = [f"objective: {name} ({OBJECTIVES.get(name, 'unknown')})"]
+    if name == "seed":
+        notes.append("token acc (seed) scores every real token, most of them visible and copied: under this "
+                     "objective it reads far above masked acc, as the seed's 89% did")
+    return notes
 
 
 def repeat_notes(frame: pd.DataFrame) -> list[str]:

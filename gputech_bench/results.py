@@ -29,6 +29,19 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+#: What a result written before ``data.objective`` existed was trained on.
+OBJECTIVE_BEFORE_THE_SETTING = "mlm"
+
+
+def objective_of(result: dict[str, Any]) -> str | None:
+    """The training objective a result was measured under; None for a result that never
+    got as far as a config (a cell that crashed before starting)."""
+    config = result.get("config")
+    if not isinstance(config, dict):
+        return None
+    return config.get("data", {}).get("objective", OBJECTIVE_BEFORE_THE_SETTING)
+
+
 def bare_result(cell: str, status: str, reason: str | None) -> dict[str, Any]:
     """The smallest valid result: what is known when a cell failed before measuring anything."""
     return {"schema": SCHEMA, "cell": cell, "status": status, "reason": reason, "metrics": {}, "memory_breakdown": {}, "notes": []}

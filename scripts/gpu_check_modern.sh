@@ -14,7 +14,7 @@ source scripts/gpu_env.sh
 
 time python3 -m gputech_bench run --preset seed --device cuda --no-estimate \
   --strategies 4,1+2+4,amp,sparse-head,amp+sparse-head,1+amp+sparse-head,fsdp-offload,1+2+3 \
-  --set train.max_steps="$MAX_STEPS" --results "$OUT_DIR/results" --run-name modern-gpu-check || true
+  --set train.max_steps="$MAX_STEPS" --set data.objective=mlm --results "$OUT_DIR/results" --run-name modern-gpu-check || true
 
 python3 -m gputech_bench report "$RUN" --format md
 python3 - "$RUN/report.json" <<'PY'

@@ -26,7 +26,8 @@ STEPS = 3
 BATCH = 8
 #: A clip small enough to act on every step: a norm taken over one rank's shards
 #: alone would scale the steps differently.
-OVERRIDES = (f"train.batch_size={BATCH}", "train.max_grad_norm=0.05", "train.lr=1e-3")
+# mlm: the batches label the masked positions only, and sparse-head needs that objective.
+OVERRIDES = (f"train.batch_size={BATCH}", "train.max_grad_norm=0.05", "train.lr=1e-3", "data.objective=mlm")
 WORLD_SIZE = 2
 SPAWN_DEADLINE_S = 120
 

@@ -233,7 +233,7 @@ def test_sparse_head_loss_and_masked_predictions_equal_the_full_heads():
 
 def test_sparse_head_lowers_the_tracked_peak_where_the_vocabulary_dominates():
     def tracked_peak(cell: str) -> int:
-        ctx = context("train.batch_size=8")
+        ctx = context("train.batch_size=8", "data.objective=mlm")
         plan = build_plan(parse_cell(cell), tiny_bert(vocab=8000, hidden=32), ctx)
         scheduler = get_linear_schedule_with_warmup(plan.optimizer, 0, 10)
         batch = random_batch(8, 32, 8000)
@@ -248,7 +248,7 @@ def test_sparse_head_lowers_the_tracked_peak_where_the_vocabulary_dominates():
 
 
 def test_sparse_head_combines_with_lora_and_checkpointing():
-    ctx = context("train.batch_size=4")
+    ctx = context("train.batch_size=4", "data.objective=mlm")
     plan = build_plan(parse_cell("1+lora+sparse-head"), tiny_bert(vocab=300), ctx)
     scheduler = get_linear_schedule_with_warmup(plan.optimizer, 0, 10)
     loss = optimizer_step(plan, scheduler, random_batch(4, 16, 300), ctx)

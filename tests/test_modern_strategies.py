@@ -75,7 +75,7 @@ def test_amp_fp16_scales_the_loss_and_skips_a_step_whose_gradients_overflow():
 
 
 def test_amp_combines_with_checkpointing_and_sparse_head():
-    losses = losses_of("1+amp+sparse-head", 2)
+    losses = losses_of("1+amp+sparse-head", 2, "data.objective=mlm")
     reference = losses_of("amp", 2)
     for a, b in zip(losses, reference):
         assert abs(a - b) / b < 0.02, (losses, reference)
@@ -94,7 +94,7 @@ def eval_set(vocab: int, size: int = 6, length: int = 24) -> EvalSet:
     ids = original["input_ids"].clone()
     masked = original["labels"] != -100
     ids[masked] = original["labels"][masked]  # the unmasked sentence
-    return EvalSet(original["input_ids"], original["labels"], ids, original["attention_mask"])
+    return EvalSet(original["input_ids"], original["labels"], ids, original["attention_mask"], masked)
 
 
 def test_sparse_head_evaluation_scores_like_the_full_head():
@@ -195,7 +195,7 @@ def test_compile_time_is_the_first_steps_excess_over_a_steady_step():
 def test_strategies_the_estimate_cannot_follow_say_why_in_one_line(cell, reason):
     import dataclasses
 
-    ctx = dataclasses.replace(context(), device=torch.device("meta"), tracing=True)
+    ctx = dataclasses.replace(context("data.objective=mlm"), device=torch.device("meta"), tracing=True)
     with pytest.raises(StrategyError) as error:
         check_cell(parse_cell(f"1+{cell}"), ctx)
     message = str(error.value)

@@ -115,7 +115,7 @@ def build_estimate(
     if results is not None:
         by_cell = {result["cell"]: result for result in results}
         measured = {cell: measured_peak(by_cell.get(cell)) for cell in cells}
-    return EstimateReport(target.label, target.caveat, predictions, overheads, budget, measured)
+    return EstimateReport(target.label, target.caveat, predictions, overheads, budget, measured, config.data.objective)
 
 
 def estimate_run(config: BenchConfig, results: list[dict[str, Any]], path: Path) -> None:
@@ -255,7 +255,7 @@ def _print_fit(result, config: BenchConfig) -> None:
         console.print(f"  [dim]faster but too big: {too_big}[/]", highlight=False)
     console.print(
         f"  [dim]device GiB = traced tensor peak + allocator reserve + CUDA context; "
-        f"{result.untraced} slower candidate(s) not traced[/]", highlight=False,
+        f"{result.untraced} slower candidate(s) not traced; objective {config.data.objective}[/]", highlight=False,
     )
 
 

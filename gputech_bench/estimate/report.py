@@ -32,6 +32,9 @@ class EstimateReport:
     overheads: Overheads
     budget_bytes: int | None = None
     measured: dict[str, Measured] = field(default_factory=dict)
+    #: The training objective whose batches were traced (data.objective); None in files
+    #: written before the setting existed.
+    objective: str | None = None
 
     def row(self, prediction: Prediction) -> dict[str, Any]:
         device = prediction.device
@@ -61,6 +64,7 @@ class EstimateReport:
             "schema": SCHEMA,
             "target": self.target,
             "caveat": self.caveat,
+            "objective": self.objective,
             "budget_bytes": self.budget_bytes,
             "overheads": {
                 "cuda_context_bytes": self.overheads.context_bytes,
@@ -86,6 +90,7 @@ def from_dict(data: dict[str, Any]) -> EstimateReport:
             float(overheads["allocator_reserve_fraction"]), overheads["allocator_reserve_source"],
         ),
         data.get("budget_bytes"),
+        objective=data.get("objective"),
     )
 
 
@@ -199,6 +204,8 @@ def legend(report: EstimateReport, with_overheads: bool = True) -> list[str]:
         lines.append("error: tensor peak against the measured peak (allocated on CUDA, MemTracker on CPU)")
     if any(row.get("measured_what", "").startswith("n/a") for row in rows):
         lines.append("n/a: a CPU run holds strategy 4's device and host sides in one memory, so there is no device peak to compare")
+    if report.objective:
+        lines.append(f"objective: {report.objective}, traced on the batches a run of it trains on (data.objective)")
     if report.caveat:
         lines.append(f"note: {report.caveat}")
     lines += [f"[{number}] not traced: {reason}" for reason, number in untraced_reasons(report).items()]

@@ -74,7 +74,9 @@ def trace_inputs(config: BenchConfig) -> TraceInputs:
     from ..training.batches import epoch_batches
 
     data = prepare_data(config)
-    batches = epoch_batches(data.train, data.masking, config.train.batch_size, config.train.seed, epoch=0)
+    batches = epoch_batches(
+        data.train, data.masking, config.train.batch_size, config.train.seed, epoch=0, objective=config.data.objective
+    )
     first = next(batches)
     second = next(batches, first)  # a one-batch data set repeats its batch, as a second epoch would
     return TraceInputs(data.tokenizer_size, data.pad_token_id, (first, second))

@@ -71,8 +71,15 @@ class Accumulation(Strategy):
 
     def describe(self, model, ctx: RunContext) -> dict:
         micro = ctx.config.strategy.micro_batch_size
-        return {
+        facts = {
             "micro_batch_size": micro,
             "accumulation_steps": ctx.config.train.batch_size // micro,
             "accumulation_loss": ctx.config.strategy.accumulation_loss,
         }
+        if ctx.config.data.objective == "seed":
+            # Every position carries a label there, so "masked tokens" are all positions.
+            facts["accumulation_loss_under_objective"] = (
+                "data.objective=seed labels every position, so both rules weigh micro-batches by their rows: "
+                "they agree except in a short last batch, which token-weighted counts in full"
+            )
+        return facts

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import MaskedLMOutput
 
-from .base import RunContext, Strategy
+from .base import RunContext, Strategy, StrategyError
 from .registry import register
 
 IGNORE_INDEX = -100
@@ -101,6 +101,17 @@ class SparseHead(Strategy):
     order = 60
 
     untraceable = "how many positions are masked is data, unknown on fake tensors"
+    requires = "data.objective=mlm: under the seed's objective every position carries a label"
+
+    def check_config(self, config) -> None:
+        # Under the seed's objective the labels cover every position, so "the labelled
+        # positions" are all of them: the head would run everywhere and save nothing.
+        # Refused rather than run, so that no table shows a saving-free row under this name.
+        if config.data.objective != "mlm":
+            raise StrategyError(
+                f"sparse-head saves nothing under data.objective={config.data.objective} (every position carries a "
+                "label, so the head runs at all of them): add --set data.objective=mlm"
+            )
 
     def prepare_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         return MaskedPositionsHead(model)

@@ -7,7 +7,7 @@ from typing import Iterator
 
 import torch
 
-from ..data import MaskingSpec, TokenizedSplit, mask_tokens
+from ..data import MaskingSpec, TokenizedSplit, apply_objective, masks_are_static
 from .seeding import generator
 
 
@@ -16,18 +16,27 @@ def steps_per_epoch(num_samples: int, batch_size: int) -> int:
     return math.ceil(num_samples / batch_size)
 
 
+def training_masks_stream(seed: int, objective: str, epoch: int) -> torch.Generator:
+    """The random stream of an epoch's masks: one per epoch, or one per run for an
+    objective whose masks are drawn once (the seed's dataset masked when it was built)."""
+    if masks_are_static(objective):
+        return generator(seed, "train-masks")
+    return generator(seed, "train-masks", epoch)
+
+
 def epoch_batches(
-    split: TokenizedSplit, spec: MaskingSpec, batch_size: int, seed: int, epoch: int
+    split: TokenizedSplit, spec: MaskingSpec, batch_size: int, seed: int, epoch: int, objective: str
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Shuffle and mask afresh each epoch, from streams that depend only on (seed, epoch)."""
-    masked_ids, labels = mask_tokens(split.input_ids, spec, generator(seed, "train-masks", epoch))
+    """Shuffle each epoch and mask as ``objective`` says, from streams that depend only on
+    (seed, epoch)."""
+    masked = apply_objective(objective, split.input_ids, spec, training_masks_stream(seed, objective, epoch))
     order = torch.randperm(len(split), generator=generator(seed, "train-order", epoch))
     for start in range(0, len(split), batch_size):
         index = order[start : start + batch_size]
         yield {
-            "input_ids": masked_ids[index],
+            "input_ids": masked.input_ids[index],
             "attention_mask": split.attention_mask[index],
-            "labels": labels[index],
+            "labels": masked.labels[index],
         }
 
 

@@ -9,24 +9,29 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..data import IGNORE_INDEX
+
 
 @dataclass(frozen=True)
 class EvalSet:
     """Eval sentences masked once, with a fixed seed, so every cell is scored on the same task."""
 
     input_ids: torch.Tensor  # masked
-    labels: torch.Tensor  # original id at masked positions, -100 elsewhere
+    labels: torch.Tensor  # what the objective's loss scores: IGNORE_INDEX where nothing is
     original_ids: torch.Tensor
     attention_mask: torch.Tensor
+    masked: torch.Tensor  # bool: the positions chosen for masking, whatever the objective
 
 
 @dataclass(frozen=True)
 class EvalScores:
     masked_accuracy: float
     token_accuracy: float
+    #: The objective's loss: the mean cross-entropy over the labelled positions.
     loss: float
     masked_tokens: int
     scored_tokens: int
+    labelled_tokens: int
 
 
 def predicts_in_chunks(model: nn.Module) -> bool:
@@ -47,7 +52,7 @@ def evaluate(
     was_training = model.training
     chunked = predicts_in_chunks(model)
     model.eval()
-    masked_correct = masked_total = token_correct = token_total = 0
+    masked_correct = masked_total = token_correct = token_total = labelled_total = 0
     loss_sum = 0.0
     for start in range(0, eval_set.input_ids.shape[0], batch_size):
         part = slice(start, start + batch_size)
@@ -61,22 +66,28 @@ def evaluate(
             else:
                 output = model(**inputs)
                 predicted = output.logits.argmax(dim=-1)
-        masked = labels != -100
-        count = int(masked.sum())
-        masked_correct += int((predicted == labels)[masked].sum())
-        masked_total += count
-        if count:
-            loss_sum += float(output.loss.float()) * count
+        original = eval_set.original_ids[part].to(device)
+        correct = predicted == original
+        masked = eval_set.masked[part].to(device)
+        masked_correct += int(correct[masked].sum())
+        masked_total += int(masked.sum())
+        # The model's loss is a mean over the labelled positions (all of them under the
+        # seed's objective, the masked ones under mlm): weight each batch by its count.
+        labelled = int((labels != IGNORE_INDEX).sum())
+        if labelled:
+            loss_sum += float(output.loss.float()) * labelled
+            labelled_total += labelled
         # The seed's "eval accuracy": every non-padding position against the input ids,
         # so unmasked tokens (mostly copied through) count too.
         real = attention.bool()
-        token_correct += int((predicted == eval_set.original_ids[part].to(device))[real].sum())
+        token_correct += int(correct[real].sum())
         token_total += int(real.sum())
     model.train(was_training)
     return EvalScores(
         masked_accuracy=masked_correct / masked_total if masked_total else float("nan"),
         token_accuracy=token_correct / token_total if token_total else float("nan"),
-        loss=loss_sum / masked_total if masked_total else float("nan"),
+        loss=loss_sum / labelled_total if labelled_total else float("nan"),
         masked_tokens=masked_total,
         scored_tokens=token_total,
+        labelled_tokens=labelled_total,
     )

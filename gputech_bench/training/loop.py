@@ -142,7 +142,7 @@ def train(
     for epoch in range(math.ceil(total / per_epoch)):
         epoch_timed: list[float] = []
         epoch_untimed = 0
-        for batch in epoch_batches(split, masking, settings.batch_size, settings.seed, epoch):
+        for batch in epoch_batches(split, masking, settings.batch_size, settings.seed, epoch, ctx.config.data.objective):
             if step >= total:
                 break
             if ctx.world_size > 1:

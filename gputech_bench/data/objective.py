@@ -1,0 +1,71 @@
+"""The training objective: which positions are masked, how, and which carry a label.
+
+Two objectives, chosen with ``data.objective``:
+
+``seed``  what the seed's notebook trained (``MLMDataset`` in the author's
+          ``myutils/bwpdataset.py``): the labels are the whole input ids, padding
+          included, so the loss is the cross-entropy over every position; 15% of the
+          non-special positions become ``[MASK]`` (no 80/10/10 rule); the masks are
+          drawn once per run, so every epoch sees the same masked sentences.
+``mlm``   today's standard masked-LM (BERT's, and transformers'
+          ``DataCollatorForLanguageModeling``): labels only at the chosen positions,
+          80/10/10 corruption, masks drawn afresh each epoch.
+
+Under either objective ``masked`` marks the positions chosen for masking, which is what
+the masked accuracy scores; the labels say what the loss scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .masking import IGNORE_INDEX, MaskingSpec, mask_tokens
+
+SEED = "seed"
+MLM = "mlm"
+
+
+@dataclass(frozen=True)
+class MaskedTokens:
+    """One objective applied to a tensor of token ids."""
+
+    input_ids: torch.Tensor  # what the model sees
+    labels: torch.Tensor  # what the loss scores (IGNORE_INDEX where nothing is scored)
+    masked: torch.Tensor  # bool: the positions chosen for masking
+
+
+def seed_mask_tokens(input_ids: torch.Tensor, spec: MaskingSpec, generator: torch.Generator) -> MaskedTokens:
+    """The seed's corruption: every chosen position becomes [MASK], every position is a label.
+
+    A position is chosen with probability ``spec.probability`` unless its token is special
+    ([CLS], [SEP], [UNK], [PAD] and the tokenizer's other special tokens), as the seed's
+    ``MLMDataset`` did. The labels are a copy of the input ids, so padding is scored too.
+    """
+    if input_ids.dtype != torch.long:
+        raise TypeError(f"input_ids must be a LongTensor, got {input_ids.dtype}")
+    draw = torch.rand(input_ids.shape, generator=generator, device=generator.device).to(input_ids.device)
+    special_ids = torch.tensor(spec.special_token_ids, dtype=torch.long, device=input_ids.device)
+    chosen = (draw < spec.probability) & ~torch.isin(input_ids, special_ids)
+    masked_ids = torch.where(chosen, torch.full_like(input_ids, spec.mask_token_id), input_ids)
+    return MaskedTokens(masked_ids, input_ids.clone(), chosen)
+
+
+def apply_objective(
+    objective: str, input_ids: torch.Tensor, spec: MaskingSpec, generator: torch.Generator
+) -> MaskedTokens:
+    """Mask ``input_ids`` the way ``objective`` trains; the result depends only on the inputs
+    and the generator's state."""
+    if objective == SEED:
+        return seed_mask_tokens(input_ids, spec, generator)
+    if objective == MLM:
+        masked_ids, labels = mask_tokens(input_ids, spec, generator)
+        return MaskedTokens(masked_ids, labels, labels != IGNORE_INDEX)
+    raise ValueError(f"unknown objective {objective!r}: choose {SEED} or {MLM}")
+
+
+def masks_are_static(objective: str) -> bool:
+    """Whether every epoch trains on the same masked sentences (the seed's dataset masked
+    once, when it was built)."""
+    return objective == SEED
