@@ -144,7 +144,7 @@ def run(
     gpu_memory_limit: Optional[str] = typer.Option(None, help="Emulate a smaller card, e.g. 24GiB: cells past it become 'oom' rows."),
     memory_snapshot: bool = typer.Option(False, "--memory-snapshot", help="Write a CUDA memory snapshot per cell (open it in pytorch.org/memory_viz)."),
     estimate: bool = typer.Option(True, "--estimate/--no-estimate", help="After the cells, trace each one on fake tensors and show predicted against measured memory."),
-    gpus: Optional[str] = typer.Option(None, help="Run cells at the same time, one per GPU, e.g. --gpus 0,1,2,3 (each pinned with CUDA_VISIBLE_DEVICES)."),
+    gpus: Optional[str] = typer.Option(None, help="Run cells at the same time, one per GPU, e.g. --gpus 0,1,2,3 (each pinned with CUDA_VISIBLE_DEVICES; under an inherited CUDA_VISIBLE_DEVICES, indices into that list)."),
     nproc_per_node: int = typer.Option(1, "--nproc-per-node", min=1, help="Ranks per cell through torchrun: data-parallel (DDP), or sharded with fsdp-offload. gloo on CPU."),
     nnodes: int = typer.Option(1, min=1, help="Nodes taking part in each cell (torchrun --nnodes); run the same command on every node."),
     node_rank: int = typer.Option(0, "--node-rank", min=0, help="This node's rank, 0 to nnodes-1 (torchrun --node-rank)."),

@@ -12,7 +12,7 @@ import pytest
 
 from gputech_bench import runner
 from gputech_bench.config import BenchConfig, ConfigError
-from gputech_bench.launch import Launch, gpu_slots, worker_command
+from gputech_bench.launch import Launch, gpu_slots, slot_environment, worker_command
 from gputech_bench.rank_results import merge_rank_results, rank_result_path, read_rank_results
 from gputech_bench.results import SCHEMA, read_result, write_atomic
 from gputech_bench.schedule import run_on_slots
@@ -21,9 +21,12 @@ from gputech_bench.schedule import run_on_slots
 
 
 def test_gpus_become_slots_of_nproc_gpus_each():
-    assert gpu_slots(None) == [None]
-    assert gpu_slots("0,1,2,3") == [("0",), ("1",), ("2",), ("3",)]
-    assert gpu_slots("0, 1,2,3", nproc_per_node=2) == [("0", "1"), ("2", "3")]
+    nothing_inherited: dict[str, str] = {}
+    assert gpu_slots(None, environ=nothing_inherited) == [None]
+    assert gpu_slots("0,1,2,3", environ=nothing_inherited) == [("0",), ("1",), ("2",), ("3",)]
+    assert gpu_slots("0, 1,2,3", nproc_per_node=2, environ=nothing_inherited) == [("0", "1"), ("2", "3")]
+    uuid = "GPU-8932f937-d72c-4106-c12f-20bd9faed9f6"
+    assert gpu_slots(uuid, environ=nothing_inherited) == [(uuid,)]
 
 
 @pytest.mark.parametrize("text, message", [
@@ -34,7 +37,41 @@ def test_gpus_become_slots_of_nproc_gpus_each():
 ])
 def test_bad_gpu_lists_are_refused_with_the_fix(text, message):
     with pytest.raises(ConfigError, match=message):
-        gpu_slots(text, nproc_per_node=2 if message == "does not divide" else 1)
+        gpu_slots(text, nproc_per_node=2 if message == "does not divide" else 1, environ={})
+
+
+def test_gpus_count_within_an_inherited_allocation():
+    # A scheduler gave the job GPUs 4-7: --gpus 0,1 are the first two of those, not GPUs 0 and 1.
+    allocation = {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}
+    assert gpu_slots("0,1", environ=allocation) == [("4",), ("5",)]
+    assert gpu_slots("1,3", environ=allocation) == [("5",), ("7",)]
+    assert gpu_slots("0,1,2,3", nproc_per_node=2, environ=allocation) == [("4", "5"), ("6", "7")]
+    assert gpu_slots(None, environ=allocation) == [None]  # the cell inherits the whole allocation
+    uuids = {"CUDA_VISIBLE_DEVICES": "GPU-aaaa-1111,GPU-bbbb-2222"}
+    assert gpu_slots("1", environ=uuids) == [("GPU-bbbb-2222",)]
+    assert gpu_slots("GPU-AAAA-1111", environ=uuids) == [("GPU-aaaa-1111",)]
+
+
+def test_the_worker_environment_stays_inside_the_allocation():
+    allocation = {"CUDA_VISIBLE_DEVICES": "4,5,6,7", "PATH": "/bin"}
+    [slot, _] = gpu_slots("0,1", environ=allocation)
+    assert slot_environment(slot, allocation) == {"CUDA_VISIBLE_DEVICES": "4", "PATH": "/bin"}
+    assert slot_environment(None, allocation) == allocation
+
+
+@pytest.mark.parametrize("inherited, gpus, message", [
+    ("4,5,6,7", "0,4", "--gpus 4 is outside the 4 GPU(s) that CUDA_VISIBLE_DEVICES=4,5,6,7 gives this run: "
+                       "--gpus counts within that list, so pass indices 0..3"),
+    ("GPU-aaaa-1111", "GPU-cccc-3333", "--gpus GPU-cccc-3333 is not among the GPUs that CUDA_VISIBLE_DEVICES=GPU-aaaa-1111 "
+                                       "gives this run"),
+    ("4,5", "0,GPU-aaaa-1111", "--gpus GPU-aaaa-1111 is not among the GPUs that CUDA_VISIBLE_DEVICES=4,5"),
+    ("", "0", "CUDA_VISIBLE_DEVICES='' (no GPU) gives this run: drop --gpus, or unset CUDA_VISIBLE_DEVICES"),
+    ("GPU-aaaa-1111", "0,GPU-aaaa-1111", "names a GPU of CUDA_VISIBLE_DEVICES=GPU-aaaa-1111 twice"),
+])
+def test_gpus_outside_the_inherited_allocation_are_refused_in_one_line(inherited, gpus, message):
+    with pytest.raises(ConfigError) as refused:
+        gpu_slots(gpus, environ={"CUDA_VISIBLE_DEVICES": inherited})
+    assert message in str(refused.value) and "\n" not in str(refused.value)
 
 
 def test_fake_devices_run_every_cell_once_and_never_two_on_one_device():
@@ -97,7 +134,7 @@ def test_the_runner_pins_each_cell_to_its_slot_and_keeps_the_table_order(tmp_pat
     layout = runner.RunLayout(tmp_path / "run")
     runner.prepare_run_dir(layout, BenchConfig(), force=False)
     cells = ["baseline", "1", "2", "3", "4", "1+2+3"]
-    outcome = runner.run_matrix(cells, layout, slots=gpu_slots("0,1"))
+    outcome = runner.run_matrix(cells, layout, slots=gpu_slots("0,1", environ={}))
 
     assert [result["cell"] for result in outcome.results] == cells
     assert {result["gpu"] for result in outcome.results} == {"0", "1"}
@@ -123,7 +160,7 @@ def test_ctrl_c_stops_every_running_slot_and_records_its_cell(tmp_path: Path, mo
 
     threading.Thread(target=ctrl_c_soon, daemon=True).start()
     started = time.monotonic()
-    outcome = runner.run_matrix(["baseline", "1", "2", "3"], layout, slots=gpu_slots("0,1"))
+    outcome = runner.run_matrix(["baseline", "1", "2", "3"], layout, slots=gpu_slots("0,1", environ={}))
     assert outcome.interrupted
     assert time.monotonic() - started < 30
     statuses = {result["cell"]: result["status"] for result in outcome.results}
