@@ -82,6 +82,15 @@ class FakeNvml:
 NOTHING_INHERITED: dict[str, str] = {}
 
 
+def test_an_idle_h200_as_nvml_reported_it_is_idle():
+    # Read on an idle H200 (driver 580): v1 used 615 MiB, v2 reserved 615 MiB and used 0.
+    nvml = FakeNvml([FakeGpu(used_mib=0.0, reserved_mib=615.0)])
+    assert idle_check(nvml=nvml, environ=NOTHING_INHERITED) == gpu_busy.IdleCheck()
+    # A CUDA context (612 MiB there) that NVML does not list is still caught by memory.
+    [busy] = idle_check(nvml=FakeNvml([FakeGpu(used_mib=612.0, reserved_mib=615.0)]), environ=NOTHING_INHERITED).busy
+    assert busy.describe() == "GPU 0 (NVIDIA H200): no other process listed, 612 MiB used net of a 615 MiB driver reserve"
+
+
 @pytest.mark.parametrize("used_includes_reserve", [False, True])
 def test_an_idle_card_with_a_large_driver_reserve_is_idle(used_includes_reserve):
     # 1,311 MiB of reserve plus a few MiB: over the old fixed 1 GiB, yet nobody uses the card.

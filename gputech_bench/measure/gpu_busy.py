@@ -14,11 +14,11 @@ from typing import Any, Mapping
 
 from ..gpu_selection import run_devices
 
-#: Used memory net of the driver's reserve that we still call idle. An idle card shows a
-#: few MiB once the reserve is taken out (what nvidia-smi prints as "used"), while any
-#: process's CUDA context takes several hundred MiB on recent GPUs (~500 MiB on an H100).
-#: So 256 MiB still catches a process NVML does not list (one in another container's
-#: PID namespace), without refusing a card because of the driver's bookkeeping.
+#: Used memory net of the driver's reserve that we still call idle. Net of the reserve an
+#: idle card shows next to nothing, while a process's CUDA context alone takes hundreds of
+#: MiB (seen on an idle H200, driver 580: 0 MiB used, 615 MiB reserved; torch 2.11's
+#: context then took 612 MiB). So 256 MiB still catches a process NVML does not list (one
+#: in another container's PID namespace), without refusing a card for the driver's bookkeeping.
 IDLE_USED_MIB = 256
 
 #: The limit when NVML cannot tell the reserve apart (v1 memory info only): there "used"
@@ -87,8 +87,8 @@ def _memory(nvml: Any, handle: Any) -> tuple[float, float | None, float]:
         info = nvml.nvmlDeviceGetMemoryInfo(handle)
         return info.used / 2**20, None, info.total / 2**20
     # Computed from total and free, because NVML's documentation has said both that v2's
-    # "used" includes the reserve and that it does not: total - free - reserved is the
-    # memory processes hold under either reading.
+    # "used" includes the reserve and that it does not (driver 580 leaves it out): total -
+    # free - reserved is the memory processes hold under either reading.
     net = max(0, info.total - info.free - reserved)
     return net / 2**20, reserved / 2**20, info.total / 2**20
 
