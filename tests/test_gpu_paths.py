@@ -114,6 +114,21 @@ def test_an_oom_message_naming_us_by_pid_is_read_by_our_pid():
     assert "with 46,080 MiB in use" in oom_reason(details, None)  # PyTorch's own allocation instead
 
 
+# As torch 2.11 wrote it on an H200 while another process (447) held 20 GiB; ours was 445.
+H200_OOM = (
+    "CUDA out of memory. Tried to allocate 300.00 GiB. GPU 0 has a total capacity of 139.80 GiB of which 118.69 GiB "
+    "is free. Process 447 has 20.51 GiB memory in use. Including non-PyTorch memory, this process has 610.00 MiB memory "
+    "in use. Of the allocated memory 0 bytes is allocated by PyTorch, and 0 bytes is reserved by PyTorch but unallocated."
+)
+
+
+def test_a_real_oom_message_with_another_process_first_is_read_as_ours():
+    details = parse_oom_message(H200_OOM, pid=445)
+    assert details["process_in_use_mib"] == 610.0  # not process 447's 20.51 GiB
+    assert details["other_processes_mib"] == {"447": 21002.2}
+    assert details["allocated_by_pytorch_mib"] == 0.0 and details["reserved_unallocated_mib"] == 0.0
+
+
 def test_oom_rows_carry_the_request_and_the_cap_into_the_table():
     failed = make_result("baseline", status="oom", device="cuda")
     failed["oom"] = parse_oom_message(TORCH_OOM)

@@ -16,8 +16,9 @@ import os
 import re
 from typing import Any
 
-_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
-_AMOUNT = r"([0-9]+(?:\.[0-9]+)?) (B|KiB|MiB|GiB|TiB)"
+# PyTorch writes sizes under 1 KiB as "bytes" ("0 bytes is allocated by PyTorch").
+_UNITS = {"bytes": 1, "B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+_AMOUNT = r"([0-9]+(?:\.[0-9]+)?) (bytes|B|KiB|MiB|GiB|TiB)"
 _FIELDS = {
     "requested_mib": rf"Tried to allocate {_AMOUNT}",
     "device_total_mib": rf"total capacity of {_AMOUNT}",
