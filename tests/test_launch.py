@@ -20,13 +20,18 @@ from gputech_bench.schedule import run_on_slots
 # --------------------------------------------------------------------------- --gpus
 
 
-def test_gpus_become_slots_of_nproc_gpus_each():
-    nothing_inherited: dict[str, str] = {}
-    assert gpu_slots(None, environ=nothing_inherited) == [None]
-    assert gpu_slots("0,1,2,3", environ=nothing_inherited) == [("0",), ("1",), ("2",), ("3",)]
-    assert gpu_slots("0, 1,2,3", nproc_per_node=2, environ=nothing_inherited) == [("0", "1"), ("2", "3")]
+@pytest.fixture()
+def nothing_inherited(monkeypatch):
+    """The runner's environment without CUDA_VISIBLE_DEVICES: --gpus names the machine's GPUs."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
+def test_gpus_become_slots_of_nproc_gpus_each(nothing_inherited):
+    assert gpu_slots(None) == [None]
+    assert gpu_slots("0,1,2,3") == [("0",), ("1",), ("2",), ("3",)]
+    assert gpu_slots("0, 1,2,3", nproc_per_node=2) == [("0", "1"), ("2", "3")]
     uuid = "GPU-8932f937-d72c-4106-c12f-20bd9faed9f6"
-    assert gpu_slots(uuid, environ=nothing_inherited) == [(uuid,)]
+    assert gpu_slots(uuid) == [(uuid,)]
 
 
 @pytest.mark.parametrize("text, message", [
@@ -35,28 +40,31 @@ def test_gpus_become_slots_of_nproc_gpus_each():
     ("0,0", "names a GPU twice"),
     ("0,1,2", "does not divide"),
 ])
-def test_bad_gpu_lists_are_refused_with_the_fix(text, message):
+def test_bad_gpu_lists_are_refused_with_the_fix(text, message, nothing_inherited):
     with pytest.raises(ConfigError, match=message):
-        gpu_slots(text, nproc_per_node=2 if message == "does not divide" else 1, environ={})
+        gpu_slots(text, nproc_per_node=2 if message == "does not divide" else 1)
 
 
-def test_gpus_count_within_an_inherited_allocation():
+def test_gpus_count_within_an_inherited_allocation(monkeypatch):
     # A scheduler gave the job GPUs 4-7: --gpus 0,1 are the first two of those, not GPUs 0 and 1.
-    allocation = {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}
-    assert gpu_slots("0,1", environ=allocation) == [("4",), ("5",)]
-    assert gpu_slots("1,3", environ=allocation) == [("5",), ("7",)]
-    assert gpu_slots("0,1,2,3", nproc_per_node=2, environ=allocation) == [("4", "5"), ("6", "7")]
-    assert gpu_slots(None, environ=allocation) == [None]  # the cell inherits the whole allocation
-    uuids = {"CUDA_VISIBLE_DEVICES": "GPU-aaaa-1111,GPU-bbbb-2222"}
-    assert gpu_slots("1", environ=uuids) == [("GPU-bbbb-2222",)]
-    assert gpu_slots("GPU-AAAA-1111", environ=uuids) == [("GPU-aaaa-1111",)]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert gpu_slots("0,1") == [("4",), ("5",)]
+    assert gpu_slots("1,3") == [("5",), ("7",)]
+    assert gpu_slots("0,1,2,3", nproc_per_node=2) == [("4", "5"), ("6", "7")]
+    assert gpu_slots(None) == [None]  # the cell inherits the whole allocation
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaaa-1111,GPU-bbbb-2222")
+    assert gpu_slots("1") == [("GPU-bbbb-2222",)]
+    assert gpu_slots("GPU-AAAA-1111") == [("GPU-aaaa-1111",)]
+    # The environment can also be passed in, rather than read from os.environ.
+    assert gpu_slots("1", environ={"CUDA_VISIBLE_DEVICES": "6,7"}) == [("7",)]
 
 
-def test_the_worker_environment_stays_inside_the_allocation():
-    allocation = {"CUDA_VISIBLE_DEVICES": "4,5,6,7", "PATH": "/bin"}
-    [slot, _] = gpu_slots("0,1", environ=allocation)
-    assert slot_environment(slot, allocation) == {"CUDA_VISIBLE_DEVICES": "4", "PATH": "/bin"}
-    assert slot_environment(None, allocation) == allocation
+def test_the_worker_environment_stays_inside_the_allocation(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    runner_environment = {"CUDA_VISIBLE_DEVICES": "4,5,6,7", "PATH": "/bin"}
+    [slot, _] = gpu_slots("0,1")
+    assert slot_environment(slot, runner_environment) == {"CUDA_VISIBLE_DEVICES": "4", "PATH": "/bin"}
+    assert slot_environment(None, runner_environment) == runner_environment
 
 
 @pytest.mark.parametrize("inherited, gpus, message", [
@@ -68,9 +76,10 @@ def test_the_worker_environment_stays_inside_the_allocation():
     ("", "0", "CUDA_VISIBLE_DEVICES='' (no GPU) gives this run: drop --gpus, or unset CUDA_VISIBLE_DEVICES"),
     ("GPU-aaaa-1111", "0,GPU-aaaa-1111", "names a GPU of CUDA_VISIBLE_DEVICES=GPU-aaaa-1111 twice"),
 ])
-def test_gpus_outside_the_inherited_allocation_are_refused_in_one_line(inherited, gpus, message):
+def test_gpus_outside_the_inherited_allocation_are_refused_in_one_line(inherited, gpus, message, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", inherited)
     with pytest.raises(ConfigError) as refused:
-        gpu_slots(gpus, environ={"CUDA_VISIBLE_DEVICES": inherited})
+        gpu_slots(gpus)
     assert message in str(refused.value) and "\n" not in str(refused.value)
 
 
@@ -126,7 +135,7 @@ open(out, "w").write(json.dumps(result))
 """ % SCHEMA
 
 
-def test_the_runner_pins_each_cell_to_its_slot_and_keeps_the_table_order(tmp_path: Path, monkeypatch):
+def test_the_runner_pins_each_cell_to_its_slot_and_keeps_the_table_order(tmp_path: Path, monkeypatch, nothing_inherited):
     script = tmp_path / "fake_worker.py"
     script.write_text(FAKE_WORKER)
     monkeypatch.setattr(runner, "worker_command", lambda cell, config, out, launch, seed=None: [
@@ -134,7 +143,7 @@ def test_the_runner_pins_each_cell_to_its_slot_and_keeps_the_table_order(tmp_pat
     layout = runner.RunLayout(tmp_path / "run")
     runner.prepare_run_dir(layout, BenchConfig(), force=False)
     cells = ["baseline", "1", "2", "3", "4", "1+2+3"]
-    outcome = runner.run_matrix(cells, layout, slots=gpu_slots("0,1", environ={}))
+    outcome = runner.run_matrix(cells, layout, slots=gpu_slots("0,1"))
 
     assert [result["cell"] for result in outcome.results] == cells
     assert {result["gpu"] for result in outcome.results} == {"0", "1"}
@@ -145,7 +154,7 @@ def test_the_runner_pins_each_cell_to_its_slot_and_keeps_the_table_order(tmp_pat
     assert outcome.seconds < 0.3 * len(cells)
 
 
-def test_ctrl_c_stops_every_running_slot_and_records_its_cell(tmp_path: Path, monkeypatch):
+def test_ctrl_c_stops_every_running_slot_and_records_its_cell(tmp_path: Path, monkeypatch, nothing_inherited):
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
     monkeypatch.setattr(runner, "worker_command", lambda *args: sleeper)
     layout = runner.RunLayout(tmp_path / "run")
@@ -160,7 +169,7 @@ def test_ctrl_c_stops_every_running_slot_and_records_its_cell(tmp_path: Path, mo
 
     threading.Thread(target=ctrl_c_soon, daemon=True).start()
     started = time.monotonic()
-    outcome = runner.run_matrix(["baseline", "1", "2", "3"], layout, slots=gpu_slots("0,1", environ={}))
+    outcome = runner.run_matrix(["baseline", "1", "2", "3"], layout, slots=gpu_slots("0,1"))
     assert outcome.interrupted
     assert time.monotonic() - started < 30
     statuses = {result["cell"]: result["status"] for result in outcome.results}
