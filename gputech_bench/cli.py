@@ -48,15 +48,22 @@ app = typer.Typer(
     help="Which memory-saving strategy makes your fine-tune fit, what it saves, what it costs, and whether accuracy holds."
     "\n\n**Start here:** `gputech-bench run --matrix`",
 )
-def check_gpu_idle(allow_busy: bool) -> None:
-    from .measure.gpu_busy import busy_gpus
+def check_gpu_idle(allow_busy: bool, gpus: Optional[str] = None) -> None:
+    """Refuse to start on a busy GPU; ``gpus`` is --gpus, so that only the run's GPUs count."""
+    from .measure import gpu_busy
 
-    busy = busy_gpus()
+    check = gpu_busy.idle_check(gpus)
+    if check.error:
+        errors.print(f"[yellow]warning:[/] NVML failed ({check.error}), so the idle-GPU check was skipped", highlight=False, soft_wrap=True)
+    for entry in check.unchecked:
+        # A MIG instance, or a number past NVML's count: the worker will say more if it cannot start.
+        errors.print(f"[yellow]warning:[/] NVML lists no GPU '{entry}', so the idle-GPU check skipped it", highlight=False, soft_wrap=True)
+    busy = check.busy
     if not busy:
         return
     what = "; ".join(gpu.describe() for gpu in busy)
     if allow_busy:
-        errors.print(f"[yellow]warning:[/] {what}: memory figures include other processes' usage", highlight=False)
+        errors.print(f"[yellow]warning:[/] {what}: memory figures include other processes' usage", highlight=False, soft_wrap=True)
         return
     fail(f"{what}, so every memory figure would be off: stop those processes, or pass --allow-busy-gpu to run anyway")
 
@@ -144,7 +151,7 @@ def run(
     gpu_memory_limit: Optional[str] = typer.Option(None, help="Emulate a smaller card, e.g. 24GiB: cells past it become 'oom' rows."),
     memory_snapshot: bool = typer.Option(False, "--memory-snapshot", help="Write a CUDA memory snapshot per cell (open it in pytorch.org/memory_viz)."),
     estimate: bool = typer.Option(True, "--estimate/--no-estimate", help="After the cells, trace each one on fake tensors and show predicted against measured memory."),
-    gpus: Optional[str] = typer.Option(None, help="Run cells at the same time, one per GPU, e.g. --gpus 0,1,2,3 (each pinned with CUDA_VISIBLE_DEVICES)."),
+    gpus: Optional[str] = typer.Option(None, help="Run cells at the same time, one per GPU, e.g. --gpus 0,1,2,3 (each pinned with CUDA_VISIBLE_DEVICES; under an inherited CUDA_VISIBLE_DEVICES, indices into that list)."),
     nproc_per_node: int = typer.Option(1, "--nproc-per-node", min=1, help="Ranks per cell through torchrun: data-parallel (DDP), or sharded with fsdp-offload. gloo on CPU."),
     nnodes: int = typer.Option(1, min=1, help="Nodes taking part in each cell (torchrun --nnodes); run the same command on every node."),
     node_rank: int = typer.Option(0, "--node-rank", min=0, help="This node's rank, 0 to nnodes-1 (torchrun --node-rank)."),
@@ -175,7 +182,7 @@ def run(
         fail(str(error))
     seeds = [config.train.seed + (k if vary_seed else 0) for k in range(repeat)]
     if uses_cuda(config):
-        check_gpu_idle(allow_busy_gpu)
+        check_gpu_idle(allow_busy_gpu, gpus)
     name = run_name or f"{config.preset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     layout = RunLayout(results / name)
     try:

@@ -1,24 +1,29 @@
 """How a cell's worker is started: which GPUs it sees, and whether torchrun starts it.
 
 ``--gpus 0,1,2,3`` turns the GPUs into slots: one cell runs per slot at a time, its
-process pinned with ``CUDA_VISIBLE_DEVICES`` so that it sees its own GPUs only. With
+process pinned with ``CUDA_VISIBLE_DEVICES`` so that it sees its own GPUs only. Under an
+inherited CUDA_VISIBLE_DEVICES (a scheduler's allocation) the indices count within it
+(see gpu_selection), and a slot holds the inherited entries. With
 ``--nproc-per-node N`` each cell is launched by ``torch.distributed.run`` with N ranks,
 and a slot holds N GPUs.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 from .config import ConfigError
+from .gpu_selection import run_devices
 
-#: A slot's GPUs as CUDA_VISIBLE_DEVICES lists them; None inherits the runner's environment.
+#: A slot's GPUs as the runner's CUDA_VISIBLE_DEVICES lists them (the physical GPUs when
+#: nothing is inherited); None inherits the runner's environment.
 Slot = tuple[str, ...] | None
 
-_GPU_ID = re.compile(r"^(\d+|GPU-[0-9a-fA-F-]+|MIG-[0-9a-zA-Z/-]+)$")
 _ENDPOINT = re.compile(r"^[A-Za-z0-9.\-_:\[\]]+:\d+$")
 
 
@@ -62,15 +67,14 @@ class Launch:
         ]
 
 
-def gpu_slots(gpus: str | None, nproc_per_node: int = 1) -> list[Slot]:
-    """``--gpus 0,1,2,3`` as slots of ``nproc_per_node`` GPUs each; no --gpus is one inherited slot."""
+def gpu_slots(gpus: str | None, nproc_per_node: int = 1, environ: Mapping[str, str] | None = None) -> list[Slot]:
+    """``--gpus 0,1,2,3`` as slots of ``nproc_per_node`` GPUs each; no --gpus is one inherited slot.
+
+    ``environ`` is the runner's environment (os.environ unless a test passes one):
+    under its CUDA_VISIBLE_DEVICES the entries are indices into that list."""
     if gpus is None:
         return [None]
-    ids = [item.strip() for item in gpus.split(",")]
-    if not all(ids) or not all(_GPU_ID.match(item) for item in ids):
-        raise ConfigError(f"--gpus '{gpus}' is not a list of GPU indices: pass e.g. --gpus 0,1,2,3 (as nvidia-smi numbers them)")
-    if len(set(ids)) != len(ids):
-        raise ConfigError(f"--gpus '{gpus}' names a GPU twice: list each GPU once")
+    ids = run_devices(gpus, os.environ if environ is None else environ) or []
     if len(ids) % nproc_per_node:
         raise ConfigError(
             f"--gpus lists {len(ids)} GPU(s), which --nproc-per-node {nproc_per_node} does not divide: "
@@ -80,6 +84,8 @@ def gpu_slots(gpus: str | None, nproc_per_node: int = 1) -> list[Slot]:
 
 
 def slot_environment(slot: Slot, base: dict[str, str]) -> dict[str, str]:
+    # The slot already holds entries of the inherited list (gpu_slots mapped them), so
+    # replacing the variable narrows the allocation and never widens it.
     environment = dict(base)
     if slot is not None:
         environment["CUDA_VISIBLE_DEVICES"] = ",".join(slot)

@@ -84,6 +84,51 @@ def test_oom_figures_are_read_from_the_message():
     assert oom_reason({}, None) is None
 
 
+# torch's message with NVML: every process on the GPU, another's first, ours as "this process".
+CROWDED_OOM = (
+    "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.50 GiB is free. "
+    "Process 1234 has 10.00 GiB memory in use. Process 5678 has 20.00 GiB memory in use. Including non-PyTorch memory, "
+    "this process has 47.50 GiB memory in use. Of the allocated memory 45.00 GiB is allocated by PyTorch, and 1.00 GiB "
+    "is reserved by PyTorch but unallocated."
+)
+
+
+def test_an_oom_takes_this_process_usage_never_another_pid():
+    details = parse_oom_message(CROWDED_OOM, pid=4321)
+    assert details["process_in_use_mib"] == 47.5 * 1024
+    assert details["other_processes_mib"] == {"1234": 10 * 1024.0, "5678": 20 * 1024.0}
+    assert oom_reason(details, None) == (
+        "out of memory: asked for 2,048 MiB with 48,640 MiB in use, while other processes held 30,720 MiB"
+    )
+
+
+def test_an_oom_message_naming_us_by_pid_is_read_by_our_pid():
+    # Without "this process", the line with our own PID is ours, wherever it stands.
+    by_pid = CROWDED_OOM.replace("Including non-PyTorch memory, this process", "Process 4321")
+    details = parse_oom_message(by_pid, pid=4321)
+    assert details["process_in_use_mib"] == 47.5 * 1024
+    assert details["other_processes_mib"] == {"1234": 10 * 1024.0, "5678": 20 * 1024.0}
+    # A message whose lines are all other processes' has no figure of ours: absent, not borrowed.
+    details = parse_oom_message(by_pid, pid=999)
+    assert "process_in_use_mib" not in details and set(details["other_processes_mib"]) == {"1234", "5678", "4321"}
+    assert "with 46,080 MiB in use" in oom_reason(details, None)  # PyTorch's own allocation instead
+
+
+# As torch 2.11 wrote it on an H200 while another process (447) held 20 GiB; ours was 445.
+H200_OOM = (
+    "CUDA out of memory. Tried to allocate 300.00 GiB. GPU 0 has a total capacity of 139.80 GiB of which 118.69 GiB "
+    "is free. Process 447 has 20.51 GiB memory in use. Including non-PyTorch memory, this process has 610.00 MiB memory "
+    "in use. Of the allocated memory 0 bytes is allocated by PyTorch, and 0 bytes is reserved by PyTorch but unallocated."
+)
+
+
+def test_a_real_oom_message_with_another_process_first_is_read_as_ours():
+    details = parse_oom_message(H200_OOM, pid=445)
+    assert details["process_in_use_mib"] == 610.0  # not process 447's 20.51 GiB
+    assert details["other_processes_mib"] == {"447": 21002.2}
+    assert details["allocated_by_pytorch_mib"] == 0.0 and details["reserved_unallocated_mib"] == 0.0
+
+
 def test_oom_rows_carry_the_request_and_the_cap_into_the_table():
     failed = make_result("baseline", status="oom", device="cuda")
     failed["oom"] = parse_oom_message(TORCH_OOM)

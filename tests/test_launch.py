@@ -12,7 +12,7 @@ import pytest
 
 from gputech_bench import runner
 from gputech_bench.config import BenchConfig, ConfigError
-from gputech_bench.launch import Launch, gpu_slots, worker_command
+from gputech_bench.launch import Launch, gpu_slots, slot_environment, worker_command
 from gputech_bench.rank_results import merge_rank_results, rank_result_path, read_rank_results
 from gputech_bench.results import SCHEMA, read_result, write_atomic
 from gputech_bench.schedule import run_on_slots
@@ -20,10 +20,18 @@ from gputech_bench.schedule import run_on_slots
 # --------------------------------------------------------------------------- --gpus
 
 
-def test_gpus_become_slots_of_nproc_gpus_each():
+@pytest.fixture()
+def nothing_inherited(monkeypatch):
+    """The runner's environment without CUDA_VISIBLE_DEVICES: --gpus names the machine's GPUs."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
+def test_gpus_become_slots_of_nproc_gpus_each(nothing_inherited):
     assert gpu_slots(None) == [None]
     assert gpu_slots("0,1,2,3") == [("0",), ("1",), ("2",), ("3",)]
     assert gpu_slots("0, 1,2,3", nproc_per_node=2) == [("0", "1"), ("2", "3")]
+    uuid = "GPU-8932f937-d72c-4106-c12f-20bd9faed9f6"
+    assert gpu_slots(uuid) == [(uuid,)]
 
 
 @pytest.mark.parametrize("text, message", [
@@ -32,9 +40,47 @@ def test_gpus_become_slots_of_nproc_gpus_each():
     ("0,0", "names a GPU twice"),
     ("0,1,2", "does not divide"),
 ])
-def test_bad_gpu_lists_are_refused_with_the_fix(text, message):
+def test_bad_gpu_lists_are_refused_with_the_fix(text, message, nothing_inherited):
     with pytest.raises(ConfigError, match=message):
         gpu_slots(text, nproc_per_node=2 if message == "does not divide" else 1)
+
+
+def test_gpus_count_within_an_inherited_allocation(monkeypatch):
+    # A scheduler gave the job GPUs 4-7: --gpus 0,1 are the first two of those, not GPUs 0 and 1.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert gpu_slots("0,1") == [("4",), ("5",)]
+    assert gpu_slots("1,3") == [("5",), ("7",)]
+    assert gpu_slots("0,1,2,3", nproc_per_node=2) == [("4", "5"), ("6", "7")]
+    assert gpu_slots(None) == [None]  # the cell inherits the whole allocation
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaaa-1111,GPU-bbbb-2222")
+    assert gpu_slots("1") == [("GPU-bbbb-2222",)]
+    assert gpu_slots("GPU-AAAA-1111") == [("GPU-aaaa-1111",)]
+    # The environment can also be passed in, rather than read from os.environ.
+    assert gpu_slots("1", environ={"CUDA_VISIBLE_DEVICES": "6,7"}) == [("7",)]
+
+
+def test_the_worker_environment_stays_inside_the_allocation(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    runner_environment = {"CUDA_VISIBLE_DEVICES": "4,5,6,7", "PATH": "/bin"}
+    [slot, _] = gpu_slots("0,1")
+    assert slot_environment(slot, runner_environment) == {"CUDA_VISIBLE_DEVICES": "4", "PATH": "/bin"}
+    assert slot_environment(None, runner_environment) == runner_environment
+
+
+@pytest.mark.parametrize("inherited, gpus, message", [
+    ("4,5,6,7", "0,4", "--gpus 4 is outside the 4 GPU(s) that CUDA_VISIBLE_DEVICES=4,5,6,7 gives this run: "
+                       "--gpus counts within that list, so pass indices 0..3"),
+    ("GPU-aaaa-1111", "GPU-cccc-3333", "--gpus GPU-cccc-3333 is not among the GPUs that CUDA_VISIBLE_DEVICES=GPU-aaaa-1111 "
+                                       "gives this run"),
+    ("4,5", "0,GPU-aaaa-1111", "--gpus GPU-aaaa-1111 is not among the GPUs that CUDA_VISIBLE_DEVICES=4,5"),
+    ("", "0", "CUDA_VISIBLE_DEVICES='' (no GPU) gives this run: drop --gpus, or unset CUDA_VISIBLE_DEVICES"),
+    ("GPU-aaaa-1111", "0,GPU-aaaa-1111", "names a GPU of CUDA_VISIBLE_DEVICES=GPU-aaaa-1111 twice"),
+])
+def test_gpus_outside_the_inherited_allocation_are_refused_in_one_line(inherited, gpus, message, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", inherited)
+    with pytest.raises(ConfigError) as refused:
+        gpu_slots(gpus)
+    assert message in str(refused.value) and "\n" not in str(refused.value)
 
 
 def test_fake_devices_run_every_cell_once_and_never_two_on_one_device():
@@ -89,7 +135,7 @@ open(out, "w").write(json.dumps(result))
 """ % SCHEMA
 
 
-def test_the_runner_pins_each_cell_to_its_slot_and_keeps_the_table_order(tmp_path: Path, monkeypatch):
+def test_the_runner_pins_each_cell_to_its_slot_and_keeps_the_table_order(tmp_path: Path, monkeypatch, nothing_inherited):
     script = tmp_path / "fake_worker.py"
     script.write_text(FAKE_WORKER)
     monkeypatch.setattr(runner, "worker_command", lambda cell, config, out, launch, seed=None: [
@@ -108,7 +154,7 @@ def test_the_runner_pins_each_cell_to_its_slot_and_keeps_the_table_order(tmp_pat
     assert outcome.seconds < 0.3 * len(cells)
 
 
-def test_ctrl_c_stops_every_running_slot_and_records_its_cell(tmp_path: Path, monkeypatch):
+def test_ctrl_c_stops_every_running_slot_and_records_its_cell(tmp_path: Path, monkeypatch, nothing_inherited):
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
     monkeypatch.setattr(runner, "worker_command", lambda *args: sleeper)
     layout = runner.RunLayout(tmp_path / "run")

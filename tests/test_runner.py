@@ -15,7 +15,6 @@ import pytest
 from conftest import TINY_RUN
 from typer.testing import CliRunner
 
-from gputech_bench.measure.gpu_busy import busy_gpus
 from gputech_bench.results import read_result
 
 
@@ -165,61 +164,6 @@ def test_refused_combination_exits_2_before_anything_runs(tmp_path: Path):
     assert out.exit_code == 2
     assert "refused cell '4+test-host'" in out.output and "both own the placement hook" in out.output
     assert not (tmp_path / "r").exists()
-
-
-class FakeNvml:
-    """Just enough of pynvml for the idle check."""
-
-    def __init__(self, used_mib: list[float], processes: list[int]) -> None:
-        self.used, self.processes = used_mib, processes
-
-    def nvmlInit(self):
-        pass
-
-    def nvmlShutdown(self):
-        pass
-
-    def nvmlDeviceGetCount(self):
-        return len(self.used)
-
-    def nvmlDeviceGetHandleByIndex(self, index):
-        return index
-
-    def nvmlDeviceGetName(self, handle):
-        return b"NVIDIA H100"
-
-    def nvmlDeviceGetMemoryInfo(self, handle):
-        return type("Info", (), {"used": self.used[handle] * 2**20})()
-
-    def nvmlDeviceGetComputeRunningProcesses(self, handle):
-        return [object()] * self.processes[handle]
-
-
-def test_busy_gpus_are_found_through_nvml(monkeypatch):
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert busy_gpus(FakeNvml([300.0, 300.0], [0, 0])) == []
-    busy = busy_gpus(FakeNvml([300.0, 20_000.0], [0, 1]))
-    assert [gpu.index for gpu in busy] == [1]
-    assert busy[0].describe() == "GPU 1 (NVIDIA H100): 20,000 MiB in use by 1 process(es)"
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
-    assert busy_gpus(FakeNvml([300.0, 20_000.0], [0, 1])) == []  # only the visible GPU matters
-
-
-def test_a_busy_gpu_stops_the_run_unless_allowed(monkeypatch, capsys):
-    import typer
-
-    from gputech_bench import cli
-    from gputech_bench.measure import gpu_busy
-
-    real_busy_gpus = gpu_busy.busy_gpus
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr(gpu_busy, "busy_gpus", lambda: real_busy_gpus(FakeNvml([20_000.0], [1])))
-    with pytest.raises(typer.Exit) as stopped:
-        cli.check_gpu_idle(allow_busy=False)
-    assert stopped.value.exit_code == 2
-    assert "--allow-busy-gpu" in capsys.readouterr().err
-    cli.check_gpu_idle(allow_busy=True)  # warns and goes on
-    assert "warning" in capsys.readouterr().err
 
 
 @pytest.mark.slow
