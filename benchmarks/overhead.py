@@ -47,7 +47,7 @@ def bare_loop(config_path: str, steps: int) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
     times = []
-    batches = epoch_batches(data.train, data.masking, config.train.batch_size, config.train.seed, 0)
+    batches = epoch_batches(data.train, data.masking, config.train.batch_size, config.train.seed, 0, config.data.objective)
     for step, batch in zip(range(steps), batches):
         synchronize(device)
         start = time.perf_counter()
