@@ -19,11 +19,15 @@ from .dataset import prepare_data
 from .distributed import ensure_process_group, launched_by_torchrun, ranks_from_env
 from .distributed import shutdown as shutdown_process_group
 from .measure import cuda as cuda_memory
-from .measure.cap import plan_cap
+from .measure.cap import overshoot_note, plan_cap
+from .errors import is_out_of_memory
 from .measure.host import peak_rss_bytes
-from .measure.snapshot import MemorySnapshot
+from .measure.oom import oom_details
+from .measure.paged import paged_state_bytes
+from .measure.snapshot import SNAPSHOT_SLOWS_STEPS, MemorySnapshot
 from .measure.units import figure, to_mib
-from .messages import UserError
+from .measure.warmup import warm_up_cuda_libraries
+from .messages import UserError, first_line
 from .modeling import build_model
 from .provenance import environment, utc_now
 from .results import SCHEMA
@@ -94,14 +98,17 @@ def new_result(cell_text: str, config: BenchConfig) -> dict[str, Any]:
     }
 
 
-def apply_memory_cap(config: BenchConfig, device: torch.device, result: dict[str, Any]) -> None:
-    """Limit this process to ``gpu_memory_limit``, the CUDA context counted against it."""
-    torch.zeros(1, device=device)  # create the context now, so that it can be measured
+def apply_memory_cap(config: BenchConfig, device: torch.device, result: dict[str, Any], strategy_keys: set[str]) -> None:
+    """Limit this process to ``gpu_memory_limit``, the CUDA context counted against it.
+
+    The context is measured after the libraries a training step loads (cuBLAS, autocast's
+    kernels, bitsandbytes) have loaded: right after ``torch.zeros(1)`` it is far smaller."""
+    warmed = warm_up_cuda_libraries(device, strategy_keys)
     context_bytes, method = cuda_memory.context_bytes(device)
     total = torch.cuda.get_device_properties(device).total_memory
     cap = plan_cap(parse_size(config.gpu_memory_limit), context_bytes, total)
     torch.cuda.set_per_process_memory_fraction(cap.fraction, device)
-    result["memory_cap"] = {**cap.describe(), "context_method": method}
+    result["memory_cap"] = {**cap.describe(), "context_method": f"{method}, after warming up {', '.join(warmed)}"}
 
 
 def run_cell(
@@ -139,9 +146,10 @@ def _measure_cuda_cell(cell, config: BenchConfig, device: torch.device, result: 
     snapshot = MemorySnapshot() if config.memory_snapshot and snapshot_path else None
     if snapshot:
         snapshot.start()
+        result["notes"].append(SNAPSHOT_SLOWS_STEPS)
     try:
         if config.gpu_memory_limit:
-            apply_memory_cap(config, device, result)
+            apply_memory_cap(config, device, result, {cls.key for cls in cell.strategies})
         return _measure_cell(cell, config, device, result, emit, sampler)
     finally:
         sampler.stop()
@@ -195,24 +203,59 @@ def _measure_cell(
 
     if device.type == "cuda":
         cuda_memory.reset_peaks(device)
+    window = PeakWindow(device, sampler, plan.recompiles_on_new_shapes)
 
     def forward_step(event: StepEvent) -> None:
         emit({"event": "step", "step": event.step, "total": event.total_steps, "epoch": event.epoch,
               "loss": event.loss, "seconds": event.seconds, "tracked": event.tracked})
+        if event.tracked:
+            window.after_tracked_step(more_steps=event.step < event.total_steps)
 
     emit({"event": "phase", "phase": "train"})
     try:
         outcome = train(plan, data.train, data.masking, ctx, forward_step)
     finally:
         if sampler is not None:
-            record_cuda_memory(result, device, sampler.stop())
+            record_cuda_memory(result, device, sampler.stop(), window.description)
     record_training(result, outcome, config)
-    if any(cls.key == "compile" for cls in cell.strategies):
+    result["notes"] += window.notes
+    if plan.recompiles_on_new_shapes:
         record_compile_time(result, outcome)
+    record_paged_state(result, plan.optimizer)
 
     emit({"event": "phase", "phase": "eval"})
-    scores = evaluate(plan.model, data.eval_set, device, config.train.eval_batch_size, plan.precision.autocast)
+    # No more rows per forward than training ran (a micro-batch under accumulation): with
+    # the full vocabulary's logits, a wider evaluation could fail where training fitted.
+    eval_rows = min(config.train.eval_batch_size, plan.rows_per_forward)
+    result["evaluation"] = {
+        "rows_per_forward": eval_rows,
+        "why": "at most the rows of one training forward, so that evaluation never holds more logits than training",
+    }
+    try:
+        scores = evaluate(plan.model, data.eval_set, device, eval_rows, plan.precision.autocast)
+    except BaseException as error:  # noqa: BLE001 - only an out-of-memory error is handled here
+        if not is_out_of_memory(error):
+            raise
+        return _evaluation_ran_out(result, error, started)
     record_scores(result, scores, config.data.objective)
+    record_cell_totals(result, started)
+    result.update(status="ok", reason=None)
+    return result
+
+
+def _evaluation_ran_out(result: dict[str, Any], error: BaseException, started: float) -> dict[str, Any]:
+    """Training finished and its figures stand; only evaluation failed, so the row says so
+    instead of becoming an oom row without figures."""
+    result["oom"] = oom_details(error)
+    record_cell_totals(result, started)
+    result.update(
+        status="eval-oom",
+        reason=f"training finished, evaluation ran out of memory ({first_line(error)}); every training figure stands",
+    )
+    return result
+
+
+def record_cell_totals(result: dict[str, Any], started: float) -> None:
     metrics = result["metrics"]
     metrics["peak_rss_mib"] = figure(
         to_mib(peak_rss_bytes()), "MiB", "getrusage ru_maxrss: whole-process lifetime peak, includes Python and libraries"
@@ -220,8 +263,42 @@ def _measure_cell(
     metrics["cell_seconds"] = figure(
         round(time.perf_counter() - started, 3), "s", "wall time of the whole cell in the worker: data, model, train, eval"
     )
-    result.update(status="ok", reason=None)
-    return result
+
+
+class PeakWindow:
+    """Which training steps the CUDA peaks cover.
+
+    Normally all of them. A compiled cell is different: its memory-tracked step runs
+    under MemTracker, whose dispatch hooks make the compiled module run op by op, so
+    that step's peaks are the eager model's. There the peaks restart after the tracked
+    step, and cover the compiled steps only.
+    """
+
+    def __init__(self, device: torch.device, sampler: cuda_memory.NvmlSampler | None, compiled: bool) -> None:
+        self.device, self.sampler, self.compiled = device, sampler, compiled
+        self.description = "over the training steps"
+        self.notes: list[str] = []
+        if compiled:
+            self.notes.append(
+                "compile: the memory breakdown comes from the memory-tracked step, which runs eagerly under "
+                "MemTracker (its dispatch hooks run the compiled module op by op)"
+                + ("; the CUDA peaks come from the compiled steps after it" if device.type == "cuda"
+                   else "; on CPU that eager step's peak is also the tensor peak shown")
+            )
+
+    def after_tracked_step(self, more_steps: bool) -> None:
+        if not (self.compiled and self.device.type == "cuda"):
+            return
+        if not more_steps:
+            self.notes.append("compile: no step ran after the memory-tracked one, so the CUDA peaks are that eager "
+                              "step's: raise train.max_steps to 3 or more")
+            return
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # hand back what the eager step reserved, so reserved and NVML restart too
+        cuda_memory.reset_peaks(self.device)
+        if self.sampler is not None:
+            self.sampler.restart()
+        self.description = "over the compiled training steps after the memory-tracked (eager) one"
 
 
 def record_scores(result: dict[str, Any], scores: EvalScores, objective: str) -> None:
@@ -245,14 +322,35 @@ def record_scores(result: dict[str, Any], scores: EvalScores, objective: str) ->
     )
 
 
-def record_cuda_memory(result: dict[str, Any], device: torch.device, nvml: cuda_memory.NvmlReading) -> None:
+def record_cuda_memory(result: dict[str, Any], device: torch.device, nvml: cuda_memory.NvmlReading,
+                       window: str = "over the training steps") -> None:
     allocated, reserved = cuda_memory.allocator_peaks(device)
     metrics = result["metrics"]
-    metrics["peak_allocated_mib"] = figure(to_mib(allocated), "MiB", "torch.cuda.max_memory_allocated over the training steps")
-    metrics["peak_reserved_mib"] = figure(to_mib(reserved), "MiB", "torch.cuda.max_memory_reserved over the training steps")
-    metrics["nvml_process_peak_mib"] = figure(
-        None if nvml.peak_bytes is None else to_mib(nvml.peak_bytes), "MiB", nvml.method
+    metrics["peak_allocated_mib"] = figure(to_mib(allocated), "MiB", f"torch.cuda.max_memory_allocated {window}")
+    metrics["peak_reserved_mib"] = figure(to_mib(reserved), "MiB", f"torch.cuda.max_memory_reserved {window}")
+    nvml_mib = None if nvml.peak_bytes is None else to_mib(nvml.peak_bytes)
+    metrics["nvml_process_peak_mib"] = figure(nvml_mib, "MiB", f"{nvml.method}, {window}")
+    cap = result.get("memory_cap")
+    note = overshoot_note(cap, nvml_mib) if cap else None
+    if note:
+        cap["nvml_overshoot_mib"] = round(nvml_mib - float(cap["limit_mib"]), 1)
+        result["notes"].append(note)
+
+
+def record_paged_state(result: dict[str, Any], optimizer: Any) -> None:
+    """Optimizer state in CUDA unified memory (paged-adam8bit): invisible to the allocator's
+    figures, so it gets its own, in the metrics and beside the host side of the breakdown."""
+    paged = paged_state_bytes(optimizer)
+    if not paged:
+        return
+    result["metrics"]["paged_optimizer_state_mib"] = figure(
+        to_mib(paged), "MiB",
+        "bytes of bitsandbytes' paged optimizer state (cudaMallocManaged): outside torch's allocator, so not in "
+        "the allocated or reserved peaks; MemTracker files it as host memory",
     )
+    for device, categories in result.get("memory_breakdown", {}).items():
+        if device.startswith("cpu"):
+            categories["paged_optimizer_state_mib"] = to_mib(paged)
 
 
 def record_compile_time(result: dict[str, Any], outcome: TrainOutcome) -> None:

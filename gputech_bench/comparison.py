@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from .report import LoadedRun, build_frame, cell_order
-from .results import objective_of
+from .results import objective_of, recorded_snapshot
 from .stats import HIGHER, LOWER, SINGLE_RUN, WITHIN_NOISE, Summary, versus
 
 #: (label, column of the frame, statistics key or None for the run's memory measure, unit)
@@ -121,6 +121,11 @@ def _warnings(run_a: LoadedRun, run_b: LoadedRun) -> list[str]:
         warnings.append(f"training objectives differ: {', '.join(sorted(objectives[0]))} -> "
                         f"{', '.join(sorted(objectives[1]))}, so their accuracies measure different things "
                         "(data.objective)")
+    snapshots = [sorted(r["cell"] for r in run.results if recorded_snapshot(r)) for run in (run_a, run_b)]
+    if snapshots[0] != snapshots[1]:
+        warnings.append("memory snapshots (--memory-snapshot) were recorded in "
+                        f"{', '.join(snapshots[0]) or 'no cell'} -> {', '.join(snapshots[1]) or 'no cell'}: recording "
+                        "slows every step, so those cells' times are not comparable")
     if run_a.config is None or run_b.config is None:
         warnings.append("a run has no config.json: its settings cannot be compared")
     else:

@@ -33,6 +33,13 @@ OBJECTIVES: dict[str, str] = {
 }
 
 
+#: The attention kernels ``model.attention`` accepts (transformers' names), and what each keeps.
+ATTENTION_KERNELS: dict[str, str] = {
+    "eager": "the seed's 2022 kernel: each layer keeps its attention probabilities for backward",
+    "sdpa": "torch's scaled_dot_product_attention: fused kernels keep far less for backward on a GPU",
+}
+
+
 class ConfigError(UserError):
     """A configuration problem the user can fix; the message is one line."""
 
@@ -332,7 +339,7 @@ def validate(config: BenchConfig) -> BenchConfig:
         raise ConfigError(f"data.tokenizer_vocab_size must be at least 100, got {d.tokenizer_vocab_size}")
     choices = {
         "device": (config.device, ("auto", "cuda", "cpu")),
-        "model.attention": (m.attention, ("eager", "sdpa")),
+        "model.attention": (m.attention, tuple(ATTENTION_KERNELS)),
         "data.objective": (d.objective, tuple(OBJECTIVES)),
         "strategy.accumulation_loss": (s.accumulation_loss, ("seed", "token-weighted")),
         "strategy.half_dtype": (s.half_dtype, ("auto", "float16", "bfloat16")),

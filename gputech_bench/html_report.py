@@ -16,6 +16,7 @@ import pandas as pd
 
 from .plots import png_bytes, run_figures
 from .report import LoadedRun, MemoryMeasure, provenance_lines, row_texts, table_notes
+from .results import TRAINED_STATUSES
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 70rem;
@@ -44,12 +45,13 @@ def _table(frame: pd.DataFrame, measure: MemoryMeasure) -> str:
     rows = []
     for row in frame.itertuples(index=False):
         classes = ["pareto"] if row.pareto else []
-        if row.status != "ok":
+        status = "ok" if row.status == "ok" else f"{row.status}: {row.reason or ''}"
+        if row.status not in TRAINED_STATUSES:
             rows.append(f'<tr class="failed"><td>{_esc(row.cell)}</td>' + "<td>-</td>" * 7
-                        + f'<td class="status">{_esc(row.status)}: {_esc(row.reason or "")}</td></tr>')
+                        + f'<td class="status">{_esc(status)}</td></tr>')
             continue
         rows.append(f'<tr class="{" ".join(classes)}"><td>{_esc(row.cell)}</td>'
-                    + "".join(f"<td>{_esc(text)}</td>" for text in row_texts(row)) + '<td class="status">ok</td></tr>')
+                    + "".join(f"<td>{_esc(text)}</td>" for text in row_texts(row)) + f'<td class="status">{_esc(status)}</td></tr>')
     header = "".join(f"<th>{_esc(text)}</th>" for text in head)
     return f"<table><thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 

@@ -19,8 +19,8 @@ from .atomic import atomic_write_bytes
 from .matrix import SEED_MATRIX
 from .pareto import frontier
 from .rank_results import MEMORY_METRICS
-from .config import OBJECTIVES
-from .results import ResultError, objective_of, read_result
+from .config import ATTENTION_KERNELS, OBJECTIVES
+from .results import TRAINED_STATUSES, ResultError, attention_of, objective_of, read_result, recorded_snapshot
 from .stats import WITHIN_NOISE, Summary, versus
 
 FAILED = "failed"
@@ -38,6 +38,7 @@ METRIC_COLUMNS = (
     "compile_seconds",
     "steps_run",
     "nonfinite_loss_steps",
+    "paged_optimizer_state_mib",
     "eval_masked_accuracy",
     "eval_token_accuracy",
     "eval_loss",
@@ -60,7 +61,7 @@ DERIVED_COLUMNS = (
 OOM_COLUMNS = ("oom_requested_mib", "oom_in_use_mib", "gpu_memory_limit_mib")
 INFO_COLUMNS = (
     "pareto", "world_size", "device_type", "device_name", "compute_dtype", "optimizer", "trainable_parameters",
-    "total_parameters", "preset", "objective",
+    "total_parameters", "preset", "objective", "attention", "memory_snapshot",
 )
 COLUMNS = (
     "cell", "strategies", "status", "reason", "repeats",
@@ -178,6 +179,8 @@ def _row(result: dict[str, Any]) -> dict[str, Any]:
         total_parameters=facts.get("total_parameters"),
         preset=result.get("preset"),
         objective=objective_of(result),
+        attention=attention_of(result),
+        memory_snapshot=recorded_snapshot(result),
     )
     return row
 
@@ -199,7 +202,7 @@ def build_frame(results: list[dict[str, Any]], baseline: str = "baseline") -> tu
         frame["epoch_x_baseline"] = frame["epoch_seconds"] / reference["epoch_seconds"]
         frame["masked_accuracy_delta_points"] = 100 * (frame["eval_masked_accuracy"] - reference["eval_masked_accuracy"])
         frame["token_accuracy_delta_points"] = 100 * (frame["eval_token_accuracy"] - reference["eval_token_accuracy"])
-    failed = frame["status"] != "ok"
+    failed = ~frame["status"].isin(TRAINED_STATUSES)
     frame.loc[failed, list(numeric)] = float("nan")  # a failed cell's partial figures are not comparable
     on_frontier = set(pareto_cells(frame))
     frame["pareto"] = frame["cell"].isin(on_frontier)
@@ -231,8 +234,8 @@ def noise_mark(verdict: Any) -> str:
 
 def pareto_cells(frame: pd.DataFrame) -> list[str]:
     """The finished cells no other beats on both memory and time per epoch, smallest first."""
-    ok = frame[frame["status"] == "ok"]
-    return frontier(zip(ok["cell"], ok["memory_mib"], ok["epoch_seconds"]))
+    trained = frame[frame["status"].isin(TRAINED_STATUSES)]
+    return frontier(zip(trained["cell"], trained["memory_mib"], trained["epoch_seconds"]))
 
 
 # --------------------------------------------------------------------------- formatting
@@ -264,7 +267,7 @@ def fmt_seconds(value: float) -> str:
 
 def _extremes(frame: pd.DataFrame, column: str) -> tuple[Any, Any]:
     """(best, worst) values of a column among ok rows, or (None, None) when there is nothing to compare."""
-    values = frame.loc[frame["status"] == "ok", column].dropna()
+    values = frame.loc[frame["status"].isin(TRAINED_STATUSES), column].dropna()
     if len(values) < 2 or values.min() == values.max():
         return None, None
     if column in HIGHER_IS_BETTER:
@@ -296,12 +299,12 @@ def rich_table(frame: pd.DataFrame, measure: MemoryMeasure, title: str = "gputec
                "masked_accuracy_delta_points", "eval_token_accuracy")
     extremes = {column: _extremes(frame, column) for column in columns}
     for row in frame.itertuples(index=False):
-        if row.status != "ok":
+        if row.status not in TRAINED_STATUSES:
             reason = row.reason or ""
             table.add_row(row.cell, *["-"] * 7, f"[bold red]{row.status}[/]: {reason}")
             continue
         styled = [_styled(text, getattr(row, column), extremes[column]) for text, column in zip(row_texts(row), columns)]
-        table.add_row(row.cell, *styled, "[green]ok[/]")
+        table.add_row(row.cell, *styled, "[green]ok[/]" if row.status == "ok" else f"[bold red]{row.status}[/]: {row.reason}")
     table.caption = "\n".join(table_notes(frame)) or None
     return table
 
@@ -312,7 +315,7 @@ def row_texts(row: Any) -> tuple[str, ...]:
     return (
         "-" if _missing(row.memory_mib) else fmt_mib(row.memory_mib),
         fmt_ratio(row.memory_x_baseline) + noise_mark(row.memory_vs_baseline),
-        fmt_seconds(row.epoch_seconds) + ("*" if row.epoch_time_extrapolated else ""),
+        fmt_seconds(row.epoch_seconds) + ("*" if row.epoch_time_extrapolated else "") + ("†" if row.memory_snapshot else ""),
         fmt_ratio(row.epoch_x_baseline) + noise_mark(row.time_vs_baseline),
         fmt_percent(row.eval_masked_accuracy),
         fmt_points(row.masked_accuracy_delta_points) + noise_mark(row.masked_accuracy_vs_baseline),
@@ -325,25 +328,39 @@ def table_notes(frame: pd.DataFrame) -> list[str]:
     notes = []
     if frame["epoch_time_extrapolated"].eq(True).any():
         notes.append("* time per epoch extrapolated from the timed steps of a short run (train.max_steps)")
+    if frame["memory_snapshot"].eq(True).any():
+        notes.append("† recorded a CUDA memory snapshot (a stack per allocation): slower than an unrecorded run, "
+                     "so compare its time only with runs that recorded one too")
+    paged = frame.dropna(subset=["paged_optimizer_state_mib"])
+    if not paged.empty:
+        amounts = ", ".join(f"{row.cell} {fmt_mib(row.paged_optimizer_state_mib)}" for row in paged.itertuples())
+        notes.append(f"optimizer state in CUDA unified memory, outside the memory column (add it before comparing): {amounts}")
     frontier_cells = pareto_cells(frame)
     if len(frontier_cells) > 1:
         notes.append(f"Pareto frontier (no other cell is both smaller and faster): {', '.join(frontier_cells)}")
-    return notes + objective_notes(frame) + repeat_notes(frame)
+    return notes + setup_notes(frame, "objective") + setup_notes(frame, "attention") + repeat_notes(frame)
 
 
-def objective_notes(frame: pd.DataFrame) -> list[str]:
-    """Which objective trained the cells: the accuracies mean different things under each."""
-    objectives = list(dict.fromkeys(frame["objective"].dropna()))
-    if not objectives:
+#: Run-wide settings every table names, what each value means, and what differs when cells disagree.
+SETUP_SETTINGS = {
+    "objective": (OBJECTIVES, "their accuracies"),
+    "attention": (ATTENTION_KERNELS, "their memory and time"),
+}
+
+
+def setup_notes(frame: pd.DataFrame, column: str) -> list[str]:
+    """Which ``column`` setting (objective, attention) the cells ran under: one line when
+    they agree, the cells of each value when they do not."""
+    values = list(dict.fromkeys(frame[column].dropna()))
+    if not values:
         return []
-    if len(objectives) > 1:
-        by_objective = "; ".join(
-            f"{name}: {', '.join(frame.loc[frame['objective'] == name, 'cell'])}" for name in objectives
-        )
-        return [f"objective differs between cells, so their accuracies are not comparable ({by_objective})"]
-    name = objectives[0]
-    notes = [f"objective: {name} ({OBJECTIVES.get(name, 'unknown')})"]
-    if name == "seed":
+    meanings, what_differs = SETUP_SETTINGS[column]
+    if len(values) > 1:
+        by_value = "; ".join(f"{value}: {', '.join(frame.loc[frame[column] == value, 'cell'])}" for value in values)
+        return [f"{column} differs between cells, so {what_differs} are not comparable ({by_value})"]
+    value = values[0]
+    notes = [f"{column}: {value} ({meanings.get(value, 'as transformers names it')})"]
+    if column == "objective" and value == "seed":
         notes.append("token acc (seed) scores every real token, most of them visible and copied: under this "
                      "objective it reads far above masked acc, as the seed's 89% did")
     return notes
@@ -387,19 +404,14 @@ def markdown(frame: pd.DataFrame, measure: MemoryMeasure, results: list[dict[str
     ]
     for row in frame.itertuples(index=False):
         name = row.cell if row.strategies in ("baseline", row.cell) else f"{row.cell} ({row.strategies})"
-        if row.status != "ok":
-            reason = str(row.reason or "").replace("|", "\\|")
+        reason = str(row.reason or "").replace("|", "\\|")
+        if row.status not in TRAINED_STATUSES:
             lines.append(f"| {name} | {row.status} | {row.status} | {row.status} | {row.status} | {row.status}: {reason} |")
             continue
-        lines.append(
-            f"| {name} | {fmt_mib(row.memory_mib) if not _missing(row.memory_mib) else '-'} "
-            f"({fmt_ratio(row.memory_x_baseline)}{noise_mark(row.memory_vs_baseline)}) "
-            f"| {fmt_seconds(row.epoch_seconds)}{'*' if row.epoch_time_extrapolated else ''} "
-            f"({fmt_ratio(row.epoch_x_baseline)}{noise_mark(row.time_vs_baseline)}) "
-            f"| {fmt_percent(row.eval_masked_accuracy)} ({fmt_points(row.masked_accuracy_delta_points)}"
-            f"{noise_mark(row.masked_accuracy_vs_baseline)}) "
-            f"| {fmt_percent(row.eval_token_accuracy)} | ok |"
-        )
+        memory, memory_x, seconds, seconds_x, masked_acc, masked_delta, token_acc = row_texts(row)
+        status = "ok" if row.status == "ok" else f"{row.status}: {reason}"
+        lines.append(f"| {name} | {memory} ({memory_x}) | {seconds} ({seconds_x}) | {masked_acc} ({masked_delta}) "
+                     f"| {token_acc} | {status} |")
     lines.append("")
     lines += [f"- {note}".replace("- *", "- \\*", 1) for note in table_notes(frame)]
     lines += provenance_lines(results, measure)

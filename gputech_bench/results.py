@@ -11,7 +11,10 @@ from .atomic import atomic_write_bytes
 from .messages import UserError
 
 SCHEMA = "gputech-bench/cell-result/1"
-STATUSES = ("ok", "oom", "error", "timeout", "crashed", "interrupted")
+STATUSES = ("ok", "eval-oom", "oom", "error", "timeout", "crashed", "interrupted")
+#: Statuses whose training figures (memory, time, loss) stand: eval-oom trained to the
+#: end and only its evaluation ran out of memory.
+TRAINED_STATUSES = ("ok", "eval-oom")
 
 
 class ResultError(UserError):
@@ -40,6 +43,20 @@ def objective_of(result: dict[str, Any]) -> str | None:
     if not isinstance(config, dict):
         return None
     return config.get("data", {}).get("objective", OBJECTIVE_BEFORE_THE_SETTING)
+
+
+def recorded_snapshot(result: dict[str, Any]) -> bool:
+    """Whether the cell recorded a CUDA memory snapshot, which slows its steps."""
+    return bool(result.get("memory_snapshot") or (result.get("config") or {}).get("memory_snapshot"))
+
+
+def attention_of(result: dict[str, Any]) -> str | None:
+    """The attention implementation the cell's model ran (eager, sdpa), as transformers named it."""
+    model = result.get("model") or {}
+    if model.get("attention"):
+        return model["attention"]
+    config = result.get("config")
+    return config.get("model", {}).get("attention") if isinstance(config, dict) else None
 
 
 def bare_result(cell: str, status: str, reason: str | None) -> dict[str, Any]:

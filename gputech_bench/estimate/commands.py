@@ -106,7 +106,7 @@ def build_estimate(
     from .overheads import DEFAULTS, calibrate
     from .predict import setups_for
     from .report import EstimateReport
-    from .trace import trace_target
+    from .trace import modelled_attention_note, trace_target
 
     target = trace_target()
     predictions = _predict(setups_for(cells, config), config, jobs)
@@ -115,7 +115,9 @@ def build_estimate(
     if results is not None:
         by_cell = {result["cell"]: result for result in results}
         measured = {cell: measured_peak(by_cell.get(cell)) for cell in cells}
-    return EstimateReport(target.label, target.caveat, predictions, overheads, budget, measured, config.data.objective)
+    caveat = "; ".join(note for note in (target.caveat, modelled_attention_note(config, target)) if note) or None
+    return EstimateReport(target.label, caveat, predictions, overheads, budget, measured, config.data.objective,
+                          config.model.attention)
 
 
 def estimate_run(config: BenchConfig, results: list[dict[str, Any]], path: Path) -> None:
@@ -255,7 +257,8 @@ def _print_fit(result, config: BenchConfig) -> None:
         console.print(f"  [dim]faster but too big: {too_big}[/]", highlight=False)
     console.print(
         f"  [dim]device GiB = traced tensor peak + allocator reserve + CUDA context; "
-        f"{result.untraced} slower candidate(s) not traced; objective {config.data.objective}[/]", highlight=False,
+        f"{result.untraced} slower candidate(s) not traced; objective {config.data.objective}, "
+        f"attention {config.model.attention}[/]", highlight=False,
     )
 
 

@@ -35,6 +35,8 @@ class EstimateReport:
     #: The training objective whose batches were traced (data.objective); None in files
     #: written before the setting existed.
     objective: str | None = None
+    #: The attention kernel of the traced model (model.attention); None in older files.
+    attention: str | None = None
 
     def row(self, prediction: Prediction) -> dict[str, Any]:
         device = prediction.device
@@ -65,6 +67,7 @@ class EstimateReport:
             "target": self.target,
             "caveat": self.caveat,
             "objective": self.objective,
+            "attention": self.attention,
             "budget_bytes": self.budget_bytes,
             "overheads": {
                 "cuda_context_bytes": self.overheads.context_bytes,
@@ -91,6 +94,7 @@ def from_dict(data: dict[str, Any]) -> EstimateReport:
         ),
         data.get("budget_bytes"),
         objective=data.get("objective"),
+        attention=data.get("attention"),
     )
 
 
@@ -206,6 +210,8 @@ def legend(report: EstimateReport, with_overheads: bool = True) -> list[str]:
         lines.append("n/a: a CPU run holds strategy 4's device and host sides in one memory, so there is no device peak to compare")
     if report.objective:
         lines.append(f"objective: {report.objective}, traced on the batches a run of it trains on (data.objective)")
+    if report.attention:
+        lines.append(f"attention: {report.attention} (model.attention)")
     if report.caveat:
         lines.append(f"note: {report.caveat}")
     lines += [f"[{number}] not traced: {reason}" for reason, number in untraced_reasons(report).items()]

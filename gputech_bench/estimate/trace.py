@@ -175,6 +175,60 @@ def _modules_move_without_swapping() -> Iterator[None]:
         nn.Module.to = original
 
 
+class _FusedAttentionBytes(torch.autograd.Function):
+    """The tensors a fused attention kernel (PyTorch's memory-efficient SDPA, what an fp32
+    BERT with a padding mask runs on a GPU) allocates and keeps: the output and one fp32
+    log-sum-exp per query row, never the L x L probabilities. Values are never computed:
+    this runs only on the stand-in device of a fake-tensor trace."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, mask):  # type: ignore[override]
+        output = query.new_empty((*query.shape[:-1], value.shape[-1]))
+        log_sum_exp = query.new_empty(query.shape[:-1], dtype=torch.float32)
+        kept = (query, key, value, output, log_sum_exp) + ((mask,) if mask is not None else ())
+        ctx.save_for_backward(*kept)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        query, key, value = ctx.saved_tensors[:3]
+        return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), None
+
+
+def _fused_sdpa_shapes(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    return _FusedAttentionBytes.apply(query, key, value, attn_mask if torch.is_tensor(attn_mask) else None)
+
+
+#: What the estimate says when it models sdpa's fused kernel on the stand-in device.
+FUSED_SDPA_NOTE = (
+    "sdpa on the stand-in device: the fused kernel's bytes are modelled (output and log-sum-exp kept, no L x L "
+    "probabilities), because the stand-in runs sdpa's math path, which would count eager attention's memory"
+)
+
+
+def modelled_attention_note(config: BenchConfig, target: "TraceTarget") -> str | None:
+    """The note an estimate carries when it models sdpa's fused kernel (see below)."""
+    return FUSED_SDPA_NOTE if target.device.type == "meta" and config.model.attention == "sdpa" else None
+
+
+@contextlib.contextmanager
+def _fused_attention_on_stand_in(config: BenchConfig, target: "TraceTarget") -> Iterator[None]:
+    """On the stand-in device torch runs sdpa's math path, which materialises the attention
+    probabilities as eager attention does: traced as it is, ``sdpa`` would read exactly like
+    ``eager``. A GPU runs a fused kernel instead, so its bytes are modelled here. Fake CUDA
+    tensors need no such model: they dispatch to the fused kernels' own shape functions."""
+    if modelled_attention_note(config, target) is None:
+        yield
+        return
+    functional = torch.nn.functional
+    original = functional.scaled_dot_product_attention
+    functional.scaled_dot_product_attention = _fused_sdpa_shapes
+    try:
+        yield
+    finally:
+        functional.scaled_dot_product_attention = original
+
+
 @contextlib.contextmanager
 def _fake_mode() -> Iterator[FakeTensorMode]:
     # Real tensors (the data batches, bitsandbytes' maps) become fake on first use.
@@ -190,7 +244,7 @@ def trace_cell(cell: Cell, config: BenchConfig, inputs: TraceInputs, target: Tra
     started = time.perf_counter()
     ctx = RunContext(config, target.device, tracing=True)
     check_cell(cell, ctx)  # imports what the strategies need (bitsandbytes) before the fake mode starts
-    with _fake_mode(), _real_quantisation_maps():
+    with _fake_mode(), _real_quantisation_maps(), _fused_attention_on_stand_in(config, target):
         model = build_shape_model(config.model, inputs.tokenizer_size, inputs.pad_token_id, config.train.seed)
         plan = build_plan(cell, model, ctx)
         _split_real_batches(plan)

@@ -50,3 +50,19 @@ def plan_cap(limit_bytes: int, context_bytes: int, device_total_bytes: int) -> M
             f"({format_gib(context_bytes)}): pass a larger limit"
         )
     return MemoryCap(limit_bytes, context_bytes, device_total_bytes)
+
+
+def overshoot_note(cap: dict[str, float | str], nvml_peak_mib: float | None) -> str | None:
+    """What to say when the process's NVML peak went past the emulated card (``cap`` as
+    ``MemoryCap.describe`` wrote it): the context grew after it was measured, so the
+    emulated card was in truth larger than the limit by that much."""
+    if nvml_peak_mib is None:
+        return None
+    limit = float(cap["limit_mib"])
+    if nvml_peak_mib <= limit:
+        return None
+    return (
+        f"NVML's process peak ({nvml_peak_mib:,.0f} MiB) went {nvml_peak_mib - limit:,.0f} MiB past the "
+        f"--gpu-memory-limit of {limit:,.0f} MiB: memory outside the allocator grew after the context was measured, "
+        "so a real card of that size may not have fitted this cell"
+    )

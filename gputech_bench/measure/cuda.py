@@ -68,6 +68,8 @@ class NvmlSampler:
         self._interval_s = interval_s
         self._stop = threading.Event()
         self._peak: int | None = None
+        # restart() from the training thread must not race a sample taken before it.
+        self._lock = threading.Lock()
         self._method = "unavailable"
         self._thread: threading.Thread | None = None
         try:
@@ -97,6 +99,10 @@ class NvmlSampler:
         return None
 
     def _sample(self) -> None:
+        with self._lock:
+            self._sample_locked()
+
+    def _sample_locked(self) -> None:
         own = self._process_bytes()
         if own is not None:
             value, method = own, "NVML per-process usedGpuMemory (nvidia-smi's figure), sampled every 20 ms"
@@ -120,6 +126,17 @@ class NvmlSampler:
             self._thread = threading.Thread(target=self._run, name="nvml-sampler", daemon=True)
             self._thread.start()
         return self
+
+    def restart(self) -> None:
+        """Forget the peak so far: the next readings start a new window (a compiled cell's
+        steps after its eager, memory-tracked one)."""
+        with self._lock:
+            self._peak = None
+            if self._nvml is not None:
+                try:
+                    self._sample_locked()
+                except Exception:
+                    pass
 
     def stop(self) -> NvmlReading:
         """Stop sampling (once; later calls just return the reading)."""

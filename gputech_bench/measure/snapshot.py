@@ -12,6 +12,11 @@ from typing import Any
 
 #: Allocation events kept: enough for several BERT-base steps, bounded in host memory.
 MAX_ENTRIES = 200_000
+#: Recording keeps a Python and C++ stack per allocation, which slows every step.
+SNAPSHOT_SLOWS_STEPS = (
+    "recorded a CUDA memory snapshot (--memory-snapshot): a stack was kept per allocation, so this cell's "
+    "times are slower than an unrecorded run's; compare its times only with runs that also recorded one"
+)
 
 
 class MemorySnapshot:

@@ -69,6 +69,9 @@ class Accumulation(Strategy):
         steps = ctx.rank_batch_size // micro
         return split_into_micro_batches(batch, micro, steps, ctx.config.strategy.accumulation_loss)
 
+    def rows_per_forward(self, ctx: RunContext) -> int:
+        return ctx.config.strategy.micro_batch_size
+
     def describe(self, model, ctx: RunContext) -> dict:
         micro = ctx.config.strategy.micro_batch_size
         facts = {

@@ -141,6 +141,9 @@ class Strategy:
 
     #: Why the memory estimate cannot follow this strategy on fake tensors ("" = it can).
     untraceable: ClassVar[str] = ""
+    #: The model recompiles when a batch of a new shape arrives (torch.compile): a step on
+    #: an epoch's short last batch is then compilation, and is kept out of the timing.
+    recompiles_on_new_shapes: ClassVar[bool] = False
 
     @classmethod
     def trace_refusal(cls, device_type: str) -> str | None:
@@ -170,6 +173,11 @@ class Strategy:
 
     def split_batch(self, batch: dict[str, "torch.Tensor"], ctx: RunContext) -> list[MicroBatch]:
         raise NotImplementedError
+
+    def rows_per_forward(self, ctx: RunContext) -> int:
+        """Rows of one forward pass when this strategy owns ``split_batch``; evaluation
+        runs no more rows at once, so it never holds more logits than training did."""
+        return ctx.rank_batch_size
 
     def precision(self, ctx: RunContext) -> Precision:
         raise NotImplementedError

@@ -24,6 +24,7 @@ class Compile(Strategy):
     order = 90
     requires = "a C++ compiler on CPU; Triton on CUDA"
     untraceable = "Inductor's fused kernels allocate differently from the eager step the estimate follows"
+    recompiles_on_new_shapes = True
 
     def prepare_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         # In place (not torch.compile(model)): the module keeps its identity and class,

@@ -31,6 +31,10 @@ class TrainingPlan:
     split_batch: Callable[[dict[str, torch.Tensor]], list[MicroBatch]]
     precision: Precision
     facts: dict[str, Any]
+    #: Rows of one forward pass in training (a micro-batch under accumulation).
+    rows_per_forward: int
+    #: A batch of a new shape recompiles the model (torch.compile).
+    recompiles_on_new_shapes: bool = False
 
     @property
     def model(self) -> nn.Module:
@@ -82,6 +86,7 @@ def build_plan(cell: Cell, model: nn.Module, ctx: RunContext) -> TrainingPlan:
         optimizer = build_adamw(params, ctx)
     splitter = owners.get("split_batch")
     split = (lambda batch: splitter.split_batch(batch, ctx)) if splitter else (lambda batch: whole_batch(batch, ctx))
+    rows_per_forward = splitter.rows_per_forward(ctx) if splitter else ctx.rank_batch_size
     precision = owners["precision"].precision(ctx) if "precision" in owners else Precision()
 
     facts: dict[str, Any] = {
@@ -94,4 +99,5 @@ def build_plan(cell: Cell, model: nn.Module, ctx: RunContext) -> TrainingPlan:
     facts.update(trainable_parameters=trainable, total_parameters=total)
     for strategy in strategies:
         facts.update(strategy.describe(placement.compute_model, ctx))
-    return TrainingPlan(cell, strategies, placement, optimizer, split, precision, facts)
+    recompiles = any(type(strategy).recompiles_on_new_shapes for strategy in strategies)
+    return TrainingPlan(cell, strategies, placement, optimizer, split, precision, facts, rows_per_forward, recompiles)

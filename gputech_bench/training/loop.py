@@ -45,6 +45,9 @@ class TrainOutcome:
     epoch_seconds: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     nonfinite_losses: int = 0
+    #: Steps on an epoch's short last batch kept out of the timing, because the model
+    #: recompiles for the new shape there (torch.compile).
+    untimed_short_batches: int = 0
 
     @property
     def mean_step_seconds(self) -> float | None:
@@ -53,11 +56,16 @@ class TrainOutcome:
     @property
     def epoch_time(self) -> tuple[float | None, str]:
         """(seconds per epoch, how it was obtained)."""
+        short = (
+            f"; the short last batch of an epoch ({self.untimed_short_batches} step(s)) recompiles under "
+            "torch.compile, so it counts at the mean step time too"
+            if self.untimed_short_batches else ""
+        )
         if self.epoch_seconds:
             return (
                 sum(self.epoch_seconds) / len(self.epoch_seconds),
                 f"mean of {len(self.epoch_seconds)} complete epoch(s), training steps only, device synchronised; "
-                "the warm-up and memory-tracked steps count at the mean step time",
+                f"the warm-up and memory-tracked steps count at the mean step time{short}",
             )
         if self.mean_step_seconds is None:
             return None, "no step was timed: the first (warm-up) and the memory-tracked steps never are; raise train.max_steps"
@@ -145,6 +153,8 @@ def train(
         for batch in epoch_batches(split, masking, settings.batch_size, settings.seed, epoch, ctx.config.data.objective):
             if step >= total:
                 break
+            # A recompiling model's step on a new (short) batch shape is compilation, not training.
+            recompiles = plan.recompiles_on_new_shapes and len(batch["input_ids"]) < settings.batch_size
             if ctx.world_size > 1:
                 batch = rank_share(batch, ctx.rank, ctx.world_size)
             tracked = step == tracked_step
@@ -160,7 +170,10 @@ def train(
                     loss = optimizer_step(plan, scheduler, batch, ctx)
             if step == WARMUP_STEP:
                 outcome.first_step_seconds = watch.seconds
-            if tracked or step == WARMUP_STEP:
+            never_timed = tracked or step == WARMUP_STEP
+            if recompiles and not never_timed:
+                outcome.untimed_short_batches += 1
+            if never_timed or recompiles:
                 epoch_untimed += 1
             else:
                 outcome.step_seconds.append(watch.seconds)
