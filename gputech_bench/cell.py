@@ -19,14 +19,15 @@ from .dataset import prepare_data
 from .distributed import ensure_process_group, launched_by_torchrun, ranks_from_env
 from .distributed import shutdown as shutdown_process_group
 from .measure import cuda as cuda_memory
-from .measure.cap import overshoot_note, plan_cap
 from .errors import is_out_of_memory
+from .measure.cap import overshoot_note, plan_cap
 from .measure.host import peak_rss_bytes
 from .measure.oom import oom_details
 from .measure.paged import paged_state_bytes
 from .measure.snapshot import SNAPSHOT_SLOWS_STEPS, MemorySnapshot
 from .measure.units import figure, to_mib
 from .measure.warmup import warm_up_cuda_libraries
+from .measure.window import PeakWindow
 from .messages import UserError, first_line
 from .modeling import build_model
 from .provenance import environment, utc_now
@@ -263,42 +264,6 @@ def record_cell_totals(result: dict[str, Any], started: float) -> None:
     metrics["cell_seconds"] = figure(
         round(time.perf_counter() - started, 3), "s", "wall time of the whole cell in the worker: data, model, train, eval"
     )
-
-
-class PeakWindow:
-    """Which training steps the CUDA peaks cover.
-
-    Normally all of them. A compiled cell is different: its memory-tracked step runs
-    under MemTracker, whose dispatch hooks make the compiled module run op by op, so
-    that step's peaks are the eager model's. There the peaks restart after the tracked
-    step, and cover the compiled steps only.
-    """
-
-    def __init__(self, device: torch.device, sampler: cuda_memory.NvmlSampler | None, compiled: bool) -> None:
-        self.device, self.sampler, self.compiled = device, sampler, compiled
-        self.description = "over the training steps"
-        self.notes: list[str] = []
-        if compiled:
-            self.notes.append(
-                "compile: the memory breakdown comes from the memory-tracked step, which runs eagerly under "
-                "MemTracker (its dispatch hooks run the compiled module op by op)"
-                + ("; the CUDA peaks come from the compiled steps after it" if device.type == "cuda"
-                   else "; on CPU that eager step's peak is also the tensor peak shown")
-            )
-
-    def after_tracked_step(self, more_steps: bool) -> None:
-        if not (self.compiled and self.device.type == "cuda"):
-            return
-        if not more_steps:
-            self.notes.append("compile: no step ran after the memory-tracked one, so the CUDA peaks are that eager "
-                              "step's: raise train.max_steps to 3 or more")
-            return
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()  # hand back what the eager step reserved, so reserved and NVML restart too
-        cuda_memory.reset_peaks(self.device)
-        if self.sampler is not None:
-            self.sampler.restart()
-        self.description = "over the compiled training steps after the memory-tracked (eager) one"
 
 
 def record_scores(result: dict[str, Any], scores: EvalScores, objective: str) -> None:

@@ -12,12 +12,13 @@ from helpers import context, tiny_bert
 from test_report import make_result
 
 import gputech_bench.cell as cell_module
-from gputech_bench.cell import PeakWindow, apply_memory_cap, new_result, record_paged_state, run_cell
+from gputech_bench.cell import apply_memory_cap, new_result, record_paged_state, run_cell
 from gputech_bench.config import BenchConfig, apply_overrides, load_preset
 from gputech_bench.data import TokenizedSplit
 from gputech_bench.measure.cap import overshoot_note
 from gputech_bench.measure.paged import paged_state_bytes
 from gputech_bench.measure.warmup import warm_up_cuda_libraries
+from gputech_bench.measure.window import PeakWindow
 from gputech_bench.report import build_frame, markdown, rich_table, table_notes
 from gputech_bench.strategies import Strategy, build_plan, parse_cell, register, unregister
 from gputech_bench.training.loop import train
