@@ -1,33 +1,588 @@
 #!/usr/bin/env bash
-# The GPU check for a lent device machine: the seed preset's 8 cells, short, with
-# allocated / reserved / NVML memory and step time side by side.
+# gpu_check.sh: does gputech-bench tell the truth on this GPU?
 #
-# On the device (carry .whl, see scripts/gpu_env.sh):  bash scripts/gpu_check.sh
+# It runs, on one CUDA device, the seed preset's 8 cells and `amp` (one run, the seed's
+# objective), then `sparse-head` and `1+3+amp+sparse-head` (a second run under
+# data.objective=mlm, which sparse-head needs; each run has its own baseline), all short
+# (train.max_steps=12). Beside them it runs a bare training loop of the baseline's shape,
+# written below in plain transformers + torch (no gputech_bench code), and compares the two:
+# the project's baseline must be within ±2% of the bare loop in torch.cuda.max_memory_allocated
+# and at most 1.05x its mean step time, and every cell must be ok or say why it is not.
+# Then `gputech-bench estimate --compare` puts the fake-tensor estimate beside the measured peaks.
+#
+#   bash scripts/gpu_check.sh                 # on the GPU machine; aimed at ~4 minutes on an H100/H200
+#   GPUTECH_WHEELS=/path/to/wheels bash scripts/gpu_check.sh   # install missing bitsandbytes /
+#                                             # nvidia-ml-py from local wheels (default: ./.whl)
+#   bash scripts/gpu_check.sh --dry-run       # the same pipeline on CPU, tiny model, a few steps
+#
+# It writes at most 6 files, all directly under $OUT (default /tmp/gpu-check, or
+# /tmp/gpu-check-dry-run for --dry-run): summary.md (the table and the PASS/FAIL lines),
+# summary.json (the same figures), report.csv and report-mlm.csv (the two runs' reports) and
+# gpu_check.log (everything printed). The run folders go to a fresh folder under /tmp.
+# Exit code: 0 when every acceptance check passes, 1 otherwise (the files are written first).
+# Nothing is downloaded. Environment: PYTHON (default python3), MAX_STEPS (default 12),
+# CELL_TIMEOUT (seconds per cell, default 300), GPUTECH_BENCH_CACHE (default /tmp/gputech-cache).
+#
+# Wheels for a GPU machine without bitsandbytes or nvidia-ml-py, fetched once on a connected one
+# (and kept out of git with: echo /.whl/ >> .git/info/exclude):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl bitsandbytes==0.50.2 nvidia-ml-py
 set -euo pipefail
+CALLER="$PWD"  # OUT and GPUTECH_WHEELS may be given relative to where the script was started
 cd "$(dirname "$0")/.."
-MAX_STEPS="${MAX_STEPS:-15}"
-OUT_DIR="${OUT:-/tmp/gpu-check}"
-source scripts/gpu_env.sh
+REPO="$PWD"
+absolute() { case "$1" in /*) echo "$1" ;; *) echo "$CALLER/$1" ;; esac; }
 
-time python3 -m gputech_bench run --matrix --preset seed --device cuda \
-  --set train.max_steps="$MAX_STEPS" --results "$OUT_DIR/results" --run-name seed-gpu-check || true
+DRY_RUN=0
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY_RUN=1 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "unknown argument '$arg': use --dry-run or --help" >&2; exit 2 ;;
+  esac
+done
 
-python3 - "$OUT_DIR/results/seed-gpu-check" <<'PY'
-import json, pathlib, sys
-def v(r, k):
-    x = r.get("metrics", {}).get(k, {}).get("value")
-    return "-" if x is None else (f"{x:,.0f}" if isinstance(x, float) and x > 100 else f"{x:.4g}" if isinstance(x, float) else str(x))
-order = ["baseline", "1", "2", "3", "4", "1+2+3", "1+2+4", "lora"]
-rows = {json.loads(p.read_text())["cell"]: json.loads(p.read_text()) for p in pathlib.Path(sys.argv[1]).glob("*.json") if p.name not in ("config.json", "report.json", "estimate.json")}
-print("| cell | status | peak allocated MiB | peak reserved MiB | NVML process MiB | tracked host MiB | mean step s | epoch s (extrapolated) | masked acc |")
-print("|---|---|---|---|---|---|---|---|---|")
-for cell in order:
-    r = rows.get(cell, {"status": "missing"})
-    print(f"| {cell} | {r['status']} {r.get('reason') or ''} | {v(r,'peak_allocated_mib')} | {v(r,'peak_reserved_mib')} | {v(r,'nvml_process_peak_mib')} | "
-          f"{v(r,'tracked_host_peak_mib')} | {v(r,'mean_step_seconds')} | {v(r,'epoch_seconds')} | {v(r,'eval_masked_accuracy')} |")
-some = next(iter(rows.values()), {})
-print("NVML method:", some.get("metrics", {}).get("nvml_process_peak_mib", {}).get("method"))
+PYTHON="${PYTHON:-python3}"
+if [ "$DRY_RUN" = 1 ]; then OUT_DIR="${OUT:-/tmp/gpu-check-dry-run}"; else OUT_DIR="${OUT:-/tmp/gpu-check}"; fi
+OUT_DIR="$(absolute "$OUT_DIR")"
+mkdir -p "$OUT_DIR"
+OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+# Only this script's own files are replaced; nothing else in the folder is touched.
+rm -f "$OUT_DIR"/{summary.md,summary.json,report.csv,report-mlm.csv,gpu_check.log}
+RUNS="$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-runs.XXXXXX")"
+
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+export GPUTECH_BENCH_CACHE="${GPUTECH_BENCH_CACHE:-/tmp/gputech-cache}"
+export COLUMNS="${COLUMNS:-160}"  # rich's tables in the log, unwrapped
+SITE=""                            # where local wheels went, if any; the bare loop sees only this
+
+# The cells. SEED_CELLS are `gputech-bench run --matrix` (the seed's 8) and amp, under the
+# seed's objective; MLM_CELLS run under data.objective=mlm. --strategies adds the baseline.
+SEED_CELLS="1,2,3,4,1+2+3,1+2+4,lora,amp"
+MLM_CELLS="sparse-head,1+3+amp+sparse-head"
+SEED_RUN_CELLS="$SEED_CELLS" MLM_RUN_CELLS="$MLM_CELLS"  # what runs here (the dry run drops CUDA-only cells)
+if [ "$DRY_RUN" = 1 ]; then
+  PRESET=cpu DEVICE=cpu ESTIMATE_JOBS=1  # one tracing process: on 2 cores, more only add start-ups
+  # tests/conftest.py's TINY_RUN, three steps: the whole pipeline in a few minutes on 2 cores
+  # (each cell is a fresh process: importing torch and transformers is most of its time).
+  SETS=(--set model.vocab_rows=0 --set model.hidden_size=32 --set model.num_layers=2 --set model.num_heads=2
+        --set model.intermediate_size=64 --set model.max_position_embeddings=64 --set data.train_sentences=96
+        --set data.eval_sentences=16 --set data.max_length=32 --set data.tokenizer_vocab_size=400
+        --set train.batch_size=16 --set train.epochs=1 --set strategy.micro_batch_size=4
+        --set train.max_steps="${MAX_STEPS:-3}")
+else
+  PRESET=seed DEVICE=cuda ESTIMATE_JOBS=0  # 0: the estimate's default, one per core up to 4
+  SETS=(--set train.max_steps="${MAX_STEPS:-12}")
+fi
+
+main() {
+  local started=$SECONDS
+  echo "gpu_check: $([ "$DRY_RUN" = 1 ] && echo "dry run on CPU (tiny model)" || echo "GPU check") -- $(date -u +%FT%TZ)"
+  echo "output folder: $OUT_DIR"
+  echo "run folders:   $RUNS"
+  echo "python:        $PYTHON"
+  export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+  setup_packages
+  describe_machine
+  local skipped="$RUNS/skipped.json"
+  echo '{}' >"$skipped"
+  if [ "$DRY_RUN" = 1 ]; then drop_cuda_only_cells "$skipped"; fi
+
+  local seed_rc=0 mlm_rc=0 bare_rc=0
+  echo; echo "== 1/5 the seed preset's cells and amp (data.objective=seed): baseline,$SEED_RUN_CELLS"
+  "$PYTHON" -m gputech_bench run --preset "$PRESET" --device "$DEVICE" --strategies "${SEED_RUN_CELLS:-baseline}" --no-estimate \
+    --cell-timeout "${CELL_TIMEOUT:-300}" "${SETS[@]}" --results "$RUNS" --run-name seed || seed_rc=$?
+  echo "seed run: exit $seed_rc, $((SECONDS - started)) s so far"
+
+  echo; echo "== 2/5 the bare loop (transformers + torch only) at the seed run's baseline shape"
+  bare_loop "$RUNS/seed" "$RUNS/bare.json" || bare_rc=$?
+  echo "bare loop: exit $bare_rc, $((SECONDS - started)) s so far"
+
+  echo; echo "== 3/5 sparse-head cells (data.objective=mlm): baseline,$MLM_RUN_CELLS"
+  "$PYTHON" -m gputech_bench run --preset "$PRESET" --device "$DEVICE" --strategies "${MLM_RUN_CELLS:-baseline}" --no-estimate \
+    --cell-timeout "${CELL_TIMEOUT:-300}" "${SETS[@]}" --set data.objective=mlm --results "$RUNS" --run-name mlm \
+    || mlm_rc=$?
+  echo "mlm run: exit $mlm_rc, $((SECONDS - started)) s so far"
+
+  echo; echo "== 4/5 the fake-tensor estimate against the seed run's measured peaks"
+  "$PYTHON" -m gputech_bench estimate --compare "$RUNS/seed" --format md --jobs "$ESTIMATE_JOBS" || echo "estimate: exit $? (see above)"
+  echo "estimate done, $((SECONDS - started)) s so far"
+
+  echo; echo "== 5/5 summary"
+  [ -f "$RUNS/seed/report.csv" ] && cp "$RUNS/seed/report.csv" "$OUT_DIR/report.csv"
+  [ -f "$RUNS/mlm/report.csv" ] && cp "$RUNS/mlm/report.csv" "$OUT_DIR/report-mlm.csv"
+  local summary_rc=0
+  summarize "$skipped" || summary_rc=$?
+  echo "total: $((SECONDS - started)) s; files: $(cd "$OUT_DIR" && ls summary.md summary.json report.csv report-mlm.csv gpu_check.log 2>/dev/null | tr '\n' ' ')"
+  return "$summary_rc"
+}
+
+setup_packages() {
+  # bitsandbytes (strategy 3) and nvidia-ml-py (NVML columns): from local wheels when missing, never from the network.
+  local have_bnb=1 have_nvml=1
+  has_module bitsandbytes || have_bnb=0
+  has_module pynvml || have_nvml=0
+  local wheels
+  wheels="$(absolute "${GPUTECH_WHEELS:-$REPO/.whl}")"
+  if { [ $have_bnb = 0 ] || [ $have_nvml = 0 ]; } && compgen -G "$wheels/*.whl" >/dev/null; then
+    SITE=/tmp/site
+    echo "installing local wheels from $wheels into $SITE (no index, no dependencies):" "$wheels"/*.whl
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$wheels"/*.whl \
+      || echo "pip could not install the wheels in $wheels"
+    export PYTHONPATH="$SITE:$PYTHONPATH"
+    has_module bitsandbytes && have_bnb=1
+    has_module pynvml && have_nvml=1
+  fi
+  if [ $have_bnb = 0 ]; then
+    echo "bitsandbytes missing: cells $(cells_needing_bnb) will be error rows" \
+         "(put its wheel in $wheels, or set GPUTECH_WHEELS to a folder holding it)"
+  fi
+  if [ $have_nvml = 0 ]; then
+    echo "nvidia-ml-py missing: NVML columns will be empty (project and bare loop alike)"
+  fi
+  return 0
+}
+
+has_module() {
+  # Installed or not, without importing it (bitsandbytes would import torch).
+  "$PYTHON" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec(sys.argv[1]) is None)' "$1" 2>/dev/null
+}
+
+cells_needing_bnb() {
+  # Strategy 3 (adam8bit) and paged-adam8bit import bitsandbytes.
+  echo "$SEED_CELLS,$MLM_CELLS" | tr ',' '\n' \
+    | awk -F+ '{for (i = 1; i <= NF; i++) if ($i == "3" || $i == "adam8bit" || $i == "paged-adam8bit") {print; next}}' \
+    | paste -sd, - | sed 's/,/, /g'
+}
+
+describe_machine() {
+  if [ "$DRY_RUN" = 0 ] && command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv || echo "nvidia-smi not available"
+  fi
+  "$PYTHON" - <<'PY' || true
+import importlib
+import torch
+line = [f"torch {torch.__version__} (CUDA {torch.version.cuda}, available: {torch.cuda.is_available()})"]
+for name in ("transformers", "peft", "bitsandbytes", "pynvml"):
+    try:
+        line.append(f"{name} {getattr(importlib.import_module(name), '__version__', 'present')}")
+    except Exception as error:
+        line.append(f"{name} missing ({type(error).__name__})")
+print(", ".join(line))
 PY
+}
 
-# Issue 5's check: the fake-CUDA estimate of every seed cell against the measured allocated peak.
-time python3 -m gputech_bench estimate --compare "$OUT_DIR/results/seed-gpu-check" --format md || true
+drop_cuda_only_cells() {
+  # On CPU, a cell that needs CUDA would make the whole run refuse: leave it out and say why.
+  local lists
+  lists="$("$PYTHON" - "$1" "$SEED_CELLS" "$MLM_CELLS" <<'PY'
+import json, sys
+from gputech_bench.strategies import parse_cell
+
+skipped = {}
+for cells in sys.argv[2:]:
+    keep = []
+    for cell in cells.split(","):
+        needs = [cls for cls in parse_cell(cell).strategies if cls.needs_cuda]
+        if needs:
+            skipped[cell] = f"skipped in the dry run: {needs[0].key} needs CUDA ({needs[0].requires})"
+        else:
+            keep.append(cell)
+    print(",".join(keep))
+json.dump(skipped, open(sys.argv[1], "w"))
+for cell, reason in skipped.items():
+    print(f"{cell}: {reason}", file=sys.stderr)
+PY
+)"
+  SEED_RUN_CELLS="$(sed -n 1p <<<"$lists")"
+  MLM_RUN_CELLS="$(sed -n 2p <<<"$lists")"
+}
+
+bare_loop() {
+  # Run from /tmp with only the wheels' folder on the path: gputech_bench cannot be imported here.
+  (cd /tmp && PYTHONPATH="$SITE" "$PYTHON" - "$1" "$2" <<'PY'
+"""A bare training loop of the project's baseline shape: plain transformers + torch.
+
+The shape (model, sequence length, batch, optimizer settings, steps) is read from the
+project's run: its config.json and its baseline result. Nothing from gputech_bench.
+"""
+import contextlib
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+WARMUP_STEPS = 2  # not timed, as the project times neither its first nor its memory-tracked step
+run_dir, out_path = Path(sys.argv[1]), Path(sys.argv[2])
+
+
+class NvmlPeak:
+    """This process's GPU memory as NVML sees it, sampled every 20 ms in a background thread."""
+
+    def __init__(self, torch, device):
+        self.peak, self.method, self.nvml = None, "unavailable", None
+        self._stop = threading.Event()
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            uuid = str(torch.cuda.get_device_properties(device).uuid)  # reads properties, allocates nothing
+            self.handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+            self.before = pynvml.nvmlDeviceGetMemoryInfo(self.handle).used  # before this process touches the GPU
+            self.nvml = pynvml
+        except Exception as error:
+            self.method = f"unavailable ({type(error).__name__}: {str(error).strip()[:80]})"
+
+    def _sample(self):
+        for query in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
+            try:
+                for process in getattr(self.nvml, query)(self.handle):
+                    if process.pid == os.getpid() and process.usedGpuMemory is not None:
+                        return int(process.usedGpuMemory), "NVML per-process usedGpuMemory, sampled every 20 ms"
+            except Exception:
+                continue
+        used = self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used
+        return max(0, used - self.before), ("NVML device-wide used minus the usage before the bare loop touched "
+                                            "the GPU (PID hidden from NVML), sampled every 20 ms")
+
+    def _record(self):
+        try:
+            value, method = self._sample()
+            if self.peak is None or value > self.peak:
+                self.peak, self.method = value, method
+        except Exception:
+            pass
+
+    def _run(self):
+        while not self._stop.is_set():
+            self._record()
+            self._stop.wait(0.02)
+
+    def __enter__(self):
+        if self.nvml is not None:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.nvml is not None:
+            self._stop.set()
+            self._thread.join(timeout=2)
+            self._record()
+
+
+def bare(result):
+    import torch
+    import transformers
+    from transformers import BertConfig, BertForMaskedLM, get_linear_schedule_with_warmup
+
+    if not (run_dir / "config.json").exists():
+        raise SystemExit(f"{run_dir} holds no config.json: the seed run did not start (see above), so there is no shape to follow")
+    config = json.loads((run_dir / "config.json").read_text())
+    model_cfg, data_cfg, train_cfg = config["model"], config["data"], config["train"]
+    try:
+        baseline = json.loads((run_dir / "baseline.json").read_text())
+    except (OSError, ValueError):
+        baseline = {}
+    if model_cfg.get("pretrained"):
+        raise SystemExit("the run fine-tunes a pretrained model; this bare loop builds the model from its config only")
+    # vocab_rows 0 means "the tokenizer's size": the baseline result says what that was.
+    vocab = model_cfg["vocab_rows"] or baseline.get("model", {}).get("vocab_rows")
+    steps = (baseline.get("metrics", {}).get("steps_run", {}).get("value")) or train_cfg["max_steps"]
+    if not vocab or not steps:
+        raise SystemExit("the seed run has no baseline result to read the vocabulary size or step count from")
+    batch, length = train_cfg["batch_size"], data_cfg["max_length"]
+    wants_cuda = config["device"] == "cuda" or (config["device"] == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if wants_cuda else "cpu")
+    cuda = device.type == "cuda"
+    result.update(
+        device=device.type, steps=steps, torch=torch.__version__, transformers=transformers.__version__,
+        shape={"vocab_rows": vocab, "hidden_size": model_cfg["hidden_size"], "num_layers": model_cfg["num_layers"],
+               "num_heads": model_cfg["num_heads"], "intermediate_size": model_cfg["intermediate_size"],
+               "max_position_embeddings": model_cfg["max_position_embeddings"], "dropout": model_cfg["dropout"],
+               "attention": model_cfg["attention"], "batch_size": batch, "max_length": length},
+        optimizer=(f"torch.optim.AdamW(lr={train_cfg['lr']}, eps={train_cfg['adam_eps']}, "
+                   f"weight_decay={train_cfg['weight_decay']}, foreach: torch's default); linear warm-up over "
+                   f"{int(train_cfg['warmup_ratio'] * steps)} of {steps} steps; clip_grad_norm_ {train_cfg['max_grad_norm']}"),
+        labels="labels = input_ids (every position, as data.objective=seed); attention_mask all ones",
+    )
+
+    nvml = NvmlPeak(torch, device) if cuda else None  # before anything is allocated on the GPU
+    torch.manual_seed(train_cfg["seed"])
+    bert = BertConfig(
+        vocab_size=vocab, hidden_size=model_cfg["hidden_size"], num_hidden_layers=model_cfg["num_layers"],
+        num_attention_heads=model_cfg["num_heads"], intermediate_size=model_cfg["intermediate_size"],
+        max_position_embeddings=model_cfg["max_position_embeddings"], hidden_dropout_prob=model_cfg["dropout"],
+        attention_probs_dropout_prob=model_cfg["dropout"], pad_token_id=0,
+    )
+    bert._attn_implementation = model_cfg["attention"]
+    generator = torch.Generator().manual_seed(train_cfg["seed"])
+    batches = [torch.randint(1, vocab, (batch, length), generator=generator) for _ in range(steps)]
+    attention_mask = torch.ones(batch, length, dtype=torch.long)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    with nvml if cuda else contextlib.nullcontext():
+        model = BertForMaskedLM(bert).to(device)  # fp32
+        optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg["lr"], eps=train_cfg["adam_eps"],
+                                      weight_decay=train_cfg["weight_decay"])
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(train_cfg["warmup_ratio"] * steps), steps)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        model.train()
+        times, losses = [], []
+        for step, input_ids in enumerate(batches):
+            sync()
+            start = time.perf_counter()
+            input_ids = input_ids.to(device)
+            loss = model(input_ids=input_ids, attention_mask=attention_mask.to(device), labels=input_ids).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg["max_grad_norm"])
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            sync()
+            seconds = time.perf_counter() - start
+            if step >= WARMUP_STEPS:
+                times.append(seconds)
+            losses.append(float(loss))
+        if cuda:
+            result["peak_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+            result["peak_reserved_mib"] = torch.cuda.max_memory_reserved(device) / 2**20
+            result["device_name"] = torch.cuda.get_device_name(device)
+    if cuda:
+        result["nvml_process_peak_mib"] = None if nvml.peak is None else nvml.peak / 2**20
+        result["nvml_method"] = nvml.method
+        result["memory_method"] = "torch.cuda.max_memory_allocated / max_memory_reserved over the training steps"
+    else:
+        result.update(peak_allocated_mib=None, peak_reserved_mib=None, nvml_process_peak_mib=None,
+                      nvml_method="not available on CPU", memory_method="not available on CPU (CUDA-only figures)")
+    result.update(
+        timed_steps=len(times), mean_step_seconds=sum(times) / len(times) if times else None,
+        step_seconds=[round(t, 5) for t in times], final_loss=losses[-1] if losses else None,
+        time_method=f"mean of steps {WARMUP_STEPS + 1}..{steps}, device synchronised before each clock read",
+    )
+
+
+result = {"status": "error", "reason": "did not finish"}
+try:
+    bare(result)
+    result.update(status="ok", reason=None)
+except SystemExit as error:  # a stated reason, no traceback
+    result["reason"] = str(error)
+except BaseException as error:
+    result["reason"] = f"{type(error).__name__}: {error}".strip()
+    traceback.print_exc()
+result["imports_gputech_bench"] = any(name.split(".")[0] == "gputech_bench" for name in sys.modules)
+out_path.write_text(json.dumps(result, indent=2) + "\n")
+shown = {k: result.get(k) for k in ("status", "reason", "device", "steps", "timed_steps", "mean_step_seconds",
+                                     "peak_allocated_mib", "peak_reserved_mib", "nvml_process_peak_mib")}
+print("bare loop:", json.dumps(shown))
+sys.exit(0 if result["status"] == "ok" else 1)
+PY
+  )
+}
+
+summarize() {
+  "$PYTHON" - "$RUNS" "$OUT_DIR" "$DRY_RUN" "$1" "$SEED_CELLS" "$MLM_CELLS" <<'PY'
+"""The table and the acceptance lines: summary.md, summary.json, and the same on stdout."""
+import json
+import math
+import sys
+from pathlib import Path
+
+runs, out = Path(sys.argv[1]), Path(sys.argv[2])
+dry = sys.argv[3] == "1"
+skipped = json.loads(Path(sys.argv[4]).read_text())
+expected = {"seed": ["baseline", *sys.argv[5].split(",")], "mlm": ["baseline", *sys.argv[6].split(",")]}
+NOT_CELLS = {"config.json", "report.json", "estimate.json"}
+MEMORY_TOLERANCE, TIME_LIMIT = 0.02, 1.05
+
+
+def metric(result, name):
+    entry = result.get("metrics", {}).get(name)
+    return entry.get("value") if isinstance(entry, dict) else None
+
+
+def load(run):
+    results = {}
+    for path in sorted((runs / run).glob("*.json")):
+        if path.name in NOT_CELLS:
+            continue
+        try:
+            data = json.loads(path.read_text())
+            results[data["cell"]] = data
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return results
+
+
+cells = []
+for run, names in expected.items():
+    results = load(run)
+    for name in names:
+        result = results.get(name)
+        if result is None:
+            status = "skipped" if name in skipped else "missing"
+            cells.append({"run": run, "cell": name, "status": status, "reason": skipped.get(name)})
+            continue
+        cells.append({
+            "run": run, "cell": name, "status": result.get("status"), "reason": result.get("reason") or None,
+            "peak_allocated_mib": metric(result, "peak_allocated_mib"),
+            "peak_reserved_mib": metric(result, "peak_reserved_mib"),
+            "nvml_process_peak_mib": metric(result, "nvml_process_peak_mib"),
+            "mean_step_seconds": metric(result, "mean_step_seconds"),
+            "steps_run": metric(result, "steps_run"),
+            "nvml_method": (result.get("metrics", {}).get("nvml_process_peak_mib") or {}).get("method"),
+            "device": result.get("device", {}).get("name") or result.get("device", {}).get("type"),
+        })
+
+try:
+    bare = json.loads((runs / "bare.json").read_text())
+except (OSError, ValueError):
+    bare = {"status": "missing", "reason": "the bare loop wrote no result"}
+project = next((c for c in cells if c["run"] == "seed" and c["cell"] == "baseline"), {"status": "missing"})
+FIGURES = ("peak_allocated_mib", "peak_reserved_mib", "nvml_process_peak_mib", "mean_step_seconds")
+
+
+def ok_number(value):
+    return isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value))
+
+
+ratios = {}  # only between two finished sides: a failed side's partial figures compare nothing
+both_ok = project.get("status") == "ok" and bare.get("status") == "ok"
+for key in FIGURES:
+    a, b = project.get(key), bare.get(key)
+    ratios[key] = a / b if both_ok and ok_number(a) and ok_number(b) and b else None
+
+
+def mib(value):
+    return f"{value:,.1f}" if ok_number(value) else "n/a"
+
+
+def sec(value):
+    return f"{value:.4f}" if ok_number(value) else "n/a"
+
+
+def ratio(value, digits=3):
+    return f"{value:.{digits}f}x" if value is not None else "n/a"
+
+
+def cell_text(text):
+    return str(text or "").replace("|", "\\|").replace("\n", " ")
+
+
+# ---- acceptance
+checks = []  # (verdict, counts toward the exit code, line)
+r = ratios["peak_allocated_mib"]
+if dry:
+    checks.append(("NOT CHECKED", False, "allocated memory: not checked on CPU (allocated is CUDA-only)"))
+elif r is None:
+    checks.append(("FAIL", True, f"allocated memory: no ratio (project baseline: {project.get('status')}, "
+                                  f"bare loop: {bare.get('status')} {bare.get('reason') or ''})".rstrip()))
+else:
+    checks.append(("PASS" if abs(r - 1) <= MEMORY_TOLERANCE else "FAIL", True,
+                   f"allocated memory: project baseline / bare loop = {r:.4f} ({100 * (r - 1):+.2f}%; "
+                   f"within ±{100 * MEMORY_TOLERANCE:.0f}% passes)"))
+r = ratios["mean_step_seconds"]
+note = " (dry run: CPU timings of tiny steps are noise; never fails the exit code)" if dry else ""
+if r is None:
+    checks.append(("FAIL", not dry, f"step time: no ratio (project baseline: {project.get('status')}, "
+                                    f"bare loop: {bare.get('status')}){note}"))
+else:
+    checks.append(("PASS" if r <= TIME_LIMIT else "FAIL", not dry,
+                   f"step time: project baseline / bare loop = {r:.3f}x (at most {TIME_LIMIT:.2f}x passes){note}"))
+unstated = [c for c in cells if c["status"] != "ok" and not c.get("reason")]
+stated = [c for c in cells if c["status"] != "ok" and c.get("reason")]
+ok = [c for c in cells if c["status"] == "ok"]
+line = f"cells: {len(ok)} of {len(cells)} ok"
+if stated:
+    line += "; not ok with a stated reason: " + ", ".join(f"{c['run']}/{c['cell']} ({c['status']})" for c in stated)
+if unstated:
+    line += "; not ok and no reason: " + ", ".join(f"{c['run']}/{c['cell']} ({c['status']})" for c in unstated)
+checks.append(("FAIL" if unstated else "PASS", True, line))
+passed = all(verdict != "FAIL" for verdict, counts, _ in checks if counts)
+
+# ---- the table
+device = project.get("device") or bare.get("device_name") or bare.get("device") or "?"
+steps = project.get("steps_run")
+lines = [
+    f"# gputech-bench GPU check{' (dry run on CPU)' if dry else ''}",
+    "",
+    f"Device: {device}. Project cells: {steps if steps is not None else '?'} steps each; bare loop: "
+    f"{bare.get('steps', '?')} steps, {bare.get('timed_steps', '?')} timed. Run folders: `{runs}`.",
+    "",
+    "| row | status | allocated MiB | reserved MiB | NVML MiB | mean step s | reason |",
+    "|:---|:---|---:|---:|---:|---:|:---|",
+    f"| project baseline (seed run) | {project.get('status')} | {mib(project.get('peak_allocated_mib'))} | "
+    f"{mib(project.get('peak_reserved_mib'))} | {mib(project.get('nvml_process_peak_mib'))} | "
+    f"{sec(project.get('mean_step_seconds'))} | {cell_text(project.get('reason'))} |",
+    f"| bare loop (transformers + torch) | {bare.get('status')} | {mib(bare.get('peak_allocated_mib'))} | "
+    f"{mib(bare.get('peak_reserved_mib'))} | {mib(bare.get('nvml_process_peak_mib'))} | "
+    f"{sec(bare.get('mean_step_seconds'))} | {cell_text(bare.get('reason'))} |",
+    f"| project / bare | | {ratio(ratios['peak_allocated_mib'], 4)} | {ratio(ratios['peak_reserved_mib'])} | "
+    f"{ratio(ratios['nvml_process_peak_mib'])} | {ratio(ratios['mean_step_seconds'])} | |",
+]
+for c in cells:
+    if c["status"] != "ok":  # a failed cell's partial figures are not comparable (as in report.csv); summary.json keeps them
+        lines.append(f"| {c['run']}: {c['cell']} | {c['status']} | - | - | - | - | {cell_text(c.get('reason'))} |")
+        continue
+    lines.append(
+        f"| {c['run']}: {c['cell']} | ok | {mib(c.get('peak_allocated_mib'))} | "
+        f"{mib(c.get('peak_reserved_mib'))} | {mib(c.get('nvml_process_peak_mib'))} | "
+        f"{sec(c.get('mean_step_seconds'))} | |"
+    )
+lines += ["", "Acceptance:", ""]
+lines += [f"- {verdict}{'' if counts or verdict == 'NOT CHECKED' else ' (not counted)'} {text}"
+          for verdict, counts, text in checks]
+lines += [
+    "",
+    f"Overall: {'PASS' if passed else 'FAIL'} (exit {0 if passed else 1}).",
+    "",
+    "- seed: the seed's objective (labels on every position); mlm: data.objective=mlm, which sparse-head needs.",
+    "- Memory (project): torch.cuda.max_memory_allocated / max_memory_reserved over the training steps; "
+    f"NVML: {project.get('nvml_method') or 'n/a'}.",
+    f"- Memory (bare loop): {bare.get('memory_method', 'n/a')}; NVML: {bare.get('nvml_method', 'n/a')}.",
+    "- Bare loop: " + "; ".join(text for text in (bare.get("optimizer"), bare.get("labels")) if text)
+    + f"{'; ' if bare.get('optimizer') else ''}imports gputech_bench: {bare.get('imports_gputech_bench', '?')}.",
+]
+markdown = "\n".join(lines) + "\n"
+(out / "summary.md").write_text(markdown)
+summary = {
+    "schema": "gputech-bench/gpu-check/1",
+    "mode": "dry-run" if dry else "gpu",
+    "device": device,
+    "run_folders": {"seed": str(runs / "seed"), "mlm": str(runs / "mlm")},
+    "comparison": {
+        "project_baseline": {k: project.get(k) for k in (*FIGURES, "steps_run", "status", "reason", "nvml_method")},
+        "bare_loop": bare,
+        "ratio_project_over_bare": ratios,
+    },
+    "cells": cells,
+    "acceptance": [{"verdict": v, "counts_toward_exit_code": counts, "detail": text} for v, counts, text in checks],
+    "passed": passed,
+    "exit_code": 0 if passed else 1,
+}
+(out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+print(markdown)
+sys.exit(0 if passed else 1)
+PY
+}
+
+# Everything printed goes to the terminal and to the log; the pipeline ends only when tee has
+# written it all (tee -i: Ctrl-C stops the cells, not the log). main goes on past a failed step,
+# recording its exit code, so that the summary is always written: errexit is off for it.
+set +e
+main 2>&1 | tee -i "$OUT_DIR/gpu_check.log"
+status=("${PIPESTATUS[@]}")
+set -e
+rc="${status[0]}"
+[ "$rc" = 0 ] || rc=1
+echo "gpu_check: exit $rc ($OUT_DIR)" | tee -a "$OUT_DIR/gpu_check.log"
+exit "$rc"
