@@ -44,6 +44,8 @@ for arg in "$@"; do
 done
 
 PYTHON="${PYTHON:-python3}"
+# A path is made absolute: the bare loop runs from /tmp.
+case "$PYTHON" in */*) PYTHON="$(absolute "$PYTHON")" ;; esac
 if [ "$DRY_RUN" = 1 ]; then OUT_DIR="${OUT:-/tmp/gpu-check-dry-run}"; else OUT_DIR="${OUT:-/tmp/gpu-check}"; fi
 OUT_DIR="$(absolute "$OUT_DIR")"
 mkdir -p "$OUT_DIR"
@@ -493,6 +495,9 @@ else:
     checks.append(("PASS" if abs(r - 1) <= MEMORY_TOLERANCE else "FAIL", True,
                    f"allocated memory: project baseline / bare loop = {r:.4f} ({100 * (r - 1):+.2f}%; "
                    f"within ±{100 * MEMORY_TOLERANCE:.0f}% passes)"))
+if not both_ok:  # without both sides there is nothing to compare, on CPU too: the pipeline itself failed
+    checks.append(("FAIL", True, f"comparison: project baseline {project.get('status')}, bare loop "
+                                 f"{bare.get('status')} {bare.get('reason') or ''}".rstrip()))
 r = ratios["mean_step_seconds"]
 note = " (dry run: CPU timings of tiny steps are noise; never fails the exit code)" if dry else ""
 if r is None:
