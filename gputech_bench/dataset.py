@@ -74,6 +74,7 @@ def prepare_data(config: BenchConfig) -> PreparedData:
         "corpus_source": corpus.source,
         "corpus_fingerprint": corpus.fingerprint,
         "train_sentences": len(corpus.train),
+        "train_sentences_repeated": corpus.repeated_train,
         "eval_sentences": len(corpus.eval),
         "tokenizer": tokenizer_kind,
         "tokenizer_size": len(tokenizer),

@@ -61,7 +61,8 @@ DERIVED_COLUMNS = (
 OOM_COLUMNS = ("oom_requested_mib", "oom_in_use_mib", "gpu_memory_limit_mib")
 INFO_COLUMNS = (
     "pareto", "world_size", "device_type", "device_name", "compute_dtype", "optimizer", "trainable_parameters",
-    "total_parameters", "preset", "objective", "attention", "memory_snapshot",
+    "total_parameters", "preset", "objective", "attention", "memory_snapshot", "corpus_source",
+    "train_sentences_repeated",
 )
 COLUMNS = (
     "cell", "strategies", "status", "reason", "repeats",
@@ -181,6 +182,8 @@ def _row(result: dict[str, Any]) -> dict[str, Any]:
         objective=objective_of(result),
         attention=attention_of(result),
         memory_snapshot=recorded_snapshot(result),
+        corpus_source=result.get("data", {}).get("corpus_source"),
+        train_sentences_repeated=result.get("data", {}).get("train_sentences_repeated"),
     )
     return row
 
@@ -331,6 +334,12 @@ def table_notes(frame: pd.DataFrame) -> list[str]:
     if frame["memory_snapshot"].eq(True).any():
         notes.append("† recorded a CUDA memory snapshot (a stack per allocation): slower than an unrecorded run, "
                      "so compare its time only with runs that recorded one too")
+    repeated = frame.dropna(subset=["train_sentences_repeated"])
+    repeated = repeated[repeated["train_sentences_repeated"] > 0]
+    if not repeated.empty:
+        row = repeated.iloc[0]
+        notes.append(f"the training split repeats {int(row.train_sentences_repeated):,} sentences: {row.corpus_source} "
+                     "has fewer unique ones than data.train_sentences asks for, so an epoch keeps its length")
     paged = frame.dropna(subset=["paged_optimizer_state_mib"])
     if not paged.empty:
         amounts = ", ".join(f"{row.cell} {fmt_mib(row.paged_optimizer_state_mib)}" for row in paged.itertuples())

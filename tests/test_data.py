@@ -156,10 +156,44 @@ def test_embedded_corpus_split_sizes_and_fingerprint(sentences: list[str], stdli
     assert other_split.fingerprint != corpus.fingerprint
 
 
-def test_embedded_corpus_too_large_names_the_available_count(sentences: list[str], stdlib_cache: Path) -> None:
+def test_embedded_corpus_with_too_few_sentences_repeats_training_ones_and_says_so(
+    sentences: list[str], stdlib_cache: Path
+) -> None:
+    """Python 3.12.3's stdlib gave 8,055 sentences, fewer than the seed's 10,000 + 110: the
+    eval split stays unique, and the training split repeats sentences to keep the epoch's length."""
+    n_train = len(sentences) + 500
+    corpus = embedded_corpus(n_train=n_train, n_eval=110, seed=0, cache_dir=stdlib_cache)
+    assert (len(corpus.train), len(corpus.eval)) == (n_train, 110)
+    assert len(set(corpus.eval)) == 110 and not set(corpus.train) & set(corpus.eval)
+    unique_train = len(sentences) - 110
+    assert len(set(corpus.train)) == unique_train
+    assert corpus.repeated_train == n_train - unique_train == 610
+    assert embedded_corpus(n_train=n_train, n_eval=110, seed=0, cache_dir=stdlib_cache) == corpus
+    # Enough sentences: nothing repeats, and the split is the plain one.
+    enough = embedded_corpus(n_train=1000, n_eval=110, seed=0, cache_dir=stdlib_cache)
+    assert enough.repeated_train == 0 and len(set(enough.train)) == 1000
+
+
+def test_embedded_corpus_without_training_sentences_names_the_available_count(
+    sentences: list[str], stdlib_cache: Path
+) -> None:
     with pytest.raises(DataError) as excinfo:
-        embedded_corpus(n_train=len(sentences), n_eval=1, seed=0, cache_dir=stdlib_cache)
+        embedded_corpus(n_train=10, n_eval=len(sentences), seed=0, cache_dir=stdlib_cache)
     assert_one_line_data_error(excinfo, str(len(sentences)), "--train-file")
+
+
+def test_every_table_says_when_the_training_split_repeats_sentences() -> None:
+    from gputech_bench.report import build_frame, table_notes
+    from test_report import make_result
+
+    result = make_result("baseline", tracked_peak_mib=10.0, epoch_seconds=1.0)
+    result["data"] = {"corpus_source": "python-stdlib-docstrings (Python 3.12.3)", "train_sentences_repeated": 2055}
+    frame, _ = build_frame([result])
+    assert any(note.startswith("the training split repeats 2,055 sentences: python-stdlib-docstrings (Python 3.12.3)")
+               for note in table_notes(frame))
+    result["data"]["train_sentences_repeated"] = 0
+    frame, _ = build_frame([result])
+    assert not any("repeats" in note for note in table_notes(frame))
 
 
 def test_default_cache_dir_honours_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
