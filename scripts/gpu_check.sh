@@ -356,7 +356,7 @@ def bare(result):
             seconds = time.perf_counter() - start
             if step >= WARMUP_STEPS:
                 times.append(seconds)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         if cuda:
             result["peak_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
             result["peak_reserved_mib"] = torch.cuda.max_memory_reserved(device) / 2**20
