@@ -30,12 +30,12 @@ def bare_loop(config_path: str, steps: int) -> dict:
     import torch
     from transformers import get_linear_schedule_with_warmup
 
-    from gputech_bench.cell import resolve_device
     from gputech_bench.config import from_dict
-    from gputech_bench.dataset import prepare_data
+    from gputech_bench.data.prepare import prepare_data
     from gputech_bench.measure.timing import synchronize
     from gputech_bench.modeling import build_model
     from gputech_bench.training.batches import epoch_batches
+    from gputech_bench.worker.cell import resolve_device
 
     config = from_dict(json.loads(Path(config_path).read_text()))
     device = resolve_device(config.device)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .messages import UserError
+from .errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -38,10 +38,6 @@ ATTENTION_KERNELS: dict[str, str] = {
     "eager": "the seed's 2022 kernel: each layer keeps its attention probabilities for backward",
     "sdpa": "torch's scaled_dot_product_attention: fused kernels keep far less for backward on a GPU",
 }
-
-
-class ConfigError(UserError):
-    """A configuration problem the user can fix; the message is one line."""
 
 
 def setting(default: Any, help: str) -> Any:
@@ -348,7 +344,8 @@ def validate(config: BenchConfig) -> BenchConfig:
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
     if config.gpu_memory_limit:
-        from .sizes import SizeError, parse_size
+        from .errors import SizeError
+        from .units import parse_size
 
         try:
             parse_size(config.gpu_memory_limit)

@@ -1,37 +1,56 @@
-"""How a failure becomes a result status.
+"""Every error a user can fix, and how its message reaches them.
 
-Import-light on purpose (no torch at import time): the worker may need it while
-torch itself is still being imported when a SIGTERM arrives.
+Each is a ``UserError``: its message is one line naming the problem and the fix, shown
+as-is, never a traceback. They all live here so that any layer can raise them without
+importing another layer. Kept free of heavy imports: a worker interrupted while torch
+is still importing must still be able to classify what happened and write its result.
 """
 
 from __future__ import annotations
 
-import sys
-import traceback
 
-from .messages import UserError, first_line
-
-TRACEBACK_LINES = 15
+class UserError(ValueError):
+    """A problem with the user's input or set-up. Its message is one line naming the problem
+    and the fix, shown as-is: never a traceback."""
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    if isinstance(error, MemoryError):
-        return True
-    torch = sys.modules.get("torch")
-    out_of_memory = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
-    if out_of_memory is not None and isinstance(error, out_of_memory):
-        return True
-    # Some extensions (bitsandbytes kernels, cuBLAS handles) surface OOM as a plain RuntimeError.
-    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type name when it has none."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
-def classify(error: BaseException) -> tuple[str, str, list[str] | None]:
-    """(status, one-line reason, last traceback lines or None for a user error)."""
-    if isinstance(error, KeyboardInterrupt):
-        return "interrupted", "interrupted (Ctrl-C or SIGTERM) before the cell finished", None
-    if isinstance(error, UserError):
-        return "error", first_line(error), None
-    lines = traceback.format_exception(type(error), error, error.__traceback__)
-    tail = "".join(lines).rstrip().splitlines()[-TRACEBACK_LINES:]
-    status = "oom" if is_out_of_memory(error) else "error"
-    return status, f"{type(error).__name__}: {first_line(error)}", tail
+class ConfigError(UserError):
+    """A configuration problem the user can fix; the message is one line."""
+
+
+class DataError(UserError):
+    """A data problem the user caused and can fix (bad file, too few sentences, ...).
+
+    The message is always a single line that names the problem and the fix, so the
+    command-line front end can print it as-is instead of a traceback.
+    """
+
+
+class ModelError(UserError):
+    """A model that cannot be built or loaded; the message is one line."""
+
+
+class StrategyError(UserError):
+    """A strategy or combination that cannot run; the message is one line."""
+
+
+class DeviceError(UserError):
+    """The requested device is not usable; the message is one line."""
+
+
+class SizeError(UserError):
+    """A memory size that cannot be read."""
+
+
+class ResultError(UserError):
+    """A result file that cannot be read or does not belong to gputech-bench."""
+
+
+class FitError(UserError):
+    """No setup fits, or the search cannot start; one line."""

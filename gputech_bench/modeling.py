@@ -6,11 +6,7 @@ import torch
 from transformers import BertConfig, BertForMaskedLM
 
 from .config import ModelConfig
-from .messages import UserError, first_line
-
-
-class ModelError(UserError):
-    """A model that cannot be built or loaded; the message is one line."""
+from .errors import ModelError, first_line
 
 
 def vocab_rows_for(model_config: ModelConfig, tokenizer_size: int) -> int:

@@ -7,18 +7,14 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write_bytes
-from .messages import UserError
+from .errors import ResultError
+from .files import atomic_write_bytes
 
 SCHEMA = "gputech-bench/cell-result/1"
 STATUSES = ("ok", "eval-oom", "oom", "error", "timeout", "crashed", "interrupted")
 #: Statuses whose training figures (memory, time, loss) stand: eval-oom trained to the
 #: end and only its evaluation ran out of memory.
 TRAINED_STATUSES = ("ok", "eval-oom")
-
-
-class ResultError(UserError):
-    """A result file that cannot be read or does not belong to gputech-bench."""
 
 
 def _json_safe(value: Any) -> Any:

@@ -62,7 +62,7 @@ def test_run_writes_a_result_per_cell_and_prints_the_table(tmp_path: Path, cache
     # CSV and JSON: one row per cell, every measured field, stable names.
     import pandas as pd
 
-    from gputech_bench.report import COLUMNS
+    from gputech_bench.report.frame import COLUMNS
 
     csv = pd.read_csv(run_dir / "report.csv")
     assert list(csv.columns) == list(COLUMNS) and list(csv["cell"]) == cells

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from test_repeats import repeated
 
-from gputech_bench.comparison import compare_runs, comparison_markdown, config_differences
-from gputech_bench.report import load_run
+from gputech_bench.report.compare import compare_runs, comparison_markdown, config_differences
+from gputech_bench.report.frame import load_run
 from gputech_bench.results import write_atomic
 from gputech_bench.stats import HIGHER, SINGLE_RUN, WITHIN_NOISE
 

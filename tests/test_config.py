@@ -13,7 +13,6 @@ import pytest
 
 from gputech_bench.config import (
     BenchConfig,
-    ConfigError,
     apply_overrides,
     default_preset_name,
     from_dict,
@@ -21,6 +20,7 @@ from gputech_bench.config import (
     preset_names,
     to_dict,
 )
+from gputech_bench.errors import ConfigError
 
 
 def test_seed_preset_is_the_seed_setup_and_equals_the_defaults():

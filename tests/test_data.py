@@ -15,7 +15,6 @@ import torch
 from gputech_bench.data import (
     IGNORE_INDEX,
     Corpus,
-    DataError,
     MaskingSpec,
     TokenizedSplit,
     default_cache_dir,
@@ -33,6 +32,7 @@ from gputech_bench.data import tokenizer as tokenizer_module
 from gputech_bench.data.cache import token_cache_file
 from gputech_bench.data.sentences import is_prose_sentence, split_sentences
 from gputech_bench.data.stdlib_docstrings import stdlib_directory
+from gputech_bench.errors import DataError
 
 # What the benchmark's default run needs (10,000 train + 110 eval) on Python 3.11.
 REQUIRED_STDLIB_SENTENCES = 10_110
@@ -183,8 +183,10 @@ def test_embedded_corpus_without_training_sentences_names_the_available_count(
 
 
 def test_every_table_says_when_the_training_split_repeats_sentences() -> None:
-    from gputech_bench.report import build_frame, table_notes
     from test_report import make_result
+
+    from gputech_bench.report.frame import build_frame
+    from gputech_bench.report.table import table_notes
 
     result = make_result("baseline", tracked_peak_mib=10.0, epoch_seconds=1.0)
     result["data"] = {"corpus_source": "python-stdlib-docstrings (Python 3.12.3)", "train_sentences_repeated": 2055}

@@ -10,7 +10,6 @@ import torch
 from conftest import TINY_RUN
 from typer.testing import CliRunner
 
-from gputech_bench.cell import new_result, run_cell
 from gputech_bench.cli import app
 from gputech_bench.config import apply_overrides, load_preset
 from gputech_bench.estimate.fit import candidates, modelled_factor, search
@@ -18,6 +17,7 @@ from gputech_bench.estimate.overheads import DEFAULTS, Overheads, calibrate
 from gputech_bench.estimate.predict import Setup, predict, setups_for
 from gputech_bench.estimate.trace import trace_cell, trace_inputs, trace_target
 from gputech_bench.strategies import parse_cell
+from gputech_bench.worker.cell import new_result, run_cell
 
 MIB = 2**20
 
@@ -181,7 +181,7 @@ def test_estimate_command_prints_categories_and_fit(cache_dir: Path):
 
 def test_estimate_compares_with_a_run_it_is_given(tmp_path: Path, cache_dir: Path):
     from gputech_bench.results import write_atomic
-    from gputech_bench.runner import RunLayout, prepare_run_dir
+    from gputech_bench.run.runner import RunLayout, prepare_run_dir
 
     config = tiny_config(cache_dir)
     layout = RunLayout(tmp_path / "run")
@@ -228,8 +228,8 @@ def test_fit_verify_runs_the_best_setup_and_checks_the_prediction(tmp_path: Path
 
 
 def test_report_shows_the_saved_estimate_under_the_table(tmp_path: Path, cache_dir: Path):
-    from gputech_bench.estimate.commands import build_estimate
-    from gputech_bench.estimate.report import to_json
+    from gputech_bench.cli.estimate import build_estimate
+    from gputech_bench.estimate.render import to_json
     from gputech_bench.results import write_atomic
 
     config = apply_overrides(tiny_config(cache_dir), ["train.max_steps=2"])
@@ -265,7 +265,7 @@ def test_a_cell_the_tracer_cannot_follow_is_a_row_with_its_reason_and_the_others
         unregister(ReadsAValue)
     assert predictions[0].error is None and predictions[0].device.total_bytes > 0
     assert predictions[1].error and "DataDependentOutputException" in predictions[1].error
-    from gputech_bench.estimate.report import EstimateReport, markdown
+    from gputech_bench.estimate.render import EstimateReport, markdown
 
     text = markdown(EstimateReport("test", None, predictions, NO_OVERHEAD, 2**30))
     assert "| test-reads | not traced [1] |" in text

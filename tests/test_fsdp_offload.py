@@ -17,9 +17,10 @@ from helpers import context, random_batch, tiny_bert
 from torch.distributed.tensor import DTensor
 from transformers import get_linear_schedule_with_warmup
 
-from gputech_bench import distributed
-from gputech_bench.strategies import StrategyError, TrainingPlan, build_plan, check_cell, parse_cell
+from gputech_bench.errors import StrategyError
+from gputech_bench.strategies import TrainingPlan, build_plan, check_cell, parse_cell
 from gputech_bench.strategies.fsdp_offload import FsdpOffload
+from gputech_bench.training import distributed
 from gputech_bench.training.loop import accumulate_gradients, optimizer_step
 
 STEPS = 3

@@ -9,7 +9,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from gputech_bench import cli
+import gputech_bench.cli.run as cli_run
+from gputech_bench.cli import app
 from gputech_bench.measure import gpu_busy
 from gputech_bench.measure.gpu_busy import idle_check
 
@@ -174,16 +175,16 @@ def test_a_busy_gpu_stops_the_run_in_one_line_naming_pids_and_mib(monkeypatch, c
     nvml = FakeNvml([FakeGpu(processes={4242: 20_000.0}), FakeGpu(processes={5151: 9_000.0})])
     monkeypatch.setattr(gpu_busy, "idle_check", lambda gpus: real_idle_check(gpus, nvml=nvml, environ=NOTHING_INHERITED))
     with pytest.raises(typer.Exit) as stopped:
-        cli.check_gpu_idle(allow_busy=False, gpus="1")
+        cli_run.check_gpu_idle(allow_busy=False, gpus="1")
     assert stopped.value.exit_code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "GPU 1 (NVIDIA H200): PID 5151 (9,000 MiB) running, 9,004 MiB used net of a 1,311 MiB driver reserve" in err
     assert "4242" not in err  # GPU 0 is not this run's
     assert "--allow-busy-gpu" in err
-    cli.check_gpu_idle(allow_busy=True, gpus="1")  # warns and goes on
+    cli_run.check_gpu_idle(allow_busy=True, gpus="1")  # warns and goes on
     assert "warning" in capsys.readouterr().err
-    cli.check_gpu_idle(allow_busy=False, gpus="2")  # NVML lists no GPU 2: a warning, not a refusal
+    cli_run.check_gpu_idle(allow_busy=False, gpus="2")  # NVML lists no GPU 2: a warning, not a refusal
     assert "NVML lists no GPU '2'" in capsys.readouterr().err
 
 
@@ -195,9 +196,9 @@ def test_the_run_command_checks_the_gpus_it_was_given(monkeypatch, tmp_path):
         raise typer.Exit(7)  # stop before any cell runs
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr(cli, "uses_cuda", lambda config: True)
-    monkeypatch.setattr(cli, "check_gpu_idle", check_and_stop)
-    out = CliRunner().invoke(cli.app, ["run", "--preset", "cpu", "--strategies", "1", "--gpus", "0,1",
+    monkeypatch.setattr(cli_run, "uses_cuda", lambda config: True)
+    monkeypatch.setattr(cli_run, "check_gpu_idle", check_and_stop)
+    out = CliRunner().invoke(app, ["run", "--preset", "cpu", "--strategies", "1", "--gpus", "0,1",
                                        "--results", str(tmp_path / "r")])
     assert out.exit_code == 7, out.output
     assert checked == [(False, "0,1")]

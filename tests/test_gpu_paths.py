@@ -11,13 +11,14 @@ import pytest
 import torch
 from test_report import make_result
 
-from gputech_bench.config import BenchConfig, ConfigError, apply_overrides
+from gputech_bench.config import BenchConfig, apply_overrides
+from gputech_bench.errors import ConfigError, SizeError
 from gputech_bench.measure.cap import plan_cap
 from gputech_bench.measure.cuda import NvmlSampler
 from gputech_bench.measure.oom import oom_reason, parse_oom_message
 from gputech_bench.measure.snapshot import MemorySnapshot
-from gputech_bench.report import build_frame
-from gputech_bench.sizes import SizeError, parse_size
+from gputech_bench.report.frame import build_frame
+from gputech_bench.units import parse_size
 
 GIB, MIB = 2**30, 2**20
 
@@ -220,7 +221,7 @@ def test_nvml_missing_is_recorded_not_fatal():
 
 
 def test_a_bitsandbytes_without_kernels_for_the_device_is_one_line():
-    from gputech_bench.strategies import StrategyError
+    from gputech_bench.errors import StrategyError
     from gputech_bench.strategies.adam8bit import probe_kernels
 
     class NoKernels:

@@ -11,17 +11,18 @@ import torch
 from helpers import context, tiny_bert
 from test_report import make_result
 
-import gputech_bench.cell as cell_module
-from gputech_bench.cell import apply_memory_cap, new_result, record_paged_state, run_cell
+import gputech_bench.worker.cell as cell_module
 from gputech_bench.config import BenchConfig, apply_overrides, load_preset
 from gputech_bench.data import TokenizedSplit
 from gputech_bench.measure.cap import overshoot_note
 from gputech_bench.measure.paged import paged_state_bytes
 from gputech_bench.measure.warmup import warm_up_cuda_libraries
 from gputech_bench.measure.window import PeakWindow
-from gputech_bench.report import build_frame, markdown, rich_table, table_notes
+from gputech_bench.report.frame import build_frame
+from gputech_bench.report.table import markdown, rich_table, table_notes
 from gputech_bench.strategies import Strategy, build_plan, parse_cell, register, unregister
 from gputech_bench.training.loop import train
+from gputech_bench.worker.cell import apply_memory_cap, new_result, record_paged_state, run_cell
 
 MIB = 2**20
 
@@ -231,8 +232,8 @@ def test_evaluation_out_of_memory_keeps_every_training_figure(monkeypatch, tiny_
 
 
 def test_a_snapshot_runs_time_is_flagged_in_every_table_and_in_compare(tmp_path):
-    from gputech_bench.comparison import compare_runs
-    from gputech_bench.report import LoadedRun
+    from gputech_bench.report.compare import compare_runs
+    from gputech_bench.report.frame import LoadedRun
 
     plain = make_result("baseline", device="cuda", nvml_process_peak_mib=1000.0, epoch_seconds=10.0)
     recorded = make_result("baseline", device="cuda", nvml_process_peak_mib=1000.0, epoch_seconds=14.0)
@@ -262,7 +263,13 @@ def test_every_table_names_the_attention_kernel():
 
 
 def test_sdpa_traces_below_eager_on_the_stand_in_device_and_says_it_is_modelled():
-    from gputech_bench.estimate.trace import FUSED_SDPA_NOTE, modelled_attention_note, trace_cell, trace_inputs, trace_target
+    from gputech_bench.estimate.trace import (
+        FUSED_SDPA_NOTE,
+        modelled_attention_note,
+        trace_cell,
+        trace_inputs,
+        trace_target,
+    )
 
     base = apply_overrides(load_preset("cpu"), ["device=cpu", "data.train_sentences=64", "data.max_length=64",
                                                 "model.max_position_embeddings=64"])

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gputech_bench.report import load_run, render
+from gputech_bench.report.export import render
+from gputech_bench.report.frame import load_run
 
 FIXTURE = Path(__file__).parent / "fixtures" / "plots"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from gputech_bench import runner
-from gputech_bench.config import BenchConfig, ConfigError
-from gputech_bench.launch import Launch, gpu_slots, slot_environment, worker_command
-from gputech_bench.rank_results import merge_rank_results, rank_result_path, read_rank_results
+from gputech_bench.config import BenchConfig
+from gputech_bench.errors import ConfigError
 from gputech_bench.results import SCHEMA, read_result, write_atomic
-from gputech_bench.schedule import run_on_slots
+from gputech_bench.run import runner
+from gputech_bench.run.launch import Launch, gpu_slots, slot_environment, worker_command
+from gputech_bench.run.ranks import merge_rank_results, rank_result_path, read_rank_results
+from gputech_bench.run.slots import run_on_slots
 
 # --------------------------------------------------------------------------- --gpus
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from gputech_bench.config import BenchConfig, apply_overrides
-from gputech_bench.matrix import SEED_MATRIX, expand
-from gputech_bench.strategies import StrategyError
+from gputech_bench.errors import StrategyError
+from gputech_bench.run.matrix import SEED_MATRIX, expand
 
 CONFIG = BenchConfig()
 

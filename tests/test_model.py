@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from gputech_bench.cell import new_result, run_cell
 from gputech_bench.config import BenchConfig, apply_overrides, load_preset
 from gputech_bench.data import embedded_corpus, train_wordpiece
-from gputech_bench.modeling import ModelError, build_model
+from gputech_bench.errors import ModelError
+from gputech_bench.modeling import build_model
+from gputech_bench.worker.cell import new_result, run_cell
 
 
 def test_seed_preset_builds_bert_base_with_the_seeds_149798_rows():
@@ -53,7 +54,7 @@ def test_a_local_pretrained_folder_is_loaded_with_its_tokenizer(local_pretrained
 def test_a_missing_pretrained_folder_is_a_one_line_error(tmp_path: Path, tiny_config: BenchConfig, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config = apply_overrides(tiny_config, [f"model.pretrained={tmp_path / 'nowhere'}"])
-    from gputech_bench.data import DataError
+    from gputech_bench.errors import DataError
 
     with pytest.raises((DataError, ModelError)) as error:
         run_cell("baseline", config, new_result("baseline", config))

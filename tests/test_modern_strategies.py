@@ -9,14 +9,15 @@ from helpers import context, random_batch, tiny_bert
 from test_mechanisms import saved_activation_bytes
 from transformers import get_linear_schedule_with_warmup
 
-from gputech_bench.cell import record_compile_time
-from gputech_bench.matrix import expand
+from gputech_bench.errors import StrategyError
 from gputech_bench.measure.tracker import StepMemoryTracker
-from gputech_bench.strategies import StrategyError, build_plan, check_cell, parse_cell
+from gputech_bench.run.matrix import expand
+from gputech_bench.strategies import build_plan, check_cell, parse_cell
 from gputech_bench.strategies.amp import AutocastPrecision
 from gputech_bench.strategies.sparse_head import MaskedPositionsHead
 from gputech_bench.training.evaluate import EvalSet, evaluate
 from gputech_bench.training.loop import TrainOutcome, optimizer_step
+from gputech_bench.worker.cell import record_compile_time
 
 
 def losses_of(cell: str, steps: int = 3, *overrides: str) -> list[float]:

@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from helpers import context, tiny_bert
 from transformers.modeling_outputs import MaskedLMOutput
 
-from gputech_bench.config import OBJECTIVES, BenchConfig, ConfigError, apply_overrides, load_preset
+from gputech_bench.config import OBJECTIVES, BenchConfig, apply_overrides, load_preset
 from gputech_bench.data import IGNORE_INDEX, MaskingSpec, TokenizedSplit, apply_objective, mask_tokens
-from gputech_bench.matrix import expand
-from gputech_bench.strategies import StrategyError, build_plan, parse_cell
+from gputech_bench.errors import ConfigError, StrategyError
+from gputech_bench.run.matrix import expand
+from gputech_bench.strategies import build_plan, parse_cell
 from gputech_bench.strategies.accumulation import split_into_micro_batches
 from gputech_bench.training.batches import epoch_batches
 from gputech_bench.training.evaluate import EvalSet, evaluate
@@ -244,7 +245,9 @@ def minimal_result(cell: str, objective: str | None) -> dict:
 
 
 def test_every_table_names_the_objective_and_old_results_read_as_mlm():
-    from gputech_bench.report import build_frame, table_notes, to_csv, to_json
+    from gputech_bench.report.export import to_csv, to_json
+    from gputech_bench.report.frame import build_frame
+    from gputech_bench.report.table import table_notes
 
     frame, _ = build_frame([minimal_result("baseline", "seed"), minimal_result("1", "seed")])
     notes = table_notes(frame)
@@ -260,8 +263,8 @@ def test_every_table_names_the_objective_and_old_results_read_as_mlm():
 
 
 def test_compare_warns_when_the_objectives_differ(tmp_path):
-    from gputech_bench.comparison import compare_runs
-    from gputech_bench.report import LoadedRun
+    from gputech_bench.report.compare import compare_runs
+    from gputech_bench.report.frame import LoadedRun
 
     run_a = LoadedRun(tmp_path / "a", [minimal_result("baseline", "mlm")], config={"data": {"objective": "mlm"}})
     run_b = LoadedRun(tmp_path / "b", [minimal_result("baseline", "seed")], config={"data": {"objective": "seed"}})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from gputech_bench.pareto import frontier
+from gputech_bench.report.pareto import frontier
 
 
 def test_dominated_cells_leave_the_frontier_and_it_runs_from_smallest_to_fastest():

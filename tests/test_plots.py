@@ -14,8 +14,8 @@ from matplotlib.image import imread
 from matplotlib.text import Annotation, Text
 from matplotlib.transforms import Bbox
 
-from gputech_bench.measure.units import MIB
-from gputech_bench.plots import (
+from gputech_bench.report.frame import build_frame, load_run
+from gputech_bench.report.plots import (
     ACCURACY_PNG,
     BREAKDOWN_PNG,
     DPI,
@@ -30,7 +30,7 @@ from gputech_bench.plots import (
     png_bytes,
     write_plots,
 )
-from gputech_bench.report import build_frame, load_run
+from gputech_bench.units import MIB
 
 FIXTURES = Path(__file__).parent / "fixtures" / "plots"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from helpers import context, tiny_bert
 
+from gputech_bench.errors import StrategyError
 from gputech_bench.strategies import (
     Placement,
     Strategy,
-    StrategyError,
     build_plan,
     check_combinable,
     parse_cell,

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 from conftest import TINY_RUN
 
-from gputech_bench.repeats import aggregate
-from gputech_bench.report import build_frame, markdown
+from gputech_bench.report.frame import build_frame
+from gputech_bench.report.table import markdown
 from gputech_bench.results import SCHEMA, read_result
-from gputech_bench.runner import Job, plan_jobs
+from gputech_bench.run.repeats import aggregate
+from gputech_bench.run.runner import Job, plan_jobs
 from gputech_bench.stats import HIGHER, LOWER, WITHIN_NOISE
 
 

@@ -10,18 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from gputech_bench.report import (
-    COLUMNS,
-    CPU_MEASURE,
-    NVML_MEASURE,
-    RESERVED_MEASURE,
-    _extremes,
-    build_frame,
-    load_run,
-    markdown,
-    render,
-)
-from gputech_bench.results import SCHEMA, ResultError, write_atomic
+from gputech_bench.errors import ResultError
+from gputech_bench.report.export import render
+from gputech_bench.report.frame import COLUMNS, CPU_MEASURE, NVML_MEASURE, RESERVED_MEASURE, build_frame, load_run
+from gputech_bench.report.table import _extremes, markdown
+from gputech_bench.results import SCHEMA, write_atomic
 
 
 def fig(value, unit="MiB"):

@@ -188,7 +188,7 @@ def test_a_broken_bitsandbytes_fails_only_its_cells_with_the_fix(tmp_path: Path,
 
 def test_ctrl_c_delivered_to_another_thread_still_stops_the_worker_at_once(tmp_path: Path, monkeypatch):
     """The kernel may hand SIGINT to any thread; the runner must not wait for the worker to finish."""
-    from gputech_bench import runner
+    from gputech_bench.run import runner
 
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
     monkeypatch.setattr(runner, "worker_command", lambda *args: sleeper)

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gputech_bench.cell import new_result, run_cell
 from gputech_bench.config import BenchConfig, apply_overrides, from_dict, to_dict
 from gputech_bench.results import SCHEMA, read_result
 from gputech_bench.strategies import Strategy, register, unregister
-from gputech_bench.worker import main as worker_main
+from gputech_bench.worker.__main__ import main as worker_main
+from gputech_bench.worker.cell import new_result, run_cell
 
 
 def write_config(path: Path, config: BenchConfig) -> Path:

@@ -5,9 +5,9 @@ Everything a user can get wrong raises DataError with a one-line message.
 
 from __future__ import annotations
 
+from ..errors import DataError
 from .cache import TokenizedSplit, tokenize_cached
 from .corpus import Corpus, default_cache_dir, embedded_corpus, load_corpus_files, stdlib_sentences
-from .errors import DataError
 from .masking import IGNORE_INDEX, MaskingSpec, mask_tokens
 from .objective import MaskedTokens, apply_objective, masks_are_static
 from .tokenizer import load_pretrained_tokenizer, tokenizer_fingerprint, train_wordpiece

@@ -10,9 +10,8 @@ from typing import Any
 
 import torch
 
-from .atomic_write import write_cache_file
-from .errors import DataError
-from .hashing import fingerprint_of
+from ..errors import DataError
+from ..files import fingerprint_of, write_cache_file
 
 # Bump when the stored layout or the tokenization call changes.
 TOKEN_CACHE_FORMAT_VERSION = 1

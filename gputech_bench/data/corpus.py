@@ -11,9 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic_write import write_cache_file
-from .errors import DataError
-from .hashing import fingerprint_of
+from ..errors import DataError
+from ..files import fingerprint_of, write_cache_file
 from .sentences import prose_sentences
 from .stdlib_docstrings import stdlib_directory, stdlib_docstrings
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .errors import DataError
+from ..errors import DataError
 
 # Label value that torch.nn.CrossEntropyLoss (and HF models) ignore.
 IGNORE_INDEX = -100

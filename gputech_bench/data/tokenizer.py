@@ -11,9 +11,8 @@ from typing import Any
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from .atomic_write import write_cache_file
-from .errors import DataError
-from .hashing import fingerprint_of
+from ..errors import DataError
+from ..files import fingerprint_of, write_cache_file
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 # Order fixes the ids: [PAD]=0 (what BERT configs assume), then UNK=1, CLS=2, SEP=3, MASK=4.

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..config import BenchConfig
-from ..messages import UserError
-from ..strategies import Cell, StrategyError, refusal_reason, refuse_for_config, registered
+from ..errors import FitError, StrategyError
+from ..strategies import Cell, refusal_reason, refuse_for_config, registered
 from .overheads import Overheads
 from .predict import Prediction, Setup
 
@@ -35,10 +35,6 @@ from .predict import Prediction, Setup
 ACCUMULATION_STEPS = (2, 4, 8, 16)
 MODEL_FACTORS = {"1": 4 / 3, "3": 1.0, "4": 3.8, "lora": 0.75, "amp": 0.6, "amp-fp16": 0.6}
 ACCUMULATION_OVERHEAD = 0.2
-
-
-class FitError(UserError):
-    """No setup fits, or the search cannot start; one line."""
 
 
 def unsearchable(device_type: str) -> list[str]:

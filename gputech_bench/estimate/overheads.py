@@ -16,7 +16,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from ..measure.units import MIB
+from ..units import MIB
 
 DEFAULT_CONTEXT_BYTES = 512 * MIB
 DEFAULT_RESERVE_FRACTION = 0.10

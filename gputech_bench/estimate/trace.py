@@ -70,7 +70,7 @@ class TraceInputs:
 
 def trace_inputs(config: BenchConfig) -> TraceInputs:
     """The vocabulary and the first two batches a real run of ``config`` would train on."""
-    from ..dataset import prepare_data
+    from ..data.prepare import prepare_data
     from ..training.batches import epoch_batches
 
     data = prepare_data(config)

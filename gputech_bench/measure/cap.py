@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..sizes import SizeError, format_gib
+from ..errors import SizeError
+from ..units import format_gib
 
 
 @dataclass(frozen=True)

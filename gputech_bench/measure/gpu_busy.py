@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ..gpu_selection import run_devices
+from .gpu_selection import run_devices
 
 #: Used memory net of the driver's reserve that we still call idle. Net of the reserve an
 #: idle card shows next to nothing, while a process's CUDA context alone takes hundreds of

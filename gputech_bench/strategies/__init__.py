@@ -4,6 +4,7 @@ Importing this package registers the seed's five and the modern ones; ``plan.bui
 a cell's strategies into one training setup.
 """
 
+from ..errors import StrategyError
 from . import (  # noqa: F401  (registration)
     accumulation,
     adam8bit,
@@ -16,9 +17,18 @@ from . import (  # noqa: F401  (registration)
     paged_adam8bit,
     sparse_head,
 )
-from .base import MicroBatch, Placement, RunContext, Strategy, StrategyError
+from .base import MicroBatch, Placement, RunContext, Strategy
 from .plan import TrainingPlan, build_plan, check_cell, refuse_for_config
-from .registry import BASELINE, Cell, check_combinable, parse_cell, refusal_reason, register, registered, unregister
+from .registry import (
+    BASELINE,
+    Cell,
+    check_combinable,
+    parse_cell,
+    refusal_reason,
+    register,
+    registered,
+    unregister,
+)
 
 __all__ = [
     "BASELINE",

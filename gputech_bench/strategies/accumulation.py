@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import MicroBatch, RunContext, Strategy, StrategyError
+from ..errors import StrategyError
+from .base import MicroBatch, RunContext, Strategy
 from .registry import register
 
 

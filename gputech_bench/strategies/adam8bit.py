@@ -6,8 +6,8 @@ import importlib
 
 import torch
 
-from ..messages import first_line
-from .base import RunContext, Strategy, StrategyError
+from ..errors import StrategyError, first_line
+from .base import RunContext, Strategy
 from .registry import register
 
 

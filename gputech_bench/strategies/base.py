@@ -22,17 +22,11 @@ import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Iterable
 
-from ..messages import UserError
-
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
     from ..config import BenchConfig
-
-
-class StrategyError(UserError):
-    """A strategy or combination that cannot run; the message is one line."""
 
 
 #: Hooks that only one strategy of a cell may own.

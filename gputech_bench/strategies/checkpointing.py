@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import RunContext, Strategy, StrategyError
+from ..errors import StrategyError
+from .base import RunContext, Strategy
 from .registry import register
 
 

@@ -14,8 +14,9 @@ import warnings
 import torch
 from torch import nn
 
-from ..distributed import ensure_process_group
-from .base import Placement, RunContext, Strategy, StrategyError
+from ..errors import StrategyError
+from ..training.distributed import ensure_process_group
+from .base import Placement, RunContext, Strategy
 from .registry import register
 
 #: Layers are freed after their forward and gathered again for backward; the root is

@@ -7,8 +7,9 @@ back in when the step needs it. Only a CUDA device has unified memory to page.
 
 from __future__ import annotations
 
+from ..errors import StrategyError
 from .adam8bit import Adam8bit, load_bitsandbytes, probe_kernels
-from .base import RunContext, StrategyError
+from .base import RunContext
 from .registry import register
 
 

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
-from .base import MicroBatch, Placement, Precision, RunContext, Strategy, StrategyError
+from ..errors import StrategyError
+from .base import MicroBatch, Placement, Precision, RunContext, Strategy
 from .defaults import InPlacePlacement, build_adamw, whole_batch
 from .registry import Cell, check_combinable
 
@@ -76,7 +77,7 @@ def build_plan(cell: Cell, model: nn.Module, ctx: RunContext) -> TrainingPlan:
 
     placement = owners["placement"].placement(model, ctx) if "placement" in owners else InPlacePlacement(model, ctx)
     if ctx.world_size > 1 and not placement.shards:
-        from ..distributed import data_parallel
+        from ..training.distributed import data_parallel
 
         placement.compute_model = data_parallel(placement.compute_model, ctx.device)
     params = placement.optimizer_parameters()

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Strategy, StrategyError
+from ..errors import StrategyError
+from .base import Strategy
 
 BASELINE = "baseline"
 

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import MaskedLMOutput
 
-from .base import RunContext, Strategy, StrategyError
+from ..errors import StrategyError
+from .base import RunContext, Strategy
 from .registry import register
 
 IGNORE_INDEX = -100

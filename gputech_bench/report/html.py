@@ -14,9 +14,10 @@ from typing import Any
 
 import pandas as pd
 
+from ..results import TRAINED_STATUSES
+from .frame import LoadedRun, MemoryMeasure
 from .plots import png_bytes, run_figures
-from .report import LoadedRun, MemoryMeasure, provenance_lines, row_texts, table_notes
-from .results import TRAINED_STATUSES
+from .table import provenance_lines, row_texts, table_notes
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 70rem;

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from .config import ConfigError
-from .gpu_selection import run_devices
+from ..errors import ConfigError
+from ..measure.gpu_selection import run_devices
 
 #: A slot's GPUs as the runner's CUDA_VISIBLE_DEVICES lists them (the physical GPUs when
 #: nothing is inherited); None inherits the runner's environment.

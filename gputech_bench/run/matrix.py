@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from .config import BenchConfig
-from .strategies import BASELINE, StrategyError, parse_cell, refuse_for_config
+from ..config import BenchConfig
+from ..errors import StrategyError
+from ..strategies import BASELINE, parse_cell, refuse_for_config
 
 #: The seed's table, in the seed's order, then LoRA.
 SEED_MATRIX = ("baseline", "1", "2", "3", "4", "1+2+3", "1+2+4", "lora")

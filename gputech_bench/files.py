@@ -1,17 +1,26 @@
-"""Atomic file writes: readers see the old file or the complete new one, never half of one."""
+"""File work every layer shares: atomic writes, cache writes and content fingerprints."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
+
+from .errors import DataError
 
 # mkstemp creates files readable by their owner only; results, reports and plots are for
 # sharing, so they get the permissions an ordinary file would. Read once, at import, while
 # the process has one thread: os.umask can only be read by setting it.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+# 16 hex chars = 64 bits: collisions are irrelevant at the scale of a cache folder,
+# and short keys keep file names and reports readable.
+FINGERPRINT_CHARS = 16
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -35,3 +44,25 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
+
+
+def write_cache_file(path: Path, data: bytes) -> None:
+    """atomic_write_bytes for cache entries: an unwritable cache folder is a user-fixable DataError."""
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as error:
+        raise DataError(
+            f"cannot write cache file '{path}' ({error.strerror or error}): "
+            f"use a writable cache folder, e.g. set GPUTECH_BENCH_CACHE"
+        ) from None
+
+
+def short_sha256(text: str) -> str:
+    """First FINGERPRINT_CHARS hex digits of the SHA-256 of `text` (UTF-8)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:FINGERPRINT_CHARS]
+
+
+def fingerprint_of(value: Any) -> str:
+    """Hash of a JSON-serialisable value; canonical JSON makes it independent of dict order."""
+    canonical = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return short_sha256(canonical)

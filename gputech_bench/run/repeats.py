@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from .stats import summarize
+from ..stats import summarize
 
 
 def _numeric(value: Any) -> bool:

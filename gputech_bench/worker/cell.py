@@ -13,37 +13,32 @@ from typing import Any, Callable
 
 import torch
 
-from .config import BenchConfig, to_dict
-from .data.objective import SEED
-from .dataset import prepare_data
-from .distributed import ensure_process_group, launched_by_torchrun, ranks_from_env
-from .distributed import shutdown as shutdown_process_group
-from .measure import cuda as cuda_memory
-from .errors import is_out_of_memory
-from .measure.cap import overshoot_note, plan_cap
-from .measure.host import peak_rss_bytes
-from .measure.oom import oom_details
-from .measure.paged import paged_state_bytes
-from .measure.snapshot import SNAPSHOT_SLOWS_STEPS, MemorySnapshot
-from .measure.units import figure, to_mib
-from .measure.warmup import warm_up_cuda_libraries
-from .measure.window import PeakWindow
-from .messages import UserError, first_line
-from .modeling import build_model
+from ..config import BenchConfig, to_dict
+from ..data.objective import SEED
+from ..data.prepare import prepare_data
+from ..errors import DeviceError, UserError, first_line
+from ..measure import cuda as cuda_memory
+from ..measure.cap import overshoot_note, plan_cap
+from ..measure.host import peak_rss_bytes
+from ..measure.oom import oom_details
+from ..measure.paged import paged_state_bytes
+from ..measure.snapshot import SNAPSHOT_SLOWS_STEPS, MemorySnapshot
+from ..measure.warmup import warm_up_cuda_libraries
+from ..measure.window import PeakWindow
+from ..modeling import build_model
+from ..results import SCHEMA
+from ..strategies import RunContext, build_plan, parse_cell
+from ..training.distributed import ensure_process_group, launched_by_torchrun, ranks_from_env
+from ..training.distributed import shutdown as shutdown_process_group
+from ..training.evaluate import EvalScores, evaluate
+from ..training.loop import StepEvent, TrainOutcome, train
+from ..units import figure, parse_size, to_mib
+from .failure import is_out_of_memory
 from .provenance import environment, utc_now
-from .results import SCHEMA
-from .sizes import parse_size
-from .strategies import RunContext, build_plan, parse_cell
-from .training.evaluate import EvalScores, evaluate
-from .training.loop import StepEvent, TrainOutcome, train
 
 EventSink = Callable[[dict[str, Any]], None]
 
 FINAL_LOSS_WINDOW = 10
-
-
-class DeviceError(UserError):
-    """The requested device is not usable; the message is one line."""
 
 
 def resolve_device(choice: str, local_rank: int | None = None) -> torch.device:

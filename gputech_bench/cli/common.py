@@ -11,7 +11,8 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from .config import BenchConfig, ConfigError, apply_overrides, default_preset_name, load_preset
+from ..config import BenchConfig, apply_overrides, default_preset_name, load_preset
+from ..errors import ConfigError
 
 EXIT_FAILED_CELL = 1
 EXIT_BAD_INPUT = 2

@@ -16,9 +16,9 @@ from typing import Any
 
 import pandas as pd
 
-from .report import LoadedRun, build_frame, cell_order
-from .results import objective_of, recorded_snapshot
-from .stats import HIGHER, LOWER, SINGLE_RUN, WITHIN_NOISE, Summary, versus
+from ..results import objective_of, recorded_snapshot
+from ..stats import HIGHER, LOWER, SINGLE_RUN, WITHIN_NOISE, Summary, versus
+from .frame import LoadedRun, build_frame, cell_order
 
 #: (label, column of the frame, statistics key or None for the run's memory measure, unit)
 FIGURES = (
@@ -179,7 +179,7 @@ VERDICT_TEXT = {LOWER: "lower", HIGHER: "higher", WITHIN_NOISE: "within noise", 
 
 
 def _shown(change: Change) -> tuple[str, str]:
-    from .report import fmt_mib, fmt_percent, fmt_seconds
+    from .table import fmt_mib, fmt_percent, fmt_seconds
 
     fmt = {"memory": fmt_mib, "time / epoch": fmt_seconds, "masked accuracy": fmt_percent}[change.figure]
     return tuple("-" if value is None else fmt(value) for value in (change.a, change.b))  # type: ignore[return-value]

@@ -13,9 +13,10 @@ import copy
 from pathlib import Path
 from typing import Any
 
+from ..errors import ResultError
+from ..results import bare_result, read_result
+from ..units import figure
 from .launch import Launch
-from .measure.units import figure
-from .results import ResultError, bare_result, read_result
 
 RANKS_FOLDER = "ranks"
 #: Per-process memory figures, merged as max / mean / total over ranks.

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import BenchConfig
-from .data import (
+from ..config import BenchConfig
+from ..training.evaluate import EvalSet
+from ..training.seeding import generator
+from . import (
     MaskingSpec,
     TokenizedSplit,
     apply_objective,
@@ -20,8 +22,6 @@ from .data import (
     tokenizer_fingerprint,
     train_wordpiece,
 )
-from .training.evaluate import EvalSet
-from .training.seeding import generator
 
 
 @dataclass(frozen=True)

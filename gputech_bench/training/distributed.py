@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .messages import UserError
+from ..errors import UserError
 
 #: Whether this module initialised the default group, so ``shutdown`` never tears down
 #: a group that its caller owns.

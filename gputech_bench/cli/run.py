@@ -1,56 +1,21 @@
-"""The ``gputech-bench`` command line.
-
-Exit codes: 0 every cell ok, 1 a cell failed (the table is printed all the same),
-2 bad input (one line naming the problem and the fix), 130 interrupted.
-"""
+"""``gputech-bench run``: the matrix, one worker process per cell, then the table."""
 
 from __future__ import annotations
 
-import io
-import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
-from . import __version__
-from .atomic import atomic_write_bytes
-from .cli_support import (  # noqa: F401  (re-exported: tests and scripts use cli.fail, cli.console)
-    EXIT_BAD_INPUT,
-    EXIT_FAILED_CELL,
-    EXIT_INTERRUPTED,
-    check_text_file,
-    console,
-    cuda_available,
-    errors,
-    fail,
-    resolve_config,
-    uses_cuda,
-)
-from .config import (
-    ConfigError,
-    describe_fields,
-    load_preset,
-    preset_names,
-    read_preset,
-)
-from .estimate.commands import register as register_estimate_commands
-from .estimate.commands import show_saved_estimate
+from ..errors import ConfigError
+from .common import EXIT_FAILED_CELL, EXIT_INTERRUPTED, console, errors, fail, resolve_config, uses_cuda
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    rich_markup_mode="markdown",
-    help="Which memory-saving strategy makes your fine-tune fit, what it saves, what it costs, and whether accuracy holds."
-    "\n\n**Start here:** `gputech-bench run --matrix`",
-)
+
 def check_gpu_idle(allow_busy: bool, gpus: Optional[str] = None) -> None:
     """Refuse to start on a busy GPU; ``gpus`` is --gpus, so that only the run's GPUs count."""
-    from .measure import gpu_busy
+    from ..measure import gpu_busy
 
     check = gpu_busy.idle_check(gpus)
     if check.error:
@@ -133,7 +98,6 @@ and a log per cell. Re-running with the same --run-name skips cells that are alr
 """
 
 
-@app.command(help=RUN_HELP)
 def run(
     matrix: bool = typer.Option(False, "--matrix", help="Run the seed's 8 cells: baseline, 1, 2, 3, 4, 1+2+3, 1+2+4, lora."),
     strategies: Optional[str] = typer.Option(None, help="Comma-separated cells, numbers or names (e.g. '1,3,1+2+3' or 'checkpointing+accumulation'); the baseline is always added."),
@@ -159,10 +123,12 @@ def run(
     repeat: int = typer.Option(1, min=1, help="Run each cell N times, each in a fresh process; the table shows medians, and differences within the spread are marked as noise."),
     vary_seed: bool = typer.Option(False, "--vary-seed", help="With --repeat: train.seed + 0, 1, 2... (weights, batches, masks), to see accuracy's spread; without it the seed is fixed and the spread is timing noise alone."),
 ) -> None:
-    from .launch import Launch, gpu_slots
-    from .matrix import expand
-    from .report import build_frame, load_run, rich_table, write_exports
-    from .runner import RunLayout, prepare_run_dir, run_matrix
+    from ..report.export import write_exports
+    from ..report.frame import build_frame, load_run
+    from ..report.table import rich_table
+    from ..run.launch import Launch, gpu_slots
+    from ..run.matrix import expand
+    from ..run.runner import RunLayout, prepare_run_dir, run_matrix
 
     extra = [f"gpu_memory_limit={gpu_memory_limit}"] if gpu_memory_limit else []
     extra += ["memory_snapshot=true"] if memory_snapshot else []
@@ -224,7 +190,7 @@ def run(
     if estimate and launch.distributed:
         console.print("[dim]no memory estimate: it traces one process with the whole batch, not a rank's share[/]", highlight=False)
     elif estimate and not outcome.interrupted:
-        from .estimate.commands import estimate_run
+        from .estimate import estimate_run
 
         estimate_run(config, outcome.results, layout.root / "estimate.json")
 
@@ -237,195 +203,7 @@ def run(
         raise typer.Exit(EXIT_FAILED_CELL)
 
 
-REPORT_HELP = """Render a run's table again from its saved results, plot it, or make one shareable HTML file.
-
-**Examples**
-
-* `gputech-bench report results/cpu-20261127-120000`
-* `gputech-bench report results/RUN --format md --output table.md`
-* `gputech-bench report results/RUN --format csv --baseline 1`
-* `gputech-bench report results/RUN --plot plots/` - memory against time, where the memory goes, accuracy spread (PNG)
-* `gputech-bench report results/RUN --format html --output report.html` - table, plots, provenance and config in one file
-"""
 
 
-@app.command(help=REPORT_HELP)
-def report(
-    run_dir: Path = typer.Argument(..., help="A run folder made by 'gputech-bench run'."),
-    format_: str = typer.Option("table", "--format", help="table, md, csv, json or html (html goes to RUN_DIR/report.html unless --output says where)."),
-    output: Optional[Path] = typer.Option(None, help="Write to this file instead of the terminal."),
-    baseline: str = typer.Option("baseline", help="The cell the x-baseline and difference columns compare against."),
-    plot: Optional[Path] = typer.Option(None, help="Also write the plots as PNG files into this folder."),
-) -> None:
-    from .report import FORMATS, load_run, render
-    from .results import ResultError
-
-    if format_ not in FORMATS:
-        fail(f"unknown format '{format_}': choose one of {', '.join(FORMATS)}")
-    try:
-        loaded = load_run(run_dir)
-    except ResultError as error:
-        fail(str(error))
-    for problem in loaded.problems:
-        errors.print(f"[yellow]warning:[/] {problem}", highlight=False, soft_wrap=True)
-    cells = [result["cell"] for result in loaded.results]
-    if baseline not in cells:
-        fail(f"baseline cell '{baseline}' is not in {run_dir}: choose one of {', '.join(cells)}")
-    if plot is not None:
-        from .plots import write_plots
-
-        try:
-            written = write_plots(loaded, plot, baseline)
-        except OSError as error:
-            fail(f"cannot write plots to '{plot}' ({error.strerror or error}): pass a writable --plot folder")
-        console.print(f"plots: {', '.join(str(path) for path in written)}", highlight=False)
-    rendered = render(loaded, format_, baseline)
-    if format_ == "html" and output is None:
-        output = run_dir / "report.html"
-    if output is None:
-        if isinstance(rendered, Table):
-            console.print(rendered)
-            show_saved_estimate(loaded)
-        else:
-            sys.stdout.write(rendered)
-        return
-    if isinstance(rendered, Table):
-        capture = Console(file=io.StringIO(), width=160, color_system=None)
-        capture.print(rendered)
-        rendered = capture.file.getvalue()
-    try:
-        atomic_write_bytes(output, rendered.encode("utf-8"))
-    except OSError as error:
-        fail(f"cannot write '{output}' ({error.strerror or error}): pass a writable --output path")
-    console.print(f"wrote {output}", highlight=False)
-
-
-COMPARE_HELP = """Put two runs side by side, cell by cell: figures, ratios B/A, and what changed beyond noise.
-
-Warns when the presets, the resolved configs or the devices differ, and says how. A change
-is beyond noise when both runs repeated the cell (`run --repeat N`) and the ranges do not overlap.
-
-**Examples**
-
-* `gputech-bench compare results/a30-run results/h100-run` - one card against another
-* `gputech-bench compare results/before results/after --format md --output upgrade.md` - a library upgrade
-"""
-
-
-@app.command(help=COMPARE_HELP)
-def compare(
-    run_a: Path = typer.Argument(..., help="The first run folder (A)."),
-    run_b: Path = typer.Argument(..., help="The second run folder (B); ratios are B/A."),
-    format_: str = typer.Option("table", "--format", help="table, md or json."),
-    output: Optional[Path] = typer.Option(None, help="Write to this file instead of the terminal."),
-) -> None:
-    import json
-
-    from .comparison import compare_runs, comparison_markdown, comparison_table, footer
-    from .report import load_run
-    from .results import ResultError
-
-    if format_ not in ("table", "md", "json"):
-        fail(f"unknown format '{format_}': choose one of table, md, json")
-    try:
-        loaded = [load_run(run_dir) for run_dir in (run_a, run_b)]
-    except ResultError as error:
-        fail(str(error))
-    comparison = compare_runs(*loaded)
-    if not comparison.cells:
-        fail(f"{run_a} and {run_b} have no cell in common: compare runs of the same strategies")
-    if format_ == "table" and output is None:
-        for warning in comparison.warnings:
-            errors.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
-        console.print(comparison_table(comparison))
-        for line in footer(comparison):
-            console.print(f"  [dim]{line.removeprefix('- ')}[/]", highlight=False)
-        return
-    text = json.dumps(comparison.to_dict(), indent=2) + "\n" if format_ == "json" else comparison_markdown(comparison)
-    if output is None:
-        sys.stdout.write(text)
-        return
-    try:
-        atomic_write_bytes(output, text.encode("utf-8"))
-    except OSError as error:
-        fail(f"cannot write '{output}' ({error.strerror or error}): pass a writable --output path")
-    for warning in comparison.warnings:
-        errors.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
-    console.print(f"wrote {output}", highlight=False)
-
-
-@app.command("strategies", help="List every strategy: its number, name, what it saves and costs, and which combinations are refused.\n\n**Example:** `gputech-bench strategies`")
-def list_strategies() -> None:
-    from itertools import combinations
-
-    from .strategies import Cell, refusal_reason, registered
-
-    cuda = cuda_available()
-    table = Table(title="strategies (combine with '+', e.g. 1+2+3)", title_justify="left")
-    for column in ("key", "name", "saves", "costs", "gives up", "needs", "here"):
-        table.add_column(column, overflow="fold")
-    for cls in registered():
-        here = "[red]no: needs CUDA[/]" if cls.needs_cuda and not cuda else "yes"
-        table.add_row(cls.key, cls.name, cls.saves, cls.costs, cls.gives_up or "nothing", cls.requires or "-", here)
-    console.print(table)
-    refused = [
-        (f"{a.key}+{b.key}", reason)
-        for a, b in combinations(registered(), 2)
-        if (reason := refusal_reason(Cell((a, b))))
-    ]
-    if refused:
-        console.print("[bold]refused combinations[/] (both strategies own the same hook):")
-        for name, reason in refused:
-            console.print(f"  {name}: {reason}", highlight=False)
-    else:
-        console.print(
-            "refused combinations: none - no two of these strategies own the same hook "
-            "(placement, optimizer, batch split), so every combination is defined. "
-            "A cell can still be refused by its config (see 'needs').",
-            highlight=False,
-        )
-
-
-@app.command("presets", help="List the presets and the settings each changes from the seed's defaults.\n\n**Example:** `gputech-bench presets`")
-def list_presets() -> None:
-    defaults = {key: default for key, default, _ in describe_fields()}
-    for name in preset_names():
-        try:
-            config = load_preset(name)
-            description = read_preset(name).get("description", "")
-        except ConfigError as error:
-            fail(str(error))
-        console.print(f"[bold]{name}[/]: {description}", highlight=False)
-        for key, default in defaults.items():
-            section, field_name = key.split(".")
-            value = getattr(getattr(config, section), field_name)
-            if value != default:
-                console.print(f"    {key} = {value!r}  (seed: {default!r})", highlight=False)
-
-
-def version_callback(value: bool) -> None:
-    if value:
-        console.print(f"gputech-bench {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def main_callback(
-    version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True, help="Print the version."),
-) -> None:
-    """Top-level options."""
-
-
-register_estimate_commands(app)
-
-
-def main() -> None:
-    try:
-        app()
-    except KeyboardInterrupt:
-        errors.print("interrupted")
-        sys.exit(EXIT_INTERRUPTED)
-
-
-if __name__ == "__main__":
-    main()
+def register(app: typer.Typer) -> None:
+    app.command(help=RUN_HELP)(run)

@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import BenchConfig, ConfigError, to_dict
+from ..config import BenchConfig, to_dict
+from ..errors import ConfigError, ResultError
+from ..results import bare_result, read_result, write_atomic
 from .launch import Launch, Slot, slot_environment, worker_command
-from .rank_results import clear_rank_results, merge_rank_results, read_rank_results
+from .ranks import clear_rank_results, merge_rank_results, read_rank_results
 from .repeats import aggregate
-from .results import ResultError, bare_result, read_result, write_atomic
-from .schedule import run_on_slots
+from .slots import run_on_slots
 
 EventCallback = Callable[[str, dict[str, Any]], None]
 

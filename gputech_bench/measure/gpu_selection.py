@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Mapping
 
-from .config import ConfigError
+from ..errors import ConfigError
 
 #: What CUDA accepts as one entry of CUDA_VISIBLE_DEVICES: an index, a GPU UUID or a MIG UUID.
 GPU_ID = re.compile(r"^(\d+|GPU-[0-9a-fA-F-]+|MIG-[0-9a-zA-Z/-]+)$")

@@ -18,11 +18,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, from_dict
-from .errors import classify
+from ..config import from_dict
+from ..errors import ConfigError
+from ..results import bare_result, write_atomic
+from ..run.ranks import rank_result_path
+from .failure import classify
 from .provenance import utc_now
-from .rank_results import rank_result_path
-from .results import bare_result, write_atomic
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         status, reason, tail = classify(error)
         result.update(status=status, reason=reason, traceback=tail)
         if status == "oom":
-            from .measure.oom import oom_details, oom_reason
+            from ..measure.oom import oom_details, oom_reason
 
             result["oom"] = oom_details(error)
             result["reason"] = oom_reason(result["oom"], result.get("memory_cap")) or reason

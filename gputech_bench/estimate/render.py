@@ -8,8 +8,8 @@ from typing import Any, Callable
 
 from rich.table import Table
 
-from ..measure.units import MIB
-from .compare import Measured, error_percent
+from ..units import MIB
+from .measured import Measured, error_percent
 from .overheads import Overheads
 from .predict import Prediction
 

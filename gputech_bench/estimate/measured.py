@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..measure.units import MIB
+from ..units import MIB
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,11 @@ from matplotlib.patches import Patch, Rectangle
 from matplotlib.text import Text
 from matplotlib.transforms import Bbox
 
-from .atomic import atomic_write_bytes
-from .estimate.report import EstimateReport, from_dict
-from .measure.units import MIB
-from .report import LoadedRun, MemoryMeasure, build_frame, fmt_seconds
+from ..estimate.render import EstimateReport, from_dict
+from ..files import atomic_write_bytes
+from ..units import MIB
+from .frame import LoadedRun, MemoryMeasure, build_frame
+from .table import fmt_seconds
 
 FIGSIZE = (10.0, 6.0)
 DPI = 100  # with FIGSIZE: 1000 x 600 pixels

@@ -11,11 +11,10 @@ from typing import Any, List, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..cli_support import EXIT_FAILED_CELL, console, cuda_available, errors, fail, resolve_config
-from ..config import BenchConfig, ConfigError, from_dict
-from ..measure.units import MIB
-from ..messages import UserError, first_line
-from ..sizes import parse_size
+from ..config import BenchConfig, from_dict
+from ..errors import ConfigError, UserError, first_line
+from ..units import MIB, parse_size
+from .common import EXIT_FAILED_CELL, console, cuda_available, errors, fail, resolve_config
 
 ESTIMATE_HELP = """Predict each cell's peak memory without a GPU: one training step traced on fake tensors.
 
@@ -53,7 +52,7 @@ def _trace_progress(total: int) -> Progress:
 
 
 def _predict(setups, config: BenchConfig, jobs: int):
-    from .predict import predict
+    from ..estimate.predict import predict
 
     with _trace_progress(len(setups)) as progress:
         task = progress.add_task("tracing on fake tensors", total=len(setups))
@@ -61,8 +60,8 @@ def _predict(setups, config: BenchConfig, jobs: int):
 
 
 def _load_run(run_dir: Path) -> tuple[BenchConfig, list[dict[str, Any]]]:
-    from ..report import load_run
-    from ..runner import RunLayout
+    from ..report.frame import load_run
+    from ..run.runner import RunLayout
 
     layout = RunLayout(run_dir)
     if not layout.config_path.is_file():
@@ -89,7 +88,7 @@ def _emit(text: str, output: Optional[Path]) -> None:
     if output is None:
         console.print(text, end="", highlight=False, soft_wrap=True, markup=False)
         return
-    from ..atomic import atomic_write_bytes
+    from ..files import atomic_write_bytes
 
     try:
         atomic_write_bytes(output, text.encode("utf-8"))
@@ -102,11 +101,11 @@ def build_estimate(
     config: BenchConfig, cells: list[str], jobs: int, budget: Optional[int], results: Optional[list[dict[str, Any]]]
 ):
     """Trace ``cells`` and assemble the report; shared by ``estimate`` and ``run``."""
-    from .compare import measured_peak
-    from .overheads import DEFAULTS, calibrate
-    from .predict import setups_for
-    from .report import EstimateReport
-    from .trace import modelled_attention_note, trace_target
+    from ..estimate.measured import measured_peak
+    from ..estimate.overheads import DEFAULTS, calibrate
+    from ..estimate.predict import setups_for
+    from ..estimate.render import EstimateReport
+    from ..estimate.trace import modelled_attention_note, trace_target
 
     target = trace_target()
     predictions = _predict(setups_for(cells, config), config, jobs)
@@ -123,9 +122,9 @@ def build_estimate(
 def estimate_run(config: BenchConfig, results: list[dict[str, Any]], path: Path) -> None:
     """The predicted-against-measured table after ``run``. A failing estimate is a warning:
     the measured results are what the run is for."""
-    from ..atomic import atomic_write_bytes
-    from .predict import default_jobs
-    from .report import to_json
+    from ..estimate.predict import default_jobs
+    from ..estimate.render import to_json
+    from ..files import atomic_write_bytes
 
     cells = [result["cell"] for result in results]
     try:
@@ -140,7 +139,7 @@ def estimate_run(config: BenchConfig, results: list[dict[str, Any]], path: Path)
 
 
 def _print_against_measured(report) -> None:
-    from .report import compact_table, legend
+    from ..estimate.render import compact_table, legend
 
     console.print(compact_table(report, title="predicted (fake-tensor trace) against measured, MiB"))
     for line in legend(report, with_overheads=False):
@@ -150,8 +149,8 @@ def _print_against_measured(report) -> None:
 
 def show_saved_estimate(loaded) -> None:
     """The run's saved estimate against its results, under ``report``'s table (if there is one)."""
-    from .compare import measured_peak
-    from .report import from_dict
+    from ..estimate.measured import measured_peak
+    from ..estimate.render import from_dict
 
     path = Path(loaded.root) / "estimate.json"
     if not path.is_file():
@@ -180,9 +179,9 @@ def estimate(
     format_: str = typer.Option("table", "--format", help="table, md or json."),
     output: Optional[Path] = typer.Option(None, help="Write to this file instead of the terminal."),
 ) -> None:
-    from ..matrix import expand
-    from .predict import default_jobs
-    from .report import legend, markdown, rich_table, to_json
+    from ..estimate.predict import default_jobs
+    from ..estimate.render import legend, markdown, rich_table, to_json
+    from ..run.matrix import expand
 
     if format_ not in ("table", "md", "json"):
         fail(f"unknown --format '{format_}': choose table, md or json")
@@ -224,7 +223,7 @@ def estimate(
 def _print_fit(result, config: BenchConfig) -> None:
     from rich.table import Table
 
-    from .fit import gives_up
+    from ..estimate.fit import gives_up
 
     gib = lambda num: f"{num / 2**30:.2f}"  # noqa: E731
     if result.floor is not None:
@@ -274,12 +273,12 @@ def fit(
     results_dir: Path = typer.Option(Path("results"), "--results", help="Where --verify writes its run."),
     jobs: int = typer.Option(0, min=0, help="Processes tracing in parallel; 0 = one per core, up to 4."),
 ) -> None:
-    from ..strategies import StrategyError
+    from ..errors import StrategyError
+    from ..estimate.fit import search, unsearchable
+    from ..estimate.overheads import DEFAULTS, calibrate
+    from ..estimate.predict import default_jobs
+    from ..estimate.trace import trace_target
     from ..strategies.registry import lookup
-    from .fit import search, unsearchable
-    from .overheads import DEFAULTS, calibrate
-    from .predict import default_jobs
-    from .trace import trace_target
 
     measured: dict[str, dict[str, Any]] = {}
     results = None
@@ -322,8 +321,8 @@ def fit(
 
 def _verify(candidate, config: BenchConfig, results_dir: Path, budget: int) -> None:
     """Run the chosen setup as a real cell and put its measurement next to the prediction."""
-    from ..runner import RunLayout, prepare_run_dir, run_matrix
-    from .compare import error_percent, measured_peak
+    from ..estimate.measured import error_percent, measured_peak
+    from ..run.runner import RunLayout, prepare_run_dir, run_matrix
 
     setup = candidate.setup
     cell_config = setup.config_for(config)

@@ -1,0 +1,52 @@
+"""The ``gputech-bench`` command line: a thin layer that parses options, calls the
+library, prints and sets the exit code. Nothing below this package imports typer.
+
+Exit codes: 0 every cell ok, 1 a cell failed (the table is printed all the same),
+2 bad input (one line naming the problem and the fix), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from .. import __version__
+from . import catalog, estimate, report, run
+from .common import EXIT_INTERRUPTED, console, errors
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+    help="Which memory-saving strategy makes your fine-tune fit, what it saves, what it costs, and whether accuracy holds."
+    "\n\n**Start here:** `gputech-bench run --matrix`",
+)
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        console.print(f"gputech-bench {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True, help="Print the version."),
+) -> None:
+    """Top-level options."""
+
+
+for command_group in (run, report, estimate, catalog):
+    command_group.register(app)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        errors.print("interrupted")
+        sys.exit(EXIT_INTERRUPTED)
+
+
+__all__ = ["app", "main"]

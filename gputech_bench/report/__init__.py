@@ -1,0 +1,8 @@
+"""What a run folder says, for people: one frame, rendered.
+
+In: the cell results of a run folder (``results.RunFolder``).
+Out: ``frame`` builds one DataFrame with every figure and its comparison against the
+baseline; ``table`` renders it for a terminal and as markdown, CSV and JSON; ``html``
+and ``plots`` draw it; ``compare`` puts two runs side by side; ``pareto`` finds the
+frontier of memory against time.
+"""

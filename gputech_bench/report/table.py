@@ -1,0 +1,227 @@
+"""The frame as people read it: a terminal table and markdown, with the notes under them."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+from rich.table import Table
+
+from ..config import ATTENTION_KERNELS, OBJECTIVES
+from ..results import TRAINED_STATUSES
+from ..stats import WITHIN_NOISE
+from .frame import HIGHER_IS_BETTER, VERDICT_COLUMNS, MemoryMeasure, pareto_cells
+
+
+def noise_mark(verdict: Any) -> str:
+    """'≈' after a comparison that the repeats cannot tell from noise."""
+    return " ≈" if verdict == WITHIN_NOISE else ""
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def fmt_mib(value: float) -> str:
+    return f"{value / 1024:,.2f} GiB" if value >= 1024 else f"{value:,.1f} MiB"
+
+
+def fmt_ratio(value: float) -> str:
+    return "-" if _missing(value) else f"{value:.2f}x"
+
+
+def fmt_percent(value: float) -> str:
+    return "-" if _missing(value) else f"{100 * value:.1f}%"
+
+
+def fmt_points(value: float) -> str:
+    return "-" if _missing(value) else f"{value:+.1f}"
+
+
+def fmt_seconds(value: float) -> str:
+    return "-" if _missing(value) else (f"{value:,.1f} s" if value >= 10 else f"{value:.2f} s")
+
+
+def _extremes(frame: pd.DataFrame, column: str) -> tuple[Any, Any]:
+    """(best, worst) values of a column among ok rows, or (None, None) when there is nothing to compare."""
+    values = frame.loc[frame["status"].isin(TRAINED_STATUSES), column].dropna()
+    if len(values) < 2 or values.min() == values.max():
+        return None, None
+    if column in HIGHER_IS_BETTER:
+        return values.max(), values.min()
+    return values.min(), values.max()
+
+
+def _styled(text: str, value: Any, extremes: tuple[Any, Any]) -> str:
+    best, worst = extremes
+    if best is not None and value == best:
+        return f"[bold green]{text}[/]"
+    if worst is not None and value == worst:
+        return f"[red]{text}[/]"
+    return text
+
+
+def rich_table(frame: pd.DataFrame, measure: MemoryMeasure, title: str = "gputech-bench") -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("cell", no_wrap=True)
+    table.add_column(f"{measure.label}", justify="right")
+    table.add_column("x base", justify="right")
+    table.add_column("time / epoch", justify="right")
+    table.add_column("x base", justify="right")
+    table.add_column("masked acc", justify="right")
+    table.add_column("Δ pts", justify="right")
+    table.add_column("token acc (seed)", justify="right")
+    table.add_column("status")
+    columns = ("memory_mib", "memory_x_baseline", "epoch_seconds", "epoch_x_baseline", "eval_masked_accuracy",
+               "masked_accuracy_delta_points", "eval_token_accuracy")
+    extremes = {column: _extremes(frame, column) for column in columns}
+    for row in frame.itertuples(index=False):
+        if row.status not in TRAINED_STATUSES:
+            reason = row.reason or ""
+            table.add_row(row.cell, *["-"] * 7, f"[bold red]{row.status}[/]: {reason}")
+            continue
+        styled = [_styled(text, getattr(row, column), extremes[column]) for text, column in zip(row_texts(row), columns)]
+        table.add_row(row.cell, *styled, "[green]ok[/]" if row.status == "ok" else f"[bold red]{row.status}[/]: {row.reason}")
+    table.caption = "\n".join(table_notes(frame)) or None
+    return table
+
+
+def row_texts(row: Any) -> tuple[str, ...]:
+    """An ok row's figures as the terminal and HTML tables show them: memory, its ratio, time,
+    its ratio, masked accuracy, its change in points, the seed's token accuracy."""
+    return (
+        "-" if _missing(row.memory_mib) else fmt_mib(row.memory_mib),
+        fmt_ratio(row.memory_x_baseline) + noise_mark(row.memory_vs_baseline),
+        fmt_seconds(row.epoch_seconds) + ("*" if row.epoch_time_extrapolated else "") + ("†" if row.memory_snapshot else ""),
+        fmt_ratio(row.epoch_x_baseline) + noise_mark(row.time_vs_baseline),
+        fmt_percent(row.eval_masked_accuracy),
+        fmt_points(row.masked_accuracy_delta_points) + noise_mark(row.masked_accuracy_vs_baseline),
+        fmt_percent(row.eval_token_accuracy),
+    )
+
+
+def table_notes(frame: pd.DataFrame) -> list[str]:
+    """The lines under every rendering of the table: extrapolated times, the frontier, repeats."""
+    notes = []
+    if frame["epoch_time_extrapolated"].eq(True).any():
+        notes.append("* time per epoch extrapolated from the timed steps of a short run (train.max_steps)")
+    if frame["memory_snapshot"].eq(True).any():
+        notes.append("† recorded a CUDA memory snapshot (a stack per allocation): slower than an unrecorded run, "
+                     "so compare its time only with runs that recorded one too")
+    repeated = frame.dropna(subset=["train_sentences_repeated"])
+    repeated = repeated[repeated["train_sentences_repeated"] > 0]
+    if not repeated.empty:
+        row = repeated.iloc[0]
+        notes.append(f"the training split repeats {int(row.train_sentences_repeated):,} sentences: {row.corpus_source} "
+                     "has fewer unique ones than data.train_sentences asks for, so an epoch keeps its length")
+    paged = frame.dropna(subset=["paged_optimizer_state_mib"])
+    if not paged.empty:
+        amounts = ", ".join(f"{row.cell} {fmt_mib(row.paged_optimizer_state_mib)}" for row in paged.itertuples())
+        notes.append(f"optimizer state in CUDA unified memory, outside the memory column (add it before comparing): {amounts}")
+    frontier_cells = pareto_cells(frame)
+    if len(frontier_cells) > 1:
+        notes.append(f"Pareto frontier (no other cell is both smaller and faster): {', '.join(frontier_cells)}")
+    return notes + setup_notes(frame, "objective") + setup_notes(frame, "attention") + repeat_notes(frame)
+
+
+#: Run-wide settings every table names, what each value means, and what differs when cells disagree.
+SETUP_SETTINGS = {
+    "objective": (OBJECTIVES, "their accuracies"),
+    "attention": (ATTENTION_KERNELS, "their memory and time"),
+}
+
+
+def setup_notes(frame: pd.DataFrame, column: str) -> list[str]:
+    """Which ``column`` setting (objective, attention) the cells ran under: one line when
+    they agree, the cells of each value when they do not."""
+    values = list(dict.fromkeys(frame[column].dropna()))
+    if not values:
+        return []
+    meanings, what_differs = SETUP_SETTINGS[column]
+    if len(values) > 1:
+        by_value = "; ".join(f"{value}: {', '.join(frame.loc[frame[column] == value, 'cell'])}" for value in values)
+        return [f"{column} differs between cells, so {what_differs} are not comparable ({by_value})"]
+    value = values[0]
+    notes = [f"{column}: {value} ({meanings.get(value, 'as transformers names it')})"]
+    if column == "objective" and value == "seed":
+        notes.append("token acc (seed) scores every real token, most of them visible and copied: under this "
+                     "objective it reads far above masked acc, as the seed's 89% did")
+    return notes
+
+
+def repeat_notes(frame: pd.DataFrame) -> list[str]:
+    """What the figures of a repeated run are, and what '≈' means."""
+    counts = frame.loc[frame["status"] == "ok", "repeats"].dropna()
+    if counts.empty or counts.max() <= 1:
+        return []
+    notes = [f"figures are medians of {int(counts.min())}-{int(counts.max())} repeats" if counts.min() != counts.max()
+             else f"figures are medians of {int(counts.max())} repeats"]
+    if frame[list(VERDICT_COLUMNS)].eq(WITHIN_NOISE).any().any():
+        notes.append("≈ within noise of the baseline: the repeats' ranges overlap (outliers left out)")
+    return notes
+
+
+def _baseline_value(frame: pd.DataFrame, baseline: str, column: str) -> Any:
+    rows = frame[(frame["cell"] == baseline) & (frame["status"] == "ok")]
+    return None if rows.empty else rows.iloc[0][column]
+
+
+def markdown(frame: pd.DataFrame, measure: MemoryMeasure, results: list[dict[str, Any]], baseline: str = "baseline") -> str:
+    """A GitHub table shaped like the seed's, baseline figures in the headers, then provenance."""
+    memory = _baseline_value(frame, baseline, "memory_mib")
+    seconds = _baseline_value(frame, baseline, "epoch_seconds")
+    masked = _baseline_value(frame, baseline, "eval_masked_accuracy")
+    token = _baseline_value(frame, baseline, "eval_token_accuracy")
+
+    def header(label: str, value: Any, fmt) -> str:
+        return f"{label} ({baseline}: {fmt(value)})" if not _missing(value) else label
+
+    lines = [
+        "| strategy | " + " | ".join([
+            header(measure.label, memory, fmt_mib),
+            header("time / epoch", seconds, fmt_seconds),
+            header("eval accuracy, masked", masked, fmt_percent),
+            header("token accuracy, seed's", token, fmt_percent),
+        ]) + " | status |",
+        "|:---|---:|---:|---:|---:|:---|",
+    ]
+    for row in frame.itertuples(index=False):
+        name = row.cell if row.strategies in ("baseline", row.cell) else f"{row.cell} ({row.strategies})"
+        reason = str(row.reason or "").replace("|", "\\|")
+        if row.status not in TRAINED_STATUSES:
+            lines.append(f"| {name} | {row.status} | {row.status} | {row.status} | {row.status} | {row.status}: {reason} |")
+            continue
+        memory, memory_x, seconds, seconds_x, masked_acc, masked_delta, token_acc = row_texts(row)
+        status = "ok" if row.status == "ok" else f"{row.status}: {reason}"
+        lines.append(f"| {name} | {memory} ({memory_x}) | {seconds} ({seconds_x}) | {masked_acc} ({masked_delta}) "
+                     f"| {token_acc} | {status} |")
+    lines.append("")
+    lines += [f"- {note}".replace("- *", "- \\*", 1) for note in table_notes(frame)]
+    lines += provenance_lines(results, measure)
+    return "\n".join(lines) + "\n"
+
+
+def provenance_lines(results: list[dict[str, Any]], measure: MemoryMeasure) -> list[str]:
+    ok = [r for r in results if r.get("provenance")] or results
+    first = ok[0]
+    device = first.get("device", {})
+    if device.get("type") == "cuda":
+        where = f"{device.get('name')} ({device.get('total_memory_mib', 0) / 1024:.1f} GiB, CUDA {device.get('cuda_runtime')})"
+    else:
+        where = f"CPU ({first.get('provenance', {}).get('cpu_threads', '?')} threads)"
+    packages = first.get("provenance", {}).get("packages", {})
+    versions = ", ".join(f"{name} {version}" for name, version in packages.items() if version)
+    method = (first.get("metrics", {}).get(measure.metric) or {}).get("method", "")
+    ranks = next((r["distributed"] for r in results if r.get("distributed")), None)
+    spread = (
+        [f"- **ranks:** {ranks['world_size']} per cell via torchrun; memory is the largest rank's "
+         "(mean and total per rank in report.csv)"] if ranks else []
+    )
+    return spread + [
+        f"- **device:** {where}",
+        f"- **preset:** {first.get('preset')}; memory column: `{measure.metric}` ({method})",
+        f"- **packages:** {versions}, Python {first.get('provenance', {}).get('python', '?')}",
+    ]
+
+

@@ -1,0 +1,54 @@
+"""Units: bytes to MiB and GiB, memory sizes as people write them, and missing numbers."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from .errors import SizeError
+
+MIB = 2**20
+GIB = 2**30
+
+# Binary units for the forms GPU tools print (GiB, MiB, and the bare G/M shorthand);
+# decimal units only where the SI prefix says so (GB, MB), as disk vendors use them.
+UNITS = {
+    "b": 1,
+    "kib": 2**10, "k": 2**10, "kb": 10**3,
+    "mib": MIB, "m": MIB, "mb": 10**6,
+    "gib": GIB, "g": GIB, "gb": 10**9,
+    "tib": 2**40, "t": 2**40, "tb": 10**12,
+}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+def to_mib(num_bytes: float) -> float:
+    """MiB, rounded to the byte's neighbourhood (3 decimals) so that result files stay readable."""
+    return round(num_bytes / MIB, 3)
+
+
+def parse_size(text: str) -> int:
+    """Bytes in ``text``; a bare number is GiB, the unit people size GPUs in."""
+    match = _SIZE.match(text)
+    unit = match.group(2).lower() if match else ""
+    if not match or (unit and unit not in UNITS):
+        raise SizeError(f"cannot read memory size '{text}': write it like 24GiB, 24GB, 24G or 512MiB")
+    value = float(match.group(1)) * (UNITS[unit] if unit else GIB)
+    if value <= 0:
+        raise SizeError(f"memory size '{text}' must be more than zero")
+    return int(value)
+
+
+def format_gib(num_bytes: float) -> str:
+    return f"{num_bytes / GIB:.1f} GiB"
+
+
+def is_missing(value: Any) -> bool:
+    """No figure: None, or the NaN that pandas and JSON's null become."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def figure(value: Any, unit: str, method: str) -> dict[str, Any]:
+    """A measured value with its unit and how it was obtained, as a result file stores it."""
+    return {"value": value, "unit": unit, "method": method}
