@@ -25,6 +25,9 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 
+#: The cells ``--matrix`` runs: the seed's table, in the seed's order, then LoRA.
+SEED_MATRIX = ("baseline", "1", "2", "3", "4", "1+2+3", "1+2+4", "lora")
+
 #: The training objectives ``data.objective`` accepts, and what each means (table footers
 #: and errors say it; ``data/objective.py`` implements them).
 OBJECTIVES: dict[str, str] = {
@@ -404,6 +407,18 @@ def from_dict(data: dict[str, Any]) -> BenchConfig:
     if not isinstance(data, dict):
         raise ConfigError("config file must hold a JSON object")
     return apply_mapping(BenchConfig(), data)
+
+
+def config_changes(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(key, value in a, value in b) for every setting that differs between two resolved
+    configs (as ``to_dict`` or a saved config.json holds them); lists and tuples compare by content."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        changes = []
+        for key in sorted(set(a) | set(b)):
+            changes += config_changes(a.get(key), b.get(key), f"{prefix}{key}.")
+        return changes
+    same_sequence = isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b)
+    return [(prefix.rstrip("."), a, b)] if a != b and not same_sequence else []
 
 
 def describe_fields() -> list[tuple[str, Any, str]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -44,6 +45,24 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinity are not JSON; store them as null rather than as invalid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: Path, value: Any) -> Path:
+    """``value`` as indented JSON, atomically; NaN and infinity become null."""
+    text = json.dumps(_json_safe(value), indent=2, allow_nan=False) + "\n"
+    atomic_write_bytes(Path(path), text.encode("utf-8"))
+    return Path(path)
 
 
 def write_cache_file(path: Path, data: bytes) -> None:

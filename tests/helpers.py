@@ -1,11 +1,16 @@
-"""Builders shared by the tests: a tiny BERT from a config, a CPU run context, a random MLM batch."""
+"""Builders shared by the tests: a tiny BERT from a config, a CPU run context, a random MLM
+batch, cell results as workers write them, and the bytes autograd saves."""
 
 from __future__ import annotations
+
+import contextlib
+from pathlib import Path
 
 import torch
 
 from gputech_bench.config import BenchConfig, apply_overrides
 from gputech_bench.modeling import build_model
+from gputech_bench.results import SCHEMA, CellResult, RunFolder, merge_repeats, write_result
 from gputech_bench.strategies import RunContext
 
 
@@ -44,3 +49,73 @@ def random_batch(size: int, length: int, vocab: int, seed: int = 0, mask_every: 
     masked = input_ids.clone()
     masked[chosen] = 4
     return {"input_ids": masked, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+
+# --------------------------------------------------------------------------- results
+
+
+def fig(value, unit="MiB"):
+    return {"value": value, "unit": unit, "method": "test fixture"}
+
+
+def make_result(cell, status="ok", device="cpu", **metrics) -> CellResult:
+    """A cell result as a worker would have written it, read back through the result schema."""
+    strategies = {"baseline": [], "1": ["checkpointing"], "2": ["accumulation"], "3": ["adam8bit"], "4": ["mixed-precision"]}
+    cuda = {"name": "NVIDIA A30", "total_memory_mib": 24576.0, "cuda_runtime": "12.4"} if device == "cuda" else {}
+    return CellResult.from_dict({
+        "schema": SCHEMA, "cell": cell, "status": status, "reason": None if status == "ok" else "CUDA out of memory",
+        "strategies": strategies.get(cell, cell.split("+")), "preset": "test",
+        "device": {"type": device} | cuda,
+        "metrics": {name: fig(value) for name, value in metrics.items()},
+        "memory_breakdown": {}, "notes": [],
+        "provenance": {"packages": {"torch": "2.13.0"}, "python": "3.11.7", "cpu_threads": 2},
+    })
+
+
+def run_result(cell: str, seconds: float, memory: float, accuracy: float, status: str = "ok") -> CellResult:
+    """One repeat of a CPU cell."""
+    figure = lambda value, unit: {"value": value, "unit": unit, "method": "measured"}  # noqa: E731
+    return CellResult.from_dict({
+        "schema": SCHEMA, "cell": cell, "status": status, "reason": None if status == "ok" else "boom",
+        "strategies": [] if cell == "baseline" else [cell], "device": {"type": "cpu"}, "preset": "cpu",
+        "memory_breakdown": {}, "notes": [],
+        "metrics": {
+            "epoch_seconds": figure(seconds, "s"), "epoch_time_extrapolated": figure(False, "bool"),
+            "tracked_peak_mib": figure(memory, "MiB"), "eval_masked_accuracy": figure(accuracy, "fraction"),
+        },
+    })
+
+
+def repeated(cell: str, seconds: list[float], memory: float, accuracy: list[float]) -> CellResult:
+    """A cell's result merged from one repeat per entry of ``seconds`` and ``accuracy``."""
+    runs = [run_result(cell, s, memory, a) for s, a in zip(seconds, accuracy)]
+    return merge_repeats(cell, runs, len(runs), [222] * len(runs))
+
+
+# --------------------------------------------------------------------------- mechanisms
+
+
+def saved_activation_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor], around=contextlib.nullcontext) -> int:
+    """Bytes autograd keeps for backward after the forward pass (run inside ``around()``, e.g.
+    autocast), parameters excluded."""
+    parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameter_storages:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), around():
+        loss = model(**batch).loss
+    loss.backward()
+    return sum(storages.values())
+
+
+def write_run(folder: Path, results: list[CellResult]) -> Path:
+    """A run folder holding ``results``, as the runner leaves it."""
+    run = RunFolder(Path(folder))
+    for result in results:
+        write_result(run.result_path(result.cell), result)
+    return Path(folder)

@@ -6,11 +6,10 @@ import json
 import shutil
 from pathlib import Path
 
-from test_repeats import repeated
+from helpers import repeated
 
 from gputech_bench.report.compare import compare_runs, comparison_markdown, config_differences
-from gputech_bench.report.frame import load_run
-from gputech_bench.results import write_atomic
+from gputech_bench.results import load_run, write_result
 from gputech_bench.stats import HIGHER, SINGLE_RUN, WITHIN_NOISE
 
 FIXTURE = Path(__file__).parent / "fixtures" / "plots" / "cpu"
@@ -49,7 +48,7 @@ def test_repeated_runs_say_what_changed_beyond_noise(tmp_path: Path):
     for name, seconds in (("a", [10.0, 10.2, 9.9]), ("b", [12.0, 12.3, 12.1])):
         run = tmp_path / name
         shutil.copy(FIXTURE / "config.json", run.mkdir() or run / "config.json")
-        write_atomic(run / "baseline.json", repeated("baseline", seconds, 100.0, [0.05, 0.051, 0.052]))
+        write_result(run / "baseline.json", repeated("baseline", seconds, 100.0, [0.05, 0.051, 0.052]))
     comparison = compare_runs(load_run(tmp_path / "a"), load_run(tmp_path / "b"))
     (cell,) = comparison.cells
     verdicts = {change.figure: change.verdict for change in cell.changes}

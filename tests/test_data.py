@@ -183,17 +183,17 @@ def test_embedded_corpus_without_training_sentences_names_the_available_count(
 
 
 def test_every_table_says_when_the_training_split_repeats_sentences() -> None:
-    from test_report import make_result
+    from helpers import make_result
 
     from gputech_bench.report.frame import build_frame
     from gputech_bench.report.table import table_notes
 
     result = make_result("baseline", tracked_peak_mib=10.0, epoch_seconds=1.0)
-    result["data"] = {"corpus_source": "python-stdlib-docstrings (Python 3.12.3)", "train_sentences_repeated": 2055}
+    result.data = {"corpus_source": "python-stdlib-docstrings (Python 3.12.3)", "train_sentences_repeated": 2055}
     frame, _ = build_frame([result])
     assert any(note.startswith("the training split repeats 2,055 sentences: python-stdlib-docstrings (Python 3.12.3)")
                for note in table_notes(frame))
-    result["data"]["train_sentences_repeated"] = 0
+    result.data["train_sentences_repeated"] = 0
     frame, _ = build_frame([result])
     assert not any("repeats" in note for note in table_notes(frame))
 

@@ -35,27 +35,27 @@ def test_two_gloo_ranks_record_every_rank_and_train_like_one_process(tmp_path: P
 
     for cell in ("baseline", "fsdp-offload", "1+2"):
         merged = read_result(ranked / f"{cell}.json")
-        assert merged["status"] == "ok", merged["reason"]
-        assert merged["distributed"]["world_size"] == 2
-        assert [rank["rank"] for rank in merged["ranks"]] == [0, 1]
+        assert merged.status == "ok", merged.reason
+        assert merged.distributed["world_size"] == 2
+        assert [rank["rank"] for rank in merged.ranks] == [0, 1]
         for rank in (0, 1):
-            assert read_result(ranked / "ranks" / f"{cell}.rank{rank}.json")["rank"]["rank"] == rank
-        per_rank = merged["memory_per_rank"]["tracked_peak_mib"]
+            assert read_result(ranked / "ranks" / f"{cell}.rank{rank}.json").rank["rank"] == rank
+        per_rank = merged.memory_per_rank["tracked_peak_mib"]
         assert per_rank["total"] == pytest.approx(sum(per_rank["by_rank"].values()))
-        assert merged["metrics"]["tracked_peak_mib"]["value"] == per_rank["max"]
+        assert merged.value("tracked_peak_mib") == per_rank["max"]
 
         single = read_result(together / f"{cell}.json")
-        assert "distributed" not in single
+        assert single.distributed is None
         # Each rank takes half of every batch and the gradients are averaged: the same
         # training, up to the weighting of the two halves' masked-token means.
-        loss, reference = merged["metrics"]["final_train_loss"]["value"], single["metrics"]["final_train_loss"]["value"]
+        loss, reference = merged.value("final_train_loss"), single.value("final_train_loss")
         assert loss == pytest.approx(reference, rel=0.02), cell
-        masked, single_masked = (r["metrics"]["eval_masked_accuracy"]["value"] for r in (merged, single))
+        masked, single_masked = (r.value("eval_masked_accuracy") for r in (merged, single))
         assert masked == pytest.approx(single_masked, abs=0.05), cell
 
-    facts = read_result(ranked / "fsdp-offload.json")["strategy_facts"]
+    facts = read_result(ranked / "fsdp-offload.json").strategy_facts
     assert facts["fsdp_world_size"] == 2
     # The sharded cell's ranks each hold half of the weights' storage.
-    sharded = read_result(ranked / "ranks" / "fsdp-offload.rank0.json")["memory_breakdown"]["cpu"]["parameters_mib"]
-    whole = read_result(together / "fsdp-offload.json")["memory_breakdown"]["cpu"]["parameters_mib"]
+    sharded = read_result(ranked / "ranks" / "fsdp-offload.rank0.json").memory_breakdown["cpu"]["parameters_mib"]
+    whole = read_result(together / "fsdp-offload.json").memory_breakdown["cpu"]["parameters_mib"]
     assert sharded < whole

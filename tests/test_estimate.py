@@ -16,6 +16,7 @@ from gputech_bench.estimate.fit import candidates, modelled_factor, search
 from gputech_bench.estimate.overheads import DEFAULTS, Overheads, calibrate
 from gputech_bench.estimate.predict import Setup, predict, setups_for
 from gputech_bench.estimate.trace import trace_cell, trace_inputs, trace_target
+from gputech_bench.results import CellResult, Figure
 from gputech_bench.strategies import parse_cell
 from gputech_bench.worker.cell import new_result, run_cell
 
@@ -37,10 +38,10 @@ def test_the_traced_peak_matches_a_real_tracked_cpu_run_within_5_percent(tiny, c
     config, inputs = tiny
     traced = trace_cell(parse_cell(cell), config, inputs, trace_target())
     real = run_cell(cell, config, new_result(cell, config))
-    measured = real["metrics"]["tracked_peak_mib"]["value"] * MIB
+    measured = real.value("tracked_peak_mib") * MIB
     assert traced.device.total_bytes == pytest.approx(measured, rel=0.05)
     # Not just the total: parameters and optimizer state are the same tensors.
-    real_categories = real["memory_breakdown"]["cpu"]
+    real_categories = real.memory_breakdown["cpu"]
     for category in ("parameters", "optimizer_state"):
         assert traced.device.by_category[category] == pytest.approx(real_categories[f"{category}_mib"] * MIB, abs=0.01 * MIB)
 
@@ -79,9 +80,10 @@ def test_overheads_are_calibrated_from_measured_cuda_cells():
     def cuda_result(allocated, reserved, nvml):
         metrics = {"peak_allocated_mib": {"value": allocated}, "peak_reserved_mib": {"value": reserved},
                    "nvml_process_peak_mib": {"value": nvml}}
-        return {"status": "ok", "device": {"type": "cuda"}, "metrics": metrics}
+        return CellResult("baseline", "ok", None, device={"type": "cuda"},
+                          metrics={name: Figure.from_dict(entry) for name, entry in metrics.items()})
 
-    overheads = calibrate([cuda_result(1000, 1200, 1700), cuda_result(2000, 2200, 2800), {"status": "oom"}])
+    overheads = calibrate([cuda_result(1000, 1200, 1700), cuda_result(2000, 2200, 2800), CellResult("1", "oom", "out of memory")])
     assert overheads.reserve_fraction == pytest.approx((0.2 + 0.1) / 2)
     assert overheads.context_bytes == 550 * MIB
     assert "2 measured" in overheads.context_source
@@ -180,15 +182,15 @@ def test_estimate_command_prints_categories_and_fit(cache_dir: Path):
 
 
 def test_estimate_compares_with_a_run_it_is_given(tmp_path: Path, cache_dir: Path):
-    from gputech_bench.results import write_atomic
-    from gputech_bench.run.runner import RunLayout, prepare_run_dir
+    from gputech_bench.results import RunFolder, write_result
+    from gputech_bench.run.runner import prepare_run_dir
 
     config = tiny_config(cache_dir)
-    layout = RunLayout(tmp_path / "run")
+    layout = RunFolder(tmp_path / "run")
     prepare_run_dir(layout, config, force=False)
     measured = dataclasses.replace(config, train=dataclasses.replace(config.train, max_steps=2))
     result = run_cell("1", measured, new_result("1", measured))
-    write_atomic(layout.result_path("1"), result)
+    write_result(layout.result_path("1"), result)
     out = runner.invoke(app, ["estimate", "--compare", str(layout.root), "--jobs", "1", "--format", "json"])
     assert out.exit_code == 0, out.output
     import json
@@ -229,13 +231,13 @@ def test_fit_verify_runs_the_best_setup_and_checks_the_prediction(tmp_path: Path
 
 def test_report_shows_the_saved_estimate_under_the_table(tmp_path: Path, cache_dir: Path):
     from gputech_bench.cli.estimate import build_estimate
-    from gputech_bench.estimate.render import to_json
-    from gputech_bench.results import write_atomic
+    from gputech_bench.estimate.render import write_estimate
+    from gputech_bench.results import RunFolder, write_result
 
     config = apply_overrides(tiny_config(cache_dir), ["train.max_steps=2"])
     result = run_cell("baseline", config, new_result("baseline", config))
-    write_atomic(tmp_path / "baseline.json", result)
-    (tmp_path / "estimate.json").write_text(to_json(build_estimate(config, ["baseline"], 1, None, [result])))
+    write_result(tmp_path / "baseline.json", result)
+    write_estimate(RunFolder(tmp_path), build_estimate(config, ["baseline"], 1, None, [result]))
     out = runner.invoke(app, ["report", str(tmp_path)])
     assert out.exit_code == 0, out.output
     assert "predicted (fake-tensor trace) against measured" in out.output and "skipped" not in out.output

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_report import make_result
+from helpers import make_result
 
 from gputech_bench.config import BenchConfig, apply_overrides
 from gputech_bench.errors import ConfigError, SizeError
@@ -132,10 +132,10 @@ def test_a_real_oom_message_with_another_process_first_is_read_as_ours():
 
 def test_oom_rows_carry_the_request_and_the_cap_into_the_table():
     failed = make_result("baseline", status="oom", device="cuda")
-    failed["oom"] = parse_oom_message(TORCH_OOM)
-    failed["memory_cap"] = {"limit_mib": 24576.0}
+    failed.oom = parse_oom_message(TORCH_OOM)
+    failed.memory_cap = {"limit_mib": 24576.0}
     fits = make_result("1+2+3", device="cuda", nvml_process_peak_mib=9000.0)
-    fits["memory_cap"] = {"limit_mib": 24576.0}
+    fits.memory_cap = {"limit_mib": 24576.0}
     frame, measure = build_frame([failed, fits])
     row = frame.set_index("cell").loc["baseline"]
     assert (row.oom_requested_mib, row.oom_in_use_mib, row.gpu_memory_limit_mib) == (2345.0, 24729.6, 24576.0)

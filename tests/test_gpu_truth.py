@@ -8,8 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers import context, tiny_bert
-from test_report import make_result
+from helpers import context, make_result, tiny_bert
 
 import gputech_bench.worker.cell as cell_module
 from gputech_bench.config import BenchConfig, apply_overrides, load_preset
@@ -20,6 +19,7 @@ from gputech_bench.measure.warmup import warm_up_cuda_libraries
 from gputech_bench.measure.window import PeakWindow
 from gputech_bench.report.frame import build_frame
 from gputech_bench.report.table import markdown, rich_table, table_notes
+from gputech_bench.results import CellResult
 from gputech_bench.strategies import Strategy, build_plan, parse_cell, register, unregister
 from gputech_bench.training.loop import train
 from gputech_bench.worker.cell import apply_memory_cap, new_result, record_paged_state, run_cell
@@ -27,8 +27,8 @@ from gputech_bench.worker.cell import apply_memory_cap, new_result, record_paged
 MIB = 2**20
 
 
-def value(result: dict, name: str):
-    return result["metrics"][name]["value"]
+def value(result: CellResult, name: str):
+    return result.value(name)
 
 
 # --------------------------------------------------------------------------- 2. compiled cells
@@ -127,11 +127,11 @@ def test_paged_optimizer_state_is_counted_and_shown_apart():
     big = torch.zeros(3 * MIB, dtype=torch.uint8)
     big.is_paged = True
     optimizer.state[1] = {"state2": big}
-    result = {"metrics": {}, "memory_breakdown": {"cpu": {"optimizer_state_mib": 3.0}, "cuda:0": {}}}
+    result = CellResult("paged-adam8bit", memory_breakdown={"cpu": {"optimizer_state_mib": 3.0}, "cuda:0": {}})
     record_paged_state(result, optimizer)
-    assert value(result, "paged_optimizer_state_mib") == pytest.approx((3 * MIB + 1000) / MIB, abs=1e-3)  # to_mib rounds
-    assert "not in the allocated or reserved peaks" in result["metrics"]["paged_optimizer_state_mib"]["method"]
-    assert result["memory_breakdown"]["cpu"]["paged_optimizer_state_mib"] == pytest.approx(3.0, abs=0.01)
+    assert result.value("paged_optimizer_state_mib") == pytest.approx((3 * MIB + 1000) / MIB, abs=1e-3)  # to_mib rounds
+    assert "not in the allocated or reserved peaks" in result.method("paged_optimizer_state_mib")
+    assert result.memory_breakdown["cpu"]["paged_optimizer_state_mib"] == pytest.approx(3.0, abs=0.01)
 
     rows = [make_result("baseline", device="cuda", nvml_process_peak_mib=1000.0, epoch_seconds=1.0),
             make_result("paged-adam8bit", device="cuda", nvml_process_peak_mib=900.0, epoch_seconds=1.0,
@@ -143,10 +143,10 @@ def test_paged_optimizer_state_is_counted_and_shown_apart():
 
 
 def test_an_optimizer_without_paged_state_adds_nothing():
-    result = {"metrics": {}, "memory_breakdown": {}}
+    result = CellResult("3")
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(4))])
     record_paged_state(result, optimizer)
-    assert result == {"metrics": {}, "memory_breakdown": {}}
+    assert result == CellResult("3")
 
 
 # --------------------------------------------------------------------------- 4. the cap's context
@@ -161,11 +161,11 @@ def test_the_context_is_measured_after_the_libraries_have_loaded(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"total_memory": 80 * 2**30})())
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda fraction, device: order.append("cap"))
     config = apply_overrides(BenchConfig(), ["gpu_memory_limit=24GiB"])
-    result: dict = {}
+    result = CellResult("1+3")
     apply_memory_cap(config, torch.device("cuda", 0), result, {"3", "1"})
     assert order == ["warm up ['1', '3']", "measure", "cap"]
-    assert result["memory_cap"]["context_mib"] == 740.0
-    assert "after warming up cuBLAS/cuBLASLt fp32" in result["memory_cap"]["context_method"]
+    assert result.memory_cap["context_mib"] == 740.0
+    assert "after warming up cuBLAS/cuBLASLt fp32" in result.memory_cap["context_method"]
 
 
 def test_the_warm_up_runs_a_step_of_each_kind_the_cell_uses():
@@ -198,7 +198,7 @@ def test_evaluation_runs_no_more_rows_than_a_training_forward(monkeypatch, tiny_
     baseline = run_cell("baseline", config, new_result("baseline", config))
     accumulated = run_cell("2", config, new_result("2", config))
     assert seen == [16, 4]  # batch 16 in one forward; micro-batches of 4 under 2
-    assert accumulated["evaluation"]["rows_per_forward"] == 4
+    assert accumulated.evaluation["rows_per_forward"] == 4
     # Slicing changes how many rows run at once, never the scores' meaning.
     assert value(accumulated, "eval_token_accuracy") is not None and value(baseline, "eval_masked_accuracy") is not None
 
@@ -211,11 +211,11 @@ def test_evaluation_out_of_memory_keeps_every_training_figure(monkeypatch, tiny_
     monkeypatch.setattr(cell_module, "evaluate", out_of_memory)
     config = apply_overrides(tiny_config, ["train.max_steps=3"])
     result = run_cell("1", config, new_result("1", config))
-    assert result["status"] == "eval-oom" and "evaluation ran out of memory" in result["reason"]
+    assert result.status == "eval-oom" and "evaluation ran out of memory" in result.reason
     for name in ("tracked_peak_mib", "epoch_seconds", "final_train_loss", "cell_seconds"):
         assert value(result, name) is not None, name
-    assert "eval_masked_accuracy" not in result["metrics"]
-    assert result["oom"]["requested_mib"] == pytest.approx(2.3 * 1024)
+    assert "eval_masked_accuracy" not in result.metrics
+    assert result.oom["requested_mib"] == pytest.approx(2.3 * 1024)
 
     baseline = make_result("baseline", tracked_peak_mib=100.0, epoch_seconds=10.0, eval_masked_accuracy=0.4,
                            eval_token_accuracy=0.9)
@@ -233,16 +233,16 @@ def test_evaluation_out_of_memory_keeps_every_training_figure(monkeypatch, tiny_
 
 def test_a_snapshot_runs_time_is_flagged_in_every_table_and_in_compare(tmp_path):
     from gputech_bench.report.compare import compare_runs
-    from gputech_bench.report.frame import LoadedRun
+    from gputech_bench.results import LoadedRun, RunFolder
 
     plain = make_result("baseline", device="cuda", nvml_process_peak_mib=1000.0, epoch_seconds=10.0)
     recorded = make_result("baseline", device="cuda", nvml_process_peak_mib=1000.0, epoch_seconds=14.0)
-    recorded["memory_snapshot"] = "results/x/baseline.snapshot.pickle"
+    recorded.memory_snapshot = "results/x/baseline.snapshot.pickle"
     frame, measure = build_frame([recorded])
     assert frame["memory_snapshot"].tolist() == [True]
     assert any(note.startswith("† recorded a CUDA memory snapshot") for note in table_notes(frame))
     assert "14.0 s†" in markdown(frame, measure, [recorded])
-    warnings = compare_runs(LoadedRun(tmp_path / "a", [plain]), LoadedRun(tmp_path / "b", [recorded])).warnings
+    warnings = compare_runs(LoadedRun(RunFolder(tmp_path / "a"), [plain]), LoadedRun(RunFolder(tmp_path / "b"), [recorded])).warnings
     assert any("memory snapshots (--memory-snapshot) were recorded in no cell -> baseline" in w for w in warnings)
 
 
@@ -253,10 +253,10 @@ def test_every_table_names_the_attention_kernel():
     rows = [make_result("baseline", tracked_peak_mib=100.0, epoch_seconds=1.0),
             make_result("1", tracked_peak_mib=60.0, epoch_seconds=1.3)]
     for row in rows:
-        row["model"] = {"attention": "eager"}
+        row.model = {"attention": "eager"}
     frame, _ = build_frame(rows)
     assert any(note.startswith("attention: eager (the seed's 2022 kernel") for note in table_notes(frame))
-    rows[1]["model"] = {"attention": "sdpa"}
+    rows[1].model = {"attention": "sdpa"}
     frame, measure = build_frame(rows)
     assert any(note.startswith("attention differs between cells") for note in table_notes(frame))
     rich_table(frame, measure)  # renders
@@ -291,6 +291,6 @@ def test_sdpa_traces_below_eager_on_the_stand_in_device_and_says_it_is_modelled(
 def test_sdpa_runs_end_to_end_and_the_result_says_so(tiny_config):
     config = apply_overrides(tiny_config, ["train.max_steps=3", "model.attention=sdpa"])
     result = run_cell("baseline", config, new_result("baseline", config))
-    assert result["status"] == "ok" and result["model"]["attention"] == "sdpa"
+    assert result.status == "ok" and result.model["attention"] == "sdpa"
     frame, _ = build_frame([result])
     assert any(note.startswith("attention: sdpa") for note in table_notes(frame))

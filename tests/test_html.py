@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gputech_bench.report.export import render
-from gputech_bench.report.frame import load_run
+from gputech_bench.results import load_run
 
 FIXTURE = Path(__file__).parent / "fixtures" / "plots"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

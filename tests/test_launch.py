@@ -12,10 +12,10 @@ import pytest
 
 from gputech_bench.config import BenchConfig
 from gputech_bench.errors import ConfigError
-from gputech_bench.results import SCHEMA, read_result, write_atomic
+from gputech_bench.results import SCHEMA, CellResult, RunFolder, merge_ranks, read_result, write_result
 from gputech_bench.run import runner
 from gputech_bench.run.launch import Launch, gpu_slots, slot_environment, worker_command
-from gputech_bench.run.ranks import merge_rank_results, rank_result_path, read_rank_results
+from gputech_bench.run.ranks import describe_launch, read_rank_results
 from gputech_bench.run.slots import run_on_slots
 
 # --------------------------------------------------------------------------- --gpus
@@ -141,15 +141,15 @@ def test_the_runner_pins_each_cell_to_its_slot_and_keeps_the_table_order(tmp_pat
     script.write_text(FAKE_WORKER)
     monkeypatch.setattr(runner, "worker_command", lambda cell, config, out, launch, seed=None: [
         sys.executable, str(script), "--cell", cell, "--out", str(out)])
-    layout = runner.RunLayout(tmp_path / "run")
-    runner.prepare_run_dir(layout, BenchConfig(), force=False)
+    folder = RunFolder(tmp_path / "run")
+    runner.prepare_run_dir(folder, BenchConfig(), force=False)
     cells = ["baseline", "1", "2", "3", "4", "1+2+3"]
-    outcome = runner.run_matrix(cells, layout, slots=gpu_slots("0,1"))
+    outcome = runner.run_matrix(cells, folder, slots=gpu_slots("0,1"))
 
-    assert [result["cell"] for result in outcome.results] == cells
-    assert {result["gpu"] for result in outcome.results} == {"0", "1"}
+    assert [result.cell for result in outcome.results] == cells
+    assert {result.extra["gpu"] for result in outcome.results} == {"0", "1"}  # what the fake worker wrote
     for gpu in ("0", "1"):
-        spans = sorted(result["span"] for result in outcome.results if result["gpu"] == gpu)
+        spans = sorted(result.extra["span"] for result in outcome.results if result.extra["gpu"] == gpu)
         assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:])), spans
     # Two slots really ran at once: the matrix took about half the sequential time.
     assert outcome.seconds < 0.3 * len(cells)
@@ -158,8 +158,8 @@ def test_the_runner_pins_each_cell_to_its_slot_and_keeps_the_table_order(tmp_pat
 def test_ctrl_c_stops_every_running_slot_and_records_its_cell(tmp_path: Path, monkeypatch, nothing_inherited):
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
     monkeypatch.setattr(runner, "worker_command", lambda *args: sleeper)
-    layout = runner.RunLayout(tmp_path / "run")
-    runner.prepare_run_dir(layout, BenchConfig(), force=False)
+    folder = RunFolder(tmp_path / "run")
+    runner.prepare_run_dir(folder, BenchConfig(), force=False)
 
     def ctrl_c_soon() -> None:
         time.sleep(1.5)
@@ -170,12 +170,12 @@ def test_ctrl_c_stops_every_running_slot_and_records_its_cell(tmp_path: Path, mo
 
     threading.Thread(target=ctrl_c_soon, daemon=True).start()
     started = time.monotonic()
-    outcome = runner.run_matrix(["baseline", "1", "2", "3"], layout, slots=gpu_slots("0,1"))
+    outcome = runner.run_matrix(["baseline", "1", "2", "3"], folder, slots=gpu_slots("0,1"))
     assert outcome.interrupted
     assert time.monotonic() - started < 30
-    statuses = {result["cell"]: result["status"] for result in outcome.results}
+    statuses = {result.cell: result.status for result in outcome.results}
     assert statuses == {"baseline": "interrupted", "1": "interrupted"}  # 2 and 3 never started
-    assert read_result(layout.result_path("1"))["status"] == "interrupted"
+    assert read_result(folder.result_path("1")).status == "interrupted"
 
 
 # --------------------------------------------------------------------------- torchrun
@@ -205,40 +205,40 @@ def test_bad_torchrun_options_are_refused_with_the_fix(launch, message):
         launch.check()
 
 
-def rank_result(rank: int, status: str = "ok", reason: str | None = None, **metrics: float) -> dict:
-    return {
+def rank_result(rank: int, status: str = "ok", reason: str | None = None, **metrics: float) -> CellResult:
+    return CellResult.from_dict({
         "schema": SCHEMA, "cell": "fsdp-offload", "status": status, "reason": reason, "memory_breakdown": {}, "notes": [],
         "rank": {"rank": rank, "world_size": 2},
         "metrics": {name: {"value": value, "unit": "MiB", "method": "m"} for name, value in metrics.items()}
         | {"samples_per_second": {"value": 10.0, "unit": "samples/s", "method": "samples / s"}},
-    }
+    })
 
 
 def test_merged_memory_is_the_largest_rank_with_mean_and_total_beside_it():
     launch = Launch(nproc_per_node=2)
-    merged = merge_rank_results(
-        [rank_result(1, peak_allocated_mib=300.0), rank_result(0, peak_allocated_mib=100.0)], launch
+    merged = merge_ranks(
+        [rank_result(1, peak_allocated_mib=300.0), rank_result(0, peak_allocated_mib=100.0)], describe_launch(launch)
     )
-    assert merged["status"] == "ok"
-    assert merged["metrics"]["peak_allocated_mib"]["value"] == 300.0
-    assert merged["memory_per_rank"]["peak_allocated_mib"] == {
+    assert merged.status == "ok"
+    assert merged.value("peak_allocated_mib") == 300.0
+    assert merged.memory_per_rank["peak_allocated_mib"] == {
         "max": 300.0, "mean": 200.0, "total": 400.0, "by_rank": {"1": 300.0, "0": 100.0}}
-    assert merged["distributed"]["world_size"] == 2
-    assert [rank["rank"] for rank in merged["ranks"]] == [1, 0]
-    assert "all 2 ranks" in merged["metrics"]["samples_per_second"]["method"]
-    assert "rank" not in merged
+    assert merged.distributed["world_size"] == 2
+    assert [rank["rank"] for rank in merged.ranks] == [1, 0]
+    assert "all 2 ranks" in merged.method("samples_per_second")
+    assert merged.rank is None and "rank" not in merged.to_dict()
 
 
 def test_the_rank_that_caused_a_failure_explains_the_cell(tmp_path: Path):
     launch = Launch(nproc_per_node=2)
-    merged = merge_rank_results(
-        [rank_result(0, "interrupted", "stopped"), rank_result(1, "oom", "CUDA out of memory")], launch
+    merged = merge_ranks(
+        [rank_result(0, "interrupted", "stopped"), rank_result(1, "oom", "CUDA out of memory")], describe_launch(launch)
     )
-    assert (merged["status"], merged["reason"]) == ("oom", "rank 1: CUDA out of memory")
+    assert (merged.status, merged.reason) == ("oom", "rank 1: CUDA out of memory")
 
-    out = tmp_path / "fsdp-offload.json"
-    write_atomic(rank_result_path(out, 0), rank_result(0))
-    ranks = read_rank_results(out, launch)  # rank 1 left nothing
-    assert [r["status"] for r in ranks] == ["ok", "crashed"]
-    assert merge_rank_results(ranks, launch)["reason"].startswith("rank 1: left no result")
-    assert json.loads(rank_result_path(out, 0).read_text())["rank"]["rank"] == 0
+    folder = RunFolder(tmp_path)
+    write_result(folder.rank_path("fsdp-offload", 0), rank_result(0))
+    ranks = read_rank_results(folder, "fsdp-offload", launch)  # rank 1 left nothing
+    assert [r.status for r in ranks] == ["ok", "crashed"]
+    assert merge_ranks(ranks, describe_launch(launch)).reason.startswith("rank 1: left no result")
+    assert json.loads(folder.rank_path("fsdp-offload", 0).read_text())["rank"]["rank"] == 0

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
-from helpers import context, random_batch, tiny_bert
+from helpers import context, random_batch, saved_activation_bytes, tiny_bert
 from transformers import get_linear_schedule_with_warmup
 
 from gputech_bench.measure.tracker import StepMemoryTracker
@@ -14,25 +12,6 @@ from gputech_bench.strategies import build_plan, parse_cell
 from gputech_bench.strategies.accumulation import split_into_micro_batches
 from gputech_bench.strategies.checkpointing import is_checkpointing
 from gputech_bench.training.loop import accumulate_gradients, optimizer_step
-
-
-def saved_activation_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor], around=contextlib.nullcontext) -> int:
-    """Bytes autograd keeps for backward after the forward pass (run inside ``around()``, e.g.
-    autocast), parameters excluded."""
-    parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameter_storages:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), around():
-        loss = model(**batch).loss
-    loss.backward()
-    return sum(storages.values())
-
 
 # --------------------------------------------------------------------------- 1: checkpointing
 

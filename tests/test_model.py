@@ -45,10 +45,10 @@ def local_pretrained(tmp_path: Path, tiny_config: BenchConfig, cache_dir: Path) 
 def test_a_local_pretrained_folder_is_loaded_with_its_tokenizer(local_pretrained: Path, tiny_config: BenchConfig):
     config = apply_overrides(tiny_config, [f"model.pretrained={local_pretrained}", "train.max_steps=3"])
     result = run_cell("1", config, new_result("1", config))
-    assert result["status"] == "ok"
-    assert result["model"]["source"] == str(local_pretrained)
-    assert result["data"]["tokenizer"].startswith("pretrained")
-    assert result["model"]["vocab_rows"] == result["data"]["tokenizer_size"]
+    assert result.status == "ok"
+    assert result.model["source"] == str(local_pretrained)
+    assert result.data["tokenizer"].startswith("pretrained")
+    assert result.model["vocab_rows"] == result.data["tokenizer_size"]
 
 
 def test_a_missing_pretrained_folder_is_a_one_line_error(tmp_path: Path, tiny_config: BenchConfig, monkeypatch):

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import context, random_batch, tiny_bert
-from test_mechanisms import saved_activation_bytes
+from helpers import context, random_batch, saved_activation_bytes, tiny_bert
 from transformers import get_linear_schedule_with_warmup
 
 from gputech_bench.errors import StrategyError
 from gputech_bench.measure.tracker import StepMemoryTracker
+from gputech_bench.results import CellResult
 from gputech_bench.run.matrix import expand
 from gputech_bench.strategies import build_plan, check_cell, parse_cell
 from gputech_bench.strategies.amp import AutocastPrecision
@@ -178,9 +178,9 @@ def test_compile_trains_like_eager():
 
 def test_compile_time_is_the_first_steps_excess_over_a_steady_step():
     outcome = TrainOutcome(5, 5, 5, 40, step_seconds=[0.1, 0.1, 0.1], first_step_seconds=12.6)
-    result = {"metrics": {}}
+    result = CellResult("compile")
     record_compile_time(result, outcome)
-    assert result["metrics"]["compile_seconds"]["value"] == pytest.approx(12.5)
+    assert result.value("compile_seconds") == pytest.approx(12.5)
 
 
 # --------------------------------------------------------------------------- the estimate

@@ -14,6 +14,7 @@ from transformers.modeling_outputs import MaskedLMOutput
 from gputech_bench.config import OBJECTIVES, BenchConfig, apply_overrides, load_preset
 from gputech_bench.data import IGNORE_INDEX, MaskingSpec, TokenizedSplit, apply_objective, mask_tokens
 from gputech_bench.errors import ConfigError, StrategyError
+from gputech_bench.results import CellResult
 from gputech_bench.run.matrix import expand
 from gputech_bench.strategies import build_plan, parse_cell
 from gputech_bench.strategies.accumulation import split_into_micro_batches
@@ -240,8 +241,9 @@ def minimal_result(cell: str, objective: str | None) -> dict:
     config = {"data": {"objective": objective}} if objective else {"data": {}}
     metrics = {"tracked_peak_mib": {"value": 10.0}, "epoch_seconds": {"value": 1.0},
                "eval_masked_accuracy": {"value": 0.1}, "eval_token_accuracy": {"value": 0.8}}
-    return {"schema": "gputech-bench/cell-result/1", "cell": cell, "status": "ok", "reason": None, "config": config,
-            "metrics": metrics, "memory_breakdown": {}, "notes": [], "device": {"type": "cpu"}}
+    return CellResult.from_dict({"schema": "gputech-bench/cell-result/1", "cell": cell, "status": "ok", "reason": None,
+                                 "config": config, "metrics": metrics, "memory_breakdown": {}, "notes": [],
+                                 "device": {"type": "cpu"}})
 
 
 def test_every_table_names_the_objective_and_old_results_read_as_mlm():
@@ -264,10 +266,10 @@ def test_every_table_names_the_objective_and_old_results_read_as_mlm():
 
 def test_compare_warns_when_the_objectives_differ(tmp_path):
     from gputech_bench.report.compare import compare_runs
-    from gputech_bench.report.frame import LoadedRun
+    from gputech_bench.results import LoadedRun, RunFolder
 
-    run_a = LoadedRun(tmp_path / "a", [minimal_result("baseline", "mlm")], config={"data": {"objective": "mlm"}})
-    run_b = LoadedRun(tmp_path / "b", [minimal_result("baseline", "seed")], config={"data": {"objective": "seed"}})
+    run_a = LoadedRun(RunFolder(tmp_path / "a"), [minimal_result("baseline", "mlm")], config={"data": {"objective": "mlm"}})
+    run_b = LoadedRun(RunFolder(tmp_path / "b"), [minimal_result("baseline", "seed")], config={"data": {"objective": "seed"}})
     warnings = compare_runs(run_a, run_b).warnings
     assert any(w.startswith("training objectives differ: mlm -> seed") for w in warnings), warnings
     same = compare_runs(run_a, run_a).warnings

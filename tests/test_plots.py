@@ -14,7 +14,7 @@ from matplotlib.image import imread
 from matplotlib.text import Annotation, Text
 from matplotlib.transforms import Bbox
 
-from gputech_bench.report.frame import build_frame, load_run
+from gputech_bench.report.frame import build_frame
 from gputech_bench.report.plots import (
     ACCURACY_PNG,
     BREAKDOWN_PNG,
@@ -30,6 +30,7 @@ from gputech_bench.report.plots import (
     png_bytes,
     write_plots,
 )
+from gputech_bench.results import load_run
 from gputech_bench.units import MIB
 
 FIXTURES = Path(__file__).parent / "fixtures" / "plots"
@@ -72,7 +73,7 @@ def test_a_repeated_run_adds_the_accuracy_plot(tmp_path):
     ax = accuracy_figure(run, build_frame(run.results)[0]).axes[0]
     assert [label.get_text() for label in ax.get_xticklabels()] == ["baseline\n(n=5)", "4\n(n=5)", "sparse-head\n(n=5)"]
     dots = sorted(y for collection in ax.collections if isinstance(collection, PathCollection) for _, y in collection.get_offsets())
-    values = [value for result in run.results for value in result["repeats"]["statistics"]["eval_masked_accuracy"]["values"]]
+    values = [value for result in run.results for value in result.repeats["statistics"]["eval_masked_accuracy"]["values"]]
     assert dots == pytest.approx(sorted(100 * value for value in values))
 
 

@@ -11,31 +11,13 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_RUN
+from helpers import repeated, run_result
 
 from gputech_bench.report.frame import build_frame
 from gputech_bench.report.table import markdown
-from gputech_bench.results import SCHEMA, read_result
-from gputech_bench.run.repeats import aggregate
+from gputech_bench.results import merge_repeats, read_result
 from gputech_bench.run.runner import Job, plan_jobs
 from gputech_bench.stats import HIGHER, LOWER, WITHIN_NOISE
-
-
-def run_result(cell: str, seconds: float, memory: float, accuracy: float, status: str = "ok") -> dict:
-    figure = lambda value, unit: {"value": value, "unit": unit, "method": "measured"}  # noqa: E731
-    return {
-        "schema": SCHEMA, "cell": cell, "status": status, "reason": None if status == "ok" else "boom",
-        "strategies": [] if cell == "baseline" else [cell], "device": {"type": "cpu"}, "preset": "cpu",
-        "memory_breakdown": {}, "notes": [],
-        "metrics": {
-            "epoch_seconds": figure(seconds, "s"), "epoch_time_extrapolated": figure(False, "bool"),
-            "tracked_peak_mib": figure(memory, "MiB"), "eval_masked_accuracy": figure(accuracy, "fraction"),
-        },
-    }
-
-
-def repeated(cell: str, seconds: list[float], memory: float, accuracy: list[float]) -> dict:
-    runs = [run_result(cell, s, memory, a) for s, a in zip(seconds, accuracy)]
-    return aggregate(cell, runs, len(runs), [222] * len(runs))
 
 
 def test_jobs_go_round_robin_so_drift_spreads_over_the_cells():
@@ -48,24 +30,24 @@ def test_jobs_go_round_robin_so_drift_spreads_over_the_cells():
 
 def test_a_cell_carries_the_medians_and_the_statistics_of_its_repeats():
     result = repeated("1", [3.0, 3.4, 3.1], 80.0, [0.04, 0.05, 0.06])
-    assert result["status"] == "ok" and result["reason"] is None
-    assert result["metrics"]["epoch_seconds"]["value"] == 3.1
-    assert result["metrics"]["epoch_seconds"]["method"].endswith("median of 3 repeats")
-    stats = result["repeats"]["statistics"]
+    assert result.status == "ok" and result.reason is None
+    assert result.value("epoch_seconds") == 3.1
+    assert result.method("epoch_seconds").endswith("median of 3 repeats")
+    stats = result.repeats["statistics"]
     assert stats["epoch_seconds"]["values"] == [3.0, 3.4, 3.1]
     assert (stats["epoch_seconds"]["min"], stats["epoch_seconds"]["max"]) == (3.0, 3.4)
     assert "epoch_time_extrapolated" not in stats  # booleans are not statistics
-    assert result["repeats"]["count"] == 3 and result["repeats"]["vary_seed"] is False
+    assert result.repeats["count"] == 3 and result.repeats["vary_seed"] is False
 
 
 def test_a_failed_or_missing_repeat_is_the_cells_status_and_the_rest_is_kept():
     runs = [run_result("2", 3.0, 80.0, 0.05), run_result("2", 0, 0, 0, status="oom")]
-    failed = aggregate("2", runs, 3, [1, 2, 3])
-    assert failed["status"] == "oom" and failed["reason"] == "repeat 2 of 3: boom"
-    assert failed["metrics"]["epoch_seconds"]["value"] == 3.0  # from the ok repeat
-    partial = aggregate("2", runs[:1], 3, [1, 2, 3])
-    assert partial["status"] == "interrupted" and "1 of 3 repeats done" in partial["reason"]
-    assert partial["repeats"]["seeds"] == [1] and partial["repeats"]["vary_seed"] is True
+    failed = merge_repeats("2", runs, 3, [1, 2, 3])
+    assert failed.status == "oom" and failed.reason == "repeat 2 of 3: boom"
+    assert failed.value("epoch_seconds") == 3.0  # from the ok repeat
+    partial = merge_repeats("2", runs[:1], 3, [1, 2, 3])
+    assert partial.status == "interrupted" and "1 of 3 repeats done" in partial.reason
+    assert partial.repeats["seeds"] == [1] and partial.repeats["vary_seed"] is True
 
 
 def test_differences_against_the_baseline_are_marked_within_noise_only_when_ranges_overlap():
@@ -99,7 +81,7 @@ def test_repeat_with_vary_seed_runs_fresh_processes_and_aggregates(tmp_path: Pat
     seeds = [json.loads((run / "repeats" / f"1.rep{k}.json").read_text())["config"]["train"]["seed"] for k in (1, 2)]
     assert seeds[1] == seeds[0] + 1
     cell = read_result(run / "1.json")
-    assert cell["repeats"]["seeds"] == seeds and cell["repeats"]["vary_seed"] is True
-    assert cell["repeats"]["statistics"]["epoch_seconds"]["n"] == 2
+    assert cell.repeats["seeds"] == seeds and cell.repeats["vary_seed"] is True
+    assert cell.repeats["statistics"]["epoch_seconds"]["n"] == 2
     assert "medians of 2 repeats" in out.stdout
     assert "each cell 2 times" in out.stdout

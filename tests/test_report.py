@@ -9,29 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import make_result, write_run
 
 from gputech_bench.errors import ResultError
 from gputech_bench.report.export import render
-from gputech_bench.report.frame import COLUMNS, CPU_MEASURE, NVML_MEASURE, RESERVED_MEASURE, build_frame, load_run
+from gputech_bench.report.frame import COLUMNS, CPU_MEASURE, NVML_MEASURE, RESERVED_MEASURE, build_frame
 from gputech_bench.report.table import _extremes, markdown
-from gputech_bench.results import SCHEMA, write_atomic
-
-
-def fig(value, unit="MiB"):
-    return {"value": value, "unit": unit, "method": "test fixture"}
-
-
-def make_result(cell, status="ok", device="cpu", **metrics):
-    strategies = {"baseline": [], "1": ["checkpointing"], "2": ["accumulation"], "3": ["adam8bit"], "4": ["mixed-precision"]}
-    result = {
-        "schema": SCHEMA, "cell": cell, "status": status, "reason": None if status == "ok" else "CUDA out of memory",
-        "strategies": strategies.get(cell, cell.split("+")), "preset": "test",
-        "device": {"type": device} | ({"name": "NVIDIA A30", "total_memory_mib": 24576.0, "cuda_runtime": "12.4"} if device == "cuda" else {}),
-        "metrics": {name: fig(value) for name, value in metrics.items()},
-        "memory_breakdown": {}, "notes": [],
-        "provenance": {"packages": {"torch": "2.13.0"}, "python": "3.11.7", "cpu_threads": 2},
-    }
-    return result
+from gputech_bench.results import load_run
 
 
 def cpu_run():
@@ -85,18 +69,12 @@ def test_markdown_names_the_baseline_figures_in_its_headers():
     assert "NVIDIA A30 (24.0 GiB, CUDA 12.4)" in text
 
 
-def write_run(folder: Path, results) -> Path:
-    for result in results:
-        write_atomic(folder / f"{result['cell']}.json", result)
-    return folder
-
-
 def test_a_corrupt_or_foreign_file_is_named_and_skipped(tmp_path: Path):
     write_run(tmp_path, cpu_run())
     (tmp_path / "1+2.json").write_text('{"status": "ok", "cel')  # cut short
     (tmp_path / "notes.json").write_text(json.dumps({"hello": "world"}))
     run = load_run(tmp_path)
-    assert [r["cell"] for r in run.results] == ["baseline", "1", "4"]
+    assert [r.cell for r in run.results] == ["baseline", "1", "4"]
     assert len(run.problems) == 2
     assert any("1+2.json" in p and "not a readable JSON result" in p for p in run.problems)
     assert any("notes.json" in p and "not a gputech-bench cell result" in p for p in run.problems)

@@ -15,7 +15,7 @@ import pytest
 from conftest import TINY_RUN
 from typer.testing import CliRunner
 
-from gputech_bench.results import read_result
+from gputech_bench.results import RunFolder, read_result
 
 
 def tiny_args(cache_dir: Path) -> list[str]:
@@ -76,9 +76,9 @@ def test_a_worker_killed_with_sigkill_is_a_crashed_row_and_the_matrix_goes_on(tm
     assert process.returncode == 1, stderr[-2000:]
     run_dir = tmp_path / "results" / "kill"
     crashed = read_result(run_dir / "1.json")
-    assert crashed["status"] == "crashed" and crashed["reason"].startswith("worker killed by SIGKILL")
-    assert read_result(run_dir / "baseline.json")["status"] == "ok"
-    assert read_result(run_dir / "lora.json")["status"] == "ok"
+    assert crashed.status == "crashed" and crashed.reason.startswith("worker killed by SIGKILL")
+    assert read_result(run_dir / "baseline.json").status == "ok"
+    assert read_result(run_dir / "lora.json").status == "ok"
     assert "crashed" in stdout and "Traceback" not in stderr
 
 
@@ -93,7 +93,7 @@ def test_interrupted_run_resumes_without_rerunning_finished_cells(tmp_path: Path
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-2000:]
     assert "interrupted" in stdout and "--run-name resume" in stdout
-    assert read_result(run_dir / "1.json")["status"] == "interrupted"
+    assert read_result(run_dir / "1.json").status == "interrupted"
     assert not (run_dir / "2.json").exists()
     finished = (run_dir / "baseline.json").read_bytes()
     finished_mtime = (run_dir / "baseline.json").stat().st_mtime_ns
@@ -104,8 +104,8 @@ def test_interrupted_run_resumes_without_rerunning_finished_cells(tmp_path: Path
     assert "reused 1 finished cell(s): baseline" in stdout
     assert (run_dir / "baseline.json").read_bytes() == finished
     assert (run_dir / "baseline.json").stat().st_mtime_ns == finished_mtime
-    assert {read_result(run_dir / f"{c}.json")["status"] for c in ("1", "2")} == {"ok"}
-    assert read_result(run_dir / "previous" / "1.json")["status"] == "interrupted"  # the old attempt is kept
+    assert {read_result(run_dir / f"{c}.json").status for c in ("1", "2")} == {"ok"}
+    assert read_result(run_dir / "previous" / "1.json").status == "interrupted"  # the old attempt is kept
 
 
 @pytest.mark.slow
@@ -120,8 +120,8 @@ def test_a_runner_killed_with_sigkill_loses_nothing_and_its_worker_stops(tmp_pat
     # The orphaned worker is told (SIGTERM on parent death), stops, and says so.
     wait_for(lambda: not worker_pids("1", tmp_path), timeout=60)
     assert (run_dir / "baseline.json").read_bytes() == finished
-    assert read_result(run_dir / "baseline.json")["status"] == "ok"
-    assert read_result(run_dir / "1.json")["status"] == "interrupted"
+    assert read_result(run_dir / "baseline.json").status == "ok"
+    assert read_result(run_dir / "1.json").status == "interrupted"
 
 
 @pytest.mark.slow
@@ -132,7 +132,7 @@ def test_cell_timeout_stops_the_worker_and_records_timeout(tmp_path: Path, cache
     assert process.returncode == 1, stderr[-2000:]
     for cell in ("baseline", "1"):
         result = read_result(tmp_path / "results" / "slow" / f"{cell}.json")
-        assert result["status"] == "timeout" and result["reason"].startswith("exceeded --cell-timeout of 1 s")
+        assert result.status == "timeout" and result.reason.startswith("exceeded --cell-timeout of 1 s")
 
 
 def test_a_run_name_with_another_config_is_refused(tmp_path: Path, cache_dir: Path):
@@ -180,10 +180,10 @@ def test_a_broken_bitsandbytes_fails_only_its_cells_with_the_fix(tmp_path: Path,
     assert process.returncode == 1, process.stderr[-2000:]
     run_dir = tmp_path / "results" / "nobnb"
     broken = read_result(run_dir / "3.json")
-    assert broken["status"] == "error" and broken["traceback"] is None
-    assert broken["reason"].startswith("bitsandbytes could not be imported (libbitsandbytes_cuda128.so")
-    assert "pip install 'bitsandbytes>=0.45'" in broken["reason"]
-    assert {read_result(run_dir / f"{c}.json")["status"] for c in ("baseline", "1")} == {"ok"}
+    assert broken.status == "error" and broken.traceback is None
+    assert broken.reason.startswith("bitsandbytes could not be imported (libbitsandbytes_cuda128.so")
+    assert "pip install 'bitsandbytes>=0.45'" in broken.reason
+    assert {read_result(run_dir / f"{c}.json").status for c in ("baseline", "1")} == {"ok"}
 
 
 def test_ctrl_c_delivered_to_another_thread_still_stops_the_worker_at_once(tmp_path: Path, monkeypatch):
@@ -192,7 +192,7 @@ def test_ctrl_c_delivered_to_another_thread_still_stops_the_worker_at_once(tmp_p
 
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
     monkeypatch.setattr(runner, "worker_command", lambda *args: sleeper)
-    layout = runner.RunLayout(tmp_path / "run")
+    layout = RunFolder(tmp_path / "run")
     layout.root.mkdir()
 
     def ctrl_c_in_this_thread() -> None:
@@ -202,5 +202,5 @@ def test_ctrl_c_delivered_to_another_thread_still_stops_the_worker_at_once(tmp_p
     threading.Thread(target=ctrl_c_in_this_thread, daemon=True).start()
     started = time.monotonic()
     run = runner.run_worker(runner.Job("1"), layout, on_event=lambda cell, event: None)
-    assert run.interrupted and run.result["status"] == "interrupted"
+    assert run.interrupted and run.result.status == "interrupted"
     assert time.monotonic() - started < 30  # far below the sleeper's 60 s

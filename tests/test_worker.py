@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gputech_bench.config import BenchConfig, apply_overrides, from_dict, to_dict
-from gputech_bench.results import SCHEMA, read_result
+from gputech_bench.results import SCHEMA, CellResult, read_result
 from gputech_bench.strategies import Strategy, register, unregister
 from gputech_bench.worker.__main__ import main as worker_main
 from gputech_bench.worker.cell import new_result, run_cell
@@ -22,15 +22,15 @@ def write_config(path: Path, config: BenchConfig) -> Path:
     return path
 
 
-def run_worker(tmp_path: Path, config: BenchConfig, cell: str) -> tuple[int, dict]:
+def run_worker(tmp_path: Path, config: BenchConfig, cell: str) -> tuple[int, CellResult]:
     config_path = write_config(tmp_path / "config.json", config)
     out = tmp_path / f"{cell}.json"
     code = worker_main(["--cell", cell, "--config", str(config_path), "--out", str(out)])
-    return code, json.loads(out.read_text())
+    return code, read_result(out)
 
 
-def value(result: dict, metric: str):
-    return result["metrics"][metric]["value"]
+def value(result: CellResult, metric: str):
+    return result.value(metric)
 
 
 @pytest.mark.slow
@@ -44,24 +44,24 @@ def test_worker_process_writes_a_complete_result(tmp_path: Path, tiny_config: Be
     )
     assert process.returncode == 0, process.stderr[-2000:]
     result = read_result(out)
-    assert result["schema"] == SCHEMA and result["status"] == "ok" and result["cell"] == "1+2+3"
-    assert result["strategies"] == ["checkpointing", "accumulation", "adam8bit"]
+    assert json.loads(out.read_text())["schema"] == SCHEMA and result.status == "ok" and result.cell == "1+2+3"
+    assert result.strategies == ["checkpointing", "accumulation", "adam8bit"]
     # Every figure names its unit and method.
-    for name, entry in result["metrics"].items():
+    for name, entry in result.metrics.items():
         assert set(entry) == {"value", "unit", "method"} and entry["unit"] and entry["method"], name
     assert value(result, "tracked_peak_mib") > 0
     assert value(result, "peak_rss_mib") > value(result, "tracked_peak_mib")
-    assert set(result["memory_breakdown"]["cpu"]) >= {"parameters_mib", "gradients_mib", "optimizer_state_mib", "activations_mib", "temporaries_mib"}
+    assert set(result.memory_breakdown["cpu"]) >= {"parameters_mib", "gradients_mib", "optimizer_state_mib", "activations_mib", "temporaries_mib"}
     assert value(result, "epoch_seconds") > 0 and value(result, "samples_per_second") > 0
     assert value(result, "epoch_time_extrapolated") is True
-    assert any("extrapolated" in note for note in result["notes"])
+    assert any("extrapolated" in note for note in result.notes)
     assert 0 <= value(result, "eval_masked_accuracy") <= 1 and 0 <= value(result, "eval_token_accuracy") <= 1
     assert value(result, "steps_run") == 4
     # Provenance and the resolved config travel with the figures.
-    provenance = result["provenance"]
+    provenance = result.provenance
     assert provenance["packages"]["torch"] and provenance["python"] and provenance["started_at"] and provenance["finished_at"]
-    assert result["data"]["corpus_fingerprint"] and from_dict(result["config"]) == config
-    assert result["strategy_facts"]["optimizer"].endswith("Adam8bit")
+    assert result.data["corpus_fingerprint"] and from_dict(result.config) == config
+    assert result.strategy_facts["optimizer"].endswith("Adam8bit")
     # Progress events for a runner, one JSON object per line.
     events = [json.loads(line) for line in process.stdout.splitlines()]
     assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3, 4]
@@ -86,7 +86,7 @@ def test_full_epochs_are_measured_not_extrapolated(tiny_config: BenchConfig):
     result = run_cell("baseline", tiny_config, new_result("baseline", tiny_config))
     assert value(result, "epoch_time_extrapolated") is False
     assert value(result, "steps_run") == 6  # 96 sentences / batch 16, one epoch
-    assert "complete epoch" in result["metrics"]["epoch_seconds"]["method"]
+    assert "complete epoch" in result.method("epoch_seconds")
 
 
 class _Exploding(Strategy):
@@ -111,33 +111,33 @@ def test_worker_writes_an_error_result_for_a_strategy_that_raises(tmp_path, tiny
     exploding_strategy.error = RuntimeError("boom in prepare_model")
     code, result = run_worker(tmp_path, tiny_config, "test-explode")
     assert code == 1
-    assert result["status"] == "error"
-    assert result["reason"] == "RuntimeError: boom in prepare_model"
-    assert "boom in prepare_model" in result["traceback"][-1]
-    assert result["data"]["corpus_fingerprint"]  # what ran before the failure is kept
+    assert result.status == "error"
+    assert result.reason == "RuntimeError: boom in prepare_model"
+    assert "boom in prepare_model" in result.traceback[-1]
+    assert result.data["corpus_fingerprint"]  # what ran before the failure is kept
 
 
 def test_worker_classifies_out_of_memory(tmp_path, tiny_config, exploding_strategy):
     exploding_strategy.error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     code, result = run_worker(tmp_path, tiny_config, "test-explode")
-    assert code == 1 and result["status"] == "oom"
-    assert result["reason"] == "out of memory: asked for 2,048 MiB"
-    assert result["oom"]["requested_mib"] == 2048.0
-    assert "Tried to allocate 2.00 GiB" in result["traceback"][-1]
+    assert code == 1 and result.status == "oom"
+    assert result.reason == "out of memory: asked for 2,048 MiB"
+    assert result.oom["requested_mib"] == 2048.0
+    assert "Tried to allocate 2.00 GiB" in result.traceback[-1]
 
 
 def test_worker_records_a_refused_cell_as_a_one_line_error(tmp_path, tiny_config):
     code, result = run_worker(tmp_path, tiny_config, "1++2")
-    assert code == 1 and result["status"] == "error"
-    assert result["reason"].startswith("malformed combination '1++2'")
-    assert result["traceback"] is None
+    assert code == 1 and result.status == "error"
+    assert result.reason.startswith("malformed combination '1++2'")
+    assert result.traceback is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is absent")
 def test_worker_explains_missing_cuda(tmp_path, tiny_config):
     code, result = run_worker(tmp_path, apply_overrides(tiny_config, ["device=cuda"]), "baseline")
-    assert code == 1 and result["status"] == "error"
-    assert "CUDA was requested but torch.cuda.is_available() is False: use --device cpu" in result["reason"]
+    assert code == 1 and result.status == "error"
+    assert "CUDA was requested but torch.cuda.is_available() is False: use --device cpu" in result.reason
 
 
 def test_worker_records_an_unreadable_config(tmp_path, capsys):
@@ -145,16 +145,16 @@ def test_worker_records_an_unreadable_config(tmp_path, capsys):
     bad.write_text("{not json")
     code = worker_main(["--cell", "1", "--config", str(bad), "--out", str(tmp_path / "r.json")])
     result = read_result(tmp_path / "r.json")
-    assert code == 1 and result["status"] == "error"
-    assert result["reason"].startswith(f"cannot use config {bad} (JSONDecodeError)")
+    assert code == 1 and result.status == "error"
+    assert result.reason.startswith(f"cannot use config {bad} (JSONDecodeError)")
     assert "cannot use config" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_worker_measures_cuda_memory(tmp_path, tiny_config):
     code, result = run_worker(tmp_path, apply_overrides(tiny_config, ["device=cuda", "train.max_steps=3"]), "1+2+4")
-    assert code == 0, result["reason"]
+    assert code == 0, result.reason
     assert value(result, "peak_allocated_mib") > 0
     assert value(result, "peak_reserved_mib") >= value(result, "peak_allocated_mib")
-    assert result["device"]["name"] and result["device"]["total_memory_mib"] > 0
-    assert result["strategy_facts"]["compute_dtype"] == "float16"
+    assert result.device["name"] and result.device["total_memory_mib"] > 0
+    assert result.strategy_facts["compute_dtype"] == "float16"

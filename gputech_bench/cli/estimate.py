@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from datetime import datetime
 from pathlib import Path
 from typing import Any, List, Optional
@@ -13,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..config import BenchConfig, from_dict
 from ..errors import ConfigError, UserError, first_line
+from ..results import CellResult, RunFolder
 from ..units import MIB, parse_size
 from .common import EXIT_FAILED_CELL, console, cuda_available, errors, fail, resolve_config
 
@@ -59,18 +59,14 @@ def _predict(setups, config: BenchConfig, jobs: int):
         return predict(setups, config, jobs, on_done=lambda prediction: progress.advance(task))
 
 
-def _load_run(run_dir: Path) -> tuple[BenchConfig, list[dict[str, Any]]]:
-    from ..report.frame import load_run
-    from ..run.runner import RunLayout
-
-    layout = RunLayout(run_dir)
-    if not layout.config_path.is_file():
-        raise ConfigError(f"'{run_dir}' holds no config.json: pass a folder made by 'gputech-bench run'")
-    try:
-        config = from_dict(json.loads(layout.config_path.read_text(encoding="utf-8")))
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"{layout.config_path} is unreadable ({first_line(error)}): re-run the cells into a new --run-name") from None
-    return config, load_run(run_dir).results
+def _load_run(run_dir: Path) -> tuple[BenchConfig, list[CellResult]]:
+    folder = RunFolder(run_dir)
+    if not folder.config_path.is_file():
+        raise ConfigError(f"'{run_dir}' holds no {folder.CONFIG}: pass a folder made by 'gputech-bench run'")
+    saved = folder.read_config()
+    if saved is None:
+        raise ConfigError(f"{folder.config_path} is unreadable: re-run the cells into a new --run-name")
+    return from_dict(saved), folder.load().results
 
 
 def _device_memory(option: Optional[str]) -> Optional[int]:
@@ -98,7 +94,7 @@ def _emit(text: str, output: Optional[Path]) -> None:
 
 
 def build_estimate(
-    config: BenchConfig, cells: list[str], jobs: int, budget: Optional[int], results: Optional[list[dict[str, Any]]]
+    config: BenchConfig, cells: list[str], jobs: int, budget: Optional[int], results: Optional[list[CellResult]]
 ):
     """Trace ``cells`` and assemble the report; shared by ``estimate`` and ``run``."""
     from ..estimate.measured import measured_peak
@@ -112,28 +108,27 @@ def build_estimate(
     overheads = calibrate(results) if results else DEFAULTS
     measured = {}
     if results is not None:
-        by_cell = {result["cell"]: result for result in results}
+        by_cell = {result.cell: result for result in results}
         measured = {cell: measured_peak(by_cell.get(cell)) for cell in cells}
     caveat = "; ".join(note for note in (target.caveat, modelled_attention_note(config, target)) if note) or None
     return EstimateReport(target.label, caveat, predictions, overheads, budget, measured, config.data.objective,
                           config.model.attention)
 
 
-def estimate_run(config: BenchConfig, results: list[dict[str, Any]], path: Path) -> None:
+def estimate_run(config: BenchConfig, results: list[CellResult], folder: RunFolder) -> None:
     """The predicted-against-measured table after ``run``. A failing estimate is a warning:
     the measured results are what the run is for."""
     from ..estimate.predict import default_jobs
-    from ..estimate.render import to_json
-    from ..files import atomic_write_bytes
+    from ..estimate.render import write_estimate
 
-    cells = [result["cell"] for result in results]
+    cells = [result.cell for result in results]
     try:
         # Starting a trace process costs an import of torch and transformers (~5 s): not for two cells.
         report = build_estimate(config, cells, default_jobs() if len(cells) > 2 else 1, None, results)
-        atomic_write_bytes(path, to_json(report).encode("utf-8"))
+        write_estimate(folder, report)
     except Exception as error:  # noqa: BLE001 - never lose a finished run to its estimate
         errors.print(f"[yellow]warning:[/] no memory estimate ({type(error).__name__}: {first_line(error)}); "
-                     f"'gputech-bench estimate --compare {path.parent}' retries it", highlight=False)
+                     f"'gputech-bench estimate --compare {folder.root}' retries it", highlight=False)
         return
     _print_against_measured(report)
 
@@ -150,18 +145,17 @@ def _print_against_measured(report) -> None:
 def show_saved_estimate(loaded) -> None:
     """The run's saved estimate against its results, under ``report``'s table (if there is one)."""
     from ..estimate.measured import measured_peak
-    from ..estimate.render import from_dict
+    from ..estimate.render import read_estimate
 
-    path = Path(loaded.root) / "estimate.json"
-    if not path.is_file():
+    if not loaded.folder.estimate_path.is_file():
         return
     try:
-        saved = from_dict(json.loads(path.read_text(encoding="utf-8")))
+        saved = read_estimate(loaded.folder)
     except (OSError, ValueError, KeyError, TypeError) as error:
-        errors.print(f"[yellow]warning:[/] {path} is unreadable ({first_line(error)}): "
+        errors.print(f"[yellow]warning:[/] {loaded.folder.estimate_path} is unreadable ({first_line(error)}): "
                      f"'gputech-bench estimate --compare {loaded.root}' makes it again", highlight=False)
         return
-    by_cell = {result["cell"]: result for result in loaded.results}
+    by_cell = loaded.by_cell()
     measured = {p.setup.cell: measured_peak(by_cell.get(p.setup.cell)) for p in saved.predictions}
     _print_against_measured(dataclasses.replace(saved, measured=measured))
 
@@ -191,7 +185,7 @@ def estimate(
             if preset or set_ or model or train_file:
                 raise ConfigError("--compare uses the run's own config: drop --preset, --set, --model and --train-file")
             config, results = _load_run(compare)
-            chosen = [result["cell"] for result in results]
+            chosen = [result.cell for result in results]
             cells = expand(strategies, matrix, config) if (strategies or matrix) else chosen
         else:
             config = resolve_config(preset, set_, model, train_file, None, "auto")
@@ -290,7 +284,7 @@ def fit(
             if preset or set_ or model:
                 raise ConfigError("--from uses the run's own config: drop --preset, --set and --model")
             config, results = _load_run(from_)
-            measured = {result["cell"]: result for result in results}
+            measured = {result.cell: result for result in results}
         else:
             config = resolve_config(preset, set_, model, None, None, "auto")
     except (ValueError, StrategyError) as error:
@@ -322,31 +316,31 @@ def fit(
 def _verify(candidate, config: BenchConfig, results_dir: Path, budget: int) -> None:
     """Run the chosen setup as a real cell and put its measurement next to the prediction."""
     from ..estimate.measured import error_percent, measured_peak
-    from ..run.runner import RunLayout, prepare_run_dir, run_matrix
+    from ..run.runner import prepare_run_dir, run_matrix
 
     setup = candidate.setup
     cell_config = setup.config_for(config)
     name = f"fit-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    layout = RunLayout(results_dir / name)
+    folder = RunFolder(results_dir / name)
     try:
-        prepare_run_dir(layout, cell_config, force=False)
+        prepare_run_dir(folder, cell_config, force=False)
     except ConfigError as error:
         fail(str(error))
-    console.print(f"verifying {setup.label} as a real cell -> {layout.root}", highlight=False)
-    outcome = run_matrix([setup.cell], layout)
+    console.print(f"verifying {setup.label} as a real cell -> {folder.root}", highlight=False)
+    outcome = run_matrix([setup.cell], folder)
     result = outcome.results[0]
     measured = measured_peak(result)
     predicted = candidate.prediction.device.total_bytes
     if measured.bytes is None:
-        console.print(f"  {setup.label}: {result['status']} - nothing to compare ({measured.what}); {result.get('reason') or ''}", highlight=False)
+        console.print(f"  {setup.label}: {result.status} - nothing to compare ({measured.what}); {result.reason or ''}", highlight=False)
         raise typer.Exit(EXIT_FAILED_CELL)
     error = error_percent(predicted, measured)
     console.print(
         f"  {setup.label}: predicted tensor peak {predicted / MIB:,.1f} MiB, measured {measured.bytes / MIB:,.1f} MiB "
         f"({measured.what}): {error:+.1f}%", highlight=False,
     )
-    if result.get("device", {}).get("type") == "cuda":
-        process = result["metrics"].get("nvml_process_peak_mib", {}).get("value")
+    if result.device_type == "cuda":
+        process = result.value("nvml_process_peak_mib")
         if process is not None:
             held = process * MIB <= budget
             console.print(

@@ -36,7 +36,7 @@ def report(
 ) -> None:
     from ..errors import ResultError
     from ..report.export import FORMATS, render
-    from ..report.frame import load_run
+    from ..results import load_run
 
     if format_ not in FORMATS:
         fail(f"unknown format '{format_}': choose one of {', '.join(FORMATS)}")
@@ -46,7 +46,7 @@ def report(
         fail(str(error))
     for problem in loaded.problems:
         errors.print(f"[yellow]warning:[/] {problem}", highlight=False, soft_wrap=True)
-    cells = [result["cell"] for result in loaded.results]
+    cells = [result.cell for result in loaded.results]
     if baseline not in cells:
         fail(f"baseline cell '{baseline}' is not in {run_dir}: choose one of {', '.join(cells)}")
     if plot is not None:
@@ -100,7 +100,7 @@ def compare(
 
     from ..errors import ResultError
     from ..report.compare import compare_runs, comparison_markdown, comparison_table, footer
-    from ..report.frame import load_run
+    from ..results import load_run
 
     if format_ not in ("table", "md", "json"):
         fail(f"unknown format '{format_}': choose one of table, md, json")

@@ -10,6 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..errors import ConfigError
+from ..results import CellResult
 from .common import EXIT_FAILED_CELL, EXIT_INTERRUPTED, console, errors, fail, resolve_config, uses_cuda
 
 
@@ -57,14 +58,14 @@ class MatrixProgress:
         title = f"  {label}" + (f" on GPU {','.join(slot)}" if slot else "")
         self.bars[label] = (self.progress.add_task(f"{title}: starting", total=None), title)
 
-    def cell_finished(self, index: int, result: dict[str, Any]) -> None:
+    def cell_finished(self, index: int, result: CellResult) -> None:
         self.progress.advance(self.overall)
-        label = self.labels.pop(index, result["cell"])
+        label = self.labels.pop(index, result.cell)
         bar = self.bars.pop(label, None)
         if bar is not None:
             self.progress.remove_task(bar[0])
-        status = result["status"]
-        mark = "[green]ok[/]" if status == "ok" else f"[bold red]{status}[/]: {result.get('reason') or ''}"
+        status = result.status
+        mark = "[green]ok[/]" if status == "ok" else f"[bold red]{status}[/]: {result.reason or ''}"
         console.print(f"  {label}: {mark}", highlight=False)
 
     def event(self, label: str, event: dict[str, Any]) -> None:
@@ -124,11 +125,12 @@ def run(
     vary_seed: bool = typer.Option(False, "--vary-seed", help="With --repeat: train.seed + 0, 1, 2... (weights, batches, masks), to see accuracy's spread; without it the seed is fixed and the spread is timing noise alone."),
 ) -> None:
     from ..report.export import write_exports
-    from ..report.frame import build_frame, load_run
+    from ..report.frame import build_frame
     from ..report.table import rich_table
+    from ..results import RunFolder
     from ..run.launch import Launch, gpu_slots
     from ..run.matrix import expand
-    from ..run.runner import RunLayout, prepare_run_dir, run_matrix
+    from ..run.runner import prepare_run_dir, run_matrix
 
     extra = [f"gpu_memory_limit={gpu_memory_limit}"] if gpu_memory_limit else []
     extra += ["memory_snapshot=true"] if memory_snapshot else []
@@ -150,12 +152,12 @@ def run(
     if uses_cuda(config):
         check_gpu_idle(allow_busy_gpu, gpus)
     name = run_name or f"{config.preset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    layout = RunLayout(results / name)
+    folder = RunFolder(results / name)
     try:
-        prepare_run_dir(layout, config, force)
+        prepare_run_dir(folder, config, force)
     except ConfigError as error:
         fail(str(error))
-    console.print(f"run [bold]{name}[/]: {len(cells)} cell(s), preset {config.preset} -> {layout.root}", highlight=False)
+    console.print(f"run [bold]{name}[/]: {len(cells)} cell(s), preset {config.preset} -> {folder.root}", highlight=False)
     if launch.distributed:
         console.print(
             f"each cell: {launch.world_size} rank(s) via torchrun ({launch.nproc_per_node} per node x {launch.nnodes} node(s))",
@@ -169,7 +171,7 @@ def run(
 
     with MatrixProgress(len(cells) * repeat) as progress:
         outcome = run_matrix(
-            cells, layout, force=force, cell_timeout=cell_timeout, on_event=progress.event,
+            cells, folder, force=force, cell_timeout=cell_timeout, on_event=progress.event,
             on_cell_start=progress.cell_started, on_cell_end=progress.cell_finished, launch=launch, slots=slots,
             repeats=repeat, seeds=seeds if repeat > 1 else None,
         )
@@ -179,27 +181,27 @@ def run(
     frame, measure = build_frame(outcome.results)
     console.print(rich_table(frame, measure, title=f"gputech-bench: {name}"))
     for result in outcome.results:
-        for note in result.get("notes", []):
-            console.print(f"  [dim]{result['cell']}:[/] {note}", highlight=False)
+        for note in result.notes:
+            console.print(f"  [dim]{result.cell}:[/] {note}", highlight=False)
     try:
-        written = write_exports(load_run(layout.root))
-        console.print(f"results: {layout.root} ({', '.join(path.name for path in written)})", highlight=False)
+        written = write_exports(folder.load())
+        console.print(f"results: {folder.root} ({', '.join(path.name for path in written)})", highlight=False)
     except OSError as error:
-        errors.print(f"[yellow]warning:[/] could not write the report files ({error}); the cell results are in {layout.root}")
+        errors.print(f"[yellow]warning:[/] could not write the report files ({error}); the cell results are in {folder.root}")
     console.print(f"matrix wall time: {outcome.seconds:,.0f} s", highlight=False)
     if estimate and launch.distributed:
         console.print("[dim]no memory estimate: it traces one process with the whole batch, not a rank's share[/]", highlight=False)
     elif estimate and not outcome.interrupted:
         from .estimate import estimate_run
 
-        estimate_run(config, outcome.results, layout.root / "estimate.json")
+        estimate_run(config, outcome.results, folder)
 
     if outcome.interrupted:
-        done = {result["cell"] for result in outcome.results if result["status"] == "ok"}
+        done = {result.cell for result in outcome.results if result.ok}
         left = [cell for cell in cells if cell not in done]
         console.print(f"interrupted: re-run with --run-name {name} to finish {', '.join(left)}", highlight=False)
         raise typer.Exit(EXIT_INTERRUPTED)
-    if any(result["status"] != "ok" for result in outcome.results):
+    if any(not result.ok for result in outcome.results):
         raise typer.Exit(EXIT_FAILED_CELL)
 
 

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from ..config import BenchConfig
 from ..errors import FitError, StrategyError
+from ..results import CellResult
 from ..strategies import Cell, refusal_reason, refuse_for_config, registered
 from .overheads import Overheads
 from .predict import Prediction, Setup
@@ -88,21 +89,19 @@ class ExpectedTime:
     source: str
 
 
-def _epoch_seconds(result: dict[str, Any]) -> float | None:
-    value = result.get("metrics", {}).get("epoch_seconds", {}).get("value")
-    return float(value) if isinstance(value, (int, float)) and value > 0 else None
+def _epoch_seconds(result: CellResult | None) -> float | None:
+    """A finished cell's measured time per epoch."""
+    value = result.number("epoch_seconds") if result is not None and result.ok else None
+    return float(value) if value and value > 0 else None
 
 
-def expected_time(setup: Setup, config: BenchConfig, measured: dict[str, dict[str, Any]], run_micro: int | None) -> ExpectedTime:
+def expected_time(setup: Setup, config: BenchConfig, measured: dict[str, CellResult], run_micro: int | None) -> ExpectedTime:
     """Measured epoch time of this very setup, else the model scaled by the measured baseline, else the model."""
     factor = modelled_factor(setup, config)
-    result = measured.get(setup.cell)
     same_setup = setup.micro_batch_size is None or setup.micro_batch_size == run_micro
-    if result and result.get("status") == "ok" and same_setup and _epoch_seconds(result):
-        seconds = _epoch_seconds(result)
-        base = _epoch_seconds(measured.get("baseline", {}))
+    seconds, base = _epoch_seconds(measured.get(setup.cell)), _epoch_seconds(measured.get("baseline"))
+    if same_setup and seconds:
         return ExpectedTime(seconds, seconds / base if base else factor, "measured")
-    base = _epoch_seconds(measured.get("baseline", {})) if measured.get("baseline", {}).get("status") == "ok" else None
     if base:
         return ExpectedTime(base * factor, factor, "model x measured baseline")
     return ExpectedTime(None, factor, "model")

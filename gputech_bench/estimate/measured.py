@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
+from ..results import CellResult
 from ..units import MIB
 
 
@@ -16,20 +16,19 @@ class Measured:
     what: str
 
 
-def measured_peak(result: dict[str, Any] | None) -> Measured:
+def measured_peak(result: CellResult | None) -> Measured:
     if result is None:
         return Measured(None, "not run")
-    if result.get("status") != "ok":
-        return Measured(None, f"{result.get('status')}")
-    metrics = result.get("metrics", {})
-    if result.get("device", {}).get("type") == "cuda":
-        value = metrics.get("peak_allocated_mib", {}).get("value")
+    if not result.ok:
+        return Measured(None, result.status)
+    if result.device_type == "cuda":
+        value = result.number("peak_allocated_mib")
         return Measured(None if value is None else int(value * MIB), "torch.cuda.max_memory_allocated")
-    if "4" in result.get("cell", "").split("+"):
+    if "4" in result.cell.split("+"):
         # On a CPU run the fp32 master and the half copy share one memory; the
         # prediction keeps device and host apart, so there is nothing like to compare.
         return Measured(None, "n/a on CPU (device and host are one memory)")
-    value = metrics.get("tracked_peak_mib", {}).get("value")
+    value = result.number("tracked_peak_mib")
     return Measured(None if value is None else int(value * MIB), "MemTracker peak on the CPU")
 
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from typing import Any
 
+from ..results import CellResult
 from ..units import MIB
 
 DEFAULT_CONTEXT_BYTES = 512 * MIB
@@ -42,19 +42,14 @@ DEFAULTS = Overheads(
 )
 
 
-def _mib(result: dict[str, Any], name: str) -> float | None:
-    value = result.get("metrics", {}).get(name, {}).get("value")
-    return float(value) if isinstance(value, (int, float)) else None
-
-
-def calibrate(results: list[dict[str, Any]]) -> Overheads:
+def calibrate(results: list[CellResult]) -> Overheads:
     """Medians over the finished CUDA cells of a run; the defaults where nothing was measured."""
     contexts, fractions = [], []
     for result in results:
-        if result.get("status") != "ok" or result.get("device", {}).get("type") != "cuda":
+        if not result.ok or result.device_type != "cuda":
             continue
-        allocated, reserved = _mib(result, "peak_allocated_mib"), _mib(result, "peak_reserved_mib")
-        process = _mib(result, "nvml_process_peak_mib")
+        allocated, reserved = result.number("peak_allocated_mib"), result.number("peak_reserved_mib")
+        process = result.number("nvml_process_peak_mib")
         if allocated and reserved:
             fractions.append((reserved - allocated) / allocated)
         if process and reserved and process > reserved:

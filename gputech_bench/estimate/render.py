@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from rich.table import Table
 
+from ..files import atomic_write_bytes
+from ..results import RunFolder
 from ..units import MIB
 from .measured import Measured, error_percent
 from .overheads import Overheads
@@ -96,6 +99,17 @@ def from_dict(data: dict[str, Any]) -> EstimateReport:
         objective=data.get("objective"),
         attention=data.get("attention"),
     )
+
+
+def write_estimate(folder: RunFolder, report: EstimateReport) -> Path:
+    """The estimate beside the run's results, for ``report`` and the plots to show again."""
+    atomic_write_bytes(folder.estimate_path, to_json(report).encode("utf-8"))
+    return folder.estimate_path
+
+
+def read_estimate(folder: RunFolder) -> EstimateReport:
+    """The run's saved estimate; raises OSError or ValueError when it is missing or unreadable."""
+    return from_dict(json.loads(folder.estimate_path.read_text(encoding="utf-8")))
 
 
 def _mib(value: float | None) -> str:

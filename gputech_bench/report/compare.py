@@ -16,9 +16,10 @@ from typing import Any
 
 import pandas as pd
 
-from ..results import objective_of, recorded_snapshot
-from ..stats import HIGHER, LOWER, SINGLE_RUN, WITHIN_NOISE, Summary, versus
-from .frame import LoadedRun, build_frame, cell_order
+from ..config import config_changes
+from ..results import CellResult, LoadedRun, cell_order
+from ..stats import HIGHER, LOWER, SINGLE_RUN, WITHIN_NOISE, versus
+from .frame import build_frame
 
 #: (label, column of the frame, statistics key or None for the run's memory measure, unit)
 FIGURES = (
@@ -28,16 +29,9 @@ FIGURES = (
 )
 
 
-def config_differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """'key: A -> B' for every setting that differs between two resolved configs."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        lines = []
-        for key in sorted(set(a) | set(b)):
-            lines += config_differences(a.get(key), b.get(key), f"{prefix}{key}.")
-        return lines
-    if a != b and not (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b)):
-        return [f"{prefix.rstrip('.')}: {a!r} -> {b!r}"]
-    return []
+    return [f"{key}: {value_a!r} -> {value_b!r}" for key, value_a, value_b in config_changes(a, b)]
 
 
 @dataclass(frozen=True)
@@ -96,15 +90,10 @@ def _value(frame: pd.DataFrame, cell: str, column: str) -> float | None:
     return None if pd.isna(value) else float(value)
 
 
-def _summary(result: dict[str, Any], key: str) -> Summary | None:
-    data = result.get("repeats", {}).get("statistics", {}).get(key)
-    return Summary.from_dict(data) if data else None
-
-
-def _verdict(result_a: dict[str, Any], result_b: dict[str, Any], key: str, a: float | None, b: float | None) -> str:
+def _verdict(result_a: CellResult, result_b: CellResult, key: str, a: float | None, b: float | None) -> str:
     if a is None or b is None:
         return "-"
-    summary_a, summary_b = _summary(result_a, key), _summary(result_b, key)
+    summary_a, summary_b = result_a.statistics(key), result_b.statistics(key)
     if summary_a is None or summary_b is None:
         return SINGLE_RUN
     return versus(summary_b, summary_a)
@@ -112,16 +101,16 @@ def _verdict(result_a: dict[str, Any], result_b: dict[str, Any], key: str, a: fl
 
 def _warnings(run_a: LoadedRun, run_b: LoadedRun) -> list[str]:
     warnings = []
-    presets = ({r.get("preset") for r in run_a.results}, {r.get("preset") for r in run_b.results})
+    presets = ({r.preset for r in run_a.results}, {r.preset for r in run_b.results})
     if presets[0] != presets[1]:
         warnings.append(f"presets differ: {', '.join(map(str, sorted(presets[0], key=str)))} -> "
                         f"{', '.join(map(str, sorted(presets[1], key=str)))}")
-    objectives = [{objective_of(r) for r in run.results} - {None} for run in (run_a, run_b)]
+    objectives = [{r.objective for r in run.results} - {None} for run in (run_a, run_b)]
     if objectives[0] != objectives[1]:
         warnings.append(f"training objectives differ: {', '.join(sorted(objectives[0]))} -> "
                         f"{', '.join(sorted(objectives[1]))}, so their accuracies measure different things "
                         "(data.objective)")
-    snapshots = [sorted(r["cell"] for r in run.results if recorded_snapshot(r)) for run in (run_a, run_b)]
+    snapshots = [sorted(r.cell for r in run.results if r.recorded_snapshot) for run in (run_a, run_b)]
     if snapshots[0] != snapshots[1]:
         warnings.append("memory snapshots (--memory-snapshot) were recorded in "
                         f"{', '.join(snapshots[0]) or 'no cell'} -> {', '.join(snapshots[1]) or 'no cell'}: recording "
@@ -133,8 +122,7 @@ def _warnings(run_a: LoadedRun, run_b: LoadedRun) -> list[str]:
         if differences:
             warnings.append(f"resolved configs differ in {len(differences)} setting(s): {'; '.join(differences[:8])}"
                             + ("; ..." if len(differences) > 8 else ""))
-    devices = [{(r.get("device") or {}).get("name") or (r.get("device") or {}).get("type") for r in run.results} - {None}
-               for run in (run_a, run_b)]
+    devices = [{(r.device or {}).get("name") or r.device_type for r in run.results} - {None} for run in (run_a, run_b)]
     if devices[0] != devices[1]:
         warnings.append(f"devices differ: {', '.join(sorted(devices[0]))} -> {', '.join(sorted(devices[1]))}")
     return warnings
@@ -147,8 +135,7 @@ def compare_runs(run_a: LoadedRun, run_b: LoadedRun) -> Comparison:
     if measure_a.metric != measure_b.metric:
         warnings.append(f"memory is measured differently ({measure_a.label} -> {measure_b.label}): "
                         "its ratio compares two different figures")
-    by_cell_a = {r["cell"]: r for r in run_a.results}
-    by_cell_b = {r["cell"]: r for r in run_b.results}
+    by_cell_a, by_cell_b = run_a.by_cell(), run_b.by_cell()
     common = sorted(set(by_cell_a) & set(by_cell_b), key=cell_order)
     cells = []
     for cell in common:
@@ -158,7 +145,7 @@ def compare_runs(run_a: LoadedRun, run_b: LoadedRun) -> Comparison:
             a, b = _value(frame_a, cell, column), _value(frame_b, cell, column)
             stats_a = key or measure_a.metric
             changes.append(Change(label, a, b, _verdict(result_a, result_b, stats_a, a, b)))
-        cells.append(CellComparison(cell, result_a["status"], result_b["status"], tuple(changes)))
+        cells.append(CellComparison(cell, result_a.status, result_b.status, tuple(changes)))
     return Comparison(
         run_a.root.name, run_b.root.name, measure_a.label, measure_b.label, tuple(warnings), tuple(cells),
         tuple(sorted(set(by_cell_a) - set(by_cell_b), key=cell_order)),

@@ -9,7 +9,8 @@ import pandas as pd
 from rich.table import Table
 
 from ..files import atomic_write_bytes
-from .frame import HIGHER_IS_BETTER, LOWER_IS_BETTER, LoadedRun, MemoryMeasure, build_frame
+from ..results import LoadedRun
+from .frame import HIGHER_IS_BETTER, LOWER_IS_BETTER, MemoryMeasure, build_frame
 from .table import markdown, rich_table
 
 

@@ -8,19 +8,14 @@ cannot disagree between formats.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 
-from ..errors import ResultError
-from ..results import TRAINED_STATUSES, attention_of, objective_of, read_result, recorded_snapshot
-from ..run.matrix import SEED_MATRIX
-from ..run.ranks import MEMORY_METRICS
-from ..stats import Summary, versus
+from ..results import MEMORY_METRICS, TRAINED_STATUSES, CellResult
+from ..stats import versus
 from .pareto import frontier
 
 FAILED = "failed"
@@ -87,115 +82,69 @@ NVML_MEASURE = MemoryMeasure("nvml_process_peak_mib", "GPU memory (NVML)")
 RESERVED_MEASURE = MemoryMeasure("peak_reserved_mib", "GPU memory (reserved)")
 
 
-@dataclass
-class LoadedRun:
-    root: Path
-    results: list[dict[str, Any]]
-    #: One line per file that was named and skipped.
-    problems: list[str] = field(default_factory=list)
-    config: dict[str, Any] | None = None
-
-
-NON_RESULT_FILES = {"config.json", "report.json", "estimate.json"}
-
-
-def load_run(root: Path) -> LoadedRun:
-    """Every cell result of a run folder; unreadable or foreign files are named and skipped."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ResultError(f"'{root}' is not a run folder: pass a folder made by 'gputech-bench run' (e.g. results/NAME)")
-    run = LoadedRun(root, [])
-    try:
-        run.config = json.loads((root / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        run.config = None
-    for path in sorted(root.glob("*.json")):
-        if path.name in NON_RESULT_FILES:
-            continue
-        try:
-            run.results.append(read_result(path))
-        except ResultError as error:
-            run.problems.append(f"skipped {error}")
-    if not run.results:
-        raise ResultError(f"no cell results in '{root}': run 'gputech-bench run --results {root.parent} --run-name {root.name}' first")
-    run.results.sort(key=lambda result: cell_order(result["cell"]))
-    return run
-
-
-def cell_order(cell: str) -> tuple[int, str]:
-    return (SEED_MATRIX.index(cell), "") if cell in SEED_MATRIX else (len(SEED_MATRIX), cell)
-
-
-def _metric(result: dict[str, Any], name: str) -> Any:
-    entry = result.get("metrics", {}).get(name)
-    return entry.get("value") if isinstance(entry, dict) else None
-
-
-def memory_measure(results: list[dict[str, Any]]) -> MemoryMeasure:
-    ok = [r for r in results if r["status"] == "ok"]
-    if not any(r.get("device", {}).get("type") == "cuda" for r in results):
-        if any(r.get("distributed") for r in results):
+def memory_measure(results: list[CellResult]) -> MemoryMeasure:
+    ok = [r for r in results if r.ok]
+    distributed = any(r.distributed for r in results)
+    if not any(r.device_type == "cuda" for r in results):
+        if distributed:
             return MemoryMeasure(CPU_MEASURE.metric, f"{CPU_MEASURE.label}, largest rank")
         return CPU_MEASURE
-    measure = NVML_MEASURE if all(_metric(r, NVML_MEASURE.metric) is not None for r in ok) else RESERVED_MEASURE
-    if any(r.get("distributed") for r in results):
+    measure = NVML_MEASURE if all(r.value(NVML_MEASURE.metric) is not None for r in ok) else RESERVED_MEASURE
+    if distributed:
         measure = MemoryMeasure(measure.metric, f"{measure.label}, largest rank")
-    caps = {r["memory_cap"]["limit_mib"] for r in results if r.get("memory_cap")}
+    caps = {r.memory_cap["limit_mib"] for r in results if r.memory_cap}
     if caps:
         limit = max(caps)
         measure = MemoryMeasure(measure.metric, f"{measure.label}, cap {limit / 1024:.1f} GiB")
     return measure
 
 
-def _row(result: dict[str, Any]) -> dict[str, Any]:
+def _row(result: CellResult) -> dict[str, Any]:
     row: dict[str, Any] = {
-        "cell": result["cell"],
-        "strategies": "+".join(result.get("strategies", [])) or "baseline",
-        "status": result["status"],
-        "reason": result.get("reason"),
-        "repeats": result.get("repeats", {}).get("ok", 1),
+        "cell": result.cell,
+        "strategies": "+".join(result.strategies or []) or "baseline",
+        "status": result.status,
+        "reason": result.reason,
+        "repeats": (result.repeats or {}).get("ok", 1),
     }
     for name in METRIC_COLUMNS:
-        row[name] = _metric(result, name)
-    breakdown = result.get("memory_breakdown", {})
-    device_type = result.get("device", {}).get("type", "cpu")
-    for device, categories in breakdown.items():
+        row[name] = result.value(name)
+    device_type = result.device_type or "cpu"
+    for device, categories in result.memory_breakdown.items():
         side = "device" if device.startswith(device_type) else "host"
         for category in CATEGORIES:
             row[f"tracked_{side}_{category}_mib"] = categories.get(f"{category}_mib")
-    oom = result.get("oom", {})
+    oom = result.oom or {}
+    device, facts, data = result.device or {}, result.strategy_facts or {}, result.data or {}
     row.update(
         oom_requested_mib=oom.get("requested_mib"),
         oom_in_use_mib=oom.get("process_in_use_mib", oom.get("allocated_by_pytorch_mib")),
-        gpu_memory_limit_mib=result.get("memory_cap", {}).get("limit_mib"),
-    )
-    facts = result.get("strategy_facts", {})
-    row["world_size"] = result.get("distributed", {}).get("world_size", 1)
-    row.update(
-        device_type=result.get("device", {}).get("type"),
-        device_name=result.get("device", {}).get("name", "cpu" if device_type == "cpu" else None),
+        gpu_memory_limit_mib=(result.memory_cap or {}).get("limit_mib"),
+        world_size=(result.distributed or {}).get("world_size", 1),
+        device_type=result.device_type,
+        device_name=device.get("name", "cpu" if device_type == "cpu" else None),
         compute_dtype=facts.get("compute_dtype"),
         optimizer=facts.get("optimizer"),
         trainable_parameters=facts.get("trainable_parameters"),
         total_parameters=facts.get("total_parameters"),
-        preset=result.get("preset"),
-        objective=objective_of(result),
-        attention=attention_of(result),
-        memory_snapshot=recorded_snapshot(result),
-        corpus_source=result.get("data", {}).get("corpus_source"),
-        train_sentences_repeated=result.get("data", {}).get("train_sentences_repeated"),
+        preset=result.preset,
+        objective=result.objective,
+        attention=result.attention,
+        memory_snapshot=result.recorded_snapshot,
+        corpus_source=data.get("corpus_source"),
+        train_sentences_repeated=data.get("train_sentences_repeated"),
     )
     return row
 
 
-def build_frame(results: list[dict[str, Any]], baseline: str = "baseline") -> tuple[pd.DataFrame, MemoryMeasure]:
+def build_frame(results: list[CellResult], baseline: str = "baseline") -> tuple[pd.DataFrame, MemoryMeasure]:
     """One row per cell with every measured field and the comparisons against ``baseline``."""
     measure = memory_measure(results)
     frame = pd.DataFrame([_row(result) for result in results]).reindex(columns=list(COLUMNS))
     numeric = [c for c in (*DERIVED_COLUMNS, *METRIC_COLUMNS, *BREAKDOWN_COLUMNS) if c != "epoch_time_extrapolated"]
     frame[numeric] = frame[numeric].apply(pd.to_numeric, errors="coerce").astype("float64")
     frame["memory_mib"] = frame[measure.metric]
-    spread = [result.get("memory_per_rank", {}).get(measure.metric, {}) for result in results]
+    spread = [(result.memory_per_rank or {}).get(measure.metric, {}) for result in results]
     frame["memory_rank_mean_mib"] = [entry.get("mean", math.nan) for entry in spread]
     frame["memory_all_ranks_mib"] = [entry.get("total", math.nan) for entry in spread]
     base = frame[(frame["cell"] == baseline) & (frame["status"] == "ok")]
@@ -209,22 +158,17 @@ def build_frame(results: list[dict[str, Any]], baseline: str = "baseline") -> tu
     frame.loc[failed, list(numeric)] = float("nan")  # a failed cell's partial figures are not comparable
     on_frontier = set(pareto_cells(frame))
     frame["pareto"] = frame["cell"].isin(on_frontier)
-    reference = next((r for r in results if r["cell"] == baseline and r["status"] == "ok"), None)
+    reference = next((r for r in results if r.cell == baseline and r.ok), None)
     for column, metric in zip(VERDICT_COLUMNS, (measure.metric, "epoch_seconds", "eval_masked_accuracy")):
         frame[column] = [_verdict(result, reference, metric) for result in results]
     return frame, measure
 
 
-def _statistics(result: dict[str, Any], metric: str) -> Summary | None:
-    data = result.get("repeats", {}).get("statistics", {}).get(metric)
-    return Summary.from_dict(data) if data else None
-
-
-def _verdict(result: dict[str, Any], reference: dict[str, Any] | None, metric: str) -> str | None:
+def _verdict(result: CellResult, reference: CellResult | None, metric: str) -> str | None:
     """How ``result`` stands against the baseline on ``metric``, judged by the repeats' spread."""
-    if reference is None or result is reference or result["status"] != "ok":
+    if reference is None or result is reference or not result.ok:
         return None
-    mine, theirs = _statistics(result, metric), _statistics(reference, metric)
+    mine, theirs = result.statistics(metric), reference.statistics(metric)
     if mine is None or theirs is None:
         return None
     return versus(mine, theirs)

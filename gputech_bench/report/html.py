@@ -14,8 +14,8 @@ from typing import Any
 
 import pandas as pd
 
-from ..results import TRAINED_STATUSES
-from .frame import LoadedRun, MemoryMeasure
+from ..results import TRAINED_STATUSES, LoadedRun
+from .frame import MemoryMeasure
 from .plots import png_bytes, run_figures
 from .table import provenance_lines, row_texts, table_notes
 
@@ -75,8 +75,8 @@ def html_report(run: LoadedRun, frame: pd.DataFrame, measure: MemoryMeasure, bas
         for name, figure in run_figures(run, baseline).items()
     )
     cell_notes = "".join(
-        f"<li><strong>{_esc(result['cell'])}:</strong> {_esc(note)}</li>"
-        for result in run.results for note in result.get("notes", [])
+        f"<li><strong>{_esc(result.cell)}:</strong> {_esc(note)}</li>"
+        for result in run.results for note in result.notes
     )
     config = json.dumps(run.config, indent=2) if run.config is not None else "(config.json missing)"
     return f"""<!DOCTYPE html>

@@ -8,7 +8,6 @@ The figure size is fixed (no ``bbox_inches="tight"``) so every PNG is FIGSIZE x 
 from __future__ import annotations
 
 import io
-import json
 import math
 import textwrap
 from dataclasses import dataclass, field
@@ -23,10 +22,11 @@ from matplotlib.patches import Patch, Rectangle
 from matplotlib.text import Text
 from matplotlib.transforms import Bbox
 
-from ..estimate.render import EstimateReport, from_dict
+from ..estimate.render import EstimateReport, read_estimate
 from ..files import atomic_write_bytes
+from ..results import CellResult, LoadedRun, RunFolder
 from ..units import MIB
-from .frame import LoadedRun, MemoryMeasure, build_frame
+from .frame import MemoryMeasure, build_frame
 from .table import fmt_seconds
 
 FIGSIZE = (10.0, 6.0)
@@ -304,10 +304,10 @@ class Stack:
     measure_mib: float = math.nan
 
 
-def load_estimate(root: Path) -> EstimateReport | None:
-    """The run folder's estimate.json, or None when there is none or it cannot be read."""
+def load_estimate(folder: RunFolder) -> EstimateReport | None:
+    """The run folder's saved estimate, or None when there is none or it cannot be read."""
     try:
-        return from_dict(json.loads((Path(root) / "estimate.json").read_text(encoding="utf-8")))
+        return read_estimate(folder)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -350,7 +350,7 @@ def _overheads(row: pd.Series) -> dict[str, float]:
 def breakdown_stacks(run: LoadedRun, frame: pd.DataFrame) -> tuple[list[Stack], list[str]]:
     """Each cell's stack, from its tracked categories or else from the run's estimate, and the
     cells with neither (named with their status)."""
-    report = load_estimate(run.root)
+    report = load_estimate(run.folder)
     micro_batch_size = ((run.config or {}).get("strategy") or {}).get("micro_batch_size")
     stacks, skipped = [], []
     for _, row in frame.iterrows():
@@ -444,16 +444,16 @@ def _breakdown_legend(stacks: list[Stack], used: set[str], measure: MemoryMeasur
 ACCURACY_METRIC = "eval_masked_accuracy"
 
 
-def _accuracy_statistics(result: dict[str, Any]) -> dict[str, Any] | None:
+def _accuracy_statistics(result: CellResult) -> dict[str, Any] | None:
     """The masked accuracy's statistics over the cell's repeats; None when it was not repeated."""
-    statistics = (result.get("repeats") or {}).get("statistics", {}).get(ACCURACY_METRIC)
+    statistics = (result.repeats or {}).get("statistics", {}).get(ACCURACY_METRIC)
     return statistics if statistics and statistics.get("values") else None
 
 
 def accuracy_figure(run: LoadedRun, frame: pd.DataFrame) -> Figure | None:
     """Median masked accuracy per repeated cell, min-max bars and every value as a dot;
     None when no cell was repeated."""
-    by_cell = {result["cell"]: result for result in run.results}
+    by_cell = run.by_cell()
     cells = [(cell, status, statistics) for cell, status in zip(frame["cell"], frame["status"])
              if (statistics := _accuracy_statistics(by_cell.get(cell, {}))) is not None]
     if not cells:
@@ -479,7 +479,7 @@ def accuracy_figure(run: LoadedRun, frame: pd.DataFrame) -> Figure | None:
                      for cell, status, statistics in cells])
     ax.set_xlim(-0.6, len(cells) - 0.2)
     ax.set_ylabel("eval accuracy at masked positions (%)")
-    varied = any((by_cell[cell].get("repeats") or {}).get("vary_seed") for cell, _, _ in cells)
+    varied = any((by_cell[cell].repeats or {}).get("vary_seed") for cell, _, _ in cells)
     seeds = "a different seed per repeat" if varied else "the same seed each repeat: run-to-run noise only"
     ax.set_title(f"Masked-token accuracy over repeats: {run.root.name}\n{seeds}", fontsize=11)
     ax.grid(True, axis="y", color="#dddddd", lw=0.6)

@@ -9,7 +9,7 @@ import pandas as pd
 from rich.table import Table
 
 from ..config import ATTENTION_KERNELS, OBJECTIVES
-from ..results import TRAINED_STATUSES
+from ..results import TRAINED_STATUSES, CellResult
 from ..stats import WITHIN_NOISE
 from .frame import HIGHER_IS_BETTER, VERDICT_COLUMNS, MemoryMeasure, pareto_cells
 
@@ -167,7 +167,7 @@ def _baseline_value(frame: pd.DataFrame, baseline: str, column: str) -> Any:
     return None if rows.empty else rows.iloc[0][column]
 
 
-def markdown(frame: pd.DataFrame, measure: MemoryMeasure, results: list[dict[str, Any]], baseline: str = "baseline") -> str:
+def markdown(frame: pd.DataFrame, measure: MemoryMeasure, results: list[CellResult], baseline: str = "baseline") -> str:
     """A GitHub table shaped like the seed's, baseline figures in the headers, then provenance."""
     memory = _baseline_value(frame, baseline, "memory_mib")
     seconds = _baseline_value(frame, baseline, "epoch_seconds")
@@ -202,26 +202,25 @@ def markdown(frame: pd.DataFrame, measure: MemoryMeasure, results: list[dict[str
     return "\n".join(lines) + "\n"
 
 
-def provenance_lines(results: list[dict[str, Any]], measure: MemoryMeasure) -> list[str]:
-    ok = [r for r in results if r.get("provenance")] or results
-    first = ok[0]
-    device = first.get("device", {})
+def provenance_lines(results: list[CellResult], measure: MemoryMeasure) -> list[str]:
+    first = next((r for r in results if r.provenance), results[0])
+    device = first.device or {}
     if device.get("type") == "cuda":
         where = f"{device.get('name')} ({device.get('total_memory_mib', 0) / 1024:.1f} GiB, CUDA {device.get('cuda_runtime')})"
     else:
-        where = f"CPU ({first.get('provenance', {}).get('cpu_threads', '?')} threads)"
-    packages = first.get("provenance", {}).get("packages", {})
+        where = f"CPU ({first.provenance.get('cpu_threads', '?')} threads)"
+    packages = first.provenance.get("packages", {})
     versions = ", ".join(f"{name} {version}" for name, version in packages.items() if version)
-    method = (first.get("metrics", {}).get(measure.metric) or {}).get("method", "")
-    ranks = next((r["distributed"] for r in results if r.get("distributed")), None)
+    method = first.method(measure.metric)
+    ranks = next((r.distributed for r in results if r.distributed), None)
     spread = (
         [f"- **ranks:** {ranks['world_size']} per cell via torchrun; memory is the largest rank's "
          "(mean and total per rank in report.csv)"] if ranks else []
     )
     return spread + [
         f"- **device:** {where}",
-        f"- **preset:** {first.get('preset')}; memory column: `{measure.metric}` ({method})",
-        f"- **packages:** {versions}, Python {first.get('provenance', {}).get('python', '?')}",
+        f"- **preset:** {first.preset}; memory column: `{measure.metric}` ({method})",
+        f"- **packages:** {versions}, Python {first.provenance.get('python', '?')}",
     ]
 
 

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from ..config import BenchConfig
+from ..config import SEED_MATRIX, BenchConfig
 from ..errors import StrategyError
 from ..strategies import BASELINE, parse_cell, refuse_for_config
-
-#: The seed's table, in the seed's order, then LoRA.
-SEED_MATRIX = ("baseline", "1", "2", "3", "4", "1+2+3", "1+2+4", "lora")
 
 
 def expand(strategies: str | None, matrix: bool, config: BenchConfig, cuda: bool | None = None) -> list[str]:

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..config import BenchConfig, to_dict
+from ..config import BenchConfig, config_changes, to_dict
 from ..errors import ConfigError, ResultError
-from ..results import bare_result, read_result, write_atomic
+from ..files import write_json
+from ..results import CellResult, RunFolder, merge_ranks, merge_repeats, read_result, write_result
 from .launch import Launch, Slot, slot_environment, worker_command
-from .ranks import clear_rank_results, merge_rank_results, read_rank_results
-from .repeats import aggregate
+from .ranks import clear_rank_results, describe_launch, read_rank_results
 from .slots import run_on_slots
 
 EventCallback = Callable[[str, dict[str, Any]], None]
@@ -36,33 +36,6 @@ EventCallback = Callable[[str, dict[str, Any]], None]
 WAIT_SLICE_SECONDS = 0.2
 #: How long a worker gets to write its result after SIGTERM before it is killed.
 STOP_GRACE_SECONDS = 20.0
-
-
-@dataclass(frozen=True)
-class RunLayout:
-    """Where a run keeps its files: one folder, one JSON per cell."""
-
-    root: Path
-
-    @property
-    def config_path(self) -> Path:
-        return self.root / "config.json"
-
-    def result_path(self, cell: str) -> Path:
-        return self.root / f"{cell}.json"
-
-    def job_result_path(self, job: "Job") -> Path:
-        """A repeat's own file; a cell run once writes the cell's result directly."""
-        return self.root / "repeats" / f"{job.label}.json" if job.repeat else self.result_path(job.cell)
-
-    def log_path(self, cell: str) -> Path:
-        return self.root / "logs" / f"{cell}.log"
-
-    def previous_path(self, cell: str) -> Path:
-        return self.root / "previous" / f"{cell}.json"
-
-    def report_path(self, extension: str) -> Path:
-        return self.root / f"report.{extension}"
 
 
 @dataclass(frozen=True)
@@ -81,6 +54,11 @@ class Job:
         return f"{self.cell}.rep{self.repeat}" if self.repeat else self.cell
 
 
+def job_result_path(folder: RunFolder, job: Job) -> Path:
+    """A repeat's own file; a cell run once writes the cell's result directly."""
+    return folder.repeat_path(job.label) if job.repeat else folder.result_path(job.cell)
+
+
 def plan_jobs(cells: list[str], repeats: int = 1, seeds: list[int] | None = None) -> list[Job]:
     """Every cell once, or every cell ``repeats`` times, round-robin: the first repeat of each
     cell, then the second of each... so that drift in the machine (heat, other load) is
@@ -91,49 +69,37 @@ def plan_jobs(cells: list[str], repeats: int = 1, seeds: list[int] | None = None
     return [Job(cell, repeat, seeds[repeat - 1]) for repeat in range(1, repeats + 1) for cell in cells]
 
 
-def _config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = sorted(set(saved) | set(current))
-    differences = []
-    for key in keys:
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            differences += _config_differences(a, b, f"{prefix}{key}.")
-        elif a != b and not (isinstance(a, list) and isinstance(b, tuple) and list(b) == a):
-            differences.append(f"{prefix}{key}")
-    return differences
-
-
-def prepare_run_dir(layout: RunLayout, config: BenchConfig, force: bool) -> None:
+def prepare_run_dir(folder: RunFolder, config: BenchConfig, force: bool) -> None:
     """Create the run folder and save the resolved config; refuse to mix two configs in one run."""
     current = to_dict(config)
-    if layout.config_path.exists() and not force:
+    if folder.config_path.exists() and not force:
         try:
-            saved = json.loads(layout.config_path.read_text(encoding="utf-8"))
+            saved = json.loads(folder.config_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             saved = None
         if not isinstance(saved, dict):
-            raise ConfigError(f"{layout.config_path} is unreadable: delete it, or pass --force to start the run over")
-        differences = _config_differences(saved, current)
+            raise ConfigError(f"{folder.config_path} is unreadable: delete it, or pass --force to start the run over")
+        differences = [key for key, _, _ in config_changes(saved, current)]
         if differences:
             raise ConfigError(
-                f"run folder {layout.root} holds results of a different config ({', '.join(differences[:4])}): "
+                f"run folder {folder.root} holds results of a different config ({', '.join(differences[:4])}): "
                 "use another --run-name, or --force to re-run every cell with this config"
             )
     try:
-        write_atomic(layout.config_path, current)
+        write_json(folder.config_path, current)
     except OSError as error:
         raise ConfigError(
-            f"cannot write to results folder '{layout.root}' ({error.strerror or error}): pass a writable --results DIR"
+            f"cannot write to results folder '{folder.root}' ({error.strerror or error}): pass a writable --results DIR"
         ) from None
 
 
-def reusable_result(layout: RunLayout, job: Job) -> dict[str, Any] | None:
+def reusable_result(folder: RunFolder, job: Job) -> CellResult | None:
     """A finished ``ok`` result from an earlier attempt of this run, if there is one."""
     try:
-        result = read_result(layout.job_result_path(job))
+        result = read_result(job_result_path(folder, job))
     except ResultError:
         return None
-    return result if result["status"] == "ok" else None
+    return result if result.ok else None
 
 
 class _DeferredCtrlC:
@@ -241,13 +207,13 @@ def _signal_name(returncode: int) -> str:
 
 @dataclass
 class CellRun:
-    result: dict[str, Any]
+    result: CellResult
     interrupted: bool = False
 
 
 def run_worker(
     job: Job,
-    layout: RunLayout,
+    folder: RunFolder,
     on_event: EventCallback,
     timeout: float | None = None,
     launch: Launch = Launch(),
@@ -258,23 +224,23 @@ def run_worker(
 
     ``slot`` pins the worker to its GPUs; ``stop`` stops it from another thread."""
     label = job.label
-    result_path = layout.job_result_path(job)
+    result_path = job_result_path(folder, job)
     result_path.parent.mkdir(parents=True, exist_ok=True)
     if result_path.exists():
         # Keep the earlier attempt, but never mistake it for this one's result.
-        layout.previous_path(label).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(result_path, layout.previous_path(label))
+        folder.previous_path(label).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(result_path, folder.previous_path(label))
     if launch.distributed:
-        clear_rank_results(result_path)
-    layout.log_path(label).parent.mkdir(parents=True, exist_ok=True)
+        clear_rank_results(RunFolder(result_path.parent), result_path.stem)
+    folder.log_path(label).parent.mkdir(parents=True, exist_ok=True)
     timed_out = interrupted = False
-    with layout.log_path(label).open("w", encoding="utf-8") as log:
+    with folder.log_path(label).open("w", encoding="utf-8") as log:
         # Hold Ctrl-C while the worker starts: raised inside Popen, it would leave a worker
         # nobody stops. Released inside the try below, where it stops the worker properly.
         ctrl_c = _DeferredCtrlC() if _in_main_thread() else None
         try:
             process = subprocess.Popen(
-                worker_command(job.cell, layout.config_path, result_path, launch, job.seed), stdout=subprocess.PIPE, stderr=log,
+                worker_command(job.cell, folder.config_path, result_path, launch, job.seed), stdout=subprocess.PIPE, stderr=log,
                 text=True, env=slot_environment(slot, dict(os.environ)),
                 preexec_fn=_prepare_worker_process if os.name == "posix" else None,
             )
@@ -297,39 +263,40 @@ def run_worker(
                 _stop(process)
         relay.join(timeout=5)
 
-    result = _collect_result(job, layout, launch, process)
+    result = _collect_result(job, folder, launch, process)
     if job.repeat:
-        result["repeat"] = job.repeat
-    log_hint = f"see {layout.log_path(label)}"
-    if timed_out and result["status"] != "ok":
-        result.update(status="timeout", reason=f"exceeded --cell-timeout of {timeout:g} s; {log_hint}")
-    elif interrupted and result["status"] != "ok":
-        result.update(status="interrupted", reason="stopped by Ctrl-C; re-run with the same --run-name to finish")
-    write_atomic(result_path, result)
+        result.repeat = job.repeat
+    log_hint = f"see {folder.log_path(label)}"
+    if timed_out and not result.ok:
+        result.status, result.reason = "timeout", f"exceeded --cell-timeout of {timeout:g} s; {log_hint}"
+    elif interrupted and not result.ok:
+        result.status, result.reason = "interrupted", "stopped by Ctrl-C; re-run with the same --run-name to finish"
+    write_result(result_path, result)
     return CellRun(result, interrupted)
 
 
-def _collect_result(job: Job, layout: RunLayout, launch: Launch, process: subprocess.Popen) -> dict[str, Any]:
+def _collect_result(job: Job, folder: RunFolder, launch: Launch, process: subprocess.Popen) -> CellResult:
     """The worker's result file, the merge of its ranks' files, or a row saying why there is none."""
-    cell, log_hint = job.cell, f"see {layout.log_path(job.label)}"
+    cell, log_hint = job.cell, f"see {folder.log_path(job.label)}"
+    result_path = job_result_path(folder, job)
     if launch.distributed:
-        ranks = read_rank_results(layout.job_result_path(job), launch)
-        if any(rank["status"] != "crashed" for rank in ranks):
-            return merge_rank_results(ranks, launch)
+        ranks = read_rank_results(RunFolder(result_path.parent), result_path.stem, launch)
+        if any(rank.status != "crashed" for rank in ranks):
+            return merge_ranks(ranks, describe_launch(launch))
     try:
-        return read_result(layout.job_result_path(job))
+        return read_result(result_path)
     except ResultError:
         pass
     if process.returncode is not None and process.returncode < 0:
         name = _signal_name(process.returncode)
         hint = " (the kernel's OOM killer sends SIGKILL when host memory runs out)" if name == "SIGKILL" else ""
-        return bare_result(cell, "crashed", f"worker killed by {name}{hint}; {log_hint}")
-    return bare_result(cell, "crashed", f"worker exited with code {process.returncode} without a result; {log_hint}")
+        return CellResult.failed(cell, "crashed", f"worker killed by {name}{hint}; {log_hint}")
+    return CellResult.failed(cell, "crashed", f"worker exited with code {process.returncode} without a result; {log_hint}")
 
 
 @dataclass
 class MatrixOutcome:
-    results: list[dict[str, Any]] = field(default_factory=list)
+    results: list[CellResult] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
     interrupted: bool = False
     seconds: float = 0.0
@@ -337,13 +304,13 @@ class MatrixOutcome:
 
 def run_matrix(
     cells: list[str],
-    layout: RunLayout,
+    folder: RunFolder,
     *,
     force: bool = False,
     cell_timeout: float | None = None,
     on_event: EventCallback = lambda label, event: None,
     on_cell_start: Callable[[int, str, Slot], None] = lambda index, label, slot: None,
-    on_cell_end: Callable[[int, dict[str, Any]], None] = lambda index, result: None,
+    on_cell_end: Callable[[int, CellResult], None] = lambda index, result: None,
     launch: Launch = Launch(),
     slots: list[Slot] = [None],  # noqa: B006 - never mutated
     repeats: int = 1,
@@ -358,10 +325,10 @@ def run_matrix(
     started = time.perf_counter()
     outcome = MatrixOutcome()
     jobs = plan_jobs(cells, repeats, seeds)
-    results: dict[int, dict[str, Any]] = {}
+    results: dict[int, CellResult] = {}
     pending: list[tuple[int, Job]] = []
     for index, job in enumerate(jobs):
-        previous = None if force else reusable_result(layout, job)
+        previous = None if force else reusable_result(folder, job)
         if previous is None:
             pending.append((index, job))
             continue
@@ -374,7 +341,7 @@ def run_matrix(
     def run_one(item: tuple[int, Job], slot: Slot) -> bool:
         index, job = item
         on_cell_start(index, job.label, slot)
-        run = run_worker(job, layout, on_event, cell_timeout, launch, slot, None if len(slots) == 1 else stop)
+        run = run_worker(job, folder, on_event, cell_timeout, launch, slot, None if len(slots) == 1 else stop)
         results[index] = run.result
         on_cell_end(index, run.result)
         if run.interrupted:
@@ -393,14 +360,14 @@ def run_matrix(
     if repeats <= 1:
         outcome.results = [results[index] for index in sorted(results)]
     else:
-        outcome.results = _aggregate_repeats(cells, jobs, results, layout, repeats)
+        outcome.results = _aggregate_repeats(cells, jobs, results, folder, repeats)
     outcome.seconds = time.perf_counter() - started
     return outcome
 
 
 def _aggregate_repeats(
-    cells: list[str], jobs: list[Job], results: dict[int, dict[str, Any]], layout: RunLayout, repeats: int
-) -> list[dict[str, Any]]:
+    cells: list[str], jobs: list[Job], results: dict[int, CellResult], folder: RunFolder, repeats: int
+) -> list[CellResult]:
     """Each cell's result from the repeats that ran, written beside the single-run results."""
     aggregated = []
     for cell in cells:
@@ -408,7 +375,7 @@ def _aggregate_repeats(
         if not indexed:
             continue
         seeds = [job.seed for job in jobs if job.cell == cell]
-        result = aggregate(cell, [results[index] for _, index in indexed], repeats, seeds)
-        write_atomic(layout.result_path(cell), result)
+        result = merge_repeats(cell, [results[index] for _, index in indexed], repeats, seeds)
+        write_result(folder.result_path(cell), result)
         aggregated.append(result)
     return aggregated

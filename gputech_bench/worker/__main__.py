@@ -20,8 +20,8 @@ from typing import Any
 
 from ..config import from_dict
 from ..errors import ConfigError
-from ..results import bare_result, write_atomic
-from ..run.ranks import rank_result_path
+from ..measure.oom import oom_details, oom_reason
+from ..results import CellResult, RunFolder, write_result
 from .failure import classify
 from .provenance import utc_now
 
@@ -73,10 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     # and the runner merges them into --out.
     launched = "WORLD_SIZE" in os.environ
     rank = int(os.environ.get("RANK", 0))
-    out = rank_result_path(args.out, rank) if launched else args.out
-    rank_info = {"rank": {"rank": rank, "world_size": int(os.environ["WORLD_SIZE"])}} if launched else {}
+    folder = RunFolder(args.out.parent)
+    out = folder.rank_path(args.out.stem, rank) if launched else args.out
+    rank_info = {"rank": rank, "world_size": int(os.environ["WORLD_SIZE"])} if launched else None
     # Written even if the cell dies while torch is still importing.
-    result = bare_result(args.cell, "error", "the cell did not finish") | {"provenance": {"started_at": utc_now()}} | rank_info
+    result = CellResult(args.cell, rank=rank_info, provenance={"started_at": utc_now()})
     emit = _stdout_events if args.events else _stderr_progress
     if rank != 0:
         emit = _quiet
@@ -87,29 +88,28 @@ def main(argv: list[str] | None = None) -> int:
         # Heavy imports (torch, transformers) come after argument parsing so that --help is instant.
         from .cell import new_result, run_cell
 
-        result = new_result(args.cell, config) | rank_info
-        run_cell(args.cell, config, result, emit, snapshot_path=out.with_suffix(".snapshot.pickle"))
+        result = new_result(args.cell, config)
+        result.rank = rank_info
+        run_cell(args.cell, config, result, emit, snapshot_path=folder.snapshot_path(out.stem))
     except BaseException as error:  # noqa: BLE001 - every failure must become a result
         # A second Ctrl-C or SIGTERM must not cut the result file short.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         status, reason, tail = classify(error)
-        result.update(status=status, reason=reason, traceback=tail)
+        result.status, result.reason, result.traceback = status, reason, tail
         if status == "oom":
-            from ..measure.oom import oom_details, oom_reason
-
-            result["oom"] = oom_details(error)
-            result["reason"] = oom_reason(result["oom"], result.get("memory_cap")) or reason
+            result.oom = oom_details(error)
+            result.reason = oom_reason(result.oom, result.memory_cap) or reason
     finally:
-        result["provenance"]["finished_at"] = utc_now()
-        write_atomic(out, result)
+        result.provenance["finished_at"] = utc_now()
+        write_result(out, result)
     try:
-        emit({"event": "done", "status": result["status"], "reason": result["reason"]})
+        emit({"event": "done", "status": result.status, "reason": result.reason})
     except OSError:
         pass  # the runner went away; the result file is what counts
-    if result["status"] != "ok":
-        print(f"[worker] {result['cell']}: {result['status']}: {result['reason']}", file=sys.stderr)
-    return 0 if result["status"] == "ok" else 1
+    if not result.ok:
+        print(f"[worker] {result.cell}: {result.status}: {result.reason}", file=sys.stderr)
+    return 0 if result.ok else 1
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""Run one cell in this process and describe it as a result dict.
+"""Run one cell in this process and describe it as a ``CellResult``.
 
-The worker module wraps this with a status and atomic writing; tests call it
-directly. Measurements are added to ``result`` as soon as they exist, so a
-failure late in the cell still leaves everything measured before it.
+In: a cell name and the resolved config. Out: the result, filled in place: each
+measurement is added as soon as it exists, so a failure late in the cell still leaves
+everything measured before it. The worker module wraps this with a status and atomic
+writing; tests call it directly.
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ from ..measure.snapshot import SNAPSHOT_SLOWS_STEPS, MemorySnapshot
 from ..measure.warmup import warm_up_cuda_libraries
 from ..measure.window import PeakWindow
 from ..modeling import build_model
-from ..results import SCHEMA
+from ..results import CellResult
 from ..strategies import RunContext, build_plan, parse_cell
 from ..training.distributed import ensure_process_group, launched_by_torchrun, ranks_from_env
 from ..training.distributed import shutdown as shutdown_process_group
 from ..training.evaluate import EvalScores, evaluate
 from ..training.loop import StepEvent, TrainOutcome, train
-from ..units import figure, parse_size, to_mib
+from ..units import parse_size, to_mib
 from .failure import is_out_of_memory
 from .provenance import environment, utc_now
 
@@ -79,22 +80,13 @@ def check_rank_split(config: BenchConfig, train_rows: int, world_size: int) -> N
         )
 
 
-def new_result(cell_text: str, config: BenchConfig) -> dict[str, Any]:
-    return {
-        "schema": SCHEMA,
-        "cell": cell_text,
-        "status": "error",
-        "reason": "the cell did not finish",
-        "preset": config.preset,
-        "config": to_dict(config),
-        "metrics": {},
-        "memory_breakdown": {},
-        "notes": [],
-        "provenance": {"started_at": utc_now(), **environment()},
-    }
+def new_result(cell_text: str, config: BenchConfig) -> CellResult:
+    return CellResult(
+        cell_text, preset=config.preset, config=to_dict(config), provenance={"started_at": utc_now(), **environment()}
+    )
 
 
-def apply_memory_cap(config: BenchConfig, device: torch.device, result: dict[str, Any], strategy_keys: set[str]) -> None:
+def apply_memory_cap(config: BenchConfig, device: torch.device, result: CellResult, strategy_keys: set[str]) -> None:
     """Limit this process to ``gpu_memory_limit``, the CUDA context counted against it.
 
     The context is measured after the libraries a training step loads (cuBLAS, autocast's
@@ -104,28 +96,28 @@ def apply_memory_cap(config: BenchConfig, device: torch.device, result: dict[str
     total = torch.cuda.get_device_properties(device).total_memory
     cap = plan_cap(parse_size(config.gpu_memory_limit), context_bytes, total)
     torch.cuda.set_per_process_memory_fraction(cap.fraction, device)
-    result["memory_cap"] = {**cap.describe(), "context_method": f"{method}, after warming up {', '.join(warmed)}"}
+    result.memory_cap = {**cap.describe(), "context_method": f"{method}, after warming up {', '.join(warmed)}"}
 
 
 def run_cell(
     cell_text: str,
     config: BenchConfig,
-    result: dict[str, Any],
+    result: CellResult,
     emit: EventSink = lambda event: None,
     snapshot_path: Path | None = None,
-) -> dict[str, Any]:
+) -> CellResult:
     """Train and evaluate one cell, filling ``result`` in place; raises on failure.
 
     With ``memory_snapshot`` on CUDA, the allocator history is written to
     ``snapshot_path`` whatever happens, an out-of-memory failure included.
     """
     cell = parse_cell(cell_text)
-    result.update(cell=cell.name, strategies=[cls.name for cls in cell.strategies])
+    result.cell, result.strategies = cell.name, [cls.name for cls in cell.strategies]
     ranks = ranks_from_env()
     device = resolve_device(config.device, ranks.local_rank if launched_by_torchrun() else None)
-    result["device"] = {"type": device.type}
+    result.device = {"type": device.type}
     if launched_by_torchrun():
-        result["rank"] = {"rank": ranks.rank, "local_rank": ranks.local_rank, "world_size": ranks.world_size}
+        result.rank = {"rank": ranks.rank, "local_rank": ranks.local_rank, "world_size": ranks.world_size}
     try:
         if device.type != "cuda":
             return _measure_cell(cell, config, device, result, emit)
@@ -134,15 +126,15 @@ def run_cell(
         shutdown_process_group()
 
 
-def _measure_cuda_cell(cell, config: BenchConfig, device: torch.device, result: dict[str, Any], emit: EventSink,
+def _measure_cuda_cell(cell, config: BenchConfig, device: torch.device, result: CellResult, emit: EventSink,
                        snapshot_path: Path | None) -> dict[str, Any]:
-    result["device"].update(cuda_memory.device_info(device))
+    result.device.update(cuda_memory.device_info(device))
     # NVML first: its device-wide fallback subtracts what was in use before this cell allocated anything.
     sampler = cuda_memory.NvmlSampler(device).start()
     snapshot = MemorySnapshot() if config.memory_snapshot and snapshot_path else None
     if snapshot:
         snapshot.start()
-        result["notes"].append(SNAPSHOT_SLOWS_STEPS)
+        result.notes.append(SNAPSHOT_SLOWS_STEPS)
     try:
         if config.gpu_memory_limit:
             apply_memory_cap(config, device, result, {cls.key for cls in cell.strategies})
@@ -151,16 +143,16 @@ def _measure_cuda_cell(cell, config: BenchConfig, device: torch.device, result: 
         sampler.stop()
         if snapshot:
             try:
-                result["memory_snapshot"] = str(snapshot.dump(snapshot_path))
+                result.memory_snapshot = str(snapshot.dump(snapshot_path))
             except Exception as error:  # never let the snapshot hide why the cell failed
-                result["notes"].append(f"memory snapshot not written: {type(error).__name__}: {error}")
+                result.notes.append(f"memory snapshot not written: {type(error).__name__}: {error}")
 
 
 def _measure_cell(
     cell,
     config: BenchConfig,
     device: torch.device,
-    result: dict[str, Any],
+    result: CellResult,
     emit: EventSink,
     sampler: cuda_memory.NvmlSampler | None = None,
 ) -> dict[str, Any]:
@@ -170,18 +162,18 @@ def _measure_cell(
 
     emit({"event": "phase", "phase": "data"})
     data = prepare_data(config)
-    result["data"] = data.info
+    result.data = data.info
     if ranks.is_distributed:
         check_rank_split(config, len(data.train), ranks.world_size)
     if config.model.vocab_rows > data.tokenizer_size and not config.model.pretrained:
-        result["notes"].append(
+        result.notes.append(
             f"the model has {config.model.vocab_rows:,} vocabulary rows and the tokenizer {data.tokenizer_size:,} tokens: "
             "the extra rows stay, so memory and time match the seed's model"
         )
 
     emit({"event": "phase", "phase": "model"})
     model = build_model(config.model, data.tokenizer_size, data.pad_token_id, config.train.seed)
-    result["model"] = {
+    result.model = {
         "source": config.model.pretrained or "random init from the config (no pretrained weights)",
         "vocab_rows": model.config.vocab_size,
         "hidden_size": model.config.hidden_size,
@@ -190,12 +182,12 @@ def _measure_cell(
         "attention": model.config._attn_implementation,
     }
     plan = build_plan(cell, model, ctx)
-    result["strategy_facts"] = plan.facts
+    result.strategy_facts = plan.facts
     if device.type == "cpu" and plan.facts["compute_dtype"] != "float32":
-        result["notes"].append(f"compute copy runs in {plan.facts['compute_dtype']} on the CPU")
+        result.notes.append(f"compute copy runs in {plan.facts['compute_dtype']} on the CPU")
     trainable, total = plan.facts["trainable_parameters"], plan.facts["total_parameters"]
     if trainable < total:
-        result["notes"].append(f"trains {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
+        result.notes.append(f"trains {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
     if device.type == "cuda":
         cuda_memory.reset_peaks(device)
@@ -214,7 +206,7 @@ def _measure_cell(
         if sampler is not None:
             record_cuda_memory(result, device, sampler.stop(), window.description)
     record_training(result, outcome, config)
-    result["notes"] += window.notes
+    result.notes += window.notes
     if plan.recompiles_on_new_shapes:
         record_compile_time(result, outcome)
     record_paged_state(result, plan.optimizer)
@@ -223,7 +215,7 @@ def _measure_cell(
     # No more rows per forward than training ran (a micro-batch under accumulation): with
     # the full vocabulary's logits, a wider evaluation could fail where training fitted.
     eval_rows = min(config.train.eval_batch_size, plan.rows_per_forward)
-    result["evaluation"] = {
+    result.evaluation = {
         "rows_per_forward": eval_rows,
         "why": "at most the rows of one training forward, so that evaluation never holds more logits than training",
     }
@@ -235,121 +227,115 @@ def _measure_cell(
         return _evaluation_ran_out(result, error, started)
     record_scores(result, scores, config.data.objective)
     record_cell_totals(result, started)
-    result.update(status="ok", reason=None)
+    result.status, result.reason = "ok", None
     return result
 
 
-def _evaluation_ran_out(result: dict[str, Any], error: BaseException, started: float) -> dict[str, Any]:
+def _evaluation_ran_out(result: CellResult, error: BaseException, started: float) -> CellResult:
     """Training finished and its figures stand; only evaluation failed, so the row says so
     instead of becoming an oom row without figures."""
-    result["oom"] = oom_details(error)
+    result.oom = oom_details(error)
     record_cell_totals(result, started)
-    result.update(
-        status="eval-oom",
-        reason=f"training finished, evaluation ran out of memory ({first_line(error)}); every training figure stands",
-    )
+    result.status = "eval-oom"
+    result.reason = f"training finished, evaluation ran out of memory ({first_line(error)}); every training figure stands"
     return result
 
 
-def record_cell_totals(result: dict[str, Any], started: float) -> None:
-    metrics = result["metrics"]
-    metrics["peak_rss_mib"] = figure(
-        to_mib(peak_rss_bytes()), "MiB", "getrusage ru_maxrss: whole-process lifetime peak, includes Python and libraries"
+def record_cell_totals(result: CellResult, started: float) -> None:
+    result.record(
+        "peak_rss_mib", to_mib(peak_rss_bytes()), "MiB", "getrusage ru_maxrss: whole-process lifetime peak, includes Python and libraries"
     )
-    metrics["cell_seconds"] = figure(
-        round(time.perf_counter() - started, 3), "s", "wall time of the whole cell in the worker: data, model, train, eval"
+    result.record(
+        "cell_seconds", round(time.perf_counter() - started, 3), "s", "wall time of the whole cell in the worker: data, model, train, eval"
     )
 
 
-def record_scores(result: dict[str, Any], scores: EvalScores, objective: str) -> None:
+def record_scores(result: CellResult, scores: EvalScores, objective: str) -> None:
     """The eval figures, each saying which objective trained the model it scores."""
     trained = f"trained under data.objective={objective}"
-    metrics = result["metrics"]
-    metrics["eval_masked_accuracy"] = figure(
-        scores.masked_accuracy, "fraction",
+    result.record(
+        "eval_masked_accuracy", scores.masked_accuracy, "fraction",
         f"correct predictions at the {scores.masked_tokens} masked eval positions ({trained})",
     )
-    metrics["eval_token_accuracy"] = figure(
-        scores.token_accuracy, "fraction",
+    result.record(
+        "eval_token_accuracy", scores.token_accuracy, "fraction",
         f"the seed's accuracy: predictions equal to the input ids over all {scores.scored_tokens} non-padding eval "
         f"tokens, masked or not ({trained})",
     )
     scored = "every position, padding included" if objective == SEED else "the masked positions"
-    metrics["eval_loss"] = figure(
-        scores.loss, "nats/token",
+    result.record(
+        "eval_loss", scores.loss, "nats/token",
         f"the objective's loss: mean cross-entropy over the {scores.labelled_tokens} labelled eval positions "
         f"({scored}; data.objective={objective})",
     )
 
 
-def record_cuda_memory(result: dict[str, Any], device: torch.device, nvml: cuda_memory.NvmlReading,
+def record_cuda_memory(result: CellResult, device: torch.device, nvml: cuda_memory.NvmlReading,
                        window: str = "over the training steps") -> None:
     allocated, reserved = cuda_memory.allocator_peaks(device)
-    metrics = result["metrics"]
-    metrics["peak_allocated_mib"] = figure(to_mib(allocated), "MiB", f"torch.cuda.max_memory_allocated {window}")
-    metrics["peak_reserved_mib"] = figure(to_mib(reserved), "MiB", f"torch.cuda.max_memory_reserved {window}")
+    result.record("peak_allocated_mib", to_mib(allocated), "MiB", f"torch.cuda.max_memory_allocated {window}")
+    result.record("peak_reserved_mib", to_mib(reserved), "MiB", f"torch.cuda.max_memory_reserved {window}")
     nvml_mib = None if nvml.peak_bytes is None else to_mib(nvml.peak_bytes)
-    metrics["nvml_process_peak_mib"] = figure(nvml_mib, "MiB", f"{nvml.method}, {window}")
-    cap = result.get("memory_cap")
+    result.record("nvml_process_peak_mib", nvml_mib, "MiB", f"{nvml.method}, {window}")
+    cap = result.memory_cap
     note = overshoot_note(cap, nvml_mib) if cap else None
     if note:
         cap["nvml_overshoot_mib"] = round(nvml_mib - float(cap["limit_mib"]), 1)
-        result["notes"].append(note)
+        result.notes.append(note)
 
 
-def record_paged_state(result: dict[str, Any], optimizer: Any) -> None:
+def record_paged_state(result: CellResult, optimizer: Any) -> None:
     """Optimizer state in CUDA unified memory (paged-adam8bit): invisible to the allocator's
     figures, so it gets its own, in the metrics and beside the host side of the breakdown."""
     paged = paged_state_bytes(optimizer)
     if not paged:
         return
-    result["metrics"]["paged_optimizer_state_mib"] = figure(
-        to_mib(paged), "MiB",
+    result.record(
+        "paged_optimizer_state_mib", to_mib(paged), "MiB",
         "bytes of bitsandbytes' paged optimizer state (cudaMallocManaged): outside torch's allocator, so not in "
         "the allocated or reserved peaks; MemTracker files it as host memory",
     )
-    for device, categories in result.get("memory_breakdown", {}).items():
+    for device, categories in result.memory_breakdown.items():
         if device.startswith("cpu"):
             categories["paged_optimizer_state_mib"] = to_mib(paged)
 
 
-def record_compile_time(result: dict[str, Any], outcome: TrainOutcome) -> None:
+def record_compile_time(result: CellResult, outcome: TrainOutcome) -> None:
     """Compilation happens inside the first step, which no timing includes; its excess over a
     steady step is the compile time, reported apart so that step time stays comparable."""
     first, steady = outcome.first_step_seconds, outcome.mean_step_seconds
     seconds = None if first is None or steady is None else round(max(first - steady, 0.0), 3)
-    result["metrics"]["compile_seconds"] = figure(
-        seconds, "s", "first optimizer step minus the mean steady step: torch.compile's tracing and code generation "
+    result.record(
+        "compile_seconds", seconds, "s", "first optimizer step minus the mean steady step: torch.compile's tracing and code generation "
         "(evaluation compiles its own graph on top, outside every timing)",
     )
 
 
-def record_training(result: dict[str, Any], outcome: TrainOutcome, config: BenchConfig) -> None:
-    metrics = result["metrics"]
+def record_training(result: CellResult, outcome: TrainOutcome, config: BenchConfig) -> None:
     epoch_seconds, epoch_method = outcome.epoch_time
-    metrics["epoch_seconds"] = figure(None if epoch_seconds is None else round(epoch_seconds, 4), "s", epoch_method)
-    metrics["epoch_time_extrapolated"] = figure(not outcome.epoch_seconds, "bool", "true when fewer than one full epoch was timed")
-    metrics["samples_per_second"] = figure(
-        None if not epoch_seconds else round(outcome.samples_per_epoch / epoch_seconds, 3),
+    result.record("epoch_seconds", None if epoch_seconds is None else round(epoch_seconds, 4), "s", epoch_method)
+    result.record("epoch_time_extrapolated", not outcome.epoch_seconds, "bool", "true when fewer than one full epoch was timed")
+    result.record(
+        "samples_per_second", None if not epoch_seconds else round(outcome.samples_per_epoch / epoch_seconds, 3),
         "samples/s", "training samples per epoch / epoch_seconds",
     )
     mean_step = outcome.mean_step_seconds
-    metrics["mean_step_seconds"] = figure(
-        None if mean_step is None else round(mean_step, 5), "s", f"mean of {len(outcome.step_seconds)} timed optimizer steps (steady state: warm-up and tracked steps excluded)"
+    result.record(
+        "mean_step_seconds", None if mean_step is None else round(mean_step, 5), "s", f"mean of {len(outcome.step_seconds)} timed optimizer steps (steady state: warm-up and tracked steps excluded)"
     )
-    metrics["first_step_seconds"] = figure(
-        outcome.first_step_seconds, "s", "the first optimizer step: lazy initialisation and warm-up, not in any timing"
+    result.record(
+        "first_step_seconds", outcome.first_step_seconds, "s", "the first optimizer step: lazy initialisation and warm-up, not in any timing"
     )
-    metrics["tracked_step_seconds"] = figure(
-        outcome.tracked_step_seconds, "s", "the step run under MemTracker (slowed by tracking; not in any timing)"
+    result.record(
+        "tracked_step_seconds", outcome.tracked_step_seconds, "s", "the step run under MemTracker (slowed by tracking; not in any timing)"
     )
-    metrics["steps_run"] = figure(outcome.steps_run, "steps", f"optimizer steps run of {outcome.total_steps} planned")
+    result.record("steps_run", outcome.steps_run, "steps", f"optimizer steps run of {outcome.total_steps} planned")
     window = outcome.losses[-FINAL_LOSS_WINDOW:]
-    metrics["final_train_loss"] = figure(
-        sum(window) / len(window) if window else None, "nats/token",
+    result.record(
+        "final_train_loss", sum(window) / len(window) if window else None, "nats/token",
         f"mean loss of the last {len(window)} optimizer steps (data.objective={config.data.objective})"
     )
-    metrics["nonfinite_loss_steps"] = figure(outcome.nonfinite_losses, "steps", "optimizer steps whose loss was NaN or infinite")
+    result.record("nonfinite_loss_steps", outcome.nonfinite_losses, "steps", "optimizer steps whose loss was NaN or infinite")
 
     breakdown = {}
     for peak in outcome.tracked_peaks:
@@ -357,15 +343,15 @@ def record_training(result: dict[str, Any], outcome: TrainOutcome, config: Bench
             "total_mib": to_mib(peak.total_bytes),
             **{f"{name}_mib": to_mib(value) for name, value in peak.by_category.items()},
         }
-    result["memory_breakdown"] = breakdown
+    result.memory_breakdown = breakdown
     if breakdown:
-        compute_device = result["device"]["type"]
+        compute_device = result.device_type
         compute_peaks = [p for p in outcome.tracked_peaks if p.device.startswith(compute_device)]
         host_peaks = [p for p in outcome.tracked_peaks if p.device.startswith("cpu")]
         method = "torch MemTracker: peak live tensor bytes during one full optimizer step (forward, backward, update), the second of the run so that optimizer state is live"
         if compute_peaks:
-            metrics["tracked_peak_mib"] = figure(to_mib(compute_peaks[0].total_bytes), "MiB", f"{method}, on {compute_peaks[0].device}")
+            result.record("tracked_peak_mib", to_mib(compute_peaks[0].total_bytes), "MiB", f"{method}, on {compute_peaks[0].device}")
         if compute_device != "cpu" and host_peaks:
-            metrics["tracked_host_peak_mib"] = figure(to_mib(host_peaks[0].total_bytes), "MiB", f"{method}, on the host")
+            result.record("tracked_host_peak_mib", to_mib(host_peaks[0].total_bytes), "MiB", f"{method}, on the host")
     if outcome.epoch_seconds == [] and config.train.max_steps:
-        result["notes"].append(f"short run (train.max_steps={config.train.max_steps}): epoch time is extrapolated")
+        result.notes.append(f"short run (train.max_steps={config.train.max_steps}): epoch time is extrapolated")
