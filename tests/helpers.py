@@ -72,6 +72,15 @@ def make_result(cell, status="ok", device="cpu", **metrics) -> CellResult:
     })
 
 
+def cpu_run() -> list[CellResult]:
+    """A small CPU run: two ok cells and one that ran out of memory."""
+    return [
+        make_result("baseline", tracked_peak_mib=100.0, epoch_seconds=10.0, eval_masked_accuracy=0.40, eval_token_accuracy=0.90),
+        make_result("1", tracked_peak_mib=60.0, epoch_seconds=13.0, eval_masked_accuracy=0.41, eval_token_accuracy=0.90),
+        make_result("4", status="oom", tracked_peak_mib=5.0),
+    ]
+
+
 def run_result(cell: str, seconds: float, memory: float, accuracy: float, status: str = "ok") -> CellResult:
     """One repeat of a CPU cell."""
     figure = lambda value, unit: {"value": value, "unit": unit, "method": "measured"}  # noqa: E731

@@ -9,21 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import make_result, write_run
+from helpers import cpu_run, make_result, write_run
 
 from gputech_bench.errors import ResultError
 from gputech_bench.report.export import render
 from gputech_bench.report.frame import COLUMNS, CPU_MEASURE, NVML_MEASURE, RESERVED_MEASURE, build_frame
 from gputech_bench.report.table import _extremes, markdown
 from gputech_bench.results import load_run
-
-
-def cpu_run():
-    return [
-        make_result("baseline", tracked_peak_mib=100.0, epoch_seconds=10.0, eval_masked_accuracy=0.40, eval_token_accuracy=0.90),
-        make_result("1", tracked_peak_mib=60.0, epoch_seconds=13.0, eval_masked_accuracy=0.41, eval_token_accuracy=0.90),
-        make_result("4", status="oom", tracked_peak_mib=5.0),
-    ]
 
 
 def test_frame_compares_against_the_baseline_and_blanks_failed_cells():

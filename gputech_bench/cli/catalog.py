@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import typer
-from rich.table import Table
+from rich.text import Text
 
 from ..config import describe_fields, load_preset, preset_names, read_preset
 from ..errors import ConfigError
-from .common import console, cuda_available, fail
+from .common import console, cuda_available, fail, wrap_text
 
 STRATEGIES_HELP = (
     "List every strategy: its number, name, what it saves and costs, and which combinations are refused."
@@ -15,33 +15,59 @@ STRATEGIES_HELP = (
 )
 
 
-def list_strategies() -> None:
+#: The fields of a strategy's block, in the order they are listed.
+STRATEGY_FIELDS = ("saves", "costs", "gives up", "needs", "here")
+
+
+def strategy_blocks(cuda: bool) -> list[tuple[str, list[tuple[str, str]]]]:
+    """(heading, [(field, text)...]) for each registered strategy, numbered first."""
+    from ..strategies import registered
+
+    blocks = []
+    for cls in registered():
+        heading = cls.key if cls.key == cls.name else f"{cls.key}  {cls.name}"
+        here = "no: needs CUDA" if cls.needs_cuda and not cuda else "yes"
+        texts = (cls.saves, cls.costs, cls.gives_up or "nothing", cls.requires or "-", here)
+        blocks.append((heading, list(zip(STRATEGY_FIELDS, texts))))
+    return blocks
+
+
+def refused_pairs() -> list[tuple[str, str]]:
+    """Every pair of strategies the registry refuses to combine, with the reason it gives."""
     from itertools import combinations
 
     from ..strategies import Cell, refusal_reason, registered
 
-    cuda = cuda_available()
-    table = Table(title="strategies (combine with '+', e.g. 1+2+3)", title_justify="left")
-    for column in ("key", "name", "saves", "costs", "gives up", "needs", "here"):
-        table.add_column(column, overflow="fold")
-    for cls in registered():
-        here = "[red]no: needs CUDA[/]" if cls.needs_cuda and not cuda else "yes"
-        table.add_row(cls.key, cls.name, cls.saves, cls.costs, cls.gives_up or "nothing", cls.requires or "-", here)
-    console.print(table)
-    refused = [
+    return [
         (f"{a.key}+{b.key}", reason)
         for a, b in combinations(registered(), 2)
         if (reason := refusal_reason(Cell((a, b))))
     ]
+
+
+def list_strategies() -> None:
+    # One block per strategy, its text wrapped at word boundaries under a hanging indent:
+    # seven columns of prose cannot share 80 columns without breaking every word.
+    width = console.width
+    label = max(len(field) for field in STRATEGY_FIELDS) + 2  # 'gives up: '
+    console.print("[bold]strategies[/] (combine with '+', e.g. 1+2+3)", highlight=False)
+    for heading, fields in strategy_blocks(cuda_available()):
+        console.print()
+        console.print(Text(heading, style="bold"), soft_wrap=True)
+        for field, text in fields:
+            line = Text(f"   {field + ':':<{label}}") + Text(text, style="red" if text.startswith("no:") else "")
+            console.print(Text("\n").join(wrap_text(line, width, indent=3 + label)), soft_wrap=True)
+    console.print()
+    refused = refused_pairs()
     if refused:
-        console.print("[bold]refused combinations[/] (both strategies own the same hook):")
+        console.print("[bold]refused combinations[/], each with its reason:", highlight=False)
         for name, reason in refused:
-            console.print(f"  {name}: {reason}", highlight=False)
+            line = Text(f"   {name}: ") + Text(reason)
+            console.print(Text("\n").join(wrap_text(line, width, indent=5)), soft_wrap=True)
     else:
         console.print(
-            "refused combinations: none - no two of these strategies own the same hook "
-            "(placement, optimizer, batch split), so every combination is defined. "
-            "A cell can still be refused by its config (see 'needs').",
+            "refused combinations: none; every pair is defined. A cell can still be refused by its config "
+            "(see 'needs').",
             highlight=False,
         )
 

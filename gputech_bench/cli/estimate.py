@@ -14,7 +14,7 @@ from ..config import BenchConfig, from_dict
 from ..errors import ConfigError, UserError, first_line
 from ..results import CellResult, RunFolder
 from ..units import MIB, parse_size
-from .common import EXIT_FAILED_CELL, console, cuda_available, errors, fail, resolve_config
+from .common import EXIT_FAILED_CELL, MORE_HINT, console, cuda_available, errors, fail, print_table, resolve_config
 
 ESTIMATE_HELP = """Predict each cell's peak memory without a GPU: one training step traced on fake tensors.
 
@@ -136,7 +136,7 @@ def estimate_run(config: BenchConfig, results: list[CellResult], folder: RunFold
 def _print_against_measured(report) -> None:
     from ..estimate.render import compact_table, legend
 
-    console.print(compact_table(report, title="predicted (fake-tensor trace) against measured, MiB"))
+    print_table(compact_table(report, title="predicted (fake-tensor trace) against measured, MiB"))
     for line in legend(report, with_overheads=False):
         console.print(f"  [dim]{line}[/]", highlight=False)
     console.print("  [dim]categories, CUDA context and allocator reserve: 'gputech-bench estimate --compare RUN_DIR'[/]", highlight=False)
@@ -207,7 +207,7 @@ def estimate(
     elif format_ == "md" or output is not None:
         _emit(markdown(report), output)
     else:
-        console.print(rich_table(report, title=f"gputech-bench estimate: preset {config.preset} (MiB)"))
+        print_table(rich_table(report, title=f"gputech-bench estimate: preset {config.preset} (MiB)"), hint=MORE_HINT)
         for line in legend(report):
             console.print(f"  [dim]{line}[/]", highlight=False)
     if any(prediction.error for prediction in report.predictions):
@@ -232,7 +232,9 @@ def _print_fit(result, config: BenchConfig) -> None:
         return
     table = Table(title=f"setups that fit {result.budget / 2**30:.1f} GiB, fastest first", title_justify="left")
     for header in ("", "setup", "device GiB", "host GiB", "time", "time from", "gives up"):
-        table.add_column(header, justify="right" if "GiB" in header or header == "time" else "left")
+        # 'time from' and 'gives up' are prose: a narrow terminal folds them, never a figure or a name.
+        table.add_column(header, justify="right" if "GiB" in header or header == "time" else "left",
+                         overflow="fold" if header in ("time from", "gives up") else "ellipsis", no_wrap=header == "setup")
     for rank, candidate in enumerate(result.chosen, start=1):
         time = candidate.time
         shown = f"{time.seconds:,.0f} s/epoch" if time.seconds is not None else f"{time.factor:.2f}x baseline"
@@ -241,7 +243,7 @@ def _print_fit(result, config: BenchConfig) -> None:
             "best" if rank == 1 else f"#{rank}", candidate.setup.label, gib(candidate.device_total),
             "-" if host is None else gib(host.total_bytes), shown, time.source, gives_up(candidate.setup),
         )
-    console.print(table)
+    print_table(table)
     if result.untraceable:
         for candidate in result.untraceable:
             console.print(f"  [yellow]not traced[/] {candidate.setup.label}: {candidate.prediction.error}", highlight=False)

@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from ..files import atomic_write_bytes
-from .common import console, errors, fail
+from .common import MORE_HINT, OutputConsole, console, errors, fail, print_table
 from .estimate import show_saved_estimate
 
 REPORT_HELP = """Render a run's table again from its saved results, plot it, or make one shareable HTML file.
@@ -62,14 +61,14 @@ def report(
         output = run_dir / "report.html"
     if output is None:
         if isinstance(rendered, Table):
-            console.print(rendered)
+            print_table(rendered, hint=MORE_HINT)
             show_saved_estimate(loaded)
         else:
             sys.stdout.write(rendered)
         return
     if isinstance(rendered, Table):
-        capture = Console(file=io.StringIO(), width=160, color_system=None)
-        capture.print(rendered)
+        capture = OutputConsole(file=io.StringIO(), color_system=None)  # not a terminal: nothing wraps
+        print_table(rendered, out=capture)
         rendered = capture.file.getvalue()
     try:
         atomic_write_bytes(output, rendered.encode("utf-8"))
@@ -114,7 +113,7 @@ def compare(
     if format_ == "table" and output is None:
         for warning in comparison.warnings:
             errors.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
-        console.print(comparison_table(comparison))
+        print_table(comparison_table(comparison), hint=MORE_HINT)
         for line in footer(comparison):
             console.print(f"  [dim]{line.removeprefix('- ')}[/]", highlight=False)
         return

@@ -2,16 +2,33 @@
 
 from __future__ import annotations
 
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Column
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ResultError
 from ..results import CellResult
-from .common import EXIT_FAILED_CELL, EXIT_INTERRUPTED, console, errors, fail, resolve_config, uses_cuda
+from .common import (
+    EXIT_FAILED_CELL,
+    EXIT_INTERRUPTED,
+    MORE_HINT,
+    console,
+    errors,
+    fail,
+    messages_to_stderr,
+    print_table,
+    resolve_config,
+    uses_cuda,
+)
+
+#: What ``run --format`` prints at the end: report's formats but html, which is a file (``report --format html``).
+RUN_FORMATS = ("table", "md", "csv", "json")
 
 
 def check_gpu_idle(allow_busy: bool, gpus: Optional[str] = None) -> None:
@@ -38,9 +55,11 @@ class MatrixProgress:
     """Runs done out of N, and a step bar for each running cell (several with --gpus)."""
 
     def __init__(self, total: int) -> None:
+        # Only the bar shrinks in a narrow terminal: a cell's name and the counts stay whole.
+        whole = dict(table_column=Column(no_wrap=True))
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TimeRemainingColumn(), console=console, transient=True,
+            TextColumn("[bold]{task.description}", **whole), BarColumn(), MofNCompleteColumn(**whole),
+            TimeElapsedColumn(**whole), TimeRemainingColumn(**whole), console=console, transient=True,
         )
         self.overall = self.progress.add_task("cells", total=total)
         self.bars: dict[str, tuple[Any, str]] = {}  # label -> (its step bar, its title)
@@ -65,8 +84,8 @@ class MatrixProgress:
         if bar is not None:
             self.progress.remove_task(bar[0])
         status = result.status
-        mark = "[green]ok[/]" if status == "ok" else f"[bold red]{status}[/]: {result.reason or ''}"
-        console.print(f"  {label}: {mark}", highlight=False)
+        mark = "[green]ok[/]" if status == "ok" else f"[bold red]{status}[/]: {escape(result.reason or '')}"
+        console.print(f"  {escape(label)}: {mark}", highlight=False)
 
     def event(self, label: str, event: dict[str, Any]) -> None:
         if label not in self.bars:
@@ -100,6 +119,7 @@ and a log per cell. Re-running with the same --run-name skips cells that are alr
 
 
 def run(
+    ctx: typer.Context,
     matrix: bool = typer.Option(False, "--matrix", help="Run the seed's 8 cells: baseline, 1, 2, 3, 4, 1+2+3, 1+2+4, lora."),
     strategies: Optional[str] = typer.Option(None, help="Comma-separated cells, numbers or names (e.g. '1,3,1+2+3' or 'checkpointing+accumulation'); the baseline is always added."),
     preset: Optional[str] = typer.Option(None, help="Preset name (see `gputech-bench presets`); default: seed with CUDA, cpu without."),
@@ -123,8 +143,13 @@ def run(
     rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of node 0, reachable from every node (torchrun --rdzv-endpoint)."),
     repeat: int = typer.Option(1, min=1, help="Run each cell N times, each in a fresh process; the table shows medians, and differences within the spread are marked as noise."),
     vary_seed: bool = typer.Option(False, "--vary-seed", help="With --repeat: train.seed + 0, 1, 2... (weights, batches, masks), to see accuracy's spread; without it the seed is fixed and the spread is timing noise alone."),
+    format_: str = typer.Option("table", "--format", help="How the table at the end is printed: table, md, csv or json (md, csv and json go to stdout alone, everything else to stderr). report.md/.csv/.json are written either way."),
 ) -> None:
-    from ..report.export import write_exports
+    if format_ not in RUN_FORMATS:
+        fail(f"unknown --format '{format_}': choose one of {', '.join(RUN_FORMATS)} ('report RUN_DIR --format html' makes the HTML file)")
+    if format_ != "table":
+        ctx.call_on_close(messages_to_stderr())
+    from ..report.export import render, write_exports
     from ..report.frame import build_frame
     from ..report.table import rich_table
     from ..results import RunFolder
@@ -178,8 +203,17 @@ def run(
     if outcome.reused:
         console.print(f"reused {len(outcome.reused)} finished cell(s): {', '.join(outcome.reused)} (--force re-runs them)", highlight=False)
 
-    frame, measure = build_frame(outcome.results)
-    console.print(rich_table(frame, measure, title=f"gputech-bench: {name}"))
+    if format_ == "table":
+        frame, measure = build_frame(outcome.results)
+        print_table(rich_table(frame, measure, title=f"gputech-bench: {name}"), hint=MORE_HINT)
+    else:
+        try:
+            rendered = render(folder.load(), format_)
+            assert isinstance(rendered, str)
+            sys.stdout.write(rendered)
+            sys.stdout.flush()
+        except (OSError, ResultError) as error:
+            errors.print(f"[yellow]warning:[/] could not render the table as {format_} ({error}); the cell results are in {folder.root}")
     for result in outcome.results:
         for note in result.notes:
             console.print(f"  [dim]{result.cell}:[/] {note}", highlight=False)

@@ -164,7 +164,7 @@ def rich_table(report: EstimateReport, title: str = "gputech-bench estimate (MiB
     rows = report.rows()
     compared = any("measured_what" in row for row in rows)
     table = Table(title=title, title_justify="left")
-    table.add_column("setup", style="bold")
+    table.add_column("setup", style="bold", no_wrap=True)
     for _, header in SHOWN_CATEGORIES:
         table.add_column(header, justify="right")
     table.add_column("tensor peak", justify="right", style="bold")
@@ -188,7 +188,7 @@ def rich_table(report: EstimateReport, title: str = "gputech-bench estimate (MiB
 def compact_table(report: EstimateReport, title: str) -> Table:
     """Predicted against measured only, for under ``run``'s table; ``estimate`` shows the categories."""
     table = Table(title=title, title_justify="left")
-    table.add_column("cell", style="bold")
+    table.add_column("cell", style="bold", no_wrap=True)
     table.add_column("predicted", justify="right")
     table.add_column("host", justify="right")
     table.add_column("measured", justify="right")

@@ -202,7 +202,12 @@ def comparison_table(comparison: Comparison):
 
     table = Table(title=f"A = {comparison.name_a}, B = {comparison.name_b}", title_justify="left")
     for index, header in enumerate(headers(comparison)):
-        table.add_column(header, justify="left" if index in (0, 10) else "right", overflow="fold")
+        if index == 0:
+            table.add_column(header, no_wrap=True)
+        elif index == 10:  # the verdict, in words: the one column a narrow terminal may fold
+            table.add_column(header, overflow="fold")
+        else:
+            table.add_column(header, justify="right")
     for row in comparison_rows(comparison):
         table.add_row(*row)
     return table

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import pandas as pd
+from rich.markup import escape
 from rich.table import Table
 
 from ..config import ATTENTION_KERNELS, OBJECTIVES
@@ -63,7 +64,12 @@ def _styled(text: str, value: Any, extremes: tuple[Any, Any]) -> str:
 
 
 def rich_table(frame: pd.DataFrame, measure: MemoryMeasure, title: str = "gputech-bench") -> Table:
-    table = Table(title=title, title_justify="left")
+    """The terminal table. A cell that is not ok shows its status and a footnote number; the
+    reason is a note under the table (one per distinct reason), so that a long reason never
+    sets the table's width. The status column is the only one that may fold: the helper
+    that prints tables (cli.common.print_table) keeps the others as wide as their widest
+    figure."""
+    table = Table(title=title, title_justify="left", caption_justify="left")
     table.add_column("cell", no_wrap=True)
     table.add_column(f"{measure.label}", justify="right")
     table.add_column("x base", justify="right")
@@ -72,19 +78,38 @@ def rich_table(frame: pd.DataFrame, measure: MemoryMeasure, title: str = "gputec
     table.add_column("masked acc", justify="right")
     table.add_column("Δ pts", justify="right")
     table.add_column("token acc (seed)", justify="right")
-    table.add_column("status")
+    table.add_column("status", overflow="fold")
     columns = ("memory_mib", "memory_x_baseline", "epoch_seconds", "epoch_x_baseline", "eval_masked_accuracy",
                "masked_accuracy_delta_points", "eval_token_accuracy")
     extremes = {column: _extremes(frame, column) for column in columns}
+    numbers, reasons = reason_notes(frame)
     for row in frame.itertuples(index=False):
+        status = "[green]ok[/]" if row.status == "ok" else f"[bold red]{row.status}[/]"
+        if (row.status, row.reason) in numbers:
+            status += escape(f" [{numbers[row.status, row.reason]}]")
         if row.status not in TRAINED_STATUSES:
-            reason = row.reason or ""
-            table.add_row(row.cell, *["-"] * 7, f"[bold red]{row.status}[/]: {reason}")
+            table.add_row(row.cell, *["-"] * 7, status)
             continue
         styled = [_styled(text, getattr(row, column), extremes[column]) for text, column in zip(row_texts(row), columns)]
-        table.add_row(row.cell, *styled, "[green]ok[/]" if row.status == "ok" else f"[bold red]{row.status}[/]: {row.reason}")
-    table.caption = "\n".join(table_notes(frame)) or None
+        table.add_row(row.cell, *styled, status)
+    table.caption = "\n".join(reasons + table_notes(frame)) or None
     return table
+
+
+def reason_notes(frame: pd.DataFrame) -> tuple[dict[tuple[str, str], int], list[str]]:
+    """A number for each distinct (status, reason) of the cells that are not ok, and the
+    notes that say it: '[1] oom in 4, 1+2+4: CUDA out of memory ...'."""
+    numbers: dict[tuple[str, str], int] = {}
+    cells: dict[tuple[str, str], list[str]] = {}
+    for row in frame.itertuples(index=False):
+        if row.status == "ok" or _missing(row.reason) or not str(row.reason).strip():
+            continue
+        key = (row.status, row.reason)
+        numbers.setdefault(key, len(numbers) + 1)
+        cells.setdefault(key, []).append(row.cell)
+    notes = [f"[{number}] {status} in {', '.join(cells[status, reason])}: {reason}"
+             for (status, reason), number in numbers.items()]
+    return numbers, notes
 
 
 def row_texts(row: Any) -> tuple[str, ...]:
