@@ -11,7 +11,24 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """A problem with the user's input or set-up. Its message is one line naming the problem
-    and the fix, shown as-is: never a traceback."""
+    and the fix, shown as-is: never a traceback.
+
+    The command line prints it as ``error: ...`` (exit status 2); the Python API raises it,
+    and a notebook shows the same one line (see ``_render_traceback_``).
+
+    Example::
+
+        >>> from gputech_bench import UserError, run_matrix
+        >>> try:
+        ...     run_matrix(strategies=["no-such-strategy"], preset="cpu")
+        ... except UserError as error:
+        ...     print(error)  # one line: the problem and the fix
+    """
+
+    def _render_traceback_(self) -> list[str]:
+        # IPython (and so Jupyter) calls this instead of formatting the stack: the frames
+        # inside gputech-bench say nothing the message does not, and a wall of them hides it.
+        return [f"{type(self).__name__}: {self}"]
 
 
 def first_line(error: BaseException) -> str:

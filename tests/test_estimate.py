@@ -230,7 +230,7 @@ def test_fit_verify_runs_the_best_setup_and_checks_the_prediction(tmp_path: Path
 
 
 def test_report_shows_the_saved_estimate_under_the_table(tmp_path: Path, cache_dir: Path):
-    from gputech_bench.cli.estimate import build_estimate
+    from gputech_bench.api._estimate import build_estimate
     from gputech_bench.estimate.render import write_estimate
     from gputech_bench.results import RunFolder, write_result
 

@@ -9,8 +9,11 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-import gputech_bench.cli.run as cli_run
+import gputech_bench.api._run as api_run
+from gputech_bench.api import Output
+from gputech_bench.api._setup import check_gpu_idle
 from gputech_bench.cli import app
+from gputech_bench.errors import DeviceError
 from gputech_bench.measure import gpu_busy
 from gputech_bench.measure.gpu_busy import idle_check
 
@@ -174,30 +177,30 @@ def test_a_busy_gpu_stops_the_run_in_one_line_naming_pids_and_mib(monkeypatch, c
     real_idle_check = gpu_busy.idle_check
     nvml = FakeNvml([FakeGpu(processes={4242: 20_000.0}), FakeGpu(processes={5151: 9_000.0})])
     monkeypatch.setattr(gpu_busy, "idle_check", lambda gpus: real_idle_check(gpus, nvml=nvml, environ=NOTHING_INHERITED))
-    with pytest.raises(typer.Exit) as stopped:
-        cli_run.check_gpu_idle(allow_busy=False, gpus="1")
-    assert stopped.value.exit_code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err
+    output = Output()
+    with pytest.raises(DeviceError) as stopped:
+        check_gpu_idle(allow_busy=False, gpus="1", output=output)
+    err = str(stopped.value)
+    assert "\n" not in err  # one line, shown as the command's 'error:' line (exit 2) or as a notebook's
     assert "GPU 1 (NVIDIA H200): PID 5151 (9,000 MiB) running, 9,004 MiB used net of a 1,311 MiB driver reserve" in err
     assert "4242" not in err  # GPU 0 is not this run's
     assert "--allow-busy-gpu" in err
-    cli_run.check_gpu_idle(allow_busy=True, gpus="1")  # warns and goes on
+    check_gpu_idle(allow_busy=True, gpus="1", output=output)  # warns and goes on
     assert "warning" in capsys.readouterr().err
-    cli_run.check_gpu_idle(allow_busy=False, gpus="2")  # NVML lists no GPU 2: a warning, not a refusal
+    check_gpu_idle(allow_busy=False, gpus="2", output=output)  # NVML lists no GPU 2: a warning, not a refusal
     assert "NVML lists no GPU '2'" in capsys.readouterr().err
 
 
 def test_the_run_command_checks_the_gpus_it_was_given(monkeypatch, tmp_path):
     checked: list[tuple[bool, str | None]] = []
 
-    def check_and_stop(allow_busy: bool, gpus: str | None = None) -> None:
+    def check_and_stop(allow_busy: bool, gpus: str | None, output: Output) -> None:
         checked.append((allow_busy, gpus))
         raise typer.Exit(7)  # stop before any cell runs
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr(cli_run, "uses_cuda", lambda config: True)
-    monkeypatch.setattr(cli_run, "check_gpu_idle", check_and_stop)
+    monkeypatch.setattr(api_run, "uses_cuda", lambda config: True)
+    monkeypatch.setattr(api_run, "check_gpu_idle", check_and_stop)
     out = CliRunner().invoke(app, ["run", "--preset", "cpu", "--strategies", "1", "--gpus", "0,1",
                                        "--results", str(tmp_path / "r")])
     assert out.exit_code == 7, out.output

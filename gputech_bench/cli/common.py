@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 import re
-from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Optional
 
 import typer
 from rich import box
@@ -19,8 +17,7 @@ from rich.measure import Measurement
 from rich.table import Column, Table
 from rich.text import Text
 
-from ..config import BenchConfig, apply_overrides, default_preset_name, load_preset
-from ..errors import ConfigError
+from ..api import Output
 
 EXIT_FAILED_CELL = 1
 EXIT_BAD_INPUT = 2
@@ -116,60 +113,9 @@ def fail(message: str) -> None:
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
-def cuda_available() -> bool:
-    # Ask NVML rather than creating a CUDA context: the runner must leave the GPU untouched.
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def check_text_file(option: str, path: Path) -> None:
-    if not path.is_file():
-        raise ConfigError(f"{option} '{path}' is not a file: pass a text file with one sentence per line")
-    try:
-        with path.open(encoding="utf-8") as handle:
-            has_text = any(line.strip() for line in handle)
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{option} '{path}' cannot be read as UTF-8 text ({type(error).__name__}): save it as UTF-8") from None
-    if not has_text:
-        raise ConfigError(f"{option} '{path}' is empty: put one sentence per line in it")
-
-
-def resolve_config(
-    preset: Optional[str],
-    sets: List[str],
-    model: Optional[str],
-    train_file: Optional[Path],
-    eval_file: Optional[Path],
-    device: str,
-) -> BenchConfig:
-    if device == "cuda" and not cuda_available():
-        raise ConfigError(
-            "--device cuda was given but torch.cuda.is_available() is False: use --device cpu, "
-            "or install a CUDA build of torch on a machine with a GPU"
-        )
-    name = preset or default_preset_name(cuda_available() and device != "cpu")
-    if preset is None:
-        why = "a CUDA device is available" if name == "seed" else "no CUDA device in use; --preset seed runs the seed's full setup"
-        console.print(f"preset [bold]{name}[/] ({why})", highlight=False)
-    config = load_preset(name)
-    overrides = [f"device={device}"]
-    if model:
-        overrides.append(f"model.pretrained={model}")
-    for option, path in (("--train-file", train_file), ("--eval-file", eval_file)):
-        if path is not None:
-            check_text_file(option, path)
-    if train_file:
-        # A user's file is used whole unless --set data.train_sentences=N says otherwise.
-        overrides += [f"data.train_file={train_file.resolve()}", "data.train_sentences=0"]
-    if eval_file:
-        overrides.append(f"data.eval_file={eval_file.resolve()}")
-    return apply_overrides(config, overrides + list(sets))
-
-
-def uses_cuda(config: BenchConfig) -> bool:
-    return config.device == "cuda" or (config.device == "auto" and cuda_available())
+def output() -> Output:
+    """The commands' consoles, for the API calls a command makes: its messages print as the command's."""
+    return Output(console, errors)
 
 
 #: How to see what a narrow terminal left out, for the commands that have --format md.

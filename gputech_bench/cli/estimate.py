@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
-from datetime import datetime
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import List, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..config import BenchConfig, from_dict
-from ..errors import ConfigError, UserError, first_line
-from ..results import CellResult, RunFolder
-from ..units import MIB, parse_size
-from .common import EXIT_FAILED_CELL, MORE_HINT, console, cuda_available, errors, fail, print_table, resolve_config
+from ..config import BenchConfig
+from ..errors import UserError, first_line
+from ..units import MIB
+from .common import EXIT_FAILED_CELL, EXIT_INTERRUPTED, MORE_HINT, console, errors, fail, output, print_table
 
 ESTIMATE_HELP = """Predict each cell's peak memory without a GPU: one training step traced on fake tensors.
 
@@ -44,41 +40,6 @@ run (--from) or a labelled cost model.
 """
 
 
-def _trace_progress(total: int) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=True,
-    )
-
-
-def _predict(setups, config: BenchConfig, jobs: int):
-    from ..estimate.predict import predict
-
-    with _trace_progress(len(setups)) as progress:
-        task = progress.add_task("tracing on fake tensors", total=len(setups))
-        return predict(setups, config, jobs, on_done=lambda prediction: progress.advance(task))
-
-
-def _load_run(run_dir: Path) -> tuple[BenchConfig, list[CellResult]]:
-    folder = RunFolder(run_dir)
-    if not folder.config_path.is_file():
-        raise ConfigError(f"'{run_dir}' holds no {folder.CONFIG}: pass a folder made by 'gputech-bench run'")
-    saved = folder.read_config()
-    if saved is None:
-        raise ConfigError(f"{folder.config_path} is unreadable: re-run the cells into a new --run-name")
-    return from_dict(saved), folder.load().results
-
-
-def _device_memory(option: Optional[str]) -> Optional[int]:
-    if option:
-        return parse_size(option)
-    if cuda_available():
-        import torch
-
-        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    return None
-
-
 def _emit(text: str, output: Optional[Path]) -> None:
     """Markdown or JSON to the terminal as is, or atomically to ``output``."""
     if output is None:
@@ -93,71 +54,14 @@ def _emit(text: str, output: Optional[Path]) -> None:
     console.print(f"wrote {output}", highlight=False)
 
 
-def build_estimate(
-    config: BenchConfig, cells: list[str], jobs: int, budget: Optional[int], results: Optional[list[CellResult]]
-):
-    """Trace ``cells`` and assemble the report; shared by ``estimate`` and ``run``."""
-    from ..estimate.measured import measured_peak
-    from ..estimate.overheads import DEFAULTS, calibrate
-    from ..estimate.predict import setups_for
-    from ..estimate.render import EstimateReport
-    from ..estimate.trace import modelled_attention_note, trace_target
-
-    target = trace_target()
-    predictions = _predict(setups_for(cells, config), config, jobs)
-    overheads = calibrate(results) if results else DEFAULTS
-    measured = {}
-    if results is not None:
-        by_cell = {result.cell: result for result in results}
-        measured = {cell: measured_peak(by_cell.get(cell)) for cell in cells}
-    caveat = "; ".join(note for note in (target.caveat, modelled_attention_note(config, target)) if note) or None
-    return EstimateReport(target.label, caveat, predictions, overheads, budget, measured, config.data.objective,
-                          config.model.attention)
-
-
-def estimate_run(config: BenchConfig, results: list[CellResult], folder: RunFolder) -> None:
-    """The predicted-against-measured table after ``run``. A failing estimate is a warning:
-    the measured results are what the run is for."""
-    from ..estimate.predict import default_jobs
-    from ..estimate.render import write_estimate
-
-    cells = [result.cell for result in results]
-    try:
-        # Starting a trace process costs an import of torch and transformers (~5 s): not for two cells.
-        report = build_estimate(config, cells, default_jobs() if len(cells) > 2 else 1, None, results)
-        write_estimate(folder, report)
-    except Exception as error:  # noqa: BLE001 - never lose a finished run to its estimate
-        errors.print(f"[yellow]warning:[/] no memory estimate ({type(error).__name__}: {first_line(error)}); "
-                     f"'gputech-bench estimate --compare {folder.root}' retries it", highlight=False)
-        return
-    _print_against_measured(report)
-
-
-def _print_against_measured(report) -> None:
+def print_against_measured(report) -> None:
+    """The predicted-against-measured table under ``run``'s and ``report``'s."""
     from ..estimate.render import compact_table, legend
 
     print_table(compact_table(report, title="predicted (fake-tensor trace) against measured, MiB"))
     for line in legend(report, with_overheads=False):
         console.print(f"  [dim]{line}[/]", highlight=False)
     console.print("  [dim]categories, CUDA context and allocator reserve: 'gputech-bench estimate --compare RUN_DIR'[/]", highlight=False)
-
-
-def show_saved_estimate(loaded) -> None:
-    """The run's saved estimate against its results, under ``report``'s table (if there is one)."""
-    from ..estimate.measured import measured_peak
-    from ..estimate.render import read_estimate
-
-    if not loaded.folder.estimate_path.is_file():
-        return
-    try:
-        saved = read_estimate(loaded.folder)
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        errors.print(f"[yellow]warning:[/] {loaded.folder.estimate_path} is unreadable ({first_line(error)}): "
-                     f"'gputech-bench estimate --compare {loaded.root}' makes it again", highlight=False)
-        return
-    by_cell = loaded.by_cell()
-    measured = {p.setup.cell: measured_peak(by_cell.get(p.setup.cell)) for p in saved.predictions}
-    _print_against_measured(dataclasses.replace(saved, measured=measured))
 
 
 def estimate(
@@ -171,46 +75,31 @@ def estimate(
     compare: Optional[Path] = typer.Option(None, help="A run folder: use its config, and show predicted against measured."),
     jobs: int = typer.Option(0, min=0, help="Processes tracing in parallel; 0 = one per core, up to 4."),
     format_: str = typer.Option("table", "--format", help="table, md or json."),
-    output: Optional[Path] = typer.Option(None, help="Write to this file instead of the terminal."),
+    output_path: Optional[Path] = typer.Option(None, "--output", help="Write to this file instead of the terminal."),
 ) -> None:
-    from ..estimate.predict import default_jobs
-    from ..estimate.render import legend, markdown, rich_table, to_json
-    from ..run.matrix import expand
+    from ..api import estimate as estimate_memory
 
     if format_ not in ("table", "md", "json"):
         fail(f"unknown --format '{format_}': choose table, md or json")
-    results = None
     try:
-        if compare is not None:
-            if preset or set_ or model or train_file:
-                raise ConfigError("--compare uses the run's own config: drop --preset, --set, --model and --train-file")
-            config, results = _load_run(compare)
-            chosen = [result.cell for result in results]
-            cells = expand(strategies, matrix, config) if (strategies or matrix) else chosen
-        else:
-            config = resolve_config(preset, set_, model, train_file, None, "auto")
-            cells = expand(strategies, matrix, config)
-        budget = _device_memory(device_memory)
-    except ValueError as error:
-        fail(str(error))
-    if not cells:
-        fail(f"'{compare}' holds no cell results: run some cells first, or pass --strategies")
-    try:
-        report = build_estimate(config, cells, jobs or default_jobs(), budget, results)
+        found = estimate_memory(
+            strategies, matrix=matrix, preset=preset, overrides=set_, model=model, train_file=train_file,
+            device_memory=device_memory, compare=compare, jobs=jobs, output=output(),
+        )
     except UserError as error:
         fail(str(error))
     except Exception as error:  # a model or strategy the tracer cannot follow
         errors.print(f"[bold red]error:[/] the trace failed ({type(error).__name__}: {first_line(error)})", highlight=False)
         raise typer.Exit(EXIT_FAILED_CELL)
     if format_ == "json":
-        _emit(to_json(report), output)
-    elif format_ == "md" or output is not None:
-        _emit(markdown(report), output)
+        _emit(found.to_json(), output_path)
+    elif format_ == "md" or output_path is not None:
+        _emit(found.markdown(), output_path)
     else:
-        print_table(rich_table(report, title=f"gputech-bench estimate: preset {config.preset} (MiB)"), hint=MORE_HINT)
-        for line in legend(report):
+        print_table(found.table(), hint=MORE_HINT)
+        for line in found.legend():
             console.print(f"  [dim]{line}[/]", highlight=False)
-    if any(prediction.error for prediction in report.predictions):
+    if found.failed:
         raise typer.Exit(EXIT_FAILED_CELL)
 
 
@@ -269,90 +158,41 @@ def fit(
     results_dir: Path = typer.Option(Path("results"), "--results", help="Where --verify writes its run."),
     jobs: int = typer.Option(0, min=0, help="Processes tracing in parallel; 0 = one per core, up to 4."),
 ) -> None:
-    from ..errors import StrategyError
-    from ..estimate.fit import search, unsearchable
-    from ..estimate.overheads import DEFAULTS, calibrate
-    from ..estimate.predict import default_jobs
-    from ..estimate.trace import trace_target
-    from ..strategies.registry import lookup
+    from ..api import fit as fit_budget
 
-    measured: dict[str, dict[str, Any]] = {}
-    results = None
     try:
-        budget_bytes = parse_size(budget)
-        for name in exclude:
-            lookup(name)
-        if from_ is not None:
-            if preset or set_ or model:
-                raise ConfigError("--from uses the run's own config: drop --preset, --set and --model")
-            config, results = _load_run(from_)
-            measured = {result.cell: result for result in results}
-        else:
-            config = resolve_config(preset, set_, model, None, None, "auto")
-    except (ValueError, StrategyError) as error:
-        fail(str(error))
-    overheads = calibrate(results) if results else DEFAULTS
-    workers = jobs or default_jobs()
-    excluded = {name.strip().lower() for name in exclude}
-    device_type = trace_target().device.type
-    left_out = [key for key in unsearchable(device_type) if key not in excluded]
-    if left_out:
-        console.print(
-            f"[dim]not searched (the estimate cannot trace them here; measure them with 'run'): {', '.join(left_out)}[/]",
-            highlight=False,
-        )
-    try:
-        result = search(
-            config, budget_bytes, overheads, lambda setups, cfg: _predict(setups, cfg, workers),
-            measured, config.strategy.micro_batch_size, top, excluded, parallel=workers, device_type=device_type,
-        )
+        found = fit_budget(budget, preset=preset, overrides=set_, model=model, from_run=from_, exclude=exclude, top=top,
+                           verify=verify, results=results_dir, jobs=jobs, output=output())
     except UserError as error:
         fail(str(error))
-    _print_fit(result, config)
-    if result.floor is not None:
+    _print_fit(found.result, found.config)
+    if not found.fits:
         raise typer.Exit(EXIT_FAILED_CELL)
-    if verify:
-        _verify(result.chosen[0], config, results_dir, budget_bytes)
+    if found.verification is not None:
+        _print_verification(found.verification, found.budget_bytes)
 
 
-def _verify(candidate, config: BenchConfig, results_dir: Path, budget: int) -> None:
-    """Run the chosen setup as a real cell and put its measurement next to the prediction."""
-    from ..estimate.measured import error_percent, measured_peak
-    from ..run.runner import prepare_run_dir, run_matrix
-
-    setup = candidate.setup
-    cell_config = setup.config_for(config)
-    name = f"fit-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    folder = RunFolder(results_dir / name)
-    try:
-        prepare_run_dir(folder, cell_config, force=False)
-    except ConfigError as error:
-        fail(str(error))
-    console.print(f"verifying {setup.label} as a real cell -> {folder.root}", highlight=False)
-    outcome = run_matrix([setup.cell], folder)
-    result = outcome.results[0]
-    measured = measured_peak(result)
-    predicted = candidate.prediction.device.total_bytes
+def _print_verification(verified, budget: int) -> None:
+    """The best setup, run as a real cell (``fit --verify``), beside its prediction."""
+    setup, result, measured = verified.setup, verified.result, verified.measured
     if measured.bytes is None:
         console.print(f"  {setup.label}: {result.status} - nothing to compare ({measured.what}); {result.reason or ''}", highlight=False)
         raise typer.Exit(EXIT_FAILED_CELL)
-    error = error_percent(predicted, measured)
     console.print(
-        f"  {setup.label}: predicted tensor peak {predicted / MIB:,.1f} MiB, measured {measured.bytes / MIB:,.1f} MiB "
-        f"({measured.what}): {error:+.1f}%", highlight=False,
+        f"  {setup.label}: predicted tensor peak {verified.predicted_bytes / MIB:,.1f} MiB, measured "
+        f"{measured.bytes / MIB:,.1f} MiB ({measured.what}): {verified.error_percent:+.1f}%", highlight=False,
     )
     if result.device_type == "cuda":
-        process = result.value("nvml_process_peak_mib")
-        if process is not None:
-            held = process * MIB <= budget
+        if verified.nvml_process_mib is not None:
             console.print(
-                f"  NVML process peak {process:,.0f} MiB (predicted {candidate.device_total / MIB:,.0f} MiB with overheads): "
-                f"{'fits' if held else 'does NOT fit'} {budget / 2**30:.1f} GiB", highlight=False,
+                f"  NVML process peak {verified.nvml_process_mib:,.0f} MiB (predicted "
+                f"{verified.predicted_total_bytes / MIB:,.0f} MiB with overheads): "
+                f"{'fits' if verified.fits_budget else 'does NOT fit'} {budget / 2**30:.1f} GiB", highlight=False,
             )
     else:
         console.print("  [dim]a CPU run checks the tensor peak only: whether it fits a GPU needs a CUDA run[/]", highlight=False)
-    if outcome.interrupted:
-        raise typer.Exit(130)
+    if verified.run.interrupted:
+        raise typer.Exit(EXIT_INTERRUPTED)
 
 
 def register(app: typer.Typer) -> None:

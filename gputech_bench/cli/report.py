@@ -12,7 +12,8 @@ from rich.table import Table
 
 from ..files import atomic_write_bytes
 from .common import MORE_HINT, OutputConsole, console, errors, fail, print_table
-from .estimate import show_saved_estimate
+from .common import output as common_output
+from .estimate import print_against_measured
 
 REPORT_HELP = """Render a run's table again from its saved results, plot it, or make one shareable HTML file.
 
@@ -33,36 +34,29 @@ def report(
     baseline: str = typer.Option("baseline", help="The cell the x-baseline and difference columns compare against."),
     plot: Optional[Path] = typer.Option(None, help="Also write the plots as PNG files into this folder."),
 ) -> None:
-    from ..errors import ResultError
-    from ..report.export import FORMATS, render
-    from ..results import load_run
+    from ..api import load_run
+    from ..report.export import FORMATS
 
     if format_ not in FORMATS:
         fail(f"unknown format '{format_}': choose one of {', '.join(FORMATS)}")
     try:
-        loaded = load_run(run_dir)
-    except ResultError as error:
+        run = load_run(run_dir, baseline, output=common_output())
+    except ValueError as error:
         fail(str(error))
-    for problem in loaded.problems:
-        errors.print(f"[yellow]warning:[/] {problem}", highlight=False, soft_wrap=True)
-    cells = [result.cell for result in loaded.results]
-    if baseline not in cells:
-        fail(f"baseline cell '{baseline}' is not in {run_dir}: choose one of {', '.join(cells)}")
     if plot is not None:
-        from ..report.plots import write_plots
-
         try:
-            written = write_plots(loaded, plot, baseline)
+            written = run.write_plots(plot)
         except OSError as error:
             fail(f"cannot write plots to '{plot}' ({error.strerror or error}): pass a writable --plot folder")
         console.print(f"plots: {', '.join(str(path) for path in written)}", highlight=False)
-    rendered = render(loaded, format_, baseline)
+    rendered = run.table() if format_ == "table" else run.render(format_)
     if format_ == "html" and output is None:
         output = run_dir / "report.html"
     if output is None:
         if isinstance(rendered, Table):
             print_table(rendered, hint=MORE_HINT)
-            show_saved_estimate(loaded)
+            if run.estimate is not None:
+                print_against_measured(run.estimate.report)
         else:
             sys.stdout.write(rendered)
         return
@@ -97,27 +91,23 @@ def compare(
 ) -> None:
     import json
 
-    from ..errors import ResultError
-    from ..report.compare import compare_runs, comparison_markdown, comparison_table, footer
-    from ..results import load_run
+    from ..api import compare as compare_runs
 
     if format_ not in ("table", "md", "json"):
         fail(f"unknown format '{format_}': choose one of table, md, json")
     try:
-        loaded = [load_run(run_dir) for run_dir in (run_a, run_b)]
-    except ResultError as error:
+        compared = compare_runs(run_a, run_b, output=common_output())
+    except ValueError as error:
         fail(str(error))
-    comparison = compare_runs(*loaded)
-    if not comparison.cells:
-        fail(f"{run_a} and {run_b} have no cell in common: compare runs of the same strategies")
+    comparison = compared.comparison
     if format_ == "table" and output is None:
         for warning in comparison.warnings:
             errors.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
-        print_table(comparison_table(comparison), hint=MORE_HINT)
-        for line in footer(comparison):
-            console.print(f"  [dim]{line.removeprefix('- ')}[/]", highlight=False)
+        print_table(compared.table(), hint=MORE_HINT)
+        for line in compared.footer():
+            console.print(f"  [dim]{line}[/]", highlight=False)
         return
-    text = json.dumps(comparison.to_dict(), indent=2) + "\n" if format_ == "json" else comparison_markdown(comparison)
+    text = json.dumps(compared.to_dict(), indent=2) + "\n" if format_ == "json" else compared.markdown()
     if output is None:
         sys.stdout.write(text)
         return
@@ -128,7 +118,6 @@ def compare(
     for warning in comparison.warnings:
         errors.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     console.print(f"wrote {output}", highlight=False)
-
 
 
 

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import sys
-from datetime import datetime
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import List, Optional
 
 import typer
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Column
 
-from ..errors import ConfigError, ResultError
-from ..results import CellResult
+from ..errors import ResultError
 from .common import (
     EXIT_FAILED_CELL,
     EXIT_INTERRUPTED,
@@ -22,79 +17,12 @@ from .common import (
     errors,
     fail,
     messages_to_stderr,
+    output,
     print_table,
-    resolve_config,
-    uses_cuda,
 )
 
 #: What ``run --format`` prints at the end: report's formats but html, which is a file (``report --format html``).
 RUN_FORMATS = ("table", "md", "csv", "json")
-
-
-def check_gpu_idle(allow_busy: bool, gpus: Optional[str] = None) -> None:
-    """Refuse to start on a busy GPU; ``gpus`` is --gpus, so that only the run's GPUs count."""
-    from ..measure import gpu_busy
-
-    check = gpu_busy.idle_check(gpus)
-    if check.error:
-        errors.print(f"[yellow]warning:[/] NVML failed ({check.error}), so the idle-GPU check was skipped", highlight=False, soft_wrap=True)
-    for entry in check.unchecked:
-        # A MIG instance, or a number past NVML's count: the worker will say more if it cannot start.
-        errors.print(f"[yellow]warning:[/] NVML lists no GPU '{entry}', so the idle-GPU check skipped it", highlight=False, soft_wrap=True)
-    busy = check.busy
-    if not busy:
-        return
-    what = "; ".join(gpu.describe() for gpu in busy)
-    if allow_busy:
-        errors.print(f"[yellow]warning:[/] {what}: memory figures include other processes' usage", highlight=False, soft_wrap=True)
-        return
-    fail(f"{what}, so every memory figure would be off: stop those processes, or pass --allow-busy-gpu to run anyway")
-
-
-class MatrixProgress:
-    """Runs done out of N, and a step bar for each running cell (several with --gpus)."""
-
-    def __init__(self, total: int) -> None:
-        # Only the bar shrinks in a narrow terminal: a cell's name and the counts stay whole.
-        whole = dict(table_column=Column(no_wrap=True))
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}", **whole), BarColumn(), MofNCompleteColumn(**whole),
-            TimeElapsedColumn(**whole), TimeRemainingColumn(**whole), console=console, transient=True,
-        )
-        self.overall = self.progress.add_task("cells", total=total)
-        self.bars: dict[str, tuple[Any, str]] = {}  # label -> (its step bar, its title)
-        self.labels: dict[int, str] = {}  # job index -> label
-
-    def __enter__(self) -> "MatrixProgress":
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.progress.__exit__(*exc)
-
-    def cell_started(self, index: int, label: str, slot: Any = None) -> None:
-        self.labels[index] = label
-        title = f"  {label}" + (f" on GPU {','.join(slot)}" if slot else "")
-        self.bars[label] = (self.progress.add_task(f"{title}: starting", total=None), title)
-
-    def cell_finished(self, index: int, result: CellResult) -> None:
-        self.progress.advance(self.overall)
-        label = self.labels.pop(index, result.cell)
-        bar = self.bars.pop(label, None)
-        if bar is not None:
-            self.progress.remove_task(bar[0])
-        status = result.status
-        mark = "[green]ok[/]" if status == "ok" else f"[bold red]{status}[/]: {escape(result.reason or '')}"
-        console.print(f"  {escape(label)}: {mark}", highlight=False)
-
-    def event(self, label: str, event: dict[str, Any]) -> None:
-        if label not in self.bars:
-            return
-        task, title = self.bars[label]
-        if event["event"] == "phase":
-            self.progress.update(task, description=f"{title}: {event['phase']}")
-        elif event["event"] == "step":
-            self.progress.update(task, description=f"{title}: train", completed=event["step"], total=event["total"])
 
 
 RUN_HELP = """Run strategy cells, one isolated process each, and print the comparison table.
@@ -149,96 +77,44 @@ def run(
         fail(f"unknown --format '{format_}': choose one of {', '.join(RUN_FORMATS)} ('report RUN_DIR --format html' makes the HTML file)")
     if format_ != "table":
         ctx.call_on_close(messages_to_stderr())
-    from ..report.export import render, write_exports
-    from ..report.frame import build_frame
-    from ..report.table import rich_table
-    from ..results import RunFolder
-    from ..run.launch import Launch, gpu_slots
-    from ..run.matrix import expand
-    from ..run.runner import prepare_run_dir, run_matrix
+    from ..api import run_matrix
+    from .estimate import print_against_measured
 
-    extra = [f"gpu_memory_limit={gpu_memory_limit}"] if gpu_memory_limit else []
-    extra += ["memory_snapshot=true"] if memory_snapshot else []
     try:
-        config = resolve_config(preset, [*set_, *extra], model, train_file, eval_file, device)
-        if (config.gpu_memory_limit or config.memory_snapshot) and not uses_cuda(config):
-            raise ConfigError("--gpu-memory-limit and --memory-snapshot need a CUDA device: drop them on this machine")
-        cells = expand(strategies, matrix, config, uses_cuda(config))
-        launch = Launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
-        launch.check()
-        if gpus is not None and not uses_cuda(config):
-            raise ConfigError("--gpus needs CUDA devices and this run has none: drop --gpus, or run on a GPU machine")
-        slots = gpu_slots(gpus, nproc_per_node)
-        if vary_seed and repeat < 2:
-            raise ConfigError("--vary-seed needs --repeat 2 or more: each repeat takes the next seed")
+        run = run_matrix(
+            strategies, matrix=matrix, preset=preset, overrides=set_, model=model, train_file=train_file,
+            eval_file=eval_file, device=device, results=results, run_name=run_name, repeat=repeat, vary_seed=vary_seed,
+            cell_timeout=cell_timeout, force=force, allow_busy_gpu=allow_busy_gpu, gpu_memory_limit=gpu_memory_limit,
+            memory_snapshot=memory_snapshot, gpus=gpus, nproc_per_node=nproc_per_node, nnodes=nnodes,
+            node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, estimate=estimate, output=output(),
+        )
     except ValueError as error:
         fail(str(error))
-    seeds = [config.train.seed + (k if vary_seed else 0) for k in range(repeat)]
-    if uses_cuda(config):
-        check_gpu_idle(allow_busy_gpu, gpus)
-    name = run_name or f"{config.preset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    folder = RunFolder(results / name)
-    try:
-        prepare_run_dir(folder, config, force)
-    except ConfigError as error:
-        fail(str(error))
-    console.print(f"run [bold]{name}[/]: {len(cells)} cell(s), preset {config.preset} -> {folder.root}", highlight=False)
-    if launch.distributed:
-        console.print(
-            f"each cell: {launch.world_size} rank(s) via torchrun ({launch.nproc_per_node} per node x {launch.nnodes} node(s))",
-            highlight=False,
-        )
-    if len(slots) > 1:
-        console.print(f"{len(slots)} cells at a time: " + ", ".join(f"GPU {','.join(slot)}" for slot in slots), highlight=False)
-    if repeat > 1:
-        how = f"seeds {seeds[0]}..{seeds[-1]}" if vary_seed else f"seed {seeds[0]} each time: the spread is timing noise"
-        console.print(f"each cell {repeat} times, in a fresh process each, round-robin ({how})", highlight=False)
-
-    with MatrixProgress(len(cells) * repeat) as progress:
-        outcome = run_matrix(
-            cells, folder, force=force, cell_timeout=cell_timeout, on_event=progress.event,
-            on_cell_start=progress.cell_started, on_cell_end=progress.cell_finished, launch=launch, slots=slots,
-            repeats=repeat, seeds=seeds if repeat > 1 else None,
-        )
-    if outcome.reused:
-        console.print(f"reused {len(outcome.reused)} finished cell(s): {', '.join(outcome.reused)} (--force re-runs them)", highlight=False)
 
     if format_ == "table":
-        frame, measure = build_frame(outcome.results)
-        print_table(rich_table(frame, measure, title=f"gputech-bench: {name}"), hint=MORE_HINT)
+        print_table(run.table(), hint=MORE_HINT)
     else:
         try:
-            rendered = render(folder.load(), format_)
-            assert isinstance(rendered, str)
-            sys.stdout.write(rendered)
+            sys.stdout.write(run.render(format_))
             sys.stdout.flush()
         except (OSError, ResultError) as error:
-            errors.print(f"[yellow]warning:[/] could not render the table as {format_} ({error}); the cell results are in {folder.root}")
-    for result in outcome.results:
+            errors.print(f"[yellow]warning:[/] could not render the table as {format_} ({error}); the cell results are in {run.path}")
+    for result in run.results:
         for note in result.notes:
             console.print(f"  [dim]{result.cell}:[/] {note}", highlight=False)
-    try:
-        written = write_exports(folder.load())
-        console.print(f"results: {folder.root} ({', '.join(path.name for path in written)})", highlight=False)
-    except OSError as error:
-        errors.print(f"[yellow]warning:[/] could not write the report files ({error}); the cell results are in {folder.root}")
-    console.print(f"matrix wall time: {outcome.seconds:,.0f} s", highlight=False)
-    if estimate and launch.distributed:
-        console.print("[dim]no memory estimate: it traces one process with the whole batch, not a rank's share[/]", highlight=False)
-    elif estimate and not outcome.interrupted:
-        from .estimate import estimate_run
+    if run.exports:
+        console.print(f"results: {run.path} ({', '.join(path.name for path in run.exports)})", highlight=False)
+    console.print(f"matrix wall time: {run.seconds:,.0f} s", highlight=False)
+    if run.estimate is not None:
+        print_against_measured(run.estimate.report)
+    elif estimate and (nproc_per_node > 1 or nnodes > 1):
+        console.print(f"[dim]no memory estimate: {run.estimate_skipped}[/]", highlight=False)
 
-        estimate_run(config, outcome.results, folder)
-
-    if outcome.interrupted:
-        done = {result.cell for result in outcome.results if result.ok}
-        left = [cell for cell in cells if cell not in done]
-        console.print(f"interrupted: re-run with --run-name {name} to finish {', '.join(left)}", highlight=False)
+    if run.interrupted:
+        console.print(f"interrupted: re-run with --run-name {run.name} to finish {', '.join(run.unfinished)}", highlight=False)
         raise typer.Exit(EXIT_INTERRUPTED)
-    if any(not result.ok for result in outcome.results):
+    if not run.ok:
         raise typer.Exit(EXIT_FAILED_CELL)
-
-
 
 
 def register(app: typer.Typer) -> None:

@@ -66,18 +66,60 @@ def _markdown_bold_to_html(line: str) -> str:
     return f"<li>{text}</li>"
 
 
+def table_section(frame: pd.DataFrame, measure: MemoryMeasure) -> str:
+    """The table and the notes under it: the part of the report a notebook shows for a run."""
+    notes = table_notes(frame) + (["cells on the Pareto frontier are in bold"] if frame["pareto"].sum() > 1 else [])
+    return f'{_table(frame, measure)}\n<ul class="note">{"".join(f"<li>{_esc(note)}</li>" for note in notes)}</ul>'
+
+
+def _cell_notes(run: LoadedRun) -> str:
+    return "".join(
+        f"<li><strong>{_esc(result.cell)}:</strong> {_esc(note)}</li>"
+        for result in run.results for note in result.notes
+    )
+
+
+#: The class a notebook's fragment lives in: its styles apply inside it only, never to the notebook.
+NOTEBOOK_SCOPE = "gputech-bench-report"
+#: The report's rules that style the table and its notes (not the page: body, headings, images).
+_TABLE_RULES = ("table", "th", "td", "tr", ".note")
+
+
+def scoped_style(scope: str = NOTEBOOK_SCOPE) -> str:
+    """STYLE's table rules, each selector prefixed with ``.scope``: the same look as the report."""
+    rules = []
+    for rule in STYLE.split("}"):
+        if "{" not in rule:
+            continue
+        selectors, body = rule.split("{", 1)
+        chosen = [s.strip() for s in selectors.split(",") if s.strip().startswith(_TABLE_RULES)]
+        if chosen:
+            rules.append(", ".join(f".{scope} {selector}" for selector in chosen) + " {" + body + "}")
+    return "\n".join(rules)
+
+
+def notebook_html(run: LoadedRun, frame: pd.DataFrame, measure: MemoryMeasure, baseline: str = "baseline") -> str:
+    """A run as a notebook shows it: the report's table and notes (the same renderer as
+    ``report --format html``) in a block whose styles do not leak into the notebook."""
+    notes = _cell_notes(run)
+    return (
+        f'<div class="{NOTEBOOK_SCOPE}"><style>{scoped_style()}</style>'
+        f"<p><strong>{_esc(f'gputech-bench: {run.root.name}')}</strong> "
+        f'<span class="note">({_esc(run.root)}; baseline for the ratios: {_esc(baseline)})</span></p>'
+        f"{table_section(frame, measure)}"
+        + (f'<ul class="note">{notes}</ul>' if notes else "")
+        + "</div>"
+    )
+
+
 def html_report(run: LoadedRun, frame: pd.DataFrame, measure: MemoryMeasure, baseline: str = "baseline") -> str:
     title = f"gputech-bench: {run.root.name}"
-    notes = table_notes(frame) + (["cells on the Pareto frontier are in bold"] if frame["pareto"].sum() > 1 else [])
     plots = "".join(
         f'<figure><img alt="{_esc(name)}" src="data:image/png;base64,{base64.b64encode(png_bytes(figure)).decode()}">'
         f"</figure>"
         for name, figure in run_figures(run, baseline).items()
     )
-    cell_notes = "".join(
-        f"<li><strong>{_esc(result.cell)}:</strong> {_esc(note)}</li>"
-        for result in run.results for note in result.notes
-    )
+    cell_notes = _cell_notes(run)
     config = json.dumps(run.config, indent=2) if run.config is not None else "(config.json missing)"
     return f"""<!DOCTYPE html>
 <html lang="en">
@@ -90,8 +132,7 @@ def html_report(run: LoadedRun, frame: pd.DataFrame, measure: MemoryMeasure, bas
 <body>
 <h1>{_esc(title)}</h1>
 <p class="note">Baseline for the ratios: {_esc(baseline)}. Made by <code>gputech-bench report --format html</code>.</p>
-{_table(frame, measure)}
-<ul class="note">{"".join(f"<li>{_esc(note)}</li>" for note in notes)}</ul>
+{table_section(frame, measure)}
 <h2>Plots</h2>
 {plots}
 <h2>Notes per cell</h2>

@@ -1,0 +1,481 @@
+"""``run_matrix`` and ``load_run``: strategy cells run in isolated worker processes, and a run
+folder read back, as one :class:`Run` object.
+
+The command line's ``run`` and ``report`` call these, so a notebook and a terminal get the
+same cells, the same statuses and the same table.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+
+from ..config import BenchConfig
+from ..errors import ConfigError, first_line
+from ..results import CellResult, LoadedRun, RunFolder
+from ._display import rich_text, show_figures_inline
+from ._estimate import Estimate, _strategies_text, build_estimate
+from ._output import Output, output_or_default
+from ._progress import MatrixProgress
+from ._setup import Overrides, check_gpu_idle, resolve_config, uses_cuda
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from ..report.frame import MemoryMeasure
+    from ..run.launch import Launch, Slot
+
+PathLike = Union[str, Path]
+
+#: What ``Run.plot`` draws, by name: the file names ``report --plot`` writes, without ``.png``.
+PLOTS = ("memory_vs_time", "memory_breakdown", "accuracy")
+
+
+class Run:
+    """A run: every cell's result, the comparison table as a pandas DataFrame, and its folder.
+
+    ``run_matrix()`` returns one after running the cells; ``load_run(path)`` reads one back.
+    ``frame`` is the DataFrame every export is made from (report.md/.csv/.json, the HTML
+    report, the plots): a row per cell with every measured figure, its ratio to the baseline
+    and the settings behind it. A failed cell is a row with its ``status`` and ``reason``.
+    In a notebook the run shows as the table ``gputech-bench report`` prints.
+
+    Example::
+
+        >>> from gputech_bench import load_run
+        >>> run = load_run("results/cpu-20261127-120000")
+        >>> run                                   # the table, in a notebook
+        >>> run.frame[["cell", "memory_mib", "epoch_seconds", "status"]]
+        >>> run.failed                            # the cells that are not ok, with their reasons
+        >>> run.plot("memory_vs_time")            # a matplotlib Figure, inline in a notebook
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedRun,
+        baseline: Optional[str] = None,
+        *,
+        seconds: Optional[float] = None,
+        reused: Sequence[str] = (),
+        interrupted: bool = False,
+        cells_run: Sequence[str] = (),
+        exports: Sequence[Path] = (),
+        estimate: Optional[Estimate] = None,
+        estimate_skipped: Optional[str] = None,
+        output: Output | None = None,
+    ) -> None:
+        from ..report.frame import build_frame
+
+        cells = [result.cell for result in loaded.results]
+        if baseline is not None and baseline not in cells:
+            raise ConfigError(f"baseline cell '{baseline}' is not in {loaded.root}: choose one of {', '.join(cells)}")
+        self._loaded = loaded
+        #: The cell the ratios and differences compare against. Without a 'baseline' cell and
+        #: none named, those columns are empty rather than measured against another cell.
+        self.baseline = baseline or "baseline"
+        #: Wall time of the cells in seconds (a run just made; None for a loaded one).
+        self.seconds = seconds
+        #: Cells an earlier attempt of this run had finished, which were not run again.
+        self.reused = list(reused)
+        #: Whether Ctrl-C (or a kernel interrupt) stopped the run; the cells it stopped are rows.
+        self.interrupted = interrupted
+        #: The cells this call was asked to run (the folder may hold more from an earlier call).
+        self.cells_run = list(cells_run) or cells
+        #: report.md, report.csv and report.json as written beside the results.
+        self.exports = list(exports)
+        #: Why a run just made has no estimate (None when it has one, or was loaded).
+        self.estimate_skipped = estimate_skipped
+        self._estimate = estimate
+        self._estimate_known = estimate is not None or seconds is not None
+        self._output = output
+        self._frame, self._measure = build_frame(loaded.results, self.baseline)
+
+    # ---- what it holds
+
+    @property
+    def path(self) -> Path:
+        """The run folder."""
+        return self._loaded.root
+
+    @property
+    def folder(self) -> RunFolder:
+        """The run folder's files by name (``folder.result_path(cell)``, ``folder.log_path(cell)``...)."""
+        return self._loaded.folder
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def results(self) -> list[CellResult]:
+        """Every cell's result (figures with units and methods, provenance), in the table's order."""
+        return list(self._loaded.results)
+
+    @property
+    def config(self) -> Optional[dict[str, Any]]:
+        """The resolved config the run was made with (its config.json), or None when it is missing."""
+        return self._loaded.config
+
+    @property
+    def problems(self) -> list[str]:
+        """Files in the folder that were skipped, one line each."""
+        return list(self._loaded.problems)
+
+    @property
+    def cells(self) -> list[str]:
+        return [result.cell for result in self._loaded.results]
+
+    @property
+    def failed(self) -> dict[str, str]:
+        """The cells that are not ok: ``{cell: "status: reason"}``."""
+        return {r.cell: f"{r.status}: {r.reason or ''}".rstrip(": ") for r in self._loaded.results if not r.ok}
+
+    @property
+    def unfinished(self) -> list[str]:
+        """The cells this call was asked to run that are not ok (interrupted, failed or never started):
+        running again with the same ``run_name`` runs them."""
+        by_cell = self._loaded.by_cell()
+        return [cell for cell in self.cells_run if cell not in by_cell or not by_cell[cell].ok]
+
+    @property
+    def ok(self) -> bool:
+        """Whether every cell is ok."""
+        return not self.failed
+
+    def by_cell(self) -> dict[str, CellResult]:
+        return self._loaded.by_cell()
+
+    @property
+    def frame(self) -> "pd.DataFrame":
+        """The comparison table as a pandas DataFrame: a fresh copy each time, so that changing
+        it never changes what this run shows or exports."""
+        return self._frame.copy()
+
+    @property
+    def measure(self) -> "MemoryMeasure":
+        """Which figure the memory column holds (``metric``) and its label."""
+        return self._measure
+
+    @property
+    def estimate(self) -> Optional[Estimate]:
+        """The fake-tensor estimate of each cell against what was measured: made by
+        ``run_matrix``, or read from the folder's estimate.json; None when there is none."""
+        if not self._estimate_known:
+            self._estimate_known = True
+            self._estimate = _saved_estimate(self._loaded, output_or_default(self._output))
+        return self._estimate
+
+    def with_baseline(self, cell: str) -> "Run":
+        """The same run with ratios and differences against ``cell`` instead of the baseline."""
+        return Run(self._loaded, cell, output=self._output)
+
+    # ---- how it shows
+
+    def table(self):
+        """The table the terminal shows (a rich Table; its caption holds the notes)."""
+        from ..report.table import rich_table
+
+        return rich_table(self._frame, self._measure, title=f"gputech-bench: {self.name}")
+
+    def render(self, fmt: str = "md") -> str:
+        """The run as ``report --format`` writes it: ``md``, ``csv``, ``json`` or ``html``."""
+        from ..report.export import FORMATS, render
+
+        if fmt not in FORMATS or fmt == "table":
+            raise ConfigError(f"unknown format '{fmt}': choose one of {', '.join(f for f in FORMATS if f != 'table')}")
+        rendered = render(self._loaded, fmt, self.baseline)
+        assert isinstance(rendered, str)
+        return rendered
+
+    def plot(self, kind: str = "memory_vs_time") -> "Figure":
+        """One of the run's plots as a matplotlib Figure (shown inline in a notebook):
+        ``memory_vs_time`` (with the Pareto frontier), ``memory_breakdown`` (where the memory
+        goes) or ``accuracy`` (spread over repeats; only for a run made with ``repeat`` > 1)."""
+        from ..report import plots
+
+        if kind == "memory_vs_time":
+            figure = plots.memory_time_figure(self._frame, self._measure, self.baseline, run_name=self.name)
+        elif kind == "memory_breakdown":
+            figure = plots.memory_breakdown_figure(self._loaded, self._frame, self._measure)
+        elif kind == "accuracy":
+            figure = plots.accuracy_figure(self._loaded, self._frame)
+            if figure is None:
+                raise ConfigError("no accuracy plot: no cell was repeated; run with repeat=3 (--repeat 3) to see the spread")
+        else:
+            raise ConfigError(f"unknown plot '{kind}': choose one of {', '.join(PLOTS)}")
+        show_figures_inline()
+        return figure
+
+    def write_plots(self, folder: PathLike) -> list[Path]:
+        """Every plot of the run as a PNG file in ``folder`` (made if missing), as ``report --plot`` writes them."""
+        from ..report.plots import write_plots
+
+        return write_plots(self._loaded, Path(folder), self.baseline)
+
+    def _repr_html_(self) -> str:
+        from ..report.html import notebook_html
+
+        return notebook_html(self._loaded, self._frame, self._measure, self.baseline)
+
+    def __str__(self) -> str:
+        table = self.table()
+        caption, table.caption = table.caption, None
+        notes = [f"{result.cell}: {note}" for result in self._loaded.results for note in result.notes]
+        return rich_text(table, *(str(caption).split("\n") if caption else []), *notes)
+
+    def __repr__(self) -> str:
+        failed = f", failed={list(self.failed)}" if self.failed else ""
+        return f"<Run {self.name}: cells={self.cells}{failed}, path='{self.path}'>"
+
+
+def _saved_estimate(loaded: LoadedRun, output: Output) -> Optional[Estimate]:
+    """The run's saved estimate against its results, or None (a warning when it is unreadable)."""
+    if not loaded.folder.estimate_path.is_file():
+        return None
+    from ..config import from_dict
+    from ..estimate.measured import measured_peak
+    from ..estimate.render import read_estimate
+
+    try:
+        saved = read_estimate(loaded.folder)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        output.warn(f"{loaded.folder.estimate_path} is unreadable ({first_line(error)}): "
+                    f"'gputech-bench estimate --compare {loaded.root}' makes it again")
+        return None
+    by_cell = loaded.by_cell()
+    measured = {p.setup.cell: measured_peak(by_cell.get(p.setup.cell)) for p in saved.predictions}
+    import dataclasses
+
+    try:
+        config = from_dict(loaded.config) if loaded.config is not None else BenchConfig()
+    except ConfigError:
+        config = BenchConfig()
+    return Estimate(dataclasses.replace(saved, measured=measured), config)
+
+
+def load_folder(path: PathLike, output: Output) -> LoadedRun:
+    """A run folder's results; each file skipped is a warning."""
+    from ..results import load_run as load_results
+
+    loaded = load_results(Path(path))
+    for problem in loaded.problems:
+        output.warn(problem)
+    return loaded
+
+
+def load_run(path: PathLike, baseline: Optional[str] = None, *, output: Output | None = None) -> Run:
+    """An existing run folder as a :class:`Run`, the object ``run_matrix`` returns.
+
+    Files in the folder that are not readable cell results are skipped with a warning
+    (``Run.problems`` lists them); a folder with no result raises :class:`UserError`.
+    ``baseline`` is the cell the ratios and differences compare against (default: the
+    ``baseline`` cell; a folder without one has those columns empty).
+
+    Example::
+
+        >>> from gputech_bench import load_run
+        >>> run = load_run("results/cpu-20261127-120000")
+        >>> run.frame.set_index("cell")["epoch_x_baseline"]
+        >>> print(run.render("md"))
+    """
+    output = output_or_default(output)
+    return Run(load_folder(path, output), baseline, output=output)
+
+
+def run_matrix(
+    strategies: Union[str, Sequence[str], None] = None,
+    *,
+    matrix: bool = False,
+    preset: Optional[str] = None,
+    overrides: Overrides = None,
+    model: Optional[str] = None,
+    train_file: Optional[PathLike] = None,
+    eval_file: Optional[PathLike] = None,
+    device: str = "auto",
+    results: PathLike = "results",
+    run_name: Optional[str] = None,
+    repeat: int = 1,
+    vary_seed: bool = False,
+    cell_timeout: Optional[float] = None,
+    force: bool = False,
+    allow_busy_gpu: bool = False,
+    gpu_memory_limit: Optional[str] = None,
+    memory_snapshot: bool = False,
+    gpus: Optional[str] = None,
+    nproc_per_node: int = 1,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    rdzv_endpoint: Optional[str] = None,
+    estimate: bool = True,
+    progress: bool = True,
+    output: Output | None = None,
+) -> Run:
+    """Run strategy cells, each in its own worker process, and return the :class:`Run`.
+
+    The same options as ``gputech-bench run``, as keywords: ``strategies`` (a list such as
+    ``["1", "3", "1+2+3"]``, or the command line's ``"1,3,1+2+3"``; the baseline is always
+    added) or ``matrix=True`` for the seed's 8 cells; ``preset`` (default: ``seed`` with CUDA,
+    ``cpu`` without); ``overrides``, the ``--set`` pairs as a dict (``{"train.max_steps": 4}``);
+    ``model``; ``train_file`` and ``eval_file``; ``device`` (auto, cuda or cpu); ``results``
+    and ``run_name`` (the run folder is ``results/run_name``; running again with the same
+    name skips the cells already ok, ``force=True`` re-runs them); ``repeat`` and ``vary_seed``;
+    ``cell_timeout`` in seconds; and the GPU options ``allow_busy_gpu``, ``gpu_memory_limit``,
+    ``memory_snapshot``, ``gpus``, ``nproc_per_node``, ``nnodes``, ``node_rank`` and
+    ``rdzv_endpoint``. ``estimate=False`` skips the fake-tensor estimate made after the cells;
+    ``progress=False`` prints nothing while it runs.
+
+    A cell that fails (out of memory, an error, a crash, a timeout, Ctrl-C) is a row with its
+    status and reason, never an exception. Bad input raises :class:`UserError`, one line
+    naming the problem and the fix, before any process starts; its messages name the command
+    line's options (``--allow-busy-gpu`` is ``allow_busy_gpu=True`` here).
+
+    Example::
+
+        >>> from gputech_bench import run_matrix
+        >>> run = run_matrix(strategies=["1"], preset="cpu", device="cpu", overrides={"train.max_steps": 4})
+        >>> print(run.frame[["cell", "memory_mib", "epoch_seconds", "status"]])
+    """
+    from ..run.launch import Launch, gpu_slots
+    from ..run.matrix import expand
+
+    output = output_or_default(output)
+    for option, value, least in (("--repeat", repeat, 1), ("--nproc-per-node", nproc_per_node, 1),
+                                 ("--nnodes", nnodes, 1), ("--node-rank", node_rank, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ConfigError(f"{option} {value!r}: pass a whole number of at least {least}")
+    if cell_timeout is not None and not (isinstance(cell_timeout, (int, float)) and cell_timeout >= 1):
+        raise ConfigError(f"--cell-timeout {cell_timeout!r}: pass a number of seconds, at least 1")
+    extra = [f"gpu_memory_limit={gpu_memory_limit}"] if gpu_memory_limit else []
+    extra += ["memory_snapshot=true"] if memory_snapshot else []
+    config = resolve_config(preset, _with_extra(overrides, extra), model, _path(train_file), _path(eval_file),
+                            device, output)
+    cuda = uses_cuda(config)
+    if (config.gpu_memory_limit or config.memory_snapshot) and not cuda:
+        raise ConfigError("--gpu-memory-limit and --memory-snapshot need a CUDA device: drop them on this machine")
+    cells = expand(_strategies_text(strategies), matrix, config, cuda)
+    launch = Launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
+    launch.check()
+    if gpus is not None and not cuda:
+        raise ConfigError("--gpus needs CUDA devices and this run has none: drop --gpus, or run on a GPU machine")
+    slots = gpu_slots(gpus, nproc_per_node)
+    if vary_seed and repeat < 2:
+        raise ConfigError("--vary-seed needs --repeat 2 or more: each repeat takes the next seed")
+    seeds = [config.train.seed + (k if vary_seed else 0) for k in range(repeat)]
+    if cuda:
+        check_gpu_idle(allow_busy_gpu, gpus, output)
+    name = run_name or f"{config.preset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    return execute(config, cells, Path(results), name, force=force, cell_timeout=cell_timeout, launch=launch,
+                   slots=slots, repeat=repeat, seeds=seeds if repeat > 1 else None, vary_seed=vary_seed,
+                   output=output, progress=progress, estimate=estimate)
+
+
+def _path(value: Optional[PathLike]) -> Optional[Path]:
+    return None if value is None else Path(value)
+
+
+def _with_extra(overrides: Overrides, extra: list[str]) -> Overrides:
+    """The user's overrides, then the settings that options such as --gpu-memory-limit stand for."""
+    if not extra:
+        return overrides
+    from ._setup import override_texts
+
+    return [*override_texts(overrides), *extra]
+
+
+def execute(
+    config: BenchConfig,
+    cells: list[str],
+    results: Path,
+    name: str,
+    *,
+    force: bool = False,
+    cell_timeout: Optional[float] = None,
+    launch: "Launch | None" = None,
+    slots: "list[Slot] | None" = None,
+    repeat: int = 1,
+    seeds: Optional[list[int]] = None,
+    vary_seed: bool = False,
+    output: Output,
+    progress: bool = True,
+    estimate: bool = True,
+    announce: bool = True,
+) -> Run:
+    """Run ``cells`` of a resolved ``config`` into ``results/name``, then write the report files
+    and (``estimate``) the fake-tensor estimate. Shared by ``run_matrix`` and ``fit(verify=True)``."""
+    from ..report.export import write_exports
+    from ..run.launch import Launch
+    from ..run.runner import prepare_run_dir
+    from ..run.runner import run_matrix as run_cells
+
+    launch = launch or Launch()
+    slots = slots or [None]
+    folder = RunFolder(results / name)
+    prepare_run_dir(folder, config, force)
+    if announce:
+        output.say(f"run [bold]{name}[/]: {len(cells)} cell(s), preset {config.preset} -> {folder.root}")
+        if launch.distributed:
+            output.say(f"each cell: {launch.world_size} rank(s) via torchrun "
+                       f"({launch.nproc_per_node} per node x {launch.nnodes} node(s))")
+        if len(slots) > 1:
+            output.say(f"{len(slots)} cells at a time: " + ", ".join(f"GPU {','.join(slot)}" for slot in slots))
+        if repeat > 1 and seeds:
+            how = f"seeds {seeds[0]}..{seeds[-1]}" if vary_seed else f"seed {seeds[0]} each time: the spread is timing noise"
+            output.say(f"each cell {repeat} times, in a fresh process each, round-robin ({how})")
+
+    options: dict[str, Any] = dict(force=force, cell_timeout=cell_timeout, launch=launch, slots=slots,
+                                   repeats=repeat, seeds=seeds)
+    if progress:
+        with MatrixProgress(len(cells) * repeat, output.console) as shown:
+            outcome = run_cells(cells, folder, on_event=shown.event, on_cell_start=shown.cell_started,
+                                on_cell_end=shown.cell_finished, **options)
+    else:
+        outcome = run_cells(cells, folder, **options)
+    if outcome.reused:
+        output.say(f"reused {len(outcome.reused)} finished cell(s): {', '.join(outcome.reused)} (--force re-runs them)")
+
+    loaded = load_folder(folder.root, output)
+    exports: list[Path] = []
+    try:
+        exports = write_exports(loaded)
+    except OSError as error:
+        output.warn(f"could not write the report files ({error}); the cell results are in {folder.root}")
+
+    made, skipped = None, None
+    if not estimate:
+        skipped = "not asked for"
+    elif launch.distributed:
+        skipped = "it traces one process with the whole batch, not a rank's share"
+    elif outcome.interrupted:
+        skipped = "the run was interrupted"
+    else:
+        made = _estimate_run(config, outcome.results, folder, output, progress)
+        if made is None:
+            skipped = "the trace failed (see the warning)"
+    return Run(loaded, seconds=outcome.seconds, reused=outcome.reused, interrupted=outcome.interrupted,
+               cells_run=cells, exports=exports, estimate=made,
+               estimate_skipped=skipped, output=output)
+
+
+def _estimate_run(config: BenchConfig, results: list[CellResult], folder: RunFolder, output: Output,
+                  progress: bool) -> Optional[Estimate]:
+    """The predicted-against-measured estimate after a run, saved as estimate.json. A failing
+    estimate is a warning: the measured results are what the run is for."""
+    from ..estimate.predict import default_jobs
+    from ..estimate.render import write_estimate
+
+    cells = [result.cell for result in results]
+    try:
+        # Starting a trace process costs an import of torch and transformers (~5 s): not for two cells.
+        report = build_estimate(config, cells, default_jobs() if len(cells) > 2 else 1, None, results,
+                                output if progress else None)
+        write_estimate(folder, report)
+    except Exception as error:  # noqa: BLE001 - never lose a finished run to its estimate
+        output.warn(f"no memory estimate ({type(error).__name__}: {first_line(error)}); "
+                    f"'gputech-bench estimate --compare {folder.root}' retries it")
+        return None
+    return Estimate(report, config)
+
+
+__all__ = ["PLOTS", "Run", "execute", "load_folder", "load_run", "run_matrix"]
