@@ -330,21 +330,52 @@ class Fit:
                    "time_x_baseline", "time_from", "gives_up", "error"]
         return pd.DataFrame(rows, columns=columns)
 
-    def _lines(self) -> list[str]:
-        result = self.result
-        budget = f"{result.budget / 2**30:.1f} GiB"
-        if not self.fits:
-            floor = result.floor
-            lines = [f"nothing fits {budget}" + (f": the most frugal setup, {floor.setup.label}, needs "
-                                                  f"{floor.device_total / 2**30:.2f} GiB" if floor else "")]
-            return lines + [f"would fit: {line}" for line in result.suggestions]
-        return [f"best within {budget}: {self.best.label}"]
+    def renderables(self) -> list[Any]:
+        """What ``gputech-bench fit`` prints, in order: rich markup lines and the table of setups that fit."""
+        from rich.table import Table
+
+        from ..estimate.fit import gives_up
+
+        result, config = self.result, self.config
+        gib = lambda num: f"{num / 2**30:.2f}"  # noqa: E731
+        untraceable = [f"  [yellow]not traced[/] {c.setup.label}: {c.prediction.error}" for c in result.untraceable]
+        if result.floor is not None:
+            return [
+                *untraceable,
+                f"[bold red]nothing fits {result.budget / 2**30:.1f} GiB[/]: the most frugal setup, "
+                f"{result.floor.setup.label}, needs {gib(result.floor.device_total)} GiB",
+                *(f"  would fit: {line}" for line in result.suggestions),
+            ]
+        table = Table(title=f"setups that fit {result.budget / 2**30:.1f} GiB, fastest first", title_justify="left")
+        for header in ("", "setup", "device GiB", "host GiB", "time", "time from", "gives up"):
+            # 'time from' and 'gives up' are prose: a narrow terminal folds them, never a figure or a name.
+            table.add_column(header, justify="right" if "GiB" in header or header == "time" else "left",
+                             overflow="fold" if header in ("time from", "gives up") else "ellipsis",
+                             no_wrap=header == "setup")
+        for rank, candidate in enumerate(result.chosen, start=1):
+            time = candidate.time
+            shown = f"{time.seconds:,.0f} s/epoch" if time.seconds is not None else f"{time.factor:.2f}x baseline"
+            host = candidate.prediction.host
+            table.add_row(
+                "best" if rank == 1 else f"#{rank}", candidate.setup.label, gib(candidate.device_total),
+                "-" if host is None else gib(host.total_bytes), shown, time.source, gives_up(candidate.setup),
+            )
+        parts: list[Any] = [table, *untraceable]
+        if result.rejected:
+            too_big = ", ".join(f"{c.setup.label} ({gib(c.device_total)} GiB)" for c in result.rejected)
+            parts.append(f"  [dim]faster but too big: {too_big}[/]")
+        parts.append(
+            f"  [dim]device GiB = traced tensor peak + allocator reserve + CUDA context; "
+            f"{result.untraced} slower candidate(s) not traced; objective {config.data.objective}, "
+            f"attention {config.model.attention}[/]"
+        )
+        return parts
 
     def _repr_html_(self) -> str:
-        return rich_html(*self._lines()) + self.frame.to_html(index=False, na_rep="-")
+        return rich_html(*self.renderables())
 
     def __str__(self) -> str:
-        return "\n".join(self._lines()) + "\n" + self.frame.to_string(index=False, na_rep="-")
+        return rich_text(*self.renderables())
 
     def __repr__(self) -> str:
         return f"<Fit {self.result.budget / 2**30:.1f} GiB: best {self.best.label if self.best else None}>"

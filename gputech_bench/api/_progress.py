@@ -91,7 +91,8 @@ def live_progress(console: Console, *columns: Any, transient: bool = True) -> Pr
     by rich itself in a terminal, and not at all into a pipe."""
     if console.is_jupyter:
         return NotebookProgress(*columns, console=console)
-    return Progress(*columns, console=console, transient=transient)
+    # Into a pipe rich draws nothing, but its stop() still prints an empty line: not even that.
+    return Progress(*columns, console=console, transient=transient, disable=not console.is_terminal)
 
 
 def trace_progress(console: Console) -> Progress:
@@ -101,10 +102,8 @@ def trace_progress(console: Console) -> Progress:
 
 
 class MatrixProgress:
-    """Runs done out of N, and a step bar for each running cell (several with --gpus).
-
-    ``show_bars`` False keeps only the line per finished cell (``run_matrix(progress=False)``
-    prints nothing at all: it does not make one of these)."""
+    """Runs done out of N, and a step bar for each running cell (several with --gpus), and a
+    line per finished cell with its status (``run_matrix(progress=False)`` makes none of this)."""
 
     def __init__(self, total: int, console: Console) -> None:
         self.console = console

@@ -7,7 +7,6 @@ from typing import List, Optional
 
 import typer
 
-from ..config import BenchConfig
 from ..errors import UserError, first_line
 from ..units import MIB
 from .common import EXIT_FAILED_CELL, EXIT_INTERRUPTED, MORE_HINT, console, errors, fail, output, print_table
@@ -103,47 +102,14 @@ def estimate(
         raise typer.Exit(EXIT_FAILED_CELL)
 
 
-def _print_fit(result, config: BenchConfig) -> None:
+def _print_fit(found) -> None:
     from rich.table import Table
 
-    from ..estimate.fit import gives_up
-
-    gib = lambda num: f"{num / 2**30:.2f}"  # noqa: E731
-    if result.floor is not None:
-        for candidate in result.untraceable:
-            console.print(f"  [yellow]not traced[/] {candidate.setup.label}: {candidate.prediction.error}", highlight=False)
-        console.print(
-            f"[bold red]nothing fits {result.budget / 2**30:.1f} GiB[/]: the most frugal setup, "
-            f"{result.floor.setup.label}, needs {gib(result.floor.device_total)} GiB", highlight=False,
-        )
-        for line in result.suggestions:
-            console.print(f"  would fit: {line}", highlight=False)
-        return
-    table = Table(title=f"setups that fit {result.budget / 2**30:.1f} GiB, fastest first", title_justify="left")
-    for header in ("", "setup", "device GiB", "host GiB", "time", "time from", "gives up"):
-        # 'time from' and 'gives up' are prose: a narrow terminal folds them, never a figure or a name.
-        table.add_column(header, justify="right" if "GiB" in header or header == "time" else "left",
-                         overflow="fold" if header in ("time from", "gives up") else "ellipsis", no_wrap=header == "setup")
-    for rank, candidate in enumerate(result.chosen, start=1):
-        time = candidate.time
-        shown = f"{time.seconds:,.0f} s/epoch" if time.seconds is not None else f"{time.factor:.2f}x baseline"
-        host = candidate.prediction.host
-        table.add_row(
-            "best" if rank == 1 else f"#{rank}", candidate.setup.label, gib(candidate.device_total),
-            "-" if host is None else gib(host.total_bytes), shown, time.source, gives_up(candidate.setup),
-        )
-    print_table(table)
-    if result.untraceable:
-        for candidate in result.untraceable:
-            console.print(f"  [yellow]not traced[/] {candidate.setup.label}: {candidate.prediction.error}", highlight=False)
-    if result.rejected:
-        too_big = ", ".join(f"{c.setup.label} ({gib(c.device_total)} GiB)" for c in result.rejected)
-        console.print(f"  [dim]faster but too big: {too_big}[/]", highlight=False)
-    console.print(
-        f"  [dim]device GiB = traced tensor peak + allocator reserve + CUDA context; "
-        f"{result.untraced} slower candidate(s) not traced; objective {config.data.objective}, "
-        f"attention {config.model.attention}[/]", highlight=False,
-    )
+    for part in found.renderables():
+        if isinstance(part, Table):
+            print_table(part)
+        else:
+            console.print(part, highlight=False)
 
 
 def fit(
@@ -165,7 +131,7 @@ def fit(
                            verify=verify, results=results_dir, jobs=jobs, output=output())
     except UserError as error:
         fail(str(error))
-    _print_fit(found.result, found.config)
+    _print_fit(found)
     if not found.fits:
         raise typer.Exit(EXIT_FAILED_CELL)
     if found.verification is not None:
