@@ -324,7 +324,8 @@ def run_matrix(
     ``cell_timeout`` in seconds; and the GPU options ``allow_busy_gpu``, ``gpu_memory_limit``,
     ``memory_snapshot``, ``gpus``, ``nproc_per_node``, ``nnodes``, ``node_rank`` and
     ``rdzv_endpoint``. ``estimate=False`` skips the fake-tensor estimate made after the cells;
-    ``progress=False`` prints nothing while it runs.
+    ``progress=False`` prints nothing while it runs; ``output`` (an ``api.Output``) takes the
+    consoles that messages and warnings go to (the command line passes its own).
 
     A cell that fails (out of memory, an error, a crash, a timeout, Ctrl-C) is a row with its
     status and reason, never an exception. Bad input raises :class:`UserError`, one line
