@@ -113,7 +113,7 @@ def run(
     if run.interrupted:
         console.print(f"interrupted: re-run with --run-name {run.name} to finish {', '.join(run.unfinished)}", highlight=False)
         raise typer.Exit(EXIT_INTERRUPTED)
-    if not run.ok:
+    if run.unfinished:  # this call's cells: a failed cell from an earlier call is in the table, not the exit code
         raise typer.Exit(EXIT_FAILED_CELL)
 
 
