@@ -33,7 +33,11 @@ SEED_MATRIX = ("baseline", "1", "2", "3", "4", "1+2+3", "1+2+4", "lora")
 OBJECTIVES: dict[str, str] = {
     "seed": "the seed's: labels on every position, padding included; [MASK] only; masks drawn once per run",
     "mlm": "standard masked-LM: labels at the masked positions only; 80/10/10; masks drawn afresh each epoch",
+    "clm": "causal LM: next-token loss at every real token, padding ignored (the objective of a causal LM)",
 }
+
+#: Which objectives train which task (``model.task``): a causal LM has one, a masked-LM two.
+OBJECTIVES_OF_TASK: dict[str, tuple[str, ...]] = {"mlm": ("seed", "mlm"), "clm": ("clm",)}
 
 
 #: The attention kernels ``model.attention`` accepts (transformers' names), and what each keeps.
@@ -55,7 +59,13 @@ class ModelConfig:
     """The network that is fine-tuned."""
 
     pretrained: str = setting(
-        "", "Local Hugging Face folder or hub id of a BertForMaskedLM; empty = random init from the fields below."
+        "",
+        "The model (--model): a hub id, a folder with weights, or a folder with only config.json (a random init of "
+        "that architecture, no weights read); empty = the seed's BERT from the fields below, random init.",
+    )
+    task: str = setting(
+        "auto",
+        "'auto' (from the checkpoint's architectures), 'mlm' (AutoModelForMaskedLM) or 'clm' (AutoModelForCausalLM).",
     )
     vocab_rows: int = setting(
         149_798,
@@ -90,7 +100,8 @@ class DataConfig:
         "seed",
         "Training objective. 'seed': the seed's own (labels on every position, padding included; chosen tokens all "
         "become [MASK]; masks drawn once per run), so its 89% token accuracy can be compared. 'mlm': standard "
-        "masked-LM (labels at masked positions only; 80/10/10; masks drawn afresh each epoch); sparse-head needs it.",
+        "masked-LM (labels at masked positions only; 80/10/10; masks drawn afresh each epoch); sparse-head needs it. "
+        "'clm': next-token prediction, the one objective of a causal LM.",
     )
     mask_probability: float = setting(0.15, "Fraction of non-special tokens chosen for masking.")
     cache_dir: str = setting("", "Where tokenizers and tokenized tensors are cached; empty = $GPUTECH_BENCH_CACHE or ~/.cache/gputech-bench.")
@@ -339,6 +350,7 @@ def validate(config: BenchConfig) -> BenchConfig:
     choices = {
         "device": (config.device, ("auto", "cuda", "cpu")),
         "model.attention": (m.attention, tuple(ATTENTION_KERNELS)),
+        "model.task": (m.task, ("auto", "mlm", "clm")),
         "data.objective": (d.objective, tuple(OBJECTIVES)),
         "strategy.accumulation_loss": (s.accumulation_loss, ("seed", "token-weighted")),
         "strategy.half_dtype": (s.half_dtype, ("auto", "float16", "bfloat16")),
@@ -386,7 +398,12 @@ def read_preset(name: str) -> dict[str, Any]:
 
 
 def load_preset(name: str) -> BenchConfig:
-    config = apply_mapping(BenchConfig(), read_preset(name), origin=f"preset '{name}'")
+    mapping = read_preset(name)
+    # A preset's model folder (e.g. models/tiny-llama, a config.json) is relative to the presets.
+    model = mapping.get("model")
+    if isinstance(model, dict) and isinstance(model.get("pretrained"), str) and model["pretrained"].startswith("models/"):
+        mapping = {**mapping, "model": {**model, "pretrained": str(presets_dir() / model["pretrained"])}}
+    config = apply_mapping(BenchConfig(), mapping, origin=f"preset '{name}'")
     return replace(config, preset=name)
 
 
