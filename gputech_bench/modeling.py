@@ -83,7 +83,10 @@ def read_config(pretrained: str):
 
 
 def _task_mappings() -> tuple[dict[str, str], dict[str, str]]:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
     return MODEL_FOR_MASKED_LM_MAPPING_NAMES, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -237,6 +240,7 @@ class LoadReport:
             "newly_initialized": [str(group) for group in group_keys(list(self.newly_initialized))],
             "ignored": [str(group) for group in group_keys(list(self.ignored))],
             "head_is_new": self.head_is_new,
+            "load_notes": self.notes(),
         }
 
 

@@ -165,7 +165,27 @@ def resolve_config(
         overrides += [f"data.train_file={train_file.resolve()}", "data.train_sentences=0"]
     if eval_file:
         overrides.append(f"data.eval_file={eval_file.resolve()}")
-    return apply_overrides(config, overrides + list(sets))
+    return objective_for_model(apply_overrides(config, overrides + list(sets)), sets)
+
+
+def objective_for_model(config: BenchConfig, sets: List[str]) -> BenchConfig:
+    """The preset's objective trains the preset's model; a ``--model`` of the other task (a
+    causal LM under a BERT preset) gets its task's objective, and the run says so. An
+    objective the user set explicitly is never replaced: a mismatch is refused."""
+    from ..config import OBJECTIVES_OF_TASK
+    from ..data.prepare import check_objective
+    from ..modeling import TASKS, model_task
+
+    if not config.model.pretrained:
+        return config
+    task = model_task(config.model)
+    if config.data.objective in OBJECTIVES_OF_TASK[task] or any(s.startswith("data.objective=") for s in sets):
+        check_objective(config, task)
+        return config
+    objective = OBJECTIVES_OF_TASK[task][0]
+    console.print(f"data.objective={objective}: '{config.model.pretrained}' is a {TASKS[task]}, and the preset's "
+                  f"{config.data.objective} objective trains the other task", highlight=False)
+    return apply_overrides(config, [f"data.objective={objective}"])
 
 
 def uses_cuda(config: BenchConfig) -> bool:

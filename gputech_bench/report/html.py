@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from ..results import TRAINED_STATUSES, LoadedRun
-from .frame import MemoryMeasure
+from .frame import MemoryMeasure, accuracy_columns
 from .plots import png_bytes, run_figures
 from .table import provenance_lines, row_texts, table_notes
 
@@ -41,8 +41,9 @@ def _esc(value: Any) -> str:
 
 
 def _table(frame: pd.DataFrame, measure: MemoryMeasure) -> str:
-    head = ["cell", measure.label, "x baseline", "time / epoch", "x baseline", "masked accuracy", "Δ points",
-            "token accuracy (seed's)", "status"]
+    accuracy = accuracy_columns(frame)
+    head = ["cell", measure.label, "x baseline", "time / epoch", "x baseline", accuracy.accuracy_labels[2], "Δ points",
+            accuracy.second_labels[2], "status"]
     rows = []
     for row in frame.itertuples(index=False):
         classes = ["pareto"] if row.pareto else []
@@ -52,7 +53,7 @@ def _table(frame: pd.DataFrame, measure: MemoryMeasure) -> str:
                         + f'<td class="status">{_esc(status)}</td></tr>')
             continue
         rows.append(f'<tr class="{" ".join(classes)}"><td>{_esc(row.cell)}</td>'
-                    + "".join(f"<td>{_esc(text)}</td>" for text in row_texts(row)) + f'<td class="status">{_esc(status)}</td></tr>')
+                    + "".join(f"<td>{_esc(text)}</td>" for text in row_texts(row, accuracy)) + f'<td class="status">{_esc(status)}</td></tr>')
     header = "".join(f"<th>{_esc(text)}</th>" for text in head)
     return f"<table><thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 

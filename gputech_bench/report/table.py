@@ -12,7 +12,16 @@ from rich.table import Table
 from ..config import ATTENTION_KERNELS, OBJECTIVES
 from ..results import TRAINED_STATUSES, CellResult
 from ..stats import WITHIN_NOISE
-from .frame import HIGHER_IS_BETTER, VERDICT_COLUMNS, MemoryMeasure, pareto_cells
+from .frame import (
+    CAUSAL_LM_COLUMNS,
+    HIGHER_IS_BETTER,
+    MASKED_LM_COLUMNS,
+    VERDICT_COLUMNS,
+    AccuracyColumns,
+    MemoryMeasure,
+    accuracy_columns,
+    pareto_cells,
+)
 
 
 def noise_mark(verdict: Any) -> str:
@@ -75,12 +84,13 @@ def rich_table(frame: pd.DataFrame, measure: MemoryMeasure, title: str = "gputec
     table.add_column("x base", justify="right")
     table.add_column("time / epoch", justify="right")
     table.add_column("x base", justify="right")
-    table.add_column("masked acc", justify="right")
+    accuracy = accuracy_columns(frame)
+    table.add_column(accuracy.accuracy_labels[0], justify="right")
     table.add_column("Δ pts", justify="right")
-    table.add_column("token acc (seed)", justify="right")
+    table.add_column(accuracy.second_labels[0], justify="right")
     table.add_column("status", overflow="fold")
-    columns = ("memory_mib", "memory_x_baseline", "epoch_seconds", "epoch_x_baseline", "eval_masked_accuracy",
-               "masked_accuracy_delta_points", "eval_token_accuracy")
+    columns = ("memory_mib", "memory_x_baseline", "epoch_seconds", "epoch_x_baseline", accuracy.accuracy,
+               accuracy.delta, accuracy.second)
     extremes = {column: _extremes(frame, column) for column in columns}
     numbers, reasons = reason_notes(frame)
     for row in frame.itertuples(index=False):
@@ -90,7 +100,8 @@ def rich_table(frame: pd.DataFrame, measure: MemoryMeasure, title: str = "gputec
         if row.status not in TRAINED_STATUSES:
             table.add_row(row.cell, *["-"] * 7, status)
             continue
-        styled = [_styled(text, getattr(row, column), extremes[column]) for text, column in zip(row_texts(row), columns)]
+        styled = [_styled(text, getattr(row, column), extremes[column])
+                  for text, column in zip(row_texts(row, accuracy), columns)]
         table.add_row(row.cell, *styled, status)
     table.caption = "\n".join(reasons + table_notes(frame)) or None
     return table
@@ -112,18 +123,26 @@ def reason_notes(frame: pd.DataFrame) -> tuple[dict[tuple[str, str], int], list[
     return numbers, notes
 
 
-def row_texts(row: Any) -> tuple[str, ...]:
+def row_texts(row: Any, accuracy: AccuracyColumns | None = None) -> tuple[str, ...]:
     """An ok row's figures as the terminal and HTML tables show them: memory, its ratio, time,
-    its ratio, masked accuracy, its change in points, the seed's token accuracy."""
+    its ratio, then the task's accuracy, its change in points and its second figure (a
+    masked-LM: the seed's token accuracy; a causal LM: perplexity)."""
+    if accuracy is None:
+        accuracy = CAUSAL_LM_COLUMNS if getattr(row, "task", None) == "clm" else MASKED_LM_COLUMNS
+    second = getattr(row, accuracy.second)
     return (
         "-" if _missing(row.memory_mib) else fmt_mib(row.memory_mib),
         fmt_ratio(row.memory_x_baseline) + noise_mark(row.memory_vs_baseline),
         fmt_seconds(row.epoch_seconds) + ("*" if row.epoch_time_extrapolated else "") + ("†" if row.memory_snapshot else ""),
         fmt_ratio(row.epoch_x_baseline) + noise_mark(row.time_vs_baseline),
-        fmt_percent(row.eval_masked_accuracy),
-        fmt_points(row.masked_accuracy_delta_points) + noise_mark(row.masked_accuracy_vs_baseline),
-        fmt_percent(row.eval_token_accuracy),
+        fmt_percent(getattr(row, accuracy.accuracy)),
+        fmt_points(getattr(row, accuracy.delta)) + noise_mark(row.masked_accuracy_vs_baseline),
+        fmt_percent(second) if accuracy.second_is_fraction else fmt_number(second),
     )
+
+
+def fmt_number(value: float) -> str:
+    return "-" if _missing(value) else f"{value:,.2f}"
 
 
 def table_notes(frame: pd.DataFrame) -> list[str]:
@@ -147,7 +166,26 @@ def table_notes(frame: pd.DataFrame) -> list[str]:
     frontier_cells = pareto_cells(frame)
     if len(frontier_cells) > 1:
         notes.append(f"Pareto frontier (no other cell is both smaller and faster): {', '.join(frontier_cells)}")
-    return notes + setup_notes(frame, "objective") + setup_notes(frame, "attention") + repeat_notes(frame)
+    return notes + model_lines(frame) + setup_notes(frame, "objective") + setup_notes(frame, "attention") + repeat_notes(frame)
+
+
+def model_lines(frame: pd.DataFrame) -> list[str]:
+    """The model the run trained, when it is not the seed's BERT, and what loading did to it
+    (a head newly initialised, weights ignored): a reader must know before reading accuracy."""
+    known = frame.dropna(subset=["architecture"])
+    if known.empty:
+        return []
+    row = known.iloc[0]
+    lines = []
+    accuracy = accuracy_columns(frame)
+    if row.architecture != "BertForMaskedLM" or accuracy.task != "mlm":
+        shown = f"{accuracy.accuracy_labels[0]} and {accuracy.second_labels[0]}"
+        lines.append(f"model: {row.architecture}, {int(row.model_parameters):,} parameters; the accuracy columns show "
+                     f"{shown}" if not _missing(row.model_parameters) else f"model: {row.architecture}")
+    notes = known["model_notes"].dropna()
+    if not notes.empty:
+        lines += str(notes.iloc[0]).split("\n")
+    return lines
 
 
 #: Run-wide settings every table names, what each value means, and what differs when cells disagree.
@@ -196,8 +234,9 @@ def markdown(frame: pd.DataFrame, measure: MemoryMeasure, results: list[CellResu
     """A GitHub table shaped like the seed's, baseline figures in the headers, then provenance."""
     memory = _baseline_value(frame, baseline, "memory_mib")
     seconds = _baseline_value(frame, baseline, "epoch_seconds")
-    masked = _baseline_value(frame, baseline, "eval_masked_accuracy")
-    token = _baseline_value(frame, baseline, "eval_token_accuracy")
+    accuracy = accuracy_columns(frame)
+    masked = _baseline_value(frame, baseline, accuracy.accuracy)
+    token = _baseline_value(frame, baseline, accuracy.second)
 
     def header(label: str, value: Any, fmt) -> str:
         return f"{label} ({baseline}: {fmt(value)})" if not _missing(value) else label
@@ -206,8 +245,8 @@ def markdown(frame: pd.DataFrame, measure: MemoryMeasure, results: list[CellResu
         "| strategy | " + " | ".join([
             header(measure.label, memory, fmt_mib),
             header("time / epoch", seconds, fmt_seconds),
-            header("eval accuracy, masked", masked, fmt_percent),
-            header("token accuracy, seed's", token, fmt_percent),
+            header(accuracy.accuracy_labels[1], masked, fmt_percent),
+            header(accuracy.second_labels[1], token, fmt_percent if accuracy.second_is_fraction else fmt_number),
         ]) + " | status |",
         "|:---|---:|---:|---:|---:|:---|",
     ]
@@ -217,7 +256,7 @@ def markdown(frame: pd.DataFrame, measure: MemoryMeasure, results: list[CellResu
         if row.status not in TRAINED_STATUSES:
             lines.append(f"| {name} | {row.status} | {row.status} | {row.status} | {row.status} | {row.status}: {reason} |")
             continue
-        memory, memory_x, seconds, seconds_x, masked_acc, masked_delta, token_acc = row_texts(row)
+        memory, memory_x, seconds, seconds_x, masked_acc, masked_delta, token_acc = row_texts(row, accuracy)
         status = "ok" if row.status == "ok" else f"{row.status}: {reason}"
         lines.append(f"| {name} | {memory} ({memory_x}) | {seconds} ({seconds_x}) | {masked_acc} ({masked_delta}) "
                      f"| {token_acc} | {status} |")
