@@ -8,6 +8,7 @@ import torch
 from helpers import context, random_batch, saved_activation_bytes, tiny_bert
 from transformers import get_linear_schedule_with_warmup
 
+from gputech_bench.data.masking import IGNORE_INDEX
 from gputech_bench.errors import StrategyError
 from gputech_bench.measure.tracker import StepMemoryTracker
 from gputech_bench.results import CellResult
@@ -93,7 +94,7 @@ def test_amp_and_the_seeds_master_copy_are_refused_together():
 def eval_set(vocab: int, size: int = 6, length: int = 24) -> EvalSet:
     original = random_batch(size, length, vocab, seed=7)
     ids = original["input_ids"].clone()
-    masked = original["labels"] != -100
+    masked = original["labels"] != IGNORE_INDEX
     ids[masked] = original["labels"][masked]  # the unmasked sentence
     return EvalSet(original["input_ids"], original["labels"], ids, original["attention_mask"], masked)
 

@@ -11,9 +11,9 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..config import BenchConfig, from_dict
-from ..errors import ConfigError, UserError, first_line
+from ..errors import ConfigError, UserError, error_line, first_line
 from ..results import CellResult, RunFolder
-from ..units import MIB, parse_size
+from ..units import GIB, MIB, format_gib, parse_size
 from .common import EXIT_FAILED_CELL, MORE_HINT, console, cuda_available, errors, fail, print_table, resolve_config
 
 ESTIMATE_HELP = """Predict each cell's peak memory without a GPU: one training step traced on fake tensors.
@@ -127,7 +127,7 @@ def estimate_run(config: BenchConfig, results: list[CellResult], folder: RunFold
         report = build_estimate(config, cells, default_jobs() if len(cells) > 2 else 1, None, results)
         write_estimate(folder, report)
     except Exception as error:  # noqa: BLE001 - never lose a finished run to its estimate
-        errors.print(f"[yellow]warning:[/] no memory estimate ({type(error).__name__}: {first_line(error)}); "
+        errors.print(f"[yellow]warning:[/] no memory estimate ({error_line(error)}); "
                      f"'gputech-bench estimate --compare {folder.root}' retries it", highlight=False)
         return
     _print_against_measured(report)
@@ -200,7 +200,7 @@ def estimate(
     except UserError as error:
         fail(str(error))
     except Exception as error:  # a model or strategy the tracer cannot follow
-        errors.print(f"[bold red]error:[/] the trace failed ({type(error).__name__}: {first_line(error)})", highlight=False)
+        errors.print(f"[bold red]error:[/] the trace failed ({error_line(error)})", highlight=False)
         raise typer.Exit(EXIT_FAILED_CELL)
     if format_ == "json":
         _emit(to_json(report), output)
@@ -219,18 +219,18 @@ def _print_fit(result, config: BenchConfig) -> None:
 
     from ..estimate.fit import gives_up
 
-    gib = lambda num: f"{num / 2**30:.2f}"  # noqa: E731
+    gib = lambda num: f"{num / GIB:.2f}"  # noqa: E731
     if result.floor is not None:
         for candidate in result.untraceable:
             console.print(f"  [yellow]not traced[/] {candidate.setup.label}: {candidate.prediction.error}", highlight=False)
         console.print(
-            f"[bold red]nothing fits {result.budget / 2**30:.1f} GiB[/]: the most frugal setup, "
+            f"[bold red]nothing fits {format_gib(result.budget)}[/]: the most frugal setup, "
             f"{result.floor.setup.label}, needs {gib(result.floor.device_total)} GiB", highlight=False,
         )
         for line in result.suggestions:
             console.print(f"  would fit: {line}", highlight=False)
         return
-    table = Table(title=f"setups that fit {result.budget / 2**30:.1f} GiB, fastest first", title_justify="left")
+    table = Table(title=f"setups that fit {format_gib(result.budget)}, fastest first", title_justify="left")
     for header in ("", "setup", "device GiB", "host GiB", "time", "time from", "gives up"):
         # 'time from' and 'gives up' are prose: a narrow terminal folds them, never a figure or a name.
         table.add_column(header, justify="right" if "GiB" in header or header == "time" else "left",
@@ -347,7 +347,7 @@ def _verify(candidate, config: BenchConfig, results_dir: Path, budget: int) -> N
             held = process * MIB <= budget
             console.print(
                 f"  NVML process peak {process:,.0f} MiB (predicted {candidate.device_total / MIB:,.0f} MiB with overheads): "
-                f"{'fits' if held else 'does NOT fit'} {budget / 2**30:.1f} GiB", highlight=False,
+                f"{'fits' if held else 'does NOT fit'} {format_gib(budget)}", highlight=False,
             )
     else:
         console.print("  [dim]a CPU run checks the tensor peak only: whether it fits a GPU needs a CUDA run[/]", highlight=False)

@@ -29,6 +29,7 @@ from ..config import BenchConfig
 from ..errors import FitError, StrategyError
 from ..results import CellResult
 from ..strategies import Cell, refusal_reason, refuse_for_config, registered
+from ..units import GIB
 from .overheads import Overheads
 from .predict import Prediction, Setup
 
@@ -211,5 +212,5 @@ def _suggestions(floor: Setup, config: BenchConfig, budget: int, overheads: Over
         prediction = trace([floor], shorter)[0]
         total = overheads.device_total(prediction.device.total_bytes)
         if total <= budget:
-            return [f"--set data.max_length={length}: {floor.label} would need {total / 2**30:.2f} GiB"]
+            return [f"--set data.max_length={length}: {floor.label} would need {total / GIB:.2f} GiB"]
     return [f"even data.max_length={length} does not fit: lower train.batch_size, or use a smaller model or a larger device"]

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ..files import atomic_write_bytes
 from ..results import RunFolder
-from ..units import MIB
+from ..units import MIB, format_gib
 from .measured import Measured, error_percent
 from .overheads import Overheads
 from .predict import Prediction
@@ -116,10 +116,6 @@ def _mib(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
 
-def _gib(num_bytes: int) -> str:
-    return f"{num_bytes / 2**30:.1f} GiB"
-
-
 def _fits(value: bool | None) -> str:
     return "-" if value is None else ("[green]yes[/]" if value else "[red]no[/]")
 
@@ -173,7 +169,7 @@ def rich_table(report: EstimateReport, title: str = "gputech-bench estimate (MiB
     table.add_column("device", justify="right", style="bold")
     table.add_column("host", justify="right")
     if report.budget_bytes is not None:
-        table.add_column(f"fits {_gib(report.budget_bytes)}", justify="center")
+        table.add_column(f"fits {format_gib(report.budget_bytes)}", justify="center")
     if compared:
         table.add_column("measured", justify="right")
         table.add_column("error", justify="right")
@@ -238,7 +234,7 @@ def markdown(report: EstimateReport) -> str:
     headers = ["setup", *(header for _, header in SHOWN_CATEGORIES), "tensor peak", "+ reserve", "+ context",
                "device total", "host"]
     if report.budget_bytes is not None:
-        headers.append(f"fits {_gib(report.budget_bytes)}")
+        headers.append(f"fits {format_gib(report.budget_bytes)}")
     if compared:
         headers += ["measured", "error"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]

@@ -19,6 +19,7 @@ import pandas as pd
 from ..config import config_changes
 from ..results import CellResult, LoadedRun, cell_order
 from ..stats import HIGHER, LOWER, SINGLE_RUN, WITHIN_NOISE, versus
+from ..units import is_missing
 from .frame import build_frame
 
 #: (label, column of the frame, statistics key or None for the run's memory measure, unit)
@@ -87,7 +88,7 @@ class Comparison:
 
 def _value(frame: pd.DataFrame, cell: str, column: str) -> float | None:
     value = frame.loc[frame["cell"] == cell, column].iloc[0]
-    return None if pd.isna(value) else float(value)
+    return None if is_missing(value) else float(value)
 
 
 def _verdict(result_a: CellResult, result_b: CellResult, key: str, a: float | None, b: float | None) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import pandas as pd
@@ -12,6 +11,7 @@ from rich.table import Table
 from ..config import ATTENTION_KERNELS, OBJECTIVES
 from ..results import TRAINED_STATUSES, CellResult
 from ..stats import WITHIN_NOISE
+from ..units import MIB, MIB_PER_GIB, format_gib, is_missing
 from .frame import HIGHER_IS_BETTER, VERDICT_COLUMNS, MemoryMeasure, pareto_cells
 
 
@@ -20,28 +20,24 @@ def noise_mark(verdict: Any) -> str:
     return " ≈" if verdict == WITHIN_NOISE else ""
 
 
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
 def fmt_mib(value: float) -> str:
-    return f"{value / 1024:,.2f} GiB" if value >= 1024 else f"{value:,.1f} MiB"
+    return f"{value / MIB_PER_GIB:,.2f} GiB" if value >= MIB_PER_GIB else f"{value:,.1f} MiB"
 
 
 def fmt_ratio(value: float) -> str:
-    return "-" if _missing(value) else f"{value:.2f}x"
+    return "-" if is_missing(value) else f"{value:.2f}x"
 
 
 def fmt_percent(value: float) -> str:
-    return "-" if _missing(value) else f"{100 * value:.1f}%"
+    return "-" if is_missing(value) else f"{100 * value:.1f}%"
 
 
 def fmt_points(value: float) -> str:
-    return "-" if _missing(value) else f"{value:+.1f}"
+    return "-" if is_missing(value) else f"{value:+.1f}"
 
 
 def fmt_seconds(value: float) -> str:
-    return "-" if _missing(value) else (f"{value:,.1f} s" if value >= 10 else f"{value:.2f} s")
+    return "-" if is_missing(value) else (f"{value:,.1f} s" if value >= 10 else f"{value:.2f} s")
 
 
 def _extremes(frame: pd.DataFrame, column: str) -> tuple[Any, Any]:
@@ -102,7 +98,7 @@ def reason_notes(frame: pd.DataFrame) -> tuple[dict[tuple[str, str], int], list[
     numbers: dict[tuple[str, str], int] = {}
     cells: dict[tuple[str, str], list[str]] = {}
     for row in frame.itertuples(index=False):
-        if row.status == "ok" or _missing(row.reason) or not str(row.reason).strip():
+        if row.status == "ok" or is_missing(row.reason) or not str(row.reason).strip():
             continue
         key = (row.status, row.reason)
         numbers.setdefault(key, len(numbers) + 1)
@@ -116,7 +112,7 @@ def row_texts(row: Any) -> tuple[str, ...]:
     """An ok row's figures as the terminal and HTML tables show them: memory, its ratio, time,
     its ratio, masked accuracy, its change in points, the seed's token accuracy."""
     return (
-        "-" if _missing(row.memory_mib) else fmt_mib(row.memory_mib),
+        "-" if is_missing(row.memory_mib) else fmt_mib(row.memory_mib),
         fmt_ratio(row.memory_x_baseline) + noise_mark(row.memory_vs_baseline),
         fmt_seconds(row.epoch_seconds) + ("*" if row.epoch_time_extrapolated else "") + ("†" if row.memory_snapshot else ""),
         fmt_ratio(row.epoch_x_baseline) + noise_mark(row.time_vs_baseline),
@@ -200,7 +196,7 @@ def markdown(frame: pd.DataFrame, measure: MemoryMeasure, results: list[CellResu
     token = _baseline_value(frame, baseline, "eval_token_accuracy")
 
     def header(label: str, value: Any, fmt) -> str:
-        return f"{label} ({baseline}: {fmt(value)})" if not _missing(value) else label
+        return f"{label} ({baseline}: {fmt(value)})" if not is_missing(value) else label
 
     lines = [
         "| strategy | " + " | ".join([
@@ -231,7 +227,7 @@ def provenance_lines(results: list[CellResult], measure: MemoryMeasure) -> list[
     first = next((r for r in results if r.provenance), results[0])
     device = first.device or {}
     if device.get("type") == "cuda":
-        where = f"{device.get('name')} ({device.get('total_memory_mib', 0) / 1024:.1f} GiB, CUDA {device.get('cuda_runtime')})"
+        where = f"{device.get('name')} ({format_gib(device.get('total_memory_mib', 0) * MIB)}, CUDA {device.get('cuda_runtime')})"
     else:
         where = f"CPU ({first.provenance.get('cpu_threads', '?')} threads)"
     packages = first.provenance.get("packages", {})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..data.masking import IGNORE_INDEX
 from ..errors import StrategyError
 from .base import MicroBatch, RunContext, Strategy
 from .registry import register
@@ -22,12 +23,12 @@ def split_into_micro_batches(
     """
     size = batch["input_ids"].shape[0]
     slices = [slice(start, min(start + micro_batch_size, size)) for start in range(0, size, micro_batch_size)]
-    masked_total = int((batch["labels"] != -100).sum())
+    masked_total = int((batch["labels"] != IGNORE_INDEX).sum())
     micro_batches = []
     for part in slices:
         inputs = {name: tensor[part] for name, tensor in batch.items()}
         if loss_rule == "token-weighted":
-            masked = int((inputs["labels"] != -100).sum())
+            masked = int((inputs["labels"] != IGNORE_INDEX).sum())
             if masked == 0:
                 continue  # its mean loss is undefined and its weight would be 0
             weight = masked / masked_total

@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import MaskedLMOutput
 
+from ..data.masking import IGNORE_INDEX
 from ..errors import StrategyError
 from .base import RunContext, Strategy
 from .registry import register
 
-IGNORE_INDEX = -100
 #: Positions scored at once in evaluation: 512 x 149,798 fp32 scores is 0.3 GiB.
 EVAL_CHUNK_POSITIONS = 512
 
