@@ -28,7 +28,7 @@ from typing import Any, Callable
 from ..config import BenchConfig
 from ..errors import FitError, StrategyError
 from ..results import CellResult
-from ..strategies import Cell, refusal_reason, refuse_for_config, registered
+from ..strategies import Cell, combination_refusal, launch_refusal, registered
 from ..units import GIB
 from .overheads import Overheads
 from .predict import Prediction, Setup
@@ -55,7 +55,7 @@ def candidates(config: BenchConfig, exclude: set[str] = frozenset(), device_type
     for size in range(len(strategies) + 1):
         for combo in itertools.combinations(strategies, size):
             cell = Cell(tuple(combo))
-            if refusal_reason(cell):
+            if combination_refusal(cell):
                 continue
             micro_sizes: list[int | None] = [None]
             if any(cls.key == "2" for cls in combo):
@@ -63,7 +63,7 @@ def candidates(config: BenchConfig, exclude: set[str] = frozenset(), device_type
             for micro in micro_sizes:
                 setup = Setup(cell.name, micro)
                 try:
-                    refuse_for_config(cell, setup.config_for(config))
+                    launch_refusal(cell, setup.config_for(config))
                 except StrategyError:
                     continue
                 setups.append(setup)

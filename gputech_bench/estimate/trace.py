@@ -26,7 +26,7 @@ from transformers import get_linear_schedule_with_warmup
 from ..config import BenchConfig
 from ..measure.tracker import StepMemoryTracker, TrackedPeak
 from ..modeling import build_shape_model
-from ..strategies import Cell, RunContext, build_plan, check_cell
+from ..strategies import Cell, RunContext, build_plan, device_refusal
 from ..training.loop import optimizer_step
 
 HOST = "cpu"
@@ -243,7 +243,7 @@ def trace_cell(cell: Cell, config: BenchConfig, inputs: TraceInputs, target: Tra
     """Peak bytes by category of the cell's second optimizer step, device and host apart."""
     started = time.perf_counter()
     ctx = RunContext(config, target.device, tracing=True)
-    check_cell(cell, ctx)  # imports what the strategies need (bitsandbytes) before the fake mode starts
+    device_refusal(cell, ctx)  # imports what the strategies need (bitsandbytes) before the fake mode starts
     with _fake_mode(), _real_quantisation_maps(), _fused_attention_on_stand_in(config, target):
         model = build_shape_model(config.model, inputs.tokenizer_size, inputs.pad_token_id, config.train.seed)
         plan = build_plan(cell, model, ctx)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..config import SEED_MATRIX, BenchConfig
 from ..errors import StrategyError
-from ..strategies import BASELINE, parse_cell, refuse_for_config
+from ..strategies import BASELINE, launch_refusal, parse_cell
 
 
 def expand(strategies: str | None, matrix: bool, config: BenchConfig, cuda: bool | None = None) -> list[str]:
@@ -28,7 +28,7 @@ def expand(strategies: str | None, matrix: bool, config: BenchConfig, cuda: bool
     for item in requested:
         cell = parse_cell(item)
         try:
-            refuse_for_config(cell, config, cuda)
+            launch_refusal(cell, config, cuda)
         except StrategyError as error:
             message = str(error).removeprefix("refused combination: ")
             raise StrategyError(f"refused cell '{item}': {message}") from None

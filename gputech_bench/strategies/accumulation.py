@@ -49,7 +49,7 @@ class Accumulation(Strategy):
 
     requires = "strategy.micro_batch_size must divide train.batch_size into 2 or more micro-batches"
 
-    def check_config(self, config) -> None:
+    def config_refusal(self, config) -> None:
         batch, micro = config.train.batch_size, config.strategy.micro_batch_size
         if micro >= batch or batch % micro:
             raise StrategyError(
@@ -57,7 +57,7 @@ class Accumulation(Strategy):
                 "into 2 or more micro-batches: change one of them with --set"
             )
 
-    def check(self, ctx: RunContext) -> None:
+    def device_refusal(self, ctx: RunContext) -> None:
         micro, rows = ctx.config.strategy.micro_batch_size, ctx.rank_batch_size
         if ctx.world_size > 1 and (micro >= rows or rows % micro):
             raise StrategyError(
