@@ -18,9 +18,8 @@ from torch.distributed.tensor import DTensor
 from transformers import get_linear_schedule_with_warmup
 
 from gputech_bench.errors import StrategyError
-from gputech_bench.strategies import TrainingPlan, build_plan, device_refusal, parse_cell
+from gputech_bench.strategies import TrainingPlan, build_plan, device_refusal, distributed, parse_cell
 from gputech_bench.strategies.fsdp_offload import FsdpOffload
-from gputech_bench.training import distributed
 from gputech_bench.training.loop import accumulate_gradients, optimizer_step
 
 STEPS = 3

@@ -9,6 +9,7 @@ from helpers import context, random_batch, saved_activation_bytes, tiny_bert
 from transformers import get_linear_schedule_with_warmup
 
 from gputech_bench.data.masking import IGNORE_INDEX
+from gputech_bench.data.prepare import EvalSet
 from gputech_bench.errors import StrategyError
 from gputech_bench.measure.tracker import StepMemoryTracker
 from gputech_bench.results import CellResult
@@ -16,7 +17,7 @@ from gputech_bench.run.matrix import expand
 from gputech_bench.strategies import build_plan, device_refusal, parse_cell
 from gputech_bench.strategies.amp import AutocastPrecision
 from gputech_bench.strategies.sparse_head import MaskedPositionsHead
-from gputech_bench.training.evaluate import EvalSet, evaluate
+from gputech_bench.training.evaluate import evaluate
 from gputech_bench.training.loop import TrainOutcome, optimizer_step
 from gputech_bench.worker.cell import record_compile_time
 

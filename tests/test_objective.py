@@ -13,15 +13,16 @@ from transformers.modeling_outputs import MaskedLMOutput
 
 from gputech_bench.config import OBJECTIVES, BenchConfig, apply_overrides, load_preset
 from gputech_bench.data import IGNORE_INDEX, MaskingSpec, TokenizedSplit, apply_objective, mask_tokens
+from gputech_bench.data.prepare import EvalSet
+from gputech_bench.data.seeding import generator
 from gputech_bench.errors import ConfigError, StrategyError
 from gputech_bench.results import CellResult
 from gputech_bench.run.matrix import expand
 from gputech_bench.strategies import build_plan, parse_cell
 from gputech_bench.strategies.accumulation import split_into_micro_batches
 from gputech_bench.training.batches import epoch_batches
-from gputech_bench.training.evaluate import EvalSet, evaluate
+from gputech_bench.training.evaluate import evaluate
 from gputech_bench.training.loop import accumulate_gradients
-from gputech_bench.training.seeding import generator
 
 VOCAB = 1_000
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4

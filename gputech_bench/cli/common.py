@@ -1,5 +1,5 @@
 """What every command shares: the consoles, one-line failures, exit codes and the
-resolved config. Kept apart from cli.py so that command modules registered on the app
+resolved config. Kept apart from cli/__init__.py so that command modules registered on the app
 (estimate, fit) can import it without a cycle."""
 
 from __future__ import annotations

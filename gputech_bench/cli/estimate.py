@@ -1,4 +1,4 @@
-"""``gputech-bench estimate`` and ``gputech-bench fit``; registered on the main app by cli.py."""
+"""``gputech-bench estimate`` and ``gputech-bench fit``; registered on the main app by cli/__init__.py."""
 
 from __future__ import annotations
 
@@ -11,8 +11,12 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..config import BenchConfig, from_dict
-from ..errors import ConfigError, UserError, error_line, first_line
+from ..errors import ConfigError, StrategyError, UserError, error_line, first_line
+from ..estimate.measured import error_percent, measured_peak
+from ..estimate.overheads import DEFAULTS, calibrate
+from ..files import atomic_write_bytes
 from ..results import CellResult, RunFolder
+from ..run.runner import prepare_run_dir, run_matrix
 from ..units import GIB, MIB, format_gib, parse_size
 from .common import EXIT_FAILED_CELL, MORE_HINT, console, cuda_available, errors, fail, print_table, resolve_config
 
@@ -84,8 +88,6 @@ def _emit(text: str, output: Optional[Path]) -> None:
     if output is None:
         console.print(text, end="", highlight=False, soft_wrap=True, markup=False)
         return
-    from ..files import atomic_write_bytes
-
     try:
         atomic_write_bytes(output, text.encode("utf-8"))
     except OSError as error:
@@ -97,8 +99,6 @@ def build_estimate(
     config: BenchConfig, cells: list[str], jobs: int, budget: Optional[int], results: Optional[list[CellResult]]
 ):
     """Trace ``cells`` and assemble the report; shared by ``estimate`` and ``run``."""
-    from ..estimate.measured import measured_peak
-    from ..estimate.overheads import DEFAULTS, calibrate
     from ..estimate.predict import setups_for
     from ..estimate.render import EstimateReport
     from ..estimate.trace import modelled_attention_note, trace_target
@@ -134,9 +134,10 @@ def estimate_run(config: BenchConfig, results: list[CellResult], folder: RunFold
 
 
 def _print_against_measured(report) -> None:
-    from ..estimate.render import compact_table, legend
+    from ..estimate.render import legend
+    from .tables import compact_estimate_table
 
-    print_table(compact_table(report, title="predicted (fake-tensor trace) against measured, MiB"))
+    print_table(compact_estimate_table(report, title="predicted (fake-tensor trace) against measured, MiB"))
     for line in legend(report, with_overheads=False):
         console.print(f"  [dim]{line}[/]", highlight=False)
     console.print("  [dim]categories, CUDA context and allocator reserve: 'gputech-bench estimate --compare RUN_DIR'[/]", highlight=False)
@@ -144,7 +145,6 @@ def _print_against_measured(report) -> None:
 
 def show_saved_estimate(loaded) -> None:
     """The run's saved estimate against its results, under ``report``'s table (if there is one)."""
-    from ..estimate.measured import measured_peak
     from ..estimate.render import read_estimate
 
     if not loaded.folder.estimate_path.is_file():
@@ -174,8 +174,9 @@ def estimate(
     output: Optional[Path] = typer.Option(None, help="Write to this file instead of the terminal."),
 ) -> None:
     from ..estimate.predict import default_jobs
-    from ..estimate.render import legend, markdown, rich_table, to_json
+    from ..estimate.render import legend, markdown, to_json
     from ..run.matrix import expand
+    from .tables import estimate_table
 
     if format_ not in ("table", "md", "json"):
         fail(f"unknown --format '{format_}': choose table, md or json")
@@ -207,7 +208,7 @@ def estimate(
     elif format_ == "md" or output is not None:
         _emit(markdown(report), output)
     else:
-        print_table(rich_table(report, title=f"gputech-bench estimate: preset {config.preset} (MiB)"), hint=MORE_HINT)
+        print_table(estimate_table(report, title=f"gputech-bench estimate: preset {config.preset} (MiB)"), hint=MORE_HINT)
         for line in legend(report):
             console.print(f"  [dim]{line}[/]", highlight=False)
     if any(prediction.error for prediction in report.predictions):
@@ -269,9 +270,7 @@ def fit(
     results_dir: Path = typer.Option(Path("results"), "--results", help="Where --verify writes its run."),
     jobs: int = typer.Option(0, min=0, help="Processes tracing in parallel; 0 = one per core, up to 4."),
 ) -> None:
-    from ..errors import StrategyError
     from ..estimate.fit import search, unsearchable
-    from ..estimate.overheads import DEFAULTS, calibrate
     from ..estimate.predict import default_jobs
     from ..estimate.trace import trace_target
     from ..strategies.registry import lookup
@@ -317,9 +316,6 @@ def fit(
 
 def _verify(candidate, config: BenchConfig, results_dir: Path, budget: int) -> None:
     """Run the chosen setup as a real cell and put its measurement next to the prediction."""
-    from ..estimate.measured import error_percent, measured_peak
-    from ..run.runner import prepare_run_dir, run_matrix
-
     setup = candidate.setup
     cell_config = setup.config_for(config)
     name = f"fit-{datetime.now().strftime('%Y%m%d-%H%M%S')}"

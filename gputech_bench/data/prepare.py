@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..config import BenchConfig
-from ..training.evaluate import EvalSet
-from ..training.seeding import generator
 from . import (
     MaskingSpec,
     TokenizedSplit,
@@ -22,6 +22,18 @@ from . import (
     tokenizer_fingerprint,
     train_wordpiece,
 )
+from .seeding import generator
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Eval sentences masked once, with a fixed seed, so every cell is scored on the same task."""
+
+    input_ids: torch.Tensor  # masked
+    labels: torch.Tensor  # what the objective's loss scores: IGNORE_INDEX where nothing is
+    original_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    masked: torch.Tensor  # bool: the positions chosen for masking, whatever the objective
 
 
 @dataclass(frozen=True)

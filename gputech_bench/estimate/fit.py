@@ -28,7 +28,7 @@ from typing import Any, Callable
 from ..config import BenchConfig
 from ..errors import FitError, StrategyError
 from ..results import CellResult
-from ..strategies import Cell, combination_refusal, launch_refusal, registered
+from ..strategies import Cell, combination_refusal, launch_refusal, parse_cell, registered
 from ..units import GIB
 from .overheads import Overheads
 from .predict import Prediction, Setup
@@ -109,8 +109,6 @@ def expected_time(setup: Setup, config: BenchConfig, measured: dict[str, CellRes
 
 
 def gives_up(setup: Setup) -> str:
-    from ..strategies import parse_cell
-
     parts = [cls.gives_up for cls in parse_cell(setup.cell).strategies if cls.gives_up]
     return "; ".join(parts) or "nothing: the same training"
 

@@ -1,12 +1,13 @@
-"""The frame as people read it: a terminal table and markdown, with the notes under them."""
+"""The frame as people read it: each figure as text, markdown, and the notes under every table.
+
+The terminal table (``cli.tables``) and the HTML report take their figures' text from here.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pandas as pd
-from rich.markup import escape
-from rich.table import Table
 
 from ..config import ATTENTION_KERNELS, OBJECTIVES
 from ..results import TRAINED_STATUSES, CellResult
@@ -40,7 +41,7 @@ def fmt_seconds(value: float) -> str:
     return "-" if is_missing(value) else (f"{value:,.1f} s" if value >= 10 else f"{value:.2f} s")
 
 
-def _extremes(frame: pd.DataFrame, column: str) -> tuple[Any, Any]:
+def extremes(frame: pd.DataFrame, column: str) -> tuple[Any, Any]:
     """(best, worst) values of a column among ok rows, or (None, None) when there is nothing to compare."""
     values = frame.loc[frame["status"].isin(TRAINED_STATUSES), column].dropna()
     if len(values) < 2 or values.min() == values.max():
@@ -48,48 +49,6 @@ def _extremes(frame: pd.DataFrame, column: str) -> tuple[Any, Any]:
     if column in HIGHER_IS_BETTER:
         return values.max(), values.min()
     return values.min(), values.max()
-
-
-def _styled(text: str, value: Any, extremes: tuple[Any, Any]) -> str:
-    best, worst = extremes
-    if best is not None and value == best:
-        return f"[bold green]{text}[/]"
-    if worst is not None and value == worst:
-        return f"[red]{text}[/]"
-    return text
-
-
-def rich_table(frame: pd.DataFrame, measure: MemoryMeasure, title: str = "gputech-bench") -> Table:
-    """The terminal table. A cell that is not ok shows its status and a footnote number; the
-    reason is a note under the table (one per distinct reason), so that a long reason never
-    sets the table's width. The status column is the only one that may fold: the helper
-    that prints tables (cli.common.print_table) keeps the others as wide as their widest
-    figure."""
-    table = Table(title=title, title_justify="left", caption_justify="left")
-    table.add_column("cell", no_wrap=True)
-    table.add_column(f"{measure.label}", justify="right")
-    table.add_column("x base", justify="right")
-    table.add_column("time / epoch", justify="right")
-    table.add_column("x base", justify="right")
-    table.add_column("masked acc", justify="right")
-    table.add_column("Δ pts", justify="right")
-    table.add_column("token acc (seed)", justify="right")
-    table.add_column("status", overflow="fold")
-    columns = ("memory_mib", "memory_x_baseline", "epoch_seconds", "epoch_x_baseline", "eval_masked_accuracy",
-               "masked_accuracy_delta_points", "eval_token_accuracy")
-    extremes = {column: _extremes(frame, column) for column in columns}
-    numbers, reasons = reason_notes(frame)
-    for row in frame.itertuples(index=False):
-        status = "[green]ok[/]" if row.status == "ok" else f"[bold red]{row.status}[/]"
-        if (row.status, row.reason) in numbers:
-            status += escape(f" [{numbers[row.status, row.reason]}]")
-        if row.status not in TRAINED_STATUSES:
-            table.add_row(row.cell, *["-"] * 7, status)
-            continue
-        styled = [_styled(text, getattr(row, column), extremes[column]) for text, column in zip(row_texts(row), columns)]
-        table.add_row(row.cell, *styled, status)
-    table.caption = "\n".join(reasons + table_notes(frame)) or None
-    return table
 
 
 def reason_notes(frame: pd.DataFrame) -> tuple[dict[tuple[str, str], int], list[str]]:

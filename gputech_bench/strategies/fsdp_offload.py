@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from ..errors import StrategyError
-from ..training.distributed import ensure_process_group
 from .base import Placement, RunContext, Strategy
+from .distributed import ensure_process_group
 from .registry import register
 
 #: Layers are freed after their forward and gathered again for backward; the root is

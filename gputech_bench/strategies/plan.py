@@ -15,6 +15,7 @@ from torch import nn
 from ..errors import StrategyError
 from .base import MicroBatch, Placement, Precision, RunContext, Strategy
 from .defaults import InPlacePlacement, build_adamw, whole_batch
+from .distributed import data_parallel
 from .registry import Cell, combination_refusal
 
 if TYPE_CHECKING:
@@ -82,8 +83,6 @@ def build_plan(cell: Cell, model: nn.Module, ctx: RunContext) -> TrainingPlan:
 
     placement = owners["placement"].placement(model, ctx) if "placement" in owners else InPlacePlacement(model, ctx)
     if ctx.world_size > 1 and not placement.shards:
-        from ..training.distributed import data_parallel
-
         placement.compute_model = data_parallel(placement.compute_model, ctx.device)
     params = placement.optimizer_parameters()
     if "build_optimizer" in owners:
