@@ -14,11 +14,24 @@ from ..config import BenchConfig, from_dict
 from ..errors import ConfigError, StrategyError, UserError, error_line, first_line
 from ..estimate.measured import error_percent, measured_peak
 from ..estimate.overheads import DEFAULTS, calibrate
-from ..files import atomic_write_bytes
 from ..results import CellResult, RunFolder
 from ..run.runner import prepare_run_dir, run_matrix
 from ..units import GIB, MIB, format_gib, parse_size
-from .common import EXIT_FAILED_CELL, MORE_HINT, console, cuda_available, errors, fail, print_table, resolve_config
+from .common import (
+    EXIT_FAILED_CELL,
+    MODEL_OPTION,
+    MORE_HINT,
+    PRESET_OPTION,
+    SET_OPTION,
+    TRAIN_FILE_OPTION,
+    console,
+    cuda_available,
+    emit,
+    errors,
+    fail,
+    print_table,
+    resolve_config,
+)
 
 ESTIMATE_HELP = """Predict each cell's peak memory without a GPU: one training step traced on fake tensors.
 
@@ -81,18 +94,6 @@ def _device_memory(option: Optional[str]) -> Optional[int]:
 
         return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     return None
-
-
-def _emit(text: str, output: Optional[Path]) -> None:
-    """Markdown or JSON to the terminal as is, or atomically to ``output``."""
-    if output is None:
-        console.print(text, end="", highlight=False, soft_wrap=True, markup=False)
-        return
-    try:
-        atomic_write_bytes(output, text.encode("utf-8"))
-    except OSError as error:
-        fail(f"cannot write {output} ({error.strerror or error}): pass a writable --output path")
-    console.print(f"wrote {output}", highlight=False)
 
 
 def build_estimate(
@@ -163,10 +164,10 @@ def show_saved_estimate(loaded) -> None:
 def estimate(
     matrix: bool = typer.Option(False, "--matrix", help="The seed's 8 cells."),
     strategies: Optional[str] = typer.Option(None, help="Comma-separated cells, as for 'run'; the baseline is always added."),
-    preset: Optional[str] = typer.Option(None, help="Preset name; default: seed with CUDA, cpu without."),
-    set_: List[str] = typer.Option([], "--set", help="Override a setting, e.g. --set data.max_length=512 (repeatable)."),
-    model: Optional[str] = typer.Option(None, help="Local Hugging Face folder of a BertForMaskedLM (only its config.json is read)."),
-    train_file: Optional[Path] = typer.Option(None, help="Training text, one sentence per line (sets the tokenizer)."),
+    preset: Optional[str] = PRESET_OPTION,
+    set_: List[str] = SET_OPTION,
+    model: Optional[str] = MODEL_OPTION,
+    train_file: Optional[Path] = TRAIN_FILE_OPTION,
     device_memory: Optional[str] = typer.Option(None, help="Memory to fit, e.g. 24GiB or 24GB; default: this GPU's, if any."),
     compare: Optional[Path] = typer.Option(None, help="A run folder: use its config, and show predicted against measured."),
     jobs: int = typer.Option(0, min=0, help="Processes tracing in parallel; 0 = one per core, up to 4."),
@@ -204,9 +205,9 @@ def estimate(
         errors.print(f"[bold red]error:[/] the trace failed ({error_line(error)})", highlight=False)
         raise typer.Exit(EXIT_FAILED_CELL)
     if format_ == "json":
-        _emit(to_json(report), output)
+        emit(to_json(report), output)
     elif format_ == "md" or output is not None:
-        _emit(markdown(report), output)
+        emit(markdown(report), output)
     else:
         print_table(estimate_table(report, title=f"gputech-bench estimate: preset {config.preset} (MiB)"), hint=MORE_HINT)
         for line in legend(report):
@@ -260,9 +261,9 @@ def _print_fit(result, config: BenchConfig) -> None:
 
 def fit(
     budget: str = typer.Option(..., help="Device memory to fit, e.g. 24GiB or 24GB (GB = 10^9 bytes, GiB = 2^30)."),
-    preset: Optional[str] = typer.Option(None, help="Preset name; default: seed with CUDA, cpu without."),
-    set_: List[str] = typer.Option([], "--set", help="Override a setting (repeatable)."),
-    model: Optional[str] = typer.Option(None, help="Local Hugging Face folder of a BertForMaskedLM (only its config.json is read)."),
+    preset: Optional[str] = PRESET_OPTION,
+    set_: List[str] = SET_OPTION,
+    model: Optional[str] = MODEL_OPTION,
     from_: Optional[Path] = typer.Option(None, "--from", help="A measured run folder: its times and overheads, and its config."),
     exclude: List[str] = typer.Option([], help="Leave a strategy out of the search, e.g. --exclude lora (repeatable)."),
     top: int = typer.Option(3, min=1, help="How many fitting setups to list."),

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from ..errors import ResultError
-from ..files import atomic_write_bytes
 from ..results import load_run
-from .common import MORE_HINT, OutputConsole, console, errors, fail, print_table
+from .common import MORE_HINT, OutputConsole, console, emit, errors, fail, print_table
 from .estimate import show_saved_estimate
 
 REPORT_HELP = """Render a run's table again from its saved results, plot it, or make one shareable HTML file.
@@ -73,14 +71,7 @@ def report(
         rendered = render(loaded, format_, baseline)
     if format_ == "html" and output is None:
         output = run_dir / "report.html"
-    if output is None:
-        sys.stdout.write(rendered)
-        return
-    try:
-        atomic_write_bytes(output, rendered.encode("utf-8"))
-    except OSError as error:
-        fail(f"cannot write '{output}' ({error.strerror or error}): pass a writable --output path")
-    console.print(f"wrote {output}", highlight=False)
+    emit(rendered, output)
 
 
 COMPARE_HELP = """Put two runs side by side, cell by cell: figures, ratios B/A, and what changed beyond noise.
@@ -121,16 +112,10 @@ def compare(
             console.print(f"  [dim]{line.removeprefix('- ')}[/]", highlight=False)
         return
     text = json.dumps(comparison.to_dict(), indent=2) + "\n" if format_ == "json" else comparison_markdown(comparison)
-    if output is None:
-        sys.stdout.write(text)
-        return
-    try:
-        atomic_write_bytes(output, text.encode("utf-8"))
-    except OSError as error:
-        fail(f"cannot write '{output}' ({error.strerror or error}): pass a writable --output path")
-    for warning in comparison.warnings:
-        errors.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
-    console.print(f"wrote {output}", highlight=False)
+    emit(text, output)
+    if output is not None:  # on stdout, the markdown or JSON stays alone
+        for warning in comparison.warnings:
+            errors.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
 
 
 
