@@ -17,7 +17,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, SizeError
+from .units import parse_size
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -359,9 +360,6 @@ def validate(config: BenchConfig) -> BenchConfig:
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
     if config.gpu_memory_limit:
-        from .errors import SizeError
-        from .units import parse_size
-
         try:
             parse_size(config.gpu_memory_limit)
         except SizeError as error:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from gputech_bench.config import BenchConfig, apply_overrides
+from gputech_bench.data.masking import IGNORE_INDEX
 from gputech_bench.modeling import build_model
 from gputech_bench.results import SCHEMA, CellResult, RunFolder, merge_repeats, write_result
 from gputech_bench.strategies import RunContext
@@ -38,7 +39,7 @@ def random_batch(size: int, length: int, vocab: int, seed: int = 0, mask_every: 
     """Token ids 5..vocab with ~15% of positions as MLM targets (or every ``mask_every``-th one)."""
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(5, vocab, (size, length), generator=generator)
-    labels = torch.full_like(input_ids, -100)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
     if mask_every:
         chosen = torch.zeros_like(input_ids, dtype=torch.bool)
         chosen[:, ::mask_every] = True

@@ -105,7 +105,7 @@ def assert_one_line_error(out: subprocess.CompletedProcess, *fragments: str) -> 
         (["--set", "train.epoch=1"], ["unknown config key 'train.epoch'", "did you mean 'train.epochs'"]),
         (["--set", "train.epochs=many"], ["train.epochs expects an integer"]),
         (["--train-file", "missing.txt"], ["--train-file 'missing.txt' is not a file"]),
-        (["--strategies", "4+amp"], ["'4' and 'amp' both own the precision hook"]),
+        (["--strategies", "4+amp"], ["'4' cannot run with 'amp'", "neither the seed's recipe nor amp's"]),
         (["--strategies", "3+fsdp-offload"], ["'fsdp-offload' cannot run with '3'", "DTensor"]),
         (["--nnodes", "2"], ["--nnodes > 1 needs --rdzv-endpoint HOST:PORT"]),
         (["--nproc-per-node", "2", "--rdzv-endpoint", "node0"], ["'node0' is not HOST:PORT"]),

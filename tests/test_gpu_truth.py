@@ -11,6 +11,7 @@ import torch
 from helpers import context, make_result, tiny_bert
 
 import gputech_bench.worker.cell as cell_module
+from gputech_bench.cli.tables import results_table
 from gputech_bench.config import BenchConfig, apply_overrides, load_preset
 from gputech_bench.data import TokenizedSplit
 from gputech_bench.measure.cap import overshoot_note
@@ -18,7 +19,7 @@ from gputech_bench.measure.paged import paged_state_bytes
 from gputech_bench.measure.warmup import warm_up_cuda_libraries
 from gputech_bench.measure.window import PeakWindow
 from gputech_bench.report.frame import build_frame
-from gputech_bench.report.table import markdown, rich_table, table_notes
+from gputech_bench.report.table import markdown, table_notes
 from gputech_bench.results import CellResult
 from gputech_bench.strategies import Strategy, build_plan, parse_cell, register, unregister
 from gputech_bench.training.loop import train
@@ -259,7 +260,7 @@ def test_every_table_names_the_attention_kernel():
     rows[1].model = {"attention": "sdpa"}
     frame, measure = build_frame(rows)
     assert any(note.startswith("attention differs between cells") for note in table_notes(frame))
-    rich_table(frame, measure)  # renders
+    results_table(frame, measure)  # renders
 
 
 def test_sdpa_traces_below_eager_on_the_stand_in_device_and_says_it_is_modelled():

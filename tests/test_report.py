@@ -14,7 +14,7 @@ from helpers import cpu_run, make_result, write_run
 from gputech_bench.errors import ResultError
 from gputech_bench.report.export import render
 from gputech_bench.report.frame import COLUMNS, CPU_MEASURE, NVML_MEASURE, RESERVED_MEASURE, build_frame
-from gputech_bench.report.table import _extremes, markdown
+from gputech_bench.report.table import extremes, markdown
 from gputech_bench.results import load_run
 
 
@@ -44,8 +44,8 @@ def test_cuda_headline_is_nvml_and_falls_back_to_reserved():
 
 def test_best_and_worst_follow_each_columns_direction():
     frame, _ = build_frame(cpu_run())
-    assert _extremes(frame, "memory_mib") == (60.0, 100.0)  # lower is better, failed row ignored
-    assert _extremes(frame, "eval_masked_accuracy") == (0.41, 0.40)  # higher is better
+    assert extremes(frame, "memory_mib") == (60.0, 100.0)  # lower is better, failed row ignored
+    assert extremes(frame, "eval_masked_accuracy") == (0.41, 0.40)  # higher is better
 
 
 def test_markdown_names_the_baseline_figures_in_its_headers():

@@ -36,12 +36,12 @@ def refused_pairs() -> list[tuple[str, str]]:
     """Every pair of strategies the registry refuses to combine, with the reason it gives."""
     from itertools import combinations
 
-    from ..strategies import Cell, refusal_reason, registered
+    from ..strategies import Cell, combination_refusal, registered
 
     return [
         (f"{a.key}+{b.key}", reason)
         for a, b in combinations(registered(), 2)
-        if (reason := refusal_reason(Cell((a, b))))
+        if (reason := combination_refusal(Cell((a, b))))
     ]
 
 

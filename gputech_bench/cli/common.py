@@ -1,5 +1,5 @@
 """What every command shares: the consoles, one-line failures, exit codes and the
-resolved config. Kept apart from cli.py so that command modules registered on the app
+resolved config. Kept apart from cli/__init__.py so that command modules registered on the app
 (estimate, fit) can import it without a cycle."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
@@ -19,8 +20,9 @@ from rich.measure import Measurement
 from rich.table import Column, Table
 from rich.text import Text
 
-from ..config import BenchConfig, apply_overrides, default_preset_name, load_preset
+from ..config import OBJECTIVES_OF_TASK, BenchConfig, apply_overrides, default_preset_name, load_preset
 from ..errors import ConfigError
+from ..files import atomic_write_bytes
 
 EXIT_FAILED_CELL = 1
 EXIT_BAD_INPUT = 2
@@ -116,6 +118,18 @@ def fail(message: str) -> None:
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
+def emit(text: str, output: Optional[Path]) -> None:
+    """Text output (markdown, CSV, JSON, HTML) to stdout as it is, or atomically to ``output``."""
+    if output is None:
+        sys.stdout.write(text)
+        return
+    try:
+        atomic_write_bytes(output, text.encode("utf-8"))
+    except OSError as error:
+        fail(f"cannot write '{output}' ({error.strerror or error}): pass a writable --output path")
+    console.print(f"wrote {output}", highlight=False)
+
+
 def cuda_available() -> bool:
     # Ask NVML rather than creating a CUDA context: the runner must leave the GPU untouched.
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
@@ -172,7 +186,6 @@ def objective_for_model(config: BenchConfig, sets: List[str]) -> BenchConfig:
     """The preset's objective trains the preset's model; a ``--model`` of the other task (a
     causal LM under a BERT preset) gets its task's objective, and the run says so. An
     objective the user set explicitly is never replaced: a mismatch is refused."""
-    from ..config import OBJECTIVES_OF_TASK
     from ..data.prepare import check_objective
     from ..modeling import TASKS, model_task
 
@@ -191,6 +204,12 @@ def objective_for_model(config: BenchConfig, sets: List[str]) -> BenchConfig:
 def uses_cuda(config: BenchConfig) -> bool:
     return config.device == "cuda" or (config.device == "auto" and cuda_available())
 
+
+# The options that choose the config, declared once for run, estimate and fit.
+PRESET_OPTION = typer.Option(None, help="Preset name (see `gputech-bench presets`); default: seed with CUDA, cpu without.")
+SET_OPTION = typer.Option([], "--set", help="Override a setting, e.g. --set train.epochs=1 or --set data.max_length=512 (repeatable).")
+MODEL_OPTION = typer.Option(None, help="Local Hugging Face folder (or hub id) of a BertForMaskedLM; estimate and fit read only its config.json.")
+TRAIN_FILE_OPTION = typer.Option(None, help="Training text, one sentence per line; the tokenizer is trained on it unless --model brings one.")
 
 #: How to see what a narrow terminal left out, for the commands that have --format md.
 MORE_HINT = "`--format md` or a wider terminal shows everything"

@@ -1,4 +1,4 @@
-"""``gputech-bench estimate`` and ``gputech-bench fit``; registered on the main app by cli.py."""
+"""``gputech-bench estimate`` and ``gputech-bench fit``; registered on the main app by cli/__init__.py."""
 
 from __future__ import annotations
 
@@ -11,10 +11,27 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..config import BenchConfig, from_dict
-from ..errors import ConfigError, UserError, first_line
+from ..errors import ConfigError, StrategyError, UserError, error_line, first_line
+from ..estimate.measured import error_percent, measured_peak
+from ..estimate.overheads import DEFAULTS, calibrate
 from ..results import CellResult, RunFolder
-from ..units import MIB, parse_size
-from .common import EXIT_FAILED_CELL, MORE_HINT, console, cuda_available, errors, fail, print_table, resolve_config
+from ..run.runner import prepare_run_dir, run_matrix
+from ..units import GIB, MIB, format_gib, parse_size
+from .common import (
+    EXIT_FAILED_CELL,
+    MODEL_OPTION,
+    MORE_HINT,
+    PRESET_OPTION,
+    SET_OPTION,
+    TRAIN_FILE_OPTION,
+    console,
+    cuda_available,
+    emit,
+    errors,
+    fail,
+    print_table,
+    resolve_config,
+)
 
 ESTIMATE_HELP = """Predict each cell's peak memory without a GPU: one training step traced on fake tensors.
 
@@ -79,26 +96,10 @@ def _device_memory(option: Optional[str]) -> Optional[int]:
     return None
 
 
-def _emit(text: str, output: Optional[Path]) -> None:
-    """Markdown or JSON to the terminal as is, or atomically to ``output``."""
-    if output is None:
-        console.print(text, end="", highlight=False, soft_wrap=True, markup=False)
-        return
-    from ..files import atomic_write_bytes
-
-    try:
-        atomic_write_bytes(output, text.encode("utf-8"))
-    except OSError as error:
-        fail(f"cannot write {output} ({error.strerror or error}): pass a writable --output path")
-    console.print(f"wrote {output}", highlight=False)
-
-
 def build_estimate(
     config: BenchConfig, cells: list[str], jobs: int, budget: Optional[int], results: Optional[list[CellResult]]
 ):
     """Trace ``cells`` and assemble the report; shared by ``estimate`` and ``run``."""
-    from ..estimate.measured import measured_peak
-    from ..estimate.overheads import DEFAULTS, calibrate
     from ..estimate.predict import setups_for
     from ..estimate.render import EstimateReport
     from ..estimate.trace import modelled_attention_note, trace_target
@@ -127,16 +128,17 @@ def estimate_run(config: BenchConfig, results: list[CellResult], folder: RunFold
         report = build_estimate(config, cells, default_jobs() if len(cells) > 2 else 1, None, results)
         write_estimate(folder, report)
     except Exception as error:  # noqa: BLE001 - never lose a finished run to its estimate
-        errors.print(f"[yellow]warning:[/] no memory estimate ({type(error).__name__}: {first_line(error)}); "
+        errors.print(f"[yellow]warning:[/] no memory estimate ({error_line(error)}); "
                      f"'gputech-bench estimate --compare {folder.root}' retries it", highlight=False)
         return
     _print_against_measured(report)
 
 
 def _print_against_measured(report) -> None:
-    from ..estimate.render import compact_table, legend
+    from ..estimate.render import legend
+    from .tables import compact_estimate_table
 
-    print_table(compact_table(report, title="predicted (fake-tensor trace) against measured, MiB"))
+    print_table(compact_estimate_table(report, title="predicted (fake-tensor trace) against measured, MiB"))
     for line in legend(report, with_overheads=False):
         console.print(f"  [dim]{line}[/]", highlight=False)
     console.print("  [dim]categories, CUDA context and allocator reserve: 'gputech-bench estimate --compare RUN_DIR'[/]", highlight=False)
@@ -144,7 +146,6 @@ def _print_against_measured(report) -> None:
 
 def show_saved_estimate(loaded) -> None:
     """The run's saved estimate against its results, under ``report``'s table (if there is one)."""
-    from ..estimate.measured import measured_peak
     from ..estimate.render import read_estimate
 
     if not loaded.folder.estimate_path.is_file():
@@ -163,10 +164,10 @@ def show_saved_estimate(loaded) -> None:
 def estimate(
     matrix: bool = typer.Option(False, "--matrix", help="The seed's 8 cells."),
     strategies: Optional[str] = typer.Option(None, help="Comma-separated cells, as for 'run'; the baseline is always added."),
-    preset: Optional[str] = typer.Option(None, help="Preset name; default: seed with CUDA, cpu without."),
-    set_: List[str] = typer.Option([], "--set", help="Override a setting, e.g. --set data.max_length=512 (repeatable)."),
-    model: Optional[str] = typer.Option(None, help="Local Hugging Face folder of a BertForMaskedLM (only its config.json is read)."),
-    train_file: Optional[Path] = typer.Option(None, help="Training text, one sentence per line (sets the tokenizer)."),
+    preset: Optional[str] = PRESET_OPTION,
+    set_: List[str] = SET_OPTION,
+    model: Optional[str] = MODEL_OPTION,
+    train_file: Optional[Path] = TRAIN_FILE_OPTION,
     device_memory: Optional[str] = typer.Option(None, help="Memory to fit, e.g. 24GiB or 24GB; default: this GPU's, if any."),
     compare: Optional[Path] = typer.Option(None, help="A run folder: use its config, and show predicted against measured."),
     jobs: int = typer.Option(0, min=0, help="Processes tracing in parallel; 0 = one per core, up to 4."),
@@ -174,8 +175,9 @@ def estimate(
     output: Optional[Path] = typer.Option(None, help="Write to this file instead of the terminal."),
 ) -> None:
     from ..estimate.predict import default_jobs
-    from ..estimate.render import legend, markdown, rich_table, to_json
+    from ..estimate.render import legend, markdown, to_json
     from ..run.matrix import expand
+    from .tables import estimate_table
 
     if format_ not in ("table", "md", "json"):
         fail(f"unknown --format '{format_}': choose table, md or json")
@@ -200,14 +202,14 @@ def estimate(
     except UserError as error:
         fail(str(error))
     except Exception as error:  # a model or strategy the tracer cannot follow
-        errors.print(f"[bold red]error:[/] the trace failed ({type(error).__name__}: {first_line(error)})", highlight=False)
+        errors.print(f"[bold red]error:[/] the trace failed ({error_line(error)})", highlight=False)
         raise typer.Exit(EXIT_FAILED_CELL)
     if format_ == "json":
-        _emit(to_json(report), output)
+        emit(to_json(report), output)
     elif format_ == "md" or output is not None:
-        _emit(markdown(report), output)
+        emit(markdown(report), output)
     else:
-        print_table(rich_table(report, title=f"gputech-bench estimate: preset {config.preset} (MiB)"), hint=MORE_HINT)
+        print_table(estimate_table(report, title=f"gputech-bench estimate: preset {config.preset} (MiB)"), hint=MORE_HINT)
         for line in legend(report):
             console.print(f"  [dim]{line}[/]", highlight=False)
     if any(prediction.error for prediction in report.predictions):
@@ -219,18 +221,18 @@ def _print_fit(result, config: BenchConfig) -> None:
 
     from ..estimate.fit import gives_up
 
-    gib = lambda num: f"{num / 2**30:.2f}"  # noqa: E731
+    gib = lambda num: f"{num / GIB:.2f}"  # noqa: E731
     if result.floor is not None:
         for candidate in result.untraceable:
             console.print(f"  [yellow]not traced[/] {candidate.setup.label}: {candidate.prediction.error}", highlight=False)
         console.print(
-            f"[bold red]nothing fits {result.budget / 2**30:.1f} GiB[/]: the most frugal setup, "
+            f"[bold red]nothing fits {format_gib(result.budget)}[/]: the most frugal setup, "
             f"{result.floor.setup.label}, needs {gib(result.floor.device_total)} GiB", highlight=False,
         )
         for line in result.suggestions:
             console.print(f"  would fit: {line}", highlight=False)
         return
-    table = Table(title=f"setups that fit {result.budget / 2**30:.1f} GiB, fastest first", title_justify="left")
+    table = Table(title=f"setups that fit {format_gib(result.budget)}, fastest first", title_justify="left")
     for header in ("", "setup", "device GiB", "host GiB", "time", "time from", "gives up"):
         # 'time from' and 'gives up' are prose: a narrow terminal folds them, never a figure or a name.
         table.add_column(header, justify="right" if "GiB" in header or header == "time" else "left",
@@ -259,9 +261,9 @@ def _print_fit(result, config: BenchConfig) -> None:
 
 def fit(
     budget: str = typer.Option(..., help="Device memory to fit, e.g. 24GiB or 24GB (GB = 10^9 bytes, GiB = 2^30)."),
-    preset: Optional[str] = typer.Option(None, help="Preset name; default: seed with CUDA, cpu without."),
-    set_: List[str] = typer.Option([], "--set", help="Override a setting (repeatable)."),
-    model: Optional[str] = typer.Option(None, help="Local Hugging Face folder of a BertForMaskedLM (only its config.json is read)."),
+    preset: Optional[str] = PRESET_OPTION,
+    set_: List[str] = SET_OPTION,
+    model: Optional[str] = MODEL_OPTION,
     from_: Optional[Path] = typer.Option(None, "--from", help="A measured run folder: its times and overheads, and its config."),
     exclude: List[str] = typer.Option([], help="Leave a strategy out of the search, e.g. --exclude lora (repeatable)."),
     top: int = typer.Option(3, min=1, help="How many fitting setups to list."),
@@ -269,9 +271,7 @@ def fit(
     results_dir: Path = typer.Option(Path("results"), "--results", help="Where --verify writes its run."),
     jobs: int = typer.Option(0, min=0, help="Processes tracing in parallel; 0 = one per core, up to 4."),
 ) -> None:
-    from ..errors import StrategyError
     from ..estimate.fit import search, unsearchable
-    from ..estimate.overheads import DEFAULTS, calibrate
     from ..estimate.predict import default_jobs
     from ..estimate.trace import trace_target
     from ..strategies.registry import lookup
@@ -317,9 +317,6 @@ def fit(
 
 def _verify(candidate, config: BenchConfig, results_dir: Path, budget: int) -> None:
     """Run the chosen setup as a real cell and put its measurement next to the prediction."""
-    from ..estimate.measured import error_percent, measured_peak
-    from ..run.runner import prepare_run_dir, run_matrix
-
     setup = candidate.setup
     cell_config = setup.config_for(config)
     name = f"fit-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
@@ -347,7 +344,7 @@ def _verify(candidate, config: BenchConfig, results_dir: Path, budget: int) -> N
             held = process * MIB <= budget
             console.print(
                 f"  NVML process peak {process:,.0f} MiB (predicted {candidate.device_total / MIB:,.0f} MiB with overheads): "
-                f"{'fits' if held else 'does NOT fit'} {budget / 2**30:.1f} GiB", highlight=False,
+                f"{'fits' if held else 'does NOT fit'} {format_gib(budget)}", highlight=False,
             )
     else:
         console.print("  [dim]a CPU run checks the tensor peak only: whether it fits a GPU needs a CUDA run[/]", highlight=False)

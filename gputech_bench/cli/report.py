@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import io
-import sys
+import json
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
-from ..files import atomic_write_bytes
-from .common import MORE_HINT, OutputConsole, console, errors, fail, print_table
+from ..errors import ResultError
+from ..results import load_run
+from .common import MORE_HINT, OutputConsole, console, emit, errors, fail, print_table
 from .estimate import show_saved_estimate
 
 REPORT_HELP = """Render a run's table again from its saved results, plot it, or make one shareable HTML file.
@@ -33,12 +33,13 @@ def report(
     baseline: str = typer.Option("baseline", help="The cell the x-baseline and difference columns compare against."),
     plot: Optional[Path] = typer.Option(None, help="Also write the plots as PNG files into this folder."),
 ) -> None:
-    from ..errors import ResultError
     from ..report.export import FORMATS, render
-    from ..results import load_run
+    from ..report.frame import build_frame
+    from .tables import results_table
 
-    if format_ not in FORMATS:
-        fail(f"unknown format '{format_}': choose one of {', '.join(FORMATS)}")
+    formats = ("table", *FORMATS)
+    if format_ not in formats:
+        fail(f"unknown format '{format_}': choose one of {', '.join(formats)}")
     try:
         loaded = load_run(run_dir)
     except ResultError as error:
@@ -56,25 +57,21 @@ def report(
         except OSError as error:
             fail(f"cannot write plots to '{plot}' ({error.strerror or error}): pass a writable --plot folder")
         console.print(f"plots: {', '.join(str(path) for path in written)}", highlight=False)
-    rendered = render(loaded, format_, baseline)
+    if format_ == "table":
+        frame, measure = build_frame(loaded.results, baseline)
+        table = results_table(frame, measure, title=f"gputech-bench: {loaded.root.name}")
+        if output is None:
+            print_table(table, hint=MORE_HINT)
+            show_saved_estimate(loaded)
+            return
+        capture = OutputConsole(file=io.StringIO(), color_system=None)  # not a terminal: nothing wraps
+        print_table(table, out=capture)
+        rendered = capture.file.getvalue()
+    else:
+        rendered = render(loaded, format_, baseline)
     if format_ == "html" and output is None:
         output = run_dir / "report.html"
-    if output is None:
-        if isinstance(rendered, Table):
-            print_table(rendered, hint=MORE_HINT)
-            show_saved_estimate(loaded)
-        else:
-            sys.stdout.write(rendered)
-        return
-    if isinstance(rendered, Table):
-        capture = OutputConsole(file=io.StringIO(), color_system=None)  # not a terminal: nothing wraps
-        print_table(rendered, out=capture)
-        rendered = capture.file.getvalue()
-    try:
-        atomic_write_bytes(output, rendered.encode("utf-8"))
-    except OSError as error:
-        fail(f"cannot write '{output}' ({error.strerror or error}): pass a writable --output path")
-    console.print(f"wrote {output}", highlight=False)
+    emit(rendered, output)
 
 
 COMPARE_HELP = """Put two runs side by side, cell by cell: figures, ratios B/A, and what changed beyond noise.
@@ -95,11 +92,8 @@ def compare(
     format_: str = typer.Option("table", "--format", help="table, md or json."),
     output: Optional[Path] = typer.Option(None, help="Write to this file instead of the terminal."),
 ) -> None:
-    import json
-
-    from ..errors import ResultError
-    from ..report.compare import compare_runs, comparison_markdown, comparison_table, footer
-    from ..results import load_run
+    from ..report.compare import compare_runs, comparison_markdown, footer
+    from .tables import comparison_table
 
     if format_ not in ("table", "md", "json"):
         fail(f"unknown format '{format_}': choose one of table, md, json")
@@ -118,16 +112,10 @@ def compare(
             console.print(f"  [dim]{line.removeprefix('- ')}[/]", highlight=False)
         return
     text = json.dumps(comparison.to_dict(), indent=2) + "\n" if format_ == "json" else comparison_markdown(comparison)
-    if output is None:
-        sys.stdout.write(text)
-        return
-    try:
-        atomic_write_bytes(output, text.encode("utf-8"))
-    except OSError as error:
-        fail(f"cannot write '{output}' ({error.strerror or error}): pass a writable --output path")
-    for warning in comparison.warnings:
-        errors.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
-    console.print(f"wrote {output}", highlight=False)
+    emit(text, output)
+    if output is not None:  # on stdout, the markdown or JSON stays alone
+        for warning in comparison.warnings:
+            errors.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
 
 
 

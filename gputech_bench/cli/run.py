@@ -13,11 +13,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Column
 
 from ..errors import ConfigError, ResultError
-from ..results import CellResult
+from ..measure import gpu_busy
+from ..results import CellResult, RunFolder
+from ..run.launch import Launch, gpu_slots
+from ..run.runner import prepare_run_dir, run_matrix
 from .common import (
     EXIT_FAILED_CELL,
     EXIT_INTERRUPTED,
+    MODEL_OPTION,
     MORE_HINT,
+    PRESET_OPTION,
+    SET_OPTION,
+    TRAIN_FILE_OPTION,
     console,
     errors,
     fail,
@@ -26,6 +33,7 @@ from .common import (
     resolve_config,
     uses_cuda,
 )
+from .estimate import estimate_run
 
 #: What ``run --format`` prints at the end: report's formats but html, which is a file (``report --format html``).
 RUN_FORMATS = ("table", "md", "csv", "json")
@@ -33,8 +41,6 @@ RUN_FORMATS = ("table", "md", "csv", "json")
 
 def check_gpu_idle(allow_busy: bool, gpus: Optional[str] = None) -> None:
     """Refuse to start on a busy GPU; ``gpus`` is --gpus, so that only the run's GPUs count."""
-    from ..measure import gpu_busy
-
     check = gpu_busy.idle_check(gpus)
     if check.error:
         errors.print(f"[yellow]warning:[/] NVML failed ({check.error}), so the idle-GPU check was skipped", highlight=False, soft_wrap=True)
@@ -122,10 +128,10 @@ def run(
     ctx: typer.Context,
     matrix: bool = typer.Option(False, "--matrix", help="Run the seed's 8 cells: baseline, 1, 2, 3, 4, 1+2+3, 1+2+4, lora."),
     strategies: Optional[str] = typer.Option(None, help="Comma-separated cells, numbers or names (e.g. '1,3,1+2+3' or 'checkpointing+accumulation'); the baseline is always added."),
-    preset: Optional[str] = typer.Option(None, help="Preset name (see `gputech-bench presets`); default: seed with CUDA, cpu without."),
-    set_: List[str] = typer.Option([], "--set", help="Override a setting, e.g. --set train.epochs=1 (repeatable)."),
-    model: Optional[str] = typer.Option(None, help="Local Hugging Face folder (or hub id) of a BertForMaskedLM."),
-    train_file: Optional[Path] = typer.Option(None, help="Training text, one sentence per line."),
+    preset: Optional[str] = PRESET_OPTION,
+    set_: List[str] = SET_OPTION,
+    model: Optional[str] = MODEL_OPTION,
+    train_file: Optional[Path] = TRAIN_FILE_OPTION,
     eval_file: Optional[Path] = typer.Option(None, help="Eval text, one sentence per line."),
     device: str = typer.Option("auto", help="auto, cuda or cpu."),
     results: Path = typer.Option(Path("results"), help="Folder that receives one sub-folder per run."),
@@ -151,11 +157,8 @@ def run(
         ctx.call_on_close(messages_to_stderr())
     from ..report.export import render, write_exports
     from ..report.frame import build_frame
-    from ..report.table import rich_table
-    from ..results import RunFolder
-    from ..run.launch import Launch, gpu_slots
     from ..run.matrix import expand
-    from ..run.runner import prepare_run_dir, run_matrix
+    from .tables import results_table
 
     extra = [f"gpu_memory_limit={gpu_memory_limit}"] if gpu_memory_limit else []
     extra += ["memory_snapshot=true"] if memory_snapshot else []
@@ -205,12 +208,10 @@ def run(
 
     if format_ == "table":
         frame, measure = build_frame(outcome.results)
-        print_table(rich_table(frame, measure, title=f"gputech-bench: {name}"), hint=MORE_HINT)
+        print_table(results_table(frame, measure, title=f"gputech-bench: {name}"), hint=MORE_HINT)
     else:
         try:
-            rendered = render(folder.load(), format_)
-            assert isinstance(rendered, str)
-            sys.stdout.write(rendered)
+            sys.stdout.write(render(folder.load(), format_))
             sys.stdout.flush()
         except (OSError, ResultError) as error:
             errors.print(f"[yellow]warning:[/] could not render the table as {format_} ({error}); the cell results are in {folder.root}")
@@ -226,8 +227,6 @@ def run(
     if estimate and launch.distributed:
         console.print("[dim]no memory estimate: it traces one process with the whole batch, not a rank's share[/]", highlight=False)
     elif estimate and not outcome.interrupted:
-        from .estimate import estimate_run
-
         estimate_run(config, outcome.results, folder)
 
     if outcome.interrupted:

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..config import OBJECTIVES_OF_TASK, BenchConfig
 from ..errors import DataError
 from ..modeling import CONFIG_ONLY, FIELDS, TASKS, model_task, source_kind
-from ..training.evaluate import EvalSet
-from ..training.seeding import generator
 from . import (
     MaskingSpec,
     TokenizedSplit,
@@ -24,6 +24,24 @@ from . import (
     tokenizer_fingerprint,
     train_wordpiece,
 )
+from .seeding import generator
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Eval sentences masked once, with a fixed seed, so every cell is scored on the same task."""
+
+    input_ids: torch.Tensor  # masked
+    labels: torch.Tensor  # what the objective's loss scores: IGNORE_INDEX where nothing is
+    original_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    masked: torch.Tensor  # bool: the positions chosen for masking, whatever the objective
+    objective: str = "seed"
+
+    @property
+    def next_token(self) -> bool:
+        """Whether the set scores a causal LM's next-token predictions."""
+        return self.objective == "clm"
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Any
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from ..errors import DataError
+from ..errors import DataError, error_line
 from ..files import fingerprint_of, write_cache_file
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
@@ -145,11 +145,6 @@ def _looks_like_hub_id(text: str) -> bool:
     return bool(_HUB_ID.fullmatch(text)) and ".." not in text and "--" not in text and not text.endswith(".")
 
 
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-
-
 def load_pretrained_tokenizer(path_or_id: str) -> PreTrainedTokenizerBase:
     """AutoTokenizer.from_pretrained(path_or_id), with a one-line DataError on any failure.
 
@@ -174,7 +169,7 @@ def load_pretrained_tokenizer(path_or_id: str) -> PreTrainedTokenizerBase:
         except Exception as error:
             last_error = error
     raise DataError(
-        f"could not load tokenizer '{path_or_id}' ({_first_line(last_error)}): pass a folder saved with "
+        f"could not load tokenizer '{path_or_id}' ({error_line(last_error)}): pass a folder saved with "
         f"save_pretrained() or a model id that can be downloaded or is already in the Hugging Face cache"
     ) from last_error
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from ..config import BenchConfig, from_dict, to_dict
-from ..errors import UserError
+from ..errors import UserError, error_line, first_line
 from ..measure.tracker import TrackedPeak
 
 
@@ -120,9 +120,7 @@ def _trace_in_worker(config_data: dict[str, Any], setup: Setup) -> dict[str, Any
     try:
         trace = trace_cell(parse_cell(setup.cell), config, _worker_inputs[key], target)
     except Exception as error:  # noqa: BLE001 - one setup the tracer cannot follow must not sink the others
-        from ..errors import first_line
-
-        reason = first_line(error) if isinstance(error, UserError) else f"{type(error).__name__}: {first_line(error)}"
+        reason = first_line(error) if isinstance(error, UserError) else error_line(error)
         return Prediction(setup, TrackedPeak(str(target.device), 0, {}), None, 0.0, {}, reason).to_dict()
     return Prediction(setup, trace.device, trace.host, trace.seconds, trace.facts).to_dict()
 

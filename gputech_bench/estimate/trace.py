@@ -24,9 +24,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from transformers import get_linear_schedule_with_warmup
 
 from ..config import BenchConfig
+from ..data.prepare import prepare_data
 from ..measure.tracker import StepMemoryTracker, TrackedPeak
 from ..modeling import build_shape_model
-from ..strategies import Cell, RunContext, build_plan, check_cell
+from ..strategies import Cell, RunContext, build_plan, device_refusal
+from ..training.batches import epoch_batches
 from ..training.loop import optimizer_step
 
 HOST = "cpu"
@@ -70,9 +72,6 @@ class TraceInputs:
 
 def trace_inputs(config: BenchConfig) -> TraceInputs:
     """The vocabulary and the first two batches a real run of ``config`` would train on."""
-    from ..data.prepare import prepare_data
-    from ..training.batches import epoch_batches
-
     data = prepare_data(config)
     batches = epoch_batches(
         data.train, data.masking, config.train.batch_size, config.train.seed, epoch=0, objective=config.data.objective
@@ -243,7 +242,7 @@ def trace_cell(cell: Cell, config: BenchConfig, inputs: TraceInputs, target: Tra
     """Peak bytes by category of the cell's second optimizer step, device and host apart."""
     started = time.perf_counter()
     ctx = RunContext(config, target.device, tracing=True)
-    check_cell(cell, ctx)  # imports what the strategies need (bitsandbytes) before the fake mode starts
+    device_refusal(cell, ctx)  # imports what the strategies need (bitsandbytes) before the fake mode starts
     with _fake_mode(), _real_quantisation_maps(), _fused_attention_on_stand_in(config, target):
         model = build_shape_model(config.model, inputs.tokenizer_size, inputs.pad_token_id, config.train.seed)
         plan = build_plan(cell, model, ctx)

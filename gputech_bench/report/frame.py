@@ -16,6 +16,7 @@ import pandas as pd
 
 from ..results import MEMORY_METRICS, TRAINED_STATUSES, CellResult
 from ..stats import versus
+from ..units import MIB, format_gib
 from .pareto import frontier
 
 FAILED = "failed"
@@ -132,7 +133,7 @@ def memory_measure(results: list[CellResult]) -> MemoryMeasure:
     caps = {r.memory_cap["limit_mib"] for r in results if r.memory_cap}
     if caps:
         limit = max(caps)
-        measure = MemoryMeasure(measure.metric, f"{measure.label}, cap {limit / 1024:.1f} GiB")
+        measure = MemoryMeasure(measure.metric, f"{measure.label}, cap {format_gib(limit * MIB)}")
     return measure
 
 

@@ -16,7 +16,7 @@ import pandas as pd
 
 from ..results import TRAINED_STATUSES, LoadedRun
 from .frame import MemoryMeasure, accuracy_columns
-from .plots import png_bytes, run_figures
+from .plots import png_bytes, run_charts
 from .table import provenance_lines, row_texts, table_notes
 
 STYLE = """
@@ -71,9 +71,9 @@ def html_report(run: LoadedRun, frame: pd.DataFrame, measure: MemoryMeasure, bas
     title = f"gputech-bench: {run.root.name}"
     notes = table_notes(frame) + (["cells on the Pareto frontier are in bold"] if frame["pareto"].sum() > 1 else [])
     plots = "".join(
-        f'<figure><img alt="{_esc(name)}" src="data:image/png;base64,{base64.b64encode(png_bytes(figure)).decode()}">'
+        f'<figure><img alt="{_esc(name)}" src="data:image/png;base64,{base64.b64encode(png_bytes(chart)).decode()}">'
         f"</figure>"
-        for name, figure in run_figures(run, baseline).items()
+        for name, chart in run_charts(run, baseline).items()
     )
     cell_notes = "".join(
         f"<li><strong>{_esc(result.cell)}:</strong> {_esc(note)}</li>"

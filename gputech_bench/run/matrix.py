@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from ..config import SEED_MATRIX, BenchConfig
 from ..errors import StrategyError
-from ..strategies import BASELINE, parse_cell, refuse_for_config
-
+from ..modeling import CLM, model_task
+from ..strategies import BASELINE, launch_refusal, parse_cell, registered
 
 #: What ``--matrix`` adds for a causal LM: QLoRA, the strategy most people fine-tuning a
 #: decoder reach for first (a masked-LM keeps the seed's table exactly).
@@ -14,9 +14,6 @@ CAUSAL_LM_EXTRA = ("qlora",)
 
 def matrix_cells(config: BenchConfig) -> list[str]:
     """The cells of ``--matrix``: the seed's, plus QLoRA for a causal LM when it is registered."""
-    from ..modeling import CLM, model_task
-    from ..strategies import registered
-
     cells = list(SEED_MATRIX)
     if config.model.pretrained and model_task(config.model) == CLM:
         keys = {cls.key for cls in registered()}
@@ -45,7 +42,7 @@ def expand(strategies: str | None, matrix: bool, config: BenchConfig, cuda: bool
     for item in requested:
         cell = parse_cell(item)
         try:
-            refuse_for_config(cell, config, cuda)
+            launch_refusal(cell, config, cuda)
         except StrategyError as error:
             message = str(error).removeprefix("refused combination: ")
             raise StrategyError(f"refused cell '{item}': {message}") from None

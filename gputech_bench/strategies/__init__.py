@@ -18,13 +18,12 @@ from . import (  # noqa: F401  (registration)
     sparse_head,
 )
 from .base import MicroBatch, Placement, RunContext, Strategy
-from .plan import TrainingPlan, build_plan, check_cell, refuse_for_config
+from .plan import TrainingPlan, build_plan, device_refusal, launch_refusal
 from .registry import (
     BASELINE,
     Cell,
-    check_combinable,
+    combination_refusal,
     parse_cell,
-    refusal_reason,
     register,
     registered,
     unregister,
@@ -40,11 +39,10 @@ __all__ = [
     "StrategyError",
     "TrainingPlan",
     "build_plan",
-    "check_cell",
-    "check_combinable",
+    "combination_refusal",
+    "device_refusal",
+    "launch_refusal",
     "parse_cell",
-    "refusal_reason",
-    "refuse_for_config",
     "register",
     "registered",
     "unregister",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..data.masking import IGNORE_INDEX
 from ..errors import StrategyError
 from .base import MicroBatch, RunContext, Strategy
 from .registry import register
@@ -22,12 +23,12 @@ def split_into_micro_batches(
     """
     size = batch["input_ids"].shape[0]
     slices = [slice(start, min(start + micro_batch_size, size)) for start in range(0, size, micro_batch_size)]
-    masked_total = int((batch["labels"] != -100).sum())
+    masked_total = int((batch["labels"] != IGNORE_INDEX).sum())
     micro_batches = []
     for part in slices:
         inputs = {name: tensor[part] for name, tensor in batch.items()}
         if loss_rule == "token-weighted":
-            masked = int((inputs["labels"] != -100).sum())
+            masked = int((inputs["labels"] != IGNORE_INDEX).sum())
             if masked == 0:
                 continue  # its mean loss is undefined and its weight would be 0
             weight = masked / masked_total
@@ -48,7 +49,7 @@ class Accumulation(Strategy):
 
     requires = "strategy.micro_batch_size must divide train.batch_size into 2 or more micro-batches"
 
-    def check_config(self, config) -> None:
+    def config_refusal(self, config) -> None:
         batch, micro = config.train.batch_size, config.strategy.micro_batch_size
         if micro >= batch or batch % micro:
             raise StrategyError(
@@ -56,7 +57,7 @@ class Accumulation(Strategy):
                 "into 2 or more micro-batches: change one of them with --set"
             )
 
-    def check(self, ctx: RunContext) -> None:
+    def device_refusal(self, ctx: RunContext) -> None:
         micro, rows = ctx.config.strategy.micro_batch_size, ctx.rank_batch_size
         if ctx.world_size > 1 and (micro >= rows or rows % micro):
             raise StrategyError(

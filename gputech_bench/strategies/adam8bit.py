@@ -47,7 +47,7 @@ class Adam8bit(Strategy):
     gives_up = "quantised optimizer moments (8-bit block-wise)"
     requires = "bitsandbytes >= 0.45 (CPU kernels included); on CUDA, a build with kernels for this GPU"
 
-    def check(self, ctx: RunContext) -> None:
+    def device_refusal(self, ctx: RunContext) -> None:
         bnb = load_bitsandbytes()
         if not ctx.tracing:
             probe_kernels(bnb, ctx.device)

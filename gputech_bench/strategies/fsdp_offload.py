@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from ..errors import StrategyError
-from ..training.distributed import ensure_process_group
 from .base import Placement, RunContext, Strategy
+from .distributed import ensure_process_group
 from .registry import register
 
 #: Layers are freed after their forward and gathered again for backward; the root is
@@ -80,7 +80,7 @@ class FsdpOffload(Strategy):
 
     untraceable = "a fake-tensor trace runs no collective and has no process group to shard over"
 
-    def check(self, ctx: RunContext) -> None:
+    def device_refusal(self, ctx: RunContext) -> None:
         if not torch.distributed.is_available():
             raise StrategyError("this torch build has no torch.distributed: install a build with it, or leave fsdp-offload out")
         try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Placement, Precision, RunContext, Strategy
+from .base import Placement, RunContext, Strategy
 from .registry import register
 
 HOST = torch.device("cpu")
@@ -70,15 +70,16 @@ class MixedPrecision(Strategy):
     costs = "a host<->device copy of every weight and grad each step, and an optimizer step on the CPU (the seed measured ~4x the time)"
     order = 40
     gives_up = "fp16 compute without loss scaling or gradient clipping (as in the seed)"
+    # The seed's precision is the default one: the weights themselves are half, with no
+    # autocast and no loss scaling. Combined with amp it would be neither recipe.
+    incompatible = {
+        key: "autocast over weights that are already half precision, and a GradScaler stepping "
+             "the host optimizer's fp32 master, would be neither the seed's recipe nor amp's"
+        for key in ("amp", "amp-fp16")
+    }
 
     def placement(self, model: nn.Module, ctx: RunContext) -> Placement:
         return MasterCopyPlacement(model, ctx)
-
-    def precision(self, ctx: RunContext) -> Precision:
-        # The seed's: the weights themselves are half, with no autocast and no loss scaling.
-        # Owning the hook keeps amp out: autocast over half weights and a GradScaler on a
-        # host optimizer's gradients would be neither recipe.
-        return Precision()
 
     def describe(self, model, ctx: RunContext) -> dict:
         return {

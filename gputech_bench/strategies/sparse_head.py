@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import MaskedLMOutput
 
+from ..data.masking import IGNORE_INDEX
 from ..errors import StrategyError
 from .base import RunContext, Strategy
 from .registry import register
 
-IGNORE_INDEX = -100
 #: Positions scored at once in evaluation: 512 x 149,798 fp32 scores is 0.3 GiB.
 EVAL_CHUNK_POSITIONS = 512
 
@@ -104,7 +104,7 @@ class SparseHead(Strategy):
     untraceable = "how many positions are masked is data, unknown on fake tensors"
     requires = "data.objective=mlm: under the seed's objective every position carries a label"
 
-    def check_config(self, config) -> None:
+    def config_refusal(self, config) -> None:
         # Under the seed's objective the labels cover every position, so "the labelled
         # positions" are all of them: the head would run everywhere and save nothing.
         # Refused rather than run, so that no table shows a saving-free row under this name.

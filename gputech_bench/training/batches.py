@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 
 from ..data import MaskingSpec, TokenizedSplit, apply_objective, masks_are_static
-from .seeding import generator
+from ..data.seeding import generator
 
 
 def steps_per_epoch(num_samples: int, batch_size: int) -> int:

@@ -12,23 +12,7 @@ import torch
 from torch import nn
 
 from ..data import IGNORE_INDEX
-
-
-@dataclass(frozen=True)
-class EvalSet:
-    """Eval sentences masked once, with a fixed seed, so every cell is scored on the same task."""
-
-    input_ids: torch.Tensor  # masked
-    labels: torch.Tensor  # what the objective's loss scores: IGNORE_INDEX where nothing is
-    original_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    masked: torch.Tensor  # bool: the positions chosen for masking, whatever the objective
-    objective: str = "seed"
-
-    @property
-    def next_token(self) -> bool:
-        """Whether the set scores a causal LM's next-token predictions."""
-        return self.objective == "clm"
+from ..data.prepare import EvalSet
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,8 @@ from ..measure.window import PeakWindow
 from ..modeling import load_model
 from ..results import CellResult
 from ..strategies import RunContext, build_plan, parse_cell
-from ..training.distributed import ensure_process_group, launched_by_torchrun, ranks_from_env
-from ..training.distributed import shutdown as shutdown_process_group
+from ..strategies.distributed import ensure_process_group, launched_by_torchrun, ranks_from_env
+from ..strategies.distributed import shutdown as shutdown_process_group
 from ..training.evaluate import EvalScores, evaluate
 from ..training.loop import StepEvent, TrainOutcome, train
 from ..units import parse_size, to_mib
