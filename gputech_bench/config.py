@@ -146,7 +146,11 @@ class StrategyConfig:
     lora_r: int = setting(8, "LoRA rank.")
     lora_alpha: int = setting(32, "LoRA alpha.")
     lora_dropout: float = setting(0.1, "LoRA dropout.")
-    lora_targets: tuple[str, ...] = setting(("query", "value"), "Module names that get LoRA adapters.")
+    lora_targets: tuple[str, ...] = setting(
+        (),
+        "Module names that get LoRA adapters (lora, qlora); empty = peft's default for the model type "
+        "(BERT, RoBERTa: query,value; Llama: q_proj,v_proj; DistilBERT: q_lin,v_lin).",
+    )
 
 
 @dataclass(frozen=True)
@@ -189,7 +193,8 @@ def coerce(key: str, tp: Any, value: Any) -> Any:
     """Turn a TOML value or a command-line string into the field's type, or explain why not."""
     origin = typing.get_origin(tp)
     if origin is tuple:
-        items = value.split(",") if isinstance(value, str) else value
+        # An empty string is the empty list (``--set strategy.lora_targets=``), not one empty name.
+        items = ([] if not value.strip() else value.split(",")) if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):
             raise ConfigError(f"{key} expects a comma-separated list, got {value!r}")
         args = typing.get_args(tp)

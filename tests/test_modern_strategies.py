@@ -195,6 +195,7 @@ def test_compile_time_is_the_first_steps_excess_over_a_steady_step():
     ("fsdp-offload", "no process group"),
     ("paged-adam8bit", "unified memory"),
     ("amp", "autocast has no rules for the stand-in device"),
+    ("qlora", "Params4bit, a Tensor subclass"),
 ])
 def test_strategies_the_estimate_cannot_follow_say_why_in_one_line(cell, reason):
     import dataclasses
@@ -209,7 +210,8 @@ def test_strategies_the_estimate_cannot_follow_say_why_in_one_line(cell, reason)
 def test_fit_searches_only_what_the_trace_can_follow():
     from gputech_bench.estimate.fit import candidates, unsearchable
 
-    assert set(unsearchable("meta")) == {"amp", "amp-fp16", "sparse-head", "compile", "fsdp-offload", "paged-adam8bit"}
+    assert set(unsearchable("meta")) == {"amp", "amp-fp16", "sparse-head", "compile", "fsdp-offload", "paged-adam8bit",
+                                         "qlora"}
     assert "amp" not in unsearchable("cuda")
     from gputech_bench.config import BenchConfig
 

@@ -27,6 +27,7 @@ def test_every_seed_strategy_is_registered_by_number_and_name():
         ("fsdp-offload", "fsdp-offload"),
         ("paged-adam8bit", "paged-adam8bit"),
         ("lora", "lora"),
+        ("qlora", "qlora"),
         ("amp", "amp"),
         ("amp-fp16", "amp-fp16"),
         ("sparse-head", "sparse-head"),

@@ -227,3 +227,23 @@ def test_the_cpu_causal_preset_runs_a_cell(tmp_path: Path, cache_dir: Path):
 
 def test_the_default_config_still_builds_the_seeds_bert():
     assert model_task(BenchConfig().model) == MLM
+
+
+def test_token_weighted_accumulation_matches_the_full_batch_of_a_causal_lm():
+    from gputech_bench.strategies.accumulation import split_into_micro_batches
+
+    torch.manual_seed(0)
+    model = llama()
+    ids = torch.randint(5, VOCAB, (4, 10))
+    attention = torch.ones_like(ids)
+    attention[1, 4:] = 0
+    attention[3, 7:] = 0
+    batch = {"input_ids": ids, "attention_mask": attention,
+             "labels": apply_objective("clm", ids, None, torch.Generator(), attention).labels}
+    model(**batch).loss.backward()
+    full = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for micro in split_into_micro_batches(batch, 2, 2, "token-weighted", next_token=True):
+        (model(**micro.inputs).loss * micro.loss_weight).backward()
+    for whole, accumulated in zip(full, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(accumulated, whole, rtol=1e-4, atol=1e-6)

@@ -42,7 +42,9 @@ METRIC_COLUMNS = (
     "eval_loss",
     "final_train_loss",
 )
-CATEGORIES = ("parameters", "buffers", "gradients", "optimizer_state", "activations", "temporaries", "other")
+#: MemTracker's categories, and qlora's 4-bit weights (absent, so empty, in every other cell).
+CATEGORIES = ("parameters", "quantized_weights", "buffers", "gradients", "optimizer_state", "activations", "temporaries",
+              "other")
 BREAKDOWN_COLUMNS = tuple(f"tracked_{side}_{category}_mib" for side in ("device", "host") for category in CATEGORIES)
 #: Against the baseline, from the repeats' ranges: "lower", "higher", "within noise",
 #: "single run" (no repeats to judge by), or empty for the baseline itself.

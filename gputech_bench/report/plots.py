@@ -44,9 +44,14 @@ BLUE, SKY, GREEN, ORANGE, YELLOW, VERMILLION, PURPLE, GREY = (
     "#0072B2", "#56B4E9", "#009E73", "#E69F00", "#F0E442", "#D55E00", "#CC79A7", "#999999",
 )
 
+#: Okabe-Ito's blue, darkened: a ninth colour that reads as "parameters, but different".
+NAVY = "#003A63"
+
 #: Stacked segments, bottom to top, with their legend names and colours. "other" folds in buffers.
 SEGMENTS = (
     ("parameters", "parameters", BLUE),
+    # qlora's frozen base: parameters too, so the same hue, darker.
+    ("quantized_weights", "4-bit weights\n(+ quant. constants)", NAVY),
     ("gradients", "gradients", SKY),
     ("optimizer_state", "optimizer state", GREEN),
     ("activations", "activations", ORANGE),
@@ -55,7 +60,7 @@ SEGMENTS = (
     ("cuda_context", "CUDA context\n(NVML - reserved)", GREY),
     ("allocator_reserve", "allocator reserve\n(reserved - allocated)", VERMILLION),
 )
-TENSOR_CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "temporaries")
+TENSOR_CATEGORIES = ("parameters", "quantized_weights", "gradients", "optimizer_state", "activations", "temporaries")
 OVERHEADS = ("cuda_context", "allocator_reserve")
 
 MEASURED = "measured (MemTracker)"

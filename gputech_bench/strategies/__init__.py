@@ -1,6 +1,6 @@
 """Memory-saving strategies, registered by number and name.
 
-Importing this package registers the seed's five and the modern ones; ``plan.build_plan`` composes
+Importing this package registers the seed's five and the modern ones (qlora included); ``plan.build_plan`` composes
 a cell's strategies into one training setup.
 """
 
@@ -15,6 +15,7 @@ from . import (  # noqa: F401  (registration)
     lora,
     mixed_precision,
     paged_adam8bit,
+    qlora,
     sparse_head,
 )
 from .base import MicroBatch, Placement, RunContext, Strategy
