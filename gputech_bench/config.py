@@ -34,7 +34,7 @@ SEED_MATRIX = ("baseline", "1", "2", "3", "4", "1+2+3", "1+2+4", "lora")
 OBJECTIVES: dict[str, str] = {
     "seed": "the seed's: labels on every position, padding included; [MASK] only; masks drawn once per run",
     "mlm": "standard masked-LM: labels at the masked positions only; 80/10/10; masks drawn afresh each epoch",
-    "clm": "causal LM: next-token loss at every real token, padding ignored (the objective of a causal LM)",
+    "clm": "a causal LM's: next-token loss at every real token, padding ignored",
 }
 
 #: Which objectives train which task (``model.task``): a causal LM has one, a masked-LM two.

@@ -183,7 +183,7 @@ def _measure_cell(
         "num_layers": model.config.num_hidden_layers,
         "attention": model.config._attn_implementation,
     }
-    result.notes += loaded.report.notes()
+    # What loading did is in result.model['load_notes'], which every table shows once.
     plan = build_plan(cell, model, ctx)
     result.strategy_facts = plan.facts
     if device.type == "cpu" and plan.facts["compute_dtype"] != "float32":
