@@ -25,7 +25,7 @@ from gputech_bench.config import BenchConfig, apply_overrides, load_preset
 from gputech_bench.errors import StrategyError
 from gputech_bench.measure.tracker import QUANTIZED, StepMemoryTracker
 from gputech_bench.modeling import load_model
-from gputech_bench.strategies import RunContext, build_plan, parse_cell, refuse_for_config, registered
+from gputech_bench.strategies import RunContext, build_plan, launch_refusal, parse_cell, registered
 from gputech_bench.strategies.architecture import NEW_HEAD_ATTRIBUTE, repeated_blocks, resolve_lora_targets
 from gputech_bench.strategies.checkpointing import is_checkpointing
 from gputech_bench.strategies.sparse_head import MaskedPositionsHead
@@ -177,7 +177,7 @@ def test_every_strategy_trains_or_refuses_on_every_architecture(strategy, archit
 def test_sparse_head_on_a_causal_lm_is_refused_before_any_process_with_the_right_reason(folders):
     config = arch_context(folders["llama"], "llama").config
     with pytest.raises(StrategyError) as refusal:
-        refuse_for_config(parse_cell("sparse-head"), config)
+        launch_refusal(parse_cell("sparse-head"), config)
     message = str(refusal.value)
     assert "causal LM" in message and "leave sparse-head out" in message
     assert "data.objective=mlm" not in message  # no objective makes a causal LM's head sparse
@@ -187,7 +187,7 @@ def test_sparse_head_on_a_masked_lm_it_does_not_know_is_refused(folders):
     config = arch_context(folders["albert"], "albert").config
     with pytest.raises(StrategyError, match="sparse-head knows the masked-LM heads of bert, distilbert, roberta, "
                                             "not of a 'albert' model"):
-        refuse_for_config(parse_cell("sparse-head"), config)
+        launch_refusal(parse_cell("sparse-head"), config)
 
 
 @pytest.mark.parametrize("architecture", ["distilbert", "roberta"])
@@ -237,11 +237,11 @@ def test_lora_targets_setting_overrides_the_default(folders):
 def test_a_model_type_without_default_targets_is_refused_before_any_process(cell, folders):
     config = arch_context(folders["albert"], "albert").config
     with pytest.raises(StrategyError) as refusal:
-        refuse_for_config(parse_cell(cell), config)
+        launch_refusal(parse_cell(cell), config)
     message = str(refusal.value)
     assert "'albert'" in message and "--set strategy.lora_targets=" in message and "\n" not in message
     # Named targets need no default.
-    refuse_for_config(parse_cell(cell), apply_overrides(config, ["strategy.lora_targets=query,value"]))
+    launch_refusal(parse_cell(cell), apply_overrides(config, ["strategy.lora_targets=query,value"]))
 
 
 def test_the_seeds_bert_keeps_query_and_value():
@@ -394,6 +394,6 @@ def test_qlora_combines_with_checkpointing_accumulation_and_amp(cell, folders):
 def test_qlora_refuses_what_it_cannot_be_combined_with(cell, reason, folders):
     config = arch_context(folders["llama"], "llama").config
     with pytest.raises(StrategyError) as refusal:
-        refuse_for_config(parse_cell(cell), config)
+        launch_refusal(parse_cell(cell), config)
     message = str(refusal.value)
     assert reason in message and "run them in separate cells" in message and "\n" not in message
