@@ -185,7 +185,6 @@ def test_an_nvml_peak_past_the_limit_is_named():
 # --------------------------------------------------------------------------- 5. evaluation under a cap
 
 
-@pytest.mark.slow
 def test_evaluation_runs_no_more_rows_than_a_training_forward(monkeypatch, tiny_config):
     seen: list[int] = []
     real_evaluate = cell_module.evaluate
@@ -204,7 +203,6 @@ def test_evaluation_runs_no_more_rows_than_a_training_forward(monkeypatch, tiny_
     assert value(accumulated, "eval_token_accuracy") is not None and value(baseline, "eval_masked_accuracy") is not None
 
 
-@pytest.mark.slow
 def test_evaluation_out_of_memory_keeps_every_training_figure(monkeypatch, tiny_config):
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.30 GiB. this process has 21.50 GiB memory in use.")
@@ -288,7 +286,6 @@ def test_sdpa_traces_below_eager_on_the_stand_in_device_and_says_it_is_modelled(
     assert modelled_attention_note(base, target) is None
 
 
-@pytest.mark.slow
 def test_sdpa_runs_end_to_end_and_the_result_says_so(tiny_config):
     config = apply_overrides(tiny_config, ["train.max_steps=3", "model.attention=sdpa"])
     result = run_cell("baseline", config, new_result("baseline", config))

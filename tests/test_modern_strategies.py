@@ -169,7 +169,6 @@ def compile_error() -> str | None:
     return None
 
 
-@pytest.mark.slow
 def test_compile_trains_like_eager():
     error = compile_error()
     if error:
@@ -196,7 +195,7 @@ def test_compile_time_is_the_first_steps_excess_over_a_steady_step():
     ("paged-adam8bit", "unified memory"),
     ("amp", "autocast has no rules for the stand-in device"),
     ("qlora", "Params4bit, a Tensor subclass"),
-])
+], ids=["sparse-head", "compile", "fsdp-offload", "paged-adam8bit", "amp", "qlora"])
 def test_strategies_the_estimate_cannot_follow_say_why_in_one_line(cell, reason):
     import dataclasses
 

@@ -65,6 +65,7 @@ def test_cells_parse_to_a_canonical_name(text, canonical):
         ("baseline+1", "'baseline' cannot be combined"),
         ("", "empty strategy name"),
     ],
+    ids=["unknown", "double-plus", "leading-plus", "trailing-plus", "twice", "twice-by-name", "baseline-combined", "empty"],
 )
 def test_malformed_cells_are_refused_in_one_line(text, message):
     with pytest.raises(StrategyError) as error:

@@ -12,8 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_RUN
-from typer.testing import CliRunner
+from helpers import TINY_RUN, assert_one_line_error, invoke
 
 from gputech_bench.results import RunFolder, read_result
 
@@ -139,15 +138,12 @@ def test_a_run_name_with_another_config_is_refused(tmp_path: Path, cache_dir: Pa
     run_dir = tmp_path / "results" / "mixed"
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text(json.dumps({"preset": "seed", "train": {"epochs": 9}}))
-    process = start_cli(tmp_path, *tiny_args(cache_dir), "--run-name", "mixed")
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 2
-    assert "holds results of a different config" in stderr and "--force" in stderr
+    out = invoke("run", *tiny_args(cache_dir), "--run-name", "mixed", "--results", str(tmp_path / "results"))
+    assert_one_line_error(out.exit_code, out.stderr, "holds results of a different config", "--force")
     assert json.loads((run_dir / "config.json").read_text())["train"] == {"epochs": 9}  # untouched
 
 
 def test_refused_combination_exits_2_before_anything_runs(tmp_path: Path):
-    from gputech_bench.cli import app
     from gputech_bench.strategies import Placement, Strategy, register, unregister
 
     class HostPlacement(Strategy):
@@ -158,7 +154,7 @@ def test_refused_combination_exits_2_before_anything_runs(tmp_path: Path):
 
     register(HostPlacement)
     try:
-        out = CliRunner().invoke(app, ["run", "--preset", "cpu", "--strategies", "4+test-host", "--results", str(tmp_path / "r")])
+        out = invoke("run", "--preset", "cpu", "--strategies", "4+test-host", "--results", str(tmp_path / "r"))
     finally:
         unregister(HostPlacement)
     assert out.exit_code == 2
