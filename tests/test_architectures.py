@@ -25,11 +25,10 @@ from gputech_bench.config import BenchConfig, apply_overrides, load_preset
 from gputech_bench.errors import StrategyError
 from gputech_bench.measure.tracker import QUANTIZED, StepMemoryTracker
 from gputech_bench.modeling import load_model
-from gputech_bench.strategies import RunContext, build_plan, launch_refusal, parse_cell, registered
+from gputech_bench.strategies import RunContext, build_plan, distributed, launch_refusal, parse_cell, registered
 from gputech_bench.strategies.architecture import NEW_HEAD_ATTRIBUTE, repeated_blocks, resolve_lora_targets
 from gputech_bench.strategies.checkpointing import is_checkpointing
 from gputech_bench.strategies.sparse_head import MaskedPositionsHead
-from gputech_bench.training import distributed
 from gputech_bench.training.loop import optimizer_step
 
 VOCAB = 300
