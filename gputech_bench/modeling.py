@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import torch
-from transformers import BertConfig, BertForMaskedLM
+
+# From their own modules rather than ``transformers``' lazy top level: the same classes,
+# without resolving names through the package's whole import table.
+from transformers.models.bert.configuration_bert import BertConfig
+from transformers.models.bert.modeling_bert import BertForMaskedLM
 
 from .config import ModelConfig
 from .errors import ModelError, first_line

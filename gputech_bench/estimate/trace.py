@@ -21,13 +21,13 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
-from transformers import get_linear_schedule_with_warmup
 
 from ..config import BenchConfig
 from ..measure.tracker import StepMemoryTracker, TrackedPeak
 from ..modeling import build_shape_model
 from ..strategies import Cell, RunContext, build_plan, check_cell
 from ..training.loop import optimizer_step
+from ..training.schedule import linear_schedule_with_warmup
 
 HOST = "cpu"
 
@@ -248,7 +248,7 @@ def trace_cell(cell: Cell, config: BenchConfig, inputs: TraceInputs, target: Tra
         model = build_shape_model(config.model, inputs.tokenizer_size, inputs.pad_token_id, config.train.seed)
         plan = build_plan(cell, model, ctx)
         _split_real_batches(plan)
-        scheduler = get_linear_schedule_with_warmup(plan.optimizer, 0, 2)
+        scheduler = linear_schedule_with_warmup(plan.optimizer, 0, 2)
         plan.model.train()
         optimizer_step(plan, scheduler, inputs.batches[0], ctx)
         tracker = StepMemoryTracker(plan.model, plan.optimizer, *plan.placement.tracked_objects())
