@@ -211,6 +211,24 @@ def modelled_attention_note(config: BenchConfig, target: "TraceTarget") -> str |
     return FUSED_SDPA_NOTE if target.device.type == "meta" and config.model.attention == "sdpa" else None
 
 
+def describe_target(config: BenchConfig) -> tuple[str, str | None]:
+    """What an estimate's header says about its traces: the target, and every caveat."""
+    target = trace_target()
+    caveat = "; ".join(note for note in (target.caveat, modelled_attention_note(config, target)) if note) or None
+    return target.label, caveat
+
+
+def describe_target_in_child(argv: list[str]) -> int:
+    """A forked child's entry: ``describe_target`` of the config in ``argv[0]`` (JSON), as JSON on stdout."""
+    import json
+
+    from ..config import from_dict
+
+    label, caveat = describe_target(from_dict(json.loads(argv[0])))
+    print(json.dumps({"label": label, "caveat": caveat}), flush=True)
+    return 0
+
+
 @contextlib.contextmanager
 def _fused_attention_on_stand_in(config: BenchConfig, target: "TraceTarget") -> Iterator[None]:
     """On the stand-in device torch runs sdpa's math path, which materialises the attention
