@@ -70,7 +70,7 @@ def source_kind(pretrained: str) -> str:
 
 def read_config(pretrained: str):
     """The checkpoint's ``config.json`` as transformers reads it; no weights are touched."""
-    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import AutoConfig
 
     target = str(Path(pretrained).expanduser()) if Path(pretrained).expanduser().exists() else pretrained
     try:
@@ -134,7 +134,7 @@ def model_task(model_config: ModelConfig) -> str:
 
 def bert_config(model_config: ModelConfig, tokenizer_size: int, pad_token_id: int):
     """The seed's BERT, from the ``model.*`` fields."""
-    from transformers import BertConfig
+    from transformers.models.bert.configuration_bert import BertConfig
 
     config = BertConfig(
         vocab_size=vocab_rows_for(model_config, tokenizer_size),
@@ -170,7 +170,7 @@ def architecture_config(model_config: ModelConfig, tokenizer_size: int, pad_toke
 
 
 def model_class(task: str):
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers.models.auto.modeling_auto import AutoModelForCausalLM, AutoModelForMaskedLM
 
     return AutoModelForMaskedLM if task == MLM else AutoModelForCausalLM
 
@@ -262,7 +262,7 @@ def load_model(model_config: ModelConfig, tokenizer_size: int, pad_token_id: int
     torch.manual_seed(seed)
     kind = source_kind(model_config.pretrained)
     if kind == FIELDS:
-        from transformers import BertForMaskedLM
+        from transformers.models.bert.modeling_bert import BertForMaskedLM
 
         model = BertForMaskedLM(bert_config(model_config, tokenizer_size, pad_token_id))
         return LoadedModel(model, _report(model, "random init from the config (no pretrained weights)", kind, MLM))
@@ -317,7 +317,7 @@ def build_shape_model(model_config: ModelConfig, tokenizer_size: int, pad_token_
     task = model_task(model_config)
     config = architecture_config(model_config, tokenizer_size, pad_token_id)
     if source_kind(model_config.pretrained) == FIELDS:
-        from transformers import BertForMaskedLM
+        from transformers.models.bert.modeling_bert import BertForMaskedLM
 
         return BertForMaskedLM(config)
     return model_class(task).from_config(config, dtype=torch.float32)

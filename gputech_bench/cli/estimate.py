@@ -68,12 +68,12 @@ def _trace_progress(total: int) -> Progress:
     )
 
 
-def _predict(setups, config: BenchConfig, jobs: int):
+def _predict(setups, config: BenchConfig, jobs: int, forks=None, log_path: Optional[Path] = None):
     from ..estimate.predict import predict
 
     with _trace_progress(len(setups)) as progress:
         task = progress.add_task("tracing on fake tensors", total=len(setups))
-        return predict(setups, config, jobs, on_done=lambda prediction: progress.advance(task))
+        return predict(setups, config, jobs, on_done=lambda prediction: progress.advance(task), forks=forks, log_path=log_path)
 
 
 def _load_run(run_dir: Path) -> tuple[BenchConfig, list[CellResult]]:
@@ -97,35 +97,60 @@ def _device_memory(option: Optional[str]) -> Optional[int]:
 
 
 def build_estimate(
-    config: BenchConfig, cells: list[str], jobs: int, budget: Optional[int], results: Optional[list[CellResult]]
+    config: BenchConfig, cells: list[str], jobs: int, budget: Optional[int], results: Optional[list[CellResult]],
+    forks=None, log_path: Optional[Path] = None,
 ):
-    """Trace ``cells`` and assemble the report; shared by ``estimate`` and ``run``."""
+    """Trace ``cells`` and assemble the report; shared by ``estimate`` and ``run`` (which
+    passes its fork server, whose children trace without importing anything)."""
     from ..estimate.predict import setups_for
     from ..estimate.render import EstimateReport
-    from ..estimate.trace import modelled_attention_note, trace_target
 
-    target = trace_target()
-    predictions = _predict(setups_for(cells, config), config, jobs)
+    label, caveat = _describe_target(config, forks, log_path)
+    predictions = _predict(setups_for(cells, config), config, jobs, forks, log_path)
     overheads = calibrate(results) if results else DEFAULTS
     measured = {}
     if results is not None:
         by_cell = {result.cell: result for result in results}
         measured = {cell: measured_peak(by_cell.get(cell)) for cell in cells}
-    caveat = "; ".join(note for note in (target.caveat, modelled_attention_note(config, target)) if note) or None
-    return EstimateReport(target.label, caveat, predictions, overheads, budget, measured, config.data.objective,
+    return EstimateReport(label, caveat, predictions, overheads, budget, measured, config.data.objective,
                           config.model.attention)
 
 
-def estimate_run(config: BenchConfig, results: list[CellResult], folder: RunFolder) -> None:
+def _describe_target(config: BenchConfig, forks, log_path: Optional[Path]) -> tuple[str, Optional[str]]:
+    """The traces' target and caveats; asked of a forked child when there is a fork server,
+    so that this process never imports the tracer's stack (torch's fake tensors, transformers)."""
+    if forks is not None and log_path is not None and forks.start():
+        import json
+
+        from ..config import to_dict
+        from ..run.forkserver import ForkServerError
+
+        try:
+            with log_path.open("a", encoding="utf-8") as log:
+                described = json.loads(forks.output("gputech_bench.estimate.trace:describe_target_in_child",
+                                                    [json.dumps(to_dict(config))], log.fileno()))
+            return described["label"], described["caveat"]
+        except (ForkServerError, ValueError, KeyError):
+            pass  # described here instead
+    from ..estimate.trace import describe_target
+
+    return describe_target(config)
+
+
+def estimate_run(config: BenchConfig, results: list[CellResult], folder: RunFolder, forks=None) -> None:
     """The predicted-against-measured table after ``run``. A failing estimate is a warning:
-    the measured results are what the run is for."""
+    the measured results are what the run is for.
+
+    ``forks``, the run's fork server (CPU runs), traces in children forked from it."""
     from ..estimate.predict import default_jobs
     from ..estimate.render import write_estimate
 
     cells = [result.cell for result in results]
     try:
-        # Starting a trace process costs an import of torch and transformers (~5 s): not for two cells.
-        report = build_estimate(config, cells, default_jobs() if len(cells) > 2 else 1, None, results)
+        # A fresh trace process costs an import of torch and transformers (~5 s): not for two
+        # cells. A forked one costs a fork.
+        jobs = default_jobs() if forks is not None or len(cells) > 2 else 1
+        report = build_estimate(config, cells, jobs, None, results, forks, folder.estimate_log_path)
         write_estimate(folder, report)
     except Exception as error:  # noqa: BLE001 - never lose a finished run to its estimate
         errors.print(f"[yellow]warning:[/] no memory estimate ({error_line(error)}); "

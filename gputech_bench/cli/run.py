@@ -155,10 +155,9 @@ def run(
         fail(f"unknown --format '{format_}': choose one of {', '.join(RUN_FORMATS)} ('report RUN_DIR --format html' makes the HTML file)")
     if format_ != "table":
         ctx.call_on_close(messages_to_stderr())
-    from ..report.export import render, write_exports
-    from ..report.frame import build_frame
+    from ..run.forkserver import ForkServer
     from ..run.matrix import expand
-    from .tables import results_table
+    from ..run.runner import fork_server_suits
 
     extra = [f"gpu_memory_limit={gpu_memory_limit}"] if gpu_memory_limit else []
     extra += ["memory_snapshot=true"] if memory_snapshot else []
@@ -197,12 +196,42 @@ def run(
         how = f"seeds {seeds[0]}..{seeds[-1]}" if vary_seed else f"seed {seeds[0]} each time: the spread is timing noise"
         console.print(f"each cell {repeat} times, in a fresh process each, round-robin ({how})", highlight=False)
 
-    with MatrixProgress(len(cells) * repeat) as progress:
-        outcome = run_matrix(
-            cells, folder, force=force, cell_timeout=cell_timeout, on_event=progress.event,
-            on_cell_start=progress.cell_started, on_cell_end=progress.cell_finished, launch=launch, slots=slots,
-            repeats=repeat, seeds=seeds if repeat > 1 else None,
-        )
+    # CPU cells are forked from one preloaded server; a CUDA cell or a torchrun launch starts a
+    # fresh interpreter. The server lives until the estimate, which forks its traces from it too.
+    forks = ForkServer(folder.fork_server_log_path) if fork_server_suits(uses_cuda(config), launch) else None
+    try:
+        with MatrixProgress(len(cells) * repeat) as progress:
+            outcome = run_matrix(
+                cells, folder, force=force, cell_timeout=cell_timeout, on_event=progress.event,
+                on_cell_start=progress.cell_started, on_cell_end=progress.cell_finished, launch=launch, slots=slots,
+                repeats=repeat, seeds=seeds if repeat > 1 else None, forks=forks,
+            )
+        if forks is not None and forks.failure:
+            errors.print(f"[yellow]note:[/] cells started as fresh interpreters: {escape(forks.failure)}", highlight=False)
+        _report(outcome, folder, name, format_)
+        if estimate and launch.distributed:
+            console.print("[dim]no memory estimate: it traces one process with the whole batch, not a rank's share[/]", highlight=False)
+        elif estimate and not outcome.interrupted:
+            estimate_run(config, outcome.results, folder, forks)
+    finally:
+        if forks is not None:
+            forks.close()
+
+    if outcome.interrupted:
+        done = {result.cell for result in outcome.results if result.ok}
+        left = [cell for cell in cells if cell not in done]
+        console.print(f"interrupted: re-run with --run-name {name} to finish {', '.join(left)}", highlight=False)
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if any(not result.ok for result in outcome.results):
+        raise typer.Exit(EXIT_FAILED_CELL)
+
+
+def _report(outcome, folder, name: str, format_: str) -> None:
+    """The table (as --format asks), each cell's notes, the report files and the wall time."""
+    from ..report.export import render, write_exports
+    from ..report.frame import build_frame
+    from .tables import results_table
+
     if outcome.reused:
         console.print(f"reused {len(outcome.reused)} finished cell(s): {', '.join(outcome.reused)} (--force re-runs them)", highlight=False)
 
@@ -224,20 +253,6 @@ def run(
     except OSError as error:
         errors.print(f"[yellow]warning:[/] could not write the report files ({error}); the cell results are in {folder.root}")
     console.print(f"matrix wall time: {outcome.seconds:,.0f} s", highlight=False)
-    if estimate and launch.distributed:
-        console.print("[dim]no memory estimate: it traces one process with the whole batch, not a rank's share[/]", highlight=False)
-    elif estimate and not outcome.interrupted:
-        estimate_run(config, outcome.results, folder)
-
-    if outcome.interrupted:
-        done = {result.cell for result in outcome.results if result.ok}
-        left = [cell for cell in cells if cell not in done]
-        console.print(f"interrupted: re-run with --run-name {name} to finish {', '.join(left)}", highlight=False)
-        raise typer.Exit(EXIT_INTERRUPTED)
-    if any(not result.ok for result in outcome.results):
-        raise typer.Exit(EXIT_FAILED_CELL)
-
-
 
 
 def register(app: typer.Typer) -> None:

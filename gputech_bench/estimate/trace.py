@@ -21,7 +21,6 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
-from transformers import get_linear_schedule_with_warmup
 
 from ..config import BenchConfig
 from ..data.prepare import prepare_data
@@ -30,6 +29,7 @@ from ..modeling import build_shape_model
 from ..strategies import Cell, RunContext, build_plan, device_refusal
 from ..training.batches import epoch_batches
 from ..training.loop import optimizer_step
+from ..training.schedule import linear_schedule_with_warmup
 
 HOST = "cpu"
 
@@ -210,6 +210,24 @@ def modelled_attention_note(config: BenchConfig, target: "TraceTarget") -> str |
     return FUSED_SDPA_NOTE if target.device.type == "meta" and config.model.attention == "sdpa" else None
 
 
+def describe_target(config: BenchConfig) -> tuple[str, str | None]:
+    """What an estimate's header says about its traces: the target, and every caveat."""
+    target = trace_target()
+    caveat = "; ".join(note for note in (target.caveat, modelled_attention_note(config, target)) if note) or None
+    return target.label, caveat
+
+
+def describe_target_in_child(argv: list[str]) -> int:
+    """A forked child's entry: ``describe_target`` of the config in ``argv[0]`` (JSON), as JSON on stdout."""
+    import json
+
+    from ..config import from_dict
+
+    label, caveat = describe_target(from_dict(json.loads(argv[0])))
+    print(json.dumps({"label": label, "caveat": caveat}), flush=True)
+    return 0
+
+
 @contextlib.contextmanager
 def _fused_attention_on_stand_in(config: BenchConfig, target: "TraceTarget") -> Iterator[None]:
     """On the stand-in device torch runs sdpa's math path, which materialises the attention
@@ -247,7 +265,7 @@ def trace_cell(cell: Cell, config: BenchConfig, inputs: TraceInputs, target: Tra
         model = build_shape_model(config.model, inputs.tokenizer_size, inputs.pad_token_id, config.train.seed)
         plan = build_plan(cell, model, ctx)
         _split_real_batches(plan)
-        scheduler = get_linear_schedule_with_warmup(plan.optimizer, 0, 2)
+        scheduler = linear_schedule_with_warmup(plan.optimizer, 0, 2)
         plan.model.train()
         optimizer_step(plan, scheduler, inputs.batches[0], ctx)
         tracker = StepMemoryTracker(plan.model, plan.optimizer, *plan.placement.tracked_objects())

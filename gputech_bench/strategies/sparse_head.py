@@ -18,11 +18,11 @@ of its next-token objective carries a label, so there is nothing to skip.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.modeling_outputs import MaskedLMOutput
 
 from ..data.masking import IGNORE_INDEX
 from ..errors import StrategyError
@@ -31,6 +31,8 @@ from .architecture import config_model_type, config_task, masked_lm_head_refusal
 from .base import RunContext, Strategy
 from .registry import register
 
+if TYPE_CHECKING:
+    from transformers.modeling_outputs import MaskedLMOutput
 #: Positions scored at once in evaluation: 512 x 149,798 fp32 scores is 0.3 GiB.
 EVAL_CHUNK_POSITIONS = 512
 
@@ -58,8 +60,13 @@ class MaskedPositionsHead(nn.Module):
     predicts_in_chunks = True
 
     def __init__(self, model: nn.Module) -> None:
+        # Imported here, not with the module: the registry (which every command and the
+        # runner import) would otherwise import transformers for this one class.
+        from transformers.modeling_outputs import MaskedLMOutput
+
         super().__init__()
         self.model = model
+        self.output_type = MaskedLMOutput
 
     def masked_logits(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor
@@ -99,7 +106,7 @@ class MaskedPositionsHead(nn.Module):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         logits, targets = self.masked_logits(input_ids, attention_mask, labels)
         # The same reduction as the masked-LMs' own: the mean over masked positions.
-        return MaskedLMOutput(loss=F.cross_entropy(logits, targets), logits=logits)
+        return self.output_type(loss=F.cross_entropy(logits, targets), logits=logits)
 
 
 @register
