@@ -10,11 +10,12 @@ from typing import Any, List, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..config import BenchConfig, from_dict
+from ..config import BenchConfig, from_dict, to_dict
 from ..errors import ConfigError, StrategyError, UserError, error_line, first_line
 from ..estimate.measured import error_percent, measured_peak
 from ..estimate.overheads import DEFAULTS, calibrate
 from ..results import CellResult, RunFolder
+from ..run.forkserver import ForkServerError
 from ..run.runner import prepare_run_dir, run_matrix
 from ..units import GIB, MIB, format_gib, parse_size
 from .common import (
@@ -122,8 +123,6 @@ def _describe_target(config: BenchConfig, forks, log_path: Optional[Path]) -> tu
     if forks is not None and log_path is not None and forks.start():
         import json
 
-        from ..config import to_dict
-        from ..run.forkserver import ForkServerError
 
         try:
             with log_path.open("a", encoding="utf-8") as log:

@@ -15,8 +15,9 @@ from rich.table import Column
 from ..errors import ConfigError, ResultError
 from ..measure import gpu_busy
 from ..results import CellResult, RunFolder
+from ..run.forkserver import ForkServer
 from ..run.launch import Launch, gpu_slots
-from ..run.runner import prepare_run_dir, run_matrix
+from ..run.runner import fork_server_suits, prepare_run_dir, run_matrix
 from .common import (
     EXIT_FAILED_CELL,
     EXIT_INTERRUPTED,
@@ -155,9 +156,7 @@ def run(
         fail(f"unknown --format '{format_}': choose one of {', '.join(RUN_FORMATS)} ('report RUN_DIR --format html' makes the HTML file)")
     if format_ != "table":
         ctx.call_on_close(messages_to_stderr())
-    from ..run.forkserver import ForkServer
     from ..run.matrix import expand
-    from ..run.runner import fork_server_suits
 
     extra = [f"gpu_memory_limit={gpu_memory_limit}"] if gpu_memory_limit else []
     extra += ["memory_snapshot=true"] if memory_snapshot else []

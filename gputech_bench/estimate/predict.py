@@ -24,6 +24,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 from ..config import BenchConfig, from_dict, to_dict
 from ..errors import UserError, error_line, first_line
 from ..measure.tracker import TrackedPeak
+from ..run.forkserver import ForkServerError
+from ..strategies import parse_cell
+from .trace import trace_cell, trace_inputs, trace_target
 
 if TYPE_CHECKING:
     from ..run.forkserver import ForkServer
@@ -85,8 +88,6 @@ class Prediction:
 
 
 def _uses_accumulation(cell: str) -> bool:
-    from ..strategies import parse_cell
-
     return any(cls.key == "2" for cls in parse_cell(cell).strategies)
 
 
@@ -118,9 +119,6 @@ def _inputs_key(config_data: dict[str, Any]) -> str:
 
 
 def _trace_in_worker(config_data: dict[str, Any], setup: Setup) -> dict[str, Any]:
-    from ..strategies import parse_cell
-    from .trace import trace_cell, trace_inputs, trace_target
-
     config = setup.config_for(from_dict(config_data))
     key = _inputs_key(config_data)
     if key not in _worker_inputs:
@@ -153,14 +151,10 @@ def predict(
     With ``forks`` (a started fork server) the traces run in ``jobs`` children forked from
     it, their stderr in ``log_path``; a server that cannot fork leaves them to the pool."""
     if forks is not None and log_path is not None and forks.start():
-        from ..run.forkserver import ForkServerError
-
         try:
             return _predict_in_forks(setups, config, jobs, on_done, forks, log_path)
         except ForkServerError:
             pass  # the server stopped: the pool below still gives the estimate
-    from .trace import trace_inputs
-
     config_data = to_dict(config)
     # Tokenise once here: the pool's processes then read the cache instead of racing to write
     # it, and a trace in this process reuses the batches.
@@ -215,8 +209,6 @@ def trace_share(argv: list[str]) -> int:
         for setup in setups:
             print(json.dumps(_trace_in_worker(config_data, setup)), flush=True)
     except Exception as error:  # noqa: BLE001 - a config or data problem: the parent raises it
-        from ..errors import first_line
-
         print(json.dumps({"failed": f"{type(error).__name__}: {first_line(error)}", "user_error": isinstance(error, UserError)}),
               flush=True)
         return 1

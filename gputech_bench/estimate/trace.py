@@ -12,6 +12,7 @@ state, which is then live during the second step's forward and backward.
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import time
 import warnings
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
-from ..config import BenchConfig
+from ..config import BenchConfig, from_dict
 from ..data.prepare import prepare_data
 from ..measure.tracker import StepMemoryTracker, TrackedPeak
 from ..modeling import build_shape_model
@@ -219,10 +220,6 @@ def describe_target(config: BenchConfig) -> tuple[str, str | None]:
 
 def describe_target_in_child(argv: list[str]) -> int:
     """A forked child's entry: ``describe_target`` of the config in ``argv[0]`` (JSON), as JSON on stdout."""
-    import json
-
-    from ..config import from_dict
-
     label, caveat = describe_target(from_dict(json.loads(argv[0])))
     print(json.dumps({"label": label, "caveat": caveat}), flush=True)
     return 0

@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from ..worker.provenance import FORKED_ENV
 from .launch import die_with_parent
 
 #: What every CPU cell imports: the worker's cell module (torch, transformers' BERT, the
@@ -55,8 +56,6 @@ PRELOAD = (
     "gputech_bench.estimate.trace",
 )
 WORKER_ENTRY = "gputech_bench.worker.__main__:main"
-#: Set in a forked child, so that its provenance can say how its process started.
-FORKED_ENV = "GPUTECH_BENCH_FORKED_FROM"
 #: Preloading on a loaded 2-core machine has taken 30 s; past this the server is given up.
 BOOT_TIMEOUT_SECONDS = 300.0
 #: A fork takes milliseconds; past this the server is taken for stuck.

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable
 from torch import nn
 
 from ..errors import ModelError, StrategyError
+from ..modeling import FIELDS, model_task, read_config, source_kind
 
 if TYPE_CHECKING:
     from ..config import BenchConfig
@@ -54,8 +55,6 @@ def model_type_of(model: nn.Module) -> str:
 def config_model_type(config: "BenchConfig") -> str | None:
     """The model type a cell will train (``bert`` for the seed's fields), from ``config.json``
     alone; None when the config cannot be read, which loading the model will report itself."""
-    from ..modeling import FIELDS, read_config, source_kind
-
     try:
         if source_kind(config.model.pretrained) == FIELDS:
             return "bert"
@@ -66,8 +65,6 @@ def config_model_type(config: "BenchConfig") -> str | None:
 
 def config_task(config: "BenchConfig") -> str | None:
     """``mlm`` or ``clm`` from the config alone; None when loading will refuse the model anyway."""
-    from ..modeling import model_task
-
     try:
         return model_task(config.model)
     except ModelError:

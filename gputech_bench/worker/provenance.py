@@ -10,7 +10,10 @@ from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any
 
-from ..run.forkserver import FORKED_ENV
+#: Set in a cell forked from the runner's fork server (run/forkserver.py), so the result says how
+#: its process started.
+FORKED_ENV = "GPUTECH_BENCH_FORKED_FROM"
+
 
 PACKAGES = ("gputech-bench", "torch", "transformers", "tokenizers", "peft", "bitsandbytes", "pandas", "nvidia-ml-py")
 
