@@ -17,7 +17,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, SizeError
+from .units import parse_size
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,7 +34,11 @@ SEED_MATRIX = ("baseline", "1", "2", "3", "4", "1+2+3", "1+2+4", "lora")
 OBJECTIVES: dict[str, str] = {
     "seed": "the seed's: labels on every position, padding included; [MASK] only; masks drawn once per run",
     "mlm": "standard masked-LM: labels at the masked positions only; 80/10/10; masks drawn afresh each epoch",
+    "clm": "a causal LM's: next-token loss at every real token, padding ignored",
 }
+
+#: Which objectives train which task (``model.task``): a causal LM has one, a masked-LM two.
+OBJECTIVES_OF_TASK: dict[str, tuple[str, ...]] = {"mlm": ("seed", "mlm"), "clm": ("clm",)}
 
 
 #: The attention kernels ``model.attention`` accepts (transformers' names), and what each keeps.
@@ -55,7 +60,13 @@ class ModelConfig:
     """The network that is fine-tuned."""
 
     pretrained: str = setting(
-        "", "Local Hugging Face folder or hub id of a BertForMaskedLM; empty = random init from the fields below."
+        "",
+        "The model (--model): a hub id, a folder with weights, or a folder with only config.json (a random init of "
+        "that architecture, no weights read); empty = the seed's BERT from the fields below, random init.",
+    )
+    task: str = setting(
+        "auto",
+        "'auto' (from the checkpoint's architectures), 'mlm' (AutoModelForMaskedLM) or 'clm' (AutoModelForCausalLM).",
     )
     vocab_rows: int = setting(
         149_798,
@@ -90,7 +101,8 @@ class DataConfig:
         "seed",
         "Training objective. 'seed': the seed's own (labels on every position, padding included; chosen tokens all "
         "become [MASK]; masks drawn once per run), so its 89% token accuracy can be compared. 'mlm': standard "
-        "masked-LM (labels at masked positions only; 80/10/10; masks drawn afresh each epoch); sparse-head needs it.",
+        "masked-LM (labels at masked positions only; 80/10/10; masks drawn afresh each epoch); sparse-head needs it. "
+        "'clm': next-token prediction, the one objective of a causal LM.",
     )
     mask_probability: float = setting(0.15, "Fraction of non-special tokens chosen for masking.")
     cache_dir: str = setting("", "Where tokenizers and tokenized tensors are cached; empty = $GPUTECH_BENCH_CACHE or ~/.cache/gputech-bench.")
@@ -134,7 +146,11 @@ class StrategyConfig:
     lora_r: int = setting(8, "LoRA rank.")
     lora_alpha: int = setting(32, "LoRA alpha.")
     lora_dropout: float = setting(0.1, "LoRA dropout.")
-    lora_targets: tuple[str, ...] = setting(("query", "value"), "Module names that get LoRA adapters.")
+    lora_targets: tuple[str, ...] = setting(
+        (),
+        "Module names that get LoRA adapters (lora, qlora); empty = peft's default for the model type "
+        "(BERT, RoBERTa: query,value; Llama: q_proj,v_proj; DistilBERT: q_lin,v_lin).",
+    )
 
 
 @dataclass(frozen=True)
@@ -177,7 +193,8 @@ def coerce(key: str, tp: Any, value: Any) -> Any:
     """Turn a TOML value or a command-line string into the field's type, or explain why not."""
     origin = typing.get_origin(tp)
     if origin is tuple:
-        items = value.split(",") if isinstance(value, str) else value
+        # An empty string is the empty list (``--set strategy.lora_targets=``), not one empty name.
+        items = ([] if not value.strip() else value.split(",")) if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):
             raise ConfigError(f"{key} expects a comma-separated list, got {value!r}")
         args = typing.get_args(tp)
@@ -339,6 +356,7 @@ def validate(config: BenchConfig) -> BenchConfig:
     choices = {
         "device": (config.device, ("auto", "cuda", "cpu")),
         "model.attention": (m.attention, tuple(ATTENTION_KERNELS)),
+        "model.task": (m.task, ("auto", "mlm", "clm")),
         "data.objective": (d.objective, tuple(OBJECTIVES)),
         "strategy.accumulation_loss": (s.accumulation_loss, ("seed", "token-weighted")),
         "strategy.half_dtype": (s.half_dtype, ("auto", "float16", "bfloat16")),
@@ -347,9 +365,6 @@ def validate(config: BenchConfig) -> BenchConfig:
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
     if config.gpu_memory_limit:
-        from .errors import SizeError
-        from .units import parse_size
-
         try:
             parse_size(config.gpu_memory_limit)
         except SizeError as error:
@@ -386,7 +401,12 @@ def read_preset(name: str) -> dict[str, Any]:
 
 
 def load_preset(name: str) -> BenchConfig:
-    config = apply_mapping(BenchConfig(), read_preset(name), origin=f"preset '{name}'")
+    mapping = read_preset(name)
+    # A preset's model folder (e.g. models/tiny-llama, a config.json) is relative to the presets.
+    model = mapping.get("model")
+    if isinstance(model, dict) and isinstance(model.get("pretrained"), str) and model["pretrained"].startswith("models/"):
+        mapping = {**mapping, "model": {**model, "pretrained": str(presets_dir() / model["pretrained"])}}
+    config = apply_mapping(BenchConfig(), mapping, origin=f"preset '{name}'")
     return replace(config, preset=name)
 
 

@@ -37,6 +37,13 @@ def first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+def error_line(error: BaseException) -> str:
+    """The exception's type and the first line of its message ('OSError: ...'), for errors
+    that are not a UserError and so need their type to be understood."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 class ConfigError(UserError):
     """A configuration problem the user can fix; the message is one line."""
 

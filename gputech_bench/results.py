@@ -334,7 +334,7 @@ class RunFolder:
 
     ``RUN/config.json`` the resolved config; ``RUN/CELL.json`` a cell's result;
     ``RUN/repeats/CELL.repK.json`` a repeat's; ``RUN/ranks/CELL.rankR.json`` a rank's;
-    ``RUN/logs/`` the workers' logs; ``RUN/previous/`` earlier attempts;
+    ``RUN/logs/`` the workers' logs (and the fork server's and the estimate's); ``RUN/previous/`` earlier attempts;
     ``RUN/report.{md,csv,json,html}``; ``RUN/estimate.json``; ``RUN/CELL.snapshot.pickle``.
     """
 
@@ -372,6 +372,16 @@ class RunFolder:
 
     def log_path(self, label: str) -> Path:
         return self.root / "logs" / f"{label}.log"
+
+    @property
+    def fork_server_log_path(self) -> Path:
+        """The fork server's own log (its preload); each cell's output is in the cell's log."""
+        return self.root / "logs" / "fork-server.log"
+
+    @property
+    def estimate_log_path(self) -> Path:
+        """The post-run estimate's trace processes' output."""
+        return self.root / "logs" / "estimate.log"
 
     def previous_path(self, cell: str) -> Path:
         return self.root / "previous" / f"{cell}.json"

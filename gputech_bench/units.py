@@ -8,17 +8,21 @@ from typing import Any
 
 from .errors import SizeError
 
+KIB = 2**10
 MIB = 2**20
 GIB = 2**30
+TIB = 2**40
+#: For figures already in MiB (result files store MiB) shown in GiB.
+MIB_PER_GIB = GIB // MIB
 
 # Binary units for the forms GPU tools print (GiB, MiB, and the bare G/M shorthand);
 # decimal units only where the SI prefix says so (GB, MB), as disk vendors use them.
 UNITS = {
     "b": 1,
-    "kib": 2**10, "k": 2**10, "kb": 10**3,
+    "kib": KIB, "k": KIB, "kb": 10**3,
     "mib": MIB, "m": MIB, "mb": 10**6,
     "gib": GIB, "g": GIB, "gb": 10**9,
-    "tib": 2**40, "t": 2**40, "tb": 10**12,
+    "tib": TIB, "t": TIB, "tb": 10**12,
 }
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
 
@@ -41,14 +45,10 @@ def parse_size(text: str) -> int:
 
 
 def format_gib(num_bytes: float) -> str:
+    """Bytes as GiB with one decimal: '23.6 GiB'."""
     return f"{num_bytes / GIB:.1f} GiB"
 
 
 def is_missing(value: Any) -> bool:
     """No figure: None, or the NaN that pandas and JSON's null become."""
     return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def figure(value: Any, unit: str, method: str) -> dict[str, Any]:
-    """A measured value with its unit and how it was obtained, as a result file stores it."""
-    return {"value": value, "unit": unit, "method": method}

@@ -1,17 +1,45 @@
-"""Builders shared by the tests: a tiny BERT from a config, a CPU run context, a random MLM
-batch, cell results as workers write them, and the bytes autograd saves."""
+"""What the tests share: tiny configs, a tiny BERT, a CPU run context, a random MLM batch,
+cell results as workers write them, the bytes autograd saves, and the command line run
+in-process or as a real process. Test modules import from here, never from each other.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
+from typer.testing import CliRunner, Result
 
 from gputech_bench.config import BenchConfig, apply_overrides
+from gputech_bench.data.masking import IGNORE_INDEX
 from gputech_bench.modeling import build_model
 from gputech_bench.results import SCHEMA, CellResult, RunFolder, merge_repeats, write_result
 from gputech_bench.strategies import RunContext
+
+#: A model small enough to step in milliseconds on 2 cores.
+TINY_MODEL = [
+    "model.vocab_rows=0",
+    "model.hidden_size=32",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.intermediate_size=64",
+    "model.max_position_embeddings=64",
+]
+#: A whole cell (data, train, eval) in a couple of seconds.
+TINY_RUN = TINY_MODEL + [
+    "data.train_sentences=96",
+    "data.eval_sentences=16",
+    "data.max_length=32",
+    "data.tokenizer_vocab_size=400",
+    "train.batch_size=16",
+    "train.epochs=1",
+    "strategy.micro_batch_size=4",
+    "device=cpu",
+]
 
 
 def tiny_bert(vocab: int = 300, dropout: float = 0.0, layers: int = 2, hidden: int = 32, seed: int = 0):
@@ -38,7 +66,7 @@ def random_batch(size: int, length: int, vocab: int, seed: int = 0, mask_every: 
     """Token ids 5..vocab with ~15% of positions as MLM targets (or every ``mask_every``-th one)."""
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(5, vocab, (size, length), generator=generator)
-    labels = torch.full_like(input_ids, -100)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
     if mask_every:
         chosen = torch.zeros_like(input_ids, dtype=torch.bool)
         chosen[:, ::mask_every] = True
@@ -128,3 +156,31 @@ def write_run(folder: Path, results: list[CellResult]) -> Path:
     for result in results:
         write_result(run.result_path(result.cell), result)
     return Path(folder)
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def invoke(*args: str) -> Result:
+    """``gputech-bench ARGS`` in this process (typer's CliRunner): milliseconds, not an interpreter's start-up."""
+    from gputech_bench.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def gputech(*args: str, cwd: Path, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m gputech_bench ARGS`` as a real process, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "gputech_bench", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+    )
+
+
+def assert_one_line_error(exit_code: int, stderr: str, *fragments: str) -> None:
+    """Bad input: exit status 2 and one line on stderr that holds every fragment, no traceback."""
+    assert exit_code == 2, stderr
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

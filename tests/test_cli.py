@@ -1,23 +1,15 @@
-"""The command line, run as a user runs it: a real process, real workers."""
+"""The command line. Bad input is checked in-process (typer's CliRunner): each refusal
+happens before any worker starts, so an interpreter per case would only add its start-up.
+A real process checks the entry point once, and the slow tests run real workers."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RUN
-
-
-def gputech(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "gputech_bench", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, "COLUMNS": "200"},
-    )
+from helpers import TINY_RUN, assert_one_line_error, gputech, invoke
 
 
 def tiny_sets(cache_dir: Path, *leave_out: str) -> list[str]:
@@ -87,78 +79,87 @@ def test_user_text_files_replace_the_embedded_corpus(tmp_path: Path, cache_dir: 
     assert result["data"]["corpus_source"].startswith("files")
 
 
-def assert_one_line_error(out: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert out.returncode == 2, (out.stdout, out.stderr)
-    assert "Traceback" not in out.stderr
-    lines = [line for line in out.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, out.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+def refused(*args: str, fragments: tuple[str, ...], results: Path) -> None:
+    """``run ARGS`` is refused in one line naming ``fragments``, and nothing was started."""
+    out = invoke("run", "--preset", "cpu", *args, "--results", str(results))
+    assert out.exception is None or isinstance(out.exception, SystemExit), out.exception
+    assert_one_line_error(out.exit_code, out.stderr, *fragments)
+    assert out.stdout == ""
+    assert not results.exists()  # nothing was started
 
 
 @pytest.mark.parametrize(
     "args, fragments",
     [
-        (["--strategies", "9"], ["unknown strategy '9'"]),
-        (["--strategies", "1++2"], ["malformed combination '1++2'"]),
-        (["--preset", "huge"], ["unknown preset 'huge'"]),
-        (["--set", "train.epoch=1"], ["unknown config key 'train.epoch'", "did you mean 'train.epochs'"]),
-        (["--set", "train.epochs=many"], ["train.epochs expects an integer"]),
-        (["--train-file", "missing.txt"], ["--train-file 'missing.txt' is not a file"]),
-        (["--strategies", "4+amp"], ["'4' and 'amp' both own the precision hook"]),
-        (["--strategies", "3+fsdp-offload"], ["'fsdp-offload' cannot run with '3'", "DTensor"]),
-        (["--nnodes", "2"], ["--nnodes > 1 needs --rdzv-endpoint HOST:PORT"]),
-        (["--nproc-per-node", "2", "--rdzv-endpoint", "node0"], ["'node0' is not HOST:PORT"]),
+        pytest.param(["--strategies", "9"], ["unknown strategy '9'"], id="unknown-strategy"),
+        pytest.param(["--strategies", "1++2"], ["malformed combination '1++2'"], id="malformed-cell"),
+        pytest.param(["--preset", "huge"], ["unknown preset 'huge'"], id="unknown-preset"),
+        pytest.param(["--set", "train.epoch=1"], ["unknown config key 'train.epoch'", "did you mean 'train.epochs'"],
+                     id="set-unknown-key"),
+        pytest.param(["--set", "train.epochs=many"], ["train.epochs expects an integer"], id="set-bad-value"),
+        pytest.param(["--train-file", "missing.txt"], ["--train-file 'missing.txt' is not a file"], id="missing-file"),
+        pytest.param(["--strategies", "4+amp"], ["'4' cannot run with 'amp'", "neither the seed's recipe nor amp's"],
+                     id="4+amp"),
+        pytest.param(["--strategies", "3+fsdp-offload"], ["'fsdp-offload' cannot run with '3'", "DTensor"],
+                     id="3+fsdp-offload"),
+        pytest.param(["--nnodes", "2"], ["--nnodes > 1 needs --rdzv-endpoint HOST:PORT"], id="nnodes-without-endpoint"),
+        pytest.param(["--nproc-per-node", "2", "--rdzv-endpoint", "node0"], ["'node0' is not HOST:PORT"],
+                     id="endpoint-without-port"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], fragments: list[str]):
-    out = gputech("run", "--preset", "cpu", *args, "--results", str(tmp_path / "r"), cwd=tmp_path)
-    assert_one_line_error(out, *fragments)
-    assert not (tmp_path / "r").exists()  # nothing was started
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, monkeypatch, args: list[str], fragments: list[str]):
+    monkeypatch.chdir(tmp_path)  # relative paths such as missing.txt
+    refused(*args, fragments=tuple(fragments), results=tmp_path / "r")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is absent")
 @pytest.mark.parametrize("args, fragment", [
-    (["--strategies", "paged-adam8bit"], "paged-adam8bit needs a CUDA device and this run has none"),
-    (["--gpus", "0,1"], "--gpus needs CUDA devices and this run has none"),
+    pytest.param(["--strategies", "paged-adam8bit"], "paged-adam8bit needs a CUDA device and this run has none",
+                 id="paged-adam8bit"),
+    pytest.param(["--gpus", "0,1"], "--gpus needs CUDA devices and this run has none", id="gpus"),
+    pytest.param(["--gpu-memory-limit", "24GiB"], "need a CUDA device", id="gpu-memory-limit"),
 ])
 def test_cuda_only_options_are_refused_without_cuda(tmp_path: Path, args: list[str], fragment: str):
-    out = gputech("run", "--preset", "cpu", *args, "--results", str(tmp_path / "r"), cwd=tmp_path)
-    assert_one_line_error(out, fragment)
-    assert not (tmp_path / "r").exists()
+    refused(*args, fragments=(fragment,), results=tmp_path / "r")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is absent")
 def test_cuda_requested_without_cuda_is_refused(tmp_path: Path):
-    out = gputech("run", "--device", "cuda", "--preset", "cpu", cwd=tmp_path)
-    assert_one_line_error(out, "--device cuda", "use --device cpu")
+    refused("--device", "cuda", fragments=("--device cuda", "use --device cpu"), results=tmp_path / "r")
 
 
 def test_unwritable_results_folder_is_refused(tmp_path: Path):
     blocker = tmp_path / "occupied"
     blocker.write_text("a file where the results folder should be")
-    out = gputech("run", "--preset", "cpu", "--results", str(blocker), cwd=tmp_path)
-    assert_one_line_error(out, "cannot write to results folder", "--results")
+    out = invoke("run", "--preset", "cpu", "--results", str(blocker))
+    assert_one_line_error(out.exit_code, out.stderr, "cannot write to results folder", "--results")
     assert blocker.read_text() == "a file where the results folder should be"
 
 
-def test_help_shows_examples(tmp_path: Path):
-    out = gputech("run", "--help", cwd=tmp_path)
-    assert out.returncode == 0
+def test_help_shows_examples():
+    out = invoke("run", "--help")
+    assert out.exit_code == 0
     assert "gputech-bench run --matrix" in out.stdout
 
 
-def test_strategies_and_presets_list_everything(tmp_path: Path):
-    strategies = gputech("strategies", cwd=tmp_path)
-    assert strategies.returncode == 0
+def test_strategies_and_presets_list_everything():
+    strategies = invoke("strategies")
+    assert strategies.exit_code == 0
     for name in ("checkpointing", "accumulation", "adam8bit", "mixed-precision", "lora"):
         assert name in strategies.stdout
-    presets = gputech("presets", cwd=tmp_path)
-    assert presets.returncode == 0 and "seed" in presets.stdout and "model.num_layers = 2" in presets.stdout
+    presets = invoke("presets")
+    assert presets.exit_code == 0 and "seed" in presets.stdout and "model.num_layers = 2" in presets.stdout
 
 
-def test_an_empty_corpus_file_is_refused(tmp_path: Path):
+def test_an_empty_corpus_file_is_refused(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "empty.txt").write_text("\n  \n")
-    out = gputech("run", "--preset", "cpu", "--train-file", "empty.txt", "--results", str(tmp_path / "r"), cwd=tmp_path)
-    assert_one_line_error(out, "--train-file 'empty.txt' is empty", "one sentence per line")
-    assert not (tmp_path / "r").exists()
+    refused("--train-file", "empty.txt", fragments=("--train-file 'empty.txt' is empty", "one sentence per line"),
+            results=tmp_path / "r")
+
+
+def test_a_real_process_refuses_bad_input_in_one_line(tmp_path: Path):
+    # The entry point as installed: python -m gputech_bench, its exit status and stderr.
+    out = gputech("run", "--preset", "cpu", "--strategies", "9", "--results", str(tmp_path / "r"), cwd=tmp_path)
+    assert_one_line_error(out.returncode, out.stderr, "unknown strategy '9'")
+    assert out.stdout == "" and not (tmp_path / "r").exists()

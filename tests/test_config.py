@@ -74,6 +74,8 @@ def test_overrides_are_typed():
         ("strategy.adam8bit_betas=0.9", "expects 2 comma-separated values"),
         ("model.num_heads=5", "must be divisible by model.num_heads"),
     ],
+    ids=["typo-key", "typo-section", "not-an-integer", "not-a-number", "not-a-flag", "no-value", "zero", "unknown-device",
+         "one-beta", "heads-do-not-divide"],
 )
 def test_bad_overrides_are_one_line_errors(override, expected):
     with pytest.raises(ConfigError) as error:

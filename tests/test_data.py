@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_result
 
 from gputech_bench.data import (
     IGNORE_INDEX,
@@ -183,8 +184,6 @@ def test_embedded_corpus_without_training_sentences_names_the_available_count(
 
 
 def test_every_table_says_when_the_training_split_repeats_sentences() -> None:
-    from helpers import make_result
-
     from gputech_bench.report.frame import build_frame
     from gputech_bench.report.table import table_notes
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY_RUN
+from helpers import TINY_RUN
 
 from gputech_bench.results import read_result
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RUN
+from helpers import TINY_RUN
 from typer.testing import CliRunner
 
 from gputech_bench.cli import app

@@ -18,9 +18,8 @@ from torch.distributed.tensor import DTensor
 from transformers import get_linear_schedule_with_warmup
 
 from gputech_bench.errors import StrategyError
-from gputech_bench.strategies import TrainingPlan, build_plan, check_cell, parse_cell
+from gputech_bench.strategies import TrainingPlan, build_plan, device_refusal, distributed, parse_cell
 from gputech_bench.strategies.fsdp_offload import FsdpOffload
-from gputech_bench.training import distributed
 from gputech_bench.training.loop import accumulate_gradients, optimizer_step
 
 STEPS = 3
@@ -112,7 +111,7 @@ def test_combinations_train_like_their_cells_without_fsdp(others, process_group)
 def test_the_memory_estimate_is_refused_in_one_line():
     ctx = dataclasses.replace(context(), tracing=True)
     with pytest.raises(StrategyError) as error:
-        check_cell(parse_cell("fsdp-offload"), ctx)
+        device_refusal(parse_cell("fsdp-offload"), ctx)
     assert "fsdp-offload cannot be traced (a fake-tensor trace runs no collective" in str(error.value)
     assert "\n" not in str(error.value)
     assert FsdpOffload.trace_refusal("cuda")

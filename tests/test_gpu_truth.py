@@ -11,6 +11,7 @@ import torch
 from helpers import context, make_result, tiny_bert
 
 import gputech_bench.worker.cell as cell_module
+from gputech_bench.cli.tables import results_table
 from gputech_bench.config import BenchConfig, apply_overrides, load_preset
 from gputech_bench.data import TokenizedSplit
 from gputech_bench.measure.cap import overshoot_note
@@ -18,7 +19,7 @@ from gputech_bench.measure.paged import paged_state_bytes
 from gputech_bench.measure.warmup import warm_up_cuda_libraries
 from gputech_bench.measure.window import PeakWindow
 from gputech_bench.report.frame import build_frame
-from gputech_bench.report.table import markdown, rich_table, table_notes
+from gputech_bench.report.table import markdown, table_notes
 from gputech_bench.results import CellResult
 from gputech_bench.strategies import Strategy, build_plan, parse_cell, register, unregister
 from gputech_bench.training.loop import train
@@ -184,7 +185,6 @@ def test_an_nvml_peak_past_the_limit_is_named():
 # --------------------------------------------------------------------------- 5. evaluation under a cap
 
 
-@pytest.mark.slow
 def test_evaluation_runs_no_more_rows_than_a_training_forward(monkeypatch, tiny_config):
     seen: list[int] = []
     real_evaluate = cell_module.evaluate
@@ -203,7 +203,6 @@ def test_evaluation_runs_no_more_rows_than_a_training_forward(monkeypatch, tiny_
     assert value(accumulated, "eval_token_accuracy") is not None and value(baseline, "eval_masked_accuracy") is not None
 
 
-@pytest.mark.slow
 def test_evaluation_out_of_memory_keeps_every_training_figure(monkeypatch, tiny_config):
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.30 GiB. this process has 21.50 GiB memory in use.")
@@ -259,7 +258,7 @@ def test_every_table_names_the_attention_kernel():
     rows[1].model = {"attention": "sdpa"}
     frame, measure = build_frame(rows)
     assert any(note.startswith("attention differs between cells") for note in table_notes(frame))
-    rich_table(frame, measure)  # renders
+    results_table(frame, measure)  # renders
 
 
 def test_sdpa_traces_below_eager_on_the_stand_in_device_and_says_it_is_modelled():
@@ -287,7 +286,6 @@ def test_sdpa_traces_below_eager_on_the_stand_in_device_and_says_it_is_modelled(
     assert modelled_attention_note(base, target) is None
 
 
-@pytest.mark.slow
 def test_sdpa_runs_end_to_end_and_the_result_says_so(tiny_config):
     config = apply_overrides(tiny_config, ["train.max_steps=3", "model.attention=sdpa"])
     result = run_cell("baseline", config, new_result("baseline", config))

@@ -40,7 +40,7 @@ def test_gpus_become_slots_of_nproc_gpus_each(nothing_inherited):
     ("a,b", "not a list of GPU indices"),
     ("0,0", "names a GPU twice"),
     ("0,1,2", "does not divide"),
-])
+], ids=["empty-entry", "not-numbers", "twice", "not-divisible"])
 def test_bad_gpu_lists_are_refused_with_the_fix(text, message, nothing_inherited):
     with pytest.raises(ConfigError, match=message):
         gpu_slots(text, nproc_per_node=2 if message == "does not divide" else 1)
@@ -76,7 +76,7 @@ def test_the_worker_environment_stays_inside_the_allocation(monkeypatch):
     ("4,5", "0,GPU-aaaa-1111", "--gpus GPU-aaaa-1111 is not among the GPUs that CUDA_VISIBLE_DEVICES=4,5"),
     ("", "0", "CUDA_VISIBLE_DEVICES='' (no GPU) gives this run: drop --gpus, or unset CUDA_VISIBLE_DEVICES"),
     ("GPU-aaaa-1111", "0,GPU-aaaa-1111", "names a GPU of CUDA_VISIBLE_DEVICES=GPU-aaaa-1111 twice"),
-])
+], ids=["index-outside", "unknown-uuid", "uuid-outside", "empty-allocation", "uuid-twice"])
 def test_gpus_outside_the_inherited_allocation_are_refused_in_one_line(inherited, gpus, message, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", inherited)
     with pytest.raises(ConfigError) as refused:
@@ -199,7 +199,7 @@ def test_one_node_uses_a_private_rendezvous_and_several_pass_torchruns_options_t
     (Launch(nnodes=2), "needs --rdzv-endpoint"),
     (Launch(nnodes=2, node_rank=2, rdzv_endpoint="h:1"), "outside 0..1"),
     (Launch(nproc_per_node=2, rdzv_endpoint="no-port"), "not HOST:PORT"),
-])
+], ids=["nnodes-without-endpoint", "node-rank-outside", "endpoint-without-port"])
 def test_bad_torchrun_options_are_refused_with_the_fix(launch, message):
     with pytest.raises(ConfigError, match=message):
         launch.check()

@@ -31,6 +31,7 @@ def test_no_selection_means_the_matrix():
         ("baseline,lora", ["baseline", "lora"]),
         ("3+4", ["baseline", "3+4"]),
     ],
+    ids=["numbers", "one", "names", "names-with-spaces", "same-cell-twice", "baseline-named", "pair"],
 )
 def test_strategies_always_include_the_baseline(text, cells):
     assert expand(text, False, CONFIG) == cells
@@ -51,6 +52,7 @@ def test_matrix_and_strategies_together_add_cells_to_the_matrix():
         ("1+1", "appears twice"),
         ("flash", "unknown strategy 'flash'"),
     ],
+    ids=["unknown", "double-plus", "leading-plus", "empty-entry", "empty", "twice", "unknown-name"],
 )
 def test_bad_cells_are_refused(text, message):
     with pytest.raises(StrategyError, match=message.replace("+", r"\+").replace("(", r"\(")):

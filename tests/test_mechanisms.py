@@ -7,6 +7,7 @@ import torch
 from helpers import context, random_batch, saved_activation_bytes, tiny_bert
 from transformers import get_linear_schedule_with_warmup
 
+from gputech_bench.data.masking import IGNORE_INDEX
 from gputech_bench.measure.tracker import StepMemoryTracker
 from gputech_bench.strategies import build_plan, parse_cell
 from gputech_bench.strategies.accumulation import split_into_micro_batches
@@ -197,7 +198,7 @@ def test_sparse_head_loss_and_masked_predictions_equal_the_full_heads():
     loss = sparse(**batch).loss
     torch.testing.assert_close(loss, full.loss, rtol=1e-6, atol=1e-6)
     logits, targets = sparse.masked_logits(batch["input_ids"], batch["attention_mask"], batch["labels"])
-    masked = batch["labels"] != -100
+    masked = batch["labels"] != IGNORE_INDEX
     torch.testing.assert_close(logits, full.logits[masked], rtol=1e-5, atol=1e-5)
     assert torch.equal(logits.argmax(-1), full.logits[masked].argmax(-1))
     assert torch.equal(targets, batch["labels"][masked])

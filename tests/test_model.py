@@ -41,7 +41,6 @@ def local_pretrained(tmp_path: Path, tiny_config: BenchConfig, cache_dir: Path) 
     return folder
 
 
-@pytest.mark.slow
 def test_a_local_pretrained_folder_is_loaded_with_its_tokenizer(local_pretrained: Path, tiny_config: BenchConfig):
     config = apply_overrides(tiny_config, [f"model.pretrained={local_pretrained}", "train.max_steps=3"])
     result = run_cell("1", config, new_result("1", config))

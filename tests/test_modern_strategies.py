@@ -8,14 +8,16 @@ import torch
 from helpers import context, random_batch, saved_activation_bytes, tiny_bert
 from transformers import get_linear_schedule_with_warmup
 
+from gputech_bench.data.masking import IGNORE_INDEX
+from gputech_bench.data.prepare import EvalSet
 from gputech_bench.errors import StrategyError
 from gputech_bench.measure.tracker import StepMemoryTracker
 from gputech_bench.results import CellResult
 from gputech_bench.run.matrix import expand
-from gputech_bench.strategies import build_plan, check_cell, parse_cell
+from gputech_bench.strategies import build_plan, device_refusal, parse_cell
 from gputech_bench.strategies.amp import AutocastPrecision
 from gputech_bench.strategies.sparse_head import MaskedPositionsHead
-from gputech_bench.training.evaluate import EvalSet, evaluate
+from gputech_bench.training.evaluate import evaluate
 from gputech_bench.training.loop import TrainOutcome, optimizer_step
 from gputech_bench.worker.cell import record_compile_time
 
@@ -83,8 +85,9 @@ def test_amp_combines_with_checkpointing_and_sparse_head():
 
 
 def test_amp_and_the_seeds_master_copy_are_refused_together():
-    with pytest.raises(StrategyError, match="both own the precision hook"):
-        check_cell(parse_cell("4+amp"), context())
+    for amp in ("amp", "amp-fp16"):
+        with pytest.raises(StrategyError, match=f"'4' cannot run with '{amp}'"):
+            device_refusal(parse_cell(f"4+{amp}"), context())
 
 
 # --------------------------------------------------------------------------- sparse-head in evaluation
@@ -93,7 +96,7 @@ def test_amp_and_the_seeds_master_copy_are_refused_together():
 def eval_set(vocab: int, size: int = 6, length: int = 24) -> EvalSet:
     original = random_batch(size, length, vocab, seed=7)
     ids = original["input_ids"].clone()
-    masked = original["labels"] != -100
+    masked = original["labels"] != IGNORE_INDEX
     ids[masked] = original["labels"][masked]  # the unmasked sentence
     return EvalSet(original["input_ids"], original["labels"], ids, original["attention_mask"], masked)
 
@@ -135,7 +138,7 @@ def test_paged_adam8bit_is_refused_before_running_without_cuda():
     with pytest.raises(StrategyError, match="needs a CUDA device"):
         expand("paged-adam8bit", False, BenchConfig(), cuda=False)
     with pytest.raises(StrategyError, match="paged-adam8bit needs CUDA"):
-        check_cell(parse_cell("paged-adam8bit"), context())
+        device_refusal(parse_cell("paged-adam8bit"), context())
     assert expand("paged-adam8bit", False, BenchConfig(), cuda=True) == ["baseline", "paged-adam8bit"]
 
 
@@ -166,7 +169,6 @@ def compile_error() -> str | None:
     return None
 
 
-@pytest.mark.slow
 def test_compile_trains_like_eager():
     error = compile_error()
     if error:
@@ -192,13 +194,14 @@ def test_compile_time_is_the_first_steps_excess_over_a_steady_step():
     ("fsdp-offload", "no process group"),
     ("paged-adam8bit", "unified memory"),
     ("amp", "autocast has no rules for the stand-in device"),
-])
+    ("qlora", "Params4bit, a Tensor subclass"),
+], ids=["sparse-head", "compile", "fsdp-offload", "paged-adam8bit", "amp", "qlora"])
 def test_strategies_the_estimate_cannot_follow_say_why_in_one_line(cell, reason):
     import dataclasses
 
     ctx = dataclasses.replace(context("data.objective=mlm"), device=torch.device("meta"), tracing=True)
     with pytest.raises(StrategyError) as error:
-        check_cell(parse_cell(f"1+{cell}"), ctx)
+        device_refusal(parse_cell(f"1+{cell}"), ctx)
     message = str(error.value)
     assert message.startswith(f"{cell} cannot be traced (") and reason in message and "\n" not in message
 
@@ -206,7 +209,8 @@ def test_strategies_the_estimate_cannot_follow_say_why_in_one_line(cell, reason)
 def test_fit_searches_only_what_the_trace_can_follow():
     from gputech_bench.estimate.fit import candidates, unsearchable
 
-    assert set(unsearchable("meta")) == {"amp", "amp-fp16", "sparse-head", "compile", "fsdp-offload", "paged-adam8bit"}
+    assert set(unsearchable("meta")) == {"amp", "amp-fp16", "sparse-head", "compile", "fsdp-offload", "paged-adam8bit",
+                                         "qlora"}
     assert "amp" not in unsearchable("cuda")
     from gputech_bench.config import BenchConfig
 

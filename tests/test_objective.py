@@ -13,15 +13,16 @@ from transformers.modeling_outputs import MaskedLMOutput
 
 from gputech_bench.config import OBJECTIVES, BenchConfig, apply_overrides, load_preset
 from gputech_bench.data import IGNORE_INDEX, MaskingSpec, TokenizedSplit, apply_objective, mask_tokens
+from gputech_bench.data.prepare import EvalSet
+from gputech_bench.data.seeding import generator
 from gputech_bench.errors import ConfigError, StrategyError
 from gputech_bench.results import CellResult
 from gputech_bench.run.matrix import expand
 from gputech_bench.strategies import build_plan, parse_cell
 from gputech_bench.strategies.accumulation import split_into_micro_batches
 from gputech_bench.training.batches import epoch_batches
-from gputech_bench.training.evaluate import EvalSet, evaluate
+from gputech_bench.training.evaluate import evaluate
 from gputech_bench.training.loop import accumulate_gradients
-from gputech_bench.training.seeding import generator
 
 VOCAB = 1_000
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
@@ -191,7 +192,7 @@ def test_token_accuracy_scores_real_tokens_and_masked_accuracy_the_masked_ones(o
 def test_the_objective_setting_defaults_to_the_seeds_and_the_presets_follow():
     assert BenchConfig().data.objective == "seed"
     assert {load_preset(name).data.objective for name in ("seed", "seed-512", "cpu")} == {"seed"}
-    assert tuple(OBJECTIVES) == ("seed", "mlm")
+    assert tuple(OBJECTIVES) == ("seed", "mlm", "clm")  # clm: the causal LM's one objective
 
 
 def test_an_unknown_objective_is_one_line_listing_the_valid_values():
@@ -230,7 +231,7 @@ def test_an_unknown_objective_exits_2_from_the_cli(tmp_path):
     result = CliRunner().invoke(app, ["run", "--matrix", "--preset", "cpu", "--set", "data.objective=foo",
                                       "--results", str(tmp_path)])
     assert result.exit_code == 2
-    assert "data.objective must be one of seed, mlm; got 'foo'" in result.output
+    assert "data.objective must be one of seed, mlm, clm; got 'foo'" in result.output
     assert "Traceback" not in result.output
 
 

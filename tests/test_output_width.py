@@ -25,13 +25,13 @@ from typer.testing import CliRunner
 
 from gputech_bench.cli import app
 from gputech_bench.cli.common import OutputConsole, print_table, wrap_text
+from gputech_bench.cli.tables import compact_estimate_table, comparison_table, estimate_table, results_table
 from gputech_bench.estimate.measured import measured_peak
-from gputech_bench.estimate.render import SHOWN_CATEGORIES, compact_table, from_dict
-from gputech_bench.estimate.render import rich_table as estimate_table
-from gputech_bench.report.compare import compare_runs, comparison_rows, comparison_table
+from gputech_bench.estimate.render import SHOWN_CATEGORIES, from_dict
+from gputech_bench.report.compare import compare_runs, comparison_rows
 from gputech_bench.report.export import to_json
 from gputech_bench.report.frame import build_frame
-from gputech_bench.report.table import rich_table, row_texts
+from gputech_bench.report.table import row_texts
 from gputech_bench.results import TRAINED_STATUSES, CellResult, load_run
 
 FIXTURES = Path(__file__).parent / "fixtures" / "plots"
@@ -104,14 +104,14 @@ MAIN_RUNS = {
 def test_the_run_and_report_table_keeps_every_figure_whole(run: str, width: int):
     results = MAIN_RUNS[run]()
     frame, measure = build_frame(results)
-    text = rendered(rich_table(frame, measure, title="gputech-bench: test"), width)
+    text = rendered(results_table(frame, measure, title="gputech-bench: test"), width)
     assert_whole(text, width, main_table_rows(results))
     assert "…" not in text
 
 
 def test_a_failed_cells_reason_is_a_note_under_the_table_whole():
     frame, measure = build_frame(failing_run())
-    text = rendered(rich_table(frame, measure), -80)
+    text = rendered(results_table(frame, measure), -80)
     assert "[1] oom in 4: CUDA out of memory" in text
     assert "[2] eval-oom in 1+2+4: CUDA out of memory during evaluation: tried to allocate 2.30 GiB" in text
     assert "[3] error in checkpointing+accumulation: RuntimeError: a reason long enough" in text
@@ -122,7 +122,7 @@ def test_a_failed_cells_reason_is_a_note_under_the_table_whole():
 
 def test_a_narrow_terminal_says_what_it_folded_or_left_out():
     frame, measure = build_frame(failing_run())
-    table = rich_table(frame, measure)
+    table = results_table(frame, measure)
     assert "narrow terminal" not in rendered(table, 200)
     assert "narrow terminal" not in rendered(table, -40)  # a pipe never narrows
     narrow = re.sub(r"\n +", " ", rendered(table, 60))
@@ -158,7 +158,7 @@ def test_the_estimate_tables_keep_every_figure_whole(width: int):
     text = rendered(estimate_table(report), width)
     assert_whole(text, width, full)
     assert "fits 24.0 GiB" in text or re.search(r"fits\s.*\n.*24\.0 GiB", text), text  # the budget never parts from its unit
-    assert_whole(rendered(compact_table(report, "predicted against measured"), width), width, compact)
+    assert_whole(rendered(compact_estimate_table(report, "predicted against measured"), width), width, compact)
 
 
 @pytest.mark.parametrize("width", WIDTHS)
@@ -246,6 +246,6 @@ def test_a_plain_rich_console_at_80_columns_would_cut_the_figures():
     results = failing_run()
     frame, measure = build_frame(results)
     out = Console(file=io.StringIO(), width=80, color_system=None)
-    out.print(rich_table(frame, measure))
+    out.print(results_table(frame, measure))
     with pytest.raises(AssertionError):
         assert_whole(out.file.getvalue(), 80, main_table_rows(results))

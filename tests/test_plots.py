@@ -23,10 +23,10 @@ from gputech_bench.report.plots import (
     FIGSIZE,
     MEASURED,
     MEMORY_TIME_PNG,
-    accuracy_figure,
+    accuracy_chart,
     breakdown_stacks,
-    memory_breakdown_figure,
-    memory_time_figure,
+    memory_breakdown_chart,
+    memory_time_chart,
     png_bytes,
     write_plots,
 )
@@ -35,7 +35,7 @@ from gputech_bench.units import MIB
 
 FIXTURES = Path(__file__).parent / "fixtures" / "plots"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-#: imread's (rows, columns, RGBA) for a figure of FIGSIZE inches at DPI.
+#: imread's (rows, columns, RGBA) for a chart of FIGSIZE inches at DPI.
 PNG_SHAPE = (round(FIGSIZE[1] * DPI), round(FIGSIZE[0] * DPI), 4)
 
 
@@ -61,7 +61,7 @@ def test_a_cpu_run_gets_the_two_memory_plots_of_a_fixed_size_and_no_accuracy_plo
     for path in written:
         assert_png(path.read_bytes())
     assert not (out / ACCURACY_PNG).exists()
-    assert accuracy_figure(cpu, build_frame(cpu.results)[0]) is None
+    assert accuracy_chart(cpu, build_frame(cpu.results)[0]) is None
 
 
 def test_a_repeated_run_adds_the_accuracy_plot(tmp_path):
@@ -70,7 +70,7 @@ def test_a_repeated_run_adds_the_accuracy_plot(tmp_path):
     assert [path.name for path in written] == [MEMORY_TIME_PNG, BREAKDOWN_PNG, ACCURACY_PNG]
     assert_png((tmp_path / ACCURACY_PNG).read_bytes())
     # one median with its min-max bar per repeated cell, and every repeat as a dot (or a cross, if an outlier)
-    ax = accuracy_figure(run, build_frame(run.results)[0]).axes[0]
+    ax = accuracy_chart(run, build_frame(run.results)[0]).axes[0]
     assert [label.get_text() for label in ax.get_xticklabels()] == ["baseline\n(n=5)", "4\n(n=5)", "sparse-head\n(n=5)"]
     dots = sorted(y for collection in ax.collections if isinstance(collection, PathCollection) for _, y in collection.get_offsets())
     values = [value for result in run.results for value in result.repeats["statistics"]["eval_masked_accuracy"]["values"]]
@@ -80,9 +80,9 @@ def test_a_repeated_run_adds_the_accuracy_plot(tmp_path):
 def test_a_failed_cell_is_a_labelled_cross_at_the_edge_and_the_plot_still_draws(cuda):
     frame, measure = build_frame(cuda.results)
     assert frame.set_index("cell").loc["2", "status"] == "oom"
-    figure = memory_time_figure(frame, measure, run_name="cuda")
-    assert_png(png_bytes(figure))
-    ax = figure.axes[0]
+    chart = memory_time_chart(frame, measure, run_name="cuda")
+    assert_png(png_bytes(chart))
+    ax = chart.axes[0]
     labels = {text.get_text() for text in ax.texts if isinstance(text, Annotation)}
     assert labels == {"baseline", "1", "4", "1+2+3", "2: oom"}
     assert ax.get_ylabel() == "GPU memory (NVML) (GiB)"
@@ -90,9 +90,9 @@ def test_a_failed_cell_is_a_labelled_cross_at_the_edge_and_the_plot_still_draws(
 
 def test_cell_labels_do_not_overlap(cpu):
     frame, measure = build_frame(cpu.results)
-    figure = memory_time_figure(frame, measure)
-    renderer = figure.canvas.get_renderer()
-    boxes = [Text.get_window_extent(text, renderer) for text in figure.axes[0].texts if isinstance(text, Annotation)]
+    chart = memory_time_chart(frame, measure)
+    renderer = chart.canvas.get_renderer()
+    boxes = [Text.get_window_extent(text, renderer) for text in chart.axes[0].texts if isinstance(text, Annotation)]
     assert len(boxes) == len(cpu.results)
     assert all(Bbox.intersection(a, b) is None for i, a in enumerate(boxes) for b in boxes[i + 1:])
 
@@ -118,7 +118,7 @@ def test_the_breakdown_uses_the_estimate_for_a_cell_without_tracked_figures(cuda
     assert measured.source == MEASURED and measured.device["activations"] == 9200.0 and not measured.host
     # strategy 4 keeps its fp32 master, gradients and optimizer state on the host
     assert by_cell["4"].host == {"parameters": 418.0, "gradients": 418.0, "optimizer_state": 836.0}
-    assert_png(png_bytes(memory_breakdown_figure(cuda, frame, measure)))
+    assert_png(png_bytes(memory_breakdown_chart(cuda, frame, measure)))
 
 
 def test_without_an_estimate_a_cell_with_no_tracked_figures_is_skipped(tmp_path):

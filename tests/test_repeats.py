@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY_RUN
-from helpers import repeated, run_result
+from helpers import TINY_RUN, repeated, run_result
 
 from gputech_bench.report.frame import build_frame
 from gputech_bench.report.table import markdown

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import cpu_run, make_result, write_run
+from helpers import assert_one_line_error, cpu_run, invoke, make_result, write_run
 
 from gputech_bench.errors import ResultError
 from gputech_bench.report.export import render
 from gputech_bench.report.frame import COLUMNS, CPU_MEASURE, NVML_MEASURE, RESERVED_MEASURE, build_frame
-from gputech_bench.report.table import _extremes, markdown
+from gputech_bench.report.table import extremes, markdown
 from gputech_bench.results import load_run
 
 
@@ -44,8 +42,8 @@ def test_cuda_headline_is_nvml_and_falls_back_to_reserved():
 
 def test_best_and_worst_follow_each_columns_direction():
     frame, _ = build_frame(cpu_run())
-    assert _extremes(frame, "memory_mib") == (60.0, 100.0)  # lower is better, failed row ignored
-    assert _extremes(frame, "eval_masked_accuracy") == (0.41, 0.40)  # higher is better
+    assert extremes(frame, "memory_mib") == (60.0, 100.0)  # lower is better, failed row ignored
+    assert extremes(frame, "eval_masked_accuracy") == (0.41, 0.40)  # higher is better
 
 
 def test_markdown_names_the_baseline_figures_in_its_headers():
@@ -86,32 +84,31 @@ def test_json_rendering_has_nulls_not_nans(tmp_path: Path):
     assert oom["memory_mib"] is None and oom["status"] == "oom"
 
 
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gputech_bench", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
-
-
 def test_report_command_renders_every_format_and_warns_about_skipped_files(tmp_path: Path):
     run_dir = write_run(tmp_path / "run", cpu_run())
     (run_dir / "garbage.json").write_text("not json at all")
-    out = cli("report", str(run_dir), "--format", "csv", cwd=tmp_path)
-    assert out.returncode == 0
+    out = invoke("report", str(run_dir), "--format", "csv")
+    assert out.exit_code == 0, out.output
     assert out.stdout.splitlines()[0].startswith("cell,strategies,status,reason,repeats,memory_mib")
     assert "garbage.json" in out.stderr and "Traceback" not in out.stderr
-    out = cli("report", str(run_dir), "--format", "md", "--output", str(tmp_path / "t.md"), "--baseline", "1", cwd=tmp_path)
-    assert out.returncode == 0 and "(1: 60.0 MiB)" in (tmp_path / "t.md").read_text()
+    out = invoke("report", str(run_dir), "--format", "md", "--output", str(tmp_path / "t.md"), "--baseline", "1")
+    assert out.exit_code == 0 and "(1: 60.0 MiB)" in (tmp_path / "t.md").read_text()
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["report", "EMPTY"], "no cell results in"),
-        (["report", "RUN", "--baseline", "7"], "baseline cell '7' is not in"),
-        (["report", "RUN", "--format", "xml"], "unknown format 'xml'"),
+        pytest.param(["report", "EMPTY"], "no cell results in", id="empty-folder"),
+        pytest.param(["report", "RUN", "--baseline", "7"], "baseline cell '7' is not in", id="unknown-baseline"),
+        pytest.param(["report", "RUN", "--format", "xml"], "unknown format 'xml'", id="unknown-format"),
+        pytest.param(["report", "CORRUPT"], "no cell results in 'CORRUPT'", id="corrupt-result"),
     ],
 )
-def test_report_bad_input_is_one_line(tmp_path: Path, args, message):
+def test_report_bad_input_is_one_line(tmp_path: Path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "EMPTY").mkdir()
     write_run(tmp_path / "RUN", cpu_run())
-    out = cli(*args, cwd=tmp_path)
-    assert out.returncode == 2 and message in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+    (tmp_path / "CORRUPT").mkdir()
+    (tmp_path / "CORRUPT" / "baseline.json").write_text("{ not json")
+    out = invoke(*args)
+    assert_one_line_error(out.exit_code, out.stderr, message)

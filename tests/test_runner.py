@@ -12,8 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_RUN
-from typer.testing import CliRunner
+from helpers import TINY_RUN, assert_one_line_error, invoke
 
 from gputech_bench.results import RunFolder, read_result
 
@@ -33,7 +32,11 @@ def start_cli(tmp_path: Path, *args: str) -> subprocess.Popen:
 
 
 def worker_pids(cell: str, under: Path) -> list[int]:
-    """Worker processes of ``cell`` whose results go below ``under`` (read from /proc)."""
+    """Worker processes of ``cell`` whose results go below ``under`` (read from /proc).
+
+    A fresh interpreter names the cell on its command line. A child of the fork server
+    (every CPU cell) carries the server's command line, and is known by its stderr: the
+    cell's own log below ``under``."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -45,7 +48,19 @@ def worker_pids(cell: str, under: Path) -> list[int]:
         if "gputech_bench.worker" in args and "--cell" in args and args[args.index("--cell") + 1] == cell:
             if str(under) in args[args.index("--out") + 1]:
                 pids.append(int(entry))
+        elif "gputech_bench.run.forkserver" in args:
+            try:
+                stderr = os.readlink(f"/proc/{entry}/fd/2")
+            except OSError:
+                continue
+            if stderr.startswith(str(under)) and stderr.endswith(f"/logs/{cell}.log"):
+                pids.append(int(entry))
     return pids
+
+
+def forked(result) -> bool:
+    """Whether the worker that wrote ``result`` was a child of the fork server."""
+    return result.provenance.get("process", "").startswith("forked")
 
 
 def wait_for(condition, timeout: float = 180.0) -> None:
@@ -80,6 +95,8 @@ def test_a_worker_killed_with_sigkill_is_a_crashed_row_and_the_matrix_goes_on(tm
     assert read_result(run_dir / "baseline.json").status == "ok"
     assert read_result(run_dir / "lora.json").status == "ok"
     assert "crashed" in stdout and "Traceback" not in stderr
+    # The guarantee held through the fork server: the cells around the killed one were its children.
+    assert forked(read_result(run_dir / "baseline.json")) and forked(read_result(run_dir / "lora.json"))
 
 
 @pytest.mark.slow
@@ -106,6 +123,7 @@ def test_interrupted_run_resumes_without_rerunning_finished_cells(tmp_path: Path
     assert (run_dir / "baseline.json").stat().st_mtime_ns == finished_mtime
     assert {read_result(run_dir / f"{c}.json").status for c in ("1", "2")} == {"ok"}
     assert read_result(run_dir / "previous" / "1.json").status == "interrupted"  # the old attempt is kept
+    assert forked(read_result(run_dir / "2.json"))
 
 
 @pytest.mark.slow
@@ -121,33 +139,49 @@ def test_a_runner_killed_with_sigkill_loses_nothing_and_its_worker_stops(tmp_pat
     wait_for(lambda: not worker_pids("1", tmp_path), timeout=60)
     assert (run_dir / "baseline.json").read_bytes() == finished
     assert read_result(run_dir / "baseline.json").status == "ok"
-    assert read_result(run_dir / "1.json").status == "interrupted"
+    interrupted = read_result(run_dir / "1.json")
+    assert interrupted.status == "interrupted" and forked(interrupted)
+    # The fork server went with its runner: nothing of the run is left behind.
+    assert not fork_servers_of(tmp_path)
+
+
+def fork_servers_of(under: Path) -> list[int]:
+    """Fork servers whose log is below ``under``."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            args = Path(f"/proc/{entry}/cmdline").read_bytes().decode().split("\0")
+            if "gputech_bench.run.forkserver" in args and os.readlink(f"/proc/{entry}/fd/2").startswith(str(under)):
+                pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
 
 
 @pytest.mark.slow
 def test_cell_timeout_stops_the_worker_and_records_timeout(tmp_path: Path, cache_dir: Path):
-    # Importing torch and transformers alone takes longer than one second.
-    process = start_cli(tmp_path, "--strategies", "1", *tiny_args(cache_dir), "--run-name", "slow", "--cell-timeout", "1")
+    # A forked cell starts at once, so it is made long: 1,000 epochs of the tiny run.
+    long_cells = ["--set", "train.max_steps=0", "--set", "train.epochs=1000"]
+    args = ["--strategies", "1", *tiny_args(cache_dir), *long_cells, "--run-name", "slow", "--cell-timeout", "1"]
+    process = start_cli(tmp_path, *args)
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 1, stderr[-2000:]
     for cell in ("baseline", "1"):
         result = read_result(tmp_path / "results" / "slow" / f"{cell}.json")
         assert result.status == "timeout" and result.reason.startswith("exceeded --cell-timeout of 1 s")
+    assert not worker_pids("1", tmp_path) and not worker_pids("baseline", tmp_path)
 
 
 def test_a_run_name_with_another_config_is_refused(tmp_path: Path, cache_dir: Path):
     run_dir = tmp_path / "results" / "mixed"
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text(json.dumps({"preset": "seed", "train": {"epochs": 9}}))
-    process = start_cli(tmp_path, *tiny_args(cache_dir), "--run-name", "mixed")
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 2
-    assert "holds results of a different config" in stderr and "--force" in stderr
+    out = invoke("run", *tiny_args(cache_dir), "--run-name", "mixed", "--results", str(tmp_path / "results"))
+    assert_one_line_error(out.exit_code, out.stderr, "holds results of a different config", "--force")
     assert json.loads((run_dir / "config.json").read_text())["train"] == {"epochs": 9}  # untouched
 
 
 def test_refused_combination_exits_2_before_anything_runs(tmp_path: Path):
-    from gputech_bench.cli import app
     from gputech_bench.strategies import Placement, Strategy, register, unregister
 
     class HostPlacement(Strategy):
@@ -158,7 +192,7 @@ def test_refused_combination_exits_2_before_anything_runs(tmp_path: Path):
 
     register(HostPlacement)
     try:
-        out = CliRunner().invoke(app, ["run", "--preset", "cpu", "--strategies", "4+test-host", "--results", str(tmp_path / "r")])
+        out = invoke("run", "--preset", "cpu", "--strategies", "4+test-host", "--results", str(tmp_path / "r"))
     finally:
         unregister(HostPlacement)
     assert out.exit_code == 2
@@ -171,7 +205,9 @@ def test_a_broken_bitsandbytes_fails_only_its_cells_with_the_fix(tmp_path: Path,
     fake = tmp_path / "fake-site" / "bitsandbytes"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text('raise ImportError("libbitsandbytes_cuda128.so: cannot open shared object file")\n')
-    env = {**os.environ, "PYTHONPATH": str(fake.parent), "COLUMNS": "200"}
+    # In front of whatever PYTHONPATH already holds, so that the run still imports this checkout.
+    python_path = os.pathsep.join(filter(None, [str(fake.parent), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": python_path, "COLUMNS": "200"}
     process = subprocess.run(
         [sys.executable, "-m", "gputech_bench", "run", "--strategies", "1,3", *tiny_args(cache_dir),
          "--results", str(tmp_path / "results"), "--run-name", "nobnb"],

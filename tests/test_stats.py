@@ -24,7 +24,7 @@ def test_median_range_and_mad():
     ([1.00, 1.01, 0.99, 1.00, 1.60], (4,)),
     ([5.0] * 7 + [50.0], (7,)),                   # MAD 0: anything off the median is flagged
     ([5.0] * 6 + [50.0, 50.0], (6, 7)),
-])
+], ids=["one-value", "two-values", "low-variance", "one-far-of-four", "one-far-of-five", "mad-0", "mad-0-two-far"])
 def test_outliers_are_flagged_by_their_modified_zscore(values, outliers):
     assert summarize(values).outliers == outliers
 

@@ -69,7 +69,6 @@ def test_worker_process_writes_a_complete_result(tmp_path: Path, tiny_config: Be
     assert not list(out.parent.glob(".*.tmp"))  # atomic write leaves no temporary behind
 
 
-@pytest.mark.slow
 def test_same_seed_gives_the_same_loss_twice(tiny_config: BenchConfig):
     config = apply_overrides(tiny_config, ["train.max_steps=3"])
     first = run_cell("2", config, new_result("2", config))
@@ -81,7 +80,6 @@ def test_same_seed_gives_the_same_loss_twice(tiny_config: BenchConfig):
     assert value(third, "final_train_loss") != value(first, "final_train_loss")
 
 
-@pytest.mark.slow
 def test_full_epochs_are_measured_not_extrapolated(tiny_config: BenchConfig):
     result = run_cell("baseline", tiny_config, new_result("baseline", tiny_config))
     assert value(result, "epoch_time_extrapolated") is False

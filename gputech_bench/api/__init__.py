@@ -8,7 +8,8 @@ them: each command calls the function of the same purpose and prints what it ret
 from ..errors import UserError
 from ._catalog import presets, strategies
 from ._compare import RunComparison, compare
-from ._estimate import Estimate, Fit, Verification, estimate, fit
+from ._estimate import Estimate, estimate
+from ._fit import Fit, Verification, fit
 from ._output import Output
 from ._run import Run, load_run, run_matrix
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..config import describe_fields, load_preset, preset_names, read_preset
+from ._setup import cuda_available
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -31,15 +34,13 @@ def strategies(refused: bool = False) -> "pd.DataFrame":
     if refused:
         from itertools import combinations
 
-        from ..strategies import Cell, refusal_reason, registered
+        from ..strategies import Cell, combination_refusal, registered
 
         pairs = [(f"{a.key}+{b.key}", reason) for a, b in combinations(registered(), 2)
-                 if (reason := refusal_reason(Cell((a, b))))]
+                 if (reason := combination_refusal(Cell((a, b))))]
         return pd.DataFrame(pairs, columns=["combination", "reason"])
 
     from ..strategies import registered
-    from ._setup import cuda_available
-
     cuda = cuda_available()
     rows = []
     for cls in registered():
@@ -61,8 +62,6 @@ def presets() -> "pd.DataFrame":
         >>> presets().query("preset == 'cpu'")[["setting", "value", "seed"]]
     """
     import pandas as pd
-
-    from ..config import describe_fields, load_preset, preset_names, read_preset
 
     defaults = {key: default for key, default, _ in describe_fields()}
     rows = []

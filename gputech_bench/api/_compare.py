@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
 from ..errors import ConfigError
-from ._display import rich_html, rich_text
+from ._display import text_html
 from ._output import Output, output_or_default
+from ._run import Run, load_folder
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -72,12 +73,6 @@ class RunComparison:
             rows.append(row)
         return pd.DataFrame(rows)
 
-    def table(self):
-        """The table ``gputech-bench compare`` prints (a rich Table)."""
-        from ..report.compare import comparison_table
-
-        return comparison_table(self.comparison)
-
     def footer(self) -> list[str]:
         """The lines under the table: what the memory columns hold, and the cells in one run only."""
         from ..report.compare import footer
@@ -95,16 +90,11 @@ class RunComparison:
         return self.comparison.to_dict()
 
     def _repr_html_(self) -> str:
-        from rich.markup import escape
-
-        parts = [f"[yellow]warning:[/] {escape(w)}" for w in self.warnings]
-        return rich_html(*parts, self.table(), *(f"  [dim]{escape(line)}[/]" for line in self.footer()))
+        return text_html(str(self))
 
     def __str__(self) -> str:
-        from rich.text import Text
-
-        return rich_text(*(Text(f"warning: {w}") for w in self.warnings), self.table(),
-                         *(Text(f"  {line}") for line in self.footer()))
+        # The markdown (the terminal's rich table is the command line's: cli/tables.py).
+        return self.markdown()
 
     def __repr__(self) -> str:
         c = self.comparison
@@ -127,7 +117,6 @@ def compare(run_a: "Union[str, Path, Run]", run_b: "Union[str, Path, Run]", *, o
         >>> diff.frame          # a pandas DataFrame, one row per cell
     """
     from ..report.compare import compare_runs
-    from ._run import Run, load_folder
 
     output = output_or_default(output)
     loaded = [run._loaded if isinstance(run, Run) else load_folder(run, output) for run in (run_a, run_b)]

@@ -41,6 +41,13 @@ def rich_text(*renderables: Any, width: int = NATURAL_WIDTH) -> str:
     return "\n".join(line.rstrip() for line in out.file.getvalue().splitlines())
 
 
+def text_html(text: str) -> str:
+    """Plain text (markdown) as one HTML ``<pre>`` block, for ``_repr_html_``."""
+    import html
+
+    return PRE.format(code=html.escape(text))
+
+
 def show_figures_inline() -> None:
     """Let IPython show a bare matplotlib ``Figure`` as a PNG.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rich.console import Console
+from rich.markup import escape
 
 
 @dataclass
@@ -22,6 +23,10 @@ class Output:
     def say(self, text: str) -> None:
         """One line of what is happening (rich markup)."""
         self.console.print(text, highlight=False)
+
+    def note(self, text: str) -> None:
+        """A note on stderr about how the call went (plain text: never read as markup)."""
+        self.errors.print(f"[yellow]note:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
     def warn(self, text: str) -> None:
         """A warning: the call goes on, and says what it could not do."""

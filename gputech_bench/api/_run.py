@@ -11,20 +11,27 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
-from ..config import BenchConfig
-from ..errors import ConfigError, first_line
+from ..config import BenchConfig, from_dict
+from ..errors import ConfigError, error_line, first_line
+from ..estimate.measured import measured_peak
 from ..results import CellResult, LoadedRun, RunFolder
-from ._display import rich_text, show_figures_inline
+from ..results import load_run as load_results
+from ..run.forkserver import ForkServer
+from ..run.launch import Launch, gpu_slots
+from ..run.runner import fork_server_suits, prepare_run_dir
+from ..run.runner import run_matrix as run_cells
+from ._display import show_figures_inline
 from ._estimate import Estimate, _strategies_text, build_estimate
 from ._output import Output, output_or_default
 from ._progress import MatrixProgress
-from ._setup import Overrides, check_gpu_idle, resolve_config, uses_cuda
+from ._setup import Overrides, check_gpu_idle, override_texts, resolve_config, uses_cuda
 
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
     from ..report.frame import MemoryMeasure
+    from ..run.forkserver import ForkServer
     from ..run.launch import Launch, Slot
 
 PathLike = Union[str, Path]
@@ -173,12 +180,6 @@ class Run:
 
     # ---- how it shows
 
-    def table(self):
-        """The table the terminal shows (a rich Table; its caption holds the notes)."""
-        from ..report.table import rich_table
-
-        return rich_table(self._frame, self._measure, title=f"gputech-bench: {self.name}")
-
     def render(self, fmt: str = "md") -> str:
         """The run as ``report --format`` writes it: ``md``, ``csv``, ``json`` or ``html``."""
         from ..report.export import FORMATS, render
@@ -196,11 +197,11 @@ class Run:
         from ..report import plots
 
         if kind == "memory_vs_time":
-            figure = plots.memory_time_figure(self._frame, self._measure, self.baseline, run_name=self.name)
+            figure = plots.memory_time_chart(self._frame, self._measure, self.baseline, run_name=self.name)
         elif kind == "memory_breakdown":
-            figure = plots.memory_breakdown_figure(self._loaded, self._frame, self._measure)
+            figure = plots.memory_breakdown_chart(self._loaded, self._frame, self._measure)
         elif kind == "accuracy":
-            figure = plots.accuracy_figure(self._loaded, self._frame)
+            figure = plots.accuracy_chart(self._loaded, self._frame)
             if figure is None:
                 raise ConfigError("no accuracy plot: no cell was repeated; run with repeat=3 (--repeat 3) to see the spread")
         else:
@@ -220,10 +221,10 @@ class Run:
         return notebook_html(self._loaded, self._frame, self._measure, self.baseline)
 
     def __str__(self) -> str:
-        table = self.table()
-        caption, table.caption = table.caption, None
+        # The markdown report (the terminal's rich table is the command line's: cli/tables.py),
+        # then each cell's notes, as ``run`` prints them under its table.
         notes = [f"{result.cell}: {note}" for result in self._loaded.results for note in result.notes]
-        return rich_text(table, *(str(caption).split("\n") if caption else []), *notes)
+        return "\n".join([self.render("md").rstrip("\n"), *notes])
 
     def __repr__(self) -> str:
         failed = f", failed={list(self.failed)}" if self.failed else ""
@@ -234,8 +235,6 @@ def _saved_estimate(loaded: LoadedRun, output: Output) -> Optional[Estimate]:
     """The run's saved estimate against its results, or None (a warning when it is unreadable)."""
     if not loaded.folder.estimate_path.is_file():
         return None
-    from ..config import from_dict
-    from ..estimate.measured import measured_peak
     from ..estimate.render import read_estimate
 
     try:
@@ -257,7 +256,6 @@ def _saved_estimate(loaded: LoadedRun, output: Output) -> Optional[Estimate]:
 
 def load_folder(path: PathLike, output: Output) -> LoadedRun:
     """A run folder's results; each file skipped is a warning."""
-    from ..results import load_run as load_results
 
     loaded = load_results(Path(path))
     for problem in loaded.problems:
@@ -338,7 +336,6 @@ def run_matrix(
         >>> run = run_matrix(strategies=["1"], preset="cpu", device="cpu", overrides={"train.max_steps": 4})
         >>> print(run.frame[["cell", "memory_mib", "epoch_seconds", "status"]])
     """
-    from ..run.launch import Launch, gpu_slots
     from ..run.matrix import expand
 
     output = output_or_default(output)
@@ -380,7 +377,6 @@ def _with_extra(overrides: Overrides, extra: list[str]) -> Overrides:
     """The user's overrides, then the settings that options such as --gpu-memory-limit stand for."""
     if not extra:
         return overrides
-    from ._setup import override_texts
 
     return [*override_texts(overrides), *extra]
 
@@ -405,10 +401,6 @@ def execute(
 ) -> Run:
     """Run ``cells`` of a resolved ``config`` into ``results/name``, then write the report files
     and (``estimate``) the fake-tensor estimate. Shared by ``run_matrix`` and ``fit(verify=True)``."""
-    from ..report.export import write_exports
-    from ..run.launch import Launch
-    from ..run.runner import prepare_run_dir
-    from ..run.runner import run_matrix as run_cells
 
     launch = launch or Launch()
     slots = slots or [None]
@@ -425,8 +417,26 @@ def execute(
             how = f"seeds {seeds[0]}..{seeds[-1]}" if vary_seed else f"seed {seeds[0]} each time: the spread is timing noise"
             output.say(f"each cell {repeat} times, in a fresh process each, round-robin ({how})")
 
+    # CPU cells are forked from one preloaded server; a CUDA cell or a torchrun launch starts a
+    # fresh interpreter. The server lives until the estimate, which forks its traces from it too.
+    forks = ForkServer(folder.fork_server_log_path) if fork_server_suits(uses_cuda(config), launch) else None
+    try:
+        return _execute_cells(config, cells, folder, force=force, cell_timeout=cell_timeout, launch=launch,
+                              slots=slots, repeat=repeat, seeds=seeds, output=output, progress=progress,
+                              estimate=estimate, forks=forks)
+    finally:
+        if forks is not None:
+            forks.close()
+
+
+def _execute_cells(config: BenchConfig, cells: list[str], folder: RunFolder, *, force: bool,
+                   cell_timeout: Optional[float], launch: "Launch", slots: "list[Slot]", repeat: int,
+                   seeds: Optional[list[int]], output: Output, progress: bool, estimate: bool,
+                   forks: "ForkServer | None") -> Run:
+    from ..report.export import write_exports
+
     options: dict[str, Any] = dict(force=force, cell_timeout=cell_timeout, launch=launch, slots=slots,
-                                   repeats=repeat, seeds=seeds)
+                                   repeats=repeat, seeds=seeds, forks=forks)
     if progress:
         with MatrixProgress(len(cells) * repeat, output.console) as shown:
             outcome = run_cells(cells, folder, on_event=shown.event, on_cell_start=shown.cell_started,
@@ -443,6 +453,9 @@ def execute(
     except OSError as error:
         output.warn(f"could not write the report files ({error}); the cell results are in {folder.root}")
 
+    if forks is not None and forks.failure:
+        output.note(f"cells started as fresh interpreters: {forks.failure}")
+
     made, skipped = None, None
     if not estimate:
         skipped = "not asked for"
@@ -451,7 +464,7 @@ def execute(
     elif outcome.interrupted:
         skipped = "the run was interrupted"
     else:
-        made = _estimate_run(config, outcome.results, folder, output, progress)
+        made = _estimate_run(config, outcome.results, folder, output, progress, forks)
         if made is None:
             skipped = "the trace failed (see the warning)"
     return Run(loaded, seconds=outcome.seconds, reused=outcome.reused, interrupted=outcome.interrupted,
@@ -460,7 +473,7 @@ def execute(
 
 
 def _estimate_run(config: BenchConfig, results: list[CellResult], folder: RunFolder, output: Output,
-                  progress: bool) -> Optional[Estimate]:
+                  progress: bool, forks: "ForkServer | None" = None) -> Optional[Estimate]:
     """The predicted-against-measured estimate after a run, saved as estimate.json. A failing
     estimate is a warning: the measured results are what the run is for."""
     from ..estimate.predict import default_jobs
@@ -468,12 +481,14 @@ def _estimate_run(config: BenchConfig, results: list[CellResult], folder: RunFol
 
     cells = [result.cell for result in results]
     try:
-        # Starting a trace process costs an import of torch and transformers (~5 s): not for two cells.
-        report = build_estimate(config, cells, default_jobs() if len(cells) > 2 else 1, None, results,
-                                output if progress else None)
+        # A fresh trace process costs an import of torch and transformers (~5 s): not for two
+        # cells. A forked one (``forks``, the run's fork server on CPU) costs a fork.
+        jobs = default_jobs() if forks is not None or len(cells) > 2 else 1
+        report = build_estimate(config, cells, jobs, None, results, output if progress else None,
+                                forks=forks, log_path=folder.estimate_log_path)
         write_estimate(folder, report)
     except Exception as error:  # noqa: BLE001 - never lose a finished run to its estimate
-        output.warn(f"no memory estimate ({type(error).__name__}: {first_line(error)}); "
+        output.warn(f"no memory estimate ({error_line(error)}); "
                     f"'gputech-bench estimate --compare {folder.root}' retries it")
         return None
     return Estimate(report, config)

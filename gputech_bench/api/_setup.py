@@ -11,8 +11,9 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
 
-from ..config import BenchConfig, apply_overrides, default_preset_name, load_preset
+from ..config import OBJECTIVES_OF_TASK, BenchConfig, apply_overrides, default_preset_name, load_preset
 from ..errors import ConfigError, DeviceError
+from ..measure import gpu_busy
 from ._output import Output
 
 Overrides = Union[Mapping[str, Any], Iterable[str], None]
@@ -106,12 +107,31 @@ def resolve_config(
         texts += [f"data.train_file={train_file.resolve()}", "data.train_sentences=0"]
     if eval_file:
         texts.append(f"data.eval_file={eval_file.resolve()}")
-    return apply_overrides(config, texts + override_texts(overrides))
+    sets = override_texts(overrides)
+    return objective_for_model(apply_overrides(config, texts + sets), sets, output)
+
+
+def objective_for_model(config: BenchConfig, sets: list[str], output: Output) -> BenchConfig:
+    """The preset's objective trains the preset's model; a ``--model`` of the other task (a
+    causal LM under a BERT preset) gets its task's objective, and the call says so. An
+    objective the user set explicitly is never replaced: a mismatch is refused."""
+    from ..data.prepare import check_objective
+    from ..modeling import TASKS, model_task
+
+    if not config.model.pretrained:
+        return config
+    task = model_task(config.model)
+    if config.data.objective in OBJECTIVES_OF_TASK[task] or any(s.startswith("data.objective=") for s in sets):
+        check_objective(config, task)
+        return config
+    objective = OBJECTIVES_OF_TASK[task][0]
+    output.say(f"data.objective={objective}: '{config.model.pretrained}' is a {TASKS[task]}, and the preset's "
+               f"{config.data.objective} objective trains the other task")
+    return apply_overrides(config, [f"data.objective={objective}"])
 
 
 def check_gpu_idle(allow_busy: bool, gpus: Optional[str], output: Output) -> None:
     """Refuse to start on a busy GPU; ``gpus`` is --gpus, so that only the run's GPUs count."""
-    from ..measure import gpu_busy
 
     check = gpu_busy.idle_check(gpus)
     if check.error:

@@ -8,6 +8,7 @@ import typer
 from rich.text import Text
 
 from ..api import presets, strategies
+from ..api._catalog import STRATEGY_COLUMNS
 from ..errors import ConfigError
 from .common import console, fail, wrap_text
 
@@ -23,7 +24,6 @@ def refused_pairs() -> list[tuple[str, str]]:
 
 
 def list_strategies() -> None:
-    from ..api._catalog import STRATEGY_COLUMNS
 
     # One block per strategy, its text wrapped at word boundaries under a hanging indent:
     # seven columns of prose cannot share 80 columns without breaking every word.

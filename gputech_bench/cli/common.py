@@ -1,5 +1,5 @@
 """What every command shares: the consoles, one-line failures, exit codes and the
-resolved config. Kept apart from cli.py so that command modules registered on the app
+resolved config. Kept apart from cli/__init__.py so that command modules registered on the app
 (estimate, fit) can import it without a cycle."""
 
 from __future__ import annotations
@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+import sys
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
@@ -18,6 +20,7 @@ from rich.table import Column, Table
 from rich.text import Text
 
 from ..api import Output
+from ..files import atomic_write_bytes
 
 EXIT_FAILED_CELL = 1
 EXIT_BAD_INPUT = 2
@@ -117,6 +120,24 @@ def output() -> Output:
     """The commands' consoles, for the API calls a command makes: its messages print as the command's."""
     return Output(console, errors)
 
+
+def emit(text: str, output: Optional[Path]) -> None:
+    """Text output (markdown, CSV, JSON, HTML) to stdout as it is, or atomically to ``output``."""
+    if output is None:
+        sys.stdout.write(text)
+        return
+    try:
+        atomic_write_bytes(output, text.encode("utf-8"))
+    except OSError as error:
+        fail(f"cannot write '{output}' ({error.strerror or error}): pass a writable --output path")
+    console.print(f"wrote {output}", highlight=False)
+
+
+# The options that choose the config, declared once for run, estimate and fit.
+PRESET_OPTION = typer.Option(None, help="Preset name (see `gputech-bench presets`); default: seed with CUDA, cpu without.")
+SET_OPTION = typer.Option([], "--set", help="Override a setting, e.g. --set train.epochs=1 or --set data.max_length=512 (repeatable).")
+MODEL_OPTION = typer.Option(None, help="Local Hugging Face folder (or hub id) of a BertForMaskedLM; estimate and fit read only its config.json.")
+TRAIN_FILE_OPTION = typer.Option(None, help="Training text, one sentence per line; the tokenizer is trained on it unless --model brings one.")
 
 #: How to see what a narrow terminal left out, for the commands that have --format md.
 MORE_HINT = "`--format md` or a wider terminal shows everything"

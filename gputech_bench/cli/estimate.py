@@ -1,4 +1,4 @@
-"""``gputech-bench estimate`` and ``gputech-bench fit``; registered on the main app by cli.py."""
+"""``gputech-bench estimate`` and ``gputech-bench fit``; registered on the main app by cli/__init__.py."""
 
 from __future__ import annotations
 
@@ -6,10 +6,28 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.table import Table
 
-from ..errors import UserError, first_line
-from ..units import MIB
-from .common import EXIT_FAILED_CELL, EXIT_INTERRUPTED, MORE_HINT, console, errors, fail, output, print_table
+from ..api import estimate as estimate_memory
+from ..api import fit as fit_budget
+from ..errors import UserError, error_line
+from ..units import GIB, MIB, format_gib
+from .common import (
+    EXIT_FAILED_CELL,
+    EXIT_INTERRUPTED,
+    MODEL_OPTION,
+    MORE_HINT,
+    PRESET_OPTION,
+    SET_OPTION,
+    TRAIN_FILE_OPTION,
+    console,
+    emit,
+    errors,
+    fail,
+    output,
+    print_table,
+)
+from .tables import compact_estimate_table, estimate_table
 
 ESTIMATE_HELP = """Predict each cell's peak memory without a GPU: one training step traced on fake tensors.
 
@@ -39,25 +57,11 @@ run (--from) or a labelled cost model.
 """
 
 
-def _emit(text: str, output: Optional[Path]) -> None:
-    """Markdown or JSON to the terminal as is, or atomically to ``output``."""
-    if output is None:
-        console.print(text, end="", highlight=False, soft_wrap=True, markup=False)
-        return
-    from ..files import atomic_write_bytes
-
-    try:
-        atomic_write_bytes(output, text.encode("utf-8"))
-    except OSError as error:
-        fail(f"cannot write {output} ({error.strerror or error}): pass a writable --output path")
-    console.print(f"wrote {output}", highlight=False)
-
-
 def print_against_measured(report) -> None:
     """The predicted-against-measured table under ``run``'s and ``report``'s."""
-    from ..estimate.render import compact_table, legend
+    from ..estimate.render import legend
 
-    print_table(compact_table(report, title="predicted (fake-tensor trace) against measured, MiB"))
+    print_table(compact_estimate_table(report, title="predicted (fake-tensor trace) against measured, MiB"))
     for line in legend(report, with_overheads=False):
         console.print(f"  [dim]{line}[/]", highlight=False)
     console.print("  [dim]categories, CUDA context and allocator reserve: 'gputech-bench estimate --compare RUN_DIR'[/]", highlight=False)
@@ -66,17 +70,16 @@ def print_against_measured(report) -> None:
 def estimate(
     matrix: bool = typer.Option(False, "--matrix", help="The seed's 8 cells."),
     strategies: Optional[str] = typer.Option(None, help="Comma-separated cells, as for 'run'; the baseline is always added."),
-    preset: Optional[str] = typer.Option(None, help="Preset name; default: seed with CUDA, cpu without."),
-    set_: List[str] = typer.Option([], "--set", help="Override a setting, e.g. --set data.max_length=512 (repeatable)."),
-    model: Optional[str] = typer.Option(None, help="Local Hugging Face folder of a BertForMaskedLM (only its config.json is read)."),
-    train_file: Optional[Path] = typer.Option(None, help="Training text, one sentence per line (sets the tokenizer)."),
+    preset: Optional[str] = PRESET_OPTION,
+    set_: List[str] = SET_OPTION,
+    model: Optional[str] = MODEL_OPTION,
+    train_file: Optional[Path] = TRAIN_FILE_OPTION,
     device_memory: Optional[str] = typer.Option(None, help="Memory to fit, e.g. 24GiB or 24GB; default: this GPU's, if any."),
     compare: Optional[Path] = typer.Option(None, help="A run folder: use its config, and show predicted against measured."),
     jobs: int = typer.Option(0, min=0, help="Processes tracing in parallel; 0 = one per core, up to 4."),
     format_: str = typer.Option("table", "--format", help="table, md or json."),
     output_path: Optional[Path] = typer.Option(None, "--output", help="Write to this file instead of the terminal."),
 ) -> None:
-    from ..api import estimate as estimate_memory
 
     if format_ not in ("table", "md", "json"):
         fail(f"unknown --format '{format_}': choose table, md or json")
@@ -88,14 +91,15 @@ def estimate(
     except UserError as error:
         fail(str(error))
     except Exception as error:  # a model or strategy the tracer cannot follow
-        errors.print(f"[bold red]error:[/] the trace failed ({type(error).__name__}: {first_line(error)})", highlight=False)
+        errors.print(f"[bold red]error:[/] the trace failed ({error_line(error)})", highlight=False)
         raise typer.Exit(EXIT_FAILED_CELL)
     if format_ == "json":
-        _emit(found.to_json(), output_path)
+        emit(found.to_json(), output_path)
     elif format_ == "md" or output_path is not None:
-        _emit(found.markdown(), output_path)
+        emit(found.markdown(), output_path)
     else:
-        print_table(found.table(), hint=MORE_HINT)
+        print_table(estimate_table(found.report, title=f"gputech-bench estimate: preset {found.config.preset} (MiB)"),
+                    hint=MORE_HINT)
         for line in found.legend():
             console.print(f"  [dim]{line}[/]", highlight=False)
     if found.failed:
@@ -103,20 +107,51 @@ def estimate(
 
 
 def _print_fit(found) -> None:
-    from rich.table import Table
+    from ..estimate.fit import gives_up
 
-    for part in found.renderables():
-        if isinstance(part, Table):
-            print_table(part)
-        else:
-            console.print(part, highlight=False)
+    result, config = found.result, found.config
+    gib = lambda num: f"{num / GIB:.2f}"  # noqa: E731
+    if result.floor is not None:
+        for candidate in result.untraceable:
+            console.print(f"  [yellow]not traced[/] {candidate.setup.label}: {candidate.prediction.error}", highlight=False)
+        console.print(
+            f"[bold red]nothing fits {format_gib(result.budget)}[/]: the most frugal setup, "
+            f"{result.floor.setup.label}, needs {gib(result.floor.device_total)} GiB", highlight=False,
+        )
+        for line in result.suggestions:
+            console.print(f"  would fit: {line}", highlight=False)
+        return
+    table = Table(title=f"setups that fit {format_gib(result.budget)}, fastest first", title_justify="left")
+    for header in ("", "setup", "device GiB", "host GiB", "time", "time from", "gives up"):
+        # 'time from' and 'gives up' are prose: a narrow terminal folds them, never a figure or a name.
+        table.add_column(header, justify="right" if "GiB" in header or header == "time" else "left",
+                         overflow="fold" if header in ("time from", "gives up") else "ellipsis", no_wrap=header == "setup")
+    for rank, candidate in enumerate(result.chosen, start=1):
+        time = candidate.time
+        shown = f"{time.seconds:,.0f} s/epoch" if time.seconds is not None else f"{time.factor:.2f}x baseline"
+        host = candidate.prediction.host
+        table.add_row(
+            "best" if rank == 1 else f"#{rank}", candidate.setup.label, gib(candidate.device_total),
+            "-" if host is None else gib(host.total_bytes), shown, time.source, gives_up(candidate.setup),
+        )
+    print_table(table)
+    for candidate in result.untraceable:
+        console.print(f"  [yellow]not traced[/] {candidate.setup.label}: {candidate.prediction.error}", highlight=False)
+    if result.rejected:
+        too_big = ", ".join(f"{c.setup.label} ({gib(c.device_total)} GiB)" for c in result.rejected)
+        console.print(f"  [dim]faster but too big: {too_big}[/]", highlight=False)
+    console.print(
+        f"  [dim]device GiB = traced tensor peak + allocator reserve + CUDA context; "
+        f"{result.untraced} slower candidate(s) not traced; objective {config.data.objective}, "
+        f"attention {config.model.attention}[/]", highlight=False,
+    )
 
 
 def fit(
     budget: str = typer.Option(..., help="Device memory to fit, e.g. 24GiB or 24GB (GB = 10^9 bytes, GiB = 2^30)."),
-    preset: Optional[str] = typer.Option(None, help="Preset name; default: seed with CUDA, cpu without."),
-    set_: List[str] = typer.Option([], "--set", help="Override a setting (repeatable)."),
-    model: Optional[str] = typer.Option(None, help="Local Hugging Face folder of a BertForMaskedLM (only its config.json is read)."),
+    preset: Optional[str] = PRESET_OPTION,
+    set_: List[str] = SET_OPTION,
+    model: Optional[str] = MODEL_OPTION,
     from_: Optional[Path] = typer.Option(None, "--from", help="A measured run folder: its times and overheads, and its config."),
     exclude: List[str] = typer.Option([], help="Leave a strategy out of the search, e.g. --exclude lora (repeatable)."),
     top: int = typer.Option(3, min=1, help="How many fitting setups to list."),
@@ -124,8 +159,6 @@ def fit(
     results_dir: Path = typer.Option(Path("results"), "--results", help="Where --verify writes its run."),
     jobs: int = typer.Option(0, min=0, help="Processes tracing in parallel; 0 = one per core, up to 4."),
 ) -> None:
-    from ..api import fit as fit_budget
-
     try:
         found = fit_budget(budget, preset=preset, overrides=set_, model=model, from_run=from_, exclude=exclude, top=top,
                            verify=verify, results=results_dir, jobs=jobs, output=output())

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import io
-import sys
+import json
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
-from ..files import atomic_write_bytes
-from .common import MORE_HINT, OutputConsole, console, errors, fail, print_table
+from ..api import compare as compare_runs
+from ..api import load_run
+from ..report.export import FORMATS
+from .common import MORE_HINT, OutputConsole, console, emit, errors, fail, print_table
 from .common import output as common_output
 from .estimate import print_against_measured
+from .tables import comparison_table, results_table
 
 REPORT_HELP = """Render a run's table again from its saved results, plot it, or make one shareable HTML file.
 
@@ -34,11 +36,9 @@ def report(
     baseline: str = typer.Option("baseline", help="The cell the x-baseline and difference columns compare against."),
     plot: Optional[Path] = typer.Option(None, help="Also write the plots as PNG files into this folder."),
 ) -> None:
-    from ..api import load_run
-    from ..report.export import FORMATS
-
-    if format_ not in FORMATS:
-        fail(f"unknown format '{format_}': choose one of {', '.join(FORMATS)}")
+    formats = ("table", *FORMATS)
+    if format_ not in formats:
+        fail(f"unknown format '{format_}': choose one of {', '.join(formats)}")
     try:
         run = load_run(run_dir, baseline, output=common_output())
     except ValueError as error:
@@ -49,26 +49,21 @@ def report(
         except OSError as error:
             fail(f"cannot write plots to '{plot}' ({error.strerror or error}): pass a writable --plot folder")
         console.print(f"plots: {', '.join(str(path) for path in written)}", highlight=False)
-    rendered = run.table() if format_ == "table" else run.render(format_)
-    if format_ == "html" and output is None:
-        output = run_dir / "report.html"
-    if output is None:
-        if isinstance(rendered, Table):
-            print_table(rendered, hint=MORE_HINT)
+    if format_ == "table":
+        table = results_table(run.frame, run.measure, title=f"gputech-bench: {run.name}")
+        if output is None:
+            print_table(table, hint=MORE_HINT)
             if run.estimate is not None:
                 print_against_measured(run.estimate.report)
-        else:
-            sys.stdout.write(rendered)
-        return
-    if isinstance(rendered, Table):
+            return
         capture = OutputConsole(file=io.StringIO(), color_system=None)  # not a terminal: nothing wraps
-        print_table(rendered, out=capture)
+        print_table(table, out=capture)
         rendered = capture.file.getvalue()
-    try:
-        atomic_write_bytes(output, rendered.encode("utf-8"))
-    except OSError as error:
-        fail(f"cannot write '{output}' ({error.strerror or error}): pass a writable --output path")
-    console.print(f"wrote {output}", highlight=False)
+    else:
+        rendered = run.render(format_)
+    if format_ == "html" and output is None:
+        output = run_dir / "report.html"
+    emit(rendered, output)
 
 
 COMPARE_HELP = """Put two runs side by side, cell by cell: figures, ratios B/A, and what changed beyond noise.
@@ -89,10 +84,6 @@ def compare(
     format_: str = typer.Option("table", "--format", help="table, md or json."),
     output: Optional[Path] = typer.Option(None, help="Write to this file instead of the terminal."),
 ) -> None:
-    import json
-
-    from ..api import compare as compare_runs
-
     if format_ not in ("table", "md", "json"):
         fail(f"unknown format '{format_}': choose one of table, md, json")
     try:
@@ -103,22 +94,15 @@ def compare(
     if format_ == "table" and output is None:
         for warning in comparison.warnings:
             errors.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
-        print_table(compared.table(), hint=MORE_HINT)
+        print_table(comparison_table(comparison), hint=MORE_HINT)
         for line in compared.footer():
             console.print(f"  [dim]{line}[/]", highlight=False)
         return
     text = json.dumps(compared.to_dict(), indent=2) + "\n" if format_ == "json" else compared.markdown()
-    if output is None:
-        sys.stdout.write(text)
-        return
-    try:
-        atomic_write_bytes(output, text.encode("utf-8"))
-    except OSError as error:
-        fail(f"cannot write '{output}' ({error.strerror or error}): pass a writable --output path")
-    for warning in comparison.warnings:
-        errors.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
-    console.print(f"wrote {output}", highlight=False)
-
+    emit(text, output)
+    if output is not None:  # on stdout, the markdown or JSON stays alone
+        for warning in comparison.warnings:
+            errors.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

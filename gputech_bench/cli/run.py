@@ -8,11 +8,16 @@ from typing import List, Optional
 
 import typer
 
+from ..api import run_matrix
 from ..errors import ResultError
 from .common import (
     EXIT_FAILED_CELL,
     EXIT_INTERRUPTED,
+    MODEL_OPTION,
     MORE_HINT,
+    PRESET_OPTION,
+    SET_OPTION,
+    TRAIN_FILE_OPTION,
     console,
     errors,
     fail,
@@ -20,6 +25,8 @@ from .common import (
     output,
     print_table,
 )
+from .estimate import print_against_measured
+from .tables import results_table
 
 #: What ``run --format`` prints at the end: report's formats but html, which is a file (``report --format html``).
 RUN_FORMATS = ("table", "md", "csv", "json")
@@ -50,10 +57,10 @@ def run(
     ctx: typer.Context,
     matrix: bool = typer.Option(False, "--matrix", help="Run the seed's 8 cells: baseline, 1, 2, 3, 4, 1+2+3, 1+2+4, lora."),
     strategies: Optional[str] = typer.Option(None, help="Comma-separated cells, numbers or names (e.g. '1,3,1+2+3' or 'checkpointing+accumulation'); the baseline is always added."),
-    preset: Optional[str] = typer.Option(None, help="Preset name (see `gputech-bench presets`); default: seed with CUDA, cpu without."),
-    set_: List[str] = typer.Option([], "--set", help="Override a setting, e.g. --set train.epochs=1 (repeatable)."),
-    model: Optional[str] = typer.Option(None, help="Local Hugging Face folder (or hub id) of a BertForMaskedLM."),
-    train_file: Optional[Path] = typer.Option(None, help="Training text, one sentence per line."),
+    preset: Optional[str] = PRESET_OPTION,
+    set_: List[str] = SET_OPTION,
+    model: Optional[str] = MODEL_OPTION,
+    train_file: Optional[Path] = TRAIN_FILE_OPTION,
     eval_file: Optional[Path] = typer.Option(None, help="Eval text, one sentence per line."),
     device: str = typer.Option("auto", help="auto, cuda or cpu."),
     results: Path = typer.Option(Path("results"), help="Folder that receives one sub-folder per run."),
@@ -77,8 +84,6 @@ def run(
         fail(f"unknown --format '{format_}': choose one of {', '.join(RUN_FORMATS)} ('report RUN_DIR --format html' makes the HTML file)")
     if format_ != "table":
         ctx.call_on_close(messages_to_stderr())
-    from ..api import run_matrix
-    from .estimate import print_against_measured
 
     try:
         run = run_matrix(
@@ -92,7 +97,7 @@ def run(
         fail(str(error))
 
     if format_ == "table":
-        print_table(run.table(), hint=MORE_HINT)
+        print_table(results_table(run.frame, run.measure, title=f"gputech-bench: {run.name}"), hint=MORE_HINT)
     else:
         try:
             sys.stdout.write(run.render(format_))

@@ -1,4 +1,9 @@
-"""BERT-style WordPiece tokenizers: train one on the corpus, or load a pretrained one."""
+"""BERT-style WordPiece tokenizers: train one on the corpus, or load a pretrained one.
+
+tokenizers and transformers are imported where they are used, not when this module is:
+importing transformers costs about a second, and the data package (which imports this
+module) is also read by code that never tokenises (constants, the estimate's setup).
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,14 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
-
-from ..errors import DataError
+from ..errors import DataError, error_line
 from ..files import fingerprint_of, write_cache_file
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 # Order fixes the ids: [PAD]=0 (what BERT configs assume), then UNK=1, CLS=2, SEP=3, MASK=4.
@@ -24,6 +30,8 @@ WORDPIECE_RECIPE_VERSION = 1
 
 def _bert_pipeline(tokenizer: Tokenizer) -> None:
     """Give `tokenizer` the uncased-BERT normaliser, pre-tokeniser and decoder."""
+    from tokenizers import decoders, normalizers, pre_tokenizers
+
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.decoder = decoders.WordPiece(prefix=CONTINUATION_PREFIX)
@@ -48,6 +56,8 @@ def _continuation_tokens(tokenizer: Tokenizer, sentences: Sequence[str]) -> list
 
 def _train_backend(sentences: Sequence[str], vocab_size: int) -> Tokenizer:
     """Train a deterministic uncased WordPiece `tokenizers.Tokenizer` on `sentences`."""
+    from tokenizers import Tokenizer, models, processors, trainers
+
     scratch = Tokenizer(models.WordPiece(unk_token=UNK, continuing_subword_prefix=CONTINUATION_PREFIX))
     _bert_pipeline(scratch)
     # Passing the continuation tokens as "special tokens" is the only way to hand the
@@ -82,6 +92,8 @@ def _wrap_for_transformers(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
     # PreTrainedTokenizerFast (an alias of TokenizersBackend in transformers 5) keeps
     # the backend we built; BertTokenizerFast (alias of BertTokenizer) would also
     # work but overwrites the post-processor with its own after construction.
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         pad_token=PAD,
@@ -101,6 +113,8 @@ def _load_cached_backend(path: Path) -> Tokenizer | None:
     """The cached tokenizer, or None if missing or unreadable (then it is retrained)."""
     if not path.is_file():
         return None
+    from tokenizers import Tokenizer
+
     try:
         return Tokenizer.from_file(str(path))
     except Exception:  # tokenizers raises plain Exception on malformed JSON
@@ -145,11 +159,6 @@ def _looks_like_hub_id(text: str) -> bool:
     return bool(_HUB_ID.fullmatch(text)) and ".." not in text and "--" not in text and not text.endswith(".")
 
 
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-
-
 def load_pretrained_tokenizer(path_or_id: str) -> PreTrainedTokenizerBase:
     """AutoTokenizer.from_pretrained(path_or_id), with a one-line DataError on any failure.
 
@@ -164,6 +173,8 @@ def load_pretrained_tokenizer(path_or_id: str) -> PreTrainedTokenizerBase:
             f"pass an existing tokenizer folder or a model id such as 'bert-base-uncased'"
         )
     target = str(local) if local.exists() else path_or_id
+    from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(target, local_files_only=True)
     except Exception as error:
@@ -174,7 +185,7 @@ def load_pretrained_tokenizer(path_or_id: str) -> PreTrainedTokenizerBase:
         except Exception as error:
             last_error = error
     raise DataError(
-        f"could not load tokenizer '{path_or_id}' ({_first_line(last_error)}): pass a folder saved with "
+        f"could not load tokenizer '{path_or_id}' ({error_line(last_error)}): pass a folder saved with "
         f"save_pretrained() or a model id that can be downloaded or is already in the Hugging Face cache"
     ) from last_error
 
@@ -193,6 +204,8 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     tokens) minus padding/truncation state, plus the special-token ids. Stable across
     processes and unaffected by calling the tokenizer.
     """
+    from tokenizers import Tokenizer
+
     backend = tokenizer if isinstance(tokenizer, Tokenizer) else getattr(tokenizer, "backend_tokenizer", None)
     state: dict[str, Any]
     if backend is not None:

@@ -28,7 +28,8 @@ from typing import Any, Callable
 from ..config import BenchConfig
 from ..errors import FitError, StrategyError
 from ..results import CellResult
-from ..strategies import Cell, refusal_reason, refuse_for_config, registered
+from ..strategies import Cell, combination_refusal, launch_refusal, parse_cell, registered
+from ..units import GIB
 from .overheads import Overheads
 from .predict import Prediction, Setup
 
@@ -54,7 +55,7 @@ def candidates(config: BenchConfig, exclude: set[str] = frozenset(), device_type
     for size in range(len(strategies) + 1):
         for combo in itertools.combinations(strategies, size):
             cell = Cell(tuple(combo))
-            if refusal_reason(cell):
+            if combination_refusal(cell):
                 continue
             micro_sizes: list[int | None] = [None]
             if any(cls.key == "2" for cls in combo):
@@ -62,7 +63,7 @@ def candidates(config: BenchConfig, exclude: set[str] = frozenset(), device_type
             for micro in micro_sizes:
                 setup = Setup(cell.name, micro)
                 try:
-                    refuse_for_config(cell, setup.config_for(config))
+                    launch_refusal(cell, setup.config_for(config))
                 except StrategyError:
                     continue
                 setups.append(setup)
@@ -108,8 +109,6 @@ def expected_time(setup: Setup, config: BenchConfig, measured: dict[str, CellRes
 
 
 def gives_up(setup: Setup) -> str:
-    from ..strategies import parse_cell
-
     parts = [cls.gives_up for cls in parse_cell(setup.cell).strategies if cls.gives_up]
     return "; ".join(parts) or "nothing: the same training"
 
@@ -211,5 +210,5 @@ def _suggestions(floor: Setup, config: BenchConfig, budget: int, overheads: Over
         prediction = trace([floor], shorter)[0]
         total = overheads.device_total(prediction.device.total_bytes)
         if total <= budget:
-            return [f"--set data.max_length={length}: {floor.label} would need {total / 2**30:.2f} GiB"]
+            return [f"--set data.max_length={length}: {floor.label} would need {total / GIB:.2f} GiB"]
     return [f"even data.max_length={length} does not fit: lower train.batch_size, or use a smaller model or a larger device"]

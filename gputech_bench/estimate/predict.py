@@ -3,20 +3,33 @@
 A setup is a cell plus, for cells with accumulation, a micro-batch size; ``fit``
 tries several of those per cell. Traces are independent and single-threaded
 Python, so a pool of processes divides the wall time by the cores it gets.
+
+After a CPU run the runner's fork server is still up: the traces then run in children
+forked from it (``forks``), which start without importing anything, instead of a pool
+of fresh interpreters that each import torch and transformers first.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import multiprocessing
 import os
+import selectors
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from ..config import BenchConfig, from_dict, to_dict
-from ..errors import UserError
+from ..errors import UserError, error_line, first_line
 from ..measure.tracker import TrackedPeak
+from ..run.forkserver import ForkServerError
+from ..strategies import parse_cell
+from .trace import trace_cell, trace_inputs, trace_target
+
+if TYPE_CHECKING:
+    from ..run.forkserver import ForkServer
 
 
 @dataclass(frozen=True)
@@ -75,8 +88,6 @@ class Prediction:
 
 
 def _uses_accumulation(cell: str) -> bool:
-    from ..strategies import parse_cell
-
     return any(cls.key == "2" for cls in parse_cell(cell).strategies)
 
 
@@ -108,9 +119,6 @@ def _inputs_key(config_data: dict[str, Any]) -> str:
 
 
 def _trace_in_worker(config_data: dict[str, Any], setup: Setup) -> dict[str, Any]:
-    from ..strategies import parse_cell
-    from .trace import trace_cell, trace_inputs, trace_target
-
     config = setup.config_for(from_dict(config_data))
     key = _inputs_key(config_data)
     if key not in _worker_inputs:
@@ -120,9 +128,7 @@ def _trace_in_worker(config_data: dict[str, Any], setup: Setup) -> dict[str, Any
     try:
         trace = trace_cell(parse_cell(setup.cell), config, _worker_inputs[key], target)
     except Exception as error:  # noqa: BLE001 - one setup the tracer cannot follow must not sink the others
-        from ..errors import first_line
-
-        reason = first_line(error) if isinstance(error, UserError) else f"{type(error).__name__}: {first_line(error)}"
+        reason = first_line(error) if isinstance(error, UserError) else error_line(error)
         return Prediction(setup, TrackedPeak(str(target.device), 0, {}), None, 0.0, {}, reason).to_dict()
     return Prediction(setup, trace.device, trace.host, trace.seconds, trace.facts).to_dict()
 
@@ -136,11 +142,19 @@ def predict(
     config: BenchConfig,
     jobs: int = 1,
     on_done: Callable[[Prediction], None] = lambda prediction: None,
+    forks: ForkServer | None = None,
+    log_path: Path | None = None,
 ) -> list[Prediction]:
     """Trace every setup; the result keeps the order of ``setups``. A setup that cannot be
-    traced comes back with ``error`` set; a config or data problem raises."""
-    from .trace import trace_inputs
+    traced comes back with ``error`` set; a config or data problem raises.
 
+    With ``forks`` (a started fork server) the traces run in ``jobs`` children forked from
+    it, their stderr in ``log_path``; a server that cannot fork leaves them to the pool."""
+    if forks is not None and log_path is not None and forks.start():
+        try:
+            return _predict_in_forks(setups, config, jobs, on_done, forks, log_path)
+        except ForkServerError:
+            pass  # the server stopped: the pool below still gives the estimate
     config_data = to_dict(config)
     # Tokenise once here: the pool's processes then read the cache instead of racing to write
     # it, and a trace in this process reuses the batches.
@@ -167,4 +181,101 @@ def predict(
                 for future in futures:
                     future.cancel()
                 raise
+    return [done[setup] for setup in setups]
+
+
+# --------------------------------------------------------------------------- in the fork server's children
+
+
+def _shares(setups: list[Setup], config: BenchConfig, jobs: int) -> list[list[Setup]]:
+    """The setups split over ``jobs`` children, the longest traces first to the least loaded."""
+    shares: list[list[Setup]] = [[] for _ in range(max(1, min(jobs, len(setups))))]
+    loads = [0] * len(shares)
+    for setup in sorted(setups, key=lambda setup: -_trace_cost(setup, config)):
+        least = loads.index(min(loads))
+        shares[least].append(setup)
+        loads[least] += _trace_cost(setup, config)
+    return [share for share in shares if share]
+
+
+def trace_share(argv: list[str]) -> int:
+    """A forked child's entry: trace the setups in ``argv[1]`` (JSON) under the config in
+    ``argv[0]`` (JSON), printing one JSON line per prediction, or one ``failed`` line."""
+    config_data = json.loads(argv[0])
+    setups = [Setup(cell, micro) for cell, micro in json.loads(argv[1])]
+    if len(argv) > 2 and argv[2] == "--single-threaded":
+        _single_threaded()
+    try:
+        for setup in setups:
+            print(json.dumps(_trace_in_worker(config_data, setup)), flush=True)
+    except Exception as error:  # noqa: BLE001 - a config or data problem: the parent raises it
+        print(json.dumps({"failed": f"{type(error).__name__}: {first_line(error)}", "user_error": isinstance(error, UserError)}),
+              flush=True)
+        return 1
+    return 0
+
+
+def _predict_in_forks(
+    setups: list[Setup],
+    config: BenchConfig,
+    jobs: int,
+    on_done: Callable[[Prediction], None],
+    forks: ForkServer,
+    log_path: Path,
+) -> list[Prediction]:
+    # Each child prepares the trace inputs once (the run has left the tokenised data in the
+    # cache) and traces its share in turn, as a pool process would.
+    config_text = json.dumps(to_dict(config))
+    shares = _shares(setups, config, jobs)
+    threads = ["--single-threaded"] if len(shares) > 1 else []
+    done: dict[Setup, Prediction] = {}
+    failures: list[dict[str, Any]] = []
+    children = []
+    pending: dict[int, bytes] = {}  # each child's stdout, and what it wrote past its last full line
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("a", encoding="utf-8") as log, selectors.DefaultSelector() as selector:
+        try:
+            for share in shares:
+                read, write = os.pipe()
+                try:
+                    argv = [config_text, json.dumps([[setup.cell, setup.micro_batch_size] for setup in share]), *threads]
+                    children.append(forks.spawn("gputech_bench.estimate.predict:trace_share", argv, write, log.fileno()))
+                except BaseException:
+                    os.close(read)
+                    raise
+                finally:
+                    os.close(write)
+                pending[read] = b""
+                selector.register(read, selectors.EVENT_READ)
+            while pending:
+                for key, _ in selector.select():
+                    fd = key.fd
+                    chunk = os.read(fd, 65536)
+                    if not chunk:
+                        selector.unregister(fd)
+                        os.close(fd)
+                        del pending[fd]
+                        continue
+                    *lines, pending[fd] = (pending[fd] + chunk).split(b"\n")
+                    for line in lines:
+                        message = json.loads(line)
+                        if "failed" in message:
+                            failures.append(message)
+                            continue
+                        prediction = Prediction.from_dict(message)
+                        done[prediction.setup] = prediction
+                        on_done(prediction)
+        finally:
+            for fd in pending:
+                os.close(fd)
+            for child in children:
+                child.terminate()  # only one still tracing: after Ctrl-C or an error here
+                child.wait()
+    if failures:
+        reason = failures[0]["failed"]
+        raise UserError(reason) if failures[0]["user_error"] else RuntimeError(reason)
+    missing = [setup.label for setup in setups if setup not in done]
+    if missing:
+        codes = ", ".join(str(child.returncode) for child in children)
+        raise RuntimeError(f"trace processes ended without tracing {', '.join(missing)} (exit codes {codes}); see {log_path}")
     return [done[setup] for setup in setups]

@@ -1,4 +1,5 @@
-"""The estimate as a table: categories, overheads, total, fits, and measured where known."""
+"""The estimate as text: its file (estimate.json), markdown, JSON, and the cells of its table
+(categories, overheads, total, fits, and measured where known) that ``cli.tables`` lays out."""
 
 from __future__ import annotations
 
@@ -7,11 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from rich.table import Table
-
 from ..files import atomic_write_bytes
 from ..results import RunFolder
-from ..units import MIB
+from ..units import MIB, format_gib
 from .measured import Measured, error_percent
 from .overheads import Overheads
 from .predict import Prediction
@@ -112,36 +111,28 @@ def read_estimate(folder: RunFolder) -> EstimateReport:
     return from_dict(json.loads(folder.estimate_path.read_text(encoding="utf-8")))
 
 
-def _mib(value: float | None) -> str:
+def mib_text(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
-
-
-def _gib(num_bytes: int) -> str:
-    return f"{num_bytes / 2**30:.1f} GiB"
-
-
-def _fits(value: bool | None) -> str:
-    return "-" if value is None else ("[green]yes[/]" if value else "[red]no[/]")
 
 
 def _plain_fits(value: bool | None) -> str:
     return "-" if value is None else ("yes" if value else "no")
 
 
-def _row_cells(report: EstimateReport, row: dict[str, Any], compared: bool, fits: Callable[[bool | None], str]) -> list[str]:
+def row_cells(report: EstimateReport, row: dict[str, Any], compared: bool, fits: Callable[[bool | None], str]) -> list[str]:
     """One traced row's cells, in the column order both the table and the markdown use."""
-    cells = [row["setup"], *(_mib(row[f"{category}_mib"]) for category, _ in SHOWN_CATEGORIES)]
-    cells += [_mib(row["tensor_peak_mib"]), _mib(row["allocator_reserve_mib"]), _mib(row["cuda_context_mib"])]
-    cells += [_mib(row["device_total_mib"]), _mib(row["host_peak_mib"])]
+    cells = [row["setup"], *(mib_text(row[f"{category}_mib"]) for category, _ in SHOWN_CATEGORIES)]
+    cells += [mib_text(row["tensor_peak_mib"]), mib_text(row["allocator_reserve_mib"]), mib_text(row["cuda_context_mib"])]
+    cells += [mib_text(row["device_total_mib"]), mib_text(row["host_peak_mib"])]
     if report.budget_bytes is not None:
         cells.append(fits(row["fits"]))
     if compared:
         measured = row.get("measured_mib")
-        cells += [_mib(measured) if measured is not None else row.get("measured_what", "-"), _error(row.get("error_percent"))]
+        cells += [mib_text(measured) if measured is not None else row.get("measured_what", "-"), error_text(row.get("error_percent"))]
     return cells
 
 
-def _error(value: float | None) -> str:
+def error_text(value: float | None) -> str:
     return "-" if value is None else f"{value:+.1f}%"
 
 
@@ -154,53 +145,10 @@ def untraced_reasons(report: EstimateReport) -> dict[str, int]:
     return reasons
 
 
-def _untraceable(report: EstimateReport, row: dict[str, Any], width: int) -> list[str]:
+def untraceable_row(report: EstimateReport, row: dict[str, Any], width: int) -> list[str]:
     """A row for a setup the tracer could not follow: a footnote to its reason, then dashes.
     (Several cells share a reason, such as every amp cell without CUDA.)"""
     return [row["setup"], f"not traced [{untraced_reasons(report)[row['error']]}]", *(["-"] * (width - 2))]
-
-
-def rich_table(report: EstimateReport, title: str = "gputech-bench estimate (MiB)") -> Table:
-    rows = report.rows()
-    compared = any("measured_what" in row for row in rows)
-    table = Table(title=title, title_justify="left")
-    table.add_column("setup", style="bold", no_wrap=True)
-    for _, header in SHOWN_CATEGORIES:
-        table.add_column(header, justify="right")
-    table.add_column("tensor peak", justify="right", style="bold")
-    table.add_column("+reserve", justify="right")
-    table.add_column("+context", justify="right")
-    table.add_column("device", justify="right", style="bold")
-    table.add_column("host", justify="right")
-    if report.budget_bytes is not None:
-        table.add_column(f"fits {_gib(report.budget_bytes)}", justify="center")
-    if compared:
-        table.add_column("measured", justify="right")
-        table.add_column("error", justify="right")
-    for row in rows:
-        if row["error"]:
-            table.add_row(*_untraceable(report, row, len(table.columns)))
-            continue
-        table.add_row(*_row_cells(report, row, compared, _fits))
-    return table
-
-
-def compact_table(report: EstimateReport, title: str) -> Table:
-    """Predicted against measured only, for under ``run``'s table; ``estimate`` shows the categories."""
-    table = Table(title=title, title_justify="left")
-    table.add_column("cell", style="bold", no_wrap=True)
-    table.add_column("predicted", justify="right")
-    table.add_column("host", justify="right")
-    table.add_column("measured", justify="right")
-    table.add_column("error", justify="right")
-    for row in report.rows():
-        if row["error"]:
-            table.add_row(*_untraceable(report, row, 5))
-            continue
-        measured = row.get("measured_mib")
-        shown = _mib(measured) if measured is not None else ("n/a" if "n/a" in row.get("measured_what", "") else row.get("measured_what", "-"))
-        table.add_row(row["setup"], _mib(row["tensor_peak_mib"]), _mib(row["host_peak_mib"]), shown, _error(row.get("error_percent")))
-    return table
 
 
 def legend(report: EstimateReport, with_overheads: bool = True) -> list[str]:
@@ -238,15 +186,15 @@ def markdown(report: EstimateReport) -> str:
     headers = ["setup", *(header for _, header in SHOWN_CATEGORIES), "tensor peak", "+ reserve", "+ context",
                "device total", "host"]
     if report.budget_bytes is not None:
-        headers.append(f"fits {_gib(report.budget_bytes)}")
+        headers.append(f"fits {format_gib(report.budget_bytes)}")
     if compared:
         headers += ["measured", "error"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
         if row["error"]:
-            lines.append("| " + " | ".join(_untraceable(report, row, len(headers))) + " |")
+            lines.append("| " + " | ".join(untraceable_row(report, row, len(headers))) + " |")
             continue
-        lines.append("| " + " | ".join(_row_cells(report, row, compared, _plain_fits)) + " |")
+        lines.append("| " + " | ".join(row_cells(report, row, compared, _plain_fits)) + " |")
     return "\n".join(["Memory in MiB.", "", *lines, "", *(f"- {line}" for line in legend(report))]) + "\n"
 
 

@@ -12,6 +12,7 @@ state, which is then live during the second step's forward and backward.
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import time
 import warnings
@@ -21,13 +22,15 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
-from transformers import get_linear_schedule_with_warmup
 
-from ..config import BenchConfig
+from ..config import BenchConfig, from_dict
+from ..data.prepare import prepare_data
 from ..measure.tracker import StepMemoryTracker, TrackedPeak
 from ..modeling import build_shape_model
-from ..strategies import Cell, RunContext, build_plan, check_cell
+from ..strategies import Cell, RunContext, build_plan, device_refusal
+from ..training.batches import epoch_batches
 from ..training.loop import optimizer_step
+from ..training.schedule import linear_schedule_with_warmup
 
 HOST = "cpu"
 
@@ -70,9 +73,6 @@ class TraceInputs:
 
 def trace_inputs(config: BenchConfig) -> TraceInputs:
     """The vocabulary and the first two batches a real run of ``config`` would train on."""
-    from ..data.prepare import prepare_data
-    from ..training.batches import epoch_batches
-
     data = prepare_data(config)
     batches = epoch_batches(
         data.train, data.masking, config.train.batch_size, config.train.seed, epoch=0, objective=config.data.objective
@@ -211,6 +211,20 @@ def modelled_attention_note(config: BenchConfig, target: "TraceTarget") -> str |
     return FUSED_SDPA_NOTE if target.device.type == "meta" and config.model.attention == "sdpa" else None
 
 
+def describe_target(config: BenchConfig) -> tuple[str, str | None]:
+    """What an estimate's header says about its traces: the target, and every caveat."""
+    target = trace_target()
+    caveat = "; ".join(note for note in (target.caveat, modelled_attention_note(config, target)) if note) or None
+    return target.label, caveat
+
+
+def describe_target_in_child(argv: list[str]) -> int:
+    """A forked child's entry: ``describe_target`` of the config in ``argv[0]`` (JSON), as JSON on stdout."""
+    label, caveat = describe_target(from_dict(json.loads(argv[0])))
+    print(json.dumps({"label": label, "caveat": caveat}), flush=True)
+    return 0
+
+
 @contextlib.contextmanager
 def _fused_attention_on_stand_in(config: BenchConfig, target: "TraceTarget") -> Iterator[None]:
     """On the stand-in device torch runs sdpa's math path, which materialises the attention
@@ -243,12 +257,12 @@ def trace_cell(cell: Cell, config: BenchConfig, inputs: TraceInputs, target: Tra
     """Peak bytes by category of the cell's second optimizer step, device and host apart."""
     started = time.perf_counter()
     ctx = RunContext(config, target.device, tracing=True)
-    check_cell(cell, ctx)  # imports what the strategies need (bitsandbytes) before the fake mode starts
+    device_refusal(cell, ctx)  # imports what the strategies need (bitsandbytes) before the fake mode starts
     with _fake_mode(), _real_quantisation_maps(), _fused_attention_on_stand_in(config, target):
         model = build_shape_model(config.model, inputs.tokenizer_size, inputs.pad_token_id, config.train.seed)
         plan = build_plan(cell, model, ctx)
         _split_real_batches(plan)
-        scheduler = get_linear_schedule_with_warmup(plan.optimizer, 0, 2)
+        scheduler = linear_schedule_with_warmup(plan.optimizer, 0, 2)
         plan.model.train()
         optimizer_step(plan, scheduler, inputs.batches[0], ctx)
         tracker = StepMemoryTracker(plan.model, plan.optimizer, *plan.placement.tracked_objects())

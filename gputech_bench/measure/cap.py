@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import SizeError
-from ..units import format_gib
+from ..units import MIB, format_gib
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,9 @@ class MemoryCap:
 
     def describe(self) -> dict[str, float | str]:
         return {
-            "limit_mib": round(self.limit_bytes / 2**20, 1),
-            "context_mib": round(self.context_bytes / 2**20, 1),
-            "allocator_cap_mib": round(self.allocator_bytes / 2**20, 1),
+            "limit_mib": round(self.limit_bytes / MIB, 1),
+            "context_mib": round(self.context_bytes / MIB, 1),
+            "allocator_cap_mib": round(self.allocator_bytes / MIB, 1),
             "fraction_of_device": round(self.fraction, 6),
             "method": "torch.cuda.set_per_process_memory_fraction((limit - measured CUDA context) / device total)",
         }

@@ -9,12 +9,14 @@ from typing import Any
 
 import torch
 
+from ..units import MIB
+
 
 def device_info(device: torch.device) -> dict[str, Any]:
     props = torch.cuda.get_device_properties(device)
     return {
         "name": props.name,
-        "total_memory_mib": round(props.total_memory / 2**20, 1),
+        "total_memory_mib": round(props.total_memory / MIB, 1),
         "compute_capability": f"{props.major}.{props.minor}",
         "cuda_runtime": torch.version.cuda,
     }

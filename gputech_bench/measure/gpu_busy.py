@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ..units import MIB
 from .gpu_selection import run_devices
 
 #: Used memory net of the driver's reserve that we still call idle. Net of the reserve an
@@ -85,12 +86,12 @@ def _memory(nvml: Any, handle: Any) -> tuple[float, float | None, float]:
         reserved = info.reserved
     except Exception:
         info = nvml.nvmlDeviceGetMemoryInfo(handle)
-        return info.used / 2**20, None, info.total / 2**20
+        return info.used / MIB, None, info.total / MIB
     # Computed from total and free, because NVML's documentation has said both that v2's
     # "used" includes the reserve and that it does not (driver 580 leaves it out): total -
     # free - reserved is the memory processes hold under either reading.
     net = max(0, info.total - info.free - reserved)
-    return net / 2**20, reserved / 2**20, info.total / 2**20
+    return net / MIB, reserved / MIB, info.total / MIB
 
 
 def _processes(nvml: Any, handle: Any, own_pid: int) -> tuple[tuple[GpuProcess, ...], float]:
@@ -100,7 +101,7 @@ def _processes(nvml: Any, handle: Any, own_pid: int) -> tuple[tuple[GpuProcess, 
     not find its own GPU busy."""
     try:
         running = [
-            GpuProcess(int(process.pid), None if process.usedGpuMemory is None else process.usedGpuMemory / 2**20)
+            GpuProcess(int(process.pid), None if process.usedGpuMemory is None else process.usedGpuMemory / MIB)
             for process in nvml.nvmlDeviceGetComputeRunningProcesses(handle)
         ]
     except Exception:

@@ -16,8 +16,10 @@ import os
 import re
 from typing import Any
 
+from ..units import GIB, KIB, MIB, TIB
+
 # PyTorch writes sizes under 1 KiB as "bytes" ("0 bytes is allocated by PyTorch").
-_UNITS = {"bytes": 1, "B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+_UNITS = {"bytes": 1, "B": 1, "KiB": KIB, "MiB": MIB, "GiB": GIB, "TiB": TIB}
 _AMOUNT = r"([0-9]+(?:\.[0-9]+)?) (bytes|B|KiB|MiB|GiB|TiB)"
 _FIELDS = {
     "requested_mib": rf"Tried to allocate {_AMOUNT}",
@@ -31,7 +33,7 @@ _PROCESS = rf"Process (\d+) has {_AMOUNT} memory in use"
 
 
 def _mib(number: str, unit: str) -> float:
-    return round(float(number) * _UNITS[unit] / 2**20, 1)
+    return round(float(number) * _UNITS[unit] / MIB, 1)
 
 
 def _process_usage(message: str, pid: int) -> tuple[float | None, dict[str, float]]:
@@ -88,9 +90,9 @@ def oom_details(error: BaseException) -> dict[str, Any]:
         import torch
 
         if torch.cuda.is_available() and torch.cuda.is_initialized():
-            details["allocated_when_caught_mib"] = round(torch.cuda.memory_allocated() / 2**20, 1)
-            details["peak_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-            details["peak_reserved_mib"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
+            details["allocated_when_caught_mib"] = round(torch.cuda.memory_allocated() / MIB, 1)
+            details["peak_allocated_mib"] = round(torch.cuda.max_memory_allocated() / MIB, 1)
+            details["peak_reserved_mib"] = round(torch.cuda.max_memory_reserved() / MIB, 1)
     except Exception:
         pass  # the figures from the message are what matter; never fail while reporting a failure
     return details

@@ -2,7 +2,7 @@
 
 MemTracker is a TorchDispatchMode: it sees every tensor the step creates and
 attributes it to parameters, gradients, optimizer state, activations or
-temporaries, per device. It slows the step it watches, so the training loop
+temporaries, per device; 4-bit quantised weights get a category of their own. It slows the step it watches, so the training loop
 runs it on one step and keeps that step out of the timing.
 """
 
@@ -12,6 +12,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from torch import nn
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -26,6 +28,11 @@ CATEGORY_NAMES = {
     "Other": "other",
 }
 TOTAL_KEY = "Total"
+#: bitsandbytes' 4-bit weights (qlora): the packed uint8 storage and its quantisation constants.
+QUANTIZED = "quantized_weights"
+#: MemTracker counts CUDA storages in the caching allocator's 512-byte blocks, and so must a
+#: figure moved between its categories.
+_CUDA_BLOCK = 512
 
 
 @dataclass(frozen=True)
@@ -57,14 +64,83 @@ class _FrozenAreHooked(WeakIdKeyDictionary):
         return super().get(key, default)
 
 
+def _tracked_bytes(tensor: torch.Tensor) -> int:
+    """What MemTracker counts for ``tensor``'s storage (see ``_WeakRefInfo``)."""
+    size = tensor.untyped_storage().nbytes()
+    return -(-size // _CUDA_BLOCK) * _CUDA_BLOCK if tensor.device.type == "cuda" else size
+
+
+def _quant_state_tensors(state: Any) -> list[torch.Tensor]:
+    """The tensors of a bitsandbytes QuantState: block absmax, code book, and those of the
+    nested state that double quantisation adds."""
+    tensors = []
+    while state is not None:
+        tensors += [t for t in (getattr(state, name, None) for name in ("absmax", "code", "offset"))
+                    if isinstance(t, torch.Tensor)]
+        state = getattr(state, "state2", None)
+    return tensors
+
+
+@dataclass
+class QuantizedStorages:
+    """bitsandbytes 4-bit weights among the tracked modules, per device: the packed weights
+    (MemTracker files them as parameters) and their quantisation constants (which no module
+    registers; they are tracked as "other")."""
+
+    packed: dict[str, dict[int, int]]  # device -> storage pointer -> tracked bytes
+    constants: dict[str, dict[int, int]]
+    constant_tensors: list[torch.Tensor]
+
+    @classmethod
+    def find(cls, objects: tuple[Any, ...]) -> "QuantizedStorages":
+        packed: dict[str, dict[int, int]] = {}
+        constants: dict[str, dict[int, int]] = {}
+        tensors: list[torch.Tensor] = []
+        modules = [obj for obj in objects if isinstance(obj, nn.Module)]
+        # By class name: importing bitsandbytes here would cost every run its start-up time.
+        weights = {id(p): p for m in modules for p in m.parameters() if type(p).__name__ == "Params4bit"}
+        for weight in weights.values():
+            state = getattr(weight, "quant_state", None)
+            if state is None:
+                continue  # not quantised yet: an ordinary fp32 weight
+            packed.setdefault(str(weight.device), {})[weight.untyped_storage().data_ptr()] = _tracked_bytes(weight)
+            for tensor in _quant_state_tensors(state):
+                constants.setdefault(str(tensor.device), {})[tensor.untyped_storage().data_ptr()] = _tracked_bytes(tensor)
+                tensors.append(tensor)
+        return cls(packed, constants, tensors)
+
+    def regroup(self, device: str, by_category: dict[str, int]) -> dict[str, int]:
+        """``by_category`` with the 4-bit weights moved into their own category; the total is unchanged.
+        Left as it is when the categories do not hold them in full (nothing to move, or a
+        tracker that filed them elsewhere: a figure is never moved on a guess)."""
+        packed = sum(self.packed.get(device, {}).values())
+        constants = sum(self.constants.get(device, {}).values())
+        if not packed or by_category.get("parameters", 0) < packed or by_category.get("other", 0) < constants:
+            return by_category
+        regrouped = dict(by_category)
+        regrouped["parameters"] -= packed
+        regrouped["other"] -= constants
+        regrouped[QUANTIZED] = packed + constants
+        return regrouped
+
+
 class StepMemoryTracker:
-    """Context manager around one training step; ``peaks()`` afterwards."""
+    """Context manager around one training step; ``peaks()`` afterwards.
+
+    bitsandbytes' 4-bit weights (qlora) are reported as their own category, ``quantized_weights``:
+    MemTracker has no such type, so they are moved there from "parameters" (the packed uint8
+    weights) and "other" (their quantisation constants, registered here). Frozen, they are live
+    for the whole step, so at the peak those categories hold them in full.
+    """
 
     def __init__(self, *external: Any) -> None:
         self._tracker = MemTracker()
         # Tensors created before the step (weights, existing optimizer state) are
         # unknown to a dispatch mode unless registered up front.
         self._tracker.track_external(*[obj for obj in external if obj is not None])
+        self._quantized = QuantizedStorages.find(external)
+        if self._quantized.constant_tensors:
+            self._tracker.track_external(*self._quantized.constant_tensors)
         self._skip_frozen_parameters(external)
 
     def _skip_frozen_parameters(self, external: tuple[Any, ...]) -> None:
@@ -107,5 +183,6 @@ class StepMemoryTracker:
                 for key, value in categories.items()
                 if getattr(key, "value", key) != TOTAL_KEY
             }
+            by_category = self._quantized.regroup(str(device), by_category)
             result.append(TrackedPeak(str(device), int(categories.get(TOTAL_KEY, sum(by_category.values()))), by_category))
         return sorted(result, key=lambda peak: peak.device)

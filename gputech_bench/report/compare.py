@@ -19,7 +19,9 @@ import pandas as pd
 from ..config import config_changes
 from ..results import CellResult, LoadedRun, cell_order
 from ..stats import HIGHER, LOWER, SINGLE_RUN, WITHIN_NOISE, versus
+from ..units import is_missing
 from .frame import build_frame
+from .table import fmt_mib, fmt_percent, fmt_seconds
 
 #: (label, column of the frame, statistics key or None for the run's memory measure, unit)
 FIGURES = (
@@ -87,7 +89,7 @@ class Comparison:
 
 def _value(frame: pd.DataFrame, cell: str, column: str) -> float | None:
     value = frame.loc[frame["cell"] == cell, column].iloc[0]
-    return None if pd.isna(value) else float(value)
+    return None if is_missing(value) else float(value)
 
 
 def _verdict(result_a: CellResult, result_b: CellResult, key: str, a: float | None, b: float | None) -> str:
@@ -166,8 +168,6 @@ VERDICT_TEXT = {LOWER: "lower", HIGHER: "higher", WITHIN_NOISE: "within noise", 
 
 
 def _shown(change: Change) -> tuple[str, str]:
-    from .table import fmt_mib, fmt_percent, fmt_seconds
-
     fmt = {"memory": fmt_mib, "time / epoch": fmt_seconds, "masked accuracy": fmt_percent}[change.figure]
     return tuple("-" if value is None else fmt(value) for value in (change.a, change.b))  # type: ignore[return-value]
 
@@ -195,22 +195,6 @@ def headers(comparison: Comparison) -> list[str]:
     # Short: the title names A and B, and a table of eleven columns must fit a terminal.
     return ["cell", "memory A", "memory B", "B/A", "time A", "time B", "B/A", "masked A", "masked B", "B-A",
             "beyond noise"]
-
-
-def comparison_table(comparison: Comparison):
-    from rich.table import Table
-
-    table = Table(title=f"A = {comparison.name_a}, B = {comparison.name_b}", title_justify="left")
-    for index, header in enumerate(headers(comparison)):
-        if index == 0:
-            table.add_column(header, no_wrap=True)
-        elif index == 10:  # the verdict, in words: the one column a narrow terminal may fold
-            table.add_column(header, overflow="fold")
-        else:
-            table.add_column(header, justify="right")
-    for row in comparison_rows(comparison):
-        table.add_row(*row)
-    return table
 
 
 def comparison_markdown(comparison: Comparison) -> str:

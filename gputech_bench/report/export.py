@@ -6,12 +6,11 @@ import json
 from pathlib import Path
 
 import pandas as pd
-from rich.table import Table
 
 from ..files import atomic_write_bytes
 from ..results import LoadedRun
 from .frame import HIGHER_IS_BETTER, LOWER_IS_BETTER, MemoryMeasure, build_frame
-from .table import markdown, rich_table
+from .table import markdown
 
 
 def to_json(frame: pd.DataFrame, measure: MemoryMeasure, baseline: str) -> str:
@@ -31,17 +30,16 @@ def to_csv(frame: pd.DataFrame) -> str:
     return frame.to_csv(index=False)
 
 
-FORMATS = ("table", "md", "csv", "json", "html")
+#: What ``render`` writes; the terminal table is the command line's (``cli.tables``).
+FORMATS = ("md", "csv", "json", "html")
 
 
-def render(run: LoadedRun, fmt: str, baseline: str = "baseline") -> str | Table:
+def render(run: LoadedRun, fmt: str, baseline: str = "baseline") -> str:
     frame, measure = build_frame(run.results, baseline)
     return _render(run, frame, measure, fmt, baseline)
 
 
-def _render(run: LoadedRun, frame: pd.DataFrame, measure: MemoryMeasure, fmt: str, baseline: str) -> str | Table:
-    if fmt == "table":
-        return rich_table(frame, measure, title=f"gputech-bench: {run.root.name}")
+def _render(run: LoadedRun, frame: pd.DataFrame, measure: MemoryMeasure, fmt: str, baseline: str) -> str:
     if fmt == "md":
         return markdown(frame, measure, run.results, baseline)
     if fmt == "csv":
@@ -62,7 +60,6 @@ def write_exports(run: LoadedRun, baseline: str = "baseline") -> list[Path]:
     for fmt, extension in (("md", "md"), ("csv", "csv"), ("json", "json")):
         path = run.root / f"report.{extension}"
         text = _render(run, frame, measure, fmt, baseline)
-        assert isinstance(text, str)
         atomic_write_bytes(path, text.encode("utf-8"))
         written.append(path)
     return written

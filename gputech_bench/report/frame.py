@@ -16,6 +16,7 @@ import pandas as pd
 
 from ..results import MEMORY_METRICS, TRAINED_STATUSES, CellResult
 from ..stats import versus
+from ..units import MIB, format_gib
 from .pareto import frontier
 
 FAILED = "failed"
@@ -36,10 +37,14 @@ METRIC_COLUMNS = (
     "paged_optimizer_state_mib",
     "eval_masked_accuracy",
     "eval_token_accuracy",
+    "eval_next_token_accuracy",
+    "eval_perplexity",
     "eval_loss",
     "final_train_loss",
 )
-CATEGORIES = ("parameters", "buffers", "gradients", "optimizer_state", "activations", "temporaries", "other")
+#: MemTracker's categories, and qlora's 4-bit weights (absent, so empty, in every other cell).
+CATEGORIES = ("parameters", "quantized_weights", "buffers", "gradients", "optimizer_state", "activations", "temporaries",
+              "other")
 BREAKDOWN_COLUMNS = tuple(f"tracked_{side}_{category}_mib" for side in ("device", "host") for category in CATEGORIES)
 #: Against the baseline, from the repeats' ranges: "lower", "higher", "within noise",
 #: "single run" (no repeats to judge by), or empty for the baseline itself.
@@ -52,12 +57,13 @@ DERIVED_COLUMNS = (
     "epoch_x_baseline",
     "masked_accuracy_delta_points",
     "token_accuracy_delta_points",
+    "next_token_accuracy_delta_points",
 )
 OOM_COLUMNS = ("oom_requested_mib", "oom_in_use_mib", "gpu_memory_limit_mib")
 INFO_COLUMNS = (
     "pareto", "world_size", "device_type", "device_name", "compute_dtype", "optimizer", "trainable_parameters",
     "total_parameters", "preset", "objective", "attention", "memory_snapshot", "corpus_source",
-    "train_sentences_repeated",
+    "train_sentences_repeated", "task", "architecture", "model_parameters", "model_notes",
 )
 COLUMNS = (
     "cell", "strategies", "status", "reason", "repeats",
@@ -65,8 +71,42 @@ COLUMNS = (
 )
 
 #: Which way is better, for colouring and for readers of the CSV.
-LOWER_IS_BETTER = {"memory_mib", "memory_x_baseline", "epoch_seconds", "epoch_x_baseline", "eval_loss", "final_train_loss"}
-HIGHER_IS_BETTER = {"eval_masked_accuracy", "eval_token_accuracy", "masked_accuracy_delta_points", "samples_per_second"}
+LOWER_IS_BETTER = {"memory_mib", "memory_x_baseline", "epoch_seconds", "epoch_x_baseline", "eval_loss", "final_train_loss",
+                   "eval_perplexity"}
+HIGHER_IS_BETTER = {"eval_masked_accuracy", "eval_token_accuracy", "masked_accuracy_delta_points", "samples_per_second",
+                    "eval_next_token_accuracy", "next_token_accuracy_delta_points"}
+
+
+@dataclass(frozen=True)
+class AccuracyColumns:
+    """What the accuracy columns of every table show: a masked-LM's masked and all-token
+    accuracy, or a causal LM's next-token accuracy and perplexity."""
+
+    task: str
+    accuracy: str  # the headline accuracy's column, compared with the baseline in points
+    delta: str
+    second: str  # the second figure's column
+    #: Headers: (terminal, markdown, HTML) for the accuracy, then for the second figure.
+    accuracy_labels: tuple[str, str, str]
+    second_labels: tuple[str, str, str]
+    second_is_fraction: bool
+
+
+MASKED_LM_COLUMNS = AccuracyColumns(
+    "mlm", "eval_masked_accuracy", "masked_accuracy_delta_points", "eval_token_accuracy",
+    ("masked acc", "eval accuracy, masked", "masked accuracy"),
+    ("token acc (seed)", "token accuracy, seed's", "token accuracy (seed's)"), True,
+)
+CAUSAL_LM_COLUMNS = AccuracyColumns(
+    "clm", "eval_next_token_accuracy", "next_token_accuracy_delta_points", "eval_perplexity",
+    ("next-token acc", "eval accuracy, next token", "next-token accuracy"),
+    ("perplexity", "eval perplexity", "perplexity"), False,
+)
+
+
+def accuracy_columns(frame: pd.DataFrame) -> AccuracyColumns:
+    """The columns for the run's task (a run trains one model, so one task)."""
+    return CAUSAL_LM_COLUMNS if "task" in frame and frame["task"].eq("clm").any() else MASKED_LM_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -95,7 +135,7 @@ def memory_measure(results: list[CellResult]) -> MemoryMeasure:
     caps = {r.memory_cap["limit_mib"] for r in results if r.memory_cap}
     if caps:
         limit = max(caps)
-        measure = MemoryMeasure(measure.metric, f"{measure.label}, cap {limit / 1024:.1f} GiB")
+        measure = MemoryMeasure(measure.metric, f"{measure.label}, cap {format_gib(limit * MIB)}")
     return measure
 
 
@@ -133,8 +173,19 @@ def _row(result: CellResult) -> dict[str, Any]:
         memory_snapshot=result.recorded_snapshot,
         corpus_source=data.get("corpus_source"),
         train_sentences_repeated=data.get("train_sentences_repeated"),
+        # Results written before causal LMs were supported trained a masked-LM.
+        task=(result.model or {}).get("task", "mlm") if result.model else None,
+        architecture=(result.model or {}).get("architecture"),
+        model_parameters=(result.model or {}).get("parameters"),
+        model_notes=model_notes(result),
     )
     return row
+
+
+def model_notes(result: CellResult) -> str | None:
+    """What loading did to the model (random init from a config, weights newly initialised
+    or ignored), as the loader worded it (``modeling.LoadReport.notes``)."""
+    return "\n".join((result.model or {}).get("load_notes", [])) or None
 
 
 def build_frame(results: list[CellResult], baseline: str = "baseline") -> tuple[pd.DataFrame, MemoryMeasure]:
@@ -154,12 +205,15 @@ def build_frame(results: list[CellResult], baseline: str = "baseline") -> tuple[
         frame["epoch_x_baseline"] = frame["epoch_seconds"] / reference["epoch_seconds"]
         frame["masked_accuracy_delta_points"] = 100 * (frame["eval_masked_accuracy"] - reference["eval_masked_accuracy"])
         frame["token_accuracy_delta_points"] = 100 * (frame["eval_token_accuracy"] - reference["eval_token_accuracy"])
+        frame["next_token_accuracy_delta_points"] = 100 * (
+            frame["eval_next_token_accuracy"] - reference["eval_next_token_accuracy"])
     failed = ~frame["status"].isin(TRAINED_STATUSES)
     frame.loc[failed, list(numeric)] = float("nan")  # a failed cell's partial figures are not comparable
     on_frontier = set(pareto_cells(frame))
     frame["pareto"] = frame["cell"].isin(on_frontier)
     reference = next((r for r in results if r.cell == baseline and r.ok), None)
-    for column, metric in zip(VERDICT_COLUMNS, (measure.metric, "epoch_seconds", "eval_masked_accuracy")):
+    accuracy = accuracy_columns(frame).accuracy
+    for column, metric in zip(VERDICT_COLUMNS, (measure.metric, "epoch_seconds", accuracy)):
         frame[column] = [_verdict(result, reference, metric) for result in results]
     return frame, measure
 

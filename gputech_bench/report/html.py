@@ -15,8 +15,8 @@ from typing import Any
 import pandas as pd
 
 from ..results import TRAINED_STATUSES, LoadedRun
-from .frame import MemoryMeasure
-from .plots import png_bytes, run_figures
+from .frame import MemoryMeasure, accuracy_columns
+from .plots import png_bytes, run_charts
 from .table import provenance_lines, row_texts, table_notes
 
 STYLE = """
@@ -41,8 +41,9 @@ def _esc(value: Any) -> str:
 
 
 def _table(frame: pd.DataFrame, measure: MemoryMeasure) -> str:
-    head = ["cell", measure.label, "x baseline", "time / epoch", "x baseline", "masked accuracy", "Δ points",
-            "token accuracy (seed's)", "status"]
+    accuracy = accuracy_columns(frame)
+    head = ["cell", measure.label, "x baseline", "time / epoch", "x baseline", accuracy.accuracy_labels[2], "Δ points",
+            accuracy.second_labels[2], "status"]
     rows = []
     for row in frame.itertuples(index=False):
         classes = ["pareto"] if row.pareto else []
@@ -52,7 +53,7 @@ def _table(frame: pd.DataFrame, measure: MemoryMeasure) -> str:
                         + f'<td class="status">{_esc(status)}</td></tr>')
             continue
         rows.append(f'<tr class="{" ".join(classes)}"><td>{_esc(row.cell)}</td>'
-                    + "".join(f"<td>{_esc(text)}</td>" for text in row_texts(row)) + f'<td class="status">{_esc(status)}</td></tr>')
+                    + "".join(f"<td>{_esc(text)}</td>" for text in row_texts(row, accuracy)) + f'<td class="status">{_esc(status)}</td></tr>')
     header = "".join(f"<th>{_esc(text)}</th>" for text in head)
     return f"<table><thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
@@ -115,9 +116,9 @@ def notebook_html(run: LoadedRun, frame: pd.DataFrame, measure: MemoryMeasure, b
 def html_report(run: LoadedRun, frame: pd.DataFrame, measure: MemoryMeasure, baseline: str = "baseline") -> str:
     title = f"gputech-bench: {run.root.name}"
     plots = "".join(
-        f'<figure><img alt="{_esc(name)}" src="data:image/png;base64,{base64.b64encode(png_bytes(figure)).decode()}">'
+        f'<figure><img alt="{_esc(name)}" src="data:image/png;base64,{base64.b64encode(png_bytes(chart)).decode()}">'
         f"</figure>"
-        for name, figure in run_figures(run, baseline).items()
+        for name, chart in run_charts(run, baseline).items()
     )
     cell_notes = _cell_notes(run)
     config = json.dumps(run.config, indent=2) if run.config is not None else "(config.json missing)"

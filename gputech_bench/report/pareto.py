@@ -7,8 +7,9 @@ choices; every other cell is beaten by one of them on both axes.
 
 from __future__ import annotations
 
-import math
 from typing import Iterable, Sequence
+
+from ..units import is_missing
 
 
 def frontier(points: Iterable[tuple[str, float, float]]) -> list[str]:
@@ -17,7 +18,7 @@ def frontier(points: Iterable[tuple[str, float, float]]) -> list[str]:
     Points with a missing (None or NaN) coordinate cannot be compared and are left out."""
     usable = [
         (name, memory, seconds) for name, memory, seconds in points
-        if not _missing(memory) and not _missing(seconds)
+        if not is_missing(memory) and not is_missing(seconds)
     ]
     kept = [point for point in usable if not any(_dominates(other, point) for other in usable)]
     return [name for name, _, _ in sorted(kept, key=lambda point: (point[1], point[2], point[0]))]
@@ -25,7 +26,3 @@ def frontier(points: Iterable[tuple[str, float, float]]) -> list[str]:
 
 def _dominates(a: Sequence, b: Sequence) -> bool:
     return a[1] <= b[1] and a[2] <= b[2] and (a[1] < b[1] or a[2] < b[2])
-
-
-def _missing(value: float | None) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))

@@ -1,8 +1,11 @@
 """Plots of one run: memory against time per epoch, where the memory goes, accuracy over repeats.
 
-Each figure is a ``matplotlib.figure.Figure`` on its own Agg canvas, never pyplot: no
-global state, no display, and the HTML report can embed the same figures as PNG bytes.
-The figure size is fixed (no ``bbox_inches="tight"``) so every PNG is FIGSIZE x DPI pixels.
+Each chart is a ``matplotlib.figure.Figure`` on its own Agg canvas, never pyplot: no
+global state, no display, and the HTML report can embed the same charts as PNG bytes.
+The chart size is fixed (no ``bbox_inches="tight"``) so every PNG is FIGSIZE x DPI pixels.
+
+Here matplotlib's Figure is called a chart (``Chart``, ``*_chart``): in this package a
+figure is a measured value (``results.Figure``), and one name should mean one thing.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+from matplotlib.figure import Figure as Chart
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.text import Text
@@ -25,7 +28,7 @@ from matplotlib.transforms import Bbox
 from ..estimate.render import EstimateReport, read_estimate
 from ..files import atomic_write_bytes
 from ..results import CellResult, LoadedRun, RunFolder
-from ..units import MIB
+from ..units import MIB, MIB_PER_GIB, is_missing
 from .frame import MemoryMeasure, build_frame
 from .table import fmt_seconds
 
@@ -41,9 +44,14 @@ BLUE, SKY, GREEN, ORANGE, YELLOW, VERMILLION, PURPLE, GREY = (
     "#0072B2", "#56B4E9", "#009E73", "#E69F00", "#F0E442", "#D55E00", "#CC79A7", "#999999",
 )
 
+#: Okabe-Ito's blue, darkened: a ninth colour that reads as "parameters, but different".
+NAVY = "#003A63"
+
 #: Stacked segments, bottom to top, with their legend names and colours. "other" folds in buffers.
 SEGMENTS = (
     ("parameters", "parameters", BLUE),
+    # qlora's frozen base: parameters too, so the same hue, darker.
+    ("quantized_weights", "4-bit weights\n(+ quant. constants)", NAVY),
     ("gradients", "gradients", SKY),
     ("optimizer_state", "optimizer state", GREEN),
     ("activations", "activations", ORANGE),
@@ -52,38 +60,34 @@ SEGMENTS = (
     ("cuda_context", "CUDA context\n(NVML - reserved)", GREY),
     ("allocator_reserve", "allocator reserve\n(reserved - allocated)", VERMILLION),
 )
-TENSOR_CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "temporaries")
+TENSOR_CATEGORIES = ("parameters", "quantized_weights", "gradients", "optimizer_state", "activations", "temporaries")
 OVERHEADS = ("cuda_context", "allocator_reserve")
 
 MEASURED = "measured (MemTracker)"
 ESTIMATED = "estimate (fake-tensor trace)"
 SOURCE_LEGEND = {MEASURED: "source: measured\n(MemTracker)", ESTIMATED: "source: estimate\n(fake-tensor trace)"}
 
-# The axes leave the right quarter of the figure to the legend, so no legend covers data.
+# The axes leave the right quarter of the chart to the legend, so no legend covers data.
 AXES_BOX = dict(left=0.08, right=0.74, top=0.88, bottom=0.12)
 LEGEND_AT = dict(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=9)
 
 
-def _new_figure() -> Figure:
-    figure = Figure(figsize=FIGSIZE, dpi=DPI)
-    FigureCanvasAgg(figure)
-    return figure
+def _new_chart() -> Chart:
+    chart = Chart(figsize=FIGSIZE, dpi=DPI)
+    FigureCanvasAgg(chart)
+    return chart
 
 
-def png_bytes(figure: Figure) -> bytes:
-    """The figure as PNG bytes, for a file or a base64 ``<img>``."""
+def png_bytes(chart: Chart) -> bytes:
+    """The chart as PNG bytes, for a file or a base64 ``<img>``."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=DPI)
+    chart.savefig(buffer, format="png", dpi=DPI)
     return buffer.getvalue()
 
 
 def _memory_unit(largest_mib: float) -> tuple[str, float]:
     """GiB once the largest value reaches 1 GiB, MiB below; returns (unit, divisor)."""
-    return ("GiB", 1024.0) if largest_mib >= 1024 else ("MiB", 1.0)
-
-
-def _present(value: Any) -> bool:
-    return value is not None and not (isinstance(value, float) and math.isnan(value))
+    return ("GiB", float(MIB_PER_GIB)) if largest_mib >= MIB_PER_GIB else ("MiB", 1.0)
 
 
 # --------------------------------------------------------------------------- label placement
@@ -176,15 +180,15 @@ def _marker_boxes(points: list[tuple[float, float]], transform, half: float = 5.
 _FAILED_BAND = 0.12
 
 
-def memory_time_figure(frame: pd.DataFrame, measure: MemoryMeasure, baseline: str = "baseline",
-                       run_name: str | None = None) -> Figure:
+def memory_time_chart(frame: pd.DataFrame, measure: MemoryMeasure, baseline: str = "baseline",
+                      run_name: str | None = None) -> Chart:
     """Memory against time per epoch, one point per cell, the Pareto frontier as a step line.
 
     Cells without both figures (failed, or not measured) sit as crosses in a band along
     the top edge, labelled with their status, so a failure is seen and never plotted as 0."""
-    figure = _new_figure()
-    ax = figure.add_subplot()
-    figure.subplots_adjust(**AXES_BOX)
+    chart = _new_chart()
+    ax = chart.add_subplot()
+    chart.subplots_adjust(**AXES_BOX)
     plotted = frame[frame["memory_mib"].notna() & frame["epoch_seconds"].notna()]
     missing = frame[~frame.index.isin(plotted.index)]
     unit, divisor = _memory_unit(plotted["memory_mib"].max() if not plotted.empty else 0.0)
@@ -214,7 +218,7 @@ def memory_time_figure(frame: pd.DataFrame, measure: MemoryMeasure, baseline: st
     ax.grid(True, color="#dddddd", lw=0.6)
     ax.set_axisbelow(True)
     ax.legend(handles=handles, **LEGEND_AT)
-    return figure
+    return chart
 
 
 def _cell_points(ax, xs, ys, on_frontier, extrapolated) -> list:
@@ -321,9 +325,9 @@ def _categories(values: dict[str, float]) -> dict[str, float]:
 
 def _tracked(row: pd.Series, side: str) -> dict[str, float] | None:
     values = {name: row.get(f"tracked_{side}_{name}_mib") for name in (*TENSOR_CATEGORIES, "buffers", "other")}
-    if not any(_present(value) for value in values.values()):
+    if all(is_missing(value) for value in values.values()):
         return None
-    return _categories({name: value for name, value in values.items() if _present(value)})
+    return _categories({name: value for name, value in values.items() if not is_missing(value)})
 
 
 def _prediction(report: EstimateReport, cell: str, micro_batch_size: int | None):
@@ -340,9 +344,9 @@ def _overheads(row: pd.Series) -> dict[str, float]:
     """What CUDA holds beyond live tensors, from the run's own allocator and NVML figures."""
     overheads = {}
     allocated, reserved, nvml = row.get("peak_allocated_mib"), row.get("peak_reserved_mib"), row.get("nvml_process_peak_mib")
-    if _present(nvml) and _present(reserved) and nvml > reserved:
+    if not is_missing(nvml) and not is_missing(reserved) and nvml > reserved:
         overheads["cuda_context"] = nvml - reserved
-    if _present(reserved) and _present(allocated) and reserved > allocated:
+    if not is_missing(reserved) and not is_missing(allocated) and reserved > allocated:
         overheads["allocator_reserve"] = reserved - allocated
     return overheads
 
@@ -369,15 +373,15 @@ def breakdown_stacks(run: LoadedRun, frame: pd.DataFrame) -> tuple[list[Stack], 
     return stacks, skipped
 
 
-def memory_breakdown_figure(run: LoadedRun, frame: pd.DataFrame, measure: MemoryMeasure) -> Figure:
+def memory_breakdown_chart(run: LoadedRun, frame: pd.DataFrame, measure: MemoryMeasure) -> Chart:
     """A stacked bar per cell of where its peak memory goes; host memory (strategy 4's fp32
     master and optimizer) as a lighter bar beside, estimated bars hatched."""
-    figure = _new_figure()
-    ax = figure.add_subplot()
-    figure.subplots_adjust(**AXES_BOX)
+    chart = _new_chart()
+    ax = chart.add_subplot()
+    chart.subplots_adjust(**AXES_BOX)
     stacks, skipped = breakdown_stacks(run, frame)
     totals = [sum(stack.device.values()) for stack in stacks] + [sum(stack.host.values()) for stack in stacks]
-    totals += [stack.measure_mib for stack in stacks if _present(stack.measure_mib)]
+    totals += [stack.measure_mib for stack in stacks if not is_missing(stack.measure_mib)]
     unit, divisor = _memory_unit(max(totals, default=0.0))
 
     used = set()
@@ -386,7 +390,7 @@ def memory_breakdown_figure(run: LoadedRun, frame: pd.DataFrame, measure: Memory
         width = 0.38 if stack.host else 0.7
         centre = position - 0.2 if stack.host else position
         used |= _draw_bar(ax, centre, width, stack.device, divisor, hatch, alpha=1.0)
-        if _present(stack.measure_mib):
+        if not is_missing(stack.measure_mib):
             ax.hlines(stack.measure_mib / divisor, centre - width / 2, centre + width / 2, colors="black", lw=2, zorder=4)
         if stack.host:
             used |= _draw_bar(ax, position + 0.2, width, stack.host, divisor, hatch, alpha=0.45)
@@ -404,9 +408,9 @@ def memory_breakdown_figure(run: LoadedRun, frame: pd.DataFrame, measure: Memory
     ax.set_axisbelow(True)
     if skipped:
         note = f"not shown (no tracked figures and no estimate): {', '.join(skipped)}"
-        figure.text(0.08, 0.01, textwrap.fill(note, 150), fontsize=8, color="#555555", va="bottom")
+        chart.text(0.08, 0.01, textwrap.fill(note, 150), fontsize=8, color="#555555", va="bottom")
     ax.legend(handles=_breakdown_legend(stacks, used, measure), **LEGEND_AT)
-    return figure
+    return chart
 
 
 def _draw_bar(ax, centre: float, width: float, segments: dict[str, float], divisor: float, hatch: str | None,
@@ -434,7 +438,7 @@ def _breakdown_legend(stacks: list[Stack], used: set[str], measure: MemoryMeasur
         handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label=SOURCE_LEGEND[ESTIMATED]))
     if any(stack.host for stack in stacks):
         handles.append(Patch(facecolor=GREY, alpha=0.45, label="host side (lighter bar)"))
-    if any(_present(stack.measure_mib) for stack in stacks):
+    if any(not is_missing(stack.measure_mib) for stack in stacks):
         handles.append(Line2D([], [], color="black", lw=2, label=f"run's figure:\n{measure.label}"))
     return handles
 
@@ -450,7 +454,7 @@ def _accuracy_statistics(result: CellResult) -> dict[str, Any] | None:
     return statistics if statistics and statistics.get("values") else None
 
 
-def accuracy_figure(run: LoadedRun, frame: pd.DataFrame) -> Figure | None:
+def accuracy_chart(run: LoadedRun, frame: pd.DataFrame) -> Chart | None:
     """Median masked accuracy per repeated cell, min-max bars and every value as a dot;
     None when no cell was repeated."""
     by_cell = run.by_cell()
@@ -458,9 +462,9 @@ def accuracy_figure(run: LoadedRun, frame: pd.DataFrame) -> Figure | None:
              if (statistics := _accuracy_statistics(by_cell.get(cell, {}))) is not None]
     if not cells:
         return None
-    figure = _new_figure()
-    ax = figure.add_subplot()
-    figure.subplots_adjust(**AXES_BOX)
+    chart = _new_chart()
+    ax = chart.add_subplot()
+    chart.subplots_adjust(**AXES_BOX)
     any_outlier = False
     for position, (_, _, statistics) in enumerate(cells):
         median, low, high = (100 * statistics[key] for key in ("median", "min", "max"))
@@ -491,29 +495,29 @@ def accuracy_figure(run: LoadedRun, frame: pd.DataFrame) -> Figure | None:
     if any_outlier:
         handles.append(Line2D([], [], marker="x", linestyle="", color=VERMILLION, label="outlier (MAD rule)"))
     ax.legend(handles=handles, **LEGEND_AT)
-    return figure
+    return chart
 
 
 # --------------------------------------------------------------------------- files
 
 
-def run_figures(run: LoadedRun, baseline: str = "baseline") -> dict[str, Figure]:
-    """The run's figures by file name; the accuracy plot only when cells were repeated."""
+def run_charts(run: LoadedRun, baseline: str = "baseline") -> dict[str, Chart]:
+    """The run's charts by file name; the accuracy chart only when cells were repeated."""
     frame, measure = build_frame(run.results, baseline)
-    figures = {
-        MEMORY_TIME_PNG: memory_time_figure(frame, measure, baseline, run_name=run.root.name),
-        BREAKDOWN_PNG: memory_breakdown_figure(run, frame, measure),
-        ACCURACY_PNG: accuracy_figure(run, frame),
+    charts = {
+        MEMORY_TIME_PNG: memory_time_chart(frame, measure, baseline, run_name=run.root.name),
+        BREAKDOWN_PNG: memory_breakdown_chart(run, frame, measure),
+        ACCURACY_PNG: accuracy_chart(run, frame),
     }
-    return {name: figure for name, figure in figures.items() if figure is not None}
+    return {name: chart for name, chart in charts.items() if chart is not None}
 
 
 def write_plots(run: LoadedRun, out_dir: Path, baseline: str = "baseline") -> list[Path]:
     """Write the run's plots as PNG files into out_dir (created if missing); return their paths."""
     out_dir = Path(out_dir)
     written = []
-    for name, figure in run_figures(run, baseline).items():
+    for name, chart in run_charts(run, baseline).items():
         path = out_dir / name
-        atomic_write_bytes(path, png_bytes(figure))
+        atomic_write_bytes(path, png_bytes(chart))
         written.append(path)
     return written

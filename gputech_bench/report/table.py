@@ -1,18 +1,28 @@
-"""The frame as people read it: a terminal table and markdown, with the notes under them."""
+"""The frame as people read it: each figure as text, markdown, and the notes under every table.
+
+The terminal table (``cli.tables``) and the HTML report take their figures' text from here.
+"""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import pandas as pd
-from rich.markup import escape
-from rich.table import Table
 
 from ..config import ATTENTION_KERNELS, OBJECTIVES
 from ..results import TRAINED_STATUSES, CellResult
 from ..stats import WITHIN_NOISE
-from .frame import HIGHER_IS_BETTER, VERDICT_COLUMNS, MemoryMeasure, pareto_cells
+from ..units import MIB, MIB_PER_GIB, format_gib, is_missing
+from .frame import (
+    CAUSAL_LM_COLUMNS,
+    HIGHER_IS_BETTER,
+    MASKED_LM_COLUMNS,
+    VERDICT_COLUMNS,
+    AccuracyColumns,
+    MemoryMeasure,
+    accuracy_columns,
+    pareto_cells,
+)
 
 
 def noise_mark(verdict: Any) -> str:
@@ -20,31 +30,27 @@ def noise_mark(verdict: Any) -> str:
     return " ≈" if verdict == WITHIN_NOISE else ""
 
 
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
 def fmt_mib(value: float) -> str:
-    return f"{value / 1024:,.2f} GiB" if value >= 1024 else f"{value:,.1f} MiB"
+    return f"{value / MIB_PER_GIB:,.2f} GiB" if value >= MIB_PER_GIB else f"{value:,.1f} MiB"
 
 
 def fmt_ratio(value: float) -> str:
-    return "-" if _missing(value) else f"{value:.2f}x"
+    return "-" if is_missing(value) else f"{value:.2f}x"
 
 
 def fmt_percent(value: float) -> str:
-    return "-" if _missing(value) else f"{100 * value:.1f}%"
+    return "-" if is_missing(value) else f"{100 * value:.1f}%"
 
 
 def fmt_points(value: float) -> str:
-    return "-" if _missing(value) else f"{value:+.1f}"
+    return "-" if is_missing(value) else f"{value:+.1f}"
 
 
 def fmt_seconds(value: float) -> str:
-    return "-" if _missing(value) else (f"{value:,.1f} s" if value >= 10 else f"{value:.2f} s")
+    return "-" if is_missing(value) else (f"{value:,.1f} s" if value >= 10 else f"{value:.2f} s")
 
 
-def _extremes(frame: pd.DataFrame, column: str) -> tuple[Any, Any]:
+def extremes(frame: pd.DataFrame, column: str) -> tuple[Any, Any]:
     """(best, worst) values of a column among ok rows, or (None, None) when there is nothing to compare."""
     values = frame.loc[frame["status"].isin(TRAINED_STATUSES), column].dropna()
     if len(values) < 2 or values.min() == values.max():
@@ -54,55 +60,13 @@ def _extremes(frame: pd.DataFrame, column: str) -> tuple[Any, Any]:
     return values.min(), values.max()
 
 
-def _styled(text: str, value: Any, extremes: tuple[Any, Any]) -> str:
-    best, worst = extremes
-    if best is not None and value == best:
-        return f"[bold green]{text}[/]"
-    if worst is not None and value == worst:
-        return f"[red]{text}[/]"
-    return text
-
-
-def rich_table(frame: pd.DataFrame, measure: MemoryMeasure, title: str = "gputech-bench") -> Table:
-    """The terminal table. A cell that is not ok shows its status and a footnote number; the
-    reason is a note under the table (one per distinct reason), so that a long reason never
-    sets the table's width. The status column is the only one that may fold: the helper
-    that prints tables (cli.common.print_table) keeps the others as wide as their widest
-    figure."""
-    table = Table(title=title, title_justify="left", caption_justify="left")
-    table.add_column("cell", no_wrap=True)
-    table.add_column(f"{measure.label}", justify="right")
-    table.add_column("x base", justify="right")
-    table.add_column("time / epoch", justify="right")
-    table.add_column("x base", justify="right")
-    table.add_column("masked acc", justify="right")
-    table.add_column("Δ pts", justify="right")
-    table.add_column("token acc (seed)", justify="right")
-    table.add_column("status", overflow="fold")
-    columns = ("memory_mib", "memory_x_baseline", "epoch_seconds", "epoch_x_baseline", "eval_masked_accuracy",
-               "masked_accuracy_delta_points", "eval_token_accuracy")
-    extremes = {column: _extremes(frame, column) for column in columns}
-    numbers, reasons = reason_notes(frame)
-    for row in frame.itertuples(index=False):
-        status = "[green]ok[/]" if row.status == "ok" else f"[bold red]{row.status}[/]"
-        if (row.status, row.reason) in numbers:
-            status += escape(f" [{numbers[row.status, row.reason]}]")
-        if row.status not in TRAINED_STATUSES:
-            table.add_row(row.cell, *["-"] * 7, status)
-            continue
-        styled = [_styled(text, getattr(row, column), extremes[column]) for text, column in zip(row_texts(row), columns)]
-        table.add_row(row.cell, *styled, status)
-    table.caption = "\n".join(reasons + table_notes(frame)) or None
-    return table
-
-
 def reason_notes(frame: pd.DataFrame) -> tuple[dict[tuple[str, str], int], list[str]]:
     """A number for each distinct (status, reason) of the cells that are not ok, and the
     notes that say it: '[1] oom in 4, 1+2+4: CUDA out of memory ...'."""
     numbers: dict[tuple[str, str], int] = {}
     cells: dict[tuple[str, str], list[str]] = {}
     for row in frame.itertuples(index=False):
-        if row.status == "ok" or _missing(row.reason) or not str(row.reason).strip():
+        if row.status == "ok" or is_missing(row.reason) or not str(row.reason).strip():
             continue
         key = (row.status, row.reason)
         numbers.setdefault(key, len(numbers) + 1)
@@ -112,18 +76,26 @@ def reason_notes(frame: pd.DataFrame) -> tuple[dict[tuple[str, str], int], list[
     return numbers, notes
 
 
-def row_texts(row: Any) -> tuple[str, ...]:
+def row_texts(row: Any, accuracy: AccuracyColumns | None = None) -> tuple[str, ...]:
     """An ok row's figures as the terminal and HTML tables show them: memory, its ratio, time,
-    its ratio, masked accuracy, its change in points, the seed's token accuracy."""
+    its ratio, then the task's accuracy, its change in points and its second figure (a
+    masked-LM: the seed's token accuracy; a causal LM: perplexity)."""
+    if accuracy is None:
+        accuracy = CAUSAL_LM_COLUMNS if getattr(row, "task", None) == "clm" else MASKED_LM_COLUMNS
+    second = getattr(row, accuracy.second)
     return (
-        "-" if _missing(row.memory_mib) else fmt_mib(row.memory_mib),
+        "-" if is_missing(row.memory_mib) else fmt_mib(row.memory_mib),
         fmt_ratio(row.memory_x_baseline) + noise_mark(row.memory_vs_baseline),
         fmt_seconds(row.epoch_seconds) + ("*" if row.epoch_time_extrapolated else "") + ("†" if row.memory_snapshot else ""),
         fmt_ratio(row.epoch_x_baseline) + noise_mark(row.time_vs_baseline),
-        fmt_percent(row.eval_masked_accuracy),
-        fmt_points(row.masked_accuracy_delta_points) + noise_mark(row.masked_accuracy_vs_baseline),
-        fmt_percent(row.eval_token_accuracy),
+        fmt_percent(getattr(row, accuracy.accuracy)),
+        fmt_points(getattr(row, accuracy.delta)) + noise_mark(row.masked_accuracy_vs_baseline),
+        fmt_percent(second) if accuracy.second_is_fraction else fmt_number(second),
     )
+
+
+def fmt_number(value: float) -> str:
+    return "-" if is_missing(value) else f"{value:,.2f}"
 
 
 def table_notes(frame: pd.DataFrame) -> list[str]:
@@ -147,7 +119,26 @@ def table_notes(frame: pd.DataFrame) -> list[str]:
     frontier_cells = pareto_cells(frame)
     if len(frontier_cells) > 1:
         notes.append(f"Pareto frontier (no other cell is both smaller and faster): {', '.join(frontier_cells)}")
-    return notes + setup_notes(frame, "objective") + setup_notes(frame, "attention") + repeat_notes(frame)
+    return notes + model_lines(frame) + setup_notes(frame, "objective") + setup_notes(frame, "attention") + repeat_notes(frame)
+
+
+def model_lines(frame: pd.DataFrame) -> list[str]:
+    """The model the run trained, when it is not the seed's BERT, and what loading did to it
+    (a head newly initialised, weights ignored): a reader must know before reading accuracy."""
+    known = frame.dropna(subset=["architecture"])
+    if known.empty:
+        return []
+    row = known.iloc[0]
+    lines = []
+    accuracy = accuracy_columns(frame)
+    if row.architecture != "BertForMaskedLM" or accuracy.task != "mlm":
+        shown = f"{accuracy.accuracy_labels[0]} and {accuracy.second_labels[0]}"
+        lines.append(f"model: {row.architecture}, {int(row.model_parameters):,} parameters; the accuracy columns show "
+                     f"{shown}" if not is_missing(row.model_parameters) else f"model: {row.architecture}")
+    notes = known["model_notes"].dropna()
+    if not notes.empty:
+        lines += str(notes.iloc[0]).split("\n")
+    return lines
 
 
 #: Run-wide settings every table names, what each value means, and what differs when cells disagree.
@@ -196,18 +187,19 @@ def markdown(frame: pd.DataFrame, measure: MemoryMeasure, results: list[CellResu
     """A GitHub table shaped like the seed's, baseline figures in the headers, then provenance."""
     memory = _baseline_value(frame, baseline, "memory_mib")
     seconds = _baseline_value(frame, baseline, "epoch_seconds")
-    masked = _baseline_value(frame, baseline, "eval_masked_accuracy")
-    token = _baseline_value(frame, baseline, "eval_token_accuracy")
+    accuracy = accuracy_columns(frame)
+    masked = _baseline_value(frame, baseline, accuracy.accuracy)
+    token = _baseline_value(frame, baseline, accuracy.second)
 
     def header(label: str, value: Any, fmt) -> str:
-        return f"{label} ({baseline}: {fmt(value)})" if not _missing(value) else label
+        return f"{label} ({baseline}: {fmt(value)})" if not is_missing(value) else label
 
     lines = [
         "| strategy | " + " | ".join([
             header(measure.label, memory, fmt_mib),
             header("time / epoch", seconds, fmt_seconds),
-            header("eval accuracy, masked", masked, fmt_percent),
-            header("token accuracy, seed's", token, fmt_percent),
+            header(accuracy.accuracy_labels[1], masked, fmt_percent),
+            header(accuracy.second_labels[1], token, fmt_percent if accuracy.second_is_fraction else fmt_number),
         ]) + " | status |",
         "|:---|---:|---:|---:|---:|:---|",
     ]
@@ -217,7 +209,7 @@ def markdown(frame: pd.DataFrame, measure: MemoryMeasure, results: list[CellResu
         if row.status not in TRAINED_STATUSES:
             lines.append(f"| {name} | {row.status} | {row.status} | {row.status} | {row.status} | {row.status}: {reason} |")
             continue
-        memory, memory_x, seconds, seconds_x, masked_acc, masked_delta, token_acc = row_texts(row)
+        memory, memory_x, seconds, seconds_x, masked_acc, masked_delta, token_acc = row_texts(row, accuracy)
         status = "ok" if row.status == "ok" else f"{row.status}: {reason}"
         lines.append(f"| {name} | {memory} ({memory_x}) | {seconds} ({seconds_x}) | {masked_acc} ({masked_delta}) "
                      f"| {token_acc} | {status} |")
@@ -231,7 +223,7 @@ def provenance_lines(results: list[CellResult], measure: MemoryMeasure) -> list[
     first = next((r for r in results if r.provenance), results[0])
     device = first.device or {}
     if device.get("type") == "cuda":
-        where = f"{device.get('name')} ({device.get('total_memory_mib', 0) / 1024:.1f} GiB, CUDA {device.get('cuda_runtime')})"
+        where = f"{device.get('name')} ({format_gib(device.get('total_memory_mib', 0) * MIB)}, CUDA {device.get('cuda_runtime')})"
     else:
         where = f"CPU ({first.provenance.get('cpu_threads', '?')} threads)"
     packages = first.provenance.get("packages", {})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,9 +97,26 @@ def describe_slot(slot: Slot) -> str:
     return "" if slot is None else f"GPU {','.join(slot)}"
 
 
-def worker_command(cell: str, config_path: Path, out: Path, launch: Launch, seed: int | None = None) -> list[str]:
+def worker_arguments(cell: str, config_path: Path, out: Path, seed: int | None = None) -> list[str]:
+    """The worker's own arguments, however its process is started."""
     worker = ["--cell", cell, "--config", str(config_path), "--out", str(out), "--events"]
-    worker += [] if seed is None else ["--seed", str(seed)]
+    return worker + ([] if seed is None else ["--seed", str(seed)])
+
+
+def worker_command(cell: str, config_path: Path, out: Path, launch: Launch, seed: int | None = None) -> list[str]:
+    worker = worker_arguments(cell, config_path, out, seed)
     if not launch.distributed:
         return [sys.executable, "-m", "gputech_bench.worker", *worker]
     return [sys.executable, "-m", "torch.distributed.run", *launch.torchrun_options(), "-m", "gputech_bench.worker", *worker]
+
+
+def die_with_parent() -> None:
+    """In a child (before exec, or just after a fork): get SIGTERM when the parent dies, so
+    that an orphaned worker stops and records it."""
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except Exception:
+        pass  # not Linux: the worker notices through its broken stdout instead

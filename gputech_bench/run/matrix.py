@@ -4,7 +4,21 @@ from __future__ import annotations
 
 from ..config import SEED_MATRIX, BenchConfig
 from ..errors import StrategyError
-from ..strategies import BASELINE, parse_cell, refuse_for_config
+from ..modeling import CLM, model_task
+from ..strategies import BASELINE, launch_refusal, parse_cell, registered
+
+#: What ``--matrix`` adds for a causal LM: QLoRA, the strategy most people fine-tuning a
+#: decoder reach for first (a masked-LM keeps the seed's table exactly).
+CAUSAL_LM_EXTRA = ("qlora",)
+
+
+def matrix_cells(config: BenchConfig) -> list[str]:
+    """The cells of ``--matrix``: the seed's, plus QLoRA for a causal LM when it is registered."""
+    cells = list(SEED_MATRIX)
+    if config.model.pretrained and model_task(config.model) == CLM:
+        keys = {cls.key for cls in registered()}
+        cells += [cell for cell in CAUSAL_LM_EXTRA if cell in keys]
+    return cells
 
 
 def expand(strategies: str | None, matrix: bool, config: BenchConfig, cuda: bool | None = None) -> list[str]:
@@ -16,7 +30,7 @@ def expand(strategies: str | None, matrix: bool, config: BenchConfig, cuda: bool
     """
     requested: list[str] = []
     if matrix or not strategies:
-        requested += SEED_MATRIX
+        requested += matrix_cells(config)
     if strategies is not None:
         items = [item.strip() for item in strategies.split(",")]
         if not any(items):
@@ -28,7 +42,7 @@ def expand(strategies: str | None, matrix: bool, config: BenchConfig, cuda: bool
     for item in requested:
         cell = parse_cell(item)
         try:
-            refuse_for_config(cell, config, cuda)
+            launch_refusal(cell, config, cuda)
         except StrategyError as error:
             message = str(error).removeprefix("refused combination: ")
             raise StrategyError(f"refused cell '{item}': {message}") from None

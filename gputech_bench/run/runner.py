@@ -1,7 +1,10 @@
 """Run a matrix: one worker process per cell, failures as rows, safe to re-run.
 
 The runner itself never touches CUDA: each worker starts with a fresh allocator and
-context, so one cell's fragmentation, leaks or crash cannot affect the next. Results
+context, so one cell's fragmentation, leaks or crash cannot affect the next. A CPU cell's
+worker is forked from a preloaded fork server (``forkserver``) when the runner is given
+one: still a process of its own, without paying the imports again; CUDA cells and
+torchrun launches always start a fresh interpreter. Results
 are written atomically, one file per cell, so a runner killed at any moment loses
 nothing that had finished, and a re-run with the same name picks up where it stopped.
 
@@ -26,7 +29,8 @@ from ..config import BenchConfig, config_changes, to_dict
 from ..errors import ConfigError, ResultError
 from ..files import write_json
 from ..results import CellResult, RunFolder, merge_ranks, merge_repeats, read_result, write_result
-from .launch import Launch, Slot, slot_environment, worker_command
+from .forkserver import ForkServer, ForkServerError
+from .launch import Launch, Slot, die_with_parent, slot_environment, worker_arguments, worker_command
 from .ranks import clear_rank_results, describe_launch, read_rank_results
 from .slots import run_on_slots
 
@@ -122,16 +126,36 @@ class _DeferredCtrlC:
             raise KeyboardInterrupt
 
 
-def _prepare_worker_process() -> None:
-    """In the child, before exec: get SIGTERM if the runner dies, so an orphaned worker
-    stops and records it."""
-    try:
-        import ctypes
+def fork_server_suits(cuda: bool, launch: Launch) -> bool:
+    """Whether a run's cells may be forked from a preloaded server: CPU cells in one plain
+    process each. A CUDA cell keeps a fresh interpreter (a process that holds CUDA cannot be
+    forked safely, and keeping CUDA out of the server is simplest where minutes of GPU work
+    dwarf the start-up), and so does a torchrun launch (torchrun starts its own ranks)."""
+    return not cuda and not launch.distributed
 
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except Exception:
-        pass  # not Linux: the worker notices through its broken stdout instead
+
+def uses_fork_server(forks: ForkServer | None, launch: Launch, slot: Slot) -> bool:
+    """Only a plain process on the runner's own devices is forked; the caller hands a fork
+    server for CPU runs alone, since a forked process must never hold CUDA."""
+    return forks is not None and not launch.distributed and slot is None
+
+
+def _start_worker(job: Job, folder: RunFolder, result_path: Path, launch: Launch, slot: Slot, log,
+                  forks: ForkServer | None) -> subprocess.Popen:
+    if uses_fork_server(forks, launch, slot):
+        assert forks is not None
+        try:
+            return forks.spawn_worker(worker_arguments(job.cell, folder.config_path, result_path, job.seed), log)
+        except ForkServerError as error:
+            # As before the fork server existed: a fresh interpreter, which reports in the cell's
+            # own result whatever stopped the server from preloading.
+            log.write(f"[runner] fresh interpreter for this cell: {error}\n")
+            log.flush()
+    return subprocess.Popen(
+        worker_command(job.cell, folder.config_path, result_path, launch, job.seed), stdout=subprocess.PIPE, stderr=log,
+        text=True, env=slot_environment(slot, dict(os.environ)),
+        preexec_fn=die_with_parent if os.name == "posix" else None,
+    )
 
 
 def _relay_events(process: subprocess.Popen, cell: str, log, on_event: EventCallback) -> None:
@@ -219,11 +243,19 @@ def run_worker(
     launch: Launch = Launch(),
     slot: Slot = None,
     stop: threading.Event | None = None,
+    forks: ForkServer | None = None,
 ) -> CellRun:
     """Run one cell's worker and return its result; a crash, timeout or Ctrl-C becomes a row too.
 
-    ``slot`` pins the worker to its GPUs; ``stop`` stops it from another thread."""
+    ``slot`` pins the worker to its GPUs; ``stop`` stops it from another thread; ``forks``
+    forks it from a preloaded server (CPU runs only) instead of starting an interpreter."""
     label = job.label
+    if uses_fork_server(forks, launch, slot):
+        assert forks is not None
+        # Before anything of this cell is touched and outside the Ctrl-C hold below: preloading
+        # takes seconds, Ctrl-C meanwhile stops the run as between two cells, and a server
+        # that cannot start leaves this cell to a fresh interpreter.
+        forks.start()
     result_path = job_result_path(folder, job)
     result_path.parent.mkdir(parents=True, exist_ok=True)
     if result_path.exists():
@@ -239,11 +271,7 @@ def run_worker(
         # nobody stops. Released inside the try below, where it stops the worker properly.
         ctrl_c = _DeferredCtrlC() if _in_main_thread() else None
         try:
-            process = subprocess.Popen(
-                worker_command(job.cell, folder.config_path, result_path, launch, job.seed), stdout=subprocess.PIPE, stderr=log,
-                text=True, env=slot_environment(slot, dict(os.environ)),
-                preexec_fn=_prepare_worker_process if os.name == "posix" else None,
-            )
+            process = _start_worker(job, folder, result_path, launch, slot, log, forks)
         except BaseException:
             if ctrl_c:
                 ctrl_c.release()
@@ -287,6 +315,9 @@ def _collect_result(job: Job, folder: RunFolder, launch: Launch, process: subpro
         return read_result(result_path)
     except ResultError:
         pass
+    lost = getattr(process, "lost", None)  # a forked worker whose server died first
+    if lost:
+        return CellResult.failed(cell, "crashed", f"worker ended without a result, exit status unknown: {lost}; {log_hint}")
     if process.returncode is not None and process.returncode < 0:
         name = _signal_name(process.returncode)
         hint = " (the kernel's OOM killer sends SIGKILL when host memory runs out)" if name == "SIGKILL" else ""
@@ -315,6 +346,7 @@ def run_matrix(
     slots: list[Slot] = [None],  # noqa: B006 - never mutated
     repeats: int = 1,
     seeds: list[int] | None = None,
+    forks: ForkServer | None = None,
 ) -> MatrixOutcome:
     """Run ``cells`` (``repeats`` times each), one per slot at a time; stops early only on
     Ctrl-C, never on a failed cell.
@@ -341,7 +373,7 @@ def run_matrix(
     def run_one(item: tuple[int, Job], slot: Slot) -> bool:
         index, job = item
         on_cell_start(index, job.label, slot)
-        run = run_worker(job, folder, on_event, cell_timeout, launch, slot, None if len(slots) == 1 else stop)
+        run = run_worker(job, folder, on_event, cell_timeout, launch, slot, None if len(slots) == 1 else stop, forks)
         results[index] = run.result
         on_cell_end(index, run.result)
         if run.interrupted:

@@ -1,6 +1,6 @@
 """Memory-saving strategies, registered by number and name.
 
-Importing this package registers the seed's five and the modern ones; ``plan.build_plan`` composes
+Importing this package registers the seed's five and the modern ones (qlora included); ``plan.build_plan`` composes
 a cell's strategies into one training setup.
 """
 
@@ -15,16 +15,16 @@ from . import (  # noqa: F401  (registration)
     lora,
     mixed_precision,
     paged_adam8bit,
+    qlora,
     sparse_head,
 )
 from .base import MicroBatch, Placement, RunContext, Strategy
-from .plan import TrainingPlan, build_plan, check_cell, refuse_for_config
+from .plan import TrainingPlan, build_plan, device_refusal, launch_refusal
 from .registry import (
     BASELINE,
     Cell,
-    check_combinable,
+    combination_refusal,
     parse_cell,
-    refusal_reason,
     register,
     registered,
     unregister,
@@ -40,11 +40,10 @@ __all__ = [
     "StrategyError",
     "TrainingPlan",
     "build_plan",
-    "check_cell",
-    "check_combinable",
+    "combination_refusal",
+    "device_refusal",
+    "launch_refusal",
     "parse_cell",
-    "refusal_reason",
-    "refuse_for_config",
     "register",
     "registered",
     "unregister",

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import torch
 
+from ..data.masking import IGNORE_INDEX
 from ..errors import StrategyError
 from .base import MicroBatch, RunContext, Strategy
 from .registry import register
 
 
+def scored_tokens(labels: torch.Tensor, next_token: bool = False) -> int:
+    """Positions the model's loss averages over. A causal LM shifts its labels by one, so
+    each row's first label is never a target."""
+    return int(((labels[:, 1:] if next_token else labels) != IGNORE_INDEX).sum())
+
+
 def split_into_micro_batches(
-    batch: dict[str, torch.Tensor], micro_batch_size: int, accumulation_steps: int, loss_rule: str
+    batch: dict[str, torch.Tensor], micro_batch_size: int, accumulation_steps: int, loss_rule: str,
+    next_token: bool = False,
 ) -> list[MicroBatch]:
     """Slice ``batch`` along dim 0 and weight each slice's mean loss.
 
@@ -22,12 +30,12 @@ def split_into_micro_batches(
     """
     size = batch["input_ids"].shape[0]
     slices = [slice(start, min(start + micro_batch_size, size)) for start in range(0, size, micro_batch_size)]
-    masked_total = int((batch["labels"] != -100).sum())
+    masked_total = scored_tokens(batch["labels"], next_token)
     micro_batches = []
     for part in slices:
         inputs = {name: tensor[part] for name, tensor in batch.items()}
         if loss_rule == "token-weighted":
-            masked = int((inputs["labels"] != -100).sum())
+            masked = scored_tokens(inputs["labels"], next_token)
             if masked == 0:
                 continue  # its mean loss is undefined and its weight would be 0
             weight = masked / masked_total
@@ -48,7 +56,7 @@ class Accumulation(Strategy):
 
     requires = "strategy.micro_batch_size must divide train.batch_size into 2 or more micro-batches"
 
-    def check_config(self, config) -> None:
+    def config_refusal(self, config) -> None:
         batch, micro = config.train.batch_size, config.strategy.micro_batch_size
         if micro >= batch or batch % micro:
             raise StrategyError(
@@ -56,7 +64,7 @@ class Accumulation(Strategy):
                 "into 2 or more micro-batches: change one of them with --set"
             )
 
-    def check(self, ctx: RunContext) -> None:
+    def device_refusal(self, ctx: RunContext) -> None:
         micro, rows = ctx.config.strategy.micro_batch_size, ctx.rank_batch_size
         if ctx.world_size > 1 and (micro >= rows or rows % micro):
             raise StrategyError(
@@ -68,7 +76,8 @@ class Accumulation(Strategy):
         micro = ctx.config.strategy.micro_batch_size
         # Per rank: with several ranks each splits its own share of the batch.
         steps = ctx.rank_batch_size // micro
-        return split_into_micro_batches(batch, micro, steps, ctx.config.strategy.accumulation_loss)
+        return split_into_micro_batches(batch, micro, steps, ctx.config.strategy.accumulation_loss,
+                                        next_token=ctx.config.data.objective == "clm")
 
     def rows_per_forward(self, ctx: RunContext) -> int:
         return ctx.config.strategy.micro_batch_size

@@ -11,14 +11,14 @@ from .base import RunContext, Strategy
 from .registry import register
 
 
-def load_bitsandbytes():
+def load_bitsandbytes(needed_by: str = "strategy 3"):
     """Import bitsandbytes, turning any failure into one actionable line."""
     try:
         return importlib.import_module("bitsandbytes")
     except Exception as error:  # broken installs raise all sorts of things
         raise StrategyError(
             f"bitsandbytes could not be imported ({first_line(error)}): pip install 'bitsandbytes>=0.45' "
-            "for this torch and CUDA, or leave strategy 3 out"
+            f"for this torch and CUDA, or leave {needed_by} out"
         ) from None
 
 
@@ -47,7 +47,7 @@ class Adam8bit(Strategy):
     gives_up = "quantised optimizer moments (8-bit block-wise)"
     requires = "bitsandbytes >= 0.45 (CPU kernels included); on CUDA, a build with kernels for this GPU"
 
-    def check(self, ctx: RunContext) -> None:
+    def device_refusal(self, ctx: RunContext) -> None:
         bnb = load_bitsandbytes()
         if not ctx.tracing:
             probe_kernels(bnb, ctx.device)

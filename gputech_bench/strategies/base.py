@@ -14,6 +14,22 @@ A strategy acts on a run through these hooks:
 
 "Exclusive" hooks have one owner per cell; two strategies that claim the same one
 cannot be combined and the cell is refused before anything runs.
+
+Refusals are declared or checked at the earliest stage that can judge them, and each
+check is named by its stage:
+
+* ``combination_refusal(cell)`` (registry): two strategies that own one exclusive hook,
+  or that name each other in ``incompatible``. Returns the reason, or None.
+* ``Strategy.config_refusal(config)``: the resolved config rules the strategy out.
+  Cheap and import-free. Raises StrategyError.
+* ``launch_refusal(cell, config, cuda)`` (plan): the two above, plus ``needs_cuda``, in
+  the runner before any process starts (also ``fit``, for each setup). Raises.
+* ``Strategy.trace_refusal(device_type)``: the memory estimate cannot follow the
+  strategy on fake tensors. Returns the reason, or None.
+* ``Strategy.device_refusal(ctx)``: this device or installation cannot run it
+  (bitsandbytes' kernels, torch.distributed's backends). Raises StrategyError.
+* ``device_refusal(cell, ctx)`` (plan): all of the above for one cell, where it is about
+  to run: in the worker, or in the estimate's trace. Raises.
 """
 
 from __future__ import annotations
@@ -130,7 +146,8 @@ class Strategy:
     gives_up: ClassVar[str] = ""
     #: Runs only on a CUDA device; a run elsewhere refuses the cell before it starts.
     needs_cuda: ClassVar[bool] = False
-    #: Strategies (by key) this one cannot run with, and why; refused like a hook clash.
+    #: Strategies (by key) this one cannot run with, and why; ``combination_refusal`` refuses
+    #: the pair with this reason, as it refuses two owners of one hook.
     incompatible: ClassVar[dict[str, str]] = {}
 
     #: Why the memory estimate cannot follow this strategy on fake tensors ("" = it can).
@@ -141,20 +158,21 @@ class Strategy:
 
     @classmethod
     def trace_refusal(cls, device_type: str) -> str | None:
-        """Why the estimate cannot trace this strategy on fake tensors of ``device_type``, or
-        None when it can; ``fit`` searches only traceable strategies."""
+        """Estimate stage: why the estimate cannot trace this strategy on fake tensors of
+        ``device_type``, or None when it can; ``fit`` searches only traceable strategies."""
         return cls.untraceable or None
 
     def claims(self) -> set[str]:
         """The exclusive hooks this strategy overrides."""
         return {hook for hook in EXCLUSIVE_HOOKS if getattr(type(self), hook) is not getattr(Strategy, hook)}
 
-    def check_config(self, config: "BenchConfig") -> None:
-        """Raise StrategyError when the config rules this strategy out. Cheap and import-free,
-        so the runner can refuse a cell before starting any process."""
+    def config_refusal(self, config: "BenchConfig") -> None:
+        """Config stage: raise StrategyError when the config rules this strategy out. Cheap and
+        import-free, so the runner can refuse a cell before starting any process."""
 
-    def check(self, ctx: RunContext) -> None:
-        """Raise StrategyError when this strategy cannot run on this device or installation."""
+    def device_refusal(self, ctx: RunContext) -> None:
+        """Device stage: raise StrategyError when this strategy cannot run on this device or
+        installation. Runs where the cell is about to run (the worker, or the estimate's trace)."""
 
     def prepare_model(self, model: "nn.Module", ctx: RunContext) -> "nn.Module":
         return model

@@ -1,4 +1,8 @@
-"""Strategy 1: activation (gradient) checkpointing through transformers."""
+"""Strategy 1: activation (gradient) checkpointing through transformers.
+
+The transformers API checkpoints each of a model's own layers (BertLayer, TransformerBlock,
+LlamaDecoderLayer...), so it works on every architecture the project loads without knowing
+their structure."""
 
 from __future__ import annotations
 
@@ -19,6 +23,12 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     under LoRA).
     """
     kwargs = {"use_reentrant": False}
+    if getattr(model, "supports_gradient_checkpointing", True) is False:
+        # transformers raises a ValueError mid-setup; say it in one line with the way out.
+        raise StrategyError(
+            f"{type(model).__name__} does not support activation checkpointing in transformers: "
+            "leave strategy 1 out for this model"
+        )
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     elif hasattr(model, "gradient_checkpointing_enable"):

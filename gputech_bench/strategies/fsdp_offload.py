@@ -1,10 +1,11 @@
 """fsdp-offload: PyTorch FSDP2 with CPU offload (ZeRO-Offload style).
 
 Parameters, gradients and optimizer state live on the host as DTensor shards; each
-transformer layer, then the root (embeddings and MLM head, which share the tied word
-embedding), is gathered onto the compute device only while it runs. With world size N
-(a torchrun launch) every rank keeps 1/N of each on its host; a lone process keeps all
-of it, in a process group of one.
+transformer layer (the model's own repeated block: BertLayer, LlamaDecoderLayer...), then
+the root (embeddings and the LM head, which may share the tied word embedding), is
+gathered onto the compute device only while it runs. With world size N (a torchrun
+launch) every rank keeps 1/N of each on its host; a lone process keeps all of it, in a
+process group of one.
 """
 
 from __future__ import annotations
@@ -15,23 +16,14 @@ import torch
 from torch import nn
 
 from ..errors import StrategyError
-from ..training.distributed import ensure_process_group
+from .architecture import repeated_blocks
 from .base import Placement, RunContext, Strategy
+from .distributed import ensure_process_group
 from .registry import register
 
 #: Layers are freed after their forward and gathered again for backward; the root is
-#: kept, because backward starts with the MLM head it holds.
+#: kept, because backward starts with the LM head it holds.
 LAYER_RESHARD, ROOT_RESHARD = True, False
-
-
-def transformer_layers(model: nn.Module) -> list[nn.Module]:
-    """Every block of every ``encoder.layer`` list, however the model is wrapped (peft, sparse-head)."""
-    return [
-        layer
-        for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and (name == "encoder.layer" or name.endswith(".encoder.layer"))
-        for layer in module
-    ]
 
 
 class FsdpOffloadPlacement(Placement):
@@ -55,7 +47,9 @@ class FsdpOffloadPlacement(Placement):
         # run there is no copy to speed up, and pinning needs an accelerator.
         policy = CPUOffloadPolicy(pin_memory=ctx.device.type == "cuda")
         # Bottom-up, as FSDP requires: each layer becomes its own unit, the root takes the rest.
-        for layer in transformer_layers(model):
+        # Found before sharding: fully_shard renames each unit's class (BertLayer -> FSDPBertLayer).
+        layers, self.layer_unit = repeated_blocks(model)
+        for layer in layers:
             fully_shard(layer, mesh=mesh, offload_policy=policy, reshard_after_forward=LAYER_RESHARD)
         fully_shard(model, mesh=mesh, offload_policy=policy, reshard_after_forward=ROOT_RESHARD)
         self.compute_model = model
@@ -80,7 +74,7 @@ class FsdpOffload(Strategy):
 
     untraceable = "a fake-tensor trace runs no collective and has no process group to shard over"
 
-    def check(self, ctx: RunContext) -> None:
+    def device_refusal(self, ctx: RunContext) -> None:
         if not torch.distributed.is_available():
             raise StrategyError("this torch build has no torch.distributed: install a build with it, or leave fsdp-offload out")
         try:
@@ -101,7 +95,9 @@ class FsdpOffload(Strategy):
             )
 
     def placement(self, model: nn.Module, ctx: RunContext) -> Placement:
-        return FsdpOffloadPlacement(model, ctx)
+        placement = FsdpOffloadPlacement(model, ctx)
+        self.layer_unit = placement.layer_unit
+        return placement
 
     def describe(self, model: nn.Module, ctx: RunContext) -> dict:
         from torch.distributed.fsdp import FSDPModule
@@ -113,7 +109,8 @@ class FsdpOffload(Strategy):
             "fsdp_sharding": f"every parameter split on dim 0 across {world_size} rank(s); {units} units "
                              f"({units - 1} transformer layers and the root)",
             "cpu_offload": "parameters, gradients and optimizer state on the host; one unit at a time on the device",
-            "reshard_after_forward": f"layers: {LAYER_RESHARD}; root (embeddings, MLM head): {ROOT_RESHARD}",
+            "fsdp_layer_unit": getattr(self, "layer_unit", "?"),
+            "reshard_after_forward": f"layers: {LAYER_RESHARD}; root (embeddings, LM head): {ROOT_RESHARD}",
             "optimizer_device": "cpu",
         }
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Placement, Precision, RunContext, Strategy
+from .base import Placement, RunContext, Strategy
 from .registry import register
 
 HOST = torch.device("cpu")
@@ -27,6 +27,16 @@ def compute_dtype_for(ctx: RunContext) -> torch.dtype:
     return getattr(torch, choice)
 
 
+def fp32_buffers(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """(module, name, tensor) of every fp32 buffer, to restore after the model turns half."""
+    return [
+        (module, name, buffer)
+        for module in model.modules()
+        for name, buffer in module._buffers.items()
+        if buffer is not None and buffer.dtype == torch.float32
+    ]
+
+
 class MasterCopyPlacement(Placement):
     clips_gradients = False
 
@@ -36,9 +46,15 @@ class MasterCopyPlacement(Placement):
         self.master = nn.ParameterList(
             nn.Parameter(p.detach().to(HOST, torch.float32).clone()) for p in model.parameters() if p.requires_grad
         )
+        # Floating-point buffers are constants, not weights: Llama's rotary inverse frequencies
+        # (a few hundred bytes) lose position precision in half, and transformers keeps them
+        # fp32 in a half model too. BERT, RoBERTa and DistilBERT have integer buffers only.
+        float_buffers = fp32_buffers(model)
         # Converting in place frees each fp32 tensor as its half copy appears, so the
         # device never holds both precisions; tied weights stay tied.
         self.compute_model = model.to(device=ctx.device, dtype=self.compute_dtype)
+        for module, name, buffer in float_buffers:
+            module._buffers[name] = buffer.to(ctx.device)
         # Read after the move (a fake trace replaces parameters rather than converting
         # them); the same order as the master list, since both walk model.parameters().
         self._compute_params = [p for p in self.compute_model.parameters() if p.requires_grad]
@@ -70,15 +86,16 @@ class MixedPrecision(Strategy):
     costs = "a host<->device copy of every weight and grad each step, and an optimizer step on the CPU (the seed measured ~4x the time)"
     order = 40
     gives_up = "fp16 compute without loss scaling or gradient clipping (as in the seed)"
+    # The seed's precision is the default one: the weights themselves are half, with no
+    # autocast and no loss scaling. Combined with amp it would be neither recipe.
+    incompatible = {
+        key: "autocast over weights that are already half precision, and a GradScaler stepping "
+             "the host optimizer's fp32 master, would be neither the seed's recipe nor amp's"
+        for key in ("amp", "amp-fp16")
+    }
 
     def placement(self, model: nn.Module, ctx: RunContext) -> Placement:
         return MasterCopyPlacement(model, ctx)
-
-    def precision(self, ctx: RunContext) -> Precision:
-        # The seed's: the weights themselves are half, with no autocast and no loss scaling.
-        # Owning the hook keeps amp out: autocast over half weights and a GradScaler on a
-        # host optimizer's gradients would be neither recipe.
-        return Precision()
 
     def describe(self, model, ctx: RunContext) -> dict:
         return {

@@ -29,7 +29,7 @@ class PagedAdam8bit(Adam8bit):
     untraceable = "its state lives in unified memory, outside the allocator the estimate models"
     optimizer_class = "PagedAdamW8bit"
 
-    def check(self, ctx: RunContext) -> None:
+    def device_refusal(self, ctx: RunContext) -> None:
         if ctx.device.type != "cuda":
             raise StrategyError(
                 "paged-adam8bit needs CUDA: bitsandbytes pages optimizer state through CUDA unified memory; "

@@ -15,7 +15,8 @@ from torch import nn
 from ..errors import StrategyError
 from .base import MicroBatch, Placement, Precision, RunContext, Strategy
 from .defaults import InPlacePlacement, build_adamw, whole_batch
-from .registry import Cell, check_combinable
+from .distributed import data_parallel
+from .registry import Cell, combination_refusal
 
 if TYPE_CHECKING:
     from ..config import BenchConfig
@@ -42,11 +43,15 @@ class TrainingPlan:
         return self.placement.compute_model
 
 
-def refuse_for_config(cell: Cell, config: "BenchConfig", cuda: bool | None = None) -> list[Strategy]:
-    """Refuse an undefined combination, or one the config rules out; cheap enough for the runner.
+def launch_refusal(cell: Cell, config: "BenchConfig", cuda: bool | None = None) -> list[Strategy]:
+    """Launch stage: refuse an undefined combination, a cell that needs CUDA on a run without
+    it, or one the config rules out; cheap enough for the runner before any process starts.
+    Returns the cell's strategies when none refuses.
 
     ``cuda`` says whether the run will have a CUDA device (None: not known yet, as in a trace)."""
-    check_combinable(cell)
+    reason = combination_refusal(cell)
+    if reason:
+        raise StrategyError(f"refused combination: {reason}")
     strategies = cell.instantiate()
     for strategy in strategies:
         if strategy.needs_cuda and cuda is False:
@@ -54,31 +59,30 @@ def refuse_for_config(cell: Cell, config: "BenchConfig", cuda: bool | None = Non
                 f"{strategy.key} needs a CUDA device and this run has none ({strategy.requires}): "
                 "run it on a GPU machine, or leave it out"
             )
-        strategy.check_config(config)
+        strategy.config_refusal(config)
     return strategies
 
 
-def check_cell(cell: Cell, ctx: RunContext) -> list[Strategy]:
-    """Everything ``refuse_for_config`` checks, plus what this device and installation need."""
-    strategies = refuse_for_config(cell, ctx.config)
+def device_refusal(cell: Cell, ctx: RunContext) -> list[Strategy]:
+    """Device stage: everything ``launch_refusal`` checks, plus what this device and
+    installation need (and, in a trace, whether the estimate can follow each strategy)."""
+    strategies = launch_refusal(cell, ctx.config)
     for strategy in strategies:
         refusal = type(strategy).trace_refusal(ctx.device.type) if ctx.tracing else None
         if refusal:
             raise StrategyError(f"{strategy.key} cannot be traced ({refusal}): measure it with 'run'")
-        strategy.check(ctx)
+        strategy.device_refusal(ctx)
     return strategies
 
 
 def build_plan(cell: Cell, model: nn.Module, ctx: RunContext) -> TrainingPlan:
-    strategies = check_cell(cell, ctx)
+    strategies = device_refusal(cell, ctx)
     for strategy in strategies:  # already in canonical order
         model = strategy.prepare_model(model, ctx)
     owners = {hook: strategy for strategy in strategies for hook in strategy.claims()}
 
     placement = owners["placement"].placement(model, ctx) if "placement" in owners else InPlacePlacement(model, ctx)
     if ctx.world_size > 1 and not placement.shards:
-        from ..training.distributed import data_parallel
-
         placement.compute_model = data_parallel(placement.compute_model, ctx.device)
     params = placement.optimizer_parameters()
     if "build_optimizer" in owners:

@@ -89,8 +89,9 @@ def parse_cell(text: str) -> Cell:
     return Cell(tuple(sorted(classes, key=lambda cls: cls.order)))
 
 
-def refusal_reason(cell: Cell) -> str | None:
-    """Why the strategies of ``cell`` cannot be combined, judged from their hooks alone."""
+def combination_refusal(cell: Cell) -> str | None:
+    """Combination stage: why the strategies of ``cell`` cannot be combined, judged from their
+    hooks and their ``incompatible`` declarations alone; None when they can."""
     keys = {cls.key for cls in cell.strategies}
     for cls in cell.strategies:
         for other, why in cls.incompatible.items():
@@ -106,9 +107,3 @@ def refusal_reason(cell: Cell) -> str | None:
                 )
             owners[hook] = strategy.key
     return None
-
-
-def check_combinable(cell: Cell) -> None:
-    reason = refusal_reason(cell)
-    if reason:
-        raise StrategyError(f"refused combination: {reason}")

@@ -9,22 +9,30 @@ predictions there, from a tensor about 7 times smaller.
 Evaluation still scores every position, because the seed's all-token accuracy needs
 a prediction at each; it does so under no_grad, a few hundred positions at a time,
 keeping only the argmax, so that evaluation never holds a full logits tensor either.
+
+It works on the masked-LM heads of BERT, RoBERTa and DistilBERT (``architecture.
+MASKED_LM_HEADS``) and refuses other masked-LM types. A causal LM is refused: every position
+of its next-token objective carries a label, so there is nothing to skip.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.modeling_outputs import MaskedLMOutput
 
+from ..data.masking import IGNORE_INDEX
 from ..errors import StrategyError
+from ..modeling import CLM
+from .architecture import config_model_type, config_task, masked_lm_head_refusal, split_masked_lm
 from .base import RunContext, Strategy
 from .registry import register
 
-IGNORE_INDEX = -100
+if TYPE_CHECKING:
+    from transformers.modeling_outputs import MaskedLMOutput
 #: Positions scored at once in evaluation: 512 x 149,798 fp32 scores is 0.3 GiB.
 EVAL_CHUNK_POSITIONS = 512
 
@@ -38,45 +46,53 @@ class TokenPredictions:
 
 
 def masked_lm_of(model: nn.Module) -> nn.Module:
-    """The BertForMaskedLM inside ``model`` (peft wraps it; its LoRA layers are injected in place)."""
+    """The masked-LM inside ``model`` (peft wraps it; its LoRA layers are injected in place)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 class MaskedPositionsHead(nn.Module):
-    """Wraps a BertForMaskedLM: training forwards score only the masked positions."""
+    """Wraps a masked-LM (BERT, RoBERTa, DistilBERT): training forwards score only the masked
+    positions. Its base model gives the hidden states and its own head (``architecture.
+    MASKED_LM_HEADS``) scores the selected ones, as the model's forward would at every position.
+    """
 
     #: Evaluation asks this model for predictions (``return_predictions=True``), not logits.
     predicts_in_chunks = True
 
     def __init__(self, model: nn.Module) -> None:
+        # Imported here, not with the module: the registry (which every command and the
+        # runner import) would otherwise import transformers for this one class.
+        from transformers.modeling_outputs import MaskedLMOutput
+
         super().__init__()
         self.model = model
+        self.output_type = MaskedLMOutput
 
     def masked_logits(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, targets) at the masked positions, in row-major order."""
-        mlm = masked_lm_of(self.model)
-        hidden = mlm.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        base, head = split_masked_lm(masked_lm_of(self.model))
+        hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         flat_labels = labels.reshape(-1)
         positions = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
-        return mlm.cls(selected), flat_labels.index_select(0, positions)
+        return head(selected), flat_labels.index_select(0, positions)
 
     @torch.no_grad()
     def chunked_predictions(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor
     ) -> TokenPredictions:
-        mlm = masked_lm_of(self.model)
-        hidden = mlm.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        base, head = split_masked_lm(masked_lm_of(self.model))
+        hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         flat = hidden.reshape(-1, hidden.shape[-1])
         predicted = torch.cat([
-            mlm.cls(flat[start:start + EVAL_CHUNK_POSITIONS]).argmax(dim=-1)
+            head(flat[start:start + EVAL_CHUNK_POSITIONS]).argmax(dim=-1)
             for start in range(0, flat.shape[0], EVAL_CHUNK_POSITIONS)
         ])
         flat_labels = labels.reshape(-1)
         positions = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
-        loss = F.cross_entropy(mlm.cls(flat.index_select(0, positions)).float(), flat_labels.index_select(0, positions))
+        loss = F.cross_entropy(head(flat.index_select(0, positions)).float(), flat_labels.index_select(0, positions))
         return TokenPredictions(loss=loss, predicted=predicted.view_as(input_ids))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -89,8 +105,8 @@ class MaskedPositionsHead(nn.Module):
         if labels is None or not self.training:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         logits, targets = self.masked_logits(input_ids, attention_mask, labels)
-        # The same reduction as BertForMaskedLM's: the mean over masked positions.
-        return MaskedLMOutput(loss=F.cross_entropy(logits, targets), logits=logits)
+        # The same reduction as the masked-LMs' own: the mean over masked positions.
+        return self.output_type(loss=F.cross_entropy(logits, targets), logits=logits)
 
 
 @register
@@ -102,9 +118,21 @@ class SparseHead(Strategy):
     order = 60
 
     untraceable = "how many positions are masked is data, unknown on fake tensors"
-    requires = "data.objective=mlm: under the seed's objective every position carries a label"
+    requires = ("a masked-LM (BERT, RoBERTa, DistilBERT) with data.objective=mlm: under the seed's objective, "
+                "and in a causal LM, every position carries a label")
 
-    def check_config(self, config) -> None:
+    def config_refusal(self, config) -> None:
+        # A causal LM predicts the next token at every position: all of them carry a label,
+        # so there are no unlabelled positions to skip. Refused, not run (see below); its
+        # logits are a real cost, but the fix for them is a chunked loss, not this strategy.
+        if config.data.objective == "clm" or config_task(config) == CLM:
+            raise StrategyError(
+                "sparse-head saves nothing on a causal LM (its next-token loss labels every position, so the head "
+                "runs at all of them): leave sparse-head out for this model"
+            )
+        refusal = masked_lm_head_refusal(config_model_type(config))
+        if refusal:
+            raise StrategyError(refusal)
         # Under the seed's objective the labels cover every position, so "the labelled
         # positions" are all of them: the head would run everywhere and save nothing.
         # Refused rather than run, so that no table shows a saving-free row under this name.

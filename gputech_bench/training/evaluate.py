@@ -1,8 +1,10 @@
-"""Eval metrics: masked-token accuracy (the honest one) and the seed's all-token accuracy."""
+"""Eval metrics. A masked-LM: masked-token accuracy (the honest one) and the seed's
+all-token accuracy. A causal LM: next-token accuracy and perplexity. Both: the objective's loss."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -10,17 +12,7 @@ import torch
 from torch import nn
 
 from ..data import IGNORE_INDEX
-
-
-@dataclass(frozen=True)
-class EvalSet:
-    """Eval sentences masked once, with a fixed seed, so every cell is scored on the same task."""
-
-    input_ids: torch.Tensor  # masked
-    labels: torch.Tensor  # what the objective's loss scores: IGNORE_INDEX where nothing is
-    original_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    masked: torch.Tensor  # bool: the positions chosen for masking, whatever the objective
+from ..data.prepare import EvalSet
 
 
 @dataclass(frozen=True)
@@ -32,6 +24,9 @@ class EvalScores:
     masked_tokens: int
     scored_tokens: int
     labelled_tokens: int
+    #: A causal LM's: the share of real next tokens predicted, and exp(loss).
+    next_token_accuracy: float | None = None
+    perplexity: float | None = None
 
 
 def predicts_in_chunks(model: nn.Module) -> bool:
@@ -49,6 +44,8 @@ def evaluate(
 ) -> EvalScores:
     """Score ``eval_set``; ``autocast`` is the training's precision context, so evaluation runs
     in the precision the cell trains in."""
+    if eval_set.next_token:
+        return evaluate_next_token(model, eval_set, device, batch_size, autocast)
     was_training = model.training
     chunked = predicts_in_chunks(model)
     model.eval()
@@ -90,4 +87,48 @@ def evaluate(
         masked_tokens=masked_total,
         scored_tokens=token_total,
         labelled_tokens=labelled_total,
+    )
+
+
+@torch.no_grad()
+def evaluate_next_token(
+    model: nn.Module,
+    eval_set: EvalSet,
+    device: torch.device,
+    batch_size: int,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> EvalScores:
+    """A causal LM's scores: at each real position but the last, is the argmax the next
+    token? The loss is the model's own (shifted, padding ignored), weighted by each
+    batch's count of scored positions; perplexity is its exponential."""
+    was_training = model.training
+    model.eval()
+    correct_total = scored_total = 0
+    loss_sum = 0.0
+    for start in range(0, eval_set.input_ids.shape[0], batch_size):
+        part = slice(start, start + batch_size)
+        labels = eval_set.labels[part].to(device)
+        inputs = {"input_ids": eval_set.input_ids[part].to(device),
+                  "attention_mask": eval_set.attention_mask[part].to(device), "labels": labels}
+        with autocast():
+            output = model(**inputs)
+        targets = labels[:, 1:]
+        scored = targets != IGNORE_INDEX
+        predicted = output.logits[:, :-1].argmax(dim=-1)
+        count = int(scored.sum())
+        if count:
+            correct_total += int((predicted == targets)[scored].sum())
+            loss_sum += float(output.loss.float()) * count
+            scored_total += count
+    model.train(was_training)
+    loss = loss_sum / scored_total if scored_total else float("nan")
+    return EvalScores(
+        masked_accuracy=float("nan"),
+        token_accuracy=float("nan"),
+        loss=loss,
+        masked_tokens=0,
+        scored_tokens=scored_total,
+        labelled_tokens=scored_total,
+        next_token_accuracy=correct_total / scored_total if scored_total else float("nan"),
+        perplexity=math.exp(loss) if math.isfinite(loss) and loss < 700 else float("inf"),
     )

@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from transformers import get_linear_schedule_with_warmup
 
 from ..data import MaskingSpec, TokenizedSplit
 from ..measure.timing import SyncedStopwatch
 from ..measure.tracker import StepMemoryTracker, TrackedPeak
 from ..strategies import RunContext, TrainingPlan
 from .batches import epoch_batches, rank_share, steps_per_epoch
+from .schedule import linear_schedule_with_warmup
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ def train(
     per_epoch = steps_per_epoch(len(split), settings.batch_size)
     total = planned_steps(len(split), settings.batch_size, settings.epochs, settings.max_steps)
     # The schedule spans the steps actually run, so a short run is a complete small recipe.
-    scheduler = get_linear_schedule_with_warmup(plan.optimizer, int(settings.warmup_ratio * total), total)
+    scheduler = linear_schedule_with_warmup(plan.optimizer, int(settings.warmup_ratio * total), total)
     outcome = TrainOutcome(0, total, per_epoch, len(split))
     plan.model.train()
 

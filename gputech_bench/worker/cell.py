@@ -26,11 +26,11 @@ from ..measure.paged import paged_state_bytes
 from ..measure.snapshot import SNAPSHOT_SLOWS_STEPS, MemorySnapshot
 from ..measure.warmup import warm_up_cuda_libraries
 from ..measure.window import PeakWindow
-from ..modeling import build_model
+from ..modeling import load_model
 from ..results import CellResult
 from ..strategies import RunContext, build_plan, parse_cell
-from ..training.distributed import ensure_process_group, launched_by_torchrun, ranks_from_env
-from ..training.distributed import shutdown as shutdown_process_group
+from ..strategies.distributed import ensure_process_group, launched_by_torchrun, ranks_from_env
+from ..strategies.distributed import shutdown as shutdown_process_group
 from ..training.evaluate import EvalScores, evaluate
 from ..training.loop import StepEvent, TrainOutcome, train
 from ..units import parse_size, to_mib
@@ -172,15 +172,18 @@ def _measure_cell(
         )
 
     emit({"event": "phase", "phase": "model"})
-    model = build_model(config.model, data.tokenizer_size, data.pad_token_id, config.train.seed)
+    loaded = load_model(config.model, data.tokenizer_size, data.pad_token_id, config.train.seed)
+    model = loaded.model
+    # LoRA trains a newly initialised head in full (modules_to_save): it must know which.
+    model.gputech_new_head_modules = loaded.report.new_head_modules
     result.model = {
-        "source": config.model.pretrained or "random init from the config (no pretrained weights)",
+        **loaded.report.to_dict(),
         "vocab_rows": model.config.vocab_size,
         "hidden_size": model.config.hidden_size,
         "num_layers": model.config.num_hidden_layers,
-        "parameters": sum(p.numel() for p in model.parameters()),
         "attention": model.config._attn_implementation,
     }
+    # What loading did is in result.model['load_notes'], which every table shows once.
     plan = build_plan(cell, model, ctx)
     result.strategy_facts = plan.facts
     if device.type == "cpu" and plan.facts["compute_dtype"] != "float32":
@@ -253,6 +256,9 @@ def record_cell_totals(result: CellResult, started: float) -> None:
 def record_scores(result: CellResult, scores: EvalScores, objective: str) -> None:
     """The eval figures, each saying which objective trained the model it scores."""
     trained = f"trained under data.objective={objective}"
+    if scores.next_token_accuracy is not None:
+        record_next_token_scores(result, scores, trained)
+        return
     result.record(
         "eval_masked_accuracy", scores.masked_accuracy, "fraction",
         f"correct predictions at the {scores.masked_tokens} masked eval positions ({trained})",
@@ -268,6 +274,20 @@ def record_scores(result: CellResult, scores: EvalScores, objective: str) -> Non
         f"the objective's loss: mean cross-entropy over the {scores.labelled_tokens} labelled eval positions "
         f"({scored}; data.objective={objective})",
     )
+
+
+def record_next_token_scores(result: CellResult, scores: EvalScores, trained: str) -> None:
+    """A causal LM's eval figures: next-token accuracy, its loss and perplexity."""
+    result.record(
+        "eval_next_token_accuracy", scores.next_token_accuracy, "fraction",
+        f"argmax equal to the next token at the {scores.scored_tokens} real eval positions that have one ({trained})",
+    )
+    result.record(
+        "eval_loss", scores.loss, "nats/token",
+        f"the causal LM's loss: mean next-token cross-entropy over {scores.labelled_tokens} eval positions, "
+        f"padding ignored ({trained})",
+    )
+    result.record("eval_perplexity", scores.perplexity, "perplexity", "exp(eval_loss)")
 
 
 def record_cuda_memory(result: CellResult, device: torch.device, nvml: cuda_memory.NvmlReading,

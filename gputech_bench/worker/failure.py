@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import traceback
 
-from ..errors import UserError, first_line
+from ..errors import UserError, error_line, first_line
 
 TRACEBACK_LINES = 15
 
@@ -34,4 +34,4 @@ def classify(error: BaseException) -> tuple[str, str, list[str] | None]:
     lines = traceback.format_exception(type(error), error, error.__traceback__)
     tail = "".join(lines).rstrip().splitlines()[-TRACEBACK_LINES:]
     status = "oom" if is_out_of_memory(error) else "error"
-    return status, f"{type(error).__name__}: {first_line(error)}", tail
+    return status, error_line(error), tail

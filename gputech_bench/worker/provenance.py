@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import socket
 import sys
 from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any
+
+#: Set in a cell forked from the runner's fork server (run/forkserver.py), so the result says how
+#: its process started.
+FORKED_ENV = "GPUTECH_BENCH_FORKED_FROM"
+
 
 PACKAGES = ("gputech-bench", "torch", "transformers", "tokenizers", "peft", "bitsandbytes", "pandas", "nvidia-ml-py")
 
@@ -38,4 +44,6 @@ def environment() -> dict[str, Any]:
         "cuda_available": torch.cuda.is_available(),
         "cpu_threads": torch.get_num_threads(),
         "command": sys.argv,
+        # How the process started: its start-up is no figure, but a reader may ask.
+        "process": "forked from the runner's preloaded fork server" if os.environ.get(FORKED_ENV) else "fresh interpreter",
     }

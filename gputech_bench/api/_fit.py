@@ -1,0 +1,241 @@
+"""``fit``: the fastest setup predicted to fit a memory budget, and (``verify=True``) that
+setup run as a real cell beside its prediction.
+
+Kept apart from _estimate.py, which _run.py imports for the estimate after a run: a fit's
+verification runs a cell through _run.py, so the two stay one-way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Optional
+
+from ..config import BenchConfig
+from ..errors import ConfigError
+from ..estimate.measured import error_percent, measured_peak
+from ..estimate.overheads import DEFAULTS, calibrate
+from ..results import CellResult
+from ..units import MIB, parse_size
+from ._display import text_html
+from ._estimate import PathLike, _jobs, _predict, _run_config, _run_path
+from ._output import Output, output_or_default
+from ._run import execute
+from ._setup import Overrides, resolve_config
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from ..estimate.fit import Candidate, FitResult
+    from ..estimate.measured import Measured
+    from ..estimate.predict import Setup
+    from ._run import Run
+
+
+# --------------------------------------------------------------------------- fit
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The best setup run as a real cell (``fit(verify=True)``), beside its prediction."""
+
+    setup: "Setup"
+    run: "Run"
+    result: CellResult
+    #: The traced tensor peak, and the same plus the allocator reserve and CUDA context.
+    predicted_bytes: int
+    predicted_total_bytes: int
+    measured: "Measured"
+    #: Predicted against measured tensor peak, in %; None when nothing was measured.
+    error_percent: Optional[float]
+    #: NVML's peak for the cell's process (CUDA only), and whether it stayed within the budget.
+    nvml_process_mib: Optional[float]
+    fits_budget: Optional[bool]
+
+
+class Fit:
+    """The fastest setups predicted to fit a memory budget: what ``fit()`` returns.
+
+    ``best`` is the chosen setup (a cell and, with accumulation, a micro-batch size), or None
+    when nothing fits; ``frame`` has a row per traced candidate with ``verdict`` ``best``,
+    ``fits``, ``too big`` or ``not traced``; ``suggestions`` say what would fit when nothing does.
+
+    Example::
+
+        >>> from gputech_bench import fit
+        >>> found = fit("8GiB", preset="seed")
+        >>> found.best.cell, found.best.micro_batch_size
+        >>> found.frame
+    """
+
+    def __init__(self, result: "FitResult", config: BenchConfig, not_searched: list[str],
+                 verification: Optional[Verification] = None) -> None:
+        self.result = result
+        self.config = config
+        #: Strategies left out because the tracer cannot follow them on this machine.
+        self.not_searched = not_searched
+        self.verification = verification
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.result.budget
+
+    @property
+    def fits(self) -> bool:
+        """Whether any setup is predicted to fit."""
+        return self.result.floor is None and bool(self.result.chosen)
+
+    @property
+    def best(self) -> "Setup | None":
+        """The fastest setup that fits (``.cell``, ``.micro_batch_size``, ``.label``), or None."""
+        return self.result.chosen[0].setup if self.fits else None
+
+    @property
+    def suggestions(self) -> list[str]:
+        return list(self.result.suggestions)
+
+    def _row(self, candidate: "Candidate", verdict: str) -> dict[str, Any]:
+        from ..estimate.fit import gives_up
+
+        host = candidate.prediction.host
+        time = candidate.time
+        return {
+            "verdict": verdict, "setup": candidate.setup.label, "cell": candidate.setup.cell,
+            "micro_batch_size": candidate.setup.micro_batch_size,
+            "device_gib": None if candidate.prediction.error else candidate.device_total / 2**30,
+            "host_gib": None if host is None or candidate.prediction.error else host.total_bytes / 2**30,
+            "epoch_seconds": time.seconds, "time_x_baseline": time.factor, "time_from": time.source,
+            "gives_up": gives_up(candidate.setup), "error": candidate.prediction.error,
+        }
+
+    @property
+    def frame(self) -> "pd.DataFrame":
+        """One row per traced candidate: the fitting ones fastest first, then those too big, then
+        those the tracer could not follow (and, when nothing fits, the most frugal setup)."""
+        import pandas as pd
+
+        result = self.result
+        rows = [self._row(candidate, "best" if rank == 0 else "fits") for rank, candidate in enumerate(result.chosen)]
+        rows += [self._row(candidate, "too big") for candidate in result.rejected]
+        if result.floor is not None and result.floor not in result.rejected:
+            rows.append(self._row(result.floor, "too big"))
+        rows += [self._row(candidate, "not traced") for candidate in result.untraceable]
+        columns = ["verdict", "setup", "cell", "micro_batch_size", "device_gib", "host_gib", "epoch_seconds",
+                   "time_x_baseline", "time_from", "gives_up", "error"]
+        return pd.DataFrame(rows, columns=columns)
+
+    def __str__(self) -> str:
+        # Plain text: the setups as a table, then what would fit (the terminal's rich table is
+        # the command line's: cli/estimate.py).
+        result = self.result
+        head = (f"setups that fit {result.budget / 2**30:.1f} GiB, fastest first" if self.fits
+                else f"nothing fits {result.budget / 2**30:.1f} GiB")
+        lines = [head, self.frame.to_string(index=False)]
+        lines += [f"  would fit: {line}" for line in result.suggestions]
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        return text_html(str(self))
+
+    def __repr__(self) -> str:
+        return f"<Fit {self.result.budget / 2**30:.1f} GiB: best {self.best.label if self.best else None}>"
+
+
+def fit(
+    budget: str,
+    *,
+    preset: Optional[str] = None,
+    overrides: Overrides = None,
+    model: Optional[str] = None,
+    from_run: "PathLike | Run | None" = None,
+    exclude: Iterable[str] = (),
+    top: int = 3,
+    verify: bool = False,
+    results: PathLike = "results",
+    jobs: int = 0,
+    progress: bool = True,
+    output: Output | None = None,
+) -> Fit:
+    """Find the fastest setup predicted to fit a memory budget, as ``gputech-bench fit`` does.
+
+    Tries every strategy combination the registry allows, and micro-batch sizes 16x2, 8x4,
+    4x8 and 2x16 for accumulation. ``budget`` reads ``"24GiB"`` (2^30) or ``"24GB"`` (10^9).
+    ``from_run`` (a run folder or :class:`Run`) supplies measured times, overheads and its
+    config; without it, times come from a labelled cost model. ``exclude`` leaves strategies
+    out (``["lora"]``); ``top`` is how many fitting setups to list; ``verify=True`` runs the
+    best one as a real cell into ``results`` and puts its measurement beside the prediction
+    (``Fit.verification``).
+
+    Nothing fitting is an answer, not an error: ``Fit.best`` is None and ``Fit.suggestions``
+    says what would fit. Bad input raises :class:`UserError` (one line).
+
+    Example::
+
+        >>> from gputech_bench import fit
+        >>> found = fit("8GiB", preset="seed", exclude=["lora"])
+        >>> found.best          # Setup(cell='1+2+3', micro_batch_size=8), say
+        >>> found.frame         # every traced candidate, fastest first
+    """
+    from ..estimate.fit import search, unsearchable
+    from ..estimate.trace import trace_target
+    from ..strategies.registry import lookup
+
+    output = output_or_default(output)
+    if isinstance(exclude, str):
+        exclude = [exclude]
+    exclude = list(exclude)
+    if top < 1:
+        raise ConfigError(f"--top {top}: list at least 1 setup")
+    measured: dict[str, Any] = {}
+    run_results = None
+    budget_bytes = parse_size(budget)
+    for name in exclude:
+        lookup(name)
+    if from_run is not None:
+        if preset or overrides or model:
+            raise ConfigError("--from uses the run's own config: drop --preset, --set and --model")
+        config, run_results = _run_config(_run_path(from_run))
+        measured = {result.cell: result for result in run_results}
+    else:
+        config = resolve_config(preset, overrides, model, None, None, "auto", output)
+    overheads = calibrate(run_results) if run_results else DEFAULTS
+    workers = _jobs(jobs)
+    excluded = {name.strip().lower() for name in exclude}
+    device_type = trace_target().device.type
+    left_out = [key for key in unsearchable(device_type) if key not in excluded]
+    if left_out:
+        output.say(f"[dim]not searched (the estimate cannot trace them here; measure them with 'run'): {', '.join(left_out)}[/]")
+    shown = output if progress else None
+    result = search(
+        config, budget_bytes, overheads, lambda setups, cfg: _predict(setups, cfg, workers, shown),
+        measured, config.strategy.micro_batch_size, top, excluded, parallel=workers, device_type=device_type,
+    )
+    found = Fit(result, config, left_out)
+    if verify and found.fits:
+        found.verification = _verify(result.chosen[0], config, Path(results), budget_bytes, output, progress)
+    return found
+
+
+def _verify(candidate: "Candidate", config: BenchConfig, results_dir: Path, budget: int, output: Output,
+            progress: bool) -> Verification:
+    """Run the chosen setup as a real cell and put its measurement next to the prediction."""
+
+    setup = candidate.setup
+    name = f"fit-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    output.say(f"verifying {setup.label} as a real cell -> {results_dir / name}")
+    run = execute(setup.config_for(config), [setup.cell], results_dir, name, output=output, progress=progress,
+                  estimate=False, announce=False)
+    result = run.by_cell()[setup.cell]
+    measured = measured_peak(result)
+    predicted = candidate.prediction.device.total_bytes
+    process = result.value("nvml_process_peak_mib") if result.device_type == "cuda" else None
+    return Verification(
+        setup, run, result, predicted, candidate.device_total, measured,
+        None if measured.bytes is None else error_percent(predicted, measured),
+        process, None if process is None else process * MIB <= budget,
+    )
+
+
+
+__all__ = ["Fit", "Verification", "fit"]

@@ -1,0 +1,243 @@
+"""The fork server: what it preloads, what it never touches, and the runner's guarantees for
+the cells forked from it (a crash, a timeout, Ctrl-C, a dead server, a server that cannot start).
+
+Most tests boot a server that preloads nothing and run small entries written below, so that
+each takes a moment; one boots the real preload and checks the CUDA invariant."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from gputech_bench.results import RunFolder
+from gputech_bench.run import runner
+from gputech_bench.run.forkserver import PRELOAD, ForkServer
+from gputech_bench.run.launch import Launch
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or not Path("/proc/self").exists(), reason="Linux fork server")
+
+ENTRIES = '''
+import json, os, signal, sys, time
+
+def sleeper(argv):
+    print(json.dumps({"event": "phase", "phase": "sleeping", "pid": os.getpid()}), flush=True)
+    time.sleep(60)
+    return 0
+
+def talk(argv):
+    print("to stdout", flush=True)
+    print("to stderr", file=sys.stderr, flush=True)
+    return int(argv[0])
+
+def leave(argv):
+    raise SystemExit(argv[0])
+
+STATE = []
+
+def describe(argv):
+    import ctypes
+    watched = ("torch", "transformers", "gputech_bench.worker.cell", "peft", "bitsandbytes")
+    preloaded = sorted(name for name in watched if name in sys.modules)
+    pdeathsig = ctypes.c_int(0)
+    ctypes.CDLL("libc.so.6").prctl(2, ctypes.byref(pdeathsig))  # PR_GET_PDEATHSIG
+    torch = sys.modules.get("torch")
+    STATE.append(os.getpid())  # a module global: a second child must not see the first one's
+    print(json.dumps({
+        "pid": os.getpid(), "ppid": os.getppid(), "preloaded": preloaded, "state": STATE,
+        "cuda_initialized": None if torch is None else torch.cuda.is_initialized(),
+        "sigint_default": signal.getsignal(signal.SIGINT) is signal.default_int_handler,
+        "sigterm_default": signal.getsignal(signal.SIGTERM) is signal.SIG_DFL,
+        "pdeathsig": pdeathsig.value, "argv0": sys.argv[0], "argv": sys.argv[1:],
+        "stdin": os.readlink("/proc/self/fd/0"), "forked_from": os.environ.get("GPUTECH_BENCH_FORKED_FROM"),
+    }), flush=True)
+    return 0
+'''
+
+
+@pytest.fixture()
+def entries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A module of small entries on the path the server (and its children) import from."""
+    folder = tmp_path / "entries"
+    folder.mkdir()
+    (folder / "forkserver_entries.py").write_text(ENTRIES)
+    (folder / "slow_preload.py").write_text("import time\ntime.sleep(60)\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")])))
+    return folder
+
+
+@pytest.fixture()
+def light_server(tmp_path: Path, entries: Path):
+    """A server that preloads only the entries: it boots in a moment."""
+    with ForkServer(tmp_path / "fork-server.log", preload=("forkserver_entries",)) as server:
+        yield server
+
+
+def run_folder(tmp_path: Path) -> RunFolder:
+    folder = RunFolder(tmp_path / "run")
+    folder.root.mkdir()
+    return folder
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_the_server_preloads_the_stack_without_cuda_peft_or_bitsandbytes(tmp_path: Path, entries: Path):
+    with ForkServer(tmp_path / "fork-server.log", preload=(*PRELOAD, "forkserver_entries")) as server:
+        assert server.start(), server.failure
+        hello = server.hello
+        # The invariant that makes forking safe, read from torch's own state in the server.
+        assert hello["cuda_initialized"] is False and hello["python_threads"] == 1
+        assert hello["peft_imported"] is False and hello["bitsandbytes_imported"] is False
+        with (tmp_path / "child.log").open("w") as log:
+            first = json.loads(server.output("forkserver_entries:describe", ["--cell", "1"], log.fileno()))
+            second = json.loads(server.output("forkserver_entries:describe", [], log.fileno()))
+    # Each child starts with the stack already imported, and still without CUDA.
+    assert first["preloaded"] == ["gputech_bench.worker.cell", "torch", "transformers"]
+    assert first["cuda_initialized"] is False
+    assert first["ppid"] == hello["pid"] and first["forked_from"] == str(hello["pid"])
+    assert first["argv0"].endswith("forkserver_entries.py") and first["argv"] == ["--cell", "1"]
+    # A fresh child each time: its own pid, and none of the previous child's state.
+    assert second["pid"] != first["pid"] and second["state"] == [second["pid"]]
+
+
+def test_a_child_has_its_own_streams_signals_and_exit_code(tmp_path: Path, light_server: ForkServer):
+    with (tmp_path / "child.log").open("w") as log:
+        described = json.loads(light_server.output("forkserver_entries:describe", [], log.fileno()))
+        read, write = os.pipe()
+        child = light_server.spawn("forkserver_entries:talk", ["3"], write, log.fileno())
+        os.close(write)
+        with os.fdopen(read) as stdout:
+            assert stdout.read() == "to stdout\n"
+        assert child.wait(30) == 3
+        left = light_server.spawn("forkserver_entries:leave", ["bad input"], log.fileno(), log.fileno())
+        assert left.wait(30) == 1
+    assert (tmp_path / "child.log").read_text().splitlines()[-2:] == ["to stderr", "bad input"]
+    # Ctrl-C stops a cell (the server ignores it); SIGTERM when the server dies; no stdin.
+    assert described["sigint_default"] and described["sigterm_default"]
+    assert described["pdeathsig"] == signal.SIGTERM and described["stdin"] == os.devnull
+
+
+def sleeper_worker(monkeypatch: pytest.MonkeyPatch, server: ForkServer) -> None:
+    """The runner's worker, replaced by an entry that reports its pid and sleeps a minute."""
+    monkeypatch.setattr(server, "worker_entry", "forkserver_entries:sleeper")
+
+
+def test_a_forked_worker_killed_with_sigkill_is_a_crashed_row(tmp_path, light_server, monkeypatch):
+    sleeper_worker(monkeypatch, light_server)
+    pids: list[int] = []
+
+    def kill_it(label, event):
+        pids.append(event["pid"])
+        os.kill(event["pid"], signal.SIGKILL)
+
+    run = runner.run_worker(runner.Job("1"), run_folder(tmp_path), on_event=kill_it, forks=light_server)
+    assert run.result.status == "crashed" and run.result.reason.startswith("worker killed by SIGKILL")
+    assert pids and pids[0] != light_server.pid and not alive(pids[0])
+
+
+def test_a_forked_worker_past_the_cell_timeout_is_stopped_and_recorded(tmp_path, light_server, monkeypatch):
+    sleeper_worker(monkeypatch, light_server)
+    pids: list[int] = []
+    started = time.monotonic()
+    run = runner.run_worker(runner.Job("1"), run_folder(tmp_path), lambda label, event: pids.append(event["pid"]),
+                            timeout=1.0, forks=light_server)
+    assert run.result.status == "timeout" and run.result.reason.startswith("exceeded --cell-timeout of 1 s")
+    assert time.monotonic() - started < 30 and not alive(pids[0])
+
+
+def test_ctrl_c_in_another_thread_stops_a_forked_worker_at_once(tmp_path, light_server, monkeypatch):
+    sleeper_worker(monkeypatch, light_server)
+
+    def ctrl_c_in_this_thread() -> None:
+        time.sleep(1.0)
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # not the main thread
+
+    pids: list[int] = []
+    threading.Thread(target=ctrl_c_in_this_thread, daemon=True).start()
+    started = time.monotonic()
+    run = runner.run_worker(runner.Job("1"), run_folder(tmp_path), lambda label, event: pids.append(event["pid"]),
+                            forks=light_server)
+    assert run.interrupted and run.result.status == "interrupted"
+    assert time.monotonic() - started < 30 and not alive(pids[0])  # far below the sleeper's 60 s
+
+
+def test_a_dead_fork_server_takes_its_cells_with_it_and_says_so(tmp_path, light_server, monkeypatch):
+    sleeper_worker(monkeypatch, light_server)
+    pids: list[int] = []
+
+    def kill_the_server(label, event):
+        pids.append(event["pid"])
+        os.kill(light_server.pid, signal.SIGKILL)
+
+    run = runner.run_worker(runner.Job("1"), run_folder(tmp_path), kill_the_server, timeout=60, forks=light_server)
+    # The kernel sent the child SIGTERM when its server died; nobody is left to say how it ended.
+    assert run.result.status == "crashed" and "exit status unknown: the fork server stopped" in run.result.reason
+    assert not alive(pids[0])
+    # The next cell is not sent to a dead server.
+    assert not light_server.start() and "stopped" in light_server.failure
+
+
+def test_a_server_that_cannot_preload_leaves_the_cells_to_fresh_interpreters(tmp_path, monkeypatch):
+    script = "import json; print(json.dumps({'event': 'phase', 'phase': 'fresh'}))"
+    monkeypatch.setattr(runner, "worker_command", lambda *args: [sys.executable, "-c", script])
+    folder = run_folder(tmp_path)
+    events: list[dict] = []
+    with ForkServer(tmp_path / "fork-server.log", preload=("no_such_module_for_the_test",)) as server:
+        run = runner.run_worker(runner.Job("1"), folder, lambda label, event: events.append(event), forks=server)
+        assert not server.start() and "ModuleNotFoundError" in server.failure
+    assert events == [{"event": "phase", "phase": "fresh"}]  # the fresh interpreter ran the cell
+    assert run.result.status == "crashed" and "exited with code 0 without a result" in run.result.reason
+    assert "[runner] fresh interpreter for this cell: the fork server could not preload" in folder.log_path("1").read_text()
+
+
+def test_ctrl_c_while_the_server_preloads_leaves_no_server_behind(tmp_path: Path, entries: Path):
+    server = ForkServer(tmp_path / "fork-server.log", preload=("slow_preload",))
+
+    def ctrl_c_in_this_thread() -> None:
+        time.sleep(1.0)
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+
+    threading.Thread(target=ctrl_c_in_this_thread, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        server.start()
+    assert server.pid is None  # stopped and reaped, not left importing
+
+
+def test_only_cpu_cells_in_plain_processes_are_forked():
+    assert runner.fork_server_suits(cuda=False, launch=Launch())
+    assert not runner.fork_server_suits(cuda=True, launch=Launch())
+    assert not runner.fork_server_suits(cuda=False, launch=Launch(nproc_per_node=2))
+    server = ForkServer(Path("unused.log"))
+    assert runner.uses_fork_server(server, Launch(), None)
+    assert not runner.uses_fork_server(server, Launch(), ("0",))  # a GPU slot: never forked
+    assert not runner.uses_fork_server(None, Launch(), None)
+
+
+@pytest.mark.slow
+def test_the_estimate_traced_in_forked_children_equals_the_one_traced_here(tmp_path: Path, tiny_config, monkeypatch):
+    from gputech_bench.estimate import predict as predict_module
+    from gputech_bench.estimate.predict import predict, setups_for
+
+    setups = setups_for(["baseline", "2", "1+2+3", "lora"], tiny_config)
+    here = predict(setups, tiny_config, jobs=1)
+    monkeypatch.setattr(predict_module, "ProcessPoolExecutor", None)  # no pool of fresh interpreters to fall back on
+    done: list[str] = []
+    with ForkServer(tmp_path / "fork-server.log") as server:
+        forked = predict(setups, tiny_config, jobs=2, on_done=lambda p: done.append(p.setup.label), forks=server,
+                         log_path=tmp_path / "estimate.log")
+        assert server.failure is None
+    assert [p.setup for p in forked] == setups and sorted(done) == sorted(setup.label for setup in setups)
+    for ours, theirs in zip(forked, here):
+        assert (ours.device, ours.host, ours.facts, ours.error) == (theirs.device, theirs.host, theirs.facts, theirs.error)
