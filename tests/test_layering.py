@@ -55,15 +55,17 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # A run folder rendered for people: frame, text, markdown, CSV, JSON, HTML, plots.
     ("report",),
     # The Python API: run_matrix, load_run, estimate, fit, compare as objects for notebooks and
-    # scripts. A library layer above run, estimate and report (it composes them) and below the
-    # command line, which is a thin layer over it: so it never imports cli.
+    # scripts. Above run, estimate and report (it composes them) and below the command line,
+    # which is a thin layer over it: so it never imports cli. Like the command line it is a
+    # front end (a notebook's progress display and messages go through rich), never typer.
     ("api",),
-    # The command line: the only layer that knows typer and rich.
+    # The command line: the only layer that knows typer.
     ("cli", "__main__"),
 )
 
-#: Libraries of the terminal: only the command line may import them.
+#: Libraries of the terminal: only the front ends may import them (typer: the command line alone).
 PRESENTATION_LIBRARIES = ("typer", "rich")
+FRONT_ENDS = {"rich": (("api",), ("cli", "__main__")), "typer": (("cli", "__main__"),)}
 
 #: Libraries slow enough to import (seconds on 2 cores) that a module may import a
 #: gputech_bench module inside a function to keep them off a command's start-up path.
@@ -220,13 +222,14 @@ def test_no_import_cycles_even_through_function_level_imports():
     assert _cycles(edges) == []
 
 
-def test_only_the_command_line_imports_typer_or_rich():
-    # The library layers return data and text; the command line decides how a terminal
-    # shows them (cli.tables builds the rich tables, cli.common prints them).
+def test_only_the_front_ends_import_typer_or_rich():
+    # The library layers return data and text; the front ends decide how a terminal or a
+    # notebook shows them (cli.tables builds the rich tables, cli.common prints them; the
+    # API's progress display in a notebook). typer belongs to the command line alone.
     found = [
         f"{where(entry)} {entry.source} imports {entry.target}"
         for entry in all_imports()
-        if entry.target in PRESENTATION_LIBRARIES and LAYERS[layer_of(entry.source)] != ("cli", "__main__")
+        if entry.target in PRESENTATION_LIBRARIES and LAYERS[layer_of(entry.source)] not in FRONT_ENDS[entry.target]
     ]
     assert found == [], "\n".join(found)
 
