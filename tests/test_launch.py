@@ -148,11 +148,14 @@ def test_the_runner_pins_each_cell_to_its_slot_and_keeps_the_table_order(tmp_pat
 
     assert [result.cell for result in outcome.results] == cells
     assert {result.extra["gpu"] for result in outcome.results} == {"0", "1"}  # what the fake worker wrote
-    for gpu in ("0", "1"):
-        spans = sorted(result.extra["span"] for result in outcome.results if result.extra["gpu"] == gpu)
-        assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:])), spans
-    # Two slots really ran at once: the matrix took about half the sequential time.
-    assert outcome.seconds < 0.3 * len(cells)
+    spans = {gpu: sorted(result.extra["span"] for result in outcome.results if result.extra["gpu"] == gpu)
+             for gpu in ("0", "1")}
+    for gpu_spans in spans.values():
+        assert all(earlier[1] <= later[0] for earlier, later in zip(gpu_spans, gpu_spans[1:])), gpu_spans
+    # Two slots really ran at once: a cell on GPU 0 and one on GPU 1 were running at the same
+    # moment (one system-wide monotonic clock). Not a bound on the wall time, which a loaded
+    # machine (or pytest -n) can stretch past any threshold.
+    assert any(a[0] < b[1] and b[0] < a[1] for a in spans["0"] for b in spans["1"]), spans
 
 
 def test_ctrl_c_stops_every_running_slot_and_records_its_cell(tmp_path: Path, monkeypatch, nothing_inherited):

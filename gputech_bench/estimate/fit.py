@@ -21,6 +21,7 @@ always labelled as such. The model's factors multiply, relative to the baseline'
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -201,8 +202,6 @@ def search(
 
 def _suggestions(floor: Setup, config: BenchConfig, budget: int, overheads: Overheads, trace: TraceFn) -> list[str]:
     """Shorter sequences for the floor setup, halving until one fits (down to 16 tokens)."""
-    import dataclasses
-
     length = config.data.max_length
     while length > 16:
         length //= 2
