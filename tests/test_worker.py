@@ -44,11 +44,13 @@ def test_worker_process_writes_a_complete_result(tmp_path: Path, tiny_config: Be
     )
     assert process.returncode == 0, process.stderr[-2000:]
     result = read_result(out)
-    assert json.loads(out.read_text())["schema"] == SCHEMA and result.status == "ok" and result.cell == "1+2+3"
+    written = json.loads(out.read_text())
+    assert written["schema"] == SCHEMA and result.status == "ok" and result.cell == "1+2+3"
     assert result.strategies == ["checkpointing", "accumulation", "adam8bit"]
-    # Every figure names its unit and method.
-    for name, entry in result.metrics.items():
+    # Every figure in the file names its unit and method, and reads back as the same Figure.
+    for name, entry in written["metrics"].items():
         assert set(entry) == {"value", "unit", "method"} and entry["unit"] and entry["method"], name
+        assert result.metrics[name].to_dict() == entry, name
     assert value(result, "tracked_peak_mib") > 0
     assert value(result, "peak_rss_mib") > value(result, "tracked_peak_mib")
     assert set(result.memory_breakdown["cpu"]) >= {"parameters_mib", "gradients_mib", "optimizer_state_mib", "activations_mib", "temporaries_mib"}

@@ -45,12 +45,13 @@ from typing import IO, Any
 from ..worker.provenance import FORKED_ENV
 from .launch import die_with_parent
 
-#: What every CPU cell imports: the worker's cell module (torch, transformers' BERT, the
-#: project), the tokenizer stack it loads (imported where used, so named here), and the
+#: What every CPU cell imports: the worker's cell module (torch, the project), the default
+#: model's class and the tokenizer stack (both imported where used, so named here), and the
 #: estimate's tracer. Not peft or bitsandbytes: only the cells that use them import them.
 PRELOAD = (
     "gputech_bench.worker.__main__",
     "gputech_bench.worker.cell",
+    "transformers.models.bert.modeling_bert",
     "tokenizers",
     "transformers.tokenization_utils_tokenizers",
     "gputech_bench.estimate.trace",
