@@ -10,6 +10,8 @@ Two objectives, chosen with ``data.objective``:
 ``mlm``   today's standard masked-LM (BERT's, and transformers'
           ``DataCollatorForLanguageModeling``): labels only at the chosen positions,
           80/10/10 corruption, masks drawn afresh each epoch.
+``clm``   a causal LM's next-token prediction: nothing is masked; every real token is a
+          label (the model shifts them by one), padding is not.
 
 Under either objective ``masked`` marks the positions chosen for masking, which is what
 the masked accuracy scores; the labels say what the loss scores.
@@ -25,6 +27,7 @@ from .masking import IGNORE_INDEX, MaskingSpec, mask_tokens
 
 SEED = "seed"
 MLM = "mlm"
+CLM = "clm"
 
 
 @dataclass(frozen=True)
@@ -52,17 +55,34 @@ def seed_mask_tokens(input_ids: torch.Tensor, spec: MaskingSpec, generator: torc
     return MaskedTokens(masked_ids, input_ids.clone(), chosen)
 
 
+def next_token_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> MaskedTokens:
+    """A causal LM's targets: every real token (the model shifts them by one position);
+    padding carries no label, so it never enters the loss."""
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    return MaskedTokens(input_ids, labels, torch.zeros_like(input_ids, dtype=torch.bool))
+
+
 def apply_objective(
-    objective: str, input_ids: torch.Tensor, spec: MaskingSpec, generator: torch.Generator
+    objective: str,
+    input_ids: torch.Tensor,
+    spec: MaskingSpec | None,
+    generator: torch.Generator,
+    attention_mask: torch.Tensor | None = None,
 ) -> MaskedTokens:
     """Mask ``input_ids`` the way ``objective`` trains; the result depends only on the inputs
-    and the generator's state."""
+    and the generator's state. ``clm`` masks nothing and needs the attention mask."""
+    if objective == CLM:
+        if attention_mask is None:
+            raise ValueError("the clm objective needs the attention mask to leave padding out of the loss")
+        return next_token_labels(input_ids, attention_mask)
+    if spec is None:
+        raise ValueError(f"the {objective} objective masks tokens: it needs a MaskingSpec")
     if objective == SEED:
         return seed_mask_tokens(input_ids, spec, generator)
     if objective == MLM:
         masked_ids, labels = mask_tokens(input_ids, spec, generator)
         return MaskedTokens(masked_ids, labels, labels != IGNORE_INDEX)
-    raise ValueError(f"unknown objective {objective!r}: choose {SEED} or {MLM}")
+    raise ValueError(f"unknown objective {objective!r}: choose {SEED}, {MLM} or {CLM}")
 
 
 def masks_are_static(objective: str) -> bool:

@@ -38,6 +38,18 @@ def cache_dir_for(config: BenchConfig) -> Path:
     return Path(config.data.cache_dir).expanduser() if config.data.cache_dir else default_cache_dir()
 
 
+#: Files any saved Hugging Face tokenizer leaves in its folder.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "vocab.json")
+
+
+def _without_tokenizer(pretrained: str) -> bool:
+    """A local model folder that holds no tokenizer (a shape-only folder with just config.json):
+    the run trains the WordPiece on its corpus, as for the seed's BERT. A hub id or a folder
+    with tokenizer files loads its own."""
+    folder = Path(pretrained).expanduser()
+    return folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
 def prepare_data(config: BenchConfig) -> PreparedData:
     settings, seed = config.data, config.train.seed
     cache = cache_dir_for(config)
@@ -52,7 +64,7 @@ def prepare_data(config: BenchConfig) -> PreparedData:
     else:
         corpus = embedded_corpus(settings.train_sentences, settings.eval_sentences, seed, cache)
 
-    if config.model.pretrained:
+    if config.model.pretrained and not _without_tokenizer(config.model.pretrained):
         tokenizer = load_pretrained_tokenizer(config.model.pretrained)
         tokenizer_kind = f"pretrained ({config.model.pretrained})"
     else:
@@ -68,7 +80,8 @@ def prepare_data(config: BenchConfig) -> PreparedData:
         special_token_ids=tuple(sorted(set(tokenizer.all_special_ids))),
         probability=settings.mask_probability,
     )
-    eval_masks = apply_objective(settings.objective, held_out.input_ids, masking, generator(seed, "eval-masks"))
+    eval_masks = apply_objective(settings.objective, held_out.input_ids, masking, generator(seed, "eval-masks"),
+                                 held_out.attention_mask)
     eval_set = EvalSet(eval_masks.input_ids, eval_masks.labels, held_out.input_ids, held_out.attention_mask, eval_masks.masked)
     info = {
         "corpus_source": corpus.source,

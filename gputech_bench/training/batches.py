@@ -25,11 +25,12 @@ def training_masks_stream(seed: int, objective: str, epoch: int) -> torch.Genera
 
 
 def epoch_batches(
-    split: TokenizedSplit, spec: MaskingSpec, batch_size: int, seed: int, epoch: int, objective: str
+    split: TokenizedSplit, spec: MaskingSpec | None, batch_size: int, seed: int, epoch: int, objective: str
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Shuffle each epoch and mask as ``objective`` says, from streams that depend only on
     (seed, epoch)."""
-    masked = apply_objective(objective, split.input_ids, spec, training_masks_stream(seed, objective, epoch))
+    masked = apply_objective(objective, split.input_ids, spec, training_masks_stream(seed, objective, epoch),
+                             split.attention_mask)
     order = torch.randperm(len(split), generator=generator(seed, "train-order", epoch))
     for start in range(0, len(split), batch_size):
         index = order[start : start + batch_size]
