@@ -127,8 +127,10 @@ def test_the_8b_weights_agree_with_accelerates_account():
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(LLAMA_8B), dtype=torch.float32)
     total, _ = calculate_maximum_sizes(model)
     parameters = llama_parameters(json.loads((LLAMA_8B / "config.json").read_text()))
-    assert total == 4 * parameters
-    assert estimate_training_usage(total, "float32")["step"] == 16 * parameters
+    # accelerate counts buffers too: rotary embedding's inverse frequencies, 512 bytes.
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert buffers == 512 and total == 4 * parameters + buffers
+    assert estimate_training_usage(total, "float32")["step"] == 4 * total
 
 
 def test_nf4_bytes_match_what_bitsandbytes_allocates():
@@ -173,6 +175,25 @@ def test_estimate_takes_a_config_only_causal_lm(small_llama, cache_dir: Path):
     assert rows["fsdp-offload"]["source"] == "modelled" and rows["fsdp-offload"]["modelled"].startswith("modelled, not traced")
     assert "traced on 'baseline'" in rows["fsdp-offload"]["modelled"]
     assert data["objective"] == "clm"
+
+
+def test_a_modelled_figure_is_labelled_in_the_table_and_the_markdown():
+    from gputech_bench.estimate.predict import Prediction
+    from gputech_bench.estimate.render import EstimateReport, markdown, rich_table
+    from gputech_bench.measure.tracker import TrackedPeak
+
+    traced = Prediction(Setup("baseline"), TrackedPeak("meta", 2**20, {"parameters": 2**20}), None, 1.0, {})
+    modelled = Prediction(Setup("fsdp-offload"), TrackedPeak("meta", 2**19, {"parameters": 2**19}), None, 1.0, {},
+                          modelled="modelled, not traced: how")
+    report = EstimateReport("test", None, [traced, modelled], NO_OVERHEAD, 2**30)
+    text = markdown(report)
+    assert "| baseline | traced |" in text and "| fsdp-offload | modelled [1] |" in text
+    assert "- [1] modelled, not traced: how" in text
+    table = rich_table(report)
+    assert [column.header for column in table.columns][:2] == ["setup", "figure"]
+    assert list(table.columns[1].cells) == ["traced", "modelled [1]"]
+    # Without a modelled figure the table is as it was: no figure column.
+    assert "figure" not in markdown(EstimateReport("test", None, [traced], NO_OVERHEAD, 2**30))
 
 
 def _sixteen_bytes_account(peak, trainable: int, largest: int) -> None:

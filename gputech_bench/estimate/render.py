@@ -139,11 +139,13 @@ def _categories(report: EstimateReport) -> tuple[tuple[str, str], ...]:
 
 
 def modelled_methods(report: EstimateReport) -> dict[str, int]:
-    """Each distinct way a figure was modelled, numbered for footnotes."""
+    """Each distinct way a figure was modelled, numbered for footnotes after the untraced reasons
+    (plain numbers: rich would read "[m1]" as markup and drop it)."""
+    first = len(untraced_reasons(report)) + 1
     methods: dict[str, int] = {}
     for prediction in report.predictions:
         if prediction.modelled and not prediction.error and prediction.modelled not in methods:
-            methods[prediction.modelled] = len(methods) + 1
+            methods[prediction.modelled] = first + len(methods)
     return methods
 
 
@@ -154,7 +156,7 @@ def _has_source_column(report: EstimateReport) -> bool:
 
 def _source(report: EstimateReport, row: dict[str, Any]) -> str:
     if row.get("modelled"):
-        return f"modelled [m{modelled_methods(report)[row['modelled']]}]"
+        return f"modelled [{modelled_methods(report)[row['modelled']]}]"
     return "traced"
 
 
@@ -265,7 +267,7 @@ def legend(report: EstimateReport, with_overheads: bool = True) -> list[str]:
     if report.caveat:
         lines.append(f"note: {report.caveat}")
     lines += [f"[{number}] not traced: {reason}" for reason, number in untraced_reasons(report).items()]
-    lines += [f"[m{number}] {method}" for method, number in modelled_methods(report).items()]
+    lines += [f"[{number}] {method}" for method, number in modelled_methods(report).items()]
     return lines
 
 
