@@ -105,7 +105,7 @@ def _fake_trace(device_bytes: dict[str, int]):
     from gputech_bench.estimate.predict import Prediction
     from gputech_bench.measure.tracker import TrackedPeak
 
-    def trace(setups, config):
+    def trace(setups, config, limit=None):
         out = []
         for setup in setups:
             base = device_bytes.get(setup.cell, device_bytes["default"])
@@ -141,7 +141,7 @@ def test_fit_says_what_would_fit_when_nothing_does():
 
 def test_fit_on_a_real_trace_of_the_tiny_model(tiny):
     config, _ = tiny
-    trace = lambda setups, cfg: predict(setups, cfg, jobs=1)  # noqa: E731
+    trace = lambda setups, cfg, limit=None: predict(setups, cfg, jobs=1, limit=limit)  # noqa: E731
     baseline = trace([Setup("baseline")], config)[0].device.total_bytes
     result = search(config, int(baseline * 0.8), NO_OVERHEAD, trace, wanted=1, exclude={"lora", "3"})
     assert result.chosen and result.chosen[0].device_total < baseline * 0.8

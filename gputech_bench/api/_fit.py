@@ -17,19 +17,24 @@ from ..errors import ConfigError
 from ..estimate.measured import error_percent, measured_peak
 from ..estimate.overheads import DEFAULTS, calibrate
 from ..results import CellResult
-from ..units import MIB, parse_size
+from ..units import GIB, MIB, parse_size
 from ._display import text_html
-from ._estimate import PathLike, _jobs, _predict, _run_config, _run_path
+from ._estimate import PathLike, _jobs, _run_config, _run_path
 from ._output import Output, output_or_default
+from ._progress import trace_progress
 from ._run import execute
 from ._setup import Overrides, resolve_config
+
+#: The version of ``Fit.to_json``'s layout.
+FIT_SCHEMA = "gputech-bench/fit/1"
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from ..estimate.fit import Candidate, FitResult
     from ..estimate.measured import Measured
-    from ..estimate.predict import Setup
+    from ..estimate.overheads import Overheads
+    from ..estimate.predict import Predictor, Setup
     from ._run import Run
 
 
@@ -58,8 +63,11 @@ class Fit:
     """The fastest setups predicted to fit a memory budget: what ``fit()`` returns.
 
     ``best`` is the chosen setup (a cell and, with accumulation, a micro-batch size), or None
-    when nothing fits; ``frame`` has a row per traced candidate with ``verdict`` ``best``,
-    ``fits``, ``too big`` or ``not traced``; ``suggestions`` say what would fit when nothing does.
+    when nothing fits; ``full_training`` is the fastest fitting setup that trains every weight
+    when the best ones train adapters only; ``frame`` has a row per traced candidate with
+    ``verdict`` ``best``, ``fits``, ``full``, ``too big`` or ``not traced`` and ``figure``
+    ``traced`` or ``modelled`` (the ``modelled`` column says how); ``suggestions`` say what
+    would fit when nothing does. ``to_json()`` has every candidate weighed.
 
     Example::
 
@@ -70,11 +78,16 @@ class Fit:
     """
 
     def __init__(self, result: "FitResult", config: BenchConfig, not_searched: list[str],
-                 verification: Optional[Verification] = None) -> None:
+                 verification: Optional[Verification] = None, modelled: Optional[list[str]] = None,
+                 overheads: "Overheads | None" = None) -> None:
         self.result = result
         self.config = config
-        #: Strategies left out because the tracer cannot follow them on this machine.
+        #: Strategies left out because the tracer can neither follow nor model them on this machine.
         self.not_searched = not_searched
+        #: Strategies weighed by a model around a trace (fsdp-offload, qlora), labelled so.
+        self.modelled = list(modelled or [])
+        #: The CUDA context and allocator reserve added to each traced peak.
+        self.overheads = overheads
         self.verification = verification
 
     @property
@@ -92,6 +105,12 @@ class Fit:
         return self.result.chosen[0].setup if self.fits else None
 
     @property
+    def full_training(self) -> "Setup | None":
+        """The fastest fitting setup that trains every weight, when the best ones train adapters only."""
+        found = self.result.full_training
+        return found.setup if found is not None else None
+
+    @property
     def suggestions(self) -> list[str]:
         return list(self.result.suggestions)
 
@@ -103,8 +122,11 @@ class Fit:
         return {
             "verdict": verdict, "setup": candidate.setup.label, "cell": candidate.setup.cell,
             "micro_batch_size": candidate.setup.micro_batch_size,
-            "device_gib": None if candidate.prediction.error else candidate.device_total / 2**30,
-            "host_gib": None if host is None or candidate.prediction.error else host.total_bytes / 2**30,
+            "device_gib": None if candidate.prediction.error else candidate.device_total / GIB,
+            # The trace stopped once past the budget: device_gib is what was live then, a lower bound.
+            "device_is_lower_bound": candidate.at_least,
+            "host_gib": None if host is None or candidate.prediction.error else host.total_bytes / GIB,
+            "figure": candidate.prediction.source, "modelled": candidate.prediction.modelled,
             "epoch_seconds": time.seconds, "time_x_baseline": time.factor, "time_from": time.source,
             "gives_up": gives_up(candidate.setup), "error": candidate.prediction.error,
         }
@@ -117,20 +139,74 @@ class Fit:
 
         result = self.result
         rows = [self._row(candidate, "best" if rank == 0 else "fits") for rank, candidate in enumerate(result.chosen)]
+        if result.full_training is not None:
+            rows.append(self._row(result.full_training, "full"))
         rows += [self._row(candidate, "too big") for candidate in result.rejected]
         if result.floor is not None and result.floor not in result.rejected:
             rows.append(self._row(result.floor, "too big"))
         rows += [self._row(candidate, "not traced") for candidate in result.untraceable]
-        columns = ["verdict", "setup", "cell", "micro_batch_size", "device_gib", "host_gib", "epoch_seconds",
-                   "time_x_baseline", "time_from", "gives_up", "error"]
+        columns = ["verdict", "setup", "cell", "micro_batch_size", "device_gib", "device_is_lower_bound", "host_gib",
+                   "figure", "modelled", "epoch_seconds", "time_x_baseline", "time_from", "gives_up", "error"]
         return pd.DataFrame(rows, columns=columns)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The search's result: every candidate weighed, each figure with how it came about."""
+        from ..estimate.fit import gives_up, trains_every_weight
+
+        result, config, overheads = self.result, self.config, self.overheads
+
+        def candidate(c: "Candidate") -> dict[str, Any]:
+            return {
+                "setup": c.setup.label,
+                "cell": c.setup.cell,
+                "micro_batch_size": c.setup.micro_batch_size,
+                "fits": c.fits,
+                "device_total_bytes": c.device_total,
+                "device_total_is_lower_bound": c.at_least,
+                "trains_every_weight": trains_every_weight(c.setup),
+                "time_factor": c.time.factor,
+                "time_seconds_per_epoch": c.time.seconds,
+                "time_from": c.time.source,
+                "gives_up": gives_up(c.setup),
+                "prediction": c.prediction.to_dict(),
+            }
+
+        return {
+            "schema": FIT_SCHEMA,
+            "budget_bytes": result.budget,
+            "model": config.model.pretrained or "(model.* fields)",
+            "batch_size": config.train.batch_size,
+            "max_length": config.data.max_length,
+            "objective": config.data.objective,
+            "attention": config.model.attention,
+            "overheads": None if overheads is None else {
+                "cuda_context_bytes": overheads.context_bytes, "cuda_context_source": overheads.context_source,
+                "allocator_reserve_fraction": overheads.reserve_fraction,
+                "allocator_reserve_source": overheads.reserve_source,
+            },
+            "not_searched": self.not_searched,
+            "modelled_strategies": self.modelled,
+            "chosen": [candidate(c) for c in result.chosen],
+            "full_training": None if result.full_training is None else candidate(result.full_training),
+            "no_full_training_fits": result.no_full_training_fits,
+            "rejected": [candidate(c) for c in result.rejected],
+            "untraceable": [candidate(c) for c in result.untraceable],
+            "floor": None if result.floor is None else candidate(result.floor),
+            "suggestions": result.suggestions,
+            "untraced": result.untraced,
+        }
+
+    def to_json(self) -> str:
+        import json
+
+        return json.dumps(self.to_dict(), indent=2, default=str) + "\n"
 
     def __str__(self) -> str:
         # Plain text: the setups as a table, then what would fit (the terminal's rich table is
         # the command line's: cli/estimate.py).
         result = self.result
-        head = (f"setups that fit {result.budget / 2**30:.1f} GiB, fastest first" if self.fits
-                else f"nothing fits {result.budget / 2**30:.1f} GiB")
+        head = (f"setups that fit {result.budget / GIB:.1f} GiB, fastest first" if self.fits
+                else f"nothing fits {result.budget / GIB:.1f} GiB")
         lines = [head, self.frame.to_string(index=False)]
         lines += [f"  would fit: {line}" for line in result.suggestions]
         return "\n".join(lines)
@@ -139,7 +215,7 @@ class Fit:
         return text_html(str(self))
 
     def __repr__(self) -> str:
-        return f"<Fit {self.result.budget / 2**30:.1f} GiB: best {self.best.label if self.best else None}>"
+        return f"<Fit {self.result.budget / GIB:.1f} GiB: best {self.best.label if self.best else None}>"
 
 
 def fit(
@@ -177,7 +253,8 @@ def fit(
         >>> found.best          # Setup(cell='1+2+3', micro_batch_size=8), say
         >>> found.frame         # every traced candidate, fastest first
     """
-    from ..estimate.fit import search, unsearchable
+    from ..estimate.fit import modelled_strategies, search, unsearchable
+    from ..estimate.predict import Predictor
     from ..estimate.trace import trace_target
     from ..strategies.registry import lookup
 
@@ -206,15 +283,33 @@ def fit(
     left_out = [key for key in unsearchable(device_type) if key not in excluded]
     if left_out:
         output.say(f"[dim]not searched (the estimate cannot trace them here; measure them with 'run'): {', '.join(left_out)}[/]")
-    shown = output if progress else None
-    result = search(
-        config, budget_bytes, overheads, lambda setups, cfg: _predict(setups, cfg, workers, shown),
-        measured, config.strategy.micro_batch_size, top, excluded, parallel=workers, device_type=device_type,
-    )
-    found = Fit(result, config, left_out)
+    modelled = [key for key in modelled_strategies(device_type) if key not in excluded]
+    if modelled:
+        output.say(f"[dim]modelled around a trace, not traced (their figures say so): {', '.join(modelled)}[/]")
+    # One pool for the whole search: fit traces a few setups at a time, and a fresh pool each
+    # time would import torch and transformers and read the tokenised data again.
+    with Predictor(workers) as predictor:
+        result = search(
+            config, budget_bytes, overheads, _tracer(predictor, output if progress else None),
+            measured, config.strategy.micro_batch_size, top, excluded, parallel=workers, device_type=device_type,
+        )
+    found = Fit(result, config, left_out, modelled=modelled, overheads=overheads)
     if verify and found.fits:
         found.verification = _verify(result.chosen[0], config, Path(results), budget_bytes, output, progress)
     return found
+
+
+def _tracer(predictor: "Predictor", output: Output | None):
+    """``search``'s trace function: the predictor's pool, with a progress bar per batch of setups."""
+
+    def trace(setups, config: BenchConfig, limit: Optional[int] = None):
+        if output is None:
+            return predictor.predict(setups, config, limit=limit)
+        with trace_progress(output.console) as progress:
+            task = progress.add_task(f"tracing {', '.join(setup.label for setup in setups)}", total=len(setups))
+            return predictor.predict(setups, config, on_done=lambda prediction: progress.advance(task), limit=limit)
+
+    return trace
 
 
 def _verify(candidate: "Candidate", config: BenchConfig, results_dir: Path, budget: int, output: Output,

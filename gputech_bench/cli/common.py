@@ -116,9 +116,12 @@ def fail(message: str) -> None:
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
-def output() -> Output:
-    """The commands' consoles, for the API calls a command makes: its messages print as the command's."""
-    return Output(console, errors)
+def output(stdout_is_data: bool = False) -> Output:
+    """The commands' consoles, for the API calls a command makes: its messages print as the command's.
+
+    ``stdout_is_data``: the command writes JSON or markdown to stdout, so its messages and
+    progress go to stderr, and a pipe receives the data alone."""
+    return Output(errors if stdout_is_data else console, errors)
 
 
 def emit(text: str, output: Optional[Path]) -> None:
@@ -136,7 +139,7 @@ def emit(text: str, output: Optional[Path]) -> None:
 # The options that choose the config, declared once for run, estimate and fit.
 PRESET_OPTION = typer.Option(None, help="Preset name (see `gputech-bench presets`); default: seed with CUDA, cpu without.")
 SET_OPTION = typer.Option([], "--set", help="Override a setting, e.g. --set train.epochs=1 or --set data.max_length=512 (repeatable).")
-MODEL_OPTION = typer.Option(None, help="Local Hugging Face folder (or hub id) of a BertForMaskedLM; estimate and fit read only its config.json.")
+MODEL_OPTION = typer.Option(None, help="Local Hugging Face folder (or hub id) of a masked-LM or causal LM; estimate and fit read only its config.json.")
 TRAIN_FILE_OPTION = typer.Option(None, help="Training text, one sentence per line; the tokenizer is trained on it unless --model brings one.")
 
 #: How to see what a narrow terminal left out, for the commands that have --format md.

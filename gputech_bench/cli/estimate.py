@@ -41,19 +41,24 @@ labelled lines (calibrated from a measured run with --compare).
 * `gputech-bench estimate --matrix --preset seed --device-memory 24GiB` - will the seed's cells fit a 24 GiB card?
 * `gputech-bench estimate --strategies 1,1+2+3 --preset seed --set data.max_length=512`
 * `gputech-bench estimate --compare results/seed-20261127-120000` - predicted against measured, error in %
+* `gputech-bench estimate --model configs/models/llama-8b --preset seed --set data.objective=clm --set model.attention=sdpa --set train.batch_size=8 --set data.max_length=512 --strategies 1,4 --device-memory 24GiB` - an 8B Llama from its config.json alone
 """
 
 FIT_HELP = """Find the fastest setup predicted to fit a memory budget.
 
 Tries every strategy combination the registry allows, and micro-batch sizes 16x2, 8x4,
 4x8 and 2x16 for accumulation, keeping the effective batch. Time comes from a measured
-run (--from) or a labelled cost model.
+run (--from) or a labelled cost model. Strategies the tracer cannot follow (fsdp-offload,
+qlora) are modelled around a trace of the rest of their cell, and labelled so. When every
+fitting setup trains adapters only, the fastest one that trains every weight is named too.
 
 **Examples**
 
 * `gputech-bench fit --budget 24GiB --preset seed`
 * `gputech-bench fit --budget 8GB --preset seed --from results/seed-20261127-120000` - times from a measured run
 * `gputech-bench fit --budget 6GiB --preset cpu --verify` - and run the winner to check the prediction
+* `gputech-bench fit --budget 24GiB --model configs/models/llama-8b --preset seed --set data.objective=clm --set model.attention=sdpa --set train.batch_size=8 --set data.max_length=512` - an 8B Llama on a 24 GiB card, from its config.json alone
+* `gputech-bench fit --budget 24GiB --preset seed --format json --output fit.json` - every candidate weighed, as JSON
 """
 
 
@@ -86,7 +91,8 @@ def estimate(
     try:
         found = estimate_memory(
             strategies, matrix=matrix, preset=preset, overrides=set_, model=model, train_file=train_file,
-            device_memory=device_memory, compare=compare, jobs=jobs, output=output(),
+            device_memory=device_memory, compare=compare, jobs=jobs,
+            output=output(stdout_is_data=format_ != "table" and output_path is None),
         )
     except UserError as error:
         fail(str(error))
@@ -106,42 +112,92 @@ def estimate(
         raise typer.Exit(EXIT_FAILED_CELL)
 
 
+def _gib(num: int) -> str:
+    return f"{num / GIB:.2f}"
+
+
+def _figure_notes(result) -> dict[str, int]:
+    """Each distinct modelling method among the shown candidates, numbered for footnotes."""
+    notes: dict[str, int] = {}
+    shown = [*result.chosen, *([result.full_training] if result.full_training else []),
+             *([result.floor] if result.floor else []), *result.rejected]
+    for candidate in shown:
+        method = candidate.prediction.modelled
+        if method and method not in notes:
+            notes[method] = len(notes) + 1
+    return notes
+
+
+def _figure(candidate, notes: dict[str, int]) -> str:
+    method = candidate.prediction.modelled
+    return f"modelled [{notes[method]}]" if method in notes else ("modelled" if method else "traced")
+
+
+def _time_text(candidate) -> str:
+    time = candidate.time
+    return f"{time.seconds:,.0f} s/epoch" if time.seconds is not None else f"{time.factor:.2f}x baseline"
+
+
+def _host_text(candidate) -> str:
+    host = candidate.prediction.host
+    return "-" if host is None else _gib(host.total_bytes)
+
+
+def _device_text(candidate) -> str:
+    """'>' marks a lower bound: the trace stopped once past the budget."""
+    return (">" if candidate.at_least else "") + _gib(candidate.device_total)
+
+
 def _print_fit(found) -> None:
     from ..estimate.fit import gives_up
 
     result, config = found.result, found.config
-    gib = lambda num: f"{num / GIB:.2f}"  # noqa: E731
+    notes = _figure_notes(result)
     if result.floor is not None:
         for candidate in result.untraceable:
             console.print(f"  [yellow]not traced[/] {candidate.setup.label}: {candidate.prediction.error}", highlight=False)
+        floor = result.floor
         console.print(
             f"[bold red]nothing fits {format_gib(result.budget)}[/]: the most frugal setup, "
-            f"{result.floor.setup.label}, needs {gib(result.floor.device_total)} GiB", highlight=False,
+            f"{floor.setup.label}, needs {'more than ' if floor.at_least else ''}{_gib(floor.device_total)} GiB "
+            f"({_figure(floor, notes)})", highlight=False,
         )
         for line in result.suggestions:
             console.print(f"  would fit: {line}", highlight=False)
+        for method, number in notes.items():
+            console.print(f"  [dim][{number}] {method}[/]", highlight=False)
         return
     table = Table(title=f"setups that fit {format_gib(result.budget)}, fastest first", title_justify="left")
-    for header in ("", "setup", "device GiB", "host GiB", "time", "time from", "gives up"):
+    for header in ("", "setup", "device GiB", "host GiB", "figure", "time", "time from", "gives up"):
         # 'time from' and 'gives up' are prose: a narrow terminal folds them, never a figure or a name.
         table.add_column(header, justify="right" if "GiB" in header or header == "time" else "left",
-                         overflow="fold" if header in ("time from", "gives up") else "ellipsis", no_wrap=header == "setup")
-    for rank, candidate in enumerate(result.chosen, start=1):
-        time = candidate.time
-        shown = f"{time.seconds:,.0f} s/epoch" if time.seconds is not None else f"{time.factor:.2f}x baseline"
-        host = candidate.prediction.host
-        table.add_row(
-            "best" if rank == 1 else f"#{rank}", candidate.setup.label, gib(candidate.device_total),
-            "-" if host is None else gib(host.total_bytes), shown, time.source, gives_up(candidate.setup),
-        )
+                         overflow="fold" if header in ("time from", "gives up") else "ellipsis",
+                         no_wrap=header in ("setup", "figure"))
+    rows = [("best" if rank == 1 else f"#{rank}", candidate) for rank, candidate in enumerate(result.chosen, start=1)]
+    if result.full_training is not None:
+        rows.append(("full", result.full_training))
+    for rank, candidate in rows:
+        table.add_row(rank, candidate.setup.label, _gib(candidate.device_total), _host_text(candidate),
+                      _figure(candidate, notes), _time_text(candidate), candidate.time.source, gives_up(candidate.setup))
     print_table(table)
+    if result.full_training is not None:
+        console.print("  full: the fastest setup that trains every weight (the ones above train adapters only)",
+                      highlight=False)
+    elif result.no_full_training_fits:
+        console.print(f"  [yellow]no setup that trains every weight fits {format_gib(result.budget)}[/] "
+                      "(the ones above train adapters only)", highlight=False)
     for candidate in result.untraceable:
         console.print(f"  [yellow]not traced[/] {candidate.setup.label}: {candidate.prediction.error}", highlight=False)
     if result.rejected:
-        too_big = ", ".join(f"{c.setup.label} ({gib(c.device_total)} GiB)" for c in result.rejected)
+        too_big = ", ".join(f"{c.setup.label} ({_device_text(c)} GiB, {_figure(c, notes)})" for c in result.rejected)
         console.print(f"  [dim]faster but too big: {too_big}[/]", highlight=False)
+        if any(c.at_least for c in result.rejected):
+            console.print("  [dim]>: the trace stopped once the device passed the budget (the figure is what was live then), "
+                          "or was not run: the same weights as a setup whose weights alone passed it[/]", highlight=False)
+    for method, number in notes.items():
+        console.print(f"  [dim][{number}] {method}[/]", highlight=False)
     console.print(
-        f"  [dim]device GiB = traced tensor peak + allocator reserve + CUDA context; "
+        f"  [dim]device GiB = tensor peak + allocator reserve + CUDA context; host GiB = tensors kept in host memory; "
         f"{result.untraced} slower candidate(s) not traced; objective {config.data.objective}, "
         f"attention {config.model.attention}[/]", highlight=False,
     )
@@ -158,13 +214,23 @@ def fit(
     verify: bool = typer.Option(False, "--verify", help="Run the best setup as a real cell and check the prediction."),
     results_dir: Path = typer.Option(Path("results"), "--results", help="Where --verify writes its run."),
     jobs: int = typer.Option(0, min=0, help="Processes tracing in parallel; 0 = one per core, up to 4."),
+    format_: str = typer.Option("table", "--format", help="table or json (every candidate weighed, with how each figure came about)."),
+    output_path: Optional[Path] = typer.Option(None, "--output", help="With --format json: write to this file instead of the terminal."),
 ) -> None:
+    if format_ not in ("table", "json"):
+        fail(f"unknown --format '{format_}': choose table or json")
+    if output_path is not None and format_ != "json":
+        fail("--output writes the JSON result: add --format json")
     try:
         found = fit_budget(budget, preset=preset, overrides=set_, model=model, from_run=from_, exclude=exclude, top=top,
-                           verify=verify, results=results_dir, jobs=jobs, output=output())
+                           verify=verify, results=results_dir, jobs=jobs,
+                           output=output(stdout_is_data=format_ == "json" and output_path is None))
     except UserError as error:
         fail(str(error))
-    _print_fit(found)
+    if format_ == "json":
+        emit(found.to_json(), output_path)
+    else:
+        _print_fit(found)
     if not found.fits:
         raise typer.Exit(EXIT_FAILED_CELL)
     if found.verification is not None:

@@ -82,13 +82,15 @@ def estimate_table(report: "EstimateReport", title: str = "gputech-bench estimat
     """Every category, the overheads, the device total, and measured where known."""
     # Here, not at the top: the estimate's modules import torch, which 'report' and
     # 'compare' never need.
-    from ..estimate.render import SHOWN_CATEGORIES, row_cells, untraceable_row
+    from ..estimate.render import categories, has_source_column, row_cells, untraceable_row
 
     rows = report.rows()
     compared = any("measured_what" in row for row in rows)
     table = Table(title=title, title_justify="left")
     table.add_column("setup", style="bold", no_wrap=True)
-    for _, header in SHOWN_CATEGORIES:
+    if has_source_column(report):  # traced or modelled, with the footnote that says how
+        table.add_column("figure", no_wrap=True)
+    for _, header in categories(report):
         table.add_column(header, justify="right")
     table.add_column("tensor peak", justify="right", style="bold")
     table.add_column("+reserve", justify="right")
@@ -110,7 +112,7 @@ def estimate_table(report: "EstimateReport", title: str = "gputech-bench estimat
 
 def compact_estimate_table(report: "EstimateReport", title: str) -> Table:
     """Predicted against measured only, for under ``run``'s table; ``estimate`` shows the categories."""
-    from ..estimate.render import error_text, mib_text, untraceable_row  # torch: see estimate_table
+    from ..estimate.render import error_text, mib_text, source_text, untraceable_row  # torch: see estimate_table
 
     table = Table(title=title, title_justify="left")
     table.add_column("cell", style="bold", no_wrap=True)
@@ -125,7 +127,8 @@ def compact_estimate_table(report: "EstimateReport", title: str) -> Table:
         measured = row.get("measured_mib")
         what = row.get("measured_what", "-")
         shown = mib_text(measured) if measured is not None else ("n/a" if "n/a" in what else what)
-        table.add_row(row["setup"], mib_text(row["tensor_peak_mib"]), mib_text(row["host_peak_mib"]), shown,
+        label = f"{row['setup']} ({source_text(report, row)})" if row.get("modelled") else row["setup"]
+        table.add_row(label, mib_text(row["tensor_peak_mib"]), mib_text(row["host_peak_mib"]), shown,
                       error_text(row.get("error_percent")))
     return table
 

@@ -24,9 +24,10 @@ def measured_peak(result: CellResult | None) -> Measured:
     if result.device_type == "cuda":
         value = result.number("peak_allocated_mib")
         return Measured(None if value is None else int(value * MIB), "torch.cuda.max_memory_allocated")
-    if "4" in result.cell.split("+"):
-        # On a CPU run the fp32 master and the half copy share one memory; the
-        # prediction keeps device and host apart, so there is nothing like to compare.
+    if {"4", "fsdp-offload"} & set(result.cell.split("+")):
+        # On a CPU run the host copy (strategy 4's fp32 master, fsdp-offload's shards) and
+        # the device's share one memory; the prediction keeps device and host apart, so
+        # there is nothing like to compare.
         return Measured(None, "n/a on CPU (device and host are one memory)")
     value = result.number("tracked_peak_mib")
     return Measured(None if value is None else int(value * MIB), "MemTracker peak on the CPU")

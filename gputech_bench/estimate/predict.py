@@ -26,7 +26,8 @@ from ..errors import UserError, error_line, first_line
 from ..measure.tracker import TrackedPeak
 from ..run.forkserver import ForkServerError
 from ..strategies import parse_cell
-from .trace import trace_cell, trace_inputs, trace_target
+from .modelled import modeller_for
+from .trace import Limit, trace_cell, trace_inputs, trace_target
 
 if TYPE_CHECKING:
     from ..run.forkserver import ForkServer
@@ -62,6 +63,11 @@ class Prediction:
     facts: dict[str, Any]
     #: Why the setup could not be traced (its peaks are then zero); None when it was.
     error: str | None = None
+    #: How the figures were modelled around a trace (``modelled.py``); None when traced as they are.
+    modelled: str | None = None
+    #: The trace stopped once the device passed the limit ``fit`` gave it: ``device`` is a
+    #: lower bound of the peak, enough to know the setup does not fit.
+    stopped: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -72,7 +78,15 @@ class Prediction:
             "trace_seconds": round(self.trace_seconds, 3),
             "facts": self.facts,
             "error": self.error,
+            "source": self.source,
+            "modelled": self.modelled,
+            "stopped": self.stopped,
         }
+
+    @property
+    def source(self) -> str:
+        """How the figure came about, in one word: traced, modelled or untraced."""
+        return "untraced" if self.error else ("modelled" if self.modelled else "traced")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Prediction":
@@ -84,6 +98,8 @@ class Prediction:
             float(data.get("trace_seconds", 0.0)),
             dict(data.get("facts", {})),
             data.get("error"),
+            data.get("modelled"),
+            bool(data.get("stopped", False)),
         )
 
 
@@ -118,23 +134,92 @@ def _inputs_key(config_data: dict[str, Any]) -> str:
     return repr(sorted(config_data.items()))
 
 
-def _trace_in_worker(config_data: dict[str, Any], setup: Setup) -> dict[str, Any]:
+def _trace_in_worker(config_data: dict[str, Any], setup: Setup, limit_bytes: int | None = None) -> dict[str, Any]:
     config = setup.config_for(from_dict(config_data))
     key = _inputs_key(config_data)
     if key not in _worker_inputs:
         _worker_inputs.clear()
         _worker_inputs[key] = trace_inputs(config)
     target = trace_target()
+    limit = None if limit_bytes is None else Limit(limit_bytes)
     try:
-        trace = trace_cell(parse_cell(setup.cell), config, _worker_inputs[key], target)
+        cell = parse_cell(setup.cell)
+        modeller = modeller_for(cell, target.device.type)
+        if modeller is not None:
+            out = modeller.run(cell, config, _worker_inputs[key], target, limit)
+            return Prediction(setup, out.device, out.host, out.seconds, out.facts, None, out.method, out.stopped).to_dict()
+        trace = trace_cell(cell, config, _worker_inputs[key], target, limit)
     except Exception as error:  # noqa: BLE001 - one setup the tracer cannot follow must not sink the others
         reason = first_line(error) if isinstance(error, UserError) else error_line(error)
         return Prediction(setup, TrackedPeak(str(target.device), 0, {}), None, 0.0, {}, reason).to_dict()
-    return Prediction(setup, trace.device, trace.host, trace.seconds, trace.facts).to_dict()
+    return Prediction(setup, trace.device, trace.host, trace.seconds, trace.facts, stopped=trace.stopped).to_dict()
 
 
 def default_jobs() -> int:
     return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+class Predictor:
+    """Traces setups in a pool of processes that lives as long as it does: ``fit`` asks for
+    traces a few at a time, and a fresh pool each time would import torch and transformers
+    again (~5 s a process) and re-read the tokenised data."""
+
+    def __init__(self, jobs: int = 1) -> None:
+        self.jobs = jobs
+        self._pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> "Predictor":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            # spawn: a forked copy of a process that already imported torch can deadlock.
+            context = multiprocessing.get_context("spawn")
+            self._pool = ProcessPoolExecutor(max_workers=self.jobs, mp_context=context, initializer=_single_threaded)
+        return self._pool
+
+    def predict(
+        self,
+        setups: list[Setup],
+        config: BenchConfig,
+        on_done: Callable[[Prediction], None] = lambda prediction: None,
+        limit: int | None = None,
+    ) -> list[Prediction]:
+        """Trace every setup; the result keeps the order of ``setups``. A setup that cannot be
+        traced comes back with ``error`` set; a config or data problem raises. With ``limit``
+        (tensor bytes on the device) a trace stops once it is passed (``Prediction.stopped``)."""
+        config_data = to_dict(config)
+        # Tokenise once here: the pool's processes then read the cache instead of racing to write
+        # it, and a trace in this process reuses the batches.
+        key = _inputs_key(config_data)
+        if key not in _worker_inputs:
+            _worker_inputs.clear()
+            _worker_inputs[key] = trace_inputs(config)
+        done: dict[Setup, Prediction] = {}
+        if self.jobs <= 1 or (len(setups) == 1 and self._pool is None):
+            for setup in setups:
+                done[setup] = Prediction.from_dict(_trace_in_worker(config_data, setup, limit))
+                on_done(done[setup])
+            return [done[setup] for setup in setups]
+        pool = self._executor()
+        # The longest traces first, so that no process is left with one at the end.
+        ordered = sorted(setups, key=lambda setup: -_trace_cost(setup, config))
+        futures = {pool.submit(_trace_in_worker, config_data, setup, limit): setup for setup in ordered}
+        try:
+            for future in as_completed(futures):
+                prediction = Prediction.from_dict(future.result())
+                done[prediction.setup] = prediction
+                on_done(prediction)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+        return [done[setup] for setup in setups]
 
 
 def predict(
@@ -144,44 +229,20 @@ def predict(
     on_done: Callable[[Prediction], None] = lambda prediction: None,
     forks: ForkServer | None = None,
     log_path: Path | None = None,
+    limit: int | None = None,
 ) -> list[Prediction]:
-    """Trace every setup; the result keeps the order of ``setups``. A setup that cannot be
-    traced comes back with ``error`` set; a config or data problem raises.
+    """Trace every setup; the result keeps the order of ``setups`` (see ``Predictor.predict``).
 
     With ``forks`` (a started fork server) the traces run in ``jobs`` children forked from
-    it, their stderr in ``log_path``; a server that cannot fork leaves them to the pool."""
+    it, their stderr in ``log_path``; a server that cannot fork leaves them to a pool of
+    ``min(jobs, len(setups))`` processes."""
     if forks is not None and log_path is not None and forks.start():
         try:
-            return _predict_in_forks(setups, config, jobs, on_done, forks, log_path)
+            return _predict_in_forks(setups, config, jobs, on_done, forks, log_path, limit)
         except ForkServerError:
             pass  # the server stopped: the pool below still gives the estimate
-    config_data = to_dict(config)
-    # Tokenise once here: the pool's processes then read the cache instead of racing to write
-    # it, and a trace in this process reuses the batches.
-    _worker_inputs.clear()
-    _worker_inputs[_inputs_key(config_data)] = trace_inputs(config)
-    done: dict[Setup, Prediction] = {}
-    if jobs <= 1 or len(setups) == 1:
-        for setup in setups:
-            done[setup] = Prediction.from_dict(_trace_in_worker(config_data, setup))
-            on_done(done[setup])
-    else:
-        # spawn: a forked copy of a process that already imported torch can deadlock.
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(jobs, len(setups)), mp_context=context, initializer=_single_threaded) as pool:
-            # The longest traces first, so that no process is left with one at the end.
-            ordered = sorted(setups, key=lambda setup: -_trace_cost(setup, config))
-            futures = {pool.submit(_trace_in_worker, config_data, setup): setup for setup in ordered}
-            try:
-                for future in as_completed(futures):
-                    prediction = Prediction.from_dict(future.result())
-                    done[prediction.setup] = prediction
-                    on_done(prediction)
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
-    return [done[setup] for setup in setups]
+    with Predictor(min(jobs, max(1, len(setups)))) as predictor:
+        return predictor.predict(setups, config, on_done, limit)
 
 
 # --------------------------------------------------------------------------- in the fork server's children
@@ -200,14 +261,16 @@ def _shares(setups: list[Setup], config: BenchConfig, jobs: int) -> list[list[Se
 
 def trace_share(argv: list[str]) -> int:
     """A forked child's entry: trace the setups in ``argv[1]`` (JSON) under the config in
-    ``argv[0]`` (JSON), printing one JSON line per prediction, or one ``failed`` line."""
+    ``argv[0]`` (JSON) and the limit in ``argv[2]`` (JSON: bytes or null), printing one JSON
+    line per prediction, or one ``failed`` line."""
     config_data = json.loads(argv[0])
     setups = [Setup(cell, micro) for cell, micro in json.loads(argv[1])]
-    if len(argv) > 2 and argv[2] == "--single-threaded":
+    limit = json.loads(argv[2])
+    if "--single-threaded" in argv[3:]:
         _single_threaded()
     try:
         for setup in setups:
-            print(json.dumps(_trace_in_worker(config_data, setup)), flush=True)
+            print(json.dumps(_trace_in_worker(config_data, setup, limit)), flush=True)
     except Exception as error:  # noqa: BLE001 - a config or data problem: the parent raises it
         print(json.dumps({"failed": f"{type(error).__name__}: {first_line(error)}", "user_error": isinstance(error, UserError)}),
               flush=True)
@@ -222,6 +285,7 @@ def _predict_in_forks(
     on_done: Callable[[Prediction], None],
     forks: ForkServer,
     log_path: Path,
+    limit: int | None = None,
 ) -> list[Prediction]:
     # Each child prepares the trace inputs once (the run has left the tokenised data in the
     # cache) and traces its share in turn, as a pool process would.
@@ -238,7 +302,8 @@ def _predict_in_forks(
             for share in shares:
                 read, write = os.pipe()
                 try:
-                    argv = [config_text, json.dumps([[setup.cell, setup.micro_batch_size] for setup in share]), *threads]
+                    argv = [config_text, json.dumps([[setup.cell, setup.micro_batch_size] for setup in share]),
+                            json.dumps(limit), *threads]
                     children.append(forks.spawn("gputech_bench.estimate.predict:trace_share", argv, write, log.fileno()))
                 except BaseException:
                     os.close(read)

@@ -24,6 +24,8 @@ SHOWN_CATEGORIES = (
     ("activations", "activ"),
     ("temporaries", "temp"),
 )
+#: Shown only when a setup has them (qlora's packed 4-bit weights and their constants).
+QUANTIZED = ("quantized_weights", "4-bit")
 
 
 @dataclass(frozen=True)
@@ -43,8 +45,9 @@ class EstimateReport:
     def row(self, prediction: Prediction) -> dict[str, Any]:
         device = prediction.device
         total = self.overheads.device_total(device.total_bytes)
-        row: dict[str, Any] = {"setup": prediction.setup.label, "cell": prediction.setup.cell, "error": prediction.error}
-        for category, _ in SHOWN_CATEGORIES:
+        row: dict[str, Any] = {"setup": prediction.setup.label, "cell": prediction.setup.cell, "error": prediction.error,
+                               "source": prediction.source, "modelled": prediction.modelled, "stopped": prediction.stopped}
+        for category, _ in (*SHOWN_CATEGORIES, QUANTIZED):
             row[f"{category}_mib"] = device.by_category.get(category, 0) / MIB
         row["tensor_peak_mib"] = device.total_bytes / MIB
         row["allocator_reserve_mib"] = self.overheads.reserve_bytes(device.total_bytes) / MIB
@@ -119,9 +122,41 @@ def _plain_fits(value: bool | None) -> str:
     return "-" if value is None else ("yes" if value else "no")
 
 
+def categories(report: EstimateReport) -> tuple[tuple[str, str], ...]:
+    """The category columns: the usual five, and 4-bit weights when a setup has them."""
+    if any(p.device.by_category.get(QUANTIZED[0]) for p in report.predictions):
+        return (*SHOWN_CATEGORIES, QUANTIZED)
+    return SHOWN_CATEGORIES
+
+
+def modelled_methods(report: EstimateReport) -> dict[str, int]:
+    """Each distinct way a figure was modelled, numbered for footnotes after the untraced reasons
+    (plain numbers: rich would read "[m1]" as markup and drop it)."""
+    first = len(untraced_reasons(report)) + 1
+    methods: dict[str, int] = {}
+    for prediction in report.predictions:
+        if prediction.modelled and not prediction.error and prediction.modelled not in methods:
+            methods[prediction.modelled] = first + len(methods)
+    return methods
+
+
+def has_source_column(report: EstimateReport) -> bool:
+    """Only where some figure is not plainly traced: every other table stays as it was."""
+    return bool(modelled_methods(report))
+
+
+def source_text(report: EstimateReport, row: dict[str, Any]) -> str:
+    if row.get("modelled"):
+        return f"modelled [{modelled_methods(report)[row['modelled']]}]"
+    return "traced"
+
+
 def row_cells(report: EstimateReport, row: dict[str, Any], compared: bool, fits: Callable[[bool | None], str]) -> list[str]:
     """One traced row's cells, in the column order both the table and the markdown use."""
-    cells = [row["setup"], *(mib_text(row[f"{category}_mib"]) for category, _ in SHOWN_CATEGORIES)]
+    cells = [row["setup"]]
+    if has_source_column(report):
+        cells.append(source_text(report, row))
+    cells += [mib_text(row[f"{category}_mib"]) for category, _ in categories(report)]
     cells += [mib_text(row["tensor_peak_mib"]), mib_text(row["allocator_reserve_mib"]), mib_text(row["cuda_context_mib"])]
     cells += [mib_text(row["device_total_mib"]), mib_text(row["host_peak_mib"])]
     if report.budget_bytes is not None:
@@ -169,7 +204,7 @@ def legend(report: EstimateReport, with_overheads: bool = True) -> list[str]:
     if any("measured_what" in row for row in rows):
         lines.append("error: tensor peak against the measured peak (allocated on CUDA, MemTracker on CPU)")
     if any(row.get("measured_what", "").startswith("n/a") for row in rows):
-        lines.append("n/a: a CPU run holds strategy 4's device and host sides in one memory, so there is no device peak to compare")
+        lines.append("n/a: a CPU run holds the device and host sides (strategy 4, fsdp-offload) in one memory, so there is no device peak to compare")
     if report.objective:
         lines.append(f"objective: {report.objective}, traced on the batches a run of it trains on (data.objective)")
     if report.attention:
@@ -177,14 +212,15 @@ def legend(report: EstimateReport, with_overheads: bool = True) -> list[str]:
     if report.caveat:
         lines.append(f"note: {report.caveat}")
     lines += [f"[{number}] not traced: {reason}" for reason, number in untraced_reasons(report).items()]
+    lines += [f"[{number}] {method}" for method, number in modelled_methods(report).items()]
     return lines
 
 
 def markdown(report: EstimateReport) -> str:
     rows = report.rows()
     compared = any("measured_what" in row for row in rows)
-    headers = ["setup", *(header for _, header in SHOWN_CATEGORIES), "tensor peak", "+ reserve", "+ context",
-               "device total", "host"]
+    headers = ["setup", *(["figure"] if has_source_column(report) else []),
+               *(header for _, header in categories(report)), "tensor peak", "+ reserve", "+ context", "device total", "host"]
     if report.budget_bytes is not None:
         headers.append(f"fits {format_gib(report.budget_bytes)}")
     if compared:

@@ -16,8 +16,8 @@ import json
 import sys
 import time
 import warnings
-from dataclasses import dataclass
-from typing import Any, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from ..config import BenchConfig, from_dict
 from ..data.prepare import prepare_data
-from ..measure.tracker import StepMemoryTracker, TrackedPeak
+from ..measure.tracker import StepMemoryTracker, TrackedPeak, named_categories
 from ..modeling import build_shape_model
 from ..strategies import Cell, RunContext, build_plan, device_refusal
 from ..training.batches import epoch_batches
@@ -89,6 +89,73 @@ class CellTrace:
     host: TrackedPeak | None
     facts: dict[str, Any]
     seconds: float
+    #: The step was stopped when the limit was passed: ``device`` is what was live at that
+    #: moment, a lower bound of the step's peak (see :class:`Limit`).
+    stopped: bool = False
+    #: Bytes by category at the moment activations and temporaries on the device peaked
+    #: (a modeller adds its own placement to them; see ``modelled.py``).
+    transient: dict[str, int] = field(default_factory=dict)
+    #: Bytes by category at the moment weights, gradients and optimizer state together peaked.
+    state: dict[str, int] = field(default_factory=dict)
+
+
+#: What a device snapshot's limit is compared with: the total, or a modeller's figure for it.
+Counted = Callable[[dict[str, int]], int]
+
+#: Live bytes that are not the model's own state: what a step adds to its weights,
+#: gradients and optimizer state.
+TRANSIENT_CATEGORIES = ("activations", "temporaries", "other")
+#: The model's own state: what an offload moves to the host.
+STATE_CATEGORIES = ("parameters", "gradients", "optimizer_state")
+
+
+def transient_bytes(by_category: dict[str, int]) -> int:
+    return sum(by_category.get(category, 0) for category in TRANSIENT_CATEGORIES)
+
+
+def state_bytes(by_category: dict[str, int]) -> int:
+    return sum(by_category.get(category, 0) for category in STATE_CATEGORIES)
+
+
+@dataclass(frozen=True)
+class Limit:
+    """Stop a trace once the live tensor bytes on the device pass ``bytes``.
+
+    ``fit`` only needs to know that a setup does not fit, and an 8B model's traced step
+    takes a minute: a setup whose weights alone pass the budget is known not to fit at its
+    first operator. Any moment of either traced step counts, the first included: a real run
+    would run out of memory in it just the same."""
+
+    bytes: int
+
+
+class _StopTrace(Exception):
+    def __init__(self, total: int, by_category: dict[str, int]) -> None:
+        super().__init__("the limit was passed")
+        self.total, self.by_category = total, by_category
+
+
+class _Watcher:
+    """Follows the device's live bytes after every operator: keeps the moments activations
+    and temporaries, and the model's state, peak; stops the step when ``counted`` passes the limit."""
+
+    def __init__(self, device: str, limit: Limit | None, counted: Counted | None) -> None:
+        self.device, self.limit, self.counted = device, limit, counted
+        self.transient: dict[str, int] = {}
+        self.state: dict[str, int] = {}
+
+    def __call__(self, device: str, snapshot: dict[Any, int]) -> None:
+        if device != self.device:
+            return
+        total, by_category = named_categories(snapshot)
+        if transient_bytes(by_category) > transient_bytes(self.transient) or not self.transient:
+            self.transient = by_category
+        if state_bytes(by_category) > state_bytes(self.state) or not self.state:
+            self.state = by_category
+        if self.limit is not None:
+            counted = self.counted(by_category) if self.counted else total
+            if counted > self.limit.bytes:
+                raise _StopTrace(counted, by_category)
 
 
 @contextlib.contextmanager
@@ -244,7 +311,7 @@ def _fused_attention_on_stand_in(config: BenchConfig, target: "TraceTarget") -> 
 
 
 @contextlib.contextmanager
-def _fake_mode() -> Iterator[FakeTensorMode]:
+def fake_mode() -> Iterator[FakeTensorMode]:
     # Real tensors (the data batches, bitsandbytes' maps) become fake on first use.
     with FakeTensorMode(allow_non_fake_inputs=True) as mode, _modules_move_without_swapping(), warnings.catch_warnings():
         # peft asks transformers 5 for a renamed attribute on every LoRA+checkpointing
@@ -253,24 +320,52 @@ def _fake_mode() -> Iterator[FakeTensorMode]:
         yield mode
 
 
-def trace_cell(cell: Cell, config: BenchConfig, inputs: TraceInputs, target: TraceTarget) -> CellTrace:
-    """Peak bytes by category of the cell's second optimizer step, device and host apart."""
+def trace_cell(
+    cell: Cell,
+    config: BenchConfig,
+    inputs: TraceInputs,
+    target: TraceTarget,
+    limit: Limit | None = None,
+    inspect: Callable[[Any], None] | None = None,
+    counted: Counted | None = None,
+) -> CellTrace:
+    """Peak bytes by category of the cell's second optimizer step, device and host apart.
+
+    With ``limit`` the trace stops once the device's live bytes (or ``counted`` of them)
+    pass it, and says so (``stopped``). ``inspect`` sees the built plan (a modeller counts
+    what it needs there)."""
     started = time.perf_counter()
     ctx = RunContext(config, target.device, tracing=True)
     device_refusal(cell, ctx)  # imports what the strategies need (bitsandbytes) before the fake mode starts
-    with _fake_mode(), _real_quantisation_maps(), _fused_attention_on_stand_in(config, target):
+    watcher = _Watcher(str(target.device), limit, counted)
+    with fake_mode(), _real_quantisation_maps(), _fused_attention_on_stand_in(config, target):
         model = build_shape_model(config.model, inputs.tokenizer_size, inputs.pad_token_id, config.train.seed)
         plan = build_plan(cell, model, ctx)
+        if inspect is not None:
+            inspect(plan)
         _split_real_batches(plan)
         scheduler = linear_schedule_with_warmup(plan.optimizer, 0, 2)
         plan.model.train()
-        optimizer_step(plan, scheduler, inputs.batches[0], ctx)
-        tracker = StepMemoryTracker(plan.model, plan.optimizer, *plan.placement.tracked_objects())
-        with tracker:
-            optimizer_step(plan, scheduler, inputs.batches[1], ctx, tracker.before_forward)
+        tracked = (plan.model, plan.optimizer, *plan.placement.tracked_objects())
+        try:
+            if limit is None:
+                optimizer_step(plan, scheduler, inputs.batches[0], ctx)
+            else:
+                # Watched too, so that a setup that cannot fit stops in its first step.
+                first = StepMemoryTracker(*tracked, watch=watcher)
+                with first:
+                    optimizer_step(plan, scheduler, inputs.batches[0], ctx, first.before_forward)
+            tracker = StepMemoryTracker(*tracked, watch=watcher)
+            with tracker:
+                optimizer_step(plan, scheduler, inputs.batches[1], ctx, tracker.before_forward)
+        except _StopTrace as stop:
+            device = TrackedPeak(str(target.device), stop.total, stop.by_category)
+            return CellTrace(cell.name, device, None, plan.facts, time.perf_counter() - started, True, watcher.transient,
+                             watcher.state)
     peaks = {peak.device: peak for peak in tracker.peaks()}
     device_peak = peaks.get(str(target.device)) or TrackedPeak(str(target.device), 0, {})
     host_peak = peaks.get(HOST) if target.device.type != HOST else None
     if host_peak is not None and not host_peak.by_category.get("parameters"):
         host_peak = None  # only the data batch waits there: the host holds none of the model
-    return CellTrace(cell.name, device_peak, host_peak, plan.facts, time.perf_counter() - started)
+    return CellTrace(cell.name, device_peak, host_peak, plan.facts, time.perf_counter() - started, False,
+                     watcher.transient, watcher.state)

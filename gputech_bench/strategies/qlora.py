@@ -75,16 +75,23 @@ def probe_4bit(bnb, device: torch.device) -> None:
         ) from None
 
 
+def modules_kept_unquantized(model: nn.Module, keep: list[str]) -> list[str]:
+    """The module names transformers' bitsandbytes loader leaves unquantised (the LM head and
+    what is tied to the input embeddings), plus ``keep``. The memory estimate reads it too."""
+    from transformers.quantizers.base import HfQuantizer
+
+    skip = HfQuantizer.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
+    return sorted(set(skip) | set(keep))
+
+
 def quantize_base(model: nn.Module, config, device: torch.device, keep: list[str]) -> list[str]:
     """Replace the Linear layers of ``model`` by Linear4bit holding their weights in 4 bits on
     ``device``, in place, as transformers' bitsandbytes loader does. Returns the modules left
     unquantised. ``keep`` adds module names to transformers' own list."""
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
-    from transformers.quantizers.base import HfQuantizer
 
     bnb = load_bitsandbytes("qlora")
-    skip = HfQuantizer.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
-    skip = sorted(set(skip) | set(keep))
+    skip = modules_kept_unquantized(model, keep)
     # The fp32 Linear modules, by name, before replace_with_bnb_linear puts empty (meta) 4-bit
     # ones in their place; each is dropped as soon as its weight is quantised.
     originals = {name: module for name, module in model.named_modules() if type(module) is nn.Linear}

@@ -1,0 +1,296 @@
+"""Setups the tracer cannot follow, modelled around a trace of their nearest traceable cell.
+
+Two strategies cannot run on fake tensors, and ``fit`` must still weigh them, because for
+an LLM larger than the card they are the answers:
+
+* ``fsdp-offload``: FSDP2 needs a process group and runs collectives, and it takes its
+  compute device from the device mesh, which the stand-in device of a CPU-only trace is not.
+* ``qlora``: bitsandbytes quantises real values (a fake tensor has none).
+
+Each is modelled as a *proxy trace plus a substitution*: the cell without the strategy (or,
+for qlora, with plain LoRA in its place) is traced on fake tensors as usual, and only what
+the strategy changes is replaced by bytes counted from the model's own parameter shapes.
+Activations and temporaries therefore stay traced, and the substitution is spelled out in
+the figure's label (``method``): every such figure is reported as modelled, never as traced.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ..config import BenchConfig
+from ..measure.tracker import TrackedPeak
+from ..modeling import build_shape_model
+from ..strategies import Cell, RunContext, combination_refusal, launch_refusal
+from ..strategies.architecture import new_head_modules, repeated_blocks
+from ..strategies.qlora import DOUBLE_QUANT, modules_kept_unquantized
+from ..strategies.registry import lookup
+from ..units import GIB
+from .trace import (
+    STATE_CATEGORIES,
+    CellTrace,
+    Limit,
+    TraceInputs,
+    TraceTarget,
+    fake_mode,
+    trace_cell,
+    transient_bytes,
+)
+
+# --------------------------------------------------------------------------- NF4 bytes
+
+#: bitsandbytes' 4-bit layout (``quantize_4bit``, the default Linear4bit settings): two 4-bit
+#: codes per uint8, one absmax per block of 64 weights, and a 16-value code book.
+NF4_BLOCK = 64
+NF4_CODE_BYTES = 16 * 4
+#: Double quantisation stores each absmax as one uint8 (minus their mean), with one fp32
+#: absmax per 256 of those, a 256-value fp32 code book and the fp32 mean ("offset").
+NESTED_BLOCK = 256
+NESTED_CODE_BYTES = 256 * 4
+OFFSET_BYTES = 4
+
+
+def nf4_bytes(numel: int, double_quant: bool) -> int:
+    """Bytes of one weight of ``numel`` values quantised to NF4, its constants included.
+
+    About 0.5 byte per weight packed, plus 4/64 byte of absmax, or 1/64 + 4/16384 with
+    double quantisation; ``tests/test_estimate_llm.py`` checks it against bitsandbytes."""
+    packed = math.ceil(numel / 2)
+    blocks = math.ceil(numel / NF4_BLOCK)
+    if double_quant:
+        constants = blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + NESTED_CODE_BYTES + OFFSET_BYTES
+    else:
+        constants = 4 * blocks
+    return packed + constants + NF4_CODE_BYTES
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class ModelledTrace:
+    device: TrackedPeak
+    host: TrackedPeak | None
+    facts: dict[str, Any]
+    seconds: float
+    stopped: bool
+    #: What was traced and what was modelled, in one sentence; shown with the figure.
+    method: str
+
+
+def _peak(device: str, by_category: dict[str, int]) -> TrackedPeak:
+    return TrackedPeak(device, sum(by_category.values()), dict(by_category))
+
+
+def _without(cell: Cell, key: str) -> Cell:
+    return Cell(tuple(cls for cls in cell.strategies if cls.key != key))
+
+
+def _check_modelled_cell(cell: Cell, config: BenchConfig, target: TraceTarget) -> None:
+    """What a traced cell is checked for (combinations, config, installation), but the trace refusal."""
+    ctx = RunContext(config, target.device, tracing=True)
+    for strategy in launch_refusal(cell, config):
+        strategy.device_refusal(ctx)
+
+
+# --------------------------------------------------------------------------- fsdp-offload
+
+
+def _bytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+@dataclass(frozen=True)
+class FsdpUnits:
+    """Bytes of FSDP's units: the root (everything outside the blocks) and the largest block."""
+
+    blocks: int
+    block_class: str
+    root_parameters: int
+    root_trainable: int
+    block_parameters: int
+    block_trainable: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "FsdpUnits":
+        blocks, _ = repeated_blocks(model)  # fsdp-offload's own units (it raises where there are none)
+        inside = {id(p) for block in blocks for p in block.parameters()}
+        root = [p for p in model.parameters() if id(p) not in inside]
+        largest = max(blocks, key=lambda block: _bytes(block.parameters())) if blocks else None
+        block_params = list(largest.parameters()) if largest is not None else []
+        return cls(
+            len(blocks),
+            type(largest).__name__ if largest is not None else "-",
+            _bytes(root), _bytes(p for p in root if p.requires_grad),
+            _bytes(block_params), _bytes(p for p in block_params if p.requires_grad),
+        )
+
+    def device_parameters(self) -> int:
+        # The root's weights are gathered at the first forward and kept until its backward
+        # ends (fsdp-offload's ROOT_RESHARD = False). Two blocks are in flight (the running
+        # one and the one FSDP prefetches), each as the copy moved from the host and the
+        # gathered weights made from it.
+        return self.root_parameters + 2 * 2 * self.block_parameters
+
+    def device_gradients(self) -> int:
+        # The root's gradients wait on the device for its post-backward, at the end of
+        # backward; a block's gradients, and the reduce-scatter's output made from them,
+        # until they are copied to the host.
+        return self.root_trainable + 2 * self.block_trainable
+
+    def resident(self) -> int:
+        return self.device_parameters() + self.device_gradients()
+
+
+class FsdpOffloadModel:
+    """fsdp-offload: the proxy is the cell without it, on the device in fp32."""
+
+    key = "fsdp-offload"
+
+    def proxy(self, cell: Cell) -> Cell:
+        return _without(cell, self.key)
+
+    def run(self, cell: Cell, config: BenchConfig, inputs: TraceInputs, target: TraceTarget,
+            limit: Limit | None) -> ModelledTrace:
+        started = time.perf_counter()
+        _check_modelled_cell(cell, config, target)
+        proxy = self.proxy(cell)
+        units: list[FsdpUnits] = []
+
+        def inspect(plan) -> None:
+            units.append(FsdpUnits.of(plan.model))
+
+        # Against the limit: what the device would hold, the traced activations and
+        # temporaries plus FSDP's resident bytes (the proxy's own weights stay out).
+        trace = trace_cell(proxy, config, inputs, target, limit, inspect,
+                           counted=lambda by_category: transient_bytes(by_category) + units[0].resident())
+        unit = units[0]
+        transient = trace.device.by_category if trace.stopped else trace.transient
+        device = {
+            "parameters": unit.device_parameters(),
+            "gradients": unit.device_gradients(),
+            "buffers": transient.get("buffers", 0),
+            **{category: transient.get(category, 0) for category in ("activations", "temporaries", "other")},
+        }
+        host = None
+        if not trace.stopped:
+            # The offloaded state is the proxy's own: the same tensors, on the host, taken at
+            # the moment they peaked together (the optimizer's update).
+            host = _peak("cpu", {category: trace.state.get(category, 0) for category in STATE_CATEGORIES})
+        blocks = f"{unit.blocks} {unit.block_class} block(s)"
+        method = (
+            f"modelled, not traced (FSDP needs a process group): activations and temporaries traced on "
+            f"'{proxy.name}' (the same cell in place); FSDP's device bytes counted from the model's shapes: "
+            f"the root unit (everything outside {blocks}: {unit.root_parameters / GIB:.2f} GiB) with its gradients "
+            f"for the whole step, two blocks in flight as host copy and gathered weights "
+            f"({unit.block_parameters / GIB:.2f} GiB each), one block's gradients twice; the maxima are added, "
+            f"an upper bound; host: the parameters, gradients and optimizer state traced on '{proxy.name}'"
+        )
+        facts = dict(trace.facts)
+        facts["modelled"] = {"strategy": self.key, "proxy": proxy.name, "fsdp_units": vars(unit)}
+        return ModelledTrace(_peak(str(target.device), device), host, facts, time.perf_counter() - started,
+                             trace.stopped, method)
+
+
+# --------------------------------------------------------------------------- qlora
+
+
+def quantised_sizes(model: nn.Module) -> list[tuple[int, int]]:
+    """(values, bytes per value) of each weight the qlora strategy quantises: every Linear but
+    those it keeps (transformers' own list, the LM head and what is tied to the input
+    embeddings, plus a newly initialised head), as ``replace_with_bnb_linear`` chooses."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    skip = modules_kept_unquantized(model, list(new_head_modules(model)))
+    return [
+        (module.weight.numel(), module.weight.element_size())
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and should_convert_module(name, skip)
+    ]
+
+
+def _shape_model_sizes(config: BenchConfig, inputs: TraceInputs) -> list[tuple[int, int]]:
+    """``quantised_sizes`` of the cell's model as built, before any strategy wraps it (peft's
+    adapters are Linear modules too), on fake tensors: nothing is allocated."""
+    with fake_mode():
+        model = build_shape_model(config.model, inputs.tokenizer_size, inputs.pad_token_id, config.train.seed)
+        return quantised_sizes(model)
+
+
+class QloraModel:
+    """qlora: the proxy is the same cell with LoRA (the same adapters) on the fp32 base."""
+
+    key = "qlora"
+
+    def proxy(self, cell: Cell) -> Cell:
+        lora = lookup("lora")
+        return Cell(tuple(sorted((lora if cls.key == self.key else cls for cls in cell.strategies),
+                                 key=lambda cls: cls.order)))
+
+    def run(self, cell: Cell, config: BenchConfig, inputs: TraceInputs, target: TraceTarget,
+            limit: Limit | None) -> ModelledTrace:
+        started = time.perf_counter()
+        _check_modelled_cell(cell, config, target)
+        proxy = self.proxy(cell)
+        double_quant = DOUBLE_QUANT  # what the qlora strategy configures (bnb_4bit_use_double_quant)
+        quantised = _shape_model_sizes(config, inputs)
+
+        def substituted(by_category: dict[str, int]) -> dict[str, int]:
+            full = sum(numel * size for numel, size in quantised)
+            # Each matmul dequantises its weight to the compute dtype (the model's) first: one
+            # at a time, so the largest is the most such a temporary adds.
+            dequantised = max((numel * size for numel, size in quantised), default=0)
+            changed = dict(by_category)
+            changed["parameters"] = by_category.get("parameters", 0) - full
+            changed["quantized_weights"] = sum(nf4_bytes(numel, double_quant) for numel, _ in quantised)
+            changed["temporaries"] = by_category.get("temporaries", 0) + dequantised
+            return changed
+
+        trace: CellTrace = trace_cell(proxy, config, inputs, target, limit,
+                                      counted=lambda by_category: sum(substituted(by_category).values()))
+        device = substituted(trace.device.by_category)
+        numel = sum(n for n, _ in quantised)
+        nf4 = device["quantized_weights"]
+        method = (
+            f"modelled, not traced (bitsandbytes quantises real values): traced as '{proxy.name}' (the same "
+            f"adapters on the unquantised base), then the {len(quantised)} quantised weights' "
+            f"{sum(n * s for n, s in quantised) / GIB:.2f} GiB replaced by NF4's {nf4 / GIB:.2f} GiB "
+            f"({nf4 / max(numel, 1):.3f} byte per weight: 0.5 packed, one absmax per {NF4_BLOCK} weights"
+            f"{', double-quantised' if double_quant else ''}), plus one dequantised weight as a temporary"
+        )
+        facts = dict(trace.facts)
+        facts["modelled"] = {"strategy": self.key, "proxy": proxy.name, "quantized_parameters": numel,
+                             "quantized_weight_bytes": nf4, "double_quant": double_quant}
+        return ModelledTrace(_peak(str(target.device), device), None, facts, time.perf_counter() - started,
+                             trace.stopped, method)
+
+
+# --------------------------------------------------------------------------- which
+
+
+MODELLERS: dict[str, Any] = {"fsdp-offload": FsdpOffloadModel, "qlora": QloraModel}
+
+
+def can_model(key: str) -> bool:
+    return key in MODELLERS
+
+
+def modeller_for(cell: Cell, device_type: str):
+    """The modeller for a cell with one untraceable strategy that has a model, whose proxy
+    cell is itself a valid, traceable cell; None otherwise (the cell is then not traced)."""
+    refusing = [cls for cls in cell.strategies if cls.trace_refusal(device_type)]
+    if len(refusing) != 1 or refusing[0].key not in MODELLERS:
+        return None
+    modeller = MODELLERS[refusing[0].key]()
+    try:
+        proxy = modeller.proxy(cell)
+    except Exception:  # noqa: BLE001 - e.g. no lora strategy registered for qlora's proxy
+        return None
+    if combination_refusal(proxy) or any(cls.trace_refusal(device_type) for cls in proxy.strategies):
+        return None
+    return modeller
