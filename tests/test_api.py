@@ -273,7 +273,9 @@ def test_run_matrix_runs_workers_and_returns_the_run(tmp_path: Path, cache_dir: 
     assert run.frame.to_csv(index=False) == (tmp_path / "api" / "report.csv").read_text()
     assert run.estimate is not None and set(run.estimate.frame["cell"]) == {"baseline", "1"}
     assert load_run(run.path, output=quiet()).frame.equals(run.frame)
-    # A cell that fails is a row, never an exception: here every worker outlives a 1 s timeout.
-    stopped = run_matrix(strategies=["1"], preset="cpu", device="cpu", overrides=tiny, results=tmp_path,
+    # A cell that fails is a row, never an exception: here every worker outlives a 1 s timeout
+    # (240 steps, seconds each cell; 3 steps in a forked worker can finish within the second).
+    long_cells = {**tiny, "train.max_steps": "0", "train.epochs": "40"}
+    stopped = run_matrix(strategies=["1"], preset="cpu", device="cpu", overrides=long_cells, results=tmp_path,
                          run_name="timeout", cell_timeout=1, estimate=False, progress=False, output=quiet())
     assert set(stopped.frame["status"]) == {"timeout"} and not stopped.ok and stopped.estimate is None

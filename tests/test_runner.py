@@ -16,10 +16,14 @@ from helpers import TINY_RUN, assert_one_line_error, invoke
 
 from gputech_bench.results import RunFolder, read_result
 
+#: 240 steps instead of 3: a forked cell of the tiny model then runs for seconds (about 6 s for
+#: the baseline, 9 s for 1 on 2 cores), so a test can stop it mid-training at a moment it chooses.
+LONG_CELL = "train.epochs=40"
 
-def tiny_args(cache_dir: Path) -> list[str]:
+
+def tiny_args(cache_dir: Path, *extra: str) -> list[str]:
     args = ["--preset", "cpu", "--no-estimate"]  # the estimate after a run is tested in test_cli
-    for override in TINY_RUN + [f"data.cache_dir={cache_dir}", "train.max_steps=3"]:
+    for override in TINY_RUN + [f"data.cache_dir={cache_dir}", "train.max_steps=3", *extra]:
         args += ["--set", override]
     return args
 
@@ -77,7 +81,9 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason=
 
 @pytest.mark.slow
 def test_a_worker_killed_with_sigkill_is_a_crashed_row_and_the_matrix_goes_on(tmp_path: Path, cache_dir: Path):
-    process = start_cli(tmp_path, "--strategies", "1,lora", *tiny_args(cache_dir), "--run-name", "kill")
+    # Long cells: a 3-step forked cell can end before the killer finds it.
+    process = start_cli(tmp_path, "--strategies", "1,lora", *tiny_args(cache_dir, "train.max_steps=0", LONG_CELL),
+                        "--run-name", "kill")
 
     def kill_cell_1() -> None:
         wait_for(lambda: bool(worker_pids("1", tmp_path)))
@@ -101,7 +107,8 @@ def test_a_worker_killed_with_sigkill_is_a_crashed_row_and_the_matrix_goes_on(tm
 
 @pytest.mark.slow
 def test_interrupted_run_resumes_without_rerunning_finished_cells(tmp_path: Path, cache_dir: Path):
-    args = ["--strategies", "1,2", *tiny_args(cache_dir), "--run-name", "resume"]
+    # Long cells: a 3-step forked cell can end before the Ctrl-C lands.
+    args = ["--strategies", "1,2", *tiny_args(cache_dir, "train.max_steps=0", LONG_CELL), "--run-name", "resume"]
     run_dir = tmp_path / "results" / "resume"
     process = start_cli(tmp_path, *args)
     # Ctrl-C once the baseline is done and cell 1's worker is running.
@@ -129,9 +136,12 @@ def test_interrupted_run_resumes_without_rerunning_finished_cells(tmp_path: Path
 @pytest.mark.slow
 def test_a_runner_killed_with_sigkill_loses_nothing_and_its_worker_stops(tmp_path: Path, cache_dir: Path):
     run_dir = tmp_path / "results" / "killed"
-    process = start_cli(tmp_path, "--strategies", "1", *tiny_args(cache_dir), "--run-name", "killed")
+    # Cell 1 must still be training when the runner is killed: a long cell, not a 3-step one
+    # (a forked cell of 3 steps can finish within the second waited below).
+    process = start_cli(tmp_path, "--strategies", "1", *tiny_args(cache_dir, "train.max_steps=0", LONG_CELL),
+                        "--run-name", "killed")
     wait_for(lambda: (run_dir / "baseline.json").exists() and bool(worker_pids("1", tmp_path)))
-    time.sleep(1.0)  # past interpreter start-up: the worker's signal handler is in place
+    time.sleep(1.0)  # past the worker's start: its signal handler is in place
     finished = (run_dir / "baseline.json").read_bytes()
     process.kill()
     process.communicate(timeout=60)
