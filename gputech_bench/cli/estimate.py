@@ -118,14 +118,11 @@ def _gib(num: int) -> str:
 
 def _figure_notes(result) -> dict[str, int]:
     """Each distinct modelling method among the shown candidates, numbered for footnotes."""
-    notes: dict[str, int] = {}
+    from ..estimate.render import numbered_methods
+
     shown = [*result.chosen, *([result.full_training] if result.full_training else []),
              *([result.floor] if result.floor else []), *result.rejected]
-    for candidate in shown:
-        method = candidate.prediction.modelled
-        if method and method not in notes:
-            notes[method] = len(notes) + 1
-    return notes
+    return numbered_methods(candidate.prediction for candidate in shown)
 
 
 def _figure(candidate, notes: dict[str, int]) -> str:

@@ -120,8 +120,7 @@ def trains_every_weight(setup: Setup) -> bool:
 def modelled_factor(setup: Setup, config: BenchConfig) -> float:
     """Step time relative to the baseline's, from the cost model in this module's docstring."""
     factor = 1.0
-    keys = setup.cell.split("+") if setup.cell != "baseline" else []
-    for key in keys:
+    for key in _keys(setup):
         if key == "2" and setup.micro_batch_size:
             steps = config.train.batch_size // setup.micro_batch_size
             factor *= 1 + ACCUMULATION_OVERHEAD * (steps - 1)

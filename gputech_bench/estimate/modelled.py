@@ -121,11 +121,11 @@ class FsdpUnits:
         blocks, _ = repeated_blocks(model)  # fsdp-offload's own units (it raises where there are none)
         inside = {id(p) for block in blocks for p in block.parameters()}
         root = [p for p in model.parameters() if id(p) not in inside]
-        largest = max(blocks, key=lambda block: _bytes(block.parameters())) if blocks else None
-        block_params = list(largest.parameters()) if largest is not None else []
+        largest = max(blocks, key=lambda block: _bytes(block.parameters()))
+        block_params = list(largest.parameters())
         return cls(
             len(blocks),
-            type(largest).__name__ if largest is not None else "-",
+            type(largest).__name__,
             _bytes(root), _bytes(p for p in root if p.requires_grad),
             _bytes(block_params), _bytes(p for p in block_params if p.requires_grad),
         )

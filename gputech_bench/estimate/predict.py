@@ -134,21 +134,27 @@ def _inputs_key(config_data: dict[str, Any]) -> str:
     return repr(sorted(config_data.items()))
 
 
-def _trace_in_worker(config_data: dict[str, Any], setup: Setup, limit_bytes: int | None = None) -> dict[str, Any]:
-    config = setup.config_for(from_dict(config_data))
+def _cached_inputs(config_data: dict[str, Any], config: BenchConfig):
+    """The trace inputs of ``config_data``, prepared once per process (the last config's only)."""
     key = _inputs_key(config_data)
     if key not in _worker_inputs:
         _worker_inputs.clear()
         _worker_inputs[key] = trace_inputs(config)
+    return _worker_inputs[key]
+
+
+def _trace_in_worker(config_data: dict[str, Any], setup: Setup, limit_bytes: int | None = None) -> dict[str, Any]:
+    config = setup.config_for(from_dict(config_data))
+    inputs = _cached_inputs(config_data, config)
     target = trace_target()
     limit = None if limit_bytes is None else Limit(limit_bytes)
     try:
         cell = parse_cell(setup.cell)
         modeller = modeller_for(cell, target.device.type)
         if modeller is not None:
-            out = modeller.run(cell, config, _worker_inputs[key], target, limit)
+            out = modeller.run(cell, config, inputs, target, limit)
             return Prediction(setup, out.device, out.host, out.seconds, out.facts, None, out.method, out.stopped).to_dict()
-        trace = trace_cell(cell, config, _worker_inputs[key], target, limit)
+        trace = trace_cell(cell, config, inputs, target, limit)
     except Exception as error:  # noqa: BLE001 - one setup the tracer cannot follow must not sink the others
         reason = first_line(error) if isinstance(error, UserError) else error_line(error)
         return Prediction(setup, TrackedPeak(str(target.device), 0, {}), None, 0.0, {}, reason).to_dict()
@@ -196,10 +202,7 @@ class Predictor:
         config_data = to_dict(config)
         # Tokenise once here: the pool's processes then read the cache instead of racing to write
         # it, and a trace in this process reuses the batches.
-        key = _inputs_key(config_data)
-        if key not in _worker_inputs:
-            _worker_inputs.clear()
-            _worker_inputs[key] = trace_inputs(config)
+        _cached_inputs(config_data, config)
         done: dict[Setup, Prediction] = {}
         if self.jobs <= 1 or (len(setups) == 1 and self._pool is None):
             for setup in setups:

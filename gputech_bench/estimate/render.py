@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from ..files import atomic_write_bytes
 from ..results import RunFolder
@@ -129,15 +129,19 @@ def categories(report: EstimateReport) -> tuple[tuple[str, str], ...]:
     return SHOWN_CATEGORIES
 
 
-def modelled_methods(report: EstimateReport) -> dict[str, int]:
-    """Each distinct way a figure was modelled, numbered for footnotes after the untraced reasons
-    (plain numbers: rich would read "[m1]" as markup and drop it)."""
-    first = len(untraced_reasons(report)) + 1
+def numbered_methods(predictions: Iterable[Prediction], first: int = 1) -> dict[str, int]:
+    """Each distinct way a figure was modelled, numbered from ``first`` for footnotes (plain
+    numbers: rich would read "[m1]" as markup and drop it)."""
     methods: dict[str, int] = {}
-    for prediction in report.predictions:
+    for prediction in predictions:
         if prediction.modelled and not prediction.error and prediction.modelled not in methods:
             methods[prediction.modelled] = first + len(methods)
     return methods
+
+
+def modelled_methods(report: EstimateReport) -> dict[str, int]:
+    """The report's modelling methods, numbered after its untraced reasons."""
+    return numbered_methods(report.predictions, len(untraced_reasons(report)) + 1)
 
 
 def has_source_column(report: EstimateReport) -> bool:

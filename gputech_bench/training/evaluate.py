@@ -34,6 +34,16 @@ def predicts_in_chunks(model: nn.Module) -> bool:
     return bool(getattr(model, "predicts_in_chunks", False) or getattr(getattr(model, "module", None), "predicts_in_chunks", False))
 
 
+def _eval_batches(eval_set: EvalSet, device: torch.device, batch_size: int):
+    """Each eval batch on ``device``: its slice of the set, its labels, and the model's inputs."""
+    for start in range(0, eval_set.input_ids.shape[0], batch_size):
+        part = slice(start, start + batch_size)
+        labels = eval_set.labels[part].to(device)
+        inputs = {"input_ids": eval_set.input_ids[part].to(device),
+                  "attention_mask": eval_set.attention_mask[part].to(device), "labels": labels}
+        yield part, labels, inputs
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -51,11 +61,7 @@ def evaluate(
     model.eval()
     masked_correct = masked_total = token_correct = token_total = labelled_total = 0
     loss_sum = 0.0
-    for start in range(0, eval_set.input_ids.shape[0], batch_size):
-        part = slice(start, start + batch_size)
-        labels = eval_set.labels[part].to(device)
-        attention = eval_set.attention_mask[part].to(device)
-        inputs = {"input_ids": eval_set.input_ids[part].to(device), "attention_mask": attention, "labels": labels}
+    for part, labels, inputs in _eval_batches(eval_set, device, batch_size):
         with autocast():
             if chunked:  # sparse-head: the argmax comes back, never the full logits
                 output = model(**inputs, return_predictions=True)
@@ -76,7 +82,7 @@ def evaluate(
             labelled_total += labelled
         # The seed's "eval accuracy": every non-padding position against the input ids,
         # so unmasked tokens (mostly copied through) count too.
-        real = attention.bool()
+        real = inputs["attention_mask"].bool()
         token_correct += int(correct[real].sum())
         token_total += int(real.sum())
     model.train(was_training)
@@ -105,11 +111,7 @@ def evaluate_next_token(
     model.eval()
     correct_total = scored_total = 0
     loss_sum = 0.0
-    for start in range(0, eval_set.input_ids.shape[0], batch_size):
-        part = slice(start, start + batch_size)
-        labels = eval_set.labels[part].to(device)
-        inputs = {"input_ids": eval_set.input_ids[part].to(device),
-                  "attention_mask": eval_set.attention_mask[part].to(device), "labels": labels}
+    for _, labels, inputs in _eval_batches(eval_set, device, batch_size):
         with autocast():
             output = model(**inputs)
         targets = labels[:, 1:]
