@@ -49,6 +49,12 @@ def format_gib(num_bytes: float) -> str:
     return f"{num_bytes / GIB:.1f} GiB"
 
 
+def format_size(num_bytes: float) -> str:
+    """Bytes in the unit that shows them: '26.00 GiB' from 1 GiB up, else '3.35 MiB' (a small
+    model's figure never reads as 0.00 GiB)."""
+    return f"{num_bytes / GIB:.2f} GiB" if num_bytes >= GIB else f"{num_bytes / MIB:.2f} MiB"
+
+
 def is_missing(value: Any) -> bool:
     """No figure: None, or the NaN that pandas and JSON's null become."""
     return value is None or (isinstance(value, float) and math.isnan(value))

@@ -30,7 +30,7 @@ from ..strategies import Cell, RunContext, combination_refusal, launch_refusal
 from ..strategies.architecture import new_head_modules, repeated_blocks
 from ..strategies.qlora import DOUBLE_QUANT, modules_kept_unquantized
 from ..strategies.registry import lookup
-from ..units import GIB
+from ..units import format_size
 from .trace import (
     STATE_CATEGORIES,
     CellTrace,
@@ -186,9 +186,9 @@ class FsdpOffloadModel:
         method = (
             f"modelled, not traced (FSDP needs a process group): activations and temporaries traced on "
             f"'{proxy.name}' (the same cell in place); FSDP's device bytes counted from the model's shapes: "
-            f"the root unit (everything outside {blocks}: {unit.root_parameters / GIB:.2f} GiB) with its gradients "
+            f"the root unit (everything outside {blocks}: {format_size(unit.root_parameters)}) with its gradients "
             f"for the whole step, two blocks in flight as host copy and gathered weights "
-            f"({unit.block_parameters / GIB:.2f} GiB each), one block's gradients twice; the maxima are added, "
+            f"({format_size(unit.block_parameters)} each), one block's gradients twice; the maxima are added, "
             f"an upper bound; host: the parameters, gradients and optimizer state traced on '{proxy.name}'"
         )
         facts = dict(trace.facts)
@@ -259,7 +259,7 @@ class QloraModel:
         method = (
             f"modelled, not traced (bitsandbytes quantises real values): traced as '{proxy.name}' (the same "
             f"adapters on the unquantised base), then the {len(quantised)} quantised weights' "
-            f"{sum(n * s for n, s in quantised) / GIB:.2f} GiB replaced by NF4's {nf4 / GIB:.2f} GiB "
+            f"{format_size(sum(n * s for n, s in quantised))} replaced by NF4's {format_size(nf4)} "
             f"({nf4 / max(numel, 1):.3f} byte per weight: 0.5 packed, one absmax per {NF4_BLOCK} weights"
             f"{', double-quantised' if double_quant else ''}), plus one dequantised weight as a temporary"
         )

@@ -115,7 +115,10 @@ def read_estimate(folder: RunFolder) -> EstimateReport:
 
 
 def mib_text(value: float | None) -> str:
-    return "-" if value is None else f"{value:,.0f}"
+    """MiB as a whole number; below 1 MiB with two decimals, so that what is there never reads as 0."""
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if 0 < value < 1 else f"{value:,.0f}"
 
 
 def _plain_fits(value: bool | None) -> str:
@@ -202,7 +205,7 @@ def legend(report: EstimateReport, with_overheads: bool = True) -> list[str]:
         ]
     lines.append(
         "host: peak tensor bytes in host memory where the model lives partly there "
-        "(strategy 4's fp32 master, its gradients and optimizer state); - where it does not"
+        "(strategy 4's fp32 master, its gradients and optimizer state; fsdp-offload's offloaded state); - where it does not"
     )
     rows = report.rows()
     if any("measured_what" in row for row in rows):
