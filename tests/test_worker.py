@@ -158,3 +158,21 @@ def test_worker_measures_cuda_memory(tmp_path, tiny_config):
     assert value(result, "peak_reserved_mib") >= value(result, "peak_allocated_mib")
     assert result.device["name"] and result.device["total_memory_mib"] > 0
     assert result.strategy_facts["compute_dtype"] == "float16"
+
+
+@pytest.mark.slow
+def test_a_worker_whose_runner_is_gone_stops_as_interrupted(tmp_path: Path, tiny_config: BenchConfig):
+    # The runner was killed: its end of the events pipe is closed before its SIGTERM reaches the
+    # worker. The next event then finds no reader, which is the same stop, not an error.
+    config = apply_overrides(tiny_config, ["train.max_steps=0", "train.epochs=40"])
+    config_path = write_config(tmp_path / "resolved.json", config)
+    out = tmp_path / "cells" / "1.json"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gputech_bench.worker", "--cell", "1", "--config", str(config_path), "--out", str(out), "--events"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )
+    assert json.loads(process.stdout.readline())["event"]  # running: its first event arrived
+    process.stdout.close()
+    process.wait(timeout=300)
+    result = read_result(out)
+    assert result.status == "interrupted", result.reason

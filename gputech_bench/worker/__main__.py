@@ -47,7 +47,16 @@ def _stderr_progress(event: dict[str, Any]) -> None:
 
 
 def _stdout_events(event: dict[str, Any]) -> None:
-    print(json.dumps(event), flush=True)
+    try:
+        print(json.dumps(event), flush=True)
+    except BrokenPipeError:
+        # The runner reading the events is gone (killed): it would have stopped this cell, and
+        # its SIGTERM may simply not have landed yet. Stop as interrupted, not as an error, and
+        # send what is left of stdout nowhere, so that exiting does not fail on the pipe again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        raise KeyboardInterrupt from None
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
