@@ -83,6 +83,17 @@ class ModelConfig:
         "eager",
         "Attention kernel passed to transformers: 'eager' (what the seed's 2022 stack ran) or 'sdpa'.",
     )
+    #: Recorded, not set: which shape fields (SHAPE_FIELDS) were set for *this* model, by
+    #: --set or by the preset that names it. With --model only these override the checkpoint's
+    #: config; the others keep their defaults and mean nothing for it. See ``_model_changes``.
+    overrides: tuple[str, ...] = field(default=(), metadata={"recorded": True})
+
+
+#: The model.* fields that give the network's shape. Without --model they build the seed's
+#: BERT; with it, each one set for that model overrides the checkpoint's config
+#: (``modeling.shape_overrides`` maps it to the architecture's own attribute).
+SHAPE_FIELDS = ("vocab_rows", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                "max_position_embeddings", "dropout")
 
 
 @dataclass(frozen=True)
@@ -241,10 +252,15 @@ def _unknown_key(key: str, known: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key '{key}': {hint}")
 
 
+def _is_recorded(f: dataclasses.Field) -> bool:
+    """A field the config layer records (where a value came from), never one a user sets."""
+    return bool(f.metadata.get("recorded"))
+
+
 def all_keys() -> list[str]:
     keys = list(TOP_LEVEL_KEYS)
     for section, cls in SECTIONS.items():
-        keys += [f"{section}.{f.name}" for f in fields(cls)]
+        keys += [f"{section}.{f.name}" for f in fields(cls) if not _is_recorded(f)]
     return keys
 
 
@@ -260,7 +276,35 @@ def _apply_section(current: Any, section: str, values: dict[str, Any]) -> Any:
         if name not in types_by_name:
             raise _unknown_key(key, all_keys())
         changes[name] = coerce(key, types_by_name[name], value)
+    if section == "model":
+        changes = _model_changes(current, changes)
     return replace(current, **changes)
+
+
+def _model_changes(current: ModelConfig, changes: dict[str, Any]) -> dict[str, Any]:
+    """Shape fields belong to the model they were set for, and the record says which were set.
+
+    Naming another model resets the shape fields set for the previous one: the cpu preset's
+    2-layer BERT says nothing about a Llama given with --model, and must not shrink it. Every
+    shape field set here, together with or after the model it shapes, is recorded in
+    ``overrides``, so that with --model exactly the user's (or that model's preset's) values
+    override the checkpoint's config and none of the defaults do. A saved config (config.json,
+    the worker's --config) carries its record and is restored as it was.
+    """
+    if "overrides" in changes:
+        unknown = sorted(set(changes["overrides"]) - set(SHAPE_FIELDS))
+        if unknown:
+            raise ConfigError(f"model.overrides names {', '.join(unknown)}, which are not shape fields "
+                              f"({', '.join(SHAPE_FIELDS)}): fix or remove the saved config")
+        return changes
+    recorded = current.overrides
+    set_here = {name for name in changes if name in SHAPE_FIELDS}
+    if changes.get("pretrained", current.pretrained) != current.pretrained:
+        defaults = ModelConfig()
+        changes = {**{name: getattr(defaults, name) for name in SHAPE_FIELDS}, **changes}
+        recorded = ()
+    overrides = tuple(name for name in SHAPE_FIELDS if name in recorded or name in set_here)
+    return {**changes, "overrides": overrides}
 
 
 def apply_mapping(config: BenchConfig, mapping: dict[str, Any], origin: str = "") -> BenchConfig:
@@ -301,6 +345,9 @@ def apply_overrides(config: BenchConfig, overrides: list[str] | tuple[str, ...])
         section, _, name = key.partition(".")
         if section not in SECTIONS or not name:
             raise _unknown_key(key, all_keys())
+        if f"{section}.{name}" not in all_keys() and name in _field_types(SECTIONS[section]):
+            raise ConfigError(f"{key} is recorded by gputech-bench, not set: set the model.* shape fields themselves "
+                              f"({', '.join(SHAPE_FIELDS)})")
         nested.setdefault(section, {})[name] = value
     return apply_mapping(config, nested)
 
@@ -340,9 +387,14 @@ def validate(config: BenchConfig) -> BenchConfig:
         ("train.weight_decay", t.weight_decay),
     ):
         _positive(key, value, allow_zero=True)
-    if m.hidden_size % m.num_heads:
+    # Cross-checks of shape fields hold where both fields shape the model: the seed's BERT, or
+    # both set for a --model (with one alone, transformers checks it against the checkpoint's).
+    def shapes(*names: str) -> bool:
+        return not m.pretrained or all(name in m.overrides for name in names)
+
+    if shapes("hidden_size", "num_heads") and m.hidden_size % m.num_heads:
         raise ConfigError(f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})")
-    if d.max_length > m.max_position_embeddings:
+    if shapes("max_position_embeddings") and d.max_length > m.max_position_embeddings:
         raise ConfigError(
             f"data.max_length ({d.max_length}) exceeds model.max_position_embeddings ({m.max_position_embeddings})"
         )
@@ -446,6 +498,7 @@ def describe_fields() -> list[tuple[str, Any, str]]:
     rows: list[tuple[str, Any, str]] = []
     for section, cls in SECTIONS.items():
         for f in fields(cls):
-            rows.append((f"{section}.{f.name}", f.default, f.metadata.get("help", "")))
+            if not _is_recorded(f):
+                rows.append((f"{section}.{f.name}", f.default, f.metadata.get("help", "")))
     return rows
 

@@ -68,18 +68,127 @@ def source_kind(pretrained: str) -> str:
     return HUB
 
 
+def _target(pretrained: str) -> str:
+    """A local folder as an absolute path (``~`` expanded), a hub id as given."""
+    return str(Path(pretrained).expanduser()) if Path(pretrained).expanduser().exists() else pretrained
+
+
 def read_config(pretrained: str):
     """The checkpoint's ``config.json`` as transformers reads it; no weights are touched."""
     from transformers.models.auto.configuration_auto import AutoConfig
 
-    target = str(Path(pretrained).expanduser()) if Path(pretrained).expanduser().exists() else pretrained
     try:
-        return AutoConfig.from_pretrained(target)
+        return AutoConfig.from_pretrained(_target(pretrained))
     except Exception as error:  # hub, file-system and format errors all end here
         raise ModelError(
             f"could not read the config of '{pretrained}' ({first_line(error)}): "
             "pass a local folder holding config.json, or a reachable hub id"
         ) from None
+
+
+#: Each ``model.*`` shape field and the config attributes it sets, by transformers' standard
+#: names: a config's ``attribute_map`` turns them into the architecture's own (DistilBERT's
+#: ``n_layers``, GPT-2's ``n_embd``). A field sets every one of its attributes that the
+#: architecture has (dropout: BERT's two, GPT-2's three, Llama's attention dropout), and is
+#: refused where the architecture has none.
+SHAPE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "vocab_rows": ("vocab_size",),
+    "hidden_size": ("hidden_size",),
+    "num_layers": ("num_hidden_layers",),
+    "num_heads": ("num_attention_heads",),
+    "intermediate_size": ("intermediate_size", "hidden_dim", "n_inner"),
+    "max_position_embeddings": ("max_position_embeddings",),
+    "dropout": ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout",
+                "resid_pdrop", "embd_pdrop", "attn_pdrop"),
+}
+
+
+@dataclass(frozen=True)
+class ShapeOverride:
+    """One ``model.*`` field set for a ``--model``, and the checkpoint's values it replaces."""
+
+    name: str  # e.g. num_layers
+    value: Any
+    replaced: tuple[tuple[str, Any], ...]  # (the architecture's attribute, the checkpoint's value)
+
+    def __str__(self) -> str:
+        was = ", ".join(f"{attribute} {_number(old)}" for attribute, old in self.replaced)
+        return f"model.{self.name}={_number(self.value)} (config.json: {was})"
+
+
+def _number(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
+def shape_overrides(model_config: ModelConfig, hf_config: Any) -> tuple[ShapeOverride, ...]:
+    """The shape fields set for this ``--model`` (``model.overrides``), each mapped onto the
+    checkpoint's config; a field the architecture has no attribute for is refused."""
+    found = []
+    for name in model_config.overrides:
+        replaced: dict[str, Any] = {}
+        for standard in SHAPE_ATTRIBUTES[name]:
+            attribute = type(hf_config).attribute_map.get(standard, standard)
+            if hasattr(hf_config, attribute):
+                replaced.setdefault(attribute, getattr(hf_config, attribute))
+        if not replaced:
+            raise ModelError(
+                f"model.{name} has no meaning for a '{hf_config.model_type}' model (its config has none of "
+                f"{', '.join(SHAPE_ATTRIBUTES[name])}): drop --set model.{name}"
+            )
+        found.append(ShapeOverride(name, getattr(model_config, name), tuple(replaced.items())))
+    return tuple(found)
+
+
+def _overridden_config(model_config: ModelConfig, hf_config: Any, overrides: tuple[ShapeOverride, ...],
+                       tokenizer_size: int):
+    """The checkpoint's config with the overrides applied as if config.json had said them, the
+    way ``AutoConfig.from_pretrained(..., **overrides)`` means it: from the file's own values, so
+    that what a config derives in ``__post_init__`` (Llama's ``head_dim``) follows the new shape."""
+    if not overrides:
+        return hf_config
+    raw, _ = type(hf_config).get_config_dict(_target(model_config.pretrained))
+    for override in overrides:
+        value = vocab_rows_for(model_config, tokenizer_size) if override.name == "vocab_rows" else override.value
+        raw.update({attribute: value for attribute, _ in override.replaced})
+    try:
+        return type(hf_config).from_dict(raw)
+    except Exception as error:  # transformers' own checks of a config (heads that do not divide, ...)
+        raise ModelError(
+            f"{', '.join(str(o) for o in overrides)} do not make a valid '{hf_config.model_type}' config "
+            f"({first_line(error)}): change the overrides"
+        ) from None
+
+
+def _weight_shapes(task: str, hf_config: Any) -> dict[str, tuple[int, ...]]:
+    """Every parameter's shape for this config, built on the meta device (no memory, no weights)."""
+    with torch.device("meta"):
+        model = model_class(task).from_config(hf_config)
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+def check_model_overrides(model_config: ModelConfig) -> tuple[ShapeOverride, ...]:
+    """The overrides a cell will apply, refused here (before any process starts) when the
+    architecture has no such field or when they would change the shape of a checkpoint's
+    weights: those weights could not load, and a half-loaded model must never train silently.
+    ``vocab_rows`` is the exception: with weights it resizes the embeddings, as the seed did."""
+    if source_kind(model_config.pretrained) == FIELDS or not model_config.overrides:
+        return ()
+    hf_config = read_config(model_config.pretrained)
+    overrides = shape_overrides(model_config, hf_config)
+    if source_kind(model_config.pretrained) in (WEIGHTS, HUB):
+        task = task_of(hf_config, model_config.task, f"'{model_config.pretrained}'")
+        shapes = _weight_shapes(task, hf_config)
+        for override in overrides:
+            if override.name == "vocab_rows":
+                continue
+            changed = _overridden_config(model_config, hf_config, (override,), tokenizer_size=0)
+            if _weight_shapes(task, changed) != shapes:
+                raise ModelError(
+                    f"{override} changes the shape of the weights in '{model_config.pretrained}', so they could not "
+                    "load: drop the override, or point --model at a folder with only config.json to benchmark that "
+                    "shape at random init"
+                )
+    return overrides
 
 
 def _task_mappings() -> tuple[dict[str, str], dict[str, str]]:
@@ -153,10 +262,12 @@ def bert_config(model_config: ModelConfig, tokenizer_size: int, pad_token_id: in
 
 
 def architecture_config(model_config: ModelConfig, tokenizer_size: int, pad_token_id: int):
-    """The architecture a cell trains: from ``config.json``, or the seed's BERT from the fields."""
+    """The architecture a cell trains: from ``config.json`` with the shape overrides set for it,
+    or the seed's BERT from the fields."""
     if source_kind(model_config.pretrained) == FIELDS:
         return bert_config(model_config, tokenizer_size, pad_token_id)
     config = read_config(model_config.pretrained)
+    config = _overridden_config(model_config, config, shape_overrides(model_config, config), tokenizer_size)
     if getattr(config, "vocab_size", tokenizer_size) < tokenizer_size:
         raise ModelError(
             f"model '{model_config.pretrained}' has {config.vocab_size:,} embedding rows but the tokenizer has "
@@ -214,12 +325,23 @@ class LoadReport:
     head_is_new: bool = False
     #: Prefixes of the head's modules that loading initialised (LoRA trains them in full: modules_to_save).
     new_head_modules: tuple[str, ...] = field(default=())
+    #: The ``model.*`` fields that overrode the checkpoint's config (``--set model.num_layers=4``).
+    overrides: tuple[ShapeOverride, ...] = ()
+    #: Embedding rows before and after ``resize_token_embeddings`` (``model.vocab_rows`` with weights).
+    resized_rows: tuple[int, int] | None = None
 
     def notes(self) -> list[str]:
         """One line per fact a reader of the table must know."""
         lines = []
         if self.kind == CONFIG_ONLY:
             lines.append(f"{self.architecture} initialised at random from {self.source}/config.json: no weights were read")
+        if self.overrides:
+            lines.append(f"the checkpoint's config overridden: {'; '.join(str(o) for o in self.overrides)}")
+        if self.resized_rows:
+            before, after = self.resized_rows
+            change = (f"{after - before:,} new rows, initialised by transformers" if after > before
+                      else f"{before - after:,} rows removed")
+            lines.append(f"embedding rows {before:,} \N{RIGHTWARDS ARROW} {after:,}: {change}")
         if self.newly_initialized:
             groups = ", ".join(str(group) for group in group_keys(list(self.newly_initialized)))
             why = f": the checkpoint has no {TASKS[self.task]} head" if self.head_is_new else ": not in the checkpoint"
@@ -240,6 +362,7 @@ class LoadReport:
             "newly_initialized": [str(group) for group in group_keys(list(self.newly_initialized))],
             "ignored": [str(group) for group in group_keys(list(self.ignored))],
             "head_is_new": self.head_is_new,
+            "overrides": [str(override) for override in self.overrides],
             "load_notes": self.notes(),
         }
 
@@ -267,14 +390,18 @@ def load_model(model_config: ModelConfig, tokenizer_size: int, pad_token_id: int
         model = BertForMaskedLM(bert_config(model_config, tokenizer_size, pad_token_id))
         return LoadedModel(model, _report(model, "random init from the config (no pretrained weights)", kind, MLM))
     task = task_of(read_config(model_config.pretrained), model_config.task, f"'{model_config.pretrained}'")
+    overrides = check_model_overrides(model_config)
     if kind == CONFIG_ONLY:
         model = model_class(task).from_config(architecture_config(model_config, tokenizer_size, pad_token_id),
                                               dtype=torch.float32)
-        return LoadedModel(model, _report(model, model_config.pretrained, kind, task))
-    target = str(Path(model_config.pretrained).expanduser()) if kind == WEIGHTS else model_config.pretrained
+        return LoadedModel(model, _report(model, model_config.pretrained, kind, task, overrides=overrides))
+    # What may change with weights (check_model_overrides refused the rest): dropout is set on
+    # the config as it loads; vocab_rows resizes the embeddings once the weights are in.
+    config_values = {attribute: o.value for o in overrides if o.name != "vocab_rows" for attribute, _ in o.replaced}
     try:
         model, info = model_class(task).from_pretrained(
-            target, attn_implementation=model_config.attention, dtype=torch.float32, output_loading_info=True
+            _target(model_config.pretrained), attn_implementation=model_config.attention, dtype=torch.float32,
+            output_loading_info=True, **config_values,
         )
     except Exception as error:  # hub, file-system and format errors all end here
         raise ModelError(
@@ -282,15 +409,22 @@ def load_model(model_config: ModelConfig, tokenizer_size: int, pad_token_id: int
             "pass a local folder holding config.json and the weights, or a reachable hub id"
         ) from None
     rows = model.get_input_embeddings().num_embeddings
+    resized = None
+    if "vocab_rows" in model_config.overrides:
+        # The seed's step: multilingual BERT's embeddings grown to 149,798 rows before training.
+        wanted = vocab_rows_for(model_config, tokenizer_size)
+        model.resize_token_embeddings(wanted)
+        resized, rows = (rows, wanted), wanted
     if rows < tokenizer_size:
-        raise ModelError(f"model '{model_config.pretrained}' has {rows} embedding rows but its tokenizer has {tokenizer_size}")
+        raise ModelError(f"model '{model_config.pretrained}' has {rows} embedding rows but its tokenizer has {tokenizer_size}: "
+                         "set model.vocab_rows to at least the tokenizer's size (0 = exactly that)")
     model.config.use_cache = False
     missing = [str(key) for key in info.get("missing_keys", [])]
     unexpected = [str(key) for key in info.get("unexpected_keys", [])]
-    return LoadedModel(model, _report(model, model_config.pretrained, kind, task, missing, unexpected))
+    return LoadedModel(model, _report(model, model_config.pretrained, kind, task, missing, unexpected, overrides, resized))
 
 
-def _report(model, source: str, kind: str, task: str, missing=(), unexpected=()) -> LoadReport:
+def _report(model, source: str, kind: str, task: str, missing=(), unexpected=(), overrides=(), resized=None) -> LoadReport:
     heads = _head_modules(model, list(missing))
     return LoadReport(
         source=source,
@@ -303,6 +437,8 @@ def _report(model, source: str, kind: str, task: str, missing=(), unexpected=())
         ignored=tuple(unexpected),
         head_is_new=bool(heads),
         new_head_modules=heads,
+        overrides=tuple(overrides),
+        resized_rows=resized,
     )
 
 
