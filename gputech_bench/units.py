@@ -44,15 +44,20 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
+def format_size(num_bytes: float, decimals: int = 2) -> str:
+    """Bytes in the unit that shows them: the one rule for every size the tool prints (figures,
+    budgets, limits, notes and errors). GiB from 1 GiB up ('26.00 GiB'), MiB below it
+    ('40.00 MiB'), so that a non-zero size never reads as 0 GiB; bytes where even MiB would."""
+    if num_bytes >= GIB:
+        return f"{num_bytes / GIB:.{decimals}f} GiB"
+    if num_bytes == 0 or round(num_bytes / MIB, decimals):
+        return f"{num_bytes / MIB:.{decimals}f} MiB"
+    return f"{num_bytes:,.0f} bytes"
+
+
 def format_gib(num_bytes: float) -> str:
-    """Bytes as GiB with one decimal: '23.6 GiB'."""
-    return f"{num_bytes / GIB:.1f} GiB"
-
-
-def format_size(num_bytes: float) -> str:
-    """Bytes in the unit that shows them: '26.00 GiB' from 1 GiB up, else '3.35 MiB' (a small
-    model's figure never reads as 0.00 GiB)."""
-    return f"{num_bytes / GIB:.2f} GiB" if num_bytes >= GIB else f"{num_bytes / MIB:.2f} MiB"
+    """A budget, a cap or a card's size, with one decimal ('23.6 GiB', '40.0 MiB'): format_size's rule."""
+    return format_size(num_bytes, decimals=1)
 
 
 def is_missing(value: Any) -> bool:

@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..estimate.measured import error_percent, measured_peak
 from ..estimate.overheads import DEFAULTS, calibrate
 from ..results import CellResult
-from ..units import GIB, MIB, parse_size
+from ..units import GIB, MIB, format_gib, parse_size
 from ._display import text_html
 from ._estimate import PathLike, _jobs, _run_config, _run_path
 from ._output import Output, output_or_default
@@ -205,8 +205,8 @@ class Fit:
         # Plain text: the setups as a table, then what would fit (the terminal's rich table is
         # the command line's: cli/estimate.py).
         result = self.result
-        head = (f"setups that fit {result.budget / GIB:.1f} GiB, fastest first" if self.fits
-                else f"nothing fits {result.budget / GIB:.1f} GiB")
+        head = (f"setups that fit {format_gib(result.budget)}, fastest first" if self.fits
+                else f"nothing fits {format_gib(result.budget)}")
         lines = [head, self.frame.to_string(index=False)]
         lines += [f"  would fit: {line}" for line in result.suggestions]
         return "\n".join(lines)
@@ -215,7 +215,7 @@ class Fit:
         return text_html(str(self))
 
     def __repr__(self) -> str:
-        return f"<Fit {self.result.budget / GIB:.1f} GiB: best {self.best.label if self.best else None}>"
+        return f"<Fit {format_gib(self.result.budget)}: best {self.best.label if self.best else None}>"
 
 
 def fit(

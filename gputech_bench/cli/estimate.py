@@ -11,7 +11,7 @@ from rich.table import Table
 from ..api import estimate as estimate_memory
 from ..api import fit as fit_budget
 from ..errors import UserError, error_line
-from ..units import GIB, MIB, format_gib
+from ..units import MIB, format_gib, format_size
 from .common import (
     EXIT_FAILED_CELL,
     EXIT_INTERRUPTED,
@@ -112,8 +112,6 @@ def estimate(
         raise typer.Exit(EXIT_FAILED_CELL)
 
 
-def _gib(num: int) -> str:
-    return f"{num / GIB:.2f}"
 
 
 def _figure_notes(result) -> dict[str, int]:
@@ -137,12 +135,12 @@ def _time_text(candidate) -> str:
 
 def _host_text(candidate) -> str:
     host = candidate.prediction.host
-    return "-" if host is None else _gib(host.total_bytes)
+    return "-" if host is None else format_size(host.total_bytes)
 
 
 def _device_text(candidate) -> str:
     """'>' marks a lower bound: the trace stopped once past the budget."""
-    return (">" if candidate.at_least else "") + _gib(candidate.device_total)
+    return (">" if candidate.at_least else "") + format_size(candidate.device_total)
 
 
 def _print_fit(found) -> None:
@@ -156,7 +154,7 @@ def _print_fit(found) -> None:
         floor = result.floor
         console.print(
             f"[bold red]nothing fits {format_gib(result.budget)}[/]: the most frugal setup, "
-            f"{floor.setup.label}, needs {'more than ' if floor.at_least else ''}{_gib(floor.device_total)} GiB "
+            f"{floor.setup.label}, needs {'more than ' if floor.at_least else ''}{format_size(floor.device_total)} "
             f"({_figure(floor, notes)})", highlight=False,
         )
         for line in result.suggestions:
@@ -165,16 +163,16 @@ def _print_fit(found) -> None:
             console.print(f"  [dim][{number}] {method}[/]", highlight=False)
         return
     table = Table(title=f"setups that fit {format_gib(result.budget)}, fastest first", title_justify="left")
-    for header in ("", "setup", "device GiB", "host GiB", "figure", "time", "time from", "gives up"):
+    for header in ("", "setup", "device", "host", "figure", "time", "time from", "gives up"):
         # 'time from' and 'gives up' are prose: a narrow terminal folds them, never a figure or a name.
-        table.add_column(header, justify="right" if "GiB" in header or header == "time" else "left",
+        table.add_column(header, justify="right" if header in ("device", "host", "time") else "left",
                          overflow="fold" if header in ("time from", "gives up") else "ellipsis",
                          no_wrap=header in ("setup", "figure"))
     rows = [("best" if rank == 1 else f"#{rank}", candidate) for rank, candidate in enumerate(result.chosen, start=1)]
     if result.full_training is not None:
         rows.append(("full", result.full_training))
     for rank, candidate in rows:
-        table.add_row(rank, candidate.setup.label, _gib(candidate.device_total), _host_text(candidate),
+        table.add_row(rank, candidate.setup.label, _device_text(candidate), _host_text(candidate),
                       _figure(candidate, notes), _time_text(candidate), candidate.time.source, gives_up(candidate.setup))
     print_table(table)
     if result.full_training is not None:
@@ -186,7 +184,7 @@ def _print_fit(found) -> None:
     for candidate in result.untraceable:
         console.print(f"  [yellow]not traced[/] {candidate.setup.label}: {candidate.prediction.error}", highlight=False)
     if result.rejected:
-        too_big = ", ".join(f"{c.setup.label} ({_device_text(c)} GiB, {_figure(c, notes)})" for c in result.rejected)
+        too_big = ", ".join(f"{c.setup.label} ({_device_text(c)}, {_figure(c, notes)})" for c in result.rejected)
         console.print(f"  [dim]faster but too big: {too_big}[/]", highlight=False)
         if any(c.at_least for c in result.rejected):
             console.print("  [dim]>: the trace stopped once the device passed the budget (the figure is what was live then), "
@@ -194,7 +192,7 @@ def _print_fit(found) -> None:
     for method, number in notes.items():
         console.print(f"  [dim][{number}] {method}[/]", highlight=False)
     console.print(
-        f"  [dim]device GiB = tensor peak + allocator reserve + CUDA context; host GiB = tensors kept in host memory; "
+        f"  [dim]device = tensor peak + allocator reserve + CUDA context; host = tensors kept in host memory; "
         f"{result.untraced} slower candidate(s) not traced; objective {config.data.objective}, "
         f"attention {config.model.attention}[/]", highlight=False,
     )
@@ -249,7 +247,7 @@ def _print_verification(verified, budget: int) -> None:
             console.print(
                 f"  NVML process peak {verified.nvml_process_mib:,.0f} MiB (predicted "
                 f"{verified.predicted_total_bytes / MIB:,.0f} MiB with overheads): "
-                f"{'fits' if verified.fits_budget else 'does NOT fit'} {budget / 2**30:.1f} GiB", highlight=False,
+                f"{'fits' if verified.fits_budget else 'does NOT fit'} {format_gib(budget)}", highlight=False,
             )
     else:
         console.print("  [dim]a CPU run checks the tensor peak only: whether it fits a GPU needs a CUDA run[/]", highlight=False)

@@ -46,7 +46,7 @@ from ..config import BenchConfig
 from ..errors import FitError, StrategyError
 from ..results import CellResult
 from ..strategies import Cell, combination_refusal, launch_refusal, parse_cell, registered
-from ..units import GIB
+from ..units import format_size
 from .modelled import can_model, modeller_for
 from .overheads import Overheads
 from .predict import Prediction, Setup
@@ -330,5 +330,5 @@ def _suggestions(floor: Setup, config: BenchConfig, budget: int, overheads: Over
         prediction = trace([floor], shorter, limit=limit)[0]
         total = overheads.device_total(prediction.device.total_bytes)
         if total <= budget and not prediction.stopped and not prediction.error:
-            return [f"--set data.max_length={length}: {floor.label} would need {total / GIB:.2f} GiB"]
+            return [f"--set data.max_length={length}: {floor.label} would need {format_size(total)}"]
     return [f"even data.max_length={length} does not fit: lower train.batch_size, or use a smaller model or a larger device"]

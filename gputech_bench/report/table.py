@@ -12,7 +12,7 @@ import pandas as pd
 from ..config import ATTENTION_KERNELS, OBJECTIVES
 from ..results import TRAINED_STATUSES, CellResult
 from ..stats import WITHIN_NOISE
-from ..units import MIB, MIB_PER_GIB, format_gib, is_missing
+from ..units import MIB, MIB_PER_GIB, format_gib, format_size, is_missing
 from .frame import (
     CAUSAL_LM_COLUMNS,
     HIGHER_IS_BETTER,
@@ -31,7 +31,10 @@ def noise_mark(verdict: Any) -> str:
 
 
 def fmt_mib(value: float) -> str:
-    return f"{value / MIB_PER_GIB:,.2f} GiB" if value >= MIB_PER_GIB else f"{value:,.1f} MiB"
+    """A figure held in MiB: GiB from 1 GiB up; below 1 MiB two decimals, so it never reads as 0."""
+    if value >= MIB_PER_GIB:
+        return f"{value / MIB_PER_GIB:,.2f} GiB"
+    return f"{value:,.1f} MiB" if value >= 1 or value == 0 else format_size(value * MIB)
 
 
 def fmt_ratio(value: float) -> str:
