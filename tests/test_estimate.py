@@ -171,6 +171,21 @@ def test_fit_refuses_cleanly_when_nothing_fits(cache_dir: Path):
     result = runner.invoke(app, args)
     assert result.exit_code == 1, result.output
     assert "nothing fits" in result.output and "Traceback" not in result.output
+    # A budget under 1 GiB reads in MiB or bytes, never as 0.0 GiB.
+    assert "nothing fits 1,024 bytes" in result.output and "0.0 GiB" not in result.output
+
+
+@pytest.mark.parametrize("size, text", [
+    (40 * 2**20, "40.00 MiB"), (24 * 2**30, "24.00 GiB"), (3_000, "3,000 bytes"), (0, "0.00 MiB"),
+    (2**30 - 1, "1024.00 MiB"),
+])
+def test_every_size_reads_in_the_unit_that_shows_it(size: int, text: str):
+    from gputech_bench.report.table import fmt_mib
+    from gputech_bench.units import format_gib, format_size
+
+    assert format_size(size) == text
+    assert format_gib(40 * 2**20) == "40.0 MiB" and format_gib(24 * 2**30) == "24.0 GiB"
+    assert fmt_mib(0.04) == "0.04 MiB" and fmt_mib(512) == "512.0 MiB"  # a figure under 1 MiB is never 0.0
 
 
 def test_estimate_command_prints_categories_and_fit(cache_dir: Path):
