@@ -1,6 +1,6 @@
 """gputech-bench: which memory-saving strategy makes a transformer fine-tune fit, and at what cost.
 
-The Python API does what the commands do (README: "Python API")::
+The Python API does what the commands do (docs/api.md)::
 
     >>> from gputech_bench import run_matrix
     >>> run = run_matrix(strategies=["1"], preset="cpu", device="cpu", overrides={"train.max_steps": 4})
@@ -19,7 +19,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-#: The public API; each name is documented in README.md's "Python API" section (a test checks).
+#: The public API; each name is documented in docs/api.md (a test checks).
 __all__ = [
     "run_matrix",
     "load_run",

@@ -1,5 +1,5 @@
 """The package's shape, checked from its source: imports go down the layers, never in a
-cycle, only the command line talks to a terminal, and the README lists every module.
+cycle, only the command line talks to a terminal, and docs/layout.md lists every module.
 
 Every module under gputech_bench is parsed with ``ast``; nothing is imported, so these
 tests take milliseconds and need no torch.
@@ -271,17 +271,17 @@ def test_function_level_imports_only_keep_heavy_libraries_off_the_start_up_path(
     assert wrong == [], "\n".join(wrong)
 
 
-# --------------------------------------------------------------------------- the README
+# --------------------------------------------------------------------------- the layout page
+
+LAYOUT_PAGE = ROOT / "docs" / "layout.md"
 
 
-def readme_layout() -> set[str]:
-    """Paths under gputech_bench/ that the README's Layout section lists, one per line,
-    indented two spaces per level; a folder's line stands for its __init__.py."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = re.search(r"^## Layout\n(.*?)^## ", text, re.S | re.M)
-    assert section, "README.md has no '## Layout' section"
-    block = re.search(r"```\n(.*?)```", section.group(1), re.S)
-    assert block, "the Layout section has no code block"
+def documented_layout() -> set[str]:
+    """Paths under gputech_bench/ that docs/layout.md's listing (its first code block) names,
+    one per line, indented two spaces per level; a folder's line stands for its __init__.py."""
+    text = LAYOUT_PAGE.read_text(encoding="utf-8")
+    block = re.search(r"^```\n(.*?)^```", text, re.S | re.M)
+    assert block, "docs/layout.md has no code block listing the modules"
     listed: set[str] = set()
     folders: list[str] = []
     for line in block.group(1).splitlines():
@@ -298,11 +298,11 @@ def readme_layout() -> set[str]:
     return {path for path in listed if path.startswith("gputech_bench/")}
 
 
-def test_the_readme_layout_lists_every_module_and_no_other():
+def test_the_layout_page_lists_every_module_and_no_other():
     actual = {str(path.relative_to(ROOT)) for path in modules().values()}
-    listed = readme_layout()
-    assert sorted(actual - listed) == [], "modules missing from README.md's Layout section"
-    assert sorted(listed - actual) == [], "README.md's Layout section lists modules that do not exist"
+    listed = documented_layout()
+    assert sorted(actual - listed) == [], "modules missing from docs/layout.md"
+    assert sorted(listed - actual) == [], "docs/layout.md lists modules that do not exist"
 
 
 @pytest.mark.parametrize("layer", [names for names in LAYERS if names != ("",)], ids=lambda names: names[0])
