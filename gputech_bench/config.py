@@ -71,8 +71,11 @@ class ModelConfig:
     vocab_rows: int = setting(
         149_798,
         "Embedding rows. The seed extended multilingual BERT to 149,798; 0 = the tokenizer's size. "
-        "Rows beyond the tokenizer stay, so memory and time match the seed.",
+        "Rows beyond the tokenizer stay, so memory and time match the seed. With --model, set explicitly: "
+        "resize_token_embeddings(N) on a checkpoint, vocab_size on a config.json.",
     )
+    # The shape fields below build the seed's BERT; with --model, each one set explicitly
+    # overrides the checkpoint's config instead (docs/your-model.md#shape-overrides).
     hidden_size: int = setting(768, "Hidden width (BERT-base: 768).")
     num_layers: int = setting(12, "Transformer layers (BERT-base: 12).")
     num_heads: int = setting(12, "Attention heads (BERT-base: 12).")
