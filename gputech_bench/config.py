@@ -99,6 +99,12 @@ SHAPE_FIELDS = ("vocab_rows", "hidden_size", "num_layers", "num_heads", "interme
                 "max_position_embeddings", "dropout")
 
 
+def model_overrides(model: ModelConfig) -> tuple[str, ...]:
+    """``model.num_layers=4`` for each shape field that overrides a --model's config; none
+    without --model, where the fields build the seed's BERT."""
+    return tuple(f"model.{name}={getattr(model, name)}" for name in model.overrides) if model.pretrained else ()
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Corpus, tokenizer and masking."""

@@ -222,3 +222,17 @@ def test_the_table_says_which_overrides_were_applied(tmp_path: Path):
     frame, _ = build_frame([result])
     assert "model.num_layers=1 (config.json: num_hidden_layers 2)" in "\n".join(table_notes(frame))
     assert result.model["overrides"] == ["model.num_layers=1 (config.json: num_hidden_layers 2)"]
+
+
+def test_the_estimate_names_the_overrides_it_traced(tmp_path: Path):
+    from gputech_bench.config import model_overrides
+    from gputech_bench.estimate.overheads import DEFAULTS
+    from gputech_bench.estimate.render import EstimateReport, legend
+    from gputech_bench.estimate.render import from_dict as report_from_dict
+
+    config = apply_overrides(load_preset("cpu"), [f"model.pretrained={config_only(tmp_path, 'llama')}", "model.num_layers=1"])
+    assert model_overrides(config.model) == ("model.num_layers=1",)
+    assert model_overrides(load_preset("cpu").model) == ()  # the fields build the seed's BERT: nothing is overridden
+    report = EstimateReport("a stand-in", None, [], DEFAULTS, model_overrides=model_overrides(config.model))
+    assert "model: config.json overridden by model.num_layers=1" in legend(report)
+    assert report_from_dict(report.to_dict()).model_overrides == ("model.num_layers=1",)

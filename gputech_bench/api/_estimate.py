@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Protocol, Sequence, Union
 
-from ..config import BenchConfig, from_dict, to_dict
+from ..config import BenchConfig, from_dict, model_overrides, to_dict
 from ..errors import ConfigError
 from ..estimate.measured import measured_peak
 from ..estimate.overheads import DEFAULTS, calibrate
@@ -72,7 +72,7 @@ def build_estimate(
         by_cell = {result.cell: result for result in results}
         measured = {cell: measured_peak(by_cell.get(cell)) for cell in cells}
     return EstimateReport(label, caveat, predictions, overheads, budget, measured, config.data.objective,
-                          config.model.attention)
+                          config.model.attention, model_overrides(config.model))
 
 
 def _describe_target(config: BenchConfig, forks: "ForkServer | None", log_path: Optional[Path]) -> tuple[str, Optional[str]]:

@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional
 
-from ..config import BenchConfig
+from ..config import BenchConfig, model_overrides
 from ..errors import ConfigError
 from ..estimate.measured import error_percent, measured_peak
 from ..estimate.overheads import DEFAULTS, calibrate
@@ -175,6 +175,7 @@ class Fit:
             "schema": FIT_SCHEMA,
             "budget_bytes": result.budget,
             "model": config.model.pretrained or "(model.* fields)",
+            "model_overrides": list(model_overrides(config.model)),
             "batch_size": config.train.batch_size,
             "max_length": config.data.max_length,
             "objective": config.data.objective,

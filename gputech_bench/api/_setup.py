@@ -108,10 +108,11 @@ def resolve_config(
     if eval_file:
         texts.append(f"data.eval_file={eval_file.resolve()}")
     sets = override_texts(overrides)
-    from ..modeling import check_model_overrides
-
     config = objective_for_model(apply_overrides(config, texts + sets), sets, output)
-    check_model_overrides(config.model)  # a shape the checkpoint cannot take is refused before any process starts
+    if config.model.pretrained and config.model.overrides:
+        from ..modeling import check_model_overrides
+
+        check_model_overrides(config.model)  # a shape the checkpoint cannot take is refused before any process starts
     return config
 
 

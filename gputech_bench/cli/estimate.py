@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..api import estimate as estimate_memory
 from ..api import fit as fit_budget
+from ..config import model_overrides
 from ..errors import UserError, error_line
 from ..units import MIB, format_gib, format_size
 from .common import (
@@ -191,10 +192,11 @@ def _print_fit(found) -> None:
                           "or was not run: the same weights as a setup whose weights alone passed it[/]", highlight=False)
     for method, number in notes.items():
         console.print(f"  [dim][{number}] {method}[/]", highlight=False)
+    overridden = "".join(f"; {text}" for text in model_overrides(config.model))
     console.print(
         f"  [dim]device = tensor peak + allocator reserve + CUDA context; host = tensors kept in host memory; "
         f"{result.untraced} slower candidate(s) not traced; objective {config.data.objective}, "
-        f"attention {config.model.attention}[/]", highlight=False,
+        f"attention {config.model.attention}{overridden}[/]", highlight=False,
     )
 
 

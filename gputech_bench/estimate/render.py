@@ -41,6 +41,8 @@ class EstimateReport:
     objective: str | None = None
     #: The attention kernel of the traced model (model.attention); None in older files.
     attention: str | None = None
+    #: The shape fields that overrode the traced --model's config (``model.num_layers=4``).
+    model_overrides: tuple[str, ...] = ()
 
     def row(self, prediction: Prediction) -> dict[str, Any]:
         device = prediction.device
@@ -73,6 +75,7 @@ class EstimateReport:
             "caveat": self.caveat,
             "objective": self.objective,
             "attention": self.attention,
+            "model_overrides": list(self.model_overrides),
             "budget_bytes": self.budget_bytes,
             "overheads": {
                 "cuda_context_bytes": self.overheads.context_bytes,
@@ -100,6 +103,7 @@ def from_dict(data: dict[str, Any]) -> EstimateReport:
         data.get("budget_bytes"),
         objective=data.get("objective"),
         attention=data.get("attention"),
+        model_overrides=tuple(data.get("model_overrides", ())),
     )
 
 
@@ -216,6 +220,8 @@ def legend(report: EstimateReport, with_overheads: bool = True) -> list[str]:
         lines.append(f"objective: {report.objective}, traced on the batches a run of it trains on (data.objective)")
     if report.attention:
         lines.append(f"attention: {report.attention} (model.attention)")
+    if report.model_overrides:
+        lines.append(f"model: config.json overridden by {', '.join(report.model_overrides)}")
     if report.caveat:
         lines.append(f"note: {report.caveat}")
     lines += [f"[{number}] not traced: {reason}" for reason, number in untraced_reasons(report).items()]
