@@ -487,6 +487,10 @@ def from_dict(data: dict[str, Any]) -> BenchConfig:
     """Rebuild a config from ``to_dict`` output (for example the worker's --config file)."""
     if not isinstance(data, dict):
         raise ConfigError("config file must hold a JSON object")
+    model = data.get("model")
+    if isinstance(model, dict) and "overrides" not in model:
+        # Written before the record existed, when no shape field overrode a --model's config.
+        data = {**data, "model": {**model, "overrides": []}}
     return apply_mapping(BenchConfig(), data)
 
 

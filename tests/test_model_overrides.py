@@ -211,6 +211,9 @@ def test_the_record_survives_config_json_and_cannot_be_set(tmp_path: Path):
     saved = to_dict(config)
     assert saved["model"]["overrides"] == ("num_layers",)
     assert from_dict(saved) == config
+    # A config.json from before the record applied no override: it still applies none.
+    older = {**saved, "model": {k: v for k, v in saved["model"].items() if k != "overrides"}}
+    assert from_dict(older).model.overrides == ()
     with pytest.raises(ConfigError, match="recorded by gputech-bench, not set"):
         apply_overrides(config, ["model.overrides=hidden_size"])
 
