@@ -1,6 +1,6 @@
-"""``estimate`` and ``fit``: predicted memory per cell, and the fastest setup that fits a budget.
+"""``estimate``: predicted memory per cell (``fit``, in _fit.py, shares its run-folder helpers).
 
-Both trace one training step of each setup on fake tensors (see ``gputech_bench/estimate``);
+It traces one training step of each setup on fake tensors (see ``gputech_bench/estimate``);
 nothing is allocated and no GPU is needed. A setup the tracer cannot follow is a row that
 says why, never an exception.
 """
