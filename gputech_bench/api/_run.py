@@ -184,8 +184,8 @@ class Run:
         """The run as ``report --format`` writes it: ``md``, ``csv``, ``json`` or ``html``."""
         from ..report.export import FORMATS, render
 
-        if fmt not in FORMATS or fmt == "table":
-            raise ConfigError(f"unknown format '{fmt}': choose one of {', '.join(f for f in FORMATS if f != 'table')}")
+        if fmt not in FORMATS:
+            raise ConfigError(f"unknown format '{fmt}': choose one of {', '.join(FORMATS)}")
         rendered = render(self._loaded, fmt, self.baseline)
         assert isinstance(rendered, str)
         return rendered
