@@ -7,6 +7,7 @@ says why, never an exception.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Protocol, Sequence, Union
 
@@ -105,7 +106,7 @@ def _run_config(run_dir: Path) -> tuple[BenchConfig, list[CellResult]]:
 
 
 def _run_path(run: "PathLike | RunLike") -> Path:
-    return Path(getattr(run, "path", run))
+    return Path(run) if isinstance(run, (str, os.PathLike)) else Path(run.path)
 
 
 def _device_memory(option: Optional[str]) -> Optional[int]:

@@ -196,6 +196,7 @@ class Run:
         goes) or ``accuracy`` (spread over repeats; only for a run made with ``repeat`` > 1)."""
         from ..report import plots
 
+        figure: Optional[Figure]  # the accuracy plot's is None for a run without repeats
         if kind == "memory_vs_time":
             figure = plots.memory_time_chart(self._frame, self._measure, self.baseline, run_name=self.name)
         elif kind == "memory_breakdown":
@@ -412,7 +413,7 @@ def execute(
             output.say(f"each cell: {launch.world_size} rank(s) via torchrun "
                        f"({launch.nproc_per_node} per node x {launch.nnodes} node(s))")
         if len(slots) > 1:
-            output.say(f"{len(slots)} cells at a time: " + ", ".join(f"GPU {','.join(slot)}" for slot in slots))
+            output.say(f"{len(slots)} cells at a time: " + ", ".join(f"GPU {','.join(slot)}" for slot in slots if slot))
         if repeat > 1 and seeds:
             how = f"seeds {seeds[0]}..{seeds[-1]}" if vary_seed else f"seed {seeds[0]} each time: the spread is timing noise"
             output.say(f"each cell {repeat} times, in a fresh process each, round-robin ({how})")
