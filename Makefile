@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test run clean
+.PHONY: install lint test run clean
 
 install: $(STAMP)
 
@@ -19,11 +19,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-test: install
+# ruff and mypy take their settings from pyproject.toml (mypy checks gputech_bench/).
+lint: install
+	$(BIN)/ruff check gputech_bench tests
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest
 
 run: install
 	$(BIN)/gputech-bench run --matrix
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

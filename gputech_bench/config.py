@@ -422,9 +422,9 @@ def validate(config: BenchConfig) -> BenchConfig:
         "strategy.accumulation_loss": (s.accumulation_loss, ("seed", "token-weighted")),
         "strategy.half_dtype": (s.half_dtype, ("auto", "float16", "bfloat16")),
     }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+    for key, (choice, allowed) in choices.items():
+        if choice not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {choice!r}")
     if config.gpu_memory_limit:
         try:
             parse_size(config.gpu_memory_limit)

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .config import ModelConfig
 from .errors import ModelError, first_line
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 MLM = "mlm"
 CLM = "clm"
@@ -369,7 +372,7 @@ class LoadReport:
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module
+    model: PreTrainedModel
     report: LoadReport
 
 

@@ -158,8 +158,9 @@ class CellResult:
     @property
     def attention(self) -> str | None:
         """The attention implementation the cell's model ran (eager, sdpa)."""
-        if (self.model or {}).get("attention"):
-            return self.model["attention"]
+        attention = (self.model or {}).get("attention")
+        if attention:
+            return attention
         return self.config.get("model", {}).get("attention") if isinstance(self.config, dict) else None
 
     @property
@@ -223,21 +224,27 @@ def _precedence(status: str) -> int:
     return STATUS_PRECEDENCE.index(status) if status in STATUS_PRECEDENCE else 0
 
 
+def _rank(result: CellResult) -> int:
+    """The rank that wrote ``result``: every result a torchrun rank writes says which it is."""
+    assert result.rank is not None, f"{result.cell}: a rank's result without its rank"
+    return result.rank["rank"]
+
+
 def merge_ranks(results: list[CellResult], distributed: dict[str, Any]) -> CellResult:
     """One cell's result from its ranks' (``--nproc-per-node``): the lowest rank's figures,
     with memory the largest rank's (what must fit on each GPU) and the mean and total beside it.
 
     Time and accuracy come from the lowest rank: ranks step in lockstep, and every rank
     evaluates the whole eval set. ``distributed`` describes the launch (world size, nodes)."""
-    lead = min(results, key=lambda result: result.rank["rank"])
+    lead = min(results, key=_rank)
     merged = copy.deepcopy(lead)
     merged.rank = None
     failed = [result for result in results if not result.ok]
     merged.status, merged.reason = "ok", None
     if failed:
-        first = min(failed, key=lambda result: (_precedence(result.status), result.rank["rank"]))
-        merged.status, merged.reason = first.status, f"rank {first.rank['rank']}: {first.reason}"
-    ranks = [result.rank["rank"] for result in results]
+        first = min(failed, key=lambda result: (_precedence(result.status), _rank(result)))
+        merged.status, merged.reason = first.status, f"rank {_rank(first)}: {first.reason}"
+    ranks = [_rank(result) for result in results]
     per_rank: dict[str, Any] = {}
     for metric in MEMORY_METRICS:
         values = [result.number(metric) for result in results]
@@ -257,7 +264,7 @@ def merge_ranks(results: list[CellResult], distributed: dict[str, Any]) -> CellR
                       f"{throughput.method}; the samples of all {distributed['world_size']} ranks")
     merged.distributed = {**distributed, "ranks_on_this_node": ranks, "launcher": "torch.distributed.run"}
     merged.ranks = [
-        {"rank": result.rank["rank"], "status": result.status, "reason": result.reason,
+        {"rank": _rank(result), "status": result.status, "reason": result.reason,
          "metrics": {m: result.number(m) for m in MEMORY_METRICS if result.number(m) is not None}}
         for result in results
     ]
@@ -285,9 +292,10 @@ def merge_repeats(cell: str, runs: list[CellResult], planned: int, seeds: list[i
     statistics: dict[str, Any] = {}
     for name, entry in list(merged.metrics.items()):
         values = [run.number(name) for run in ok]
-        if not values or any(value is None for value in values):
+        known = [value for value in values if value is not None]
+        summary = summarize(known) if len(known) == len(values) else None
+        if summary is None:
             continue
-        summary = summarize(values)
         statistics[name] = summary.to_dict()
         merged.record(name, summary.median, entry.unit, f"{entry.method}; median of {summary.n} repeats")
     merged.repeats = {

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..config import describe_fields, load_preset, preset_names, read_preset
 from ._setup import cuda_available
@@ -68,7 +68,7 @@ def presets() -> "pd.DataFrame":
     for name in preset_names():
         config = load_preset(name)
         description = read_preset(name).get("description", "")
-        changed = []
+        changed: list[tuple[str, Any, str | None, Any, Any]] = []  # (preset, description, setting, value, default)
         for key, default in defaults.items():
             section, field_name = key.split(".")
             value = getattr(getattr(config, section), field_name)

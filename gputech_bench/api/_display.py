@@ -32,15 +32,6 @@ def rich_html(*renderables: Any, width: int = NATURAL_WIDTH) -> str:
     return out.export_html(inline_styles=True, code_format=PRE)
 
 
-def rich_text(*renderables: Any, width: int = NATURAL_WIDTH) -> str:
-    """The same renderables as plain text (no colour), trailing spaces trimmed: for ``print(obj)``."""
-    out = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False, force_jupyter=False,
-                  highlight=False)
-    for renderable in renderables:
-        out.print(renderable, crop=False)
-    return "\n".join(line.rstrip() for line in out.file.getvalue().splitlines())
-
-
 def text_html(text: str) -> str:
     """Plain text (markdown) as one HTML ``<pre>`` block, for ``_repr_html_``."""
     import html

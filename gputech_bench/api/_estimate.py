@@ -1,12 +1,13 @@
-"""``estimate`` and ``fit``: predicted memory per cell, and the fastest setup that fits a budget.
+"""``estimate``: predicted memory per cell (``fit``, in _fit.py, shares its run-folder helpers).
 
-Both trace one training step of each setup on fake tensors (see ``gputech_bench/estimate``);
+It traces one training step of each setup on fake tensors (see ``gputech_bench/estimate``);
 nothing is allocated and no GPU is needed. A setup the tracer cannot follow is a row that
 says why, never an exception.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Protocol, Sequence, Union
 
@@ -105,7 +106,7 @@ def _run_config(run_dir: Path) -> tuple[BenchConfig, list[CellResult]]:
 
 
 def _run_path(run: "PathLike | RunLike") -> Path:
-    return Path(getattr(run, "path", run))
+    return Path(run) if isinstance(run, (str, os.PathLike)) else Path(run.path)
 
 
 def _device_memory(option: Optional[str]) -> Optional[int]:

@@ -108,7 +108,7 @@ class MatrixProgress:
     def __init__(self, total: int, console: Console) -> None:
         self.console = console
         # Only the bar shrinks in a narrow terminal: a cell's name and the counts stay whole.
-        whole = dict(table_column=Column(no_wrap=True))
+        whole: dict[str, Any] = dict(table_column=Column(no_wrap=True))
         self.progress = live_progress(
             console, TextColumn("[bold]{task.description}", **whole), BarColumn(), MofNCompleteColumn(**whole),
             TimeElapsedColumn(**whole), TimeRemainingColumn(**whole),

@@ -184,8 +184,8 @@ class Run:
         """The run as ``report --format`` writes it: ``md``, ``csv``, ``json`` or ``html``."""
         from ..report.export import FORMATS, render
 
-        if fmt not in FORMATS or fmt == "table":
-            raise ConfigError(f"unknown format '{fmt}': choose one of {', '.join(f for f in FORMATS if f != 'table')}")
+        if fmt not in FORMATS:
+            raise ConfigError(f"unknown format '{fmt}': choose one of {', '.join(FORMATS)}")
         rendered = render(self._loaded, fmt, self.baseline)
         assert isinstance(rendered, str)
         return rendered
@@ -196,6 +196,7 @@ class Run:
         goes) or ``accuracy`` (spread over repeats; only for a run made with ``repeat`` > 1)."""
         from ..report import plots
 
+        figure: Optional[Figure]  # the accuracy plot's is None for a run without repeats
         if kind == "memory_vs_time":
             figure = plots.memory_time_chart(self._frame, self._measure, self.baseline, run_name=self.name)
         elif kind == "memory_breakdown":
@@ -412,7 +413,7 @@ def execute(
             output.say(f"each cell: {launch.world_size} rank(s) via torchrun "
                        f"({launch.nproc_per_node} per node x {launch.nnodes} node(s))")
         if len(slots) > 1:
-            output.say(f"{len(slots)} cells at a time: " + ", ".join(f"GPU {','.join(slot)}" for slot in slots))
+            output.say(f"{len(slots)} cells at a time: " + ", ".join(f"GPU {','.join(slot)}" for slot in slots if slot))
         if repeat > 1 and seeds:
             how = f"seeds {seeds[0]}..{seeds[-1]}" if vary_seed else f"seed {seeds[0]} each time: the spread is timing noise"
             output.say(f"each cell {repeat} times, in a fresh process each, round-robin ({how})")

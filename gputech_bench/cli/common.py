@@ -9,7 +9,7 @@ import dataclasses
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import typer
 from rich import box
@@ -88,7 +88,8 @@ def wrap_text(text: Text, width: int, indent: int | None = None) -> list[Text]:
     words = _words(plain)
     if not words or text.cell_len <= width:
         return [text]
-    lines, start, end = [], 0, words[0][1]
+    lines: list[Text] = []
+    start, end = 0, words[0][1]
     for word_start, word_end in words[1:]:
         if (hang if lines else 0) + cell_len(plain[start:word_end]) > width:
             lines.append(text[start:end])
@@ -189,7 +190,7 @@ def _fit(out: Console, column: Column, descriptive: bool) -> _Fit:
     return _Fit(column, natural, need, descriptive)
 
 
-def _variant(table: Table, fits: list[_Fit], widths: list[int | None], layout: dict[str, Any]) -> Table:
+def _variant(table: Table, fits: list[_Fit], widths: Sequence[int | None], layout: dict[str, Any]) -> Table:
     """The table without its title and caption, with these columns at these widths."""
     variant = copy.copy(table)
     variant.title = variant.caption = None
@@ -298,7 +299,8 @@ def print_table(table: Table, out: Optional[Console] = None, hint: str = "a wide
     if natural <= out.width:
         out.print(body)
     elif not out.is_terminal:
-        Console(file=out.file, width=natural, color_system=out.color_system, force_terminal=False,
+        # (rich types the color_system property as str, the argument as a Literal of the same names.)
+        Console(file=out.file, width=natural, color_system=out.color_system, force_terminal=False,  # type: ignore[arg-type]
                 no_color=out.no_color, highlight=False).print(body)
     else:
         tables, given_up = _narrow(out, table, fits)

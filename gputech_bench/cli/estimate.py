@@ -99,7 +99,7 @@ def estimate(
         fail(str(error))
     except Exception as error:  # a model or strategy the tracer cannot follow
         errors.print(f"[bold red]error:[/] the trace failed ({error_line(error)})", highlight=False)
-        raise typer.Exit(EXIT_FAILED_CELL)
+        raise typer.Exit(EXIT_FAILED_CELL) from None
     if format_ == "json":
         emit(found.to_json(), output_path)
     elif format_ == "md" or output_path is not None:

@@ -56,9 +56,9 @@ def report(
             if run.estimate is not None:
                 print_against_measured(run.estimate.report)
             return
-        capture = OutputConsole(file=io.StringIO(), color_system=None)  # not a terminal: nothing wraps
-        print_table(table, out=capture)
-        rendered = capture.file.getvalue()
+        buffer = io.StringIO()
+        print_table(table, out=OutputConsole(file=buffer, color_system=None))  # not a terminal: nothing wraps
+        rendered = buffer.getvalue()
     else:
         rendered = run.render(format_)
     if format_ == "html" and output is None:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable, Collection
 
 from ..config import BenchConfig
 from ..errors import FitError, StrategyError
@@ -81,7 +81,7 @@ def modelled_strategies(device_type: str) -> list[str]:
     return [cls.key for cls in registered() if cls.trace_refusal(device_type) and can_model(cls.key)]
 
 
-def candidates(config: BenchConfig, exclude: set[str] = frozenset(), device_type: str = "meta") -> list[Setup]:
+def candidates(config: BenchConfig, exclude: Collection[str] = frozenset(), device_type: str = "meta") -> list[Setup]:
     """Every allowed, traceable (or modelled) combination, with each micro-batch size for those that accumulate."""
     strategies = [
         cls for cls in registered()
@@ -227,10 +227,10 @@ def search(
     budget: int,
     overheads: Overheads,
     trace: TraceFn,
-    measured: dict[str, dict[str, Any]] | None = None,
+    measured: dict[str, CellResult] | None = None,
     run_micro: int | None = None,
     wanted: int = 3,
-    exclude: set[str] = frozenset(),
+    exclude: Collection[str] = frozenset(),
     parallel: int = 1,
     device_type: str = "meta",
 ) -> FitResult:

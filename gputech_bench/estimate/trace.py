@@ -163,7 +163,7 @@ def _real_quantisation_maps() -> Iterator[None]:
     """bitsandbytes builds its 256-entry quantisation maps through Python lists when an
     8-bit optimizer is created, which fake tensors cannot give: build them for real.
     (They become fake on first use, like the data batches.)"""
-    functional = sys.modules.get("bitsandbytes.functional")
+    functional: Any = sys.modules.get("bitsandbytes.functional")  # untyped: bitsandbytes has no stubs
     original = getattr(functional, "create_dynamic_map", None)
     if original is None:
         yield
@@ -235,11 +235,12 @@ def _modules_move_without_swapping() -> Iterator[None]:
         device, dtype, _non_blocking, _memory_format = torch._C._nn._parse_to(*args, **kwargs)
         return _replace_tensors(self, device, dtype)
 
-    nn.Module.to = to
+    # Patched for the trace alone, which mypy does not allow of a method without being told.
+    nn.Module.to = to  # type: ignore[method-assign, assignment]
     try:
         yield
     finally:
-        nn.Module.to = original
+        nn.Module.to = original  # type: ignore[method-assign]
 
 
 class _FusedAttentionBytes(torch.autograd.Function):
@@ -249,7 +250,7 @@ class _FusedAttentionBytes(torch.autograd.Function):
     this runs only on the stand-in device of a fake-tensor trace."""
 
     @staticmethod
-    def forward(ctx, query, key, value, mask):  # type: ignore[override]
+    def forward(ctx, query, key, value, mask):
         output = query.new_empty((*query.shape[:-1], value.shape[-1]))
         log_sum_exp = query.new_empty(query.shape[:-1], dtype=torch.float32)
         kept = (query, key, value, output, log_sum_exp) + ((mask,) if mask is not None else ())
@@ -257,7 +258,7 @@ class _FusedAttentionBytes(torch.autograd.Function):
         return output
 
     @staticmethod
-    def backward(ctx, grad_output):  # type: ignore[override]
+    def backward(ctx, grad_output):
         query, key, value = ctx.saved_tensors[:3]
         return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), None
 

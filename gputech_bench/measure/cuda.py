@@ -76,7 +76,9 @@ class NvmlSampler:
         self._thread: threading.Thread | None = None
         try:
             if nvml is None:
-                import pynvml as nvml
+                import pynvml
+
+                nvml = pynvml
             nvml.nvmlInit()
             self._nvml = nvml
             if handle is None:

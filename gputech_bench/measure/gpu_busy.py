@@ -148,7 +148,9 @@ def idle_check(gpus: str | None = None, nvml: Any | None = None, environ: Mappin
     devices = run_devices(gpus, os.environ if environ is None else environ)
     try:
         if nvml is None:
-            import pynvml as nvml
+            import pynvml
+
+            nvml = pynvml
         nvml.nvmlInit()
     except Exception:
         return IdleCheck()

@@ -2,7 +2,8 @@
 
 In: the cell results of a run folder (``results.RunFolder``).
 Out: ``frame`` builds one DataFrame with every figure and its comparison against the
-baseline; ``table`` renders it for a terminal and as markdown, CSV and JSON; ``html``
+baseline; ``table`` renders it as markdown (the terminal table is ``cli.tables``);
+``export`` writes it as CSV and JSON and the report files beside the results; ``html``
 and ``plots`` draw it; ``compare`` puts two runs side by side; ``pareto`` finds the
 frontier of memory against time.
 """

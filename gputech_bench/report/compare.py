@@ -12,7 +12,7 @@ they are usually the reason for a change, or the reason a comparison is unfair.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import pandas as pd
 
@@ -101,13 +101,17 @@ def _verdict(result_a: CellResult, result_b: CellResult, key: str, a: float | No
     return versus(summary_b, summary_a)
 
 
+def _known(values: Iterable[str | None]) -> set[str]:
+    return {value for value in values if value is not None}
+
+
 def _warnings(run_a: LoadedRun, run_b: LoadedRun) -> list[str]:
     warnings = []
     presets = ({r.preset for r in run_a.results}, {r.preset for r in run_b.results})
     if presets[0] != presets[1]:
         warnings.append(f"presets differ: {', '.join(map(str, sorted(presets[0], key=str)))} -> "
                         f"{', '.join(map(str, sorted(presets[1], key=str)))}")
-    objectives = [{r.objective for r in run.results} - {None} for run in (run_a, run_b)]
+    objectives = [_known(r.objective for r in run.results) for run in (run_a, run_b)]
     if objectives[0] != objectives[1]:
         warnings.append(f"training objectives differ: {', '.join(sorted(objectives[0]))} -> "
                         f"{', '.join(sorted(objectives[1]))}, so their accuracies measure different things "
@@ -124,7 +128,7 @@ def _warnings(run_a: LoadedRun, run_b: LoadedRun) -> list[str]:
         if differences:
             warnings.append(f"resolved configs differ in {len(differences)} setting(s): {'; '.join(differences[:8])}"
                             + ("; ..." if len(differences) > 8 else ""))
-    devices = [{(r.device or {}).get("name") or r.device_type for r in run.results} - {None} for run in (run_a, run_b)]
+    devices = [_known((r.device or {}).get("name") or r.device_type for r in run.results) for run in (run_a, run_b)]
     if devices[0] != devices[1]:
         warnings.append(f"devices differ: {', '.join(sorted(devices[0]))} -> {', '.join(sorted(devices[1]))}")
     return warnings
@@ -169,7 +173,8 @@ VERDICT_TEXT = {LOWER: "lower", HIGHER: "higher", WITHIN_NOISE: "within noise", 
 
 def _shown(change: Change) -> tuple[str, str]:
     fmt = {"memory": fmt_mib, "time / epoch": fmt_seconds, "masked accuracy": fmt_percent}[change.figure]
-    return tuple("-" if value is None else fmt(value) for value in (change.a, change.b))  # type: ignore[return-value]
+    a, b = ("-" if value is None else fmt(value) for value in (change.a, change.b))
+    return a, b
 
 
 def _verdicts(cell: CellComparison) -> str:

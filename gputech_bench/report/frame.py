@@ -155,14 +155,14 @@ def _row(result: CellResult) -> dict[str, Any]:
         for category in CATEGORIES:
             row[f"tracked_{side}_{category}_mib"] = categories.get(f"{category}_mib")
     oom = result.oom or {}
-    device, facts, data = result.device or {}, result.strategy_facts or {}, result.data or {}
+    device_info, facts, data = result.device or {}, result.strategy_facts or {}, result.data or {}
     row.update(
         oom_requested_mib=oom.get("requested_mib"),
         oom_in_use_mib=oom.get("process_in_use_mib", oom.get("allocated_by_pytorch_mib")),
         gpu_memory_limit_mib=(result.memory_cap or {}).get("limit_mib"),
         world_size=(result.distributed or {}).get("world_size", 1),
         device_type=result.device_type,
-        device_name=device.get("name", "cpu" if device_type == "cpu" else None),
+        device_name=device_info.get("name", "cpu" if device_type == "cpu" else None),
         compute_dtype=facts.get("compute_dtype"),
         optimizer=facts.get("optimizer"),
         trainable_parameters=facts.get("trainable_parameters"),

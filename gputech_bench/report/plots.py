@@ -69,7 +69,7 @@ SOURCE_LEGEND = {MEASURED: "source: measured\n(MemTracker)", ESTIMATED: "source:
 
 # The axes leave the right quarter of the chart to the legend, so no legend covers data.
 AXES_BOX = dict(left=0.08, right=0.74, top=0.88, bottom=0.12)
-LEGEND_AT = dict(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=9)
+LEGEND_AT: dict[str, Any] = dict(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=9)
 
 
 def _new_chart() -> Chart:
@@ -148,8 +148,9 @@ def _place_labels(ax, labels: list[tuple[str, tuple[float, float], Any]], obstac
                     note.remove()
                 if cost == 0:
                     break
-            if best[0] == 0:
+            if best is not None and best[0] == 0:
                 break
+        assert best is not None  # the first spot tried is the best so far
         taken.append(best[2])
 
 
@@ -262,7 +263,7 @@ def _baseline_lines(ax, plotted: pd.DataFrame, baseline: str, divisor: float, un
         return []
     row = rows.iloc[0]
     memory, seconds = row["memory_mib"] / divisor, row["epoch_seconds"]
-    style = dict(color="#555555", linestyle="--", lw=1.0, zorder=1)
+    style: dict[str, Any] = dict(color="#555555", linestyle="--", lw=1.0, zorder=1)
     ax.axhline(memory, **style)
     ax.axvline(seconds, **style)
     handles.append(Line2D([], [], label=f"{baseline}: {memory:,.1f} {unit}, {fmt_seconds(seconds)}", **style))
@@ -459,7 +460,7 @@ def accuracy_chart(run: LoadedRun, frame: pd.DataFrame) -> Chart | None:
     None when no cell was repeated."""
     by_cell = run.by_cell()
     cells = [(cell, status, statistics) for cell, status in zip(frame["cell"], frame["status"])
-             if (statistics := _accuracy_statistics(by_cell.get(cell, {}))) is not None]
+             if (statistics := _accuracy_statistics(by_cell[cell])) is not None]
     if not cells:
         return None
     chart = _new_chart()

@@ -3,5 +3,6 @@
 In: the cells asked for (``matrix``), the resolved config and where to launch them
 (``launch``, ``slots``: GPUs, torchrun). Out: a run folder of result files
 (``results.RunFolder``), repeats and ranks merged into one result per cell
-(``repeats``, ``ranks``). ``runner`` never touches CUDA itself.
+(``results.merge_repeats``; ``ranks`` reads a torchrun cell's ranks back for
+``results.merge_ranks``). ``runner`` never touches CUDA itself.
 """

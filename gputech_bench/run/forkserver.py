@@ -322,7 +322,7 @@ class ForkedProcess:
                 slice_ = 0.1
             else:
                 slice_ = 0.2
-            if deadline is not None:
+            if timeout is not None and deadline is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise subprocess.TimeoutExpired(self.args, timeout)
@@ -406,7 +406,8 @@ def serve(channel: socket.socket, preload: list[str]) -> None:
     signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     while True:
-        ready, _, _ = select.select([channel, wake_read], [], [])
+        watched: list[socket.socket | int] = [channel, wake_read]
+        ready, _, _ = select.select(watched, [], [])
         if wake_read in ready:
             try:
                 while os.read(wake_read, 512):

@@ -93,10 +93,6 @@ def slot_environment(slot: Slot, base: dict[str, str]) -> dict[str, str]:
     return environment
 
 
-def describe_slot(slot: Slot) -> str:
-    return "" if slot is None else f"GPU {','.join(slot)}"
-
-
 def worker_arguments(cell: str, config_path: Path, out: Path, seed: int | None = None) -> list[str]:
     """The worker's own arguments, however its process is started."""
     worker = ["--cell", cell, "--config", str(config_path), "--out", str(out), "--events"]

@@ -29,10 +29,13 @@ from ..config import BenchConfig, config_changes, to_dict
 from ..errors import ConfigError, ResultError
 from ..files import write_json
 from ..results import CellResult, RunFolder, merge_ranks, merge_repeats, read_result, write_result
-from .forkserver import ForkServer, ForkServerError
+from .forkserver import ForkedProcess, ForkServer, ForkServerError
 from .launch import Launch, Slot, die_with_parent, slot_environment, worker_arguments, worker_command
 from .ranks import clear_rank_results, describe_launch, read_rank_results
 from .slots import run_on_slots
+
+#: A cell's worker: a fresh interpreter, or a child of the fork server (the part of Popen the runner uses).
+WorkerProcess = subprocess.Popen | ForkedProcess
 
 EventCallback = Callable[[str, dict[str, Any]], None]
 
@@ -69,8 +72,7 @@ def plan_jobs(cells: list[str], repeats: int = 1, seeds: list[int] | None = None
     spread over the cells instead of landing on the last ones."""
     if repeats <= 1:
         return [Job(cell) for cell in cells]
-    seeds = seeds or [None] * repeats
-    return [Job(cell, repeat, seeds[repeat - 1]) for repeat in range(1, repeats + 1) for cell in cells]
+    return [Job(cell, repeat, seeds[repeat - 1] if seeds else None) for repeat in range(1, repeats + 1) for cell in cells]
 
 
 def prepare_run_dir(folder: RunFolder, config: BenchConfig, force: bool) -> None:
@@ -141,7 +143,7 @@ def uses_fork_server(forks: ForkServer | None, launch: Launch, slot: Slot) -> bo
 
 
 def _start_worker(job: Job, folder: RunFolder, result_path: Path, launch: Launch, slot: Slot, log,
-                  forks: ForkServer | None) -> subprocess.Popen:
+                  forks: ForkServer | None) -> WorkerProcess:
     if uses_fork_server(forks, launch, slot):
         assert forks is not None
         try:
@@ -158,7 +160,7 @@ def _start_worker(job: Job, folder: RunFolder, result_path: Path, launch: Launch
     )
 
 
-def _relay_events(process: subprocess.Popen, cell: str, log, on_event: EventCallback) -> None:
+def _relay_events(process: WorkerProcess, cell: str, log, on_event: EventCallback) -> None:
     assert process.stdout is not None
     for line in process.stdout:
         try:
@@ -171,7 +173,7 @@ def _relay_events(process: subprocess.Popen, cell: str, log, on_event: EventCall
             on_event(cell, event)
 
 
-def _stop(process: subprocess.Popen) -> None:
+def _stop(process: WorkerProcess) -> None:
     """SIGTERM (the worker records ``interrupted``), then SIGKILL if it does not finish in time."""
     if process.poll() is None:
         process.terminate()
@@ -182,7 +184,7 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def _wait(process: subprocess.Popen, timeout: float | None, stop: threading.Event | None = None) -> None:
+def _wait(process: WorkerProcess, timeout: float | None, stop: threading.Event | None = None) -> None:
     """``process.wait(timeout)``, but in short slices so that Ctrl-C is acted on at once.
 
     The kernel may deliver SIGINT to any thread (the event relay, rich's refresh thread);
@@ -195,7 +197,7 @@ def _wait(process: subprocess.Popen, timeout: float | None, stop: threading.Even
         if stop is not None and stop.is_set():
             raise KeyboardInterrupt
         remaining = WAIT_SLICE_SECONDS if deadline is None else min(WAIT_SLICE_SECONDS, deadline - time.monotonic())
-        if remaining <= 0:
+        if timeout is not None and remaining <= 0:
             raise subprocess.TimeoutExpired(process.args, timeout)
         try:
             process.wait(remaining)
@@ -303,7 +305,7 @@ def run_worker(
     return CellRun(result, interrupted)
 
 
-def _collect_result(job: Job, folder: RunFolder, launch: Launch, process: subprocess.Popen) -> CellResult:
+def _collect_result(job: Job, folder: RunFolder, launch: Launch, process: WorkerProcess) -> CellResult:
     """The worker's result file, the merge of its ranks' files, or a row saying why there is none."""
     cell, log_hint = job.cell, f"see {folder.log_path(job.label)}"
     result_path = job_result_path(folder, job)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from typing import Iterable
 
 import torch
 
@@ -55,7 +56,7 @@ class Adam8bit(Strategy):
     #: The bitsandbytes optimizer (in ``bitsandbytes.optim``) this strategy builds.
     optimizer_class = "Adam8bit"
 
-    def build_optimizer(self, params: list[torch.Tensor], ctx: RunContext) -> torch.optim.Optimizer:
+    def build_optimizer(self, params: Iterable[torch.Tensor], ctx: RunContext) -> torch.optim.Optimizer:
         train = ctx.config.train
         return getattr(load_bitsandbytes().optim, self.optimizer_class)(
             params,

@@ -118,7 +118,8 @@ def resolve_lora_targets(configured: tuple[str, ...], model_type: str | None, st
 def _distilbert_head(mlm: nn.Module) -> Callable:
     # DistilBertForMaskedLM.forward applies these four in this order to the hidden states.
     def head(hidden):
-        return mlm.vocab_projector(mlm.vocab_layer_norm(mlm.activation(mlm.vocab_transform(hidden))))
+        # (torch types a module's attributes as Tensor | Module: these four are modules.)
+        return mlm.vocab_projector(mlm.vocab_layer_norm(mlm.activation(mlm.vocab_transform(hidden))))  # type: ignore[operator]
 
     return head
 
@@ -127,8 +128,8 @@ def _distilbert_head(mlm: nn.Module) -> Callable:
 #: The head maps last hidden states (positions x hidden) to vocabulary scores, exactly as the
 #: model's own forward does after its base model.
 MASKED_LM_HEADS: dict[str, tuple[str, Callable[[nn.Module], Callable]]] = {
-    "bert": ("bert", lambda mlm: mlm.cls),
-    "roberta": ("roberta", lambda mlm: mlm.lm_head),
+    "bert": ("bert", lambda mlm: mlm.get_submodule("cls")),
+    "roberta": ("roberta", lambda mlm: mlm.get_submodule("lm_head")),
     "distilbert": ("distilbert", _distilbert_head),
 }
 

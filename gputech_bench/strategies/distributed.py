@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -80,7 +81,7 @@ def ensure_process_group(device: torch.device) -> Ranks:
         return Ranks(dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size())
     ranks = ranks_from_env()
     # device_id binds nccl to this rank's GPU at once rather than at its first collective.
-    kwargs = {"device_id": bind_gpu(device, ranks)} if device.type == "cuda" else {}
+    kwargs: dict[str, Any] = {"device_id": bind_gpu(device, ranks)} if device.type == "cuda" else {}
     if launched_by_torchrun():
         dist.init_process_group(backend=backend_for(device), **kwargs)  # env://
     else:

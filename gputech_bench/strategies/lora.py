@@ -28,7 +28,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     (a uint8 Params4bit element holds two parameters)."""
     peft_model = next((m for m in model.modules() if hasattr(m, "get_nb_trainable_parameters")), None)
     if peft_model is not None:
-        return peft_model.get_nb_trainable_parameters()
+        # (torch types a module's attributes as Tensor | Module: this one is a method.)
+        return peft_model.get_nb_trainable_parameters()  # type: ignore[operator]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total

@@ -25,7 +25,7 @@ category, ``quantized_weights`` (see ``measure/tracker.py``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -78,9 +78,11 @@ def probe_4bit(bnb, device: torch.device) -> None:
 def modules_kept_unquantized(model: nn.Module, keep: list[str]) -> list[str]:
     """The module names transformers' bitsandbytes loader leaves unquantised (the LM head and
     what is tied to the input embeddings), plus ``keep``. The memory estimate reads it too."""
+    from transformers import PreTrainedModel
     from transformers.quantizers.base import HfQuantizer
 
-    skip = HfQuantizer.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
+    pretrained = cast(PreTrainedModel, model)  # a transformers model, passed around as the nn.Module it also is
+    skip = HfQuantizer.get_modules_to_not_convert(pretrained, None, getattr(model, "_keep_in_fp32_modules", None))
     return sorted(set(skip) | set(keep))
 
 
@@ -108,13 +110,15 @@ def quantize_base(model: nn.Module, config, device: torch.device, keep: list[str
         ).to(device)
         if original.bias is not None:
             module.bias = nn.Parameter(original.bias.detach(), requires_grad=False)
-    model.is_loaded_in_4bit = True  # as transformers marks a model it loaded in 4-bit; peft reads it
+    # As transformers marks a model it loaded in 4-bit; peft reads it. (torch types a module's
+    # attributes as Tensor | Module, but any value can be set.)
+    model.is_loaded_in_4bit = True  # type: ignore[assignment]
     return skip
 
 
-def quantized_weights(model: nn.Module) -> list[nn.Parameter]:
+def quantized_weights(model: nn.Module) -> list[Any]:
     """The 4-bit packed weights (bitsandbytes Params4bit) of ``model``."""
-    return [p for p in model.parameters() if type(p).__name__ == "Params4bit" and p.quant_state is not None]
+    return [p for p in model.parameters() if type(p).__name__ == "Params4bit" and getattr(p, "quant_state", None) is not None]
 
 
 @register

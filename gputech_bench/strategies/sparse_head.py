@@ -47,7 +47,8 @@ class TokenPredictions:
 
 def masked_lm_of(model: nn.Module) -> nn.Module:
     """The masked-LM inside ``model`` (peft wraps it; its LoRA layers are injected in place)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    # (torch types a module's attributes as Tensor | Module: this one is a method.)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
 
 
 class MaskedPositionsHead(nn.Module):

@@ -133,7 +133,7 @@ def memory_tracked_step(total_steps: int) -> int:
 def train(
     plan: TrainingPlan,
     split: TokenizedSplit,
-    masking: MaskingSpec,
+    masking: MaskingSpec | None,
     ctx: RunContext,
     on_step: Callable[[StepEvent], None] | None = None,
 ) -> TrainOutcome:

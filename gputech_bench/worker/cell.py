@@ -127,8 +127,8 @@ def run_cell(
 
 
 def _measure_cuda_cell(cell, config: BenchConfig, device: torch.device, result: CellResult, emit: EventSink,
-                       snapshot_path: Path | None) -> dict[str, Any]:
-    result.device.update(cuda_memory.device_info(device))
+                       snapshot_path: Path | None) -> CellResult:
+    result.device = {**(result.device or {}), **cuda_memory.device_info(device)}
     # NVML first: its device-wide fallback subtracts what was in use before this cell allocated anything.
     sampler = cuda_memory.NvmlSampler(device).start()
     snapshot = MemorySnapshot() if config.memory_snapshot and snapshot_path else None
@@ -141,7 +141,7 @@ def _measure_cuda_cell(cell, config: BenchConfig, device: torch.device, result: 
         return _measure_cell(cell, config, device, result, emit, sampler)
     finally:
         sampler.stop()
-        if snapshot:
+        if snapshot and snapshot_path:
             try:
                 result.memory_snapshot = str(snapshot.dump(snapshot_path))
             except Exception as error:  # never let the snapshot hide why the cell failed
@@ -155,7 +155,7 @@ def _measure_cell(
     result: CellResult,
     emit: EventSink,
     sampler: cuda_memory.NvmlSampler | None = None,
-) -> dict[str, Any]:
+) -> CellResult:
     started = time.perf_counter()
     ranks = ensure_process_group(device) if launched_by_torchrun() else ranks_from_env()
     ctx = RunContext(config, device, rank=ranks.rank, world_size=ranks.world_size)
@@ -175,7 +175,8 @@ def _measure_cell(
     loaded = load_model(config.model, data.tokenizer_size, data.pad_token_id, config.train.seed)
     model = loaded.model
     # LoRA trains a newly initialised head in full (modules_to_save): it must know which.
-    model.gputech_new_head_modules = loaded.report.new_head_modules
+    # (torch types a module's attributes as Tensor | Module, but any value can be set.)
+    model.gputech_new_head_modules = loaded.report.new_head_modules  # type: ignore[assignment]
     result.model = {
         **loaded.report.to_dict(),
         "vocab_rows": model.config.vocab_size,
@@ -299,7 +300,7 @@ def record_cuda_memory(result: CellResult, device: torch.device, nvml: cuda_memo
     result.record("nvml_process_peak_mib", nvml_mib, "MiB", f"{nvml.method}, {window}")
     cap = result.memory_cap
     note = overshoot_note(cap, nvml_mib) if cap else None
-    if note:
+    if cap and nvml_mib is not None and note:
         cap["nvml_overshoot_mib"] = round(nvml_mib - float(cap["limit_mib"]), 1)
         result.notes.append(note)
 
@@ -366,6 +367,7 @@ def record_training(result: CellResult, outcome: TrainOutcome, config: BenchConf
     result.memory_breakdown = breakdown
     if breakdown:
         compute_device = result.device_type
+        assert compute_device is not None  # run_cell records the device before anything runs
         compute_peaks = [p for p in outcome.tracked_peaks if p.device.startswith(compute_device)]
         host_peaks = [p for p in outcome.tracked_peaks if p.device.startswith("cpu")]
         method = "torch MemTracker: peak live tensor bytes during one full optimizer step (forward, backward, update), the second of the run so that optimizer state is live"
