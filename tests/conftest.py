@@ -6,21 +6,28 @@ tests import live in helpers.py, not here.
 
 from __future__ import annotations
 
-import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from helpers import TINY_RUN
 
 from gputech_bench.config import BenchConfig, apply_overrides, load_preset
+from gputech_bench.data.corpus import CACHE_DIR_ENV_VAR
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One cache per test session: the stdlib corpus is parsed once, never in the user's home."""
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One cache per test session: the stdlib corpus is parsed once, never in the user's home.
+
+    Autouse: a test that prepares data without naming a cache (the default config) writes to
+    $GPUTECH_BENCH_CACHE, so the variable must be set before the first test runs, whichever
+    tests are selected and in whatever order, not only once some test asked for this fixture.
+    Workers and CLI processes started by tests inherit it."""
     path = tmp_path_factory.mktemp("gputech-cache")
-    os.environ["GPUTECH_BENCH_CACHE"] = str(path)
-    return path
+    with pytest.MonkeyPatch.context() as environment:
+        environment.setenv(CACHE_DIR_ENV_VAR, str(path))
+        yield path
 
 
 @pytest.fixture()
