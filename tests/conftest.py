@@ -1,4 +1,5 @@
-"""Shared fixtures: one cache per session, and a tiny end-to-end config.
+"""Shared fixtures: one cache per session, Ctrl-C for the tests that send it, and a tiny
+end-to-end config.
 
 Nothing here downloads anything; every cache lives under pytest's tmp dirs. Helpers that
 tests import live in helpers.py, not here.
@@ -6,6 +7,7 @@ tests import live in helpers.py, not here.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +30,20 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as environment:
         environment.setenv(CACHE_DIR_ENV_VAR, str(path))
         yield path
+
+
+@pytest.fixture()
+def ctrl_c_raises() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt in this process, as at a prompt, until the test ends.
+
+    For a test that sends SIGINT to the test process: a shell starts a background command
+    (`make test &`, a script's job) with SIGINT ignored, Python keeps an inherited "ignore",
+    and the signal would then never arrive. The previous disposition is restored afterwards."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture()
