@@ -77,7 +77,9 @@ def forked(result) -> bool:
     return result.provenance.get("process", "").startswith("forked")
 
 
-def wait_for(condition, timeout: float = 180.0) -> None:
+def wait_for(condition, timeout: float = 600.0) -> None:
+    """Until ``condition()`` holds. As long as a run's own limit (communicate's): on a loaded
+    2-core machine the baseline's 240 steps alone have taken over 3 minutes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
@@ -96,7 +98,8 @@ def test_a_worker_killed_with_sigkill_is_a_crashed_row_and_the_matrix_goes_on(tm
                         "--run-name", "kill")
 
     def kill_cell_1() -> None:
-        wait_for(lambda: bool(worker_pids("1", tmp_path)))
+        # Or until the run ended without it: the assertions below then say what happened.
+        wait_for(lambda: bool(worker_pids("1", tmp_path)) or process.poll() is not None)
         for pid in worker_pids("1", tmp_path):
             os.kill(pid, signal.SIGKILL)
 
@@ -157,7 +160,7 @@ def test_a_runner_killed_with_sigkill_loses_nothing_and_its_worker_stops(tmp_pat
     process.kill()
     process.communicate(timeout=60)
     # The orphaned worker is told (SIGTERM on parent death), stops, and says so.
-    wait_for(lambda: not worker_pids("1", tmp_path), timeout=60)
+    wait_for(lambda: not worker_pids("1", tmp_path))
     assert (run_dir / "baseline.json").read_bytes() == finished
     assert read_result(run_dir / "baseline.json").status == "ok"
     interrupted = read_result(run_dir / "1.json")
