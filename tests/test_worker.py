@@ -190,8 +190,10 @@ def test_a_worker_whose_runner_is_gone_stops_as_interrupted(tmp_path: Path, tiny
     assert result.status == "interrupted", result.reason
 
 
-def ignore_ctrl_c() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+#: ``python -c IGNORING_CTRL_C ARGS`` runs ``python ARGS`` as a shell runs a background job:
+#: with SIGINT ignored across the exec.
+IGNORING_CTRL_C = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                   "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
 
 
 @pytest.mark.slow
@@ -202,8 +204,9 @@ def test_a_worker_started_with_ctrl_c_ignored_still_stops_on_it(tmp_path: Path, 
     config_path = write_config(tmp_path / "resolved.json", config)
     out = tmp_path / "cells" / "1.json"
     process = subprocess.Popen(
-        [sys.executable, "-m", "gputech_bench.worker", "--cell", "1", "--config", str(config_path), "--out", str(out), "--events"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, preexec_fn=ignore_ctrl_c,
+        [sys.executable, "-c", IGNORING_CTRL_C,
+         "-m", "gputech_bench.worker", "--cell", "1", "--config", str(config_path), "--out", str(out), "--events"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )
     assert json.loads(process.stdout.readline())["event"]  # running, its handlers in place
     process.send_signal(signal.SIGINT)
