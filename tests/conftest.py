@@ -1,4 +1,5 @@
-"""Shared fixtures: one cache per session, and a tiny end-to-end config.
+"""Shared fixtures: one cache per session, Ctrl-C for the tests that send it, and a tiny
+end-to-end config.
 
 Nothing here downloads anything; every cache lives under pytest's tmp dirs. Helpers that
 tests import live in helpers.py, not here.
@@ -6,21 +7,43 @@ tests import live in helpers.py, not here.
 
 from __future__ import annotations
 
-import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from helpers import TINY_RUN
 
 from gputech_bench.config import BenchConfig, apply_overrides, load_preset
+from gputech_bench.data.corpus import CACHE_DIR_ENV_VAR
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One cache per test session: the stdlib corpus is parsed once, never in the user's home."""
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One cache per test session: the stdlib corpus is parsed once, never in the user's home.
+
+    Autouse: a test that prepares data without naming a cache (the default config) writes to
+    $GPUTECH_BENCH_CACHE, so the variable must be set before the first test runs, whichever
+    tests are selected and in whatever order, not only once some test asked for this fixture.
+    Workers and CLI processes started by tests inherit it."""
     path = tmp_path_factory.mktemp("gputech-cache")
-    os.environ["GPUTECH_BENCH_CACHE"] = str(path)
-    return path
+    with pytest.MonkeyPatch.context() as environment:
+        environment.setenv(CACHE_DIR_ENV_VAR, str(path))
+        yield path
+
+
+@pytest.fixture()
+def ctrl_c_raises() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt in this process, as at a prompt, until the test ends.
+
+    For a test that sends SIGINT to the test process: a shell starts a background command
+    (`make test &`, a script's job) with SIGINT ignored, Python keeps an inherited "ignore",
+    and the signal would then never arrive. The previous disposition is restored afterwards."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture()

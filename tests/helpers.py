@@ -1,6 +1,7 @@
 """What the tests share: tiny configs, a tiny BERT, a CPU run context, a random MLM batch,
-cell results as workers write them, the bytes autograd saves, and the command line run
-in-process or as a real process. Test modules import from here, never from each other.
+cell results as workers write them, the bytes autograd saves, a worker that only sleeps, and
+the command line run in-process or as a real process. Test modules import from here, never
+from each other.
 """
 
 from __future__ import annotations
@@ -156,6 +157,27 @@ def write_run(folder: Path, results: list[CellResult]) -> Path:
     for result in results:
         write_result(run.result_path(result.cell), result)
     return Path(folder)
+
+
+# --------------------------------------------------------------------------- stand-in workers
+
+#: Says that it runs (one event on stdout), sleeps a minute, and leaves ``sys.argv[1]`` only
+#: if nobody stopped it first.
+_SLEEPER = ("import json, pathlib, sys, time; print(json.dumps({'event': 'phase', 'phase': 'sleeping'}), flush=True); "
+            "time.sleep(60); pathlib.Path(sys.argv[1]).touch()")
+
+
+def sleeping_worker(cell: str, config_path: Path, out: Path, *rest) -> list[str]:
+    """In place of ``runner.worker_command``: a worker that sleeps a minute instead of training.
+
+    Its one event tells the test it is running (rather than a guess in seconds); ``slept``
+    tells whether it was stopped."""
+    return [sys.executable, "-c", _SLEEPER, f"{out}.slept"]
+
+
+def slept(out: Path) -> bool:
+    """Whether the sleeping worker whose result goes to ``out`` slept its whole minute: nobody stopped it."""
+    return Path(f"{out}.slept").exists()
 
 
 # --------------------------------------------------------------------------- the command line

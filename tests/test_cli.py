@@ -5,6 +5,8 @@ A real process checks the entry point once, and the slow tests run real workers.
 from __future__ import annotations
 
 import json
+import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -163,3 +165,16 @@ def test_a_real_process_refuses_bad_input_in_one_line(tmp_path: Path):
     out = gputech("run", "--preset", "cpu", "--strategies", "9", "--results", str(tmp_path / "r"), cwd=tmp_path)
     assert_one_line_error(out.returncode, out.stderr, "unknown strategy '9'")
     assert out.stdout == "" and not (tmp_path / "r").exists()
+
+
+def test_the_entry_point_takes_ctrl_c_back_when_started_with_it_ignored(monkeypatch, capsys, ctrl_c_raises):
+    # A shell starts a script's background commands with SIGINT ignored, and a process keeps
+    # an inherited "ignore": the command would then stop neither on Ctrl-C nor on `kill -INT`.
+    from gputech_bench.cli import main
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    monkeypatch.setattr(sys, "argv", ["gputech-bench", "--version"])
+    with pytest.raises(SystemExit):
+        main()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert "gputech-bench" in capsys.readouterr().out

@@ -29,6 +29,7 @@ import json, os, signal, sys, time
 def sleeper(argv):
     print(json.dumps({"event": "phase", "phase": "sleeping", "pid": os.getpid()}), flush=True)
     time.sleep(60)
+    open(argv[argv.index("--out") + 1] + ".slept", "w").close()  # only if nobody stopped it first
     return 0
 
 def talk(argv):
@@ -67,7 +68,10 @@ def entries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder = tmp_path / "entries"
     folder.mkdir()
     (folder / "forkserver_entries.py").write_text(ENTRIES)
-    (folder / "slow_preload.py").write_text("import time\ntime.sleep(60)\n")
+    # Says that the server is preloading (a file beside it), then takes a minute.
+    (folder / "slow_preload.py").write_text(
+        "import pathlib, time\npathlib.Path(__file__).with_name('importing').touch()\ntime.sleep(60)\n"
+    )
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")])))
     return folder
 
@@ -83,6 +87,15 @@ def run_folder(tmp_path: Path) -> RunFolder:
     folder = RunFolder(tmp_path / "run")
     folder.root.mkdir()
     return folder
+
+
+def wait_for_file(path: Path, timeout: float = 120.0) -> None:
+    """Until ``path`` exists: what a test waits for before it signals, rather than a guess in seconds."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} did not appear within {timeout:g} s")
+        time.sleep(0.02)
 
 
 def alive(pid: int) -> bool:
@@ -134,6 +147,11 @@ def sleeper_worker(monkeypatch: pytest.MonkeyPatch, server: ForkServer) -> None:
     monkeypatch.setattr(server, "worker_entry", "forkserver_entries:sleeper")
 
 
+def slept(folder: RunFolder, cell: str) -> bool:
+    """Whether the sleeper of ``cell`` slept its whole minute: nobody stopped it."""
+    return Path(f"{folder.result_path(cell)}.slept").exists()
+
+
 def test_a_forked_worker_killed_with_sigkill_is_a_crashed_row(tmp_path, light_server, monkeypatch):
     sleeper_worker(monkeypatch, light_server)
     pids: list[int] = []
@@ -150,27 +168,26 @@ def test_a_forked_worker_killed_with_sigkill_is_a_crashed_row(tmp_path, light_se
 def test_a_forked_worker_past_the_cell_timeout_is_stopped_and_recorded(tmp_path, light_server, monkeypatch):
     sleeper_worker(monkeypatch, light_server)
     pids: list[int] = []
-    started = time.monotonic()
-    run = runner.run_worker(runner.Job("1"), run_folder(tmp_path), lambda label, event: pids.append(event["pid"]),
+    folder = run_folder(tmp_path)
+    run = runner.run_worker(runner.Job("1"), folder, lambda label, event: pids.append(event["pid"]),
                             timeout=1.0, forks=light_server)
     assert run.result.status == "timeout" and run.result.reason.startswith("exceeded --cell-timeout of 1 s")
-    assert time.monotonic() - started < 30 and not alive(pids[0])
+    assert not alive(pids[0]) and not slept(folder, "1")
 
 
-def test_ctrl_c_in_another_thread_stops_a_forked_worker_at_once(tmp_path, light_server, monkeypatch):
+def test_ctrl_c_in_another_thread_stops_a_forked_worker_at_once(tmp_path, light_server, monkeypatch, ctrl_c_raises):
     sleeper_worker(monkeypatch, light_server)
+    pids: list[int] = []
 
-    def ctrl_c_in_this_thread() -> None:
-        time.sleep(1.0)
+    def ctrl_c_once_it_sleeps(label, event):
+        # The worker's first event says it runs; the runner relays events in a thread of its own.
+        pids.append(event["pid"])
         signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # not the main thread
 
-    pids: list[int] = []
-    threading.Thread(target=ctrl_c_in_this_thread, daemon=True).start()
-    started = time.monotonic()
-    run = runner.run_worker(runner.Job("1"), run_folder(tmp_path), lambda label, event: pids.append(event["pid"]),
-                            forks=light_server)
+    folder = run_folder(tmp_path)
+    run = runner.run_worker(runner.Job("1"), folder, ctrl_c_once_it_sleeps, forks=light_server)
     assert run.interrupted and run.result.status == "interrupted"
-    assert time.monotonic() - started < 30 and not alive(pids[0])  # far below the sleeper's 60 s
+    assert not alive(pids[0]) and not slept(folder, "1")  # stopped, not waited for
 
 
 def test_a_dead_fork_server_takes_its_cells_with_it_and_says_so(tmp_path, light_server, monkeypatch):
@@ -202,14 +219,15 @@ def test_a_server_that_cannot_preload_leaves_the_cells_to_fresh_interpreters(tmp
     assert "[runner] fresh interpreter for this cell: the fork server could not preload" in folder.log_path("1").read_text()
 
 
-def test_ctrl_c_while_the_server_preloads_leaves_no_server_behind(tmp_path: Path, entries: Path):
+def test_ctrl_c_while_the_server_preloads_leaves_no_server_behind(tmp_path: Path, entries: Path, ctrl_c_raises):
     server = ForkServer(tmp_path / "fork-server.log", preload=("slow_preload",))
+    importing = entries / "importing"
 
-    def ctrl_c_in_this_thread() -> None:
-        time.sleep(1.0)
+    def ctrl_c_once_it_imports() -> None:
+        wait_for_file(importing)
         signal.pthread_kill(threading.get_ident(), signal.SIGINT)
 
-    threading.Thread(target=ctrl_c_in_this_thread, daemon=True).start()
+    threading.Thread(target=ctrl_c_once_it_imports, daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
         server.start()
     assert server.pid is None  # stopped and reaped, not left importing

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -120,16 +119,13 @@ def test_the_memory_estimate_is_refused_in_one_line():
 # --------------------------------------------------------------------------- two ranks
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def rank_main(rank: int, port: int, out_dir: str) -> None:
-    """One rank, set up as torch.distributed.run would: it trains on its half of each batch."""
+    """One rank, set up as torch.distributed.run would: it trains on its half of each batch.
+
+    The group's store is the one this test hosts, as torchrun's agent hosts it
+    (TORCHELASTIC_USE_AGENT_STORE): every rank joins it as a client through env://."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")
     torch.set_num_threads(1)  # two ranks share two cores
     try:
         half = BATCH // WORLD_SIZE
@@ -151,7 +147,10 @@ def rank_main(rank: int, port: int, out_dir: str) -> None:
 
 
 def run_ranks(out_dir: Path) -> None:
-    ranks = mp.start_processes(rank_main, args=(free_port(), str(out_dir)), nprocs=WORLD_SIZE,
+    # The store listens on a port the kernel picks (0) and keeps it until the ranks are done. A
+    # port probed free and released for rank 0 to bind again could be taken in between.
+    store = dist.TCPStore("127.0.0.1", 0, WORLD_SIZE, is_master=True, wait_for_workers=False)
+    ranks = mp.start_processes(rank_main, args=(store.port, str(out_dir)), nprocs=WORLD_SIZE,
                                join=False, start_method="spawn")
     deadline = time.monotonic() + SPAWN_DEADLINE_S
     while not ranks.join(timeout=1):  # raises, with the rank's traceback, when one fails

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from helpers import sleeping_worker, slept
 
 from gputech_bench.config import BenchConfig
 from gputech_bench.errors import ConfigError
@@ -158,27 +161,27 @@ def test_the_runner_pins_each_cell_to_its_slot_and_keeps_the_table_order(tmp_pat
     assert any(a[0] < b[1] and b[0] < a[1] for a in spans["0"] for b in spans["1"]), spans
 
 
-def test_ctrl_c_stops_every_running_slot_and_records_its_cell(tmp_path: Path, monkeypatch, nothing_inherited):
-    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
-    monkeypatch.setattr(runner, "worker_command", lambda *args: sleeper)
+def test_ctrl_c_stops_every_running_slot_and_records_its_cell(tmp_path: Path, monkeypatch, nothing_inherited,
+                                                              ctrl_c_raises):
+    monkeypatch.setattr(runner, "worker_command", sleeping_worker)
     folder = RunFolder(tmp_path / "run")
     runner.prepare_run_dir(folder, BenchConfig(), force=False)
+    running: set[str] = set()
+    lock = threading.Lock()
 
-    def ctrl_c_soon() -> None:
-        time.sleep(1.5)
-        import os
-        import signal
+    def ctrl_c_once_both_slots_run(label: str, event: dict) -> None:
+        with lock:
+            running.add(label)
+            if len(running) == 2:
+                os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C at the terminal: to the process
 
-        os.kill(os.getpid(), signal.SIGINT)
-
-    threading.Thread(target=ctrl_c_soon, daemon=True).start()
-    started = time.monotonic()
-    outcome = runner.run_matrix(["baseline", "1", "2", "3"], folder, slots=gpu_slots("0,1"))
+    outcome = runner.run_matrix(["baseline", "1", "2", "3"], folder, slots=gpu_slots("0,1"),
+                                on_event=ctrl_c_once_both_slots_run)
     assert outcome.interrupted
-    assert time.monotonic() - started < 30
     statuses = {result.cell: result.status for result in outcome.results}
     assert statuses == {"baseline": "interrupted", "1": "interrupted"}  # 2 and 3 never started
     assert read_result(folder.result_path("1")).status == "interrupted"
+    assert not slept(folder.result_path("baseline")) and not slept(folder.result_path("1"))  # stopped, not waited for
 
 
 # --------------------------------------------------------------------------- torchrun

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,17 @@ from gputech_bench.results import SCHEMA, CellResult, read_result
 from gputech_bench.strategies import Strategy, register, unregister
 from gputech_bench.worker.__main__ import main as worker_main
 from gputech_bench.worker.cell import new_result, run_cell
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_kept():
+    """``worker_main`` is a process's entry: it takes SIGINT and SIGTERM (and ignores both while
+    it writes a failed cell's result). Called in this process, it must not leave those
+    dispositions to the tests that run after it, which may send SIGINT."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
 
 
 def write_config(path: Path, config: BenchConfig) -> Path:
@@ -174,5 +186,31 @@ def test_a_worker_whose_runner_is_gone_stops_as_interrupted(tmp_path: Path, tiny
     assert json.loads(process.stdout.readline())["event"]  # running: its first event arrived
     process.stdout.close()
     process.wait(timeout=300)
+    result = read_result(out)
+    assert result.status == "interrupted", result.reason
+
+
+#: ``python -c IGNORING_CTRL_C ARGS`` runs ``python ARGS`` as a shell runs a background job:
+#: with SIGINT ignored across the exec.
+IGNORING_CTRL_C = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                   "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+
+
+@pytest.mark.slow
+def test_a_worker_started_with_ctrl_c_ignored_still_stops_on_it(tmp_path: Path, tiny_config: BenchConfig):
+    # A shell starts a script's background commands with SIGINT ignored, and a process keeps an
+    # inherited "ignore"; the worker takes Ctrl-C back, so that it stops as it does at a prompt.
+    config = apply_overrides(tiny_config, ["train.max_steps=0", "train.epochs=40"])  # seconds of training
+    config_path = write_config(tmp_path / "resolved.json", config)
+    out = tmp_path / "cells" / "1.json"
+    process = subprocess.Popen(
+        [sys.executable, "-c", IGNORING_CTRL_C,
+         "-m", "gputech_bench.worker", "--cell", "1", "--config", str(config_path), "--out", str(out), "--events"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )
+    assert json.loads(process.stdout.readline())["event"]  # running, its handlers in place
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=300)
+    assert process.returncode == 1
     result = read_result(out)
     assert result.status == "interrupted", result.reason

@@ -7,6 +7,7 @@ Exit codes: 0 every cell ok, 1 a cell failed (the table is printed all the same)
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import typer
@@ -42,6 +43,11 @@ for command_group in (run, report, estimate, catalog):
 
 
 def main() -> None:
+    # Ctrl-C stops a run (its cells recorded as interrupted, exit code 130) however the command
+    # was started. A shell starts a script's background commands with SIGINT ignored, Python
+    # keeps an inherited "ignore", and such a run could then be stopped neither by Ctrl-C
+    # nor by `kill -INT`.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         app()
     except KeyboardInterrupt:

@@ -76,6 +76,10 @@ def _quiet(event: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    # Ctrl-C at the terminal reaches the worker too, and stops the cell as interrupted, however
+    # the worker was started: an inherited "ignore" (a run started in a script's background)
+    # is not kept, so a worker behaves the same under every runner, torchrun and shell.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     # A runner (or torchrun) stops a cell with SIGTERM; treat it like Ctrl-C so the result is still written.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     # Under torchrun (which sets WORLD_SIZE for every rank) each rank writes its own file,
