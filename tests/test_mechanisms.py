@@ -178,6 +178,19 @@ def test_mixed_precision_keeps_fp32_master_and_half_compute_copy():
         assert c.grad is None and m.grad is None
 
 
+def test_mixed_precision_keeps_the_master_on_the_host_when_compute_is_on_another_device():
+    """On a CPU run the host is the compute device, so the test above cannot tell them apart;
+    "meta", the memory estimate's stand-in for a GPU, can."""
+    import dataclasses
+
+    ctx = dataclasses.replace(context(), device=torch.device("meta"), tracing=True)
+    plan = build_plan(parse_cell("4"), tiny_bert(), ctx)
+    master = plan.placement.optimizer_parameters()
+    assert master and {(p.device.type, p.dtype) for p in master} == {("cpu", torch.float32)}
+    assert {(p.device.type, p.dtype) for p in plan.model.parameters()} == {("meta", torch.float16)}
+    assert plan.facts["master_device"] == "cpu"
+
+
 def test_mixed_precision_dtype_can_be_forced():
     plan = build_plan(parse_cell("4"), tiny_bert(), context("strategy.half_dtype=float16"))
     assert next(plan.model.parameters()).dtype == torch.float16
