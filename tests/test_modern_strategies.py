@@ -47,13 +47,14 @@ def test_amp_runs_in_bf16_on_cpu_and_its_loss_stays_close_to_fp32():
         assert abs(a - b) / b < 0.02, (amp, full)
 
 
-def test_amp_halves_the_activations_saved_for_backward():
+@pytest.mark.parametrize("cell", ["amp", "amp-fp16"])
+def test_amp_halves_the_activations_saved_for_backward(cell):
     def saved_bytes(cell: str) -> int:
         plan = build_plan(parse_cell(cell), tiny_bert(vocab=300, hidden=64), context())
         return saved_activation_bytes(plan.model, random_batch(8, 64, 300), plan.precision.autocast)
 
-    full, amp = saved_bytes("baseline"), saved_bytes("amp")
-    # Matmul inputs and outputs are saved in bf16; softmax, layer norm and the loss stay fp32.
+    full, amp = saved_bytes("baseline"), saved_bytes(cell)
+    # Matmul inputs and outputs are saved in bf16 (fp16); softmax, layer norm and the loss stay fp32.
     assert amp < 0.8 * full, (amp, full)
 
 
