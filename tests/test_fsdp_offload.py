@@ -98,6 +98,66 @@ def test_world_size_1_trains_exactly_like_the_baseline_from_host_dtensors(proces
     assert not dist.is_initialized()
 
 
+def offload_units(model: torch.nn.Module) -> dict[str, list]:
+    """Each FSDP unit of ``model`` (by module name) and the parameter groups FSDP keeps for it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return {
+        name: module._get_fsdp_state()._fsdp_param_groups
+        for name, module in model.named_modules()
+        if isinstance(module, FSDPModule)
+    }
+
+
+def test_every_unit_holds_a_cpu_offload_policy_over_all_the_parameters(process_group):
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    plan = build_plan(parse_cell("fsdp-offload"), tiny_bert(), context(*OVERRIDES))
+    units = offload_units(plan.model)
+    # The two BertLayers, then the root.
+    assert sorted(units) == ["", "bert.encoder.layer.0", "bert.encoder.layer.1"]
+    groups = [group for unit_groups in units.values() for group in unit_groups]
+    assert len(groups) == len(units)
+    for group in groups:
+        # OffloadPolicy(), FSDP's default, offloads nothing; only its CPUOffloadPolicy subclass does.
+        assert isinstance(group.offload_policy, CPUOffloadPolicy), type(group.offload_policy)
+        assert group.offload_policy.pin_memory is False  # pinning needs an accelerator; a CPU run has none
+        assert group.fsdp_params and all(param.offload_to_cpu for param in group.fsdp_params)
+    # Every parameter of the model is a shard one of those groups manages (and so offloads).
+    managed = {id(param.sharded_param) for group in groups for param in group.fsdp_params}
+    assert {id(p) for p in plan.model.parameters()} <= managed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="where the shards live is only visible with a CUDA device to compute on; no CUDA device here")
+def test_on_cuda_the_shards_stay_on_the_host_while_the_layers_compute_on_the_gpu(process_group):
+    from gputech_bench.config import BenchConfig, apply_overrides
+    from gputech_bench.strategies import RunContext
+
+    ctx = RunContext(apply_overrides(BenchConfig(), ["device=cuda", *OVERRIDES]), torch.device("cuda"))
+    plan = build_plan(parse_cell("fsdp-offload"), tiny_bert(), ctx)
+    for unit_groups in offload_units(plan.model).values():
+        assert all(group.offload_policy.pin_memory for group in unit_groups)
+    # A layer's weights as its forward sees them: gathered onto the GPU for that forward only.
+    query = plan.model.bert.encoder.layer[0].attention.self.query
+    seen = []
+    query.register_forward_hook(lambda module, args, output: seen.append((module.weight.device.type, output.device.type)))
+    scheduler = get_linear_schedule_with_warmup(plan.optimizer, 0, 10)
+    loss = optimizer_step(plan, scheduler, batch(0), ctx)
+    assert loss.device.type == "cuda" and torch.isfinite(loss)
+    assert seen == [("cuda", "cuda")]
+
+    params = plan.placement.optimizer_parameters()
+    assert params and all(isinstance(p, DTensor) for p in params)
+    # Between steps the shards, and the optimizer state stepped with them, are host tensors, pinned.
+    assert all(p.to_local().device.type == "cpu" and p.to_local().is_pinned() for p in params)
+    states = [value for state in plan.optimizer.state.values() for value in state.values()
+              if isinstance(value, DTensor)]
+    assert states and all(value.to_local().device.type == "cpu" for value in states)
+    accumulate_gradients(plan, batch(1), ctx.device)
+    grads = [p.grad for p in params if p.grad is not None]
+    assert grads and all(isinstance(g, DTensor) and g.to_local().device.type == "cpu" for g in grads)
+
+
 @pytest.mark.parametrize("others", ["1", "lora", "sparse-head"])
 def test_combinations_train_like_their_cells_without_fsdp(others, process_group):
     _, expected = train(others)

@@ -76,6 +76,44 @@ def test_seed_rule_8x4_matches_batch_32_when_micro_batches_hold_equal_targets():
     assert_same_gradients(full, accumulated)
 
 
+def forward_rows(cell: str) -> list[int]:
+    """The rows of every forward pass the model runs in one optimizer step on a batch of 32."""
+    ctx = context("train.batch_size=32", "strategy.micro_batch_size=8")
+    plan = build_plan(parse_cell(cell), tiny_bert(), ctx)
+    rows: list[int] = []
+
+    def record(module, args, kwargs) -> None:
+        input_ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        rows.append(input_ids.shape[0])
+
+    plan.model.register_forward_pre_hook(record, with_kwargs=True)
+    scheduler = get_linear_schedule_with_warmup(plan.optimizer, 0, 10)
+    optimizer_step(plan, scheduler, random_batch(32, 16, 300), ctx)
+    return rows
+
+
+def test_accumulation_forward_only_ever_sees_micro_batches():
+    # The same hook on the baseline sees the whole batch in one forward.
+    assert forward_rows("baseline") == [32]
+    # Strategy 2: four forwards of 8 rows each, never more, for one optimizer step.
+    assert forward_rows("2") == [8, 8, 8, 8]
+
+
+def test_accumulation_lowers_the_tracked_activation_peak():
+    batch = random_batch(32, 32, 300)
+    activations = {}
+    for cell in ("baseline", "2"):
+        ctx = context("train.batch_size=32", "strategy.micro_batch_size=8")
+        plan = build_plan(parse_cell(cell), tiny_bert(), ctx)
+        scheduler = get_linear_schedule_with_warmup(plan.optimizer, 0, 10)
+        with StepMemoryTracker(plan.model, plan.optimizer) as tracker:
+            optimizer_step(plan, scheduler, batch, ctx, tracker.before_forward)
+        (peak,) = tracker.peaks()
+        activations[cell] = peak.by_category["activations"]
+    # One micro-batch of 8 rows in flight instead of 32: about a quarter of the activations.
+    assert activations["2"] < 0.5 * activations["baseline"], activations
+
+
 def test_seed_rule_is_a_mean_of_micro_batch_means():
     batch = random_batch(32, 24, 300, seed=3)
     micro = split_into_micro_batches(batch, 8, 4, "seed")
@@ -138,6 +176,19 @@ def test_mixed_precision_keeps_fp32_master_and_half_compute_copy():
     for m, c in zip(master, compute):
         assert torch.equal(m.detach().to(torch.bfloat16), c.detach())
         assert c.grad is None and m.grad is None
+
+
+def test_mixed_precision_keeps_the_master_on_the_host_when_compute_is_on_another_device():
+    """On a CPU run the host is the compute device, so the test above cannot tell them apart;
+    "meta", the memory estimate's stand-in for a GPU, can."""
+    import dataclasses
+
+    ctx = dataclasses.replace(context(), device=torch.device("meta"), tracing=True)
+    plan = build_plan(parse_cell("4"), tiny_bert(), ctx)
+    master = plan.placement.optimizer_parameters()
+    assert master and {(p.device.type, p.dtype) for p in master} == {("cpu", torch.float32)}
+    assert {(p.device.type, p.dtype) for p in plan.model.parameters()} == {("meta", torch.float16)}
+    assert plan.facts["master_device"] == "cpu"
 
 
 def test_mixed_precision_dtype_can_be_forced():

@@ -47,13 +47,14 @@ def test_amp_runs_in_bf16_on_cpu_and_its_loss_stays_close_to_fp32():
         assert abs(a - b) / b < 0.02, (amp, full)
 
 
-def test_amp_halves_the_activations_saved_for_backward():
+@pytest.mark.parametrize("cell", ["amp", "amp-fp16"])
+def test_amp_halves_the_activations_saved_for_backward(cell):
     def saved_bytes(cell: str) -> int:
         plan = build_plan(parse_cell(cell), tiny_bert(vocab=300, hidden=64), context())
         return saved_activation_bytes(plan.model, random_batch(8, 64, 300), plan.precision.autocast)
 
-    full, amp = saved_bytes("baseline"), saved_bytes("amp")
-    # Matmul inputs and outputs are saved in bf16; softmax, layer norm and the loss stay fp32.
+    full, amp = saved_bytes("baseline"), saved_bytes(cell)
+    # Matmul inputs and outputs are saved in bf16 (fp16); softmax, layer norm and the loss stay fp32.
     assert amp < 0.8 * full, (amp, full)
 
 
@@ -142,6 +143,22 @@ def test_paged_adam8bit_is_refused_before_running_without_cuda():
     assert expand("paged-adam8bit", False, BenchConfig(), cuda=True) == ["baseline", "paged-adam8bit"]
 
 
+def test_paged_adam8bit_builds_bitsandbytes_paged_8bit_adamw():
+    """What a CPU can check of the paging: the optimizer the strategy builds is bitsandbytes'
+    paged one (its state goes to unified memory on CUDA; the CUDA test below sees it there)."""
+    from gputech_bench.strategies.adam8bit import Adam8bit
+    from gputech_bench.strategies.paged_adam8bit import PagedAdam8bit
+
+    ctx = context()
+    paged = PagedAdam8bit().build_optimizer([torch.nn.Parameter(torch.zeros(8))], ctx)
+    assert type(paged).__module__.startswith("bitsandbytes.") and type(paged).__name__ == "PagedAdamW8bit"
+    assert paged.is_paged and paged.args.optim_bits == 8
+    assert paged.param_groups[0]["betas"] == (0.9, 0.995)
+    # Strategy 3 builds the same 8-bit state, unpaged.
+    plain = Adam8bit().build_optimizer([torch.nn.Parameter(torch.zeros(8))], ctx)
+    assert not plain.is_paged and plain.args.optim_bits == 8
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="paged optimizers need CUDA unified memory; no CUDA device here")
 def test_paged_adam8bit_steps_with_paged_state_on_cuda():
     from gputech_bench.config import BenchConfig, apply_overrides
@@ -176,6 +193,29 @@ def test_compile_trains_like_eager():
     compiled, eager = losses_of("compile", 3), losses_of("baseline", 3)
     for a, b in zip(compiled, eager):
         assert a == pytest.approx(b, rel=1e-3)
+
+
+def test_compile_sends_the_training_step_through_dynamo_to_inductor():
+    from torch._dynamo.utils import counters
+
+    error = compile_error()
+    if error:
+        pytest.skip(reason=f"torch.compile cannot compile on this platform ({error})")
+
+    def compiled(cell: str) -> tuple[int, int]:
+        """(graphs Dynamo captured, Inductor's events) in one optimizer step of ``cell``."""
+        # A model compiled earlier in this process would hit Dynamo's cache, which counts nothing.
+        torch._dynamo.reset()
+        counters.clear()
+        losses_of(cell, 1)
+        return counters["stats"]["unique_graphs"], sum(counters["inductor"].values())
+
+    # The counters stay at zero for an eager step.
+    assert compiled("baseline") == (0, 0)
+    graphs, inductor_events = compiled("compile")
+    assert graphs >= 1
+    # Inductor compiled those graphs (or loaded its compiled code from its cache): not an eager backend.
+    assert inductor_events > 0, dict(counters["inductor"])
 
 
 def test_compile_time_is_the_first_steps_excess_over_a_steady_step():
