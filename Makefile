@@ -24,8 +24,13 @@ lint: install
 	$(BIN)/ruff check gputech_bench tests
 	$(BIN)/mypy
 
+# Two pytest-xdist workers: the suite waits on other processes (workers, torchrun ranks, CLI
+# runs) much of the time, so two keep 2 cores busy. worksteal: a worker that ran out of tests
+# takes over the other's queue, so the long tests at the end do not run one after another.
+TEST_WORKERS ?= 2
+
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 run: install
 	$(BIN)/gputech-bench run --matrix
