@@ -168,7 +168,7 @@ def _print_fit(found) -> None:
         # 'time from' and 'gives up' are prose: a narrow terminal folds them, never a figure or a name.
         table.add_column(header, justify="right" if header in ("device", "host", "time") else "left",
                          overflow="fold" if header in ("time from", "gives up") else "ellipsis",
-                         no_wrap=header in ("setup", "figure"))
+                         no_wrap=header in ("setup", "device", "host", "figure"))  # a size keeps its unit
     rows = [("best" if rank == 1 else f"#{rank}", candidate) for rank, candidate in enumerate(result.chosen, start=1)]
     if result.full_training is not None:
         rows.append(("full", result.full_training))
