@@ -13,6 +13,7 @@ from helpers import assert_one_line_error, invoke, make_result
 from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, MambaConfig
 
 from gputech_bench.config import (
+    SHAPE_FIELDS,
     BenchConfig,
     ModelConfig,
     apply_mapping,
@@ -22,7 +23,7 @@ from gputech_bench.config import (
     to_dict,
 )
 from gputech_bench.errors import ConfigError, ModelError
-from gputech_bench.modeling import check_model_overrides, load_model
+from gputech_bench.modeling import SHAPE_ATTRIBUTES, check_model_overrides, load_model
 from gputech_bench.report.frame import build_frame
 from gputech_bench.report.table import table_notes
 
@@ -66,6 +67,12 @@ def layer_parameters(folder: Path) -> int:
     model = load_model(with_model(folder), VOCAB, 0, seed=1).model
     layers = model.model.layers if hasattr(model, "model") else model.distilbert.transformer.layer
     return sum(p.numel() for p in layers[0].parameters())
+
+
+def test_every_shape_field_has_its_attributes():
+    """The config layer's shape fields and the loader's map are one list: a field added to one
+    alone would be recorded and then never applied (or applied and never recorded)."""
+    assert tuple(SHAPE_ATTRIBUTES) == SHAPE_FIELDS
 
 
 # Each field on a config-only Llama (untied head, rotary positions, gate/up/down MLP, one KV
