@@ -160,6 +160,8 @@ def test_worker_records_an_unreadable_config(tmp_path, capsys):
     assert code == 1 and result.status == "error"
     assert result.reason.startswith(f"cannot use config {bad} (JSONDecodeError)")
     assert "cannot use config" in capsys.readouterr().err
+    # Stopped before torch was imported, the result still says how its process started.
+    assert result.provenance["process"] == "fresh interpreter"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -23,7 +23,7 @@ from ..errors import ConfigError
 from ..measure.oom import oom_details, oom_reason
 from ..results import CellResult, RunFolder, write_result
 from .failure import classify
-from .provenance import utc_now
+from .provenance import process_origin, utc_now
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -76,12 +76,6 @@ def _quiet(event: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    # Ctrl-C at the terminal reaches the worker too, and stops the cell as interrupted, however
-    # the worker was started: an inherited "ignore" (a run started in a script's background)
-    # is not kept, so a worker behaves the same under every runner, torchrun and shell.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    # A runner (or torchrun) stops a cell with SIGTERM; treat it like Ctrl-C so the result is still written.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
     # Under torchrun (which sets WORLD_SIZE for every rank) each rank writes its own file,
     # and the runner merges them into --out.
     launched = "WORLD_SIZE" in os.environ
@@ -90,11 +84,18 @@ def main(argv: list[str] | None = None) -> int:
     out = folder.rank_path(args.out.stem, rank) if launched else args.out
     rank_info = {"rank": rank, "world_size": int(os.environ["WORLD_SIZE"])} if launched else None
     # Written even if the cell dies while torch is still importing.
-    result = CellResult(args.cell, rank=rank_info, provenance={"started_at": utc_now()})
+    result = CellResult(args.cell, rank=rank_info, provenance={"started_at": utc_now(), "process": process_origin()})
     emit = _stdout_events if args.events else _stderr_progress
     if rank != 0:
         emit = _quiet
     try:
+        # Inside the try, so that a stop landing at any moment after this still writes the result.
+        # Ctrl-C at the terminal reaches the worker too, and stops the cell as interrupted, however
+        # the worker was started: an inherited "ignore" (a run started in a script's background)
+        # is not kept, so a worker behaves the same under every runner, torchrun and shell.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        # A runner (or torchrun) stops a cell with SIGTERM; treat it like Ctrl-C so the result is still written.
+        signal.signal(signal.SIGTERM, _raise_interrupt)
         config = read_config(args.config)
         if args.seed is not None:
             config = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=args.seed))

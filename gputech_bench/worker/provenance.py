@@ -32,6 +32,12 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+def process_origin() -> str:
+    """How this process started. Cheap (no torch), so that a cell stopped while torch is still
+    importing says it too."""
+    return "forked from the runner's preloaded fork server" if os.environ.get(FORKED_ENV) else "fresh interpreter"
+
+
 def environment() -> dict[str, Any]:
     import torch
 
@@ -45,5 +51,5 @@ def environment() -> dict[str, Any]:
         "cpu_threads": torch.get_num_threads(),
         "command": sys.argv,
         # How the process started: its start-up is no figure, but a reader may ask.
-        "process": "forked from the runner's preloaded fork server" if os.environ.get(FORKED_ENV) else "fresh interpreter",
+        "process": process_origin(),
     }
