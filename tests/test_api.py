@@ -16,7 +16,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 import gputech_bench
-from gputech_bench import UserError, compare, load_run, presets, run_matrix, strategies
+from gputech_bench import UserError, compare, list_presets, list_strategies, load_run, run_matrix
 from gputech_bench.api import Output
 from gputech_bench.api._progress import MatrixProgress, NotebookProgress
 from gputech_bench.api._setup import resolve_config
@@ -58,15 +58,19 @@ def test_importing_the_package_stays_light():
     assert out.stdout.strip() == "[]"
 
 
-def test_public_functions_that_share_a_subpackage_name_are_both():
-    import gputech_bench.strategies.sparse_head as sparse_head  # the subpackage still imports as before
-    from gputech_bench import estimate
+def test_public_functions_stay_functions_after_every_subpackage_is_imported():
+    # No public name is also a subpackage's: importing the subpackages (as every worker does)
+    # cannot rebind a function of the package, and nothing rewrites module classes to make it so.
+    import gputech_bench
+    import gputech_bench.estimator.predict  # noqa: F401
+    import gputech_bench.strategies.sparse_head  # noqa: F401
 
-    assert estimate is sys.modules["gputech_bench.estimate"] and callable(estimate)
-    assert strategies is sys.modules["gputech_bench.strategies"] and sparse_head.__name__.endswith("sparse_head")
-    assert "device_memory" in inspect.signature(estimate).parameters
-    assert "refused" in inspect.signature(strategies).parameters
-    assert inspect.getdoc(estimate).startswith("Predict each cell's peak memory")
+    for name in ("estimate", "fit", "list_strategies", "list_presets", "run_matrix"):
+        assert inspect.isfunction(getattr(gputech_bench, name)), name
+    assert type(gputech_bench) is type(inspect) and type(gputech_bench.strategies) is type(inspect)
+    assert "device_memory" in inspect.signature(gputech_bench.estimate).parameters
+    assert "refused" in inspect.signature(list_strategies).parameters
+    assert inspect.getdoc(gputech_bench.estimate).startswith("Predict each cell's peak memory")
 
 
 # --------------------------------------------------------------------------- one-line errors
@@ -209,16 +213,16 @@ def test_compare_refuses_runs_with_no_cell_in_common(tmp_path: Path):
 
 
 def test_strategies_and_presets_are_what_the_commands_list():
-    listed = strategies()
+    listed = list_strategies()
     printed = CliRunner().invoke(app, ["strategies"]).stdout
     from gputech_bench.strategies import registered
 
     assert listed["key"].tolist() == [cls.key for cls in registered()]
     for row in listed.itertuples(index=False):
         assert (row.key if row.key == row.name else f"{row.key}  {row.name}") in printed
-    refused = strategies(refused=True)
+    refused = list_strategies(refused=True)
     assert list(refused.columns) == ["combination", "reason"] and "4+amp" in refused["combination"].tolist()
-    table = presets()
+    table = list_presets()
     cpu = table[table["preset"] == "cpu"].set_index("setting")
     assert cpu.loc["model.num_layers", "value"] == 2 and type(cpu.loc["model.num_layers", "value"]) is int
     assert cpu.loc["train.lr", "seed"] == 3e-05  # the seed's default, its own type kept

@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 
 from gputech_bench.cli import app
 from gputech_bench.config import apply_overrides, load_preset
-from gputech_bench.estimate.fit import candidates, modelled_factor, search
-from gputech_bench.estimate.overheads import DEFAULTS, Overheads, calibrate
-from gputech_bench.estimate.predict import Setup, predict, setups_for
-from gputech_bench.estimate.trace import trace_cell, trace_inputs, trace_target
+from gputech_bench.estimator.fit import candidates, modelled_factor, search
+from gputech_bench.estimator.overheads import DEFAULTS, Overheads, calibrate
+from gputech_bench.estimator.predict import Setup, predict, setups_for
+from gputech_bench.estimator.trace import trace_cell, trace_inputs, trace_target
 from gputech_bench.results import CellResult, Figure
 from gputech_bench.strategies import parse_cell
 from gputech_bench.worker.cell import new_result, run_cell
@@ -102,7 +102,7 @@ def test_fit_candidates_keep_the_effective_batch(cache_dir: Path):
 
 def _fake_trace(device_bytes: dict[str, int]):
     """A trace that returns set peaks per cell: fit's search logic on its own."""
-    from gputech_bench.estimate.predict import Prediction
+    from gputech_bench.estimator.predict import Prediction
     from gputech_bench.measure.tracker import TrackedPeak
 
     def trace(setups, config, limit=None):
@@ -246,7 +246,7 @@ def test_fit_verify_runs_the_best_setup_and_checks_the_prediction(tmp_path: Path
 
 def test_report_shows_the_saved_estimate_under_the_table(tmp_path: Path, cache_dir: Path):
     from gputech_bench.api._estimate import build_estimate
-    from gputech_bench.estimate.render import write_estimate
+    from gputech_bench.estimator.render import write_estimate
     from gputech_bench.results import RunFolder, write_result
 
     config = apply_overrides(tiny_config(cache_dir), ["train.max_steps=2"])
@@ -282,7 +282,7 @@ def test_a_cell_the_tracer_cannot_follow_is_a_row_with_its_reason_and_the_others
         unregister(ReadsAValue)
     assert predictions[0].error is None and predictions[0].device.total_bytes > 0
     assert predictions[1].error and "DataDependentOutputException" in predictions[1].error
-    from gputech_bench.estimate.render import EstimateReport, markdown
+    from gputech_bench.estimator.render import EstimateReport, markdown
 
     text = markdown(EstimateReport("test", None, predictions, NO_OVERHEAD, 2**30))
     assert "| test-reads | not traced [1] |" in text

@@ -15,11 +15,11 @@ from typer.testing import CliRunner
 
 from gputech_bench.cli import app
 from gputech_bench.config import apply_overrides, load_preset
-from gputech_bench.estimate.fit import candidates, search, trains_every_weight
-from gputech_bench.estimate.modelled import nf4_bytes, quantised_sizes
-from gputech_bench.estimate.overheads import Overheads
-from gputech_bench.estimate.predict import Setup, predict
-from gputech_bench.estimate.trace import Limit, fake_mode, trace_cell, trace_inputs, trace_target
+from gputech_bench.estimator.fit import candidates, search, trains_every_weight
+from gputech_bench.estimator.modelled import nf4_bytes, quantised_sizes
+from gputech_bench.estimator.overheads import Overheads
+from gputech_bench.estimator.predict import Setup, predict
+from gputech_bench.estimator.trace import Limit, fake_mode, trace_cell, trace_inputs, trace_target
 from gputech_bench.modeling import build_shape_model
 from gputech_bench.strategies import parse_cell
 
@@ -175,8 +175,8 @@ def test_estimate_takes_a_config_only_causal_lm(small_llama, cache_dir: Path):
 
 def test_a_modelled_figure_is_labelled_in_the_table_and_the_markdown():
     from gputech_bench.cli.tables import estimate_table
-    from gputech_bench.estimate.predict import Prediction
-    from gputech_bench.estimate.render import EstimateReport, markdown
+    from gputech_bench.estimator.predict import Prediction
+    from gputech_bench.estimator.render import EstimateReport, markdown
     from gputech_bench.measure.tracker import TrackedPeak
 
     traced = Prediction(Setup("baseline"), TrackedPeak("meta", 2**20, {"parameters": 2**20}), None, 1.0, {})

@@ -245,8 +245,8 @@ def test_only_cpu_cells_in_plain_processes_are_forked():
 
 @pytest.mark.slow
 def test_the_estimate_traced_in_forked_children_equals_the_one_traced_here(tmp_path: Path, tiny_config, monkeypatch):
-    from gputech_bench.estimate import predict as predict_module
-    from gputech_bench.estimate.predict import predict, setups_for
+    from gputech_bench.estimator import predict as predict_module
+    from gputech_bench.estimator.predict import predict, setups_for
 
     setups = setups_for(["baseline", "2", "1+2+3", "lora"], tiny_config)
     here = predict(setups, tiny_config, jobs=1)

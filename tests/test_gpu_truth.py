@@ -262,7 +262,7 @@ def test_every_table_names_the_attention_kernel():
 
 
 def test_sdpa_traces_below_eager_on_the_stand_in_device_and_says_it_is_modelled():
-    from gputech_bench.estimate.trace import (
+    from gputech_bench.estimator.trace import (
         FUSED_SDPA_NOTE,
         modelled_attention_note,
         trace_cell,

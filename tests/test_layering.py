@@ -51,7 +51,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("run",),
     # Fake-tensor traces, prediction, fit: below report, which draws the estimate beside
     # the measurements.
-    ("estimate",),
+    ("estimator",),
     # A run folder rendered for people: frame, text, markdown, CSV, JSON, HTML, plots.
     ("report",),
     # The Python API: run_matrix, load_run, estimate, fit, compare as objects for notebooks and

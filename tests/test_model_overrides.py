@@ -236,9 +236,9 @@ def test_the_table_says_which_overrides_were_applied(tmp_path: Path):
 
 def test_the_estimate_names_the_overrides_it_traced(tmp_path: Path):
     from gputech_bench.config import model_overrides
-    from gputech_bench.estimate.overheads import DEFAULTS
-    from gputech_bench.estimate.render import EstimateReport, legend
-    from gputech_bench.estimate.render import from_dict as report_from_dict
+    from gputech_bench.estimator.overheads import DEFAULTS
+    from gputech_bench.estimator.render import EstimateReport, legend
+    from gputech_bench.estimator.render import from_dict as report_from_dict
 
     config = apply_overrides(load_preset("cpu"), [f"model.pretrained={config_only(tmp_path, 'llama')}", "model.num_layers=1"])
     assert model_overrides(config.model) == ("model.num_layers=1",)

@@ -247,10 +247,10 @@ def test_strategies_the_estimate_cannot_follow_say_why_in_one_line(cell, reason)
 
 
 def test_fit_searches_only_what_the_trace_can_follow():
-    from gputech_bench.estimate.fit import candidates, modelled_strategies, unsearchable
+    from gputech_bench.estimator.fit import candidates, modelled_strategies, unsearchable
 
     # fsdp-offload and qlora cannot be traced, but are modelled around a trace of the rest of
-    # their cell (estimate/modelled.py), their figures labelled so: fit weighs them.
+    # their cell (estimator/modelled.py), their figures labelled so: fit weighs them.
     assert set(unsearchable("meta")) == {"amp", "amp-fp16", "sparse-head", "compile", "paged-adam8bit"}
     assert {"fsdp-offload", "qlora"} <= set(modelled_strategies("meta"))
     assert "amp" not in unsearchable("cuda")

@@ -26,8 +26,8 @@ from typer.testing import CliRunner
 from gputech_bench.cli import app
 from gputech_bench.cli.common import OutputConsole, print_table, wrap_text
 from gputech_bench.cli.tables import compact_estimate_table, comparison_table, estimate_table, results_table
-from gputech_bench.estimate.measured import measured_peak
-from gputech_bench.estimate.render import SHOWN_CATEGORIES, from_dict
+from gputech_bench.estimator.measured import measured_peak
+from gputech_bench.estimator.render import SHOWN_CATEGORIES, from_dict
 from gputech_bench.report.compare import compare_runs, comparison_rows
 from gputech_bench.report.export import to_json
 from gputech_bench.report.frame import build_frame

@@ -10,12 +10,12 @@ from ._setup import cuda_available
 if TYPE_CHECKING:
     import pandas as pd
 
-#: The columns of ``strategies()`` after key and name: each strategy's text, as the command lists it.
+#: The columns of ``list_strategies()`` after key and name: each strategy's text, as the command lists it.
 STRATEGY_COLUMNS = ("saves", "costs", "gives_up", "needs", "here")
 PRESET_COLUMNS = ("preset", "description", "setting", "value", "seed")
 
 
-def strategies(refused: bool = False) -> "pd.DataFrame":
+def list_strategies(refused: bool = False) -> "pd.DataFrame":
     """Every registered strategy as a row, as ``gputech-bench strategies`` lists them.
 
     Columns: ``key`` (its number or name), ``name``, ``saves``, ``costs``, ``gives_up``,
@@ -25,9 +25,9 @@ def strategies(refused: bool = False) -> "pd.DataFrame":
 
     Example::
 
-        >>> from gputech_bench import strategies
-        >>> strategies()[["key", "name", "saves"]]
-        >>> strategies(refused=True)      # e.g. 4+amp: both own the precision hook
+        >>> from gputech_bench import list_strategies
+        >>> list_strategies()[["key", "name", "saves"]]
+        >>> list_strategies(refused=True)      # e.g. 4+amp: both own the precision hook
     """
     import pandas as pd
 
@@ -49,7 +49,7 @@ def strategies(refused: bool = False) -> "pd.DataFrame":
     return pd.DataFrame(rows, columns=["key", "name", *STRATEGY_COLUMNS])
 
 
-def presets() -> "pd.DataFrame":
+def list_presets() -> "pd.DataFrame":
     """Each preset and the settings it changes from the seed's defaults, as
     ``gputech-bench presets`` lists them: one row per changed setting with ``preset``,
     ``description``, ``setting``, ``value`` and ``seed`` (the seed's default). A preset that
@@ -57,9 +57,9 @@ def presets() -> "pd.DataFrame":
 
     Example::
 
-        >>> from gputech_bench import presets
-        >>> presets()
-        >>> presets().query("preset == 'cpu'")[["setting", "value", "seed"]]
+        >>> from gputech_bench import list_presets
+        >>> list_presets()
+        >>> list_presets().query("preset == 'cpu'")[["setting", "value", "seed"]]
     """
     import pandas as pd
 
@@ -79,4 +79,4 @@ def presets() -> "pd.DataFrame":
     return pd.DataFrame(rows, columns=list(PRESET_COLUMNS), dtype=object)
 
 
-__all__ = ["presets", "strategies"]
+__all__ = ["list_presets", "list_strategies"]

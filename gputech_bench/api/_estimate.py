@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Optional, Protocol, Sequence, Union
 
 from ..config import BenchConfig, from_dict, model_overrides, to_dict
 from ..errors import ConfigError
-from ..estimate.measured import measured_peak
-from ..estimate.overheads import DEFAULTS, calibrate
+from ..estimator.measured import measured_peak
+from ..estimator.overheads import DEFAULTS, calibrate
 from ..results import CellResult, RunFolder
 from ..run.forkserver import ForkServerError
 from ..units import parse_size
@@ -26,7 +26,7 @@ from ._setup import Overrides, cuda_available, resolve_config
 if TYPE_CHECKING:
     import pandas as pd
 
-    from ..estimate.render import EstimateReport
+    from ..estimator.render import EstimateReport
     from ..run.forkserver import ForkServer
 
 PathLike = Union[str, Path]
@@ -46,7 +46,7 @@ class RunLike(Protocol):
 def _predict(setups, config: BenchConfig, jobs: int, output: Output | None, forks: "ForkServer | None" = None,
              log_path: Optional[Path] = None):
     """Trace ``setups``; with ``output``, a progress bar on its console while they trace."""
-    from ..estimate.predict import predict
+    from ..estimator.predict import predict
 
     if output is None:
         return predict(setups, config, jobs, forks=forks, log_path=log_path)
@@ -62,8 +62,8 @@ def build_estimate(
 ) -> "EstimateReport":
     """Trace ``cells`` and assemble the report; shared by ``estimate`` and ``run_matrix`` (which
     passes its fork server, whose children trace without importing anything)."""
-    from ..estimate.predict import setups_for
-    from ..estimate.render import EstimateReport
+    from ..estimator.predict import setups_for
+    from ..estimator.render import EstimateReport
 
     label, caveat = _describe_target(config, forks, log_path)
     predictions = _predict(setups_for(cells, config), config, jobs, output, forks, log_path)
@@ -84,12 +84,12 @@ def _describe_target(config: BenchConfig, forks: "ForkServer | None", log_path: 
 
         try:
             with log_path.open("a", encoding="utf-8") as log:
-                described = json.loads(forks.output("gputech_bench.estimate.trace:describe_target_in_child",
+                described = json.loads(forks.output("gputech_bench.estimator.trace:describe_target_in_child",
                                                     [json.dumps(to_dict(config))], log.fileno()))
             return described["label"], described["caveat"]
         except (ForkServerError, ValueError, KeyError):
             pass  # described here instead
-    from ..estimate.trace import describe_target
+    from ..estimator.trace import describe_target
 
     return describe_target(config)
 
@@ -120,7 +120,7 @@ def _device_memory(option: Optional[str]) -> Optional[int]:
 
 
 def _jobs(jobs: int) -> int:
-    from ..estimate.predict import default_jobs
+    from ..estimator.predict import default_jobs
 
     if jobs < 0:
         raise ConfigError(f"--jobs {jobs}: pass 0 (one per core, up to 4) or a positive number")
@@ -163,19 +163,19 @@ class Estimate:
 
     def legend(self) -> list[str]:
         """The lines under the table: what was traced, the overheads, and why a setup was not traced."""
-        from ..estimate.render import legend
+        from ..estimator.render import legend
 
         return legend(self.report)
 
     def markdown(self) -> str:
         """The table as GitHub markdown, as ``estimate --format md`` prints it."""
-        from ..estimate.render import markdown
+        from ..estimator.render import markdown
 
         return markdown(self.report)
 
     def to_json(self) -> str:
         """Every prediction and row as JSON, as ``estimate --format json`` prints it."""
-        from ..estimate.render import to_json
+        from ..estimator.render import to_json
 
         return to_json(self.report)
 

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 from ..config import BenchConfig, model_overrides
 from ..errors import ConfigError
-from ..estimate.measured import error_percent, measured_peak
-from ..estimate.overheads import DEFAULTS, calibrate
+from ..estimator.measured import error_percent, measured_peak
+from ..estimator.overheads import DEFAULTS, calibrate
 from ..results import CellResult
 from ..units import GIB, MIB, format_gib, parse_size
 from ._display import text_html
@@ -31,10 +31,10 @@ FIT_SCHEMA = "gputech-bench/fit/1"
 if TYPE_CHECKING:
     import pandas as pd
 
-    from ..estimate.fit import Candidate, FitResult
-    from ..estimate.measured import Measured
-    from ..estimate.overheads import Overheads
-    from ..estimate.predict import Predictor, Setup
+    from ..estimator.fit import Candidate, FitResult
+    from ..estimator.measured import Measured
+    from ..estimator.overheads import Overheads
+    from ..estimator.predict import Predictor, Setup
     from ._run import Run
 
 
@@ -115,7 +115,7 @@ class Fit:
         return list(self.result.suggestions)
 
     def _row(self, candidate: "Candidate", verdict: str) -> dict[str, Any]:
-        from ..estimate.fit import gives_up
+        from ..estimator.fit import gives_up
 
         host = candidate.prediction.host
         time = candidate.time
@@ -151,7 +151,7 @@ class Fit:
 
     def to_dict(self) -> dict[str, Any]:
         """The search's result: every candidate weighed, each figure with how it came about."""
-        from ..estimate.fit import gives_up, trains_every_weight
+        from ..estimator.fit import gives_up, trains_every_weight
 
         result, config, overheads = self.result, self.config, self.overheads
 
@@ -254,9 +254,9 @@ def fit(
         >>> found.best          # Setup(cell='1+2+3', micro_batch_size=8), say
         >>> found.frame         # every traced candidate, fastest first
     """
-    from ..estimate.fit import modelled_strategies, search, unsearchable
-    from ..estimate.predict import Predictor
-    from ..estimate.trace import trace_target
+    from ..estimator.fit import modelled_strategies, search, unsearchable
+    from ..estimator.predict import Predictor
+    from ..estimator.trace import trace_target
     from ..strategies.registry import lookup
 
     output = output_or_default(output)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 from ..config import BenchConfig, from_dict
 from ..errors import ConfigError, error_line, first_line
-from ..estimate.measured import measured_peak
+from ..estimator.measured import measured_peak
 from ..results import CellResult, LoadedRun, RunFolder
 from ..results import load_run as load_results
 from ..run.forkserver import ForkServer
@@ -236,7 +236,7 @@ def _saved_estimate(loaded: LoadedRun, output: Output) -> Optional[Estimate]:
     """The run's saved estimate against its results, or None (a warning when it is unreadable)."""
     if not loaded.folder.estimate_path.is_file():
         return None
-    from ..estimate.render import read_estimate
+    from ..estimator.render import read_estimate
 
     try:
         saved = read_estimate(loaded.folder)
@@ -477,8 +477,8 @@ def _estimate_run(config: BenchConfig, results: list[CellResult], folder: RunFol
                   progress: bool, forks: "ForkServer | None" = None) -> Optional[Estimate]:
     """The predicted-against-measured estimate after a run, saved as estimate.json. A failing
     estimate is a warning: the measured results are what the run is for."""
-    from ..estimate.predict import default_jobs
-    from ..estimate.render import write_estimate
+    from ..estimator.predict import default_jobs
+    from ..estimator.render import write_estimate
 
     cells = [result.cell for result in results]
     try:

@@ -1,13 +1,13 @@
 """``gputech-bench strategies`` and ``presets``: what can be run, and how the presets differ.
 
-Both print the frames the API's ``strategies()`` and ``presets()`` return."""
+Both print the frames the API's ``list_strategies()`` and ``list_presets()`` return."""
 
 from __future__ import annotations
 
 import typer
 from rich.text import Text
 
-from ..api import presets, strategies
+from ..api import list_presets, list_strategies
 from ..api._catalog import STRATEGY_COLUMNS
 from ..errors import ConfigError
 from .common import console, fail, wrap_text
@@ -20,10 +20,10 @@ STRATEGIES_HELP = (
 
 def refused_pairs() -> list[tuple[str, str]]:
     """Every pair of strategies the registry refuses to combine, with the reason it gives."""
-    return list(strategies(refused=True).itertuples(index=False, name=None))
+    return list(list_strategies(refused=True).itertuples(index=False, name=None))
 
 
-def list_strategies() -> None:
+def strategies_command() -> None:
 
     # One block per strategy, its text wrapped at word boundaries under a hanging indent:
     # seven columns of prose cannot share 80 columns without breaking every word.
@@ -31,7 +31,7 @@ def list_strategies() -> None:
     fields = [column.replace("_", " ") for column in STRATEGY_COLUMNS]  # 'gives up'
     label = max(len(field) for field in fields) + 2  # 'gives up: '
     console.print("[bold]strategies[/] (combine with '+', e.g. 1+2+3)", highlight=False)
-    for row in strategies().itertuples(index=False):
+    for row in list_strategies().itertuples(index=False):
         console.print()
         heading = row.key if row.key == row.name else f"{row.key}  {row.name}"
         console.print(Text(heading, style="bold"), soft_wrap=True)
@@ -59,9 +59,9 @@ PRESETS_HELP = (
 )
 
 
-def list_presets() -> None:
+def presets_command() -> None:
     try:
-        frame = presets()
+        frame = list_presets()
     except ConfigError as error:
         fail(str(error))
     for name, rows in frame.groupby("preset", sort=False):
@@ -72,5 +72,5 @@ def list_presets() -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("strategies", help=STRATEGIES_HELP)(list_strategies)
-    app.command("presets", help=PRESETS_HELP)(list_presets)
+    app.command("strategies", help=STRATEGIES_HELP)(strategies_command)
+    app.command("presets", help=PRESETS_HELP)(presets_command)

@@ -65,7 +65,7 @@ fitting setup trains adapters only, the fastest one that trains every weight is 
 
 def print_against_measured(report) -> None:
     """The predicted-against-measured table under ``run``'s and ``report``'s."""
-    from ..estimate.render import legend
+    from ..estimator.render import legend
 
     print_table(compact_estimate_table(report, title="predicted (fake-tensor trace) against measured, MiB"))
     for line in legend(report, with_overheads=False):
@@ -117,7 +117,7 @@ def estimate(
 
 def _figure_notes(result) -> dict[str, int]:
     """Each distinct modelling method among the shown candidates, numbered for footnotes."""
-    from ..estimate.render import numbered_methods
+    from ..estimator.render import numbered_methods
 
     shown = [*result.chosen, *([result.full_training] if result.full_training else []),
              *([result.floor] if result.floor else []), *result.rejected]
@@ -145,7 +145,7 @@ def _device_text(candidate) -> str:
 
 
 def _print_fit(found) -> None:
-    from ..estimate.fit import gives_up
+    from ..estimator.fit import gives_up
 
     result, config = found.result, found.config
     notes = _figure_notes(result)

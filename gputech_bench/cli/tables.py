@@ -22,7 +22,7 @@ from ..results import TRAINED_STATUSES
 from ..units import format_gib
 
 if TYPE_CHECKING:
-    from ..estimate.render import EstimateReport
+    from ..estimator.render import EstimateReport
 
 # --------------------------------------------------------------------------- a run's results
 
@@ -82,7 +82,7 @@ def estimate_table(report: "EstimateReport", title: str = "gputech-bench estimat
     """Every category, the overheads, the device total, and measured where known."""
     # Here, not at the top: the estimate's modules import torch, which 'report' and
     # 'compare' never need.
-    from ..estimate.render import categories, has_source_column, row_cells, untraceable_row
+    from ..estimator.render import categories, has_source_column, row_cells, untraceable_row
 
     rows = report.rows()
     compared = any("measured_what" in row for row in rows)
@@ -112,7 +112,7 @@ def estimate_table(report: "EstimateReport", title: str = "gputech-bench estimat
 
 def compact_estimate_table(report: "EstimateReport", title: str) -> Table:
     """Predicted against measured only, for under ``run``'s table; ``estimate`` shows the categories."""
-    from ..estimate.render import error_text, mib_text, source_text, untraceable_row  # torch: see estimate_table
+    from ..estimator.render import error_text, mib_text, source_text, untraceable_row  # torch: see estimate_table
 
     table = Table(title=title, title_justify="left")
     table.add_column("cell", style="bold", no_wrap=True)

@@ -25,7 +25,7 @@ from matplotlib.patches import Patch, Rectangle
 from matplotlib.text import Text
 from matplotlib.transforms import Bbox
 
-from ..estimate.render import EstimateReport, read_estimate
+from ..estimator.render import EstimateReport, read_estimate
 from ..files import atomic_write_bytes
 from ..results import CellResult, LoadedRun, RunFolder
 from ..units import MIB, MIB_PER_GIB, is_missing

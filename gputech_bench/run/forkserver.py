@@ -54,7 +54,7 @@ PRELOAD = (
     "transformers.models.bert.modeling_bert",
     "tokenizers",
     "transformers.tokenization_utils_tokenizers",
-    "gputech_bench.estimate.trace",
+    "gputech_bench.estimator.trace",
 )
 WORKER_ENTRY = "gputech_bench.worker.__main__:main"
 #: Preloading on a loaded 2-core machine has taken 30 s; past this the server is given up.

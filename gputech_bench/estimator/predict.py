@@ -307,7 +307,7 @@ def _predict_in_forks(
                 try:
                     argv = [config_text, json.dumps([[setup.cell, setup.micro_batch_size] for setup in share]),
                             json.dumps(limit), *threads]
-                    children.append(forks.spawn("gputech_bench.estimate.predict:trace_share", argv, write, log.fileno()))
+                    children.append(forks.spawn("gputech_bench.estimator.predict:trace_share", argv, write, log.fileno()))
                 except BaseException:
                     os.close(read)
                     raise
