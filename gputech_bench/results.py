@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import SEED_MATRIX
+from .config import REFERENCE_MATRIX
 from .errors import ResultError
 from .files import write_json
 from .stats import Summary, summarize
@@ -315,7 +315,7 @@ def merge_repeats(cell: str, runs: list[CellResult], planned: int, seeds: list[i
 
 def cell_order(cell: str) -> tuple[int, str]:
     """The seed's table order, then the others by name."""
-    return (SEED_MATRIX.index(cell), "") if cell in SEED_MATRIX else (len(SEED_MATRIX), cell)
+    return (REFERENCE_MATRIX.index(cell), "") if cell in REFERENCE_MATRIX else (len(REFERENCE_MATRIX), cell)
 
 
 @dataclass

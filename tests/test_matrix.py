@@ -6,18 +6,18 @@ import pytest
 
 from gputech_bench.config import BenchConfig, apply_overrides
 from gputech_bench.errors import StrategyError
-from gputech_bench.run.matrix import SEED_MATRIX, expand
+from gputech_bench.run.matrix import REFERENCE_MATRIX, expand
 
 CONFIG = BenchConfig()
 
 
 def test_matrix_is_the_seeds_eight_cells_in_the_seeds_order():
     assert expand(None, True, CONFIG) == ["baseline", "1", "2", "3", "4", "1+2+3", "1+2+4", "lora"]
-    assert tuple(expand(None, True, CONFIG)) == SEED_MATRIX
+    assert tuple(expand(None, True, CONFIG)) == REFERENCE_MATRIX
 
 
 def test_no_selection_means_the_matrix():
-    assert expand(None, False, CONFIG) == list(SEED_MATRIX)
+    assert expand(None, False, CONFIG) == list(REFERENCE_MATRIX)
 
 
 @pytest.mark.parametrize(
@@ -38,7 +38,7 @@ def test_strategies_always_include_the_baseline(text, cells):
 
 
 def test_matrix_and_strategies_together_add_cells_to_the_matrix():
-    assert expand("3+4", True, CONFIG) == [*SEED_MATRIX, "3+4"]
+    assert expand("3+4", True, CONFIG) == [*REFERENCE_MATRIX, "3+4"]
 
 
 @pytest.mark.parametrize(

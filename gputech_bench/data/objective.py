@@ -25,7 +25,8 @@ import torch
 
 from .masking import IGNORE_INDEX, MaskingSpec, mask_tokens
 
-SEED = "seed"
+#: The 2022 reference study's own objective; users know it by the name "seed".
+REFERENCE_OBJECTIVE = "seed"
 MLM = "mlm"
 CLM = "clm"
 
@@ -39,7 +40,7 @@ class MaskedTokens:
     masked: torch.Tensor  # bool: the positions chosen for masking
 
 
-def seed_mask_tokens(input_ids: torch.Tensor, spec: MaskingSpec, generator: torch.Generator) -> MaskedTokens:
+def reference_mask_tokens(input_ids: torch.Tensor, spec: MaskingSpec, generator: torch.Generator) -> MaskedTokens:
     """The seed's corruption: every chosen position becomes [MASK], every position is a label.
 
     A position is chosen with probability ``spec.probability`` unless its token is special
@@ -77,15 +78,15 @@ def apply_objective(
         return next_token_labels(input_ids, attention_mask)
     if spec is None:
         raise ValueError(f"the {objective} objective masks tokens: it needs a MaskingSpec")
-    if objective == SEED:
-        return seed_mask_tokens(input_ids, spec, generator)
+    if objective == REFERENCE_OBJECTIVE:
+        return reference_mask_tokens(input_ids, spec, generator)
     if objective == MLM:
         masked_ids, labels = mask_tokens(input_ids, spec, generator)
         return MaskedTokens(masked_ids, labels, labels != IGNORE_INDEX)
-    raise ValueError(f"unknown objective {objective!r}: choose {SEED}, {MLM} or {CLM}")
+    raise ValueError(f"unknown objective {objective!r}: choose {REFERENCE_OBJECTIVE}, {MLM} or {CLM}")
 
 
 def masks_are_static(objective: str) -> bool:
     """Whether every epoch trains on the same masked sentences (the seed's dataset masked
     once, when it was built)."""
-    return objective == SEED
+    return objective == REFERENCE_OBJECTIVE

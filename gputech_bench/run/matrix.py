@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import SEED_MATRIX, BenchConfig
+from ..config import REFERENCE_MATRIX, BenchConfig
 from ..errors import StrategyError
 from ..modeling import CLM, model_task
 from ..strategies import BASELINE, launch_refusal, parse_cell, registered
@@ -14,7 +14,7 @@ CAUSAL_LM_EXTRA = ("qlora",)
 
 def matrix_cells(config: BenchConfig) -> list[str]:
     """The cells of ``--matrix``: the seed's, plus QLoRA for a causal LM when it is registered."""
-    cells = list(SEED_MATRIX)
+    cells = list(REFERENCE_MATRIX)
     if config.model.pretrained and model_task(config.model) == CLM:
         keys = {cls.key for cls in registered()}
         cells += [cell for cell in CAUSAL_LM_EXTRA if cell in keys]

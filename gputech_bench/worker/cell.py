@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from ..config import BenchConfig, to_dict
-from ..data.objective import SEED
+from ..data.objective import REFERENCE_OBJECTIVE
 from ..data.prepare import prepare_data
 from ..errors import DeviceError, UserError, first_line
 from ..measure import cuda as cuda_memory
@@ -269,7 +269,7 @@ def record_scores(result: CellResult, scores: EvalScores, objective: str) -> Non
         f"the seed's accuracy: predictions equal to the input ids over all {scores.scored_tokens} non-padding eval "
         f"tokens, masked or not ({trained})",
     )
-    scored = "every position, padding included" if objective == SEED else "the masked positions"
+    scored = "every position, padding included" if objective == REFERENCE_OBJECTIVE else "the masked positions"
     result.record(
         "eval_loss", scores.loss, "nats/token",
         f"the objective's loss: mean cross-entropy over the {scores.labelled_tokens} labelled eval positions "
