@@ -30,6 +30,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("units",),
     ("files",),
     ("stats",),
+    # The catalogue of metrics and memory categories: every layer from measure up reads it.
+    ("metrics",),
     ("config",),
     # How memory and time are read: CUDA, NVML, MemTracker, clocks. Knows no model.
     ("measure",),
