@@ -77,6 +77,13 @@ class Metric:
     labels: Labels | None
 
     @property
+    def shown_as(self) -> Labels:
+        """Its labels, for a reader that shows it by name: such a metric must declare them."""
+        if self.labels is None:
+            raise LookupError(f"metric '{self.name}' is shown by name but the catalogue gives it no labels")
+        return self.labels
+
+    @property
     def is_fraction(self) -> bool:
         """Shown as a percentage (an accuracy), compared in points."""
         return self.unit == "fraction"

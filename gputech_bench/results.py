@@ -23,6 +23,7 @@ from typing import Any, Iterator
 from .config import REFERENCE_MATRIX
 from .errors import ResultError
 from .files import write_json
+from .metrics import RankMerge, merged_as
 from .stats import Summary, summarize
 
 SCHEMA = "gputech-bench/cell-result/1"
@@ -33,14 +34,9 @@ TRAINED_STATUSES = ("ok", "eval-oom")
 #: What a result written before ``data.objective`` existed was trained on.
 OBJECTIVE_BEFORE_THE_SETTING = "mlm"
 #: Per-process memory figures: a torchrun cell's are merged as max / mean / total over ranks.
-MEMORY_METRICS = (
-    "peak_allocated_mib",
-    "peak_reserved_mib",
-    "nvml_process_peak_mib",
-    "tracked_peak_mib",
-    "tracked_host_peak_mib",
-    "peak_rss_mib",
-)
+MEMORY_METRICS = tuple(metric.name for metric in merged_as(RankMerge.LARGEST))
+#: Figures that are the lowest rank's and already count the samples of every rank.
+ALL_SAMPLES_METRICS = tuple(metric.name for metric in merged_as(RankMerge.LOWEST_RANK_ALL_SAMPLES))
 #: Which failure explains a cell when several ranks or repeats failed: the cause before its
 #: echoes (a rank that ran out of memory makes torchrun stop the others, which then read "interrupted").
 STATUS_PRECEDENCE = ("oom", "eval-oom", "error", "timeout", "crashed", "interrupted")
@@ -258,10 +254,11 @@ def merge_ranks(results: list[CellResult], distributed: dict[str, Any]) -> CellR
         merged.record(metric, max(known), "MiB",
                       f"{lead.method(metric)}; the largest of {len(known)} rank(s) (mean and total in memory_per_rank)")
     merged.memory_per_rank = per_rank
-    throughput = merged.metrics.get("samples_per_second")
-    if throughput:  # each rank walks every batch and takes its share: the epoch's samples are all ranks'
-        merged.record("samples_per_second", throughput.value, throughput.unit,
-                      f"{throughput.method}; the samples of all {distributed['world_size']} ranks")
+    for name in ALL_SAMPLES_METRICS:
+        throughput = merged.metrics.get(name)
+        if throughput:  # each rank walks every batch and takes its share: the epoch's samples are all ranks'
+            merged.record(name, throughput.value, throughput.unit,
+                          f"{throughput.method}; the samples of all {distributed['world_size']} ranks")
     merged.distributed = {**distributed, "ranks_on_this_node": ranks, "launcher": "torch.distributed.run"}
     merged.ranks = [
         {"rank": _rank(result), "status": result.status, "reason": result.reason,

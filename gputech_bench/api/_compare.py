@@ -16,14 +16,12 @@ if TYPE_CHECKING:
     from ..report.compare import Comparison
     from ._run import Run
 
-#: The frame's figures: (prefix of its columns, the comparison's label for it).
-_FIGURES = (("memory_mib", "memory"), ("epoch_seconds", "time / epoch"), ("masked_accuracy", "masked accuracy"))
-
 
 class RunComparison:
     """Two runs cell by cell: what ``compare()`` returns.
 
-    ``frame`` has a row per cell both runs hold: each figure from A and from B, B/A (points
+    ``frame`` has a row per cell both runs hold: each figure from A and from B (memory, time,
+    and the task's accuracy metrics: a causal LM's next-token accuracy and perplexity), B/A (points
     for accuracy), and whether the change is beyond noise (``lower``, ``higher``, ``within
     noise``, or ``single run`` when a side was not repeated and noise is unknown).
     ``warnings`` say where the runs differ in preset, config, objective or device: read them
@@ -61,14 +59,15 @@ class RunComparison:
         rows = []
         for cell in self.comparison.cells:
             row: dict[str, object] = {"cell": cell.cell, "status_a": cell.status_a, "status_b": cell.status_b}
-            for (column, _label), change in zip(_FIGURES, cell.changes):
-                row[f"{column}_a"], row[f"{column}_b"] = change.a, change.b
-                if column == "masked_accuracy":
+            for change in cell.changes:
+                prefix = change.compared.prefix
+                row[f"{prefix}_a"], row[f"{prefix}_b"] = change.a, change.b
+                if change.compared.in_points:
                     delta = None if change.a is None or change.b is None else 100 * (change.b - change.a)
-                    row["masked_accuracy_delta_points"] = delta
+                    row[f"{prefix}_delta_points"] = delta
                 else:
-                    row[f"{column}_ratio"] = change.ratio
-                row[f"{column}_verdict"] = change.verdict
+                    row[f"{prefix}_ratio"] = change.ratio
+                row[f"{prefix}_verdict"] = change.verdict
             row["beyond_noise"] = ", ".join(cell.beyond_noise)
             rows.append(row)
         return pd.DataFrame(rows)

@@ -15,6 +15,7 @@ import pandas as pd
 from rich.markup import escape
 from rich.table import Table
 
+from ..metrics import EPOCH_SECONDS, EPOCH_X_BASELINE, MEMORY, MEMORY_X_BASELINE
 from ..report.compare import Comparison, comparison_rows, headers
 from ..report.frame import MemoryMeasure, accuracy_columns
 from ..report.table import extremes, reason_notes, row_texts, table_notes
@@ -49,12 +50,12 @@ def results_table(frame: pd.DataFrame, measure: MemoryMeasure, title: str = "gpu
     table.add_column("time / epoch", justify="right")
     table.add_column("x base", justify="right")
     accuracy = accuracy_columns(frame)
-    table.add_column(accuracy.accuracy_labels[0], justify="right")
+    table.add_column(accuracy.accuracy.shown_as.terminal, justify="right")
     table.add_column("Δ pts", justify="right")
-    table.add_column(accuracy.second_labels[0], justify="right")
+    table.add_column(accuracy.second.shown_as.terminal, justify="right")
     table.add_column("status", overflow="fold")
-    columns = ("memory_mib", "memory_x_baseline", "epoch_seconds", "epoch_x_baseline", accuracy.accuracy,
-               accuracy.delta, accuracy.second)
+    columns = (MEMORY.name, MEMORY_X_BASELINE.name, EPOCH_SECONDS.name, EPOCH_X_BASELINE.name, accuracy.accuracy.name,
+               accuracy.delta.name, accuracy.second.name)
     best_worst = {column: extremes(frame, column) for column in columns}
     numbers, reasons = reason_notes(frame)
     for row in frame.itertuples(index=False):
@@ -138,10 +139,11 @@ def compact_estimate_table(report: "EstimateReport", title: str) -> Table:
 
 def comparison_table(comparison: Comparison) -> Table:
     table = Table(title=f"A = {comparison.name_a}, B = {comparison.name_b}", title_justify="left")
-    for index, header in enumerate(headers(comparison)):
+    names = headers(comparison)
+    for index, header in enumerate(names):
         if index == 0:
             table.add_column(header, no_wrap=True)
-        elif index == 10:  # the verdict, in words: the one column a narrow terminal may fold
+        elif index == len(names) - 1:  # the verdict, in words: the one column a narrow terminal may fold
             table.add_column(header, overflow="fold")
         else:
             table.add_column(header, justify="right")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ..files import atomic_write_bytes
+from ..metrics import MEMORY_CATEGORIES, QUANTIZED_WEIGHTS, MemoryCategory
 from ..results import RunFolder
 from ..units import MIB, format_gib
 from .measured import Measured, error_percent
@@ -16,16 +17,20 @@ from .overheads import Overheads
 from .predict import Prediction
 
 SCHEMA = "gputech-bench/estimate/1"
-#: Category columns, in the order memory is usually explained.
-SHOWN_CATEGORIES = (
-    ("parameters", "params"),
-    ("gradients", "grads"),
-    ("optimizer_state", "optim"),
-    ("activations", "activ"),
-    ("temporaries", "temp"),
-)
-#: Shown only when a setup has them (qlora's packed 4-bit weights and their constants).
-QUANTIZED = ("quantized_weights", "4-bit")
+
+
+def _column(category: MemoryCategory) -> tuple[str, str]:
+    """A category's (name, header) in the estimate table."""
+    if category.estimate_header is None:
+        raise ValueError(f"memory category '{category.name}' has no header for the estimate table")
+    return category.name, category.estimate_header
+
+
+#: Category columns (name, header), in the order memory is usually explained.
+SHOWN_CATEGORIES = tuple(_column(category) for category in MEMORY_CATEGORIES
+                         if category.estimate_header is not None and category is not QUANTIZED_WEIGHTS)
+#: Shown only when a setup has them (qlora's packed 4-bit weights and their constants), last.
+QUANTIZED = _column(QUANTIZED_WEIGHTS)
 
 
 @dataclass(frozen=True)

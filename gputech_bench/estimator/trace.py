@@ -25,6 +25,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from ..config import BenchConfig, from_dict
 from ..data.prepare import prepare_data
+from ..metrics import PARAMETERS, Role, categories_in
 from ..measure.tracker import StepMemoryTracker, TrackedPeak, named_categories
 from ..modeling import build_shape_model
 from ..strategies import Cell, RunContext, build_plan, device_refusal
@@ -104,9 +105,9 @@ Counted = Callable[[dict[str, int]], int]
 
 #: Live bytes that are not the model's own state: what a step adds to its weights,
 #: gradients and optimizer state.
-TRANSIENT_CATEGORIES = ("activations", "temporaries", "other")
+TRANSIENT_CATEGORIES = categories_in(Role.TRANSIENT)
 #: The model's own state: what an offload moves to the host.
-STATE_CATEGORIES = ("parameters", "gradients", "optimizer_state")
+STATE_CATEGORIES = categories_in(Role.STATE)
 
 
 def transient_bytes(by_category: dict[str, int]) -> int:
@@ -366,7 +367,7 @@ def trace_cell(
     peaks = {peak.device: peak for peak in tracker.peaks()}
     device_peak = peaks.get(str(target.device)) or TrackedPeak(str(target.device), 0, {})
     host_peak = peaks.get(HOST) if target.device.type != HOST else None
-    if host_peak is not None and not host_peak.by_category.get("parameters"):
+    if host_peak is not None and not host_peak.by_category.get(PARAMETERS.name):
         host_peak = None  # only the data batch waits there: the host holds none of the model
     return CellTrace(cell.name, device_peak, host_peak, plan.facts, time.perf_counter() - started, False,
                      watcher.transient, watcher.state)

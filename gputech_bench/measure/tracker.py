@@ -18,19 +18,13 @@ from torch import nn
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..metrics import MEMORY_CATEGORIES, OTHER, PARAMETERS, QUANTIZED_WEIGHTS
+
 #: MemTracker's reference types, renamed to the words a result file uses.
-CATEGORY_NAMES = {
-    "Parameter": "parameters",
-    "Buffer": "buffers",
-    "Gradient": "gradients",
-    "Optstate": "optimizer_state",
-    "Activation": "activations",
-    "Temp": "temporaries",
-    "Other": "other",
-}
+CATEGORY_NAMES = {category.memtracker: category.name for category in MEMORY_CATEGORIES if category.memtracker}
 TOTAL_KEY = "Total"
 #: bitsandbytes' 4-bit weights (qlora): the packed uint8 storage and its quantisation constants.
-QUANTIZED = "quantized_weights"
+QUANTIZED = QUANTIZED_WEIGHTS.name
 #: MemTracker counts CUDA storages in the caching allocator's 512-byte blocks, and so must a
 #: figure moved between its categories.
 _CUDA_BLOCK = 512
@@ -116,11 +110,11 @@ class QuantizedStorages:
         tracker that filed them elsewhere: a figure is never moved on a guess)."""
         packed = sum(self.packed.get(device, {}).values())
         constants = sum(self.constants.get(device, {}).values())
-        if not packed or by_category.get("parameters", 0) < packed or by_category.get("other", 0) < constants:
+        if not packed or by_category.get(PARAMETERS.name, 0) < packed or by_category.get(OTHER.name, 0) < constants:
             return by_category
         regrouped = dict(by_category)
-        regrouped["parameters"] -= packed
-        regrouped["other"] -= constants
+        regrouped[PARAMETERS.name] -= packed
+        regrouped[OTHER.name] -= constants
         regrouped[QUANTIZED] = packed + constants
         return regrouped
 

@@ -1,8 +1,9 @@
 """Two result sets side by side, cell by cell: an A30 against an H100, or a library
 before and after an upgrade.
 
-For each cell both runs hold: memory, time per epoch and masked accuracy from each, the
-ratio B/A (points for accuracy), and whether the change is beyond noise. Noise is judged
+For each cell both runs hold: memory, time per epoch and the task's compared accuracy
+metrics from each (a masked-LM's masked accuracy; a causal LM's next-token accuracy and
+perplexity), the ratio B/A (points for an accuracy), and whether the change is beyond noise. Noise is judged
 from the repeats' ranges when both runs repeated the cell (``run --repeat``); a single
 run on either side cannot tell a change from noise, and the table says so instead of
 guessing. Differences in preset or resolved config are reported first, key by key:
@@ -12,23 +13,49 @@ they are usually the reason for a change, or the reason a comparison is unfair.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pandas as pd
 
 from ..config import config_changes
+from ..metrics import EPOCH_SECONDS, MEMORY, Metric, TaskMetrics
 from ..results import CellResult, LoadedRun, cell_order
 from ..stats import HIGHER, LOWER, SINGLE_RUN, WITHIN_NOISE, versus
 from ..units import is_missing
-from .frame import build_frame
-from .table import fmt_mib, fmt_percent, fmt_seconds
+from .frame import build_frame, results_metrics
+from .table import fmt_figure, fmt_mib, fmt_seconds
 
-#: (label, column of the frame, statistics key or None for the run's memory measure, unit)
-FIGURES = (
-    ("memory", "memory_mib", None, "MiB"),
-    ("time / epoch", "epoch_seconds", "epoch_seconds", "s"),
-    ("masked accuracy", "eval_masked_accuracy", "eval_masked_accuracy", "fraction"),
-)
+
+@dataclass(frozen=True)
+class ComparedFigure:
+    """A figure compared between two runs: memory, time, and the task's compared accuracy metrics."""
+
+    label: str  # its name in the table's verdicts and in the JSON
+    abbreviation: str  # the headers' stem: "memory A", "memory B"
+    column: str  # the frame's column
+    #: The repeats' statistics it is judged by; None for the run's own memory measure.
+    statistics: str | None
+    #: The API frame's columns start with it (``memory_mib_a``, ``masked_accuracy_b``).
+    prefix: str
+    #: B-A in points (an accuracy) rather than B/A.
+    in_points: bool
+    text: Callable[[float], str]
+
+
+MEMORY_FIGURE = ComparedFigure("memory", "memory", MEMORY.name, None, MEMORY.name, False, fmt_mib)
+TIME_FIGURE = ComparedFigure("time / epoch", "time", EPOCH_SECONDS.name, EPOCH_SECONDS.name, EPOCH_SECONDS.name,
+                             False, fmt_seconds)
+
+
+def _accuracy_figure(metric: Metric) -> ComparedFigure:
+    labels = metric.shown_as
+    return ComparedFigure(labels.long, labels.abbreviation, metric.name, metric.name, metric.stem, metric.is_fraction,
+                          lambda value: fmt_figure(metric, value))
+
+
+def compared_figures(accuracy: TaskMetrics) -> tuple[ComparedFigure, ...]:
+    """What a comparison of runs of ``accuracy``'s task shows, in column order."""
+    return (MEMORY_FIGURE, TIME_FIGURE, *(_accuracy_figure(metric) for metric in accuracy.compared))
 
 
 def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
@@ -38,10 +65,14 @@ def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 @dataclass(frozen=True)
 class Change:
-    figure: str
+    compared: ComparedFigure
     a: float | None
     b: float | None
     verdict: str  # lower, higher, within noise, single run, or "-" when a side has no figure
+
+    @property
+    def figure(self) -> str:
+        return self.compared.label
 
     @property
     def ratio(self) -> float | None:
@@ -68,6 +99,8 @@ class Comparison:
     name_b: str
     measure_a: str
     measure_b: str
+    #: The figures each cell's changes hold, in order (run A's task decides the accuracy ones).
+    figures: tuple[ComparedFigure, ...]
     warnings: tuple[str, ...]
     cells: tuple[CellComparison, ...]
     only_a: tuple[str, ...]
@@ -138,6 +171,11 @@ def compare_runs(run_a: LoadedRun, run_b: LoadedRun) -> Comparison:
     frame_a, measure_a = build_frame(run_a.results)
     frame_b, measure_b = build_frame(run_b.results)
     warnings = _warnings(run_a, run_b)
+    accuracy, accuracy_b = results_metrics(run_a.results), results_metrics(run_b.results)
+    if accuracy != accuracy_b:
+        warnings.append(f"the runs trained different tasks ({accuracy.task} -> {accuracy_b.task}): "
+                        f"B's accuracy columns hold B's {accuracy.accuracy.shown_as.long}, which it never measured")
+    figures = compared_figures(accuracy)
     if measure_a.metric != measure_b.metric:
         warnings.append(f"memory is measured differently ({measure_a.label} -> {measure_b.label}): "
                         "its ratio compares two different figures")
@@ -147,13 +185,13 @@ def compare_runs(run_a: LoadedRun, run_b: LoadedRun) -> Comparison:
     for cell in common:
         result_a, result_b = by_cell_a[cell], by_cell_b[cell]
         changes = []
-        for label, column, key, _unit in FIGURES:
-            a, b = _value(frame_a, cell, column), _value(frame_b, cell, column)
-            stats_a = key or measure_a.metric
-            changes.append(Change(label, a, b, _verdict(result_a, result_b, stats_a, a, b)))
+        for figure in figures:
+            a, b = _value(frame_a, cell, figure.column), _value(frame_b, cell, figure.column)
+            key = figure.statistics or measure_a.metric
+            changes.append(Change(figure, a, b, _verdict(result_a, result_b, key, a, b)))
         cells.append(CellComparison(cell, result_a.status, result_b.status, tuple(changes)))
     return Comparison(
-        run_a.root.name, run_b.root.name, measure_a.label, measure_b.label, tuple(warnings), tuple(cells),
+        run_a.root.name, run_b.root.name, measure_a.label, measure_b.label, figures, tuple(warnings), tuple(cells),
         tuple(sorted(set(by_cell_a) - set(by_cell_b), key=cell_order)),
         tuple(sorted(set(by_cell_b) - set(by_cell_a), key=cell_order)),
     )
@@ -163,7 +201,7 @@ def describe_change(change: Change) -> str:
     """The B/A figure as the table shows it: a ratio, or points for accuracy."""
     if change.a is None or change.b is None:
         return "-"
-    if change.figure == "masked accuracy":
+    if change.compared.in_points:
         return f"{100 * (change.b - change.a):+.1f} pts"
     return "-" if change.ratio is None else f"{change.ratio:.2f}x"
 
@@ -172,8 +210,7 @@ VERDICT_TEXT = {LOWER: "lower", HIGHER: "higher", WITHIN_NOISE: "within noise", 
 
 
 def _shown(change: Change) -> tuple[str, str]:
-    fmt = {"memory": fmt_mib, "time / epoch": fmt_seconds, "masked accuracy": fmt_percent}[change.figure]
-    a, b = ("-" if value is None else fmt(value) for value in (change.a, change.b))
+    a, b = ("-" if value is None else change.compared.text(value) for value in (change.a, change.b))
     return a, b
 
 
@@ -198,8 +235,10 @@ def comparison_rows(comparison: Comparison) -> list[list[str]]:
 
 def headers(comparison: Comparison) -> list[str]:
     # Short: the title names A and B, and a table of eleven columns must fit a terminal.
-    return ["cell", "memory A", "memory B", "B/A", "time A", "time B", "B/A", "masked A", "masked B", "B-A",
-            "beyond noise"]
+    columns = ["cell"]
+    for figure in comparison.figures:
+        columns += [f"{figure.abbreviation} A", f"{figure.abbreviation} B", "B-A" if figure.in_points else "B/A"]
+    return columns + ["beyond noise"]
 
 
 def comparison_markdown(comparison: Comparison) -> str:

@@ -14,99 +14,89 @@ from typing import Any
 
 import pandas as pd
 
-from ..results import MEMORY_METRICS, TRAINED_STATUSES, CellResult
+from ..metrics import (
+    DELTA_OF,
+    DERIVED_METRICS,
+    EPOCH_SECONDS,
+    EPOCH_TIME_EXTRAPOLATED,
+    EPOCH_X_BASELINE,
+    MASKED_LM_METRICS,
+    MEASURED,
+    MEMORY,
+    MEMORY_ALL_RANKS,
+    MEMORY_CATEGORIES,
+    MEMORY_RANK_MEAN,
+    MEMORY_X_BASELINE,
+    NVML_PROCESS_PEAK,
+    PEAK_RESERVED,
+    TASK_BEFORE_CAUSAL_LMS,
+    TRACKED_PEAK,
+    Direction,
+    TaskMetrics,
+    ranked,
+    task_metrics,
+)
+from ..results import TRAINED_STATUSES, CellResult
 from ..stats import versus
 from ..units import MIB, format_gib
 from .pareto import frontier
 
 FAILED = "failed"
 
-#: Metrics copied from each result, in column order.
-METRIC_COLUMNS = (
-    *MEMORY_METRICS,
-    "epoch_seconds",
-    "epoch_time_extrapolated",
-    "samples_per_second",
-    "mean_step_seconds",
-    "first_step_seconds",
-    "tracked_step_seconds",
-    "cell_seconds",
-    "compile_seconds",
-    "steps_run",
-    "nonfinite_loss_steps",
-    "paged_optimizer_state_mib",
-    "eval_masked_accuracy",
-    "eval_token_accuracy",
-    "eval_next_token_accuracy",
-    "eval_perplexity",
-    "eval_loss",
-    "final_train_loss",
-)
+#: Metrics copied from each result, in column order: every measured metric of the catalogue,
+#: whatever the task (a stable schema: those of the other task stay empty).
+METRIC_COLUMNS = tuple(metric.name for metric in MEASURED)
 #: MemTracker's categories, and qlora's 4-bit weights (absent, so empty, in every other cell).
-CATEGORIES = ("parameters", "quantized_weights", "buffers", "gradients", "optimizer_state", "activations", "temporaries",
-              "other")
+CATEGORIES = tuple(category.name for category in MEMORY_CATEGORIES)
 BREAKDOWN_COLUMNS = tuple(f"tracked_{side}_{category}_mib" for side in ("device", "host") for category in CATEGORIES)
 #: Against the baseline, from the repeats' ranges: "lower", "higher", "within noise",
-#: "single run" (no repeats to judge by), or empty for the baseline itself.
-VERDICT_COLUMNS = ("memory_vs_baseline", "time_vs_baseline", "masked_accuracy_vs_baseline")
-DERIVED_COLUMNS = (
-    "memory_mib",
-    "memory_rank_mean_mib",
-    "memory_all_ranks_mib",
-    "memory_x_baseline",
-    "epoch_x_baseline",
-    "masked_accuracy_delta_points",
-    "token_accuracy_delta_points",
-    "next_token_accuracy_delta_points",
-)
+#: "single run" (no repeats to judge by), or empty for the baseline itself. Memory and time,
+#: then the task's compared accuracy metrics (``verdict_columns``).
+MEMORY_VERDICT, TIME_VERDICT = "memory_vs_baseline", "time_vs_baseline"
+DERIVED_COLUMNS = tuple(metric.name for metric in DERIVED_METRICS)
 OOM_COLUMNS = ("oom_requested_mib", "oom_in_use_mib", "gpu_memory_limit_mib")
 INFO_COLUMNS = (
     "pareto", "world_size", "device_type", "device_name", "compute_dtype", "optimizer", "trainable_parameters",
     "total_parameters", "preset", "objective", "attention", "memory_snapshot", "corpus_source",
     "train_sentences_repeated", "task", "architecture", "model_parameters", "model_notes",
 )
-COLUMNS = (
-    "cell", "strategies", "status", "reason", "repeats",
-    *DERIVED_COLUMNS, *VERDICT_COLUMNS, *METRIC_COLUMNS, *BREAKDOWN_COLUMNS, *OOM_COLUMNS, *INFO_COLUMNS,
-)
+
+
+def verdict_columns(accuracy: TaskMetrics) -> tuple[str, ...]:
+    """The verdict columns of a run of ``accuracy``'s task."""
+    return (MEMORY_VERDICT, TIME_VERDICT, *(metric.versus_baseline for metric in accuracy.compared))
+
+
+def frame_columns(accuracy: TaskMetrics) -> tuple[str, ...]:
+    """The frame's columns, in order, for a run of ``accuracy``'s task."""
+    return ("cell", "strategies", "status", "reason", "repeats", *DERIVED_COLUMNS, *verdict_columns(accuracy),
+            *METRIC_COLUMNS, *BREAKDOWN_COLUMNS, *OOM_COLUMNS, *INFO_COLUMNS)
+
+
+#: A masked-LM run's columns (the schema report.csv has always had).
+COLUMNS = frame_columns(MASKED_LM_METRICS)
+#: The verdict columns of a masked-LM run.
+VERDICT_COLUMNS = verdict_columns(MASKED_LM_METRICS)
 
 #: Which way is better, for colouring and for readers of the CSV.
-LOWER_IS_BETTER = {"memory_mib", "memory_x_baseline", "epoch_seconds", "epoch_x_baseline", "eval_loss", "final_train_loss",
-                   "eval_perplexity"}
-HIGHER_IS_BETTER = {"eval_masked_accuracy", "eval_token_accuracy", "masked_accuracy_delta_points", "samples_per_second",
-                    "eval_next_token_accuracy", "next_token_accuracy_delta_points"}
+LOWER_IS_BETTER = {metric.name for metric in ranked(Direction.LOWER)}
+HIGHER_IS_BETTER = {metric.name for metric in ranked(Direction.HIGHER)}
 
 
-@dataclass(frozen=True)
-class AccuracyColumns:
-    """What the accuracy columns of every table show: a masked-LM's masked and all-token
-    accuracy, or a causal LM's next-token accuracy and perplexity."""
-
-    task: str
-    accuracy: str  # the headline accuracy's column, compared with the baseline in points
-    delta: str
-    second: str  # the second figure's column
-    #: Headers: (terminal, markdown, HTML) for the accuracy, then for the second figure.
-    accuracy_labels: tuple[str, str, str]
-    second_labels: tuple[str, str, str]
-    second_is_fraction: bool
+def accuracy_columns(frame: pd.DataFrame) -> TaskMetrics:
+    """The accuracy metrics for the run's task (a run trains one model, so one task)."""
+    return task_metrics(frame["task"] if "task" in frame else ())
 
 
-MASKED_LM_COLUMNS = AccuracyColumns(
-    "mlm", "eval_masked_accuracy", "masked_accuracy_delta_points", "eval_token_accuracy",
-    ("masked acc", "eval accuracy, masked", "masked accuracy"),
-    ("token acc (seed)", "token accuracy, seed's", "token accuracy (seed's)"), True,
-)
-CAUSAL_LM_COLUMNS = AccuracyColumns(
-    "clm", "eval_next_token_accuracy", "next_token_accuracy_delta_points", "eval_perplexity",
-    ("next-token acc", "eval accuracy, next token", "next-token accuracy"),
-    ("perplexity", "eval perplexity", "perplexity"), False,
-)
+def task_of(result: CellResult) -> str | None:
+    """The task the cell's model was trained on; None for a result that never loaded a model."""
+    # Results written before causal LMs were supported trained a masked-LM.
+    return (result.model or {}).get("task", TASK_BEFORE_CAUSAL_LMS) if result.model else None
 
 
-def accuracy_columns(frame: pd.DataFrame) -> AccuracyColumns:
-    """The columns for the run's task (a run trains one model, so one task)."""
-    return CAUSAL_LM_COLUMNS if "task" in frame and frame["task"].eq("clm").any() else MASKED_LM_COLUMNS
+def results_metrics(results: list[CellResult]) -> TaskMetrics:
+    """The accuracy metrics of a run, from its results."""
+    return task_metrics(task_of(result) for result in results)
 
 
 @dataclass(frozen=True)
@@ -117,9 +107,9 @@ class MemoryMeasure:
     label: str
 
 
-CPU_MEASURE = MemoryMeasure("tracked_peak_mib", "tensor peak (CPU)")
-NVML_MEASURE = MemoryMeasure("nvml_process_peak_mib", "GPU memory (NVML)")
-RESERVED_MEASURE = MemoryMeasure("peak_reserved_mib", "GPU memory (reserved)")
+CPU_MEASURE = MemoryMeasure(TRACKED_PEAK.name, "tensor peak (CPU)")
+NVML_MEASURE = MemoryMeasure(NVML_PROCESS_PEAK.name, "GPU memory (NVML)")
+RESERVED_MEASURE = MemoryMeasure(PEAK_RESERVED.name, "GPU memory (reserved)")
 
 
 def memory_measure(results: list[CellResult]) -> MemoryMeasure:
@@ -173,8 +163,7 @@ def _row(result: CellResult) -> dict[str, Any]:
         memory_snapshot=result.recorded_snapshot,
         corpus_source=data.get("corpus_source"),
         train_sentences_repeated=data.get("train_sentences_repeated"),
-        # Results written before causal LMs were supported trained a masked-LM.
-        task=(result.model or {}).get("task", "mlm") if result.model else None,
+        task=task_of(result),
         architecture=(result.model or {}).get("architecture"),
         model_parameters=(result.model or {}).get("parameters"),
         model_notes=model_notes(result),
@@ -191,30 +180,29 @@ def model_notes(result: CellResult) -> str | None:
 def build_frame(results: list[CellResult], baseline: str = "baseline") -> tuple[pd.DataFrame, MemoryMeasure]:
     """One row per cell with every measured field and the comparisons against ``baseline``."""
     measure = memory_measure(results)
-    frame = pd.DataFrame([_row(result) for result in results]).reindex(columns=list(COLUMNS))
-    numeric = [c for c in (*DERIVED_COLUMNS, *METRIC_COLUMNS, *BREAKDOWN_COLUMNS) if c != "epoch_time_extrapolated"]
+    accuracy = results_metrics(results)
+    frame = pd.DataFrame([_row(result) for result in results]).reindex(columns=list(frame_columns(accuracy)))
+    numeric = [c for c in (*DERIVED_COLUMNS, *METRIC_COLUMNS, *BREAKDOWN_COLUMNS) if c != EPOCH_TIME_EXTRAPOLATED.name]
     frame[numeric] = frame[numeric].apply(pd.to_numeric, errors="coerce").astype("float64")
-    frame["memory_mib"] = frame[measure.metric]
+    frame[MEMORY.name] = frame[measure.metric]
     spread = [(result.memory_per_rank or {}).get(measure.metric, {}) for result in results]
-    frame["memory_rank_mean_mib"] = [entry.get("mean", math.nan) for entry in spread]
-    frame["memory_all_ranks_mib"] = [entry.get("total", math.nan) for entry in spread]
+    frame[MEMORY_RANK_MEAN.name] = [entry.get("mean", math.nan) for entry in spread]
+    frame[MEMORY_ALL_RANKS.name] = [entry.get("total", math.nan) for entry in spread]
     base = frame[(frame["cell"] == baseline) & (frame["status"] == "ok")]
     if not base.empty:
         reference = base.iloc[0]
-        frame["memory_x_baseline"] = frame["memory_mib"] / reference["memory_mib"]
-        frame["epoch_x_baseline"] = frame["epoch_seconds"] / reference["epoch_seconds"]
-        frame["masked_accuracy_delta_points"] = 100 * (frame["eval_masked_accuracy"] - reference["eval_masked_accuracy"])
-        frame["token_accuracy_delta_points"] = 100 * (frame["eval_token_accuracy"] - reference["eval_token_accuracy"])
-        frame["next_token_accuracy_delta_points"] = 100 * (
-            frame["eval_next_token_accuracy"] - reference["eval_next_token_accuracy"])
+        frame[MEMORY_X_BASELINE.name] = frame[MEMORY.name] / reference[MEMORY.name]
+        frame[EPOCH_X_BASELINE.name] = frame[EPOCH_SECONDS.name] / reference[EPOCH_SECONDS.name]
+        for delta, of in DELTA_OF.items():
+            frame[delta.name] = 100 * (frame[of.name] - reference[of.name])
     failed = ~frame["status"].isin(TRAINED_STATUSES)
     frame.loc[failed, list(numeric)] = float("nan")  # a failed cell's partial figures are not comparable
     on_frontier = set(pareto_cells(frame))
     frame["pareto"] = frame["cell"].isin(on_frontier)
-    reference = next((r for r in results if r.cell == baseline and r.ok), None)
-    accuracy = accuracy_columns(frame).accuracy
-    for column, metric in zip(VERDICT_COLUMNS, (measure.metric, "epoch_seconds", accuracy)):
-        frame[column] = [_verdict(result, reference, metric) for result in results]
+    reference_result = next((r for r in results if r.cell == baseline and r.ok), None)
+    judged = (measure.metric, EPOCH_SECONDS.name, *(metric.name for metric in accuracy.compared))
+    for column, metric in zip(verdict_columns(accuracy), judged):
+        frame[column] = [_verdict(result, reference_result, metric) for result in results]
     return frame, measure
 
 
@@ -231,6 +219,6 @@ def _verdict(result: CellResult, reference: CellResult | None, metric: str) -> s
 def pareto_cells(frame: pd.DataFrame) -> list[str]:
     """The finished cells no other beats on both memory and time per epoch, smallest first."""
     trained = frame[frame["status"].isin(TRAINED_STATUSES)]
-    return frontier(zip(trained["cell"], trained["memory_mib"], trained["epoch_seconds"]))
+    return frontier(zip(trained["cell"], trained[MEMORY.name], trained[EPOCH_SECONDS.name]))
 
 

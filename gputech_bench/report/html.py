@@ -42,8 +42,8 @@ def _esc(value: Any) -> str:
 
 def _table(frame: pd.DataFrame, measure: MemoryMeasure) -> str:
     accuracy = accuracy_columns(frame)
-    head = ["cell", measure.label, "x baseline", "time / epoch", "x baseline", accuracy.accuracy_labels[2], "Δ points",
-            accuracy.second_labels[2], "status"]
+    head = ["cell", measure.label, "x baseline", "time / epoch", "x baseline", accuracy.accuracy.shown_as.long, "Δ points",
+            accuracy.second.shown_as.long, "status"]
     rows = []
     for row in frame.itertuples(index=False):
         classes = ["pareto"] if row.pareto else []

@@ -27,9 +27,26 @@ from matplotlib.transforms import Bbox
 
 from ..estimator.render import EstimateReport, read_estimate
 from ..files import atomic_write_bytes
+from ..metrics import (
+    ACTIVATIONS,
+    EPOCH_SECONDS,
+    EPOCH_TIME_EXTRAPOLATED,
+    GRADIENTS,
+    MEMORY,
+    MEMORY_CATEGORIES,
+    NVML_PROCESS_PEAK,
+    OPTIMIZER_STATE,
+    OTHER,
+    PARAMETERS,
+    PEAK_ALLOCATED,
+    PEAK_RESERVED,
+    QUANTIZED_WEIGHTS,
+    TEMPORARIES,
+    Metric,
+)
 from ..results import CellResult, LoadedRun, RunFolder
 from ..units import MIB, MIB_PER_GIB, is_missing
-from .frame import MemoryMeasure, build_frame
+from .frame import MemoryMeasure, build_frame, results_metrics
 from .table import fmt_seconds
 
 FIGSIZE = (10.0, 6.0)
@@ -47,21 +64,34 @@ BLUE, SKY, GREEN, ORANGE, YELLOW, VERMILLION, PURPLE, GREY = (
 #: Okabe-Ito's blue, darkened: a ninth colour that reads as "parameters, but different".
 NAVY = "#003A63"
 
-#: Stacked segments, bottom to top, with their legend names and colours. "other" folds in buffers.
-SEGMENTS = (
-    ("parameters", "parameters", BLUE),
+#: Each memory category's colour in the stack.
+CATEGORY_COLOURS = {
+    PARAMETERS.name: BLUE,
     # qlora's frozen base: parameters too, so the same hue, darker.
-    ("quantized_weights", "4-bit weights\n(+ quant. constants)", NAVY),
-    ("gradients", "gradients", SKY),
-    ("optimizer_state", "optimizer state", GREEN),
-    ("activations", "activations", ORANGE),
-    ("temporaries", "temporaries", YELLOW),
-    ("other", "buffers + other", PURPLE),
+    QUANTIZED_WEIGHTS.name: NAVY,
+    GRADIENTS.name: SKY,
+    OPTIMIZER_STATE.name: GREEN,
+    ACTIVATIONS.name: ORANGE,
+    TEMPORARIES.name: YELLOW,
+    OTHER.name: PURPLE,
+}
+#: What CUDA holds beyond live tensors, stacked on top of them.
+OVERHEAD_SEGMENTS = (
     ("cuda_context", "CUDA context\n(NVML - reserved)", GREY),
     ("allocator_reserve", "allocator reserve\n(reserved - allocated)", VERMILLION),
 )
-TENSOR_CATEGORIES = ("parameters", "quantized_weights", "gradients", "optimizer_state", "activations", "temporaries")
-OVERHEADS = ("cuda_context", "allocator_reserve")
+#: Stacked segments, bottom to top, with their legend names and colours: the memory categories
+#: in the catalogue's order (buffers, which have no label of their own, fold into "other").
+SEGMENTS = (
+    *((category.name, category.chart_label, CATEGORY_COLOURS[category.name])
+      for category in MEMORY_CATEGORIES if category.chart_label is not None),
+    *OVERHEAD_SEGMENTS,
+)
+#: The categories drawn as they are; the rest fold into "other".
+TENSOR_CATEGORIES = tuple(category.name for category in MEMORY_CATEGORIES
+                          if category.chart_label is not None and category is not OTHER)
+FOLDED_INTO_OTHER = tuple(category.name for category in MEMORY_CATEGORIES if category.chart_label is None)
+OVERHEADS = tuple(key for key, _, _ in OVERHEAD_SEGMENTS)
 
 MEASURED = "measured (MemTracker)"
 ESTIMATED = "estimate (fake-tensor trace)"
@@ -190,11 +220,12 @@ def memory_time_chart(frame: pd.DataFrame, measure: MemoryMeasure, baseline: str
     chart = _new_chart()
     ax = chart.add_subplot()
     chart.subplots_adjust(**AXES_BOX)
-    plotted = frame[frame["memory_mib"].notna() & frame["epoch_seconds"].notna()]
+    memory, seconds = MEMORY.name, EPOCH_SECONDS.name
+    plotted = frame[frame[memory].notna() & frame[seconds].notna()]
     missing = frame[~frame.index.isin(plotted.index)]
-    unit, divisor = _memory_unit(plotted["memory_mib"].max() if not plotted.empty else 0.0)
-    xs = plotted["epoch_seconds"].to_numpy()
-    ys = (plotted["memory_mib"] / divisor).to_numpy()
+    unit, divisor = _memory_unit(plotted[memory].max() if not plotted.empty else 0.0)
+    xs = plotted[seconds].to_numpy()
+    ys = (plotted[memory] / divisor).to_numpy()
 
     top = (ys.max() if len(ys) else 1.0) * 1.12
     if not missing.empty:
@@ -203,11 +234,11 @@ def memory_time_chart(frame: pd.DataFrame, measure: MemoryMeasure, baseline: str
     ax.set_ylim(0, top)
 
     handles = _cell_points(ax, xs, ys, plotted["pareto"].eq(True).to_numpy(),
-                           plotted["epoch_time_extrapolated"].eq(True).to_numpy())
+                           plotted[EPOCH_TIME_EXTRAPOLATED.name].eq(True).to_numpy())
     obstacles = _marker_boxes(list(zip(xs, ys)), ax.transData)
     obstacles += _frontier_line(ax, plotted[plotted["pareto"].eq(True)], divisor, handles)
     obstacles += _baseline_lines(ax, plotted, baseline, divisor, unit, handles)
-    labels = [(row.cell, (row.epoch_seconds, row.memory_mib / divisor), ax.transData) for row in plotted.itertuples()]
+    labels = [(cell, (x, y), ax.transData) for cell, x, y in zip(plotted["cell"], xs, ys)]
     if not missing.empty:
         obstacles += _failed_band(ax, missing, labels, handles)
     _place_labels(ax, labels, obstacles)
@@ -245,8 +276,8 @@ def _frontier_line(ax, rows: pd.DataFrame, divisor: float, handles: list) -> lis
     Its segments are returned as obstacles so that no label is written across the line."""
     if len(rows) < 2:
         return []
-    rows = rows.sort_values("epoch_seconds")
-    xs, ys = rows["epoch_seconds"].tolist(), (rows["memory_mib"] / divisor).tolist()
+    rows = rows.sort_values(EPOCH_SECONDS.name)
+    xs, ys = rows[EPOCH_SECONDS.name].tolist(), (rows[MEMORY.name] / divisor).tolist()
     ax.step(xs, ys, where="post", color=VERMILLION, lw=1.2, zorder=2)
     handles.append(Line2D([], [], color=VERMILLION, lw=1.2, label="Pareto frontier\n(no cell smaller and faster)"))
     corners = [(x, y) for index in range(len(xs) - 1) for x, y in ((xs[index], ys[index]), (xs[index + 1], ys[index]))]
@@ -262,7 +293,7 @@ def _baseline_lines(ax, plotted: pd.DataFrame, baseline: str, divisor: float, un
     if rows.empty:
         return []
     row = rows.iloc[0]
-    memory, seconds = row["memory_mib"] / divisor, row["epoch_seconds"]
+    memory, seconds = row[MEMORY.name] / divisor, row[EPOCH_SECONDS.name]
     style: dict[str, Any] = dict(color="#555555", linestyle="--", lw=1.0, zorder=1)
     ax.axhline(memory, **style)
     ax.axvline(seconds, **style)
@@ -320,12 +351,12 @@ def load_estimate(folder: RunFolder) -> EstimateReport | None:
 def _categories(values: dict[str, float]) -> dict[str, float]:
     """The shown categories from a full set: buffers and other folded together, zeros dropped."""
     folded = {name: values.get(name) or 0.0 for name in TENSOR_CATEGORIES}
-    folded["other"] = (values.get("buffers") or 0.0) + (values.get("other") or 0.0)
+    folded[OTHER.name] = sum(values.get(name) or 0.0 for name in (*FOLDED_INTO_OTHER, OTHER.name))
     return {name: value for name, value in folded.items() if value > 0}
 
 
 def _tracked(row: pd.Series, side: str) -> dict[str, float] | None:
-    values = {name: row.get(f"tracked_{side}_{name}_mib") for name in (*TENSOR_CATEGORIES, "buffers", "other")}
+    values = {name: row.get(f"tracked_{side}_{name}_mib") for name in (*TENSOR_CATEGORIES, *FOLDED_INTO_OTHER, OTHER.name)}
     if all(is_missing(value) for value in values.values()):
         return None
     return _categories({name: value for name, value in values.items() if not is_missing(value)})
@@ -344,7 +375,7 @@ def _prediction(report: EstimateReport, cell: str, micro_batch_size: int | None)
 def _overheads(row: pd.Series) -> dict[str, float]:
     """What CUDA holds beyond live tensors, from the run's own allocator and NVML figures."""
     overheads = {}
-    allocated, reserved, nvml = row.get("peak_allocated_mib"), row.get("peak_reserved_mib"), row.get("nvml_process_peak_mib")
+    allocated, reserved, nvml = (row.get(metric.name) for metric in (PEAK_ALLOCATED, PEAK_RESERVED, NVML_PROCESS_PEAK))
     if not is_missing(nvml) and not is_missing(reserved) and nvml > reserved:
         overheads["cuda_context"] = nvml - reserved
     if not is_missing(reserved) and not is_missing(allocated) and reserved > allocated:
@@ -370,7 +401,7 @@ def breakdown_stacks(run: LoadedRun, frame: pd.DataFrame) -> tuple[list[Stack], 
                 {name: value / MIB for name, value in prediction.host.by_category.items()})
             source = ESTIMATED
         device.update(_overheads(row))
-        stacks.append(Stack(row["cell"], row["status"], source, device, host or {}, row["memory_mib"]))
+        stacks.append(Stack(row["cell"], row["status"], source, device, host or {}, row[MEMORY.name]))
     return stacks, skipped
 
 
@@ -446,57 +477,74 @@ def _breakdown_legend(stacks: list[Stack], used: set[str], measure: MemoryMeasur
 
 # --------------------------------------------------------------------------- 3. accuracy over repeats
 
-ACCURACY_METRIC = "eval_masked_accuracy"
+#: Vertical room between stacked panels (a causal LM's accuracy above its perplexity).
+_PANEL_SPACE = 0.55
 
 
-def _accuracy_statistics(result: CellResult) -> dict[str, Any] | None:
-    """The masked accuracy's statistics over the cell's repeats; None when it was not repeated."""
-    statistics = (result.repeats or {}).get("statistics", {}).get(ACCURACY_METRIC)
+def _repeat_statistics(result: CellResult, metric: Metric) -> dict[str, Any] | None:
+    """``metric``'s statistics over the cell's repeats; None when it was not repeated."""
+    statistics = (result.repeats or {}).get("statistics", {}).get(metric.name)
     return statistics if statistics and statistics.get("values") else None
 
 
-def accuracy_chart(run: LoadedRun, frame: pd.DataFrame) -> Chart | None:
-    """Median masked accuracy per repeated cell, min-max bars and every value as a dot;
-    None when no cell was repeated."""
+def _repeated_cells(run: LoadedRun, frame: pd.DataFrame, metric: Metric) -> list[tuple[str, str, dict[str, Any]]]:
     by_cell = run.by_cell()
-    cells = [(cell, status, statistics) for cell, status in zip(frame["cell"], frame["status"])
-             if (statistics := _accuracy_statistics(by_cell[cell])) is not None]
-    if not cells:
+    return [(cell, status, statistics) for cell, status in zip(frame["cell"], frame["status"])
+            if (statistics := _repeat_statistics(by_cell[cell], metric)) is not None]
+
+
+def accuracy_chart(run: LoadedRun, frame: pd.DataFrame) -> Chart | None:
+    """The task's compared accuracy metrics over repeats (a masked-LM's masked accuracy; a causal
+    LM's next-token accuracy above its perplexity): per repeated cell the median, min-max bars and
+    every value as a dot; None when no cell was repeated."""
+    accuracy = results_metrics(run.results)
+    panels = [(metric, cells) for metric in accuracy.compared if (cells := _repeated_cells(run, frame, metric))]
+    if not panels:
         return None
     chart = _new_chart()
-    ax = chart.add_subplot()
-    chart.subplots_adjust(**AXES_BOX)
+    axes = [chart.add_subplot(len(panels), 1, index + 1) for index in range(len(panels))]
+    chart.subplots_adjust(**AXES_BOX, **({"hspace": _PANEL_SPACE} if len(panels) > 1 else {}))
     any_outlier = False
-    for position, (_, _, statistics) in enumerate(cells):
-        median, low, high = (100 * statistics[key] for key in ("median", "min", "max"))
-        ax.errorbar(position, median, yerr=[[median - low], [high - median]], fmt="o", color=BLUE,
-                    markersize=7, capsize=6, lw=1.5, zorder=3)
-        values, outliers = statistics["values"], set(statistics.get("outliers", []))
-        # The dots sit to the right of the bar, spread sideways so equal values stay visible.
-        xs = [position + 0.15 + 0.1 * index / max(len(values) - 1, 1) for index in range(len(values))]
-        kept = [index for index in range(len(values)) if index not in outliers]
-        ax.scatter([xs[i] for i in kept], [100 * values[i] for i in kept], s=14, color=GREY, zorder=2)
-        if outliers:
-            any_outlier = True
-            ax.scatter([xs[i] for i in outliers], [100 * values[i] for i in outliers], s=30, marker="x",
-                       color=VERMILLION, zorder=2)
-    _cell_ticks(ax, [f"{cell}\n(n={len(statistics['values'])}{'' if status == 'ok' else ', ' + status})"
-                     for cell, status, statistics in cells])
-    ax.set_xlim(-0.6, len(cells) - 0.2)
-    ax.set_ylabel("eval accuracy at masked positions (%)")
-    varied = any((by_cell[cell].repeats or {}).get("vary_seed") for cell, _, _ in cells)
+    for ax, (metric, cells) in zip(axes, panels):
+        any_outlier |= _repeats_panel(ax, metric, cells)
+    by_cell = run.by_cell()
+    varied = any((by_cell[cell].repeats or {}).get("vary_seed") for _, cells in panels for cell, _, _ in cells)
     seeds = "a different seed per repeat" if varied else "the same seed each repeat: run-to-run noise only"
-    ax.set_title(f"Masked-token accuracy over repeats: {run.root.name}\n{seeds}", fontsize=11)
-    ax.grid(True, axis="y", color="#dddddd", lw=0.6)
-    ax.set_axisbelow(True)
+    axes[0].set_title(f"{accuracy.repeats_title}: {run.root.name}\n{seeds}", fontsize=11)
     handles = [
         Line2D([], [], marker="o", color=BLUE, lw=1.5, label="median; bar: min to max"),
         Line2D([], [], marker="o", linestyle="", color=GREY, markersize=4, label="one repeat"),
     ]
     if any_outlier:
         handles.append(Line2D([], [], marker="x", linestyle="", color=VERMILLION, label="outlier (MAD rule)"))
-    ax.legend(handles=handles, **LEGEND_AT)
+    axes[0].legend(handles=handles, **LEGEND_AT)
     return chart
+
+
+def _repeats_panel(ax, metric: Metric, cells: list[tuple[str, str, dict[str, Any]]]) -> bool:
+    """One metric's medians, ranges and values per cell; returns whether any value is an outlier."""
+    scale = 100 if metric.is_fraction else 1  # a fraction is drawn in percent
+    any_outlier = False
+    for position, (_, _, statistics) in enumerate(cells):
+        median, low, high = (scale * statistics[key] for key in ("median", "min", "max"))
+        ax.errorbar(position, median, yerr=[[median - low], [high - median]], fmt="o", color=BLUE,
+                    markersize=7, capsize=6, lw=1.5, zorder=3)
+        values, outliers = statistics["values"], set(statistics.get("outliers", []))
+        # The dots sit to the right of the bar, spread sideways so equal values stay visible.
+        xs = [position + 0.15 + 0.1 * index / max(len(values) - 1, 1) for index in range(len(values))]
+        kept = [index for index in range(len(values)) if index not in outliers]
+        ax.scatter([xs[i] for i in kept], [scale * values[i] for i in kept], s=14, color=GREY, zorder=2)
+        if outliers:
+            any_outlier = True
+            ax.scatter([xs[i] for i in outliers], [scale * values[i] for i in outliers], s=30, marker="x",
+                       color=VERMILLION, zorder=2)
+    _cell_ticks(ax, [f"{cell}\n(n={len(statistics['values'])}{'' if status == 'ok' else ', ' + status})"
+                     for cell, status, statistics in cells])
+    ax.set_xlim(-0.6, len(cells) - 0.2)
+    ax.set_ylabel(metric.shown_as.axis)
+    ax.grid(True, axis="y", color="#dddddd", lw=0.6)
+    ax.set_axisbelow(True)
+    return any_outlier
 
 
 # --------------------------------------------------------------------------- files

@@ -13,16 +13,18 @@ from ..config import ATTENTION_KERNELS, OBJECTIVES
 from ..results import TRAINED_STATUSES, CellResult
 from ..stats import WITHIN_NOISE
 from ..units import MIB, MIB_PER_GIB, format_gib, format_size, is_missing
-from .frame import (
-    CAUSAL_LM_COLUMNS,
-    HIGHER_IS_BETTER,
-    MASKED_LM_COLUMNS,
-    VERDICT_COLUMNS,
-    AccuracyColumns,
-    MemoryMeasure,
-    accuracy_columns,
-    pareto_cells,
+from ..metrics import (
+    CAUSAL_LM,
+    EPOCH_SECONDS,
+    EPOCH_TIME_EXTRAPOLATED,
+    MASKED_LM,
+    MEMORY,
+    PAGED_OPTIMIZER_STATE,
+    TASK_METRICS,
+    Metric,
+    TaskMetrics,
 )
+from .frame import HIGHER_IS_BETTER, MEMORY_VERDICT, TIME_VERDICT, MemoryMeasure, accuracy_columns, pareto_cells
 
 
 def noise_mark(verdict: Any) -> str:
@@ -79,21 +81,27 @@ def reason_notes(frame: pd.DataFrame) -> tuple[dict[tuple[str, str], int], list[
     return numbers, notes
 
 
-def row_texts(row: Any, accuracy: AccuracyColumns | None = None) -> tuple[str, ...]:
+def fmt_figure(metric: Metric, value: float) -> str:
+    """An accuracy metric's value as every table shows it: a fraction as a percentage, else a number."""
+    return fmt_percent(value) if metric.is_fraction else fmt_number(value)
+
+
+def row_texts(row: Any, accuracy: TaskMetrics | None = None) -> tuple[str, ...]:
     """An ok row's figures as the terminal and HTML tables show them: memory, its ratio, time,
     its ratio, then the task's accuracy, its change in points and its second figure (a
     masked-LM: the seed's token accuracy; a causal LM: perplexity)."""
     if accuracy is None:
-        accuracy = CAUSAL_LM_COLUMNS if getattr(row, "task", None) == "clm" else MASKED_LM_COLUMNS
-    second = getattr(row, accuracy.second)
+        accuracy = TASK_METRICS[CAUSAL_LM if getattr(row, "task", None) == CAUSAL_LM else MASKED_LM]
+    memory = getattr(row, MEMORY.name)
     return (
-        "-" if is_missing(row.memory_mib) else fmt_mib(row.memory_mib),
-        fmt_ratio(row.memory_x_baseline) + noise_mark(row.memory_vs_baseline),
-        fmt_seconds(row.epoch_seconds) + ("*" if row.epoch_time_extrapolated else "") + ("†" if row.memory_snapshot else ""),
-        fmt_ratio(row.epoch_x_baseline) + noise_mark(row.time_vs_baseline),
-        fmt_percent(getattr(row, accuracy.accuracy)),
-        fmt_points(getattr(row, accuracy.delta)) + noise_mark(row.masked_accuracy_vs_baseline),
-        fmt_percent(second) if accuracy.second_is_fraction else fmt_number(second),
+        "-" if is_missing(memory) else fmt_mib(memory),
+        fmt_ratio(row.memory_x_baseline) + noise_mark(getattr(row, MEMORY_VERDICT)),
+        fmt_seconds(getattr(row, EPOCH_SECONDS.name)) + ("*" if getattr(row, EPOCH_TIME_EXTRAPOLATED.name) else "")
+        + ("†" if row.memory_snapshot else ""),
+        fmt_ratio(row.epoch_x_baseline) + noise_mark(getattr(row, TIME_VERDICT)),
+        fmt_percent(getattr(row, accuracy.accuracy.name)),
+        fmt_points(getattr(row, accuracy.delta.name)) + noise_mark(getattr(row, accuracy.accuracy.versus_baseline)),
+        fmt_figure(accuracy.second, getattr(row, accuracy.second.name)),
     )
 
 
@@ -104,7 +112,7 @@ def fmt_number(value: float) -> str:
 def table_notes(frame: pd.DataFrame) -> list[str]:
     """The lines under every rendering of the table: extrapolated times, the frontier, repeats."""
     notes = []
-    if frame["epoch_time_extrapolated"].eq(True).any():
+    if frame[EPOCH_TIME_EXTRAPOLATED.name].eq(True).any():
         notes.append("* time per epoch extrapolated from the timed steps of a short run (train.max_steps)")
     if frame["memory_snapshot"].eq(True).any():
         notes.append("† recorded a CUDA memory snapshot (a stack per allocation): slower than an unrecorded run, "
@@ -115,7 +123,7 @@ def table_notes(frame: pd.DataFrame) -> list[str]:
         row = repeated.iloc[0]
         notes.append(f"the training split repeats {int(row.train_sentences_repeated):,} sentences: {row.corpus_source} "
                      "has fewer unique ones than data.train_sentences asks for, so an epoch keeps its length")
-    paged = frame.dropna(subset=["paged_optimizer_state_mib"])
+    paged = frame.dropna(subset=[PAGED_OPTIMIZER_STATE.name])
     if not paged.empty:
         amounts = ", ".join(f"{row.cell} {fmt_mib(row.paged_optimizer_state_mib)}" for row in paged.itertuples())
         notes.append(f"optimizer state in CUDA unified memory, outside the memory column (add it before comparing): {amounts}")
@@ -134,8 +142,8 @@ def model_lines(frame: pd.DataFrame) -> list[str]:
     row = known.iloc[0]
     lines = []
     accuracy = accuracy_columns(frame)
-    if row.architecture != "BertForMaskedLM" or accuracy.task != "mlm":
-        shown = f"{accuracy.accuracy_labels[0]} and {accuracy.second_labels[0]}"
+    if row.architecture != "BertForMaskedLM" or accuracy.task != MASKED_LM:
+        shown = " and ".join(metric.shown_as.terminal for metric in accuracy.shown)
         lines.append(f"model: {row.architecture}, {int(row.model_parameters):,} parameters; the accuracy columns show "
                      f"{shown}" if not is_missing(row.model_parameters) else f"model: {row.architecture}")
     notes = known["model_notes"].dropna()
@@ -176,7 +184,8 @@ def repeat_notes(frame: pd.DataFrame) -> list[str]:
         return []
     notes = [f"figures are medians of {int(counts.min())}-{int(counts.max())} repeats" if counts.min() != counts.max()
              else f"figures are medians of {int(counts.max())} repeats"]
-    if frame[list(VERDICT_COLUMNS)].eq(WITHIN_NOISE).any().any():
+    verdicts = [column for column in frame.columns if column.endswith("_vs_baseline")]
+    if frame[verdicts].eq(WITHIN_NOISE).any().any():
         notes.append("≈ within noise of the baseline: the repeats' ranges overlap (outliers left out)")
     return notes
 
@@ -188,11 +197,11 @@ def _baseline_value(frame: pd.DataFrame, baseline: str, column: str) -> Any:
 
 def markdown(frame: pd.DataFrame, measure: MemoryMeasure, results: list[CellResult], baseline: str = "baseline") -> str:
     """A GitHub table shaped like the seed's, baseline figures in the headers, then provenance."""
-    memory = _baseline_value(frame, baseline, "memory_mib")
-    seconds = _baseline_value(frame, baseline, "epoch_seconds")
+    memory = _baseline_value(frame, baseline, MEMORY.name)
+    seconds = _baseline_value(frame, baseline, EPOCH_SECONDS.name)
     accuracy = accuracy_columns(frame)
-    masked = _baseline_value(frame, baseline, accuracy.accuracy)
-    token = _baseline_value(frame, baseline, accuracy.second)
+    masked = _baseline_value(frame, baseline, accuracy.accuracy.name)
+    token = _baseline_value(frame, baseline, accuracy.second.name)
 
     def header(label: str, value: Any, fmt) -> str:
         return f"{label} ({baseline}: {fmt(value)})" if not is_missing(value) else label
@@ -201,8 +210,8 @@ def markdown(frame: pd.DataFrame, measure: MemoryMeasure, results: list[CellResu
         "| strategy | " + " | ".join([
             header(measure.label, memory, fmt_mib),
             header("time / epoch", seconds, fmt_seconds),
-            header(accuracy.accuracy_labels[1], masked, fmt_percent),
-            header(accuracy.second_labels[1], token, fmt_percent if accuracy.second_is_fraction else fmt_number),
+            header(accuracy.accuracy.shown_as.markdown, masked, fmt_percent),
+            header(accuracy.second.shown_as.markdown, token, lambda value: fmt_figure(accuracy.second, value)),
         ]) + " | status |",
         "|:---|---:|---:|---:|---:|:---|",
     ]
