@@ -16,6 +16,7 @@ from ..config import BenchConfig, model_overrides
 from ..errors import ConfigError
 from ..estimator.measured import error_percent, measured_peak
 from ..estimator.overheads import DEFAULTS, calibrate
+from ..metrics import EPOCH_SECONDS, NVML_PROCESS_PEAK
 from ..results import CellResult
 from ..units import GIB, MIB, format_gib, parse_size
 from ._display import text_html
@@ -127,7 +128,7 @@ class Fit:
             "device_is_lower_bound": candidate.at_least,
             "host_gib": None if host is None or candidate.prediction.error else host.total_bytes / GIB,
             "figure": candidate.prediction.source, "modelled": candidate.prediction.modelled,
-            "epoch_seconds": time.seconds, "time_x_baseline": time.factor, "time_from": time.source,
+            EPOCH_SECONDS.name: time.seconds, "time_x_baseline": time.factor, "time_from": time.source,
             "gives_up": gives_up(candidate.setup), "error": candidate.prediction.error,
         }
 
@@ -146,7 +147,7 @@ class Fit:
             rows.append(self._row(result.floor, "too big"))
         rows += [self._row(candidate, "not traced") for candidate in result.untraceable]
         columns = ["verdict", "setup", "cell", "micro_batch_size", "device_gib", "device_is_lower_bound", "host_gib",
-                   "figure", "modelled", "epoch_seconds", "time_x_baseline", "time_from", "gives_up", "error"]
+                   "figure", "modelled", EPOCH_SECONDS.name, "time_x_baseline", "time_from", "gives_up", "error"]
         return pd.DataFrame(rows, columns=columns)
 
     def to_dict(self) -> dict[str, Any]:
@@ -325,7 +326,7 @@ def _verify(candidate: "Candidate", config: BenchConfig, results_dir: Path, budg
     result = run.by_cell()[setup.cell]
     measured = measured_peak(result)
     predicted = candidate.prediction.device.total_bytes
-    process = result.value("nvml_process_peak_mib") if result.device_type == "cuda" else None
+    process = result.value(NVML_PROCESS_PEAK.name) if result.device_type == "cuda" else None
     return Verification(
         setup, run, result, predicted, candidate.device_total, measured,
         None if measured.bytes is None else error_percent(predicted, measured),

@@ -17,10 +17,12 @@ from ..metrics import (
     CAUSAL_LM,
     EPOCH_SECONDS,
     EPOCH_TIME_EXTRAPOLATED,
+    MASKED_ACCURACY,
     MASKED_LM,
     MEMORY,
     PAGED_OPTIMIZER_STATE,
     TASK_METRICS,
+    TOKEN_ACCURACY,
     Metric,
     TaskMetrics,
 )
@@ -172,8 +174,8 @@ def setup_notes(frame: pd.DataFrame, column: str) -> list[str]:
     value = values[0]
     notes = [f"{column}: {value} ({meanings.get(value, 'as transformers names it')})"]
     if column == "objective" and value == "seed":
-        notes.append("token acc (seed) scores every real token, most of them visible and copied: under this "
-                     "objective it reads far above masked acc, as the seed's 89% did")
+        notes.append(f"{TOKEN_ACCURACY.shown_as.terminal} scores every real token, most of them visible and copied: "
+                     f"under this objective it reads far above {MASKED_ACCURACY.shown_as.terminal}, as the seed's 89% did")
     return notes
 
 
@@ -200,8 +202,8 @@ def markdown(frame: pd.DataFrame, measure: MemoryMeasure, results: list[CellResu
     memory = _baseline_value(frame, baseline, MEMORY.name)
     seconds = _baseline_value(frame, baseline, EPOCH_SECONDS.name)
     accuracy = accuracy_columns(frame)
-    masked = _baseline_value(frame, baseline, accuracy.accuracy.name)
-    token = _baseline_value(frame, baseline, accuracy.second.name)
+    headline = _baseline_value(frame, baseline, accuracy.accuracy.name)
+    second = _baseline_value(frame, baseline, accuracy.second.name)
 
     def header(label: str, value: Any, fmt) -> str:
         return f"{label} ({baseline}: {fmt(value)})" if not is_missing(value) else label
@@ -210,8 +212,8 @@ def markdown(frame: pd.DataFrame, measure: MemoryMeasure, results: list[CellResu
         "| strategy | " + " | ".join([
             header(measure.label, memory, fmt_mib),
             header("time / epoch", seconds, fmt_seconds),
-            header(accuracy.accuracy.shown_as.markdown, masked, fmt_percent),
-            header(accuracy.second.shown_as.markdown, token, lambda value: fmt_figure(accuracy.second, value)),
+            header(accuracy.accuracy.shown_as.markdown, headline, fmt_percent),
+            header(accuracy.second.shown_as.markdown, second, lambda value: fmt_figure(accuracy.second, value)),
         ]) + " | status |",
         "|:---|---:|---:|---:|---:|:---|",
     ]
@@ -221,10 +223,10 @@ def markdown(frame: pd.DataFrame, measure: MemoryMeasure, results: list[CellResu
         if row.status not in TRAINED_STATUSES:
             lines.append(f"| {name} | {row.status} | {row.status} | {row.status} | {row.status} | {row.status}: {reason} |")
             continue
-        memory, memory_x, seconds, seconds_x, masked_acc, masked_delta, token_acc = row_texts(row, accuracy)
+        memory, memory_x, seconds, seconds_x, accuracy_text, delta_text, second_text = row_texts(row, accuracy)
         status = "ok" if row.status == "ok" else f"{row.status}: {reason}"
-        lines.append(f"| {name} | {memory} ({memory_x}) | {seconds} ({seconds_x}) | {masked_acc} ({masked_delta}) "
-                     f"| {token_acc} | {status} |")
+        lines.append(f"| {name} | {memory} ({memory_x}) | {seconds} ({seconds_x}) | {accuracy_text} ({delta_text}) "
+                     f"| {second_text} | {status} |")
     lines.append("")
     lines += [f"- {note}".replace("- *", "- \\*", 1) for note in table_notes(frame)]
     lines += provenance_lines(results, measure)
