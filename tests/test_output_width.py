@@ -162,8 +162,9 @@ def test_the_estimate_tables_keep_every_figure_whole(width: int):
 
 
 @pytest.mark.parametrize("width", WIDTHS)
-def test_the_compare_table_keeps_every_figure_whole(width: int):
-    comparison = compare_runs(load_run(FIXTURES / "cpu"), load_run(FIXTURES / "repeats"))
+@pytest.mark.parametrize("runs", [("cpu", "repeats"), ("causal", "causal")])  # a causal LM's adds perplexity
+def test_the_compare_table_keeps_every_figure_whole(width: int, runs: tuple[str, str]):
+    comparison = compare_runs(*(load_run(FIXTURES / run) for run in runs))
     figures = comparison.to_dict()["cells"]
     assert [cell["cell"] for cell in figures] == [row[0] for row in comparison_rows(comparison)]
     # The verdict is words (it may fold in a narrow terminal); the rest are figures.
