@@ -198,11 +198,6 @@ def _by_name(metrics: tuple[Metric, ...]) -> dict[str, Metric]:
 CATALOGUE: dict[str, Metric] = _by_name((*MEASURED, *DERIVED_METRICS))
 
 
-def metric(name: str) -> Metric:
-    """The declaration of ``name``; a KeyError names a metric the catalogue lacks."""
-    return CATALOGUE[name]
-
-
 def merged_as(ranks: RankMerge) -> tuple[Metric, ...]:
     """The measured metrics a torchrun cell merges in the way ``ranks`` says, in column order."""
     return tuple(item for item in MEASURED if item.ranks is ranks)

@@ -26,7 +26,15 @@ from ..metrics import (
     Metric,
     TaskMetrics,
 )
-from .frame import HIGHER_IS_BETTER, MEMORY_VERDICT, TIME_VERDICT, MemoryMeasure, accuracy_columns, pareto_cells
+from .frame import (
+    HIGHER_IS_BETTER,
+    MEMORY_VERDICT,
+    TIME_VERDICT,
+    MemoryMeasure,
+    accuracy_columns,
+    pareto_cells,
+    verdict_columns,
+)
 
 
 def noise_mark(verdict: Any) -> str:
@@ -186,8 +194,7 @@ def repeat_notes(frame: pd.DataFrame) -> list[str]:
         return []
     notes = [f"figures are medians of {int(counts.min())}-{int(counts.max())} repeats" if counts.min() != counts.max()
              else f"figures are medians of {int(counts.max())} repeats"]
-    verdicts = [column for column in frame.columns if column.endswith("_vs_baseline")]
-    if frame[verdicts].eq(WITHIN_NOISE).any().any():
+    if frame[list(verdict_columns(accuracy_columns(frame)))].eq(WITHIN_NOISE).any().any():
         notes.append("≈ within noise of the baseline: the repeats' ranges overlap (outliers left out)")
     return notes
 
