@@ -170,9 +170,9 @@ def test_the_context_is_measured_after_the_libraries_have_loaded(monkeypatch):
 
 
 def test_the_warm_up_runs_a_step_of_each_kind_the_cell_uses():
-    warmed = warm_up_cuda_libraries(torch.device("cpu"), {"3"})
+    warmed = warm_up_cuda_libraries(torch.device("cpu"), {"bitsandbytes"})
     assert warmed == ["cuBLAS/cuBLASLt fp32", "autocast float16", "autocast bfloat16", "bitsandbytes 8-bit optimizer"]
-    assert "bitsandbytes 8-bit optimizer" not in warm_up_cuda_libraries(torch.device("cpu"), {"1"})
+    assert "bitsandbytes 8-bit optimizer" not in warm_up_cuda_libraries(torch.device("cpu"), {"peft"})
 
 
 def test_an_nvml_peak_past_the_limit_is_named():

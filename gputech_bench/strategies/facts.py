@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from ..errors import StrategyDeclarationError
-
-if TYPE_CHECKING:
-    from .base import Strategy
 
 
 # --------------------------------------------------------------------------- time
@@ -187,7 +184,8 @@ def _declarer(cls: type, fact: str) -> type | None:
     return next((base for base in cls.__mro__ if fact in vars(base)), None)
 
 
-def declaration_error(cls: "type[Strategy]") -> str | None:
+# ``cls`` is a Strategy subclass; typed as ``Any`` since base.py imports this module's types.
+def declaration_error(cls: Any) -> str | None:
     """Why ``cls`` cannot be registered: the first fact it leaves out or declares wrongly.
 
     A fact counts as declared when the class itself declares it, or an abstract base does
@@ -197,10 +195,10 @@ def declaration_error(cls: "type[Strategy]") -> str | None:
     label = f"strategy '{getattr(cls, 'key', '?')}' ({cls.__name__})"
     for fact in FACTS:
         declarer = _declarer(cls, fact.name)
-        inherited_from_strategy = declarer is not None and declarer is not cls and "key" in vars(declarer)
-        if declarer is None or inherited_from_strategy:
-            where = f" (only {declarer.__name__} does; declare it again)" if inherited_from_strategy else ""
-            return f"{label} does not declare {fact.name}{where}: {fact.what}"
+        if declarer is None:
+            return f"{label} does not declare {fact.name}: {fact.what}"
+        if declarer is not cls and "key" in vars(declarer):
+            return f"{label} does not declare {fact.name} (only {declarer.__name__} does; declare it again): {fact.what}"
         wrong = fact.check(getattr(cls, fact.name))
         if wrong:
             return f"{label} declares {fact.name} wrongly: {wrong}"
@@ -211,7 +209,7 @@ def declaration_error(cls: "type[Strategy]") -> str | None:
     return None
 
 
-def check_declared(cls: "type[Strategy]") -> None:
+def check_declared(cls: Any) -> None:
     """Raise StrategyDeclarationError naming the fact when ``cls`` leaves one out."""
     error = declaration_error(cls)
     if error:
