@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_RUN
+from helpers import TINY_RUN, NoOpFacts
 from typer.testing import CliRunner
 
 from gputech_bench.cli import app
@@ -264,7 +264,7 @@ def test_report_shows_the_saved_estimate_under_the_table(tmp_path: Path, cache_d
 def test_a_cell_the_tracer_cannot_follow_is_a_row_with_its_reason_and_the_others_stand(tiny):
     from gputech_bench.strategies import Strategy, register, unregister
 
-    class ReadsAValue(Strategy):
+    class ReadsAValue(NoOpFacts, Strategy):
         key = "test-reads"
         name = "test-reads-a-value"
         saves = costs = "nothing (test)"
