@@ -7,9 +7,8 @@ cell's strategies into one training setup.
 """
 
 from ..errors import StrategyError
-from .discovery import import_package_modules, import_user_modules
-
 from .base import MicroBatch, Placement, RunContext, Strategy
+from .discovery import import_package_modules, import_user_modules
 from .plan import TrainingPlan, build_plan, device_refusal, launch_refusal
 from .registry import (
     BASELINE,
