@@ -31,8 +31,9 @@ def import_package_modules(package: str, path: list[str]) -> None:
         importlib.import_module(f"{package}.{module}")
 
 
-def user_module_paths(environ: dict[str, str] | os._Environ[str] = os.environ) -> list[Path]:
-    text = environ.get(STRATEGY_MODULES_VARIABLE, "")
+def user_module_paths() -> list[Path]:
+    """The paths ``GPUTECH_BENCH_STRATEGY_MODULES`` names, in its order (empty entries skipped)."""
+    text = os.environ.get(STRATEGY_MODULES_VARIABLE, "")
     return [Path(entry).expanduser() for entry in text.split(os.pathsep) if entry.strip()]
 
 
@@ -62,5 +63,6 @@ def import_user_module(path: Path) -> ModuleType:
 
 
 def import_user_modules() -> None:
+    """Import the user's strategy modules; the first that fails raises StrategyModuleError."""
     for path in user_module_paths():
         import_user_module(path)
