@@ -78,3 +78,11 @@ class ResultError(UserError):
 
 class FitError(UserError):
     """No setup fits, or the search cannot start; one line."""
+
+
+class StrategyDeclarationError(UserError):
+    """A strategy class that leaves out one of the facts every strategy declares; one line naming it."""
+
+
+class StrategyModuleError(UserError):
+    """A module named in GPUTECH_BENCH_STRATEGY_MODULES that is missing or fails to import; one line."""

@@ -20,6 +20,7 @@ from gputech_bench.data.masking import IGNORE_INDEX
 from gputech_bench.modeling import build_model
 from gputech_bench.results import SCHEMA, CellResult, RunFolder, merge_repeats, write_result
 from gputech_bench.strategies import RunContext
+from gputech_bench.strategies.facts import TRACED, StateLocation, TimeFactor
 
 #: A model small enough to step in milliseconds on 2 cores.
 TINY_MODEL = [
@@ -206,3 +207,17 @@ def assert_one_line_error(exit_code: int, stderr: str, *fragments: str) -> None:
     assert len(lines) == 1, stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+class NoOpFacts:
+    """The facts every strategy declares, as a test double that changes nothing declares them:
+    mixed in before Strategy (``class Double(NoOpFacts, Strategy)``), so registration accepts it."""
+
+    time_factor = TimeFactor(1.0, "a test double: changes nothing")
+    changes_activations_only = False
+    trains_adapters = False
+    state_location = StateLocation.DEVICE
+    libraries: tuple[str, ...] = ()
+    micro_batch_counts: tuple[int, ...] = ()
+    estimate = TRACED
+    in_causal_lm_matrix = False

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_RUN
+from helpers import TINY_RUN, NoOpFacts
 from typer.testing import CliRunner
 
 from gputech_bench.cli import app
 from gputech_bench.config import apply_overrides, load_preset
-from gputech_bench.estimator.fit import candidates, modelled_factor, search
+from gputech_bench.estimator.fit import FitSearch, candidates, modelled_factor
 from gputech_bench.estimator.overheads import DEFAULTS, Overheads, calibrate
 from gputech_bench.estimator.predict import Setup, predict, setups_for
 from gputech_bench.estimator.trace import trace_cell, trace_inputs, trace_target
@@ -122,7 +122,7 @@ NO_OVERHEAD = Overheads(0, "test", 0.0, "test")
 def test_fit_picks_the_fastest_setup_that_fits_when_the_baseline_does_not():
     config = load_preset("seed")
     trace = _fake_trace({"baseline": 20 * 2**30, "3": 19 * 2**30, "1": 12 * 2**30, "default": 4 * 2**30})
-    result = search(config, 16 * 2**30, NO_OVERHEAD, trace, wanted=2, exclude={"lora"})
+    result = FitSearch(config, 16 * 2**30, NO_OVERHEAD, trace, wanted=2, exclude={"lora"}).run()
     assert result.floor is None
     assert result.chosen[0].setup.cell != "baseline" and result.chosen[0].fits
     assert all(c.device_total <= 16 * 2**30 for c in result.chosen)
@@ -134,7 +134,7 @@ def test_fit_picks_the_fastest_setup_that_fits_when_the_baseline_does_not():
 def test_fit_says_what_would_fit_when_nothing_does():
     config = load_preset("seed")
     # The floor (every strategy, micro-batch 2) needs 3 GiB x 2/32; half the sequence length halves that.
-    result = search(config, int(0.15 * 2**30), NO_OVERHEAD, _fake_trace({"default": 3 * 2**30}))
+    result = FitSearch(config, int(0.15 * 2**30), NO_OVERHEAD, _fake_trace({"default": 3 * 2**30})).run()
     assert result.floor is not None and not result.chosen
     assert result.suggestions and "data.max_length=64" in result.suggestions[0]
 
@@ -143,7 +143,7 @@ def test_fit_on_a_real_trace_of_the_tiny_model(tiny):
     config, _ = tiny
     trace = lambda setups, cfg, limit=None: predict(setups, cfg, jobs=1, limit=limit)  # noqa: E731
     baseline = trace([Setup("baseline")], config)[0].device.total_bytes
-    result = search(config, int(baseline * 0.8), NO_OVERHEAD, trace, wanted=1, exclude={"lora", "3"})
+    result = FitSearch(config, int(baseline * 0.8), NO_OVERHEAD, trace, wanted=1, exclude={"lora", "3"}).run()
     assert result.chosen and result.chosen[0].device_total < baseline * 0.8
 
 
@@ -264,7 +264,7 @@ def test_report_shows_the_saved_estimate_under_the_table(tmp_path: Path, cache_d
 def test_a_cell_the_tracer_cannot_follow_is_a_row_with_its_reason_and_the_others_stand(tiny):
     from gputech_bench.strategies import Strategy, register, unregister
 
-    class ReadsAValue(Strategy):
+    class ReadsAValue(NoOpFacts, Strategy):
         key = "test-reads"
         name = "test-reads-a-value"
         saves = costs = "nothing (test)"

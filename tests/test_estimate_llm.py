@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from gputech_bench.cli import app
 from gputech_bench.config import apply_overrides, load_preset
-from gputech_bench.estimator.fit import candidates, search, trains_every_weight
+from gputech_bench.estimator.fit import FitSearch, candidates, trains_every_weight
 from gputech_bench.estimator.modelled import nf4_bytes, quantised_sizes
 from gputech_bench.estimator.overheads import Overheads
 from gputech_bench.estimator.predict import Setup, predict
@@ -218,7 +218,7 @@ def test_fit_on_a_small_llama_finds_full_training_and_its_bytes_are_16_per_param
     budget = 10 * parameters
     assert baseline.device.total_bytes > budget
     trace = lambda setups, cfg, limit=None: predict(setups, cfg, jobs=1, limit=limit)  # noqa: E731
-    result = search(config, budget, NO_OVERHEAD, trace, wanted=1, exclude={"3", "4"})
+    result = FitSearch(config, budget, NO_OVERHEAD, trace, wanted=1, exclude={"3", "4"}).run()
     assert result.chosen, "fit found nothing under the budget"
     full = result.full_training or next(c for c in result.chosen if trains_every_weight(c.setup))
     assert full.fits and full.device_total <= budget

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers import context, make_result, tiny_bert
+from helpers import NoOpFacts, context, make_result, tiny_bert
 
 import gputech_bench.worker.cell as cell_module
 from gputech_bench.cli.tables import results_table
@@ -77,7 +77,7 @@ def test_a_compiled_cell_with_no_step_after_the_tracked_one_says_its_peaks_are_e
     assert any("raise train.max_steps to 3 or more" in note for note in window.notes)
 
 
-class _Recompiles(Strategy):
+class _Recompiles(NoOpFacts, Strategy):
     """Stands in for compile: a model that would recompile on a new batch shape."""
 
     key = "test-recompiles"
@@ -170,9 +170,9 @@ def test_the_context_is_measured_after_the_libraries_have_loaded(monkeypatch):
 
 
 def test_the_warm_up_runs_a_step_of_each_kind_the_cell_uses():
-    warmed = warm_up_cuda_libraries(torch.device("cpu"), {"3"})
+    warmed = warm_up_cuda_libraries(torch.device("cpu"), {"bitsandbytes"})
     assert warmed == ["cuBLAS/cuBLASLt fp32", "autocast float16", "autocast bfloat16", "bitsandbytes 8-bit optimizer"]
-    assert "bitsandbytes 8-bit optimizer" not in warm_up_cuda_libraries(torch.device("cpu"), {"1"})
+    assert "bitsandbytes 8-bit optimizer" not in warm_up_cuda_libraries(torch.device("cpu"), {"peft"})
 
 
 def test_an_nvml_peak_past_the_limit_is_named():

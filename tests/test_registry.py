@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from helpers import context, tiny_bert
+from helpers import NoOpFacts, context, tiny_bert
 
 from gputech_bench.errors import StrategyError
 from gputech_bench.strategies import (
@@ -73,7 +73,7 @@ def test_malformed_cells_are_refused_in_one_line(text, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-class _HostPlacement(Strategy):
+class _HostPlacement(NoOpFacts, Strategy):
     """A stand-in strategy that, like strategy 4, decides where the weights live."""
 
     key = "test-host"

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import TINY_RUN, assert_one_line_error, invoke, sleeping_worker, slept
+from helpers import TINY_RUN, NoOpFacts, assert_one_line_error, invoke, sleeping_worker, slept
 
 from gputech_bench.results import RunFolder, read_result
 
@@ -208,7 +208,7 @@ def test_a_run_name_with_another_config_is_refused(tmp_path: Path, cache_dir: Pa
 def test_refused_combination_exits_2_before_anything_runs(tmp_path: Path):
     from gputech_bench.strategies import Placement, Strategy, register, unregister
 
-    class HostPlacement(Strategy):
+    class HostPlacement(NoOpFacts, Strategy):
         key, name, saves, costs, order = "test-host", "test-host-placement", "-", "-", 99
 
         def placement(self, model, ctx) -> Placement:  # pragma: no cover - never reached

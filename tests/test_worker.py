@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import NoOpFacts
+
 from gputech_bench.config import BenchConfig, apply_overrides, from_dict, to_dict
 from gputech_bench.results import SCHEMA, CellResult, read_result
 from gputech_bench.strategies import Strategy, register, unregister
@@ -101,7 +103,7 @@ def test_full_epochs_are_measured_not_extrapolated(tiny_config: BenchConfig):
     assert "complete epoch" in result.method("epoch_seconds")
 
 
-class _Exploding(Strategy):
+class _Exploding(NoOpFacts, Strategy):
     key = "test-explode"
     name = "test-exploding"
     saves = costs = "nothing (test double)"

@@ -255,7 +255,7 @@ def fit(
         >>> found.best          # Setup(cell='1+2+3', micro_batch_size=8), say
         >>> found.frame         # every traced candidate, fastest first
     """
-    from ..estimator.fit import modelled_strategies, search, unsearchable
+    from ..estimator.fit import FitSearch, modelled_strategies, unsearchable
     from ..estimator.predict import Predictor
     from ..estimator.trace import trace_target
     from ..strategies.registry import lookup
@@ -291,10 +291,10 @@ def fit(
     # One pool for the whole search: fit traces a few setups at a time, and a fresh pool each
     # time would import torch and transformers and read the tokenised data again.
     with Predictor(workers) as predictor:
-        result = search(
+        result = FitSearch(
             config, budget_bytes, overheads, _tracer(predictor, output if progress else None),
             measured, config.strategy.micro_batch_size, top, excluded, parallel=workers, device_type=device_type,
-        )
+        ).run()
     found = Fit(result, config, left_out, modelled=modelled, overheads=overheads)
     if verify and found.fits:
         found.verification = _verify(result.chosen[0], config, Path(results), budget_bytes, output, progress)
@@ -302,7 +302,7 @@ def fit(
 
 
 def _tracer(predictor: "Predictor", output: Output | None):
-    """``search``'s trace function: the predictor's pool, with a progress bar per batch of setups."""
+    """``FitSearch``'s trace function: the predictor's pool, with a progress bar per batch of setups."""
 
     def trace(setups, config: BenchConfig, limit: Optional[int] = None):
         if output is None:

@@ -13,8 +13,9 @@ import sys
 import typer
 
 from .. import __version__
+from ..errors import UserError
 from . import catalog, estimate, report, run
-from .common import EXIT_INTERRUPTED, console, errors
+from .common import EXIT_BAD_INPUT, EXIT_INTERRUPTED, console, errors
 
 app = typer.Typer(
     add_completion=False,
@@ -53,6 +54,11 @@ def main() -> None:
     except KeyboardInterrupt:
         errors.print("interrupted")
         sys.exit(EXIT_INTERRUPTED)
+    except UserError as error:
+        # Raised outside a command's own handling: the strategy modules a user names in
+        # GPUTECH_BENCH_STRATEGY_MODULES load wherever the strategies are first imported.
+        errors.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_BAD_INPUT)
 
 
 __all__ = ["app", "main"]

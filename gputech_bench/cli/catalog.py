@@ -8,12 +8,13 @@ import typer
 from rich.text import Text
 
 from ..api import list_presets, list_strategies
-from ..api._catalog import STRATEGY_COLUMNS
-from ..errors import ConfigError
+from ..api._catalog import STRATEGY_COLUMNS, strategies_markdown
+from ..errors import ConfigError, UserError
 from .common import console, fail, wrap_text
 
 STRATEGIES_HELP = (
-    "List every strategy: its number, name, what it saves and costs, and which combinations are refused."
+    "List every strategy: its number, name, what it saves and costs, its time factor in fit's cost model, where "
+    "its state lives, how the estimate handles it, and which combinations are refused."
     "\n\n**Example:** `gputech-bench strategies`"
 )
 
@@ -23,15 +24,26 @@ def refused_pairs() -> list[tuple[str, str]]:
     return list(list_strategies(refused=True).itertuples(index=False, name=None))
 
 
-def strategies_command() -> None:
+MARKDOWN_OPTION = typer.Option(False, "--markdown", help="Print docs/strategies.md's listing of every strategy's facts instead.")
+
+
+def strategies_command(markdown: bool = MARKDOWN_OPTION) -> None:
+    if markdown:
+        # Plain print: the markdown is for a file, and rich would wrap its long table rows.
+        print(strategies_markdown())
+        return
 
     # One block per strategy, its text wrapped at word boundaries under a hanging indent:
     # seven columns of prose cannot share 80 columns without breaking every word.
     width = console.width
     fields = [column.replace("_", " ") for column in STRATEGY_COLUMNS]  # 'gives up'
     label = max(len(field) for field in fields) + 2  # 'gives up: '
+    try:
+        listed = list_strategies()  # imports the strategies: a user's module may fail to load
+    except UserError as error:
+        fail(str(error))
     console.print("[bold]strategies[/] (combine with '+', e.g. 1+2+3)", highlight=False)
-    for row in list_strategies().itertuples(index=False):
+    for row in listed.itertuples(index=False):
         console.print()
         heading = row.key if row.key == row.name else f"{row.key}  {row.name}"
         console.print(Text(heading, style="bold"), soft_wrap=True)

@@ -19,20 +19,13 @@ first operator when its weights alone are too big):
    host offload, the answer a full fine-tune needs.
 
 Expected time comes from a measured run when one is given, or else from a cost model,
-always labelled as such. The model's factors multiply, relative to the baseline's step:
-
-* checkpointing (1): x 4/3, one more forward pass (a forward is about 1/3 of forward+backward);
-* accumulation (2), k micro-batches: x (1 + 0.2 (k - 1)), smaller matmuls and more launches;
-  0.2 reproduces the seed's measured 1.6x for 8x4 on an A30;
-* 8-bit Adam (3): x 1.0, the optimizer step is small next to forward and backward;
-* master copy on the host (4): x 3.8, the seed's measured ratio (host Adam and PCIe copies);
-* fsdp-offload: x 3.8, assumed equal to strategy 4's: both move every weight and gradient
-  over PCIe each step and step the optimizer on the CPU (not measured for fsdp-offload);
-* LoRA: x 0.75, frozen weights need no weight gradients (backward of about one forward);
-* qlora: x 1.0, LoRA's 0.75 times about 4/3 for dequantising every weight before each matmul
-  (QLoRA's commonly reported slow-down against LoRA; an assumption, not a measurement);
-* amp: x 0.6, half-precision matmuls on tensor cores. An assumption from commonly reported
-  BERT-base speed-ups (1.5-2x), not a measurement of this project: a --from run replaces it.
+always labelled as such. The model's factors multiply, relative to the baseline's step; each
+strategy declares its own (``time_factor``, with where the figure comes from), and
+``gputech-bench strategies`` lists them: checkpointing x 4/3 (one more forward pass),
+accumulation x (1 + 0.2 (k - 1)) for k micro-batches (the seed's measured 1.6x for 8x4),
+strategy 4 x 3.8 (the seed's measured ratio), LoRA x 0.75, amp x 0.6 (an assumption), ...
+Which strategies only change activations (a regime's floor adds them), which train
+adapters, and how many micro-batches accumulation tries are the strategies' facts too.
 """
 
 from __future__ import annotations
@@ -45,30 +38,20 @@ from typing import Callable, Collection
 from ..config import BenchConfig
 from ..errors import FitError, StrategyError
 from ..results import CellResult
-from ..strategies import Cell, combination_refusal, launch_refusal, parse_cell, registered
+from ..strategies import BASELINE, Cell, Strategy, combination_refusal, launch_refusal, parse_cell, registered
 from ..units import format_size
 from .modelled import can_model, modeller_for
 from .overheads import Overheads
 from .predict import Prediction, Setup
 
-#: The effective batch is divided into this many micro-batches (16x2, 8x4, 4x8, 2x16 for 32).
-ACCUMULATION_STEPS = (2, 4, 8, 16)
-MODEL_FACTORS = {"1": 4 / 3, "3": 1.0, "4": 3.8, "fsdp-offload": 3.8, "lora": 0.75, "qlora": 1.0, "amp": 0.6,
-                 "amp-fp16": 0.6}
-ACCUMULATION_OVERHEAD = 0.2
-#: Strategies that change only how much of the activations is live (checkpointing,
-#: accumulation): a regime's most frugal setup adds them.
-ACTIVATION_ONLY = ("1", "2")
 #: Set in a prediction's facts when it was not traced because another setup with the same
 #: weights (the same regime) showed them too big: the label of that setup.
 SAME_WEIGHTS = "same_weights_as"
-#: Strategies that train adapters instead of the model's own weights.
-ADAPTERS = ("lora", "qlora")
 
 
-def searchable(cls, device_type: str) -> bool:
+def searchable(cls: type[Strategy], device_type: str) -> bool:
     """Whether fit can weigh this strategy: traced on fake tensors, or modelled around a trace."""
-    return not cls.trace_refusal(device_type) or can_model(cls.key)
+    return not cls.trace_refusal(device_type) or can_model(cls)
 
 
 def unsearchable(device_type: str) -> list[str]:
@@ -78,7 +61,16 @@ def unsearchable(device_type: str) -> list[str]:
 
 def modelled_strategies(device_type: str) -> list[str]:
     """Strategies fit weighs by a model around a trace (labelled as such), not by a trace alone."""
-    return [cls.key for cls in registered() if cls.trace_refusal(device_type) and can_model(cls.key)]
+    return [cls.key for cls in registered() if cls.trace_refusal(device_type) and can_model(cls)]
+
+
+def micro_batch_sizes(cell: Cell, batch: int) -> list[int | None]:
+    """The micro-batch sizes fit tries for ``cell``: the batch split into each count its
+    strategy declares (16x2, 8x4, 4x8, 2x16 for 32), or [None] when none splits the batch."""
+    counts = next((cls.micro_batch_counts for cls in cell.strategies if cls.micro_batch_counts), ())
+    if not counts:
+        return [None]
+    return [batch // steps for steps in counts if batch % steps == 0]
 
 
 def candidates(config: BenchConfig, exclude: Collection[str] = frozenset(), device_type: str = "meta") -> list[Setup]:
@@ -87,7 +79,6 @@ def candidates(config: BenchConfig, exclude: Collection[str] = frozenset(), devi
         cls for cls in registered()
         if cls.key not in exclude and cls.name not in exclude and searchable(cls, device_type)
     ]
-    batch = config.train.batch_size
     setups: list[Setup] = []
     for size in range(len(strategies) + 1):
         for combo in itertools.combinations(strategies, size):
@@ -96,10 +87,7 @@ def candidates(config: BenchConfig, exclude: Collection[str] = frozenset(), devi
                 continue
             if any(cls.trace_refusal(device_type) for cls in combo) and modeller_for(cell, device_type) is None:
                 continue  # a model stands on a trace of the rest of the cell: one modelled strategy per cell
-            micro_sizes: list[int | None] = [None]
-            if any(cls.key == "2" for cls in combo):
-                micro_sizes = [batch // steps for steps in ACCUMULATION_STEPS if batch % steps == 0]
-            for micro in micro_sizes:
+            for micro in micro_batch_sizes(cell, config.train.batch_size):
                 setup = Setup(cell.name, micro)
                 try:
                     launch_refusal(cell, setup.config_for(config))
@@ -109,23 +97,20 @@ def candidates(config: BenchConfig, exclude: Collection[str] = frozenset(), devi
     return setups
 
 
-def _keys(setup: Setup) -> list[str]:
-    return setup.cell.split("+") if setup.cell != "baseline" else []
+def _strategies(setup: Setup) -> tuple[type[Strategy], ...]:
+    return parse_cell(setup.cell).strategies
 
 
 def trains_every_weight(setup: Setup) -> bool:
-    return not any(key in ADAPTERS for key in _keys(setup))
+    return not any(cls.trains_adapters for cls in _strategies(setup))
 
 
 def modelled_factor(setup: Setup, config: BenchConfig) -> float:
-    """Step time relative to the baseline's, from the cost model in this module's docstring."""
+    """Step time relative to the baseline's: the product of the cell's declared time factors."""
+    micro_batches = config.train.batch_size // setup.micro_batch_size if setup.micro_batch_size else None
     factor = 1.0
-    for key in _keys(setup):
-        if key == "2" and setup.micro_batch_size:
-            steps = config.train.batch_size // setup.micro_batch_size
-            factor *= 1 + ACCUMULATION_OVERHEAD * (steps - 1)
-        else:
-            factor *= MODEL_FACTORS.get(key, 1.0)
+    for cls in _strategies(setup):
+        factor *= cls.time_factor.for_micro_batches(micro_batches)
     return factor
 
 
@@ -161,12 +146,12 @@ def gives_up(setup: Setup) -> str:
 
 def floor_setup(setups: list[Setup]) -> Setup:
     """The setup that should need the least device memory: the most strategies, the smallest micro-batch."""
-    return max(setups, key=lambda s: (len(_keys(s)), -(s.micro_batch_size or 10**9)))
+    return max(setups, key=lambda s: (len(_strategies(s)), -(s.micro_batch_size or 10**9)))
 
 
 def regime(setup: Setup) -> str:
     """Where weights, gradients and optimizer state live: the cell without its activation-only strategies."""
-    return "+".join(key for key in _keys(setup) if key not in ACTIVATION_ONLY) or "baseline"
+    return "+".join(cls.key for cls in _strategies(setup) if not cls.changes_activations_only) or BASELINE
 
 
 def regime_floors(setups: list[Setup]) -> list[Setup]:
@@ -222,102 +207,131 @@ class FitResult:
 TraceFn = Callable[..., list[Prediction]]
 
 
-def search(
-    config: BenchConfig,
-    budget: int,
-    overheads: Overheads,
-    trace: TraceFn,
-    measured: dict[str, CellResult] | None = None,
-    run_micro: int | None = None,
-    wanted: int = 3,
-    exclude: Collection[str] = frozenset(),
-    parallel: int = 1,
-    device_type: str = "meta",
-) -> FitResult:
-    """Trace candidates fastest-first until ``wanted`` fit; say what would fit when none does."""
-    measured = measured or {}
-    setups = candidates(config, exclude, device_type)
-    if not setups:
-        raise FitError("no strategy combination is left to try: drop some --exclude entries")
-    times = {setup: expected_time(setup, config, measured, run_micro) for setup in setups}
-    limit = tensor_limit(budget, overheads)
-    judged: dict[Setup, Candidate] = {}
+class FitSearch:
+    """One search for the fastest setups that fit a budget, one method per phase.
 
-    def judge(setup: Setup, prediction: Prediction) -> Candidate:
-        total = overheads.device_total(prediction.device.total_bytes)
-        fits = total <= budget and not prediction.error and not prediction.stopped
-        return Candidate(setup, times[setup], prediction, total, fits)
+    ``run()`` goes through them: the candidates and their expected times (``__init__``);
+    the most frugal setups, which decide whether anything fits (``weigh_floors``); when
+    nothing does, the smallest figure and a shorter sequence that would fit
+    (``nothing_fits``); else candidates fastest first until ``wanted`` fit, and on for the
+    fastest that trains every weight when they all train adapters (``rank``).
+    """
 
-    #: Regimes whose weights alone pass the limit, and the setup whose trace showed it.
-    too_heavy: dict[str, Candidate] = {}
+    def __init__(
+        self,
+        config: BenchConfig,
+        budget: int,
+        overheads: Overheads,
+        trace: TraceFn,
+        measured: dict[str, CellResult] | None = None,
+        run_micro: int | None = None,
+        wanted: int = 3,
+        exclude: Collection[str] = frozenset(),
+        parallel: int = 1,
+        device_type: str = "meta",
+    ) -> None:
+        self.config, self.budget, self.overheads, self.trace = config, budget, overheads, trace
+        self.wanted, self.parallel = wanted, parallel
+        self.setups = candidates(config, exclude, device_type)
+        if not self.setups:
+            raise FitError("no strategy combination is left to try: drop some --exclude entries")
+        self.times = {setup: expected_time(setup, config, measured or {}, run_micro) for setup in self.setups}
+        self.limit = tensor_limit(budget, overheads)
+        self.judged: dict[Setup, Candidate] = {}
+        #: Regimes whose weights alone pass the limit, and the setup whose trace showed it.
+        self.too_heavy: dict[str, Candidate] = {}
+        self.untraceable: list[Candidate] = []
 
-    def run(batch: list[Setup]) -> None:
-        fresh = [setup for setup in batch if setup not in judged]
-        for setup in [setup for setup in fresh if regime(setup) in too_heavy]:
+    def run(self) -> FitResult:
+        """Trace candidates fastest-first until ``wanted`` fit; say what would fit when none does."""
+        floors = self.weigh_floors()
+        if not any(self.judged[s].fits for s in floors):
+            return self.nothing_fits(floors)
+        return self.rank()
+
+    def judge(self, setup: Setup, prediction: Prediction) -> Candidate:
+        total = self.overheads.device_total(prediction.device.total_bytes)
+        fits = total <= self.budget and not prediction.error and not prediction.stopped
+        return Candidate(setup, self.times[setup], prediction, total, fits)
+
+    def weigh(self, batch: list[Setup]) -> None:
+        """Judge the setups not judged yet: by a trace, or by their regime's weights alone."""
+        fresh = [setup for setup in batch if setup not in self.judged]
+        for setup in [setup for setup in fresh if regime(setup) in self.too_heavy]:
             # Checkpointing and accumulation leave the weights as they are: a setup of a regime
             # whose weights alone are too big is too big, without a trace of its own.
-            shown = too_heavy[regime(setup)]
+            shown = self.too_heavy[regime(setup)]
             prediction = Prediction(setup, shown.prediction.device, None, 0.0, {SAME_WEIGHTS: shown.setup.label},
                                     stopped=True)
-            judged[setup] = judge(setup, prediction)
+            self.judged[setup] = self.judge(setup, prediction)
             fresh.remove(setup)
-        for setup, prediction in zip(fresh, trace(fresh, config, limit=limit) if fresh else []):
-            judged[setup] = judge(setup, prediction)
+        for setup, prediction in zip(fresh, self.trace(fresh, self.config, limit=self.limit) if fresh else []):
+            self.judged[setup] = self.judge(setup, prediction)
             weights = sum(prediction.device.by_category.get(category, 0) for category in ("parameters", "buffers"))
-            if prediction.stopped and weights > limit and not prediction.modelled:
-                too_heavy.setdefault(regime(setup), judged[setup])
+            if prediction.stopped and weights > self.limit and not prediction.modelled:
+                self.too_heavy.setdefault(regime(setup), self.judged[setup])
 
-    # 1. The most frugal setup of all; when it does not fit, each regime's most frugal one
-    #    (an LLM's answer may be a regime with fewer strategies, such as qlora): if none
-    #    of them fits, nothing does.
-    first = floor_setup(setups)
-    run([first])
-    floors = [first]
-    if not judged[first].fits:
-        floors += [floor for floor in regime_floors(setups) if floor != first]
-        for start in range(1, len(floors), max(parallel, 1)):
-            run(floors[start:start + max(parallel, 1)])
-    untraceable = [judged[s] for s in floors if judged[s].prediction.error]
-    if not any(judged[s].fits for s in floors):
-        known = [judged[s] for s in floors if not judged[s].prediction.error]
+    def weigh_floors(self) -> list[Setup]:
+        """1. The most frugal setup of all; when it does not fit, each regime's most frugal one
+        (an LLM's answer may be a regime with fewer strategies, such as qlora): if none of
+        them fits, nothing does. Returns the floors weighed."""
+        first = floor_setup(self.setups)
+        self.weigh([first])
+        floors = [first]
+        if not self.judged[first].fits:
+            floors += [floor for floor in regime_floors(self.setups) if floor != first]
+            step = max(self.parallel, 1)
+            for start in range(1, len(floors), step):
+                self.weigh(floors[start:start + step])
+        self.untraceable = [self.judged[s] for s in floors if self.judged[s].prediction.error]
+        return floors
+
+    def nothing_fits(self, floors: list[Setup]) -> FitResult:
+        """No floor fits: the smallest figure a finished trace gave (else the smallest lower
+        bound), and the sequence length at which it would fit."""
+        known = [self.judged[s] for s in floors if not self.judged[s].prediction.error]
         if not known:
-            raise FitError(f"no candidate could be traced ({untraceable[0].prediction.error}): "
+            raise FitError(f"no candidate could be traced ({self.untraceable[0].prediction.error}): "
                            "fix that, or --exclude the strategy")
-        # The smallest figure a finished trace gave, else the smallest lower bound.
         smallest = min(known, key=lambda c: (c.at_least, c.device_total, c.setup.label))
-        return FitResult(budget, [], [], len(setups) - len(judged), smallest,
-                         _suggestions(smallest.setup, config, budget, overheads, trace, limit), untraceable)
+        suggestions = _suggestions(smallest.setup, self.config, self.budget, self.overheads, self.trace, self.limit)
+        return FitResult(self.budget, [], [], len(self.setups) - len(self.judged), smallest, suggestions,
+                         self.untraceable)
 
-    # 2. Fastest first until enough fit; 3. then on for the fastest that trains every weight.
-    chosen: list[Candidate] = []
-    rejected: list[Candidate] = []
-    full_training: Candidate | None = None
-    order = sorted(setups, key=lambda s: (times[s].seconds if times[s].seconds is not None else times[s].factor, s.label))
+    def rank(self) -> FitResult:
+        """2. Fastest first until enough fit; 3. then on for the fastest that trains every weight."""
+        chosen: list[Candidate] = []
+        rejected: list[Candidate] = []
+        full_training: Candidate | None = None
+        times = self.times
+        order = sorted(self.setups,
+                       key=lambda s: (times[s].seconds if times[s].seconds is not None else times[s].factor, s.label))
 
-    def needs_full_training() -> bool:
-        return full_training is None and not any(trains_every_weight(c.setup) for c in chosen)
+        def needs_full_training() -> bool:
+            return full_training is None and not any(trains_every_weight(c.setup) for c in chosen)
 
-    def wants(setup: Setup) -> bool:
-        return len(chosen) < wanted or (needs_full_training() and trains_every_weight(setup))
+        def wants(setup: Setup) -> bool:
+            return len(chosen) < self.wanted or (needs_full_training() and trains_every_weight(setup))
 
-    while order := [setup for setup in order if wants(setup)]:
-        # As many traces at once as there are processes to run them.
-        chunk, order = order[:parallel], order[parallel:]
-        run(chunk)
-        for setup in chunk:
-            candidate = judged[setup]
-            if candidate.prediction.error:
-                if candidate not in untraceable:
-                    untraceable.append(candidate)
-            elif not candidate.fits:
-                rejected.append(candidate)
-            elif len(chosen) < wanted:
-                chosen.append(candidate)
-            elif needs_full_training() and trains_every_weight(setup):
-                full_training = candidate
-    # Every setup that trains every weight was weighed when one was still wanted at the end.
-    none_full = chosen != [] and needs_full_training() and any(trains_every_weight(s) for s in setups)
-    return FitResult(budget, chosen, rejected, len(setups) - len(judged), None, [], untraceable, full_training, none_full)
+        while order := [setup for setup in order if wants(setup)]:
+            # As many traces at once as there are processes to run them.
+            chunk, order = order[:self.parallel], order[self.parallel:]
+            self.weigh(chunk)
+            for setup in chunk:
+                candidate = self.judged[setup]
+                if candidate.prediction.error:
+                    if candidate not in self.untraceable:
+                        self.untraceable.append(candidate)
+                elif not candidate.fits:
+                    rejected.append(candidate)
+                elif len(chosen) < self.wanted:
+                    chosen.append(candidate)
+                elif needs_full_training() and trains_every_weight(setup):
+                    full_training = candidate
+        # Every setup that trains every weight was weighed when one was still wanted at the end.
+        none_full = chosen != [] and needs_full_training() and any(trains_every_weight(s) for s in self.setups)
+        return FitResult(self.budget, chosen, rejected, len(self.setups) - len(self.judged), None, [],
+                         self.untraceable, full_training, none_full)
 
 
 def _suggestions(floor: Setup, config: BenchConfig, budget: int, overheads: Overheads, trace: TraceFn,

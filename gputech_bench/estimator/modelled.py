@@ -26,7 +26,8 @@ from torch import nn
 from ..config import BenchConfig
 from ..measure.tracker import TrackedPeak
 from ..modeling import build_shape_model
-from ..strategies import Cell, RunContext, combination_refusal, launch_refusal
+from ..strategies import Cell, RunContext, Strategy, combination_refusal, launch_refusal
+from ..strategies.facts import EstimateKind
 from ..strategies.architecture import new_head_modules, repeated_blocks
 from ..strategies.qlora import DOUBLE_QUANT, modules_kept_unquantized
 from ..strategies.registry import lookup
@@ -87,8 +88,13 @@ def _peak(device: str, by_category: dict[str, int]) -> TrackedPeak:
     return TrackedPeak(device, sum(by_category.values()), dict(by_category))
 
 
-def _without(cell: Cell, key: str) -> Cell:
-    return Cell(tuple(cls for cls in cell.strategies if cls.key != key))
+def proxy_cell(cell: Cell, modelled: type[Strategy]) -> Cell:
+    """The cell the estimate traces for ``modelled``: the strategy its ``estimate`` fact names in
+    its place (qlora: lora, the same adapters on the unquantised base), or none (fsdp-offload)."""
+    stand_in = modelled.estimate.traced_in_its_place
+    replacement = () if stand_in is None else (lookup(stand_in),)
+    rest = tuple(cls for cls in cell.strategies if cls is not modelled)
+    return Cell(tuple(sorted(rest + replacement, key=lambda cls: cls.order)))
 
 
 def _check_modelled_cell(cell: Cell, config: BenchConfig, target: TraceTarget) -> None:
@@ -147,13 +153,14 @@ class FsdpUnits:
         return self.device_parameters() + self.device_gradients()
 
 
-class FsdpOffloadModel:
+class FsdpUnitsModel:
     """fsdp-offload: the proxy is the cell without it, on the device in fp32."""
 
-    key = "fsdp-offload"
+    def __init__(self, strategy: type[Strategy]) -> None:
+        self.strategy = strategy
 
     def proxy(self, cell: Cell) -> Cell:
-        return _without(cell, self.key)
+        return proxy_cell(cell, self.strategy)
 
     def run(self, cell: Cell, config: BenchConfig, inputs: TraceInputs, target: TraceTarget,
             limit: Limit | None) -> ModelledTrace:
@@ -192,7 +199,7 @@ class FsdpOffloadModel:
             f"an upper bound; host: the parameters, gradients and optimizer state traced on '{proxy.name}'"
         )
         facts = dict(trace.facts)
-        facts["modelled"] = {"strategy": self.key, "proxy": proxy.name, "fsdp_units": vars(unit)}
+        facts["modelled"] = {"strategy": self.strategy.key, "proxy": proxy.name, "fsdp_units": vars(unit)}
         return ModelledTrace(_peak(str(target.device), device), host, facts, time.perf_counter() - started,
                              trace.stopped, method)
 
@@ -222,15 +229,14 @@ def _shape_model_sizes(config: BenchConfig, inputs: TraceInputs) -> list[tuple[i
         return quantised_sizes(model)
 
 
-class QloraModel:
+class Nf4WeightsModel:
     """qlora: the proxy is the same cell with LoRA (the same adapters) on the fp32 base."""
 
-    key = "qlora"
+    def __init__(self, strategy: type[Strategy]) -> None:
+        self.strategy = strategy
 
     def proxy(self, cell: Cell) -> Cell:
-        lora = lookup("lora")
-        return Cell(tuple(sorted((lora if cls.key == self.key else cls for cls in cell.strategies),
-                                 key=lambda cls: cls.order)))
+        return proxy_cell(cell, self.strategy)
 
     def run(self, cell: Cell, config: BenchConfig, inputs: TraceInputs, target: TraceTarget,
             limit: Limit | None) -> ModelledTrace:
@@ -264,7 +270,7 @@ class QloraModel:
             f"{', double-quantised' if double_quant else ''}), plus one dequantised weight as a temporary"
         )
         facts = dict(trace.facts)
-        facts["modelled"] = {"strategy": self.key, "proxy": proxy.name, "quantized_parameters": numel,
+        facts["modelled"] = {"strategy": self.strategy.key, "proxy": proxy.name, "quantized_parameters": numel,
                              "quantized_weight_bytes": nf4, "double_quant": double_quant}
         return ModelledTrace(_peak(str(target.device), device), None, facts, time.perf_counter() - started,
                              trace.stopped, method)
@@ -273,20 +279,25 @@ class QloraModel:
 # --------------------------------------------------------------------------- which
 
 
-MODELLERS: dict[str, Any] = {"fsdp-offload": FsdpOffloadModel, "qlora": QloraModel}
+#: The modellers by the name a strategy's ``estimate = modelled_by(name, ...)`` gives.
+MODELLERS: dict[str, type[FsdpUnitsModel] | type[Nf4WeightsModel]] = {
+    "fsdp-units": FsdpUnitsModel,
+    "nf4-weights": Nf4WeightsModel,
+}
 
 
-def can_model(key: str) -> bool:
-    return key in MODELLERS
+def can_model(cls: type[Strategy]) -> bool:
+    """Whether the strategy declares a modelled estimate whose modeller is registered here."""
+    return cls.estimate.kind is EstimateKind.MODELLED and cls.estimate.modeller in MODELLERS
 
 
-def modeller_for(cell: Cell, device_type: str):
+def modeller_for(cell: Cell, device_type: str) -> FsdpUnitsModel | Nf4WeightsModel | None:
     """The modeller for a cell with one untraceable strategy that has a model, whose proxy
     cell is itself a valid, traceable cell; None otherwise (the cell is then not traced)."""
     refusing = [cls for cls in cell.strategies if cls.trace_refusal(device_type)]
-    if len(refusing) != 1 or refusing[0].key not in MODELLERS:
+    if len(refusing) != 1 or not can_model(refusing[0]):
         return None
-    modeller = MODELLERS[refusing[0].key]()
+    modeller = MODELLERS[str(refusing[0].estimate.modeller)](refusing[0])
     try:
         proxy = modeller.proxy(cell)
     except Exception:  # noqa: BLE001 - e.g. no lora strategy registered for qlora's proxy

@@ -104,7 +104,7 @@ class Prediction:
 
 
 def _uses_accumulation(cell: str) -> bool:
-    return any(cls.key == "2" for cls in parse_cell(cell).strategies)
+    return any(cls.micro_batch_counts for cls in parse_cell(cell).strategies)
 
 
 def setups_for(cells: Iterable[str], config: BenchConfig) -> list[Setup]:

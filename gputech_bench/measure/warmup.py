@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-#: Strategies whose optimizer is bitsandbytes' (its CUDA library loads at the first step).
-BITSANDBYTES_STRATEGIES = frozenset({"3", "paged-adam8bit"})
+#: The library name a strategy's ``libraries`` fact gives for bitsandbytes (its CUDA library
+#: loads at its first kernel).
+BITSANDBYTES = "bitsandbytes"
 
 
 def _tiny_training_step(device: torch.device, dtype: torch.dtype | None) -> None:
@@ -42,17 +43,18 @@ def _bitsandbytes_step(device: torch.device) -> None:
     optimizer.step()
 
 
-def warm_up_cuda_libraries(device: torch.device, strategy_keys: set[str]) -> list[str]:
+def warm_up_cuda_libraries(device: torch.device, libraries: set[str]) -> list[str]:
     """Run what loads the cell's GPU libraries, then hand the allocator's cache back, so
     that what stays outside the allocator is the context a training step really has.
-    Returns what was warmed up, for the result."""
+    ``libraries`` are those the cell's strategies declare they need. Returns what was
+    warmed up, for the result."""
     warmed = ["cuBLAS/cuBLASLt fp32"]
     _tiny_training_step(device, None)
     for dtype in (torch.float16, torch.bfloat16):
         if device.type != "cuda" or dtype != torch.bfloat16 or torch.cuda.is_bf16_supported():
             _tiny_training_step(device, dtype)
             warmed.append(f"autocast {str(dtype).removeprefix('torch.')}")
-    if strategy_keys & BITSANDBYTES_STRATEGIES:
+    if BITSANDBYTES in libraries:
         _bitsandbytes_step(device)
         warmed.append("bitsandbytes 8-bit optimizer")
     if device.type == "cuda":

@@ -7,17 +7,13 @@ from ..errors import StrategyError
 from ..modeling import CLM, model_task
 from ..strategies import BASELINE, launch_refusal, parse_cell, registered
 
-#: What ``--matrix`` adds for a causal LM: QLoRA, the strategy most people fine-tuning a
-#: decoder reach for first (a masked-LM keeps the seed's table exactly).
-CAUSAL_LM_EXTRA = ("qlora",)
-
-
 def matrix_cells(config: BenchConfig) -> list[str]:
-    """The cells of ``--matrix``: the seed's, plus QLoRA for a causal LM when it is registered."""
+    """The cells of ``--matrix``: the seed's, plus for a causal LM each strategy that declares
+    ``in_causal_lm_matrix`` (QLoRA, what most people fine-tuning a decoder reach for first);
+    a masked-LM keeps the seed's table exactly."""
     cells = list(REFERENCE_MATRIX)
     if config.model.pretrained and model_task(config.model) == CLM:
-        keys = {cls.key for cls in registered()}
-        cells += [cell for cell in CAUSAL_LM_EXTRA if cell in keys]
+        cells += [cls.key for cls in registered() if cls.in_causal_lm_matrix and cls.key not in cells]
     return cells
 
 

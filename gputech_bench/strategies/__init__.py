@@ -1,24 +1,14 @@
 """Memory-saving strategies, registered by number and name.
 
-Importing this package registers the seed's five and the modern ones (qlora included); ``plan.build_plan`` composes
-a cell's strategies into one training setup.
+Importing this package imports every module in it (each registers its strategies: a new
+strategy is one new file), then the user's own modules named by
+``GPUTECH_BENCH_STRATEGY_MODULES`` (see ``discovery.py``). ``plan.build_plan`` composes a
+cell's strategies into one training setup.
 """
 
 from ..errors import StrategyError
-from . import (  # noqa: F401  (registration)
-    accumulation,
-    adam8bit,
-    amp,
-    checkpointing,
-    compile,
-    fsdp_offload,
-    lora,
-    mixed_precision,
-    paged_adam8bit,
-    qlora,
-    sparse_head,
-)
 from .base import MicroBatch, Placement, RunContext, Strategy
+from .discovery import import_package_modules, import_user_modules
 from .plan import TrainingPlan, build_plan, device_refusal, launch_refusal
 from .registry import (
     BASELINE,
@@ -48,3 +38,7 @@ __all__ = [
     "registered",
     "unregister",
 ]
+
+# Last, once every name above exists: a user's module imports them from this package.
+import_package_modules(__name__, __path__)
+import_user_modules()

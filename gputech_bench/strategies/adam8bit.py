@@ -9,6 +9,7 @@ import torch
 
 from ..errors import StrategyError, first_line
 from .base import RunContext, Strategy
+from .facts import StateLocation, TRACED, TimeFactor
 from .registry import register
 
 
@@ -45,6 +46,15 @@ class Adam8bit(Strategy):
     saves = "optimizer state: two uint8 moments instead of two fp32 (about 2 of 8 bytes per parameter)"
     costs = "quantisation work in each step; under nvidia-smi the saving can hide in the allocator's reserve"
     order = 30
+    # Facts (facts.py): what estimate, fit, the runner, the warm-up and the docs know of it.
+    time_factor = TimeFactor(1.0, "reasoned: the optimizer step is small next to forward and backward")
+    changes_activations_only = False
+    trains_adapters = False
+    state_location = StateLocation.DEVICE
+    libraries = ("bitsandbytes",)
+    micro_batch_counts = ()
+    estimate = TRACED
+    in_causal_lm_matrix = False
     gives_up = "quantised optimizer moments (8-bit block-wise)"
     requires = "bitsandbytes >= 0.45 (CPU kernels included); on CUDA, a build with kernels for this GPU"
 

@@ -16,6 +16,7 @@ import contextlib
 import torch
 
 from .base import Precision, RunContext, Strategy
+from .facts import StateLocation, TRACED, TimeFactor
 from .registry import register
 
 
@@ -53,6 +54,17 @@ def supports_bf16(device: torch.device) -> bool:
 
 class _Autocast(Strategy):
     order = 55
+    # Facts (facts.py): what estimate, fit, the runner, the warm-up and the docs know of it.
+    # autocast changes the compute's dtype, not only how many activations are live: its own regime in fit.
+    time_factor = TimeFactor(0.6, "assumed from commonly reported BERT-base speed-ups on tensor cores (1.5-2x), not "
+                             "measured here: a --from run replaces it")
+    changes_activations_only = False
+    trains_adapters = False
+    state_location = StateLocation.DEVICE
+    libraries = ()
+    micro_batch_counts = ()
+    estimate = TRACED
+    in_causal_lm_matrix = False
     requires = "torch.autocast on the compute device (CUDA, or bf16 on CPU)"
     gives_up = "half-precision rounding in matmuls (weights, gradients and optimizer stay fp32)"
     costs = "none on tensor-core GPUs (usually faster); the fp32 weights stay on the device, so only activations shrink"

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ..config import BenchConfig
+    from .facts import Estimate, MicroBatchTimeFactor, StateLocation, TimeFactor
 
 
 #: Hooks that only one strategy of a cell may own.
@@ -155,6 +156,17 @@ class Strategy:
     #: The model recompiles when a batch of a new shape arrives (torch.compile): a step on
     #: an epoch's short last batch is then compilation, and is kept out of the timing.
     recompiles_on_new_shapes: ClassVar[bool] = False
+
+    # Facts every strategy declares (facts.py says what each means). No defaults on purpose:
+    # registry.register refuses a class that leaves one out, naming it.
+    time_factor: ClassVar["TimeFactor | MicroBatchTimeFactor"]
+    changes_activations_only: ClassVar[bool]
+    trains_adapters: ClassVar[bool]
+    state_location: ClassVar["StateLocation"]
+    libraries: ClassVar[tuple[str, ...]]
+    micro_batch_counts: ClassVar[tuple[int, ...]]
+    estimate: ClassVar["Estimate"]
+    in_causal_lm_matrix: ClassVar[bool]
 
     @classmethod
     def trace_refusal(cls, device_type: str) -> str | None:

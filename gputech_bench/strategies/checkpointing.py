@@ -10,6 +10,7 @@ from torch import nn
 
 from ..errors import StrategyError
 from .base import RunContext, Strategy
+from .facts import StateLocation, TRACED, TimeFactor
 from .registry import register
 
 
@@ -52,6 +53,15 @@ class Checkpointing(Strategy):
     saves = "activations: keeps each layer's input only and recomputes the rest during backward"
     costs = "about one extra forward pass per step (~30% more compute)"
     order = 10
+    # Facts (facts.py): what estimate, fit, the runner, the warm-up and the docs know of it.
+    time_factor = TimeFactor(4 / 3, "reasoned: one more forward pass per step, a forward being about 1/3 of forward+backward")
+    changes_activations_only = True
+    trains_adapters = False
+    state_location = StateLocation.DEVICE
+    libraries = ()
+    micro_batch_counts = ()
+    estimate = TRACED
+    in_causal_lm_matrix = False
 
     def prepare_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         enable_activation_checkpointing(model)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import RunContext, Strategy
+from .facts import NOT_ESTIMATED, StateLocation, TimeFactor
 from .registry import register
 
 
@@ -22,6 +23,15 @@ class Compile(Strategy):
     costs = "compilation in the first step (tens of seconds; minutes for big models), reported as compile_seconds"
     # Last: it compiles the model as the other strategies left it (adapters, head wrapper).
     order = 90
+    # Facts (facts.py): what estimate, fit, the runner, the warm-up and the docs know of it.
+    time_factor = TimeFactor(1.0, "assumed: not modelled, its gain depends on the device (not estimated, so fit never weighs it)")
+    changes_activations_only = True
+    trains_adapters = False
+    state_location = StateLocation.DEVICE
+    libraries = ()
+    micro_batch_counts = ()
+    estimate = NOT_ESTIMATED
+    in_causal_lm_matrix = False
     requires = "a C++ compiler on CPU; Triton on CUDA"
     untraceable = "Inductor's fused kernels allocate differently from the eager step the estimate follows"
     recompiles_on_new_shapes = True

@@ -20,6 +20,7 @@ from torch import nn
 
 from .architecture import config_model_type, is_causal_lm, model_type_of, new_head_modules, resolve_lora_targets
 from .base import RunContext, Strategy
+from .facts import StateLocation, TRACED, TimeFactor
 from .registry import register
 
 
@@ -81,6 +82,15 @@ class Lora(Strategy):
     saves = "gradients and optimizer state of the frozen base (only the adapters train)"
     costs = "trains a different, much smaller set of parameters: accuracy can differ from full fine-tuning"
     order = 50
+    # Facts (facts.py): what estimate, fit, the runner, the warm-up and the docs know of it.
+    time_factor = TimeFactor(0.75, "reasoned: frozen weights need no weight gradients (a backward of about one forward)")
+    changes_activations_only = False
+    trains_adapters = True
+    state_location = StateLocation.DEVICE
+    libraries = ("peft",)
+    micro_batch_counts = ()
+    estimate = TRACED
+    in_causal_lm_matrix = False
     gives_up = "trains only the adapters, a different set of parameters: accuracy can differ"
     requires = "peft; target modules for the model type (peft's default, or strategy.lora_targets)"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from ..errors import StrategyError
 from .adam8bit import Adam8bit, load_bitsandbytes, probe_kernels
 from .base import RunContext
+from .facts import NOT_ESTIMATED, StateLocation, TimeFactor
 from .registry import register
 
 
@@ -22,6 +23,15 @@ class PagedAdam8bit(Adam8bit):
     saves = "optimizer state: 8-bit moments (as 3), paged to host memory by the driver when the GPU runs short"
     costs = "as 3, plus page transfers over PCIe whenever memory is tight"
     order = 46
+    # Facts (facts.py): what estimate, fit, the runner, the warm-up and the docs know of it.
+    time_factor = TimeFactor(1.0, "assumed as 3's, not measured: page transfers under pressure are not modelled")
+    changes_activations_only = False
+    trains_adapters = False
+    state_location = StateLocation.PAGED
+    libraries = ("bitsandbytes",)
+    micro_batch_counts = ()
+    estimate = NOT_ESTIMATED
+    in_causal_lm_matrix = False
     needs_cuda = True
     requires = "CUDA (unified memory) and bitsandbytes >= 0.45 with kernels for this GPU"
     gives_up = "quantised optimizer moments (8-bit block-wise), decoupled weight decay (AdamW)"

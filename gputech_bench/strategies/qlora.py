@@ -34,6 +34,7 @@ from ..errors import StrategyError, first_line
 from .adam8bit import load_bitsandbytes
 from .architecture import config_model_type, new_head_modules, pretrained_model, resolve_lora_targets
 from .base import RunContext, Strategy
+from .facts import StateLocation, TimeFactor, modelled_by
 from .lora import lora_config, lora_facts
 from .registry import register
 
@@ -131,6 +132,16 @@ class Qlora(Strategy):
     # Beside LoRA (the two are never combined): after 1, whose checkpointing wraps the layers
     # qlora then quantises inside; before sparse-head and compile, which act on the result.
     order = 51
+    # Facts (facts.py): what estimate, fit, the runner, the warm-up and the docs know of it.
+    time_factor = TimeFactor(1.0, "assumed, not measured: LoRA's 0.75 times about 4/3 for dequantising every weight "
+                             "before each matmul (QLoRA's commonly reported slow-down against LoRA)")
+    changes_activations_only = False
+    trains_adapters = True
+    state_location = StateLocation.DEVICE
+    libraries = ("bitsandbytes", "peft")
+    micro_batch_counts = ()
+    estimate = modelled_by("nf4-weights", traced_in_its_place="lora")
+    in_causal_lm_matrix = True
     gives_up = "the frozen base is rounded to 4-bit NF4 and only the adapters train: accuracy can differ"
     requires = "bitsandbytes >= 0.45 (4-bit kernels, CPU included) and peft; LoRA targets for the model type"
     incompatible = {

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from ..errors import StrategyError
 from .base import Strategy
+from .facts import check_declared
 
 BASELINE = "baseline"
 
@@ -17,7 +18,11 @@ _REGISTRY: dict[str, type[Strategy]] = {}
 
 
 def register(cls: type[Strategy]) -> type[Strategy]:
-    """Class decorator: make a strategy available by its key and its name."""
+    """Class decorator: make a strategy available by its key and its name.
+
+    Refuses (StrategyDeclarationError, naming the fact) a class that leaves out one of the
+    facts in ``facts.FACTS``: estimate, fit, the runner and the docs read them from the class."""
+    check_declared(cls)
     for alias in (cls.key, cls.name):
         alias = alias.lower()
         if alias == BASELINE or alias in _REGISTRY and _REGISTRY[alias] is not cls:

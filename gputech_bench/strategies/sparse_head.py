@@ -29,6 +29,7 @@ from ..errors import StrategyError
 from ..modeling import CLM
 from .architecture import config_model_type, config_task, masked_lm_head_refusal, split_masked_lm
 from .base import RunContext, Strategy
+from .facts import NOT_ESTIMATED, StateLocation, TimeFactor
 from .registry import register
 
 if TYPE_CHECKING:
@@ -117,6 +118,15 @@ class SparseHead(Strategy):
     saves = "the logits: vocabulary scores at the ~15% masked positions instead of all (2.3 GiB -> ~0.35 GiB for the seed)"
     costs = "none measurable expected: less head compute; evaluation still scores every position"
     order = 60
+    # Facts (facts.py): what estimate, fit, the runner, the warm-up and the docs know of it.
+    time_factor = TimeFactor(1.0, "assumed: less head compute, none measurable expected (not estimated, so fit never weighs it)")
+    changes_activations_only = True
+    trains_adapters = False
+    state_location = StateLocation.DEVICE
+    libraries = ()
+    micro_batch_counts = ()
+    estimate = NOT_ESTIMATED
+    in_causal_lm_matrix = False
 
     untraceable = "how many positions are masked is data, unknown on fake tensors"
     requires = ("a masked-LM (BERT, RoBERTa, DistilBERT) with data.objective=mlm: under the seed's objective, "

@@ -86,12 +86,12 @@ def new_result(cell_text: str, config: BenchConfig) -> CellResult:
     )
 
 
-def apply_memory_cap(config: BenchConfig, device: torch.device, result: CellResult, strategy_keys: set[str]) -> None:
+def apply_memory_cap(config: BenchConfig, device: torch.device, result: CellResult, libraries: set[str]) -> None:
     """Limit this process to ``gpu_memory_limit``, the CUDA context counted against it.
 
     The context is measured after the libraries a training step loads (cuBLAS, autocast's
     kernels, bitsandbytes) have loaded: right after ``torch.zeros(1)`` it is far smaller."""
-    warmed = warm_up_cuda_libraries(device, strategy_keys)
+    warmed = warm_up_cuda_libraries(device, libraries)
     context_bytes, method = cuda_memory.context_bytes(device)
     total = torch.cuda.get_device_properties(device).total_memory
     cap = plan_cap(parse_size(config.gpu_memory_limit), context_bytes, total)
@@ -137,7 +137,7 @@ def _measure_cuda_cell(cell, config: BenchConfig, device: torch.device, result: 
         result.notes.append(SNAPSHOT_SLOWS_STEPS)
     try:
         if config.gpu_memory_limit:
-            apply_memory_cap(config, device, result, {cls.key for cls in cell.strategies})
+            apply_memory_cap(config, device, result, {library for cls in cell.strategies for library in cls.libraries})
         return _measure_cell(cell, config, device, result, emit, sampler)
     finally:
         sampler.stop()
