@@ -79,8 +79,8 @@ class Launcher(Protocol):
     @property
     def fork_server(self) -> ForkServer | None: ...
 
-    def prepare(self) -> None:
-        """What may take seconds before the first worker starts (preloading the fork server):
+    def prepare(self, slot: Slot) -> None:
+        """What may take seconds before a worker on ``slot`` starts (preloading the fork server):
         run before the runner holds Ctrl-C back, so that Ctrl-C meanwhile stops the run."""
 
     def start(self, call: WorkerCall, slot: Slot, log: IO[str]) -> WorkerProcess:
@@ -104,7 +104,7 @@ class FreshInterpreter:
     def command(self, call: WorkerCall) -> list[str]:
         return [sys.executable, "-m", worker_package.__name__, *call.argv()]
 
-    def prepare(self) -> None:
+    def prepare(self, slot: Slot) -> None:
         pass  # nothing is started ahead of the cells
 
     def start(self, call: WorkerCall, slot: Slot, log: IO[str]) -> WorkerProcess:
@@ -143,9 +143,11 @@ class ForkedChild:
     def fork_server(self) -> ForkServer | None:
         return self.server
 
-    def prepare(self) -> None:
+    def prepare(self, slot: Slot) -> None:
         # A server that cannot start leaves its cells to fresh interpreters: start() says why there.
-        self.server.start()
+        # A cell pinned to GPUs is never forked, so it never waits for the server.
+        if slot is None:
+            self.server.start()
 
     def start(self, call: WorkerCall, slot: Slot, log: IO[str]) -> WorkerProcess:
         if slot is None:

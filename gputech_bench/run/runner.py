@@ -236,7 +236,7 @@ def run_worker(
     # Before anything of this cell is touched and outside the Ctrl-C hold below: preloading a
     # fork server takes seconds, Ctrl-C meanwhile stops the run as between two cells, and a
     # server that cannot start leaves this cell to a fresh interpreter.
-    launcher.prepare()
+    launcher.prepare(slot)
     result_path = job_result_path(folder, job)
     result_path.parent.mkdir(parents=True, exist_ok=True)
     if result_path.exists():
