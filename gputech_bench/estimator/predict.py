@@ -204,7 +204,7 @@ class SpawnedTraces:
 
 class ForkedTraces:
     """The fork server back end: the setups shared over children forked from ``server``
-    (which its caller had preload this module's tracer), their stderr appended to
+    (whose caller had it preload the tracer, ``trace``), their stderr appended to
     ``log_path``. Raises ForkServerError when the server cannot fork them."""
 
     def __init__(self, server: ForkServer, log_path: Path) -> None:
@@ -223,7 +223,62 @@ class ForkedTraces:
 
     def trace(self, setups: list[Setup], config: BenchConfig, jobs: int, limit: int | None,
               on_done: Callable[[Prediction], None]) -> None:
-        _predict_in_forks(setups, config, jobs, on_done, self.server, self.log_path, limit)
+        # Each child prepares the trace inputs once (the run has left the tokenised data in the
+        # cache) and traces its share in turn, as a pool process would.
+        config_text = json.dumps(to_dict(config))
+        shares = _shares(setups, config, jobs)
+        threads = ["--single-threaded"] if len(shares) > 1 else []
+        done: dict[Setup, Prediction] = {}
+        failures: list[dict[str, Any]] = []
+        children = []
+        pending: dict[int, bytes] = {}  # each child's stdout, and what it wrote past its last full line
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("a", encoding="utf-8") as log, selectors.DefaultSelector() as selector:
+            try:
+                for share in shares:
+                    read, write = os.pipe()
+                    try:
+                        argv = [config_text, json.dumps([[setup.cell, setup.micro_batch_size] for setup in share]),
+                                json.dumps(limit), *threads]
+                        children.append(self.server.spawn(trace_share, argv, write, log.fileno()))
+                    except BaseException:
+                        os.close(read)
+                        raise
+                    finally:
+                        os.close(write)
+                    pending[read] = b""
+                    selector.register(read, selectors.EVENT_READ)
+                while pending:
+                    for key, _ in selector.select():
+                        fd = key.fd
+                        chunk = os.read(fd, 65536)
+                        if not chunk:
+                            selector.unregister(fd)
+                            os.close(fd)
+                            del pending[fd]
+                            continue
+                        *lines, pending[fd] = (pending[fd] + chunk).split(b"\n")
+                        for line in lines:
+                            message = json.loads(line)
+                            if "failed" in message:
+                                failures.append(message)
+                                continue
+                            prediction = Prediction.from_dict(message)
+                            done[prediction.setup] = prediction
+                            on_done(prediction)
+            finally:
+                for fd in pending:
+                    os.close(fd)
+                for child in children:
+                    child.terminate()  # only one still tracing: after Ctrl-C or an error here
+                    child.wait()
+        if failures:
+            reason = failures[0]["failed"]
+            raise UserError(reason) if failures[0]["user_error"] else RuntimeError(reason)
+        missing = [setup.label for setup in setups if setup not in done]
+        if missing:
+            codes = ", ".join(str(child.returncode) for child in children)
+            raise RuntimeError(f"trace processes ended without tracing {', '.join(missing)} (exit codes {codes}); see {self.log_path}")
 
 
 class Predictor:
@@ -303,6 +358,8 @@ def predict(
 
 
 # --------------------------------------------------------------------------- in the fork server's children
+
+
 def _shares(setups: list[Setup], config: BenchConfig, jobs: int) -> list[list[Setup]]:
     """The setups split over ``jobs`` children, the longest traces first to the least loaded."""
     shares: list[list[Setup]] = [[] for _ in range(max(1, min(jobs, len(setups))))]
@@ -331,71 +388,3 @@ def trace_share(argv: list[str]) -> int:
               flush=True)
         return 1
     return 0
-
-
-def _predict_in_forks(
-    setups: list[Setup],
-    config: BenchConfig,
-    jobs: int,
-    on_done: Callable[[Prediction], None],
-    forks: ForkServer,
-    log_path: Path,
-    limit: int | None = None,
-) -> list[Prediction]:
-    # Each child prepares the trace inputs once (the run has left the tokenised data in the
-    # cache) and traces its share in turn, as a pool process would.
-    config_text = json.dumps(to_dict(config))
-    shares = _shares(setups, config, jobs)
-    threads = ["--single-threaded"] if len(shares) > 1 else []
-    done: dict[Setup, Prediction] = {}
-    failures: list[dict[str, Any]] = []
-    children = []
-    pending: dict[int, bytes] = {}  # each child's stdout, and what it wrote past its last full line
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("a", encoding="utf-8") as log, selectors.DefaultSelector() as selector:
-        try:
-            for share in shares:
-                read, write = os.pipe()
-                try:
-                    argv = [config_text, json.dumps([[setup.cell, setup.micro_batch_size] for setup in share]),
-                            json.dumps(limit), *threads]
-                    children.append(forks.spawn(trace_share, argv, write, log.fileno()))
-                except BaseException:
-                    os.close(read)
-                    raise
-                finally:
-                    os.close(write)
-                pending[read] = b""
-                selector.register(read, selectors.EVENT_READ)
-            while pending:
-                for key, _ in selector.select():
-                    fd = key.fd
-                    chunk = os.read(fd, 65536)
-                    if not chunk:
-                        selector.unregister(fd)
-                        os.close(fd)
-                        del pending[fd]
-                        continue
-                    *lines, pending[fd] = (pending[fd] + chunk).split(b"\n")
-                    for line in lines:
-                        message = json.loads(line)
-                        if "failed" in message:
-                            failures.append(message)
-                            continue
-                        prediction = Prediction.from_dict(message)
-                        done[prediction.setup] = prediction
-                        on_done(prediction)
-        finally:
-            for fd in pending:
-                os.close(fd)
-            for child in children:
-                child.terminate()  # only one still tracing: after Ctrl-C or an error here
-                child.wait()
-    if failures:
-        reason = failures[0]["failed"]
-        raise UserError(reason) if failures[0]["user_error"] else RuntimeError(reason)
-    missing = [setup.label for setup in setups if setup not in done]
-    if missing:
-        codes = ", ".join(str(child.returncode) for child in children)
-        raise RuntimeError(f"trace processes ended without tracing {', '.join(missing)} (exit codes {codes}); see {log_path}")
-    return [done[setup] for setup in setups]
