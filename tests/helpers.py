@@ -19,6 +19,9 @@ from gputech_bench.config import BenchConfig, apply_overrides
 from gputech_bench.data.masking import IGNORE_INDEX
 from gputech_bench.modeling import build_model
 from gputech_bench.results import SCHEMA, CellResult, RunFolder, merge_repeats, write_result
+from gputech_bench.run.launch import Launch, Slot
+from gputech_bench.run.launcher import FreshInterpreter, WorkerCall
+from gputech_bench.run.request import Placement, RunRequest, Schedule
 from gputech_bench.strategies import RunContext
 from gputech_bench.strategies.facts import TRACED, StateLocation, TimeFactor
 
@@ -168,12 +171,32 @@ _SLEEPER = ("import json, pathlib, sys, time; print(json.dumps({'event': 'phase'
             "time.sleep(60); pathlib.Path(sys.argv[1]).touch()")
 
 
-def sleeping_worker(cell: str, config_path: Path, out: Path, *rest) -> list[str]:
-    """In place of ``runner.worker_command``: a worker that sleeps a minute instead of training.
+def sleeping_worker(call: WorkerCall) -> list[str]:
+    """In place of the worker's command line: a worker that sleeps a minute instead of training.
 
     Its one event tells the test it is running (rather than a guess in seconds); ``slept``
     tells whether it was stopped."""
-    return [sys.executable, "-c", _SLEEPER, f"{out}.slept"]
+    return [sys.executable, "-c", _SLEEPER, f"{call.out}.slept"]
+
+
+class CommandLauncher(FreshInterpreter):
+    """A fresh interpreter (pinned to its slot, stopped with its parent) running ``command(call)``
+    instead of the worker: a stand-in worker for the runner's tests."""
+
+    def __init__(self, command) -> None:
+        self.stand_in = command
+
+    def command(self, call: WorkerCall) -> list[str]:
+        return self.stand_in(call)
+
+
+def run_request(folder: RunFolder, cells: tuple[str, ...] = ("1",), *, slots: tuple[Slot, ...] = (None,),
+                cell_timeout: float | None = None, config: BenchConfig | None = None) -> RunRequest:
+    """A request for ``cells`` into ``folder``: run once each, in one plain process each, nothing reused."""
+    return RunRequest(
+        config or BenchConfig(), cells, Placement(Launch(), slots),
+        Schedule(repeats=1, seeds=None, vary_seed=False, cell_timeout=cell_timeout, force=False), folder,
+    )
 
 
 def slept(out: Path) -> bool:

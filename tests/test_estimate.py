@@ -197,12 +197,14 @@ def test_estimate_command_prints_categories_and_fit(cache_dir: Path):
 
 
 def test_estimate_compares_with_a_run_it_is_given(tmp_path: Path, cache_dir: Path):
+    from helpers import run_request
+
     from gputech_bench.results import RunFolder, write_result
     from gputech_bench.run.runner import prepare_run_dir
 
     config = tiny_config(cache_dir)
     layout = RunFolder(tmp_path / "run")
-    prepare_run_dir(layout, config, force=False)
+    prepare_run_dir(run_request(layout, config=config))
     measured = dataclasses.replace(config, train=dataclasses.replace(config.train, max_steps=2))
     result = run_cell("1", measured, new_result("1", measured))
     write_result(layout.result_path("1"), result)

@@ -15,11 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import CommandLauncher, run_request
 
+from gputech_bench.api._run import FORK_SERVER_PRELOAD
 from gputech_bench.results import RunFolder
 from gputech_bench.run import runner
-from gputech_bench.run.forkserver import PRELOAD, ForkServer
+from gputech_bench.run.forkserver import ForkServer
 from gputech_bench.run.launch import Launch
+from gputech_bench.run.launcher import ForkedChild, FreshInterpreter, Torchrun, fork_server_suits, launcher_for
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or not Path("/proc/self").exists(), reason="Linux fork server")
 
@@ -107,7 +110,7 @@ def alive(pid: int) -> bool:
 
 
 def test_the_server_preloads_the_stack_without_cuda_peft_or_bitsandbytes(tmp_path: Path, entries: Path):
-    with ForkServer(tmp_path / "fork-server.log", preload=(*PRELOAD, "forkserver_entries")) as server:
+    with ForkServer(tmp_path / "fork-server.log", preload=(*FORK_SERVER_PRELOAD, "forkserver_entries")) as server:
         assert server.start(), server.failure
         hello = server.hello
         # The invariant that makes forking safe, read from torch's own state in the server.
@@ -142,9 +145,11 @@ def test_a_child_has_its_own_streams_signals_and_exit_code(tmp_path: Path, light
     assert described["pdeathsig"] == signal.SIGTERM and described["stdin"] == os.devnull
 
 
-def sleeper_worker(monkeypatch: pytest.MonkeyPatch, server: ForkServer) -> None:
-    """The runner's worker, replaced by an entry that reports its pid and sleeps a minute."""
-    monkeypatch.setattr(server, "worker_entry", "forkserver_entries:sleeper")
+def sleeper_worker(server: ForkServer) -> ForkedChild:
+    """The forked-child launcher, its worker replaced by an entry that reports its pid and sleeps a minute."""
+    launcher = ForkedChild(server)
+    launcher.worker_entry = "forkserver_entries:sleeper"
+    return launcher
 
 
 def slept(folder: RunFolder, cell: str) -> bool:
@@ -152,31 +157,31 @@ def slept(folder: RunFolder, cell: str) -> bool:
     return Path(f"{folder.result_path(cell)}.slept").exists()
 
 
-def test_a_forked_worker_killed_with_sigkill_is_a_crashed_row(tmp_path, light_server, monkeypatch):
-    sleeper_worker(monkeypatch, light_server)
+def test_a_forked_worker_killed_with_sigkill_is_a_crashed_row(tmp_path, light_server):
+    launcher = sleeper_worker(light_server)
     pids: list[int] = []
 
     def kill_it(label, event):
         pids.append(event["pid"])
         os.kill(event["pid"], signal.SIGKILL)
 
-    run = runner.run_worker(runner.Job("1"), run_folder(tmp_path), on_event=kill_it, forks=light_server)
+    run = runner.run_worker(runner.Job("1"), run_request(run_folder(tmp_path)), launcher, kill_it)
     assert run.result.status == "crashed" and run.result.reason.startswith("worker killed by SIGKILL")
     assert pids and pids[0] != light_server.pid and not alive(pids[0])
 
 
-def test_a_forked_worker_past_the_cell_timeout_is_stopped_and_recorded(tmp_path, light_server, monkeypatch):
-    sleeper_worker(monkeypatch, light_server)
+def test_a_forked_worker_past_the_cell_timeout_is_stopped_and_recorded(tmp_path, light_server):
+    launcher = sleeper_worker(light_server)
     pids: list[int] = []
     folder = run_folder(tmp_path)
-    run = runner.run_worker(runner.Job("1"), folder, lambda label, event: pids.append(event["pid"]),
-                            timeout=1.0, forks=light_server)
+    run = runner.run_worker(runner.Job("1"), run_request(folder, cell_timeout=1.0), launcher,
+                            lambda label, event: pids.append(event["pid"]))
     assert run.result.status == "timeout" and run.result.reason.startswith("exceeded --cell-timeout of 1 s")
     assert not alive(pids[0]) and not slept(folder, "1")
 
 
-def test_ctrl_c_in_another_thread_stops_a_forked_worker_at_once(tmp_path, light_server, monkeypatch, ctrl_c_raises):
-    sleeper_worker(monkeypatch, light_server)
+def test_ctrl_c_in_another_thread_stops_a_forked_worker_at_once(tmp_path, light_server, ctrl_c_raises):
+    launcher = sleeper_worker(light_server)
     pids: list[int] = []
 
     def ctrl_c_once_it_sleeps(label, event):
@@ -185,20 +190,20 @@ def test_ctrl_c_in_another_thread_stops_a_forked_worker_at_once(tmp_path, light_
         signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # not the main thread
 
     folder = run_folder(tmp_path)
-    run = runner.run_worker(runner.Job("1"), folder, ctrl_c_once_it_sleeps, forks=light_server)
+    run = runner.run_worker(runner.Job("1"), run_request(folder), launcher, ctrl_c_once_it_sleeps)
     assert run.interrupted and run.result.status == "interrupted"
     assert not alive(pids[0]) and not slept(folder, "1")  # stopped, not waited for
 
 
-def test_a_dead_fork_server_takes_its_cells_with_it_and_says_so(tmp_path, light_server, monkeypatch):
-    sleeper_worker(monkeypatch, light_server)
+def test_a_dead_fork_server_takes_its_cells_with_it_and_says_so(tmp_path, light_server):
+    launcher = sleeper_worker(light_server)
     pids: list[int] = []
 
     def kill_the_server(label, event):
         pids.append(event["pid"])
         os.kill(light_server.pid, signal.SIGKILL)
 
-    run = runner.run_worker(runner.Job("1"), run_folder(tmp_path), kill_the_server, timeout=60, forks=light_server)
+    run = runner.run_worker(runner.Job("1"), run_request(run_folder(tmp_path), cell_timeout=60), launcher, kill_the_server)
     # The kernel sent the child SIGTERM when its server died; nobody is left to say how it ended.
     assert run.result.status == "crashed" and "exit status unknown: the fork server stopped" in run.result.reason
     assert not alive(pids[0])
@@ -206,13 +211,14 @@ def test_a_dead_fork_server_takes_its_cells_with_it_and_says_so(tmp_path, light_
     assert not light_server.start() and "stopped" in light_server.failure
 
 
-def test_a_server_that_cannot_preload_leaves_the_cells_to_fresh_interpreters(tmp_path, monkeypatch):
+def test_a_server_that_cannot_preload_leaves_the_cells_to_fresh_interpreters(tmp_path):
     script = "import json; print(json.dumps({'event': 'phase', 'phase': 'fresh'}))"
-    monkeypatch.setattr(runner, "worker_command", lambda *args: [sys.executable, "-c", script])
     folder = run_folder(tmp_path)
     events: list[dict] = []
     with ForkServer(tmp_path / "fork-server.log", preload=("no_such_module_for_the_test",)) as server:
-        run = runner.run_worker(runner.Job("1"), folder, lambda label, event: events.append(event), forks=server)
+        launcher = ForkedChild(server)
+        launcher.fallback = CommandLauncher(lambda call: [sys.executable, "-c", script])
+        run = runner.run_worker(runner.Job("1"), run_request(folder), launcher, lambda label, event: events.append(event))
         assert not server.start() and "ModuleNotFoundError" in server.failure
     assert events == [{"event": "phase", "phase": "fresh"}]  # the fresh interpreter ran the cell
     assert run.result.status == "crashed" and "exited with code 0 without a result" in run.result.reason
@@ -233,29 +239,40 @@ def test_ctrl_c_while_the_server_preloads_leaves_no_server_behind(tmp_path: Path
     assert server.pid is None  # stopped and reaped, not left importing
 
 
-def test_only_cpu_cells_in_plain_processes_are_forked():
-    assert runner.fork_server_suits(cuda=False, launch=Launch())
-    assert not runner.fork_server_suits(cuda=True, launch=Launch())
-    assert not runner.fork_server_suits(cuda=False, launch=Launch(nproc_per_node=2))
-    server = ForkServer(Path("unused.log"))
-    assert runner.uses_fork_server(server, Launch(), None)
-    assert not runner.uses_fork_server(server, Launch(), ("0",))  # a GPU slot: never forked
-    assert not runner.uses_fork_server(None, Launch(), None)
+def test_only_cpu_cells_in_plain_processes_are_forked(tmp_path: Path):
+    assert fork_server_suits(cuda=False, launch=Launch())
+    assert not fork_server_suits(cuda=True, launch=Launch())
+    assert not fork_server_suits(cuda=False, launch=Launch(nproc_per_node=2))
+    log, preload = Path("unused.log"), ("unused",)
+    assert type(launcher_for(Launch(), False, log, preload)) is ForkedChild
+    assert type(launcher_for(Launch(), True, log, preload)) is FreshInterpreter
+    assert type(launcher_for(Launch(nproc_per_node=2), False, log, preload)) is Torchrun
+    # A cell pinned to a GPU slot is never forked: the fork server is not even asked.
+    fresh = "import json; print(json.dumps({'event': 'phase', 'phase': 'fresh'}))"
+    launcher = ForkedChild(ForkServer(tmp_path / "never-started.log", ("no_such_module_for_the_test",)))
+    launcher.fallback = CommandLauncher(lambda call: [sys.executable, "-c", fresh])
+    folder = run_folder(tmp_path)
+    run = runner.run_worker(runner.Job("1"), run_request(folder), launcher, lambda label, event: None, slot=("0",))
+    assert launcher.server.pid is None and launcher.server.failure is None
+    assert "exited with code 0 without a result" in run.result.reason
 
 
 @pytest.mark.slow
-def test_the_estimate_traced_in_forked_children_equals_the_one_traced_here(tmp_path: Path, tiny_config, monkeypatch):
+def test_the_trace_pools_two_back_ends_trace_what_this_process_traces(tmp_path: Path, tiny_config, monkeypatch):
     from gputech_bench.estimator import predict as predict_module
-    from gputech_bench.estimator.predict import predict, setups_for
+    from gputech_bench.estimator.predict import ForkedTraces, predict, setups_for
 
     setups = setups_for(["baseline", "2", "1+2+3", "lora"], tiny_config)
     here = predict(setups, tiny_config, jobs=1)
+    spawned = predict(setups, tiny_config, jobs=2)  # the spawn back end: a pool of fresh interpreters
     monkeypatch.setattr(predict_module, "ProcessPoolExecutor", None)  # no pool of fresh interpreters to fall back on
     done: list[str] = []
-    with ForkServer(tmp_path / "fork-server.log") as server:
-        forked = predict(setups, tiny_config, jobs=2, on_done=lambda p: done.append(p.setup.label), forks=server,
-                         log_path=tmp_path / "estimate.log")
+    with ForkServer(tmp_path / "fork-server.log", FORK_SERVER_PRELOAD) as server:
+        forked = predict(setups, tiny_config, jobs=2, on_done=lambda p: done.append(p.setup.label),
+                         forked=ForkedTraces(server, tmp_path / "estimate.log"))
         assert server.failure is None
-    assert [p.setup for p in forked] == setups and sorted(done) == sorted(setup.label for setup in setups)
-    for ours, theirs in zip(forked, here):
-        assert (ours.device, ours.host, ours.facts, ours.error) == (theirs.device, theirs.host, theirs.facts, theirs.error)
+    assert [p.setup for p in forked] == [p.setup for p in spawned] == setups
+    assert sorted(done) == sorted(setup.label for setup in setups)
+    for back_end in (spawned, forked):
+        for ours, theirs in zip(back_end, here):
+            assert (ours.device, ours.host, ours.facts, ours.error) == (theirs.device, theirs.host, theirs.facts, theirs.error)

@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import sleeping_worker, slept
+from helpers import CommandLauncher, run_request, sleeping_worker, slept
 
-from gputech_bench.config import BenchConfig
 from gputech_bench.errors import ConfigError
 from gputech_bench.results import SCHEMA, CellResult, RunFolder, merge_ranks, read_result, write_result
 from gputech_bench.run import runner
-from gputech_bench.run.launch import Launch, gpu_slots, slot_environment, worker_command
+from gputech_bench.run.launch import Launch, gpu_slots, slot_environment
+from gputech_bench.run.launcher import FreshInterpreter, Torchrun, WorkerCall
 from gputech_bench.run.ranks import describe_launch, read_rank_results
 from gputech_bench.run.slots import run_on_slots
 
@@ -139,15 +139,14 @@ open(out, "w").write(json.dumps(result))
 """ % SCHEMA
 
 
-def test_the_runner_pins_each_cell_to_its_slot_and_keeps_the_table_order(tmp_path: Path, monkeypatch, nothing_inherited):
+def test_the_runner_pins_each_cell_to_its_slot_and_keeps_the_table_order(tmp_path: Path, nothing_inherited):
     script = tmp_path / "fake_worker.py"
     script.write_text(FAKE_WORKER)
-    monkeypatch.setattr(runner, "worker_command", lambda cell, config, out, launch, seed=None: [
-        sys.executable, str(script), "--cell", cell, "--out", str(out)])
-    folder = RunFolder(tmp_path / "run")
-    runner.prepare_run_dir(folder, BenchConfig(), force=False)
+    fake_worker = CommandLauncher(lambda call: [sys.executable, str(script), "--cell", call.cell, "--out", str(call.out)])
     cells = ["baseline", "1", "2", "3", "4", "1+2+3"]
-    outcome = runner.run_matrix(cells, folder, slots=gpu_slots("0,1"))
+    request = run_request(RunFolder(tmp_path / "run"), tuple(cells), slots=tuple(gpu_slots("0,1")))
+    runner.prepare_run_dir(request)
+    outcome = runner.run_cells(request, fake_worker)
 
     assert [result.cell for result in outcome.results] == cells
     assert {result.extra["gpu"] for result in outcome.results} == {"0", "1"}  # what the fake worker wrote
@@ -161,11 +160,10 @@ def test_the_runner_pins_each_cell_to_its_slot_and_keeps_the_table_order(tmp_pat
     assert any(a[0] < b[1] and b[0] < a[1] for a in spans["0"] for b in spans["1"]), spans
 
 
-def test_ctrl_c_stops_every_running_slot_and_records_its_cell(tmp_path: Path, monkeypatch, nothing_inherited,
-                                                              ctrl_c_raises):
-    monkeypatch.setattr(runner, "worker_command", sleeping_worker)
+def test_ctrl_c_stops_every_running_slot_and_records_its_cell(tmp_path: Path, nothing_inherited, ctrl_c_raises):
     folder = RunFolder(tmp_path / "run")
-    runner.prepare_run_dir(folder, BenchConfig(), force=False)
+    request = run_request(folder, ("baseline", "1", "2", "3"), slots=tuple(gpu_slots("0,1")))
+    runner.prepare_run_dir(request)
     running: set[str] = set()
     lock = threading.Lock()
 
@@ -175,8 +173,7 @@ def test_ctrl_c_stops_every_running_slot_and_records_its_cell(tmp_path: Path, mo
             if len(running) == 2:
                 os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C at the terminal: to the process
 
-    outcome = runner.run_matrix(["baseline", "1", "2", "3"], folder, slots=gpu_slots("0,1"),
-                                on_event=ctrl_c_once_both_slots_run)
+    outcome = runner.run_cells(request, CommandLauncher(sleeping_worker), runner.Listeners(on_event=ctrl_c_once_both_slots_run))
     assert outcome.interrupted
     statuses = {result.cell: result.status for result in outcome.results}
     assert statuses == {"baseline": "interrupted", "1": "interrupted"}  # 2 and 3 never started
@@ -188,17 +185,18 @@ def test_ctrl_c_stops_every_running_slot_and_records_its_cell(tmp_path: Path, mo
 
 
 def test_one_node_uses_a_private_rendezvous_and_several_pass_torchruns_options_through():
-    single = worker_command("1", Path("c.json"), Path("o/1.json"), Launch(nproc_per_node=2))
+    call = WorkerCall("1", Path("c.json"), Path("o/1.json"), None)
+    single = Torchrun(Launch(nproc_per_node=2)).command(call)
     assert single[1:4] == ["-m", "torch.distributed.run", "--standalone"]
     assert single[single.index("--nproc-per-node") + 1] == "2"
     assert single[single.index("-m", 3):][:2] == ["-m", "gputech_bench.worker"]
 
     node = Launch(nproc_per_node=8, nnodes=2, node_rank=1, rdzv_endpoint="10.0.0.1:29500")
-    command = worker_command("1", Path("c.json"), Path("o/1.json"), node)
+    command = Torchrun(node).command(call)
     for option, value in (("--nnodes", "2"), ("--node-rank", "1"), ("--rdzv-endpoint", "10.0.0.1:29500")):
         assert command[command.index(option) + 1] == value
     assert "--standalone" not in command
-    assert worker_command("1", Path("c.json"), Path("o/1.json"), Launch())[1:3] == ["-m", "gputech_bench.worker"]
+    assert FreshInterpreter().command(call)[1:3] == ["-m", "gputech_bench.worker"]
 
 
 @pytest.mark.parametrize("launch, message", [

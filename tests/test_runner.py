@@ -12,7 +12,16 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import TINY_RUN, NoOpFacts, assert_one_line_error, invoke, sleeping_worker, slept
+from helpers import (
+    TINY_RUN,
+    CommandLauncher,
+    NoOpFacts,
+    assert_one_line_error,
+    invoke,
+    run_request,
+    sleeping_worker,
+    slept,
+)
 
 from gputech_bench.results import RunFolder, read_result
 
@@ -246,11 +255,10 @@ def test_a_broken_bitsandbytes_fails_only_its_cells_with_the_fix(tmp_path: Path,
     assert {read_result(run_dir / f"{c}.json").status for c in ("baseline", "1")} == {"ok"}
 
 
-def test_ctrl_c_delivered_to_another_thread_still_stops_the_worker_at_once(tmp_path: Path, monkeypatch, ctrl_c_raises):
+def test_ctrl_c_delivered_to_another_thread_still_stops_the_worker_at_once(tmp_path: Path, ctrl_c_raises):
     """The kernel may hand SIGINT to any thread; the runner must not wait for the worker to finish."""
     from gputech_bench.run import runner
 
-    monkeypatch.setattr(runner, "worker_command", sleeping_worker)
     layout = RunFolder(tmp_path / "run")
     layout.root.mkdir()
 
@@ -258,6 +266,6 @@ def test_ctrl_c_delivered_to_another_thread_still_stops_the_worker_at_once(tmp_p
         # The worker's first event says it runs; the runner relays events in a thread of its own.
         signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # not the main thread
 
-    run = runner.run_worker(runner.Job("1"), layout, on_event=ctrl_c_once_it_sleeps)
+    run = runner.run_worker(runner.Job("1"), run_request(layout), CommandLauncher(sleeping_worker), ctrl_c_once_it_sleeps)
     assert run.interrupted and run.result.status == "interrupted"
     assert not slept(layout.result_path("1"))  # stopped, not waited for

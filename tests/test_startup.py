@@ -35,9 +35,9 @@ def test_the_schedule_is_transformers_linear_warmup_step_for_step():
 @pytest.mark.slow
 def test_the_fork_server_preloads_bert_but_neither_peft_nor_bitsandbytes_nor_the_trainer():
     # What the fork server imports once is what every default (BERT) cell would otherwise import itself.
-    modules = imported_after(
-        "import importlib; from gputech_bench.run.forkserver import PRELOAD; [importlib.import_module(m) for m in PRELOAD]"
-    )
+    from gputech_bench.api._run import FORK_SERVER_PRELOAD  # what a run hands its fork server
+
+    modules = imported_after(f"import importlib; [importlib.import_module(m) for m in {list(FORK_SERVER_PRELOAD)!r}]")
     assert {"gputech_bench.worker.cell", "transformers.models.bert.modeling_bert"} <= modules
     assert not {"peft", "bitsandbytes", "transformers.trainer_utils", "transformers.optimization"} & modules
 

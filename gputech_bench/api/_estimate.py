@@ -11,23 +11,22 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Protocol, Sequence, Union
 
-from ..config import BenchConfig, from_dict, model_overrides, to_dict
+from ..config import BenchConfig, from_dict, model_overrides
 from ..errors import ConfigError
 from ..estimator.measured import measured_peak
 from ..estimator.overheads import DEFAULTS, calibrate
 from ..results import CellResult, RunFolder
-from ..run.forkserver import ForkServerError
 from ..units import parse_size
 from ._display import text_html
 from ._output import Output, output_or_default
 from ._progress import trace_progress
-from ._setup import Overrides, cuda_available, resolve_config
+from ._setup import Overrides, Selection, cuda_available, strategies_text
 
 if TYPE_CHECKING:
     import pandas as pd
 
+    from ..estimator.predict import ForkedTraces
     from ..estimator.render import EstimateReport
-    from ..run.forkserver import ForkServer
 
 PathLike = Union[str, Path]
 
@@ -43,30 +42,26 @@ class RunLike(Protocol):
 # --------------------------------------------------------------------------- tracing
 
 
-def _predict(setups, config: BenchConfig, jobs: int, output: Output | None, forks: "ForkServer | None" = None,
-             log_path: Optional[Path] = None):
-    """Trace ``setups``; with ``output``, a progress bar on its console while they trace."""
-    from ..estimator.predict import predict
-
-    if output is None:
-        return predict(setups, config, jobs, forks=forks, log_path=log_path)
-    with trace_progress(output.console) as progress:
-        task = progress.add_task("tracing on fake tensors", total=len(setups))
-        return predict(setups, config, jobs, on_done=lambda prediction: progress.advance(task), forks=forks,
-                       log_path=log_path)
-
-
 def build_estimate(
     config: BenchConfig, cells: list[str], jobs: int, budget: Optional[int], results: Optional[list[CellResult]],
-    output: Output | None = None, *, forks: "ForkServer | None" = None, log_path: Optional[Path] = None,
+    output: Output | None = None, *, forked: "ForkedTraces | None" = None,
 ) -> "EstimateReport":
-    """Trace ``cells`` and assemble the report; shared by ``estimate`` and ``run_matrix`` (which
-    passes its fork server, whose children trace without importing anything)."""
-    from ..estimator.predict import setups_for
+    """Trace ``cells`` in a pool of ``jobs`` processes and assemble the report; with ``output``,
+    a progress bar on its console while they trace. Shared by ``estimate`` and ``run_matrix``
+    (which passes ``forked``, its fork server's back end: children that trace without
+    importing anything)."""
+    from ..estimator.predict import Predictor, setups_for
     from ..estimator.render import EstimateReport
 
-    label, caveat = _describe_target(config, forks, log_path)
-    predictions = _predict(setups_for(cells, config), config, jobs, output, forks, log_path)
+    setups = setups_for(cells, config)
+    with Predictor(min(jobs, max(1, len(setups))), forked) as pool:
+        label, caveat = pool.describe_target(config)
+        if output is None:
+            predictions = pool.predict(setups, config)
+        else:
+            with trace_progress(output.console) as progress:
+                task = progress.add_task("tracing on fake tensors", total=len(setups))
+                predictions = pool.predict(setups, config, on_done=lambda prediction: progress.advance(task))
     overheads = calibrate(results) if results else DEFAULTS
     measured = {}
     if results is not None:
@@ -74,24 +69,6 @@ def build_estimate(
         measured = {cell: measured_peak(by_cell.get(cell)) for cell in cells}
     return EstimateReport(label, caveat, predictions, overheads, budget, measured, config.data.objective,
                           config.model.attention, model_overrides(config.model))
-
-
-def _describe_target(config: BenchConfig, forks: "ForkServer | None", log_path: Optional[Path]) -> tuple[str, Optional[str]]:
-    """The traces' target and caveats; asked of a forked child when there is a fork server,
-    so that this process never imports the tracer's stack (torch's fake tensors, transformers)."""
-    if forks is not None and log_path is not None and forks.start():
-        import json
-
-        try:
-            with log_path.open("a", encoding="utf-8") as log:
-                described = json.loads(forks.output("gputech_bench.estimator.trace:describe_target_in_child",
-                                                    [json.dumps(to_dict(config))], log.fileno()))
-            return described["label"], described["caveat"]
-        except (ForkServerError, ValueError, KeyError):
-            pass  # described here instead
-    from ..estimator.trace import describe_target
-
-    return describe_target(config)
 
 
 def _run_config(run_dir: Path) -> tuple[BenchConfig, list[CellResult]]:
@@ -224,37 +201,25 @@ def estimate(
         >>> est                 # in a notebook: the table the command prints
         >>> est.frame           # a pandas DataFrame, one row per setup
     """
-    from ..run.matrix import expand
-
     output = output_or_default(output)
-    strategies = _strategies_text(strategies)
+    # The cells' names are checked first, before the preset is resolved and named.
+    selection = Selection(strategies_text(strategies), matrix, preset, overrides, model, Path(train_file) if train_file else None,
+                          None, "auto")
     results = None
     if compare is not None:
         if preset or overrides or model or train_file:
             raise ConfigError("--compare uses the run's own config: drop --preset, --set, --model and --train-file")
         config, results = _run_config(_run_path(compare))
         chosen = [result.cell for result in results]
-        cells = expand(strategies, matrix, config) if (strategies or matrix) else chosen
+        cells = selection.cells(config) if selection.names_cells else chosen
     else:
-        config = resolve_config(preset, overrides, model, Path(train_file) if train_file else None, None, "auto", output)
-        cells = expand(strategies, matrix, config)
+        config = selection.config(output)
+        cells = selection.cells(config)
     budget = _device_memory(device_memory)
     if not cells:
         raise ConfigError(f"'{compare}' holds no cell results: run some cells first, or pass --strategies")
     report = build_estimate(config, cells, _jobs(jobs), budget, results, output if progress else None)
     return Estimate(report, config)
-
-
-def _strategies_text(strategies: Union[str, Sequence[str], None]) -> Optional[str]:
-    """The command line's comma-separated cells from a list (the API) or a string (either)."""
-    if strategies is None or isinstance(strategies, str):
-        return strategies
-    items = list(strategies)
-    if not all(isinstance(item, str) for item in items):
-        raise ConfigError(f"strategies={strategies!r}: pass cell names such as ['1', '1+2+3'] or '1,1+2+3'")
-    if not items:
-        raise ConfigError("strategies=[] is empty: list cells such as ['1', '3', '1+2+3'], or pass matrix=True")
-    return ",".join(items)
 
 
 __all__ = ["Estimate", "build_estimate", "estimate"]

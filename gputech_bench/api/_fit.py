@@ -17,14 +17,16 @@ from ..errors import ConfigError
 from ..estimator.measured import error_percent, measured_peak
 from ..estimator.overheads import DEFAULTS, calibrate
 from ..metrics import EPOCH_SECONDS, NVML_PROCESS_PEAK
-from ..results import CellResult
+from ..results import CellResult, RunFolder
+from ..run.launch import Launch
+from ..run.request import Placement, RunRequest, Schedule
 from ..units import GIB, MIB, format_gib, parse_size
 from ._display import text_html
 from ._estimate import PathLike, _jobs, _run_config, _run_path
 from ._output import Output, output_or_default
 from ._progress import trace_progress
 from ._run import execute
-from ._setup import Overrides, resolve_config
+from ._setup import Overrides, Selection
 
 #: The version of ``Fit.to_json``'s layout.
 FIT_SCHEMA = "gputech-bench/fit/1"
@@ -277,7 +279,7 @@ def fit(
         config, run_results = _run_config(_run_path(from_run))
         measured = {result.cell: result for result in run_results}
     else:
-        config = resolve_config(preset, overrides, model, None, None, "auto", output)
+        config = Selection(None, False, preset, overrides, model, None, None, "auto").config(output)
     overheads = calibrate(run_results) if run_results else DEFAULTS
     workers = _jobs(jobs)
     excluded = {name.strip().lower() for name in exclude}
@@ -321,8 +323,12 @@ def _verify(candidate: "Candidate", config: BenchConfig, results_dir: Path, budg
     setup = candidate.setup
     name = f"fit-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     output.say(f"verifying {setup.label} as a real cell -> {results_dir / name}")
-    run = execute(setup.config_for(config), [setup.cell], results_dir, name, output=output, progress=progress,
-                  estimate=False, announce=False)
+    # The one cell, once, in one plain process: as a run of it with every option left as it comes.
+    request = RunRequest(
+        setup.config_for(config), (setup.cell,), Placement(Launch(), (None,)),
+        Schedule(repeats=1, seeds=None, vary_seed=False, cell_timeout=None, force=False), RunFolder(results_dir / name),
+    )
+    run = execute(request, output=output, progress=progress, estimate=False, announce=False)
     result = run.by_cell()[setup.cell]
     measured = measured_peak(result)
     predicted = candidate.prediction.device.total_bytes

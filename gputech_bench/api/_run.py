@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
+from .. import estimator
 from ..config import BenchConfig, from_dict
 from ..errors import ConfigError, error_line, first_line
 from ..estimator.measured import measured_peak
@@ -18,26 +19,29 @@ from ..results import CellResult, LoadedRun, RunFolder
 from ..results import load_run as load_results
 from ..run.forkserver import ForkServer
 from ..run.launch import Launch, gpu_slots
-from ..run.runner import fork_server_suits, prepare_run_dir
-from ..run.runner import run_matrix as run_cells
+from ..run.launcher import WORKER_PRELOAD, Launcher, launcher_for
+from ..run.request import Placement, RunRequest, Schedule
+from ..run.runner import Listeners, prepare_run_dir, run_cells
 from ._display import show_figures_inline
-from ._estimate import Estimate, _strategies_text, build_estimate
+from ._estimate import Estimate, build_estimate
 from ._output import Output, output_or_default
 from ._progress import MatrixProgress
-from ._setup import Overrides, check_gpu_idle, override_texts, resolve_config, uses_cuda
+from ._setup import Overrides, Selection, check_gpu_idle, override_texts, uses_cuda
 
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
     from ..report.frame import MemoryMeasure
-    from ..run.forkserver import ForkServer
-    from ..run.launch import Launch, Slot
 
 PathLike = Union[str, Path]
 
 #: What ``Run.plot`` draws, by name: the file names ``report --plot`` writes, without ``.png``.
 PLOTS = ("memory_vs_time", "memory_breakdown", "accuracy")
+
+#: What a CPU run's fork server imports once: the worker's stack, and the tracer that the
+#: estimate after the run forks its traces with (named here, where both layers are known).
+FORK_SERVER_PRELOAD = (*WORKER_PRELOAD, f"{estimator.__name__}.trace")
 
 
 class Run:
@@ -337,8 +341,6 @@ def run_matrix(
         >>> run = run_matrix(strategies=["1"], preset="cpu", device="cpu", overrides={"train.max_steps": 4})
         >>> print(run.frame[["cell", "memory_mib", "epoch_seconds", "status"]])
     """
-    from ..run.matrix import expand
-
     output = output_or_default(output)
     for option, value, least in (("--repeat", repeat, 1), ("--nproc-per-node", nproc_per_node, 1),
                                  ("--nnodes", nnodes, 1), ("--node-rank", node_rank, 0)):
@@ -348,12 +350,13 @@ def run_matrix(
         raise ConfigError(f"--cell-timeout {cell_timeout!r}: pass a number of seconds, at least 1")
     extra = [f"gpu_memory_limit={gpu_memory_limit}"] if gpu_memory_limit else []
     extra += ["memory_snapshot=true"] if memory_snapshot else []
-    config = resolve_config(preset, _with_extra(overrides, extra), model, _path(train_file), _path(eval_file),
-                            device, output)
+    selection = Selection(strategies, matrix, preset, _with_extra(overrides, extra), model, _path(train_file),
+                          _path(eval_file), device)
+    config = selection.config(output)
     cuda = uses_cuda(config)
     if (config.gpu_memory_limit or config.memory_snapshot) and not cuda:
         raise ConfigError("--gpu-memory-limit and --memory-snapshot need a CUDA device: drop them on this machine")
-    cells = expand(_strategies_text(strategies), matrix, config, cuda)
+    cells = selection.cells(config, cuda)
     launch = Launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
     launch.check()
     if gpus is not None and not cuda:
@@ -361,13 +364,16 @@ def run_matrix(
     slots = gpu_slots(gpus, nproc_per_node)
     if vary_seed and repeat < 2:
         raise ConfigError("--vary-seed needs --repeat 2 or more: each repeat takes the next seed")
-    seeds = [config.train.seed + (k if vary_seed else 0) for k in range(repeat)]
+    seeds = tuple(config.train.seed + (k if vary_seed else 0) for k in range(repeat))
     if cuda:
         check_gpu_idle(allow_busy_gpu, gpus, output)
     name = run_name or f"{config.preset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    return execute(config, cells, Path(results), name, force=force, cell_timeout=cell_timeout, launch=launch,
-                   slots=slots, repeat=repeat, seeds=seeds if repeat > 1 else None, vary_seed=vary_seed,
-                   output=output, progress=progress, estimate=estimate)
+    request = RunRequest(
+        config, tuple(cells), Placement(launch, tuple(slots)),
+        Schedule(repeat, seeds if repeat > 1 else None, vary_seed, cell_timeout, force),
+        RunFolder(Path(results) / name),
+    )
+    return execute(request, output=output, progress=progress, estimate=estimate)
 
 
 def _path(value: Optional[PathLike]) -> Optional[Path]:
@@ -382,68 +388,43 @@ def _with_extra(overrides: Overrides, extra: list[str]) -> Overrides:
     return [*override_texts(overrides), *extra]
 
 
-def execute(
-    config: BenchConfig,
-    cells: list[str],
-    results: Path,
-    name: str,
-    *,
-    force: bool = False,
-    cell_timeout: Optional[float] = None,
-    launch: "Launch | None" = None,
-    slots: "list[Slot] | None" = None,
-    repeat: int = 1,
-    seeds: Optional[list[int]] = None,
-    vary_seed: bool = False,
-    output: Output,
-    progress: bool = True,
-    estimate: bool = True,
-    announce: bool = True,
-) -> Run:
-    """Run ``cells`` of a resolved ``config`` into ``results/name``, then write the report files
-    and (``estimate``) the fake-tensor estimate. Shared by ``run_matrix`` and ``fit(verify=True)``."""
-
-    launch = launch or Launch()
-    slots = slots or [None]
-    folder = RunFolder(results / name)
-    prepare_run_dir(folder, config, force)
+def execute(request: RunRequest, *, output: Output, progress: bool, estimate: bool, announce: bool = True) -> Run:
+    """Run the request's cells, then write the report files and (``estimate``) the fake-tensor
+    estimate. Shared by ``run_matrix`` and ``fit(verify=True)``; ``announce`` says what runs first."""
+    config, folder, launch, schedule = request.config, request.folder, request.launch, request.schedule
+    prepare_run_dir(request)
     if announce:
-        output.say(f"run [bold]{name}[/]: {len(cells)} cell(s), preset {config.preset} -> {folder.root}")
+        output.say(f"run [bold]{request.name}[/]: {len(request.cells)} cell(s), preset {config.preset} -> {folder.root}")
         if launch.distributed:
             output.say(f"each cell: {launch.world_size} rank(s) via torchrun "
                        f"({launch.nproc_per_node} per node x {launch.nnodes} node(s))")
-        if len(slots) > 1:
-            output.say(f"{len(slots)} cells at a time: " + ", ".join(f"GPU {','.join(slot)}" for slot in slots if slot))
-        if repeat > 1 and seeds:
-            how = f"seeds {seeds[0]}..{seeds[-1]}" if vary_seed else f"seed {seeds[0]} each time: the spread is timing noise"
-            output.say(f"each cell {repeat} times, in a fresh process each, round-robin ({how})")
+        if len(request.slots) > 1:
+            output.say(f"{len(request.slots)} cells at a time: "
+                       + ", ".join(f"GPU {','.join(slot)}" for slot in request.slots if slot))
+        seeds = schedule.seeds
+        if schedule.repeats > 1 and seeds:
+            how = (f"seeds {seeds[0]}..{seeds[-1]}" if schedule.vary_seed
+                   else f"seed {seeds[0]} each time: the spread is timing noise")
+            output.say(f"each cell {schedule.repeats} times, in a fresh process each, round-robin ({how})")
 
     # CPU cells are forked from one preloaded server; a CUDA cell or a torchrun launch starts a
     # fresh interpreter. The server lives until the estimate, which forks its traces from it too.
-    forks = ForkServer(folder.fork_server_log_path) if fork_server_suits(uses_cuda(config), launch) else None
+    launcher = launcher_for(launch, uses_cuda(config), folder.fork_server_log_path, FORK_SERVER_PRELOAD)
     try:
-        return _execute_cells(config, cells, folder, force=force, cell_timeout=cell_timeout, launch=launch,
-                              slots=slots, repeat=repeat, seeds=seeds, output=output, progress=progress,
-                              estimate=estimate, forks=forks)
+        return _execute_cells(request, launcher, output=output, progress=progress, estimate=estimate)
     finally:
-        if forks is not None:
-            forks.close()
+        launcher.close()
 
 
-def _execute_cells(config: BenchConfig, cells: list[str], folder: RunFolder, *, force: bool,
-                   cell_timeout: Optional[float], launch: "Launch", slots: "list[Slot]", repeat: int,
-                   seeds: Optional[list[int]], output: Output, progress: bool, estimate: bool,
-                   forks: "ForkServer | None") -> Run:
+def _execute_cells(request: RunRequest, launcher: Launcher, *, output: Output, progress: bool, estimate: bool) -> Run:
     from ..report.export import write_exports
 
-    options: dict[str, Any] = dict(force=force, cell_timeout=cell_timeout, launch=launch, slots=slots,
-                                   repeats=repeat, seeds=seeds, forks=forks)
+    folder = request.folder
     if progress:
-        with MatrixProgress(len(cells) * repeat, output.console) as shown:
-            outcome = run_cells(cells, folder, on_event=shown.event, on_cell_start=shown.cell_started,
-                                on_cell_end=shown.cell_finished, **options)
+        with MatrixProgress(len(request.cells) * request.schedule.repeats, output.console) as shown:
+            outcome = run_cells(request, launcher, Listeners(shown.event, shown.cell_started, shown.cell_finished))
     else:
-        outcome = run_cells(cells, folder, **options)
+        outcome = run_cells(request, launcher)
     if outcome.reused:
         output.say(f"reused {len(outcome.reused)} finished cell(s): {', '.join(outcome.reused)} (--force re-runs them)")
 
@@ -454,45 +435,48 @@ def _execute_cells(config: BenchConfig, cells: list[str], folder: RunFolder, *, 
     except OSError as error:
         output.warn(f"could not write the report files ({error}); the cell results are in {folder.root}")
 
-    if forks is not None and forks.failure:
-        output.note(f"cells started as fresh interpreters: {forks.failure}")
+    server = launcher.fork_server
+    if server is not None and server.failure:
+        output.note(f"cells started as fresh interpreters: {server.failure}")
 
     made, skipped = None, None
     if not estimate:
         skipped = "not asked for"
-    elif launch.distributed:
+    elif request.launch.distributed:
         skipped = "it traces one process with the whole batch, not a rank's share"
     elif outcome.interrupted:
         skipped = "the run was interrupted"
     else:
-        made = _estimate_run(config, outcome.results, folder, output, progress, forks)
+        made = _estimate_run(request, outcome.results, output, progress, server)
         if made is None:
             skipped = "the trace failed (see the warning)"
     return Run(loaded, seconds=outcome.seconds, reused=outcome.reused, interrupted=outcome.interrupted,
-               cells_run=cells, exports=exports, estimate=made,
+               cells_run=request.cells, exports=exports, estimate=made,
                estimate_skipped=skipped, output=output)
 
 
-def _estimate_run(config: BenchConfig, results: list[CellResult], folder: RunFolder, output: Output,
-                  progress: bool, forks: "ForkServer | None" = None) -> Optional[Estimate]:
-    """The predicted-against-measured estimate after a run, saved as estimate.json. A failing
-    estimate is a warning: the measured results are what the run is for."""
-    from ..estimator.predict import default_jobs
+def _estimate_run(request: RunRequest, results: list[CellResult], output: Output, progress: bool,
+                  fork_server: ForkServer | None) -> Optional[Estimate]:
+    """The predicted-against-measured estimate after a run, saved as estimate.json; traced in
+    children of the run's ``fork_server`` when it has one. A failing estimate is a warning:
+    the measured results are what the run is for."""
+    from ..estimator.predict import ForkedTraces, default_jobs
     from ..estimator.render import write_estimate
 
+    folder = request.folder
     cells = [result.cell for result in results]
     try:
+        forked = None if fork_server is None else ForkedTraces(fork_server, folder.estimate_log_path)
         # A fresh trace process costs an import of torch and transformers (~5 s): not for two
-        # cells. A forked one (``forks``, the run's fork server on CPU) costs a fork.
-        jobs = default_jobs() if forks is not None or len(cells) > 2 else 1
-        report = build_estimate(config, cells, jobs, None, results, output if progress else None,
-                                forks=forks, log_path=folder.estimate_log_path)
+        # cells. A forked one (the run's fork server on CPU) costs a fork.
+        jobs = default_jobs() if forked is not None or len(cells) > 2 else 1
+        report = build_estimate(request.config, cells, jobs, None, results, output if progress else None, forked=forked)
         write_estimate(folder, report)
     except Exception as error:  # noqa: BLE001 - never lose a finished run to its estimate
         output.warn(f"no memory estimate ({error_line(error)}); "
                     f"'gputech-bench estimate --compare {folder.root}' retries it")
         return None
-    return Estimate(report, config)
+    return Estimate(report, request.config)
 
 
 __all__ = ["PLOTS", "Run", "execute", "load_folder", "load_run", "run_matrix"]

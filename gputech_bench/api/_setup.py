@@ -1,4 +1,5 @@
-"""From a call's options to a resolved config, the same way for the command line and the API.
+"""From a call's options to a resolved config and its cells, the same way for the command
+line and the API: :class:`Selection`, shared by ``run_matrix``, ``estimate`` and ``fit``.
 
 ``overrides`` are what ``--set`` gives: a list of ``section.key=value`` strings from the
 command line, or a dict from Python (``{"train.max_steps": 4}``). A dict's values are turned
@@ -8,8 +9,9 @@ into the text ``--set`` would take, so both go through one parser and one set of
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from ..config import OBJECTIVES_OF_TASK, BenchConfig, apply_overrides, default_preset_name, load_preset
 from ..errors import ConfigError, DeviceError
@@ -114,6 +116,50 @@ def resolve_config(
 
         check_model_overrides(config.model)  # a shape the checkpoint cannot take is refused before any process starts
     return config
+
+
+def strategies_text(strategies: Union[str, Sequence[str], None]) -> Optional[str]:
+    """The command line's comma-separated cells from a list (the API) or a string (either)."""
+    if strategies is None or isinstance(strategies, str):
+        return strategies
+    items = list(strategies)
+    if not all(isinstance(item, str) for item in items):
+        raise ConfigError(f"strategies={strategies!r}: pass cell names such as ['1', '1+2+3'] or '1,1+2+3'")
+    if not items:
+        raise ConfigError("strategies=[] is empty: list cells such as ['1', '3', '1+2+3'], or pass matrix=True")
+    return ",".join(items)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a call runs, traces or searches, as the user named it: the config (a preset, the
+    --set overrides, a model, text files and the device) and the cells (``--strategies``,
+    ``--matrix``). Written once for ``run_matrix``, ``estimate`` and ``fit``; each field is
+    checked where it is resolved, in the order the command line always checked them."""
+
+    strategies: Union[str, Sequence[str], None]
+    matrix: bool
+    preset: Optional[str]
+    overrides: Overrides
+    model: Optional[str]
+    train_file: Optional[Path]
+    eval_file: Optional[Path]
+    device: str
+
+    def config(self, output: Output) -> BenchConfig:
+        """The resolved config (see ``resolve_config``)."""
+        return resolve_config(self.preset, self.overrides, self.model, self.train_file, self.eval_file, self.device, output)
+
+    def cells(self, config: BenchConfig, cuda: Optional[bool] = None) -> list[str]:
+        """Canonical cell names in run order; with ``cuda`` False, cells that need CUDA are refused."""
+        from ..run.matrix import expand  # the strategies import torch: not on the command line's start-up path
+
+        return expand(strategies_text(self.strategies), self.matrix, config, cuda)
+
+    @property
+    def names_cells(self) -> bool:
+        """Whether cells were asked for (otherwise ``estimate --compare`` takes the run's)."""
+        return bool(strategies_text(self.strategies) or self.matrix)
 
 
 def objective_for_model(config: BenchConfig, sets: list[str], output: Output) -> BenchConfig:

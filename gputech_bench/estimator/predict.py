@@ -4,9 +4,10 @@ A setup is a cell plus, for cells with accumulation, a micro-batch size; ``fit``
 tries several of those per cell. Traces are independent and single-threaded
 Python, so a pool of processes divides the wall time by the cores it gets.
 
-After a CPU run the runner's fork server is still up: the traces then run in children
-forked from it (``forks``), which start without importing anything, instead of a pool
-of fresh interpreters that each import torch and transformers first.
+One trace pool (:class:`Predictor`), two back ends: fresh interpreters started by
+``multiprocessing``'s spawn (:class:`SpawnedTraces`), or, after a CPU run whose fork server
+is still up, children forked from that server (:class:`ForkedTraces`), which start without
+importing anything. A fork server that cannot fork leaves the traces to spawned processes.
 """
 
 from __future__ import annotations
@@ -19,18 +20,15 @@ import selectors
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from ..config import BenchConfig, from_dict, to_dict
 from ..errors import UserError, error_line, first_line
 from ..measure.tracker import TrackedPeak
-from ..run.forkserver import ForkServerError
+from ..run.forkserver import ForkServer, ForkServerError
 from ..strategies import parse_cell
 from .modelled import modeller_for
-from .trace import Limit, trace_cell, trace_inputs, trace_target
-
-if TYPE_CHECKING:
-    from ..run.forkserver import ForkServer
+from .trace import Limit, describe_target, describe_target_in_child, trace_cell, trace_inputs, trace_target
 
 
 @dataclass(frozen=True)
@@ -165,19 +163,19 @@ def default_jobs() -> int:
     return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
-class Predictor:
-    """Traces setups in a pool of processes that lives as long as it does: ``fit`` asks for
-    traces a few at a time, and a fresh pool each time would import torch and transformers
-    again (~5 s a process) and re-read the tokenised data."""
+class SpawnedTraces:
+    """The spawn back end: a pool of fresh interpreters (``jobs`` of them at most), started
+    on first use and kept until ``close()``."""
 
-    def __init__(self, jobs: int = 1) -> None:
+    def __init__(self, jobs: int) -> None:
         self.jobs = jobs
         self._pool: ProcessPoolExecutor | None = None
 
-    def __enter__(self) -> "Predictor":
-        return self
+    @property
+    def started(self) -> bool:
+        return self._pool is not None
 
-    def __exit__(self, *exc: Any) -> None:
+    def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
@@ -189,6 +187,127 @@ class Predictor:
             self._pool = ProcessPoolExecutor(max_workers=self.jobs, mp_context=context, initializer=_single_threaded)
         return self._pool
 
+    def trace(self, setups: list[Setup], config: BenchConfig, config_data: dict[str, Any], limit: int | None,
+              on_done: Callable[[Prediction], None]) -> None:
+        pool = self._executor()
+        # The longest traces first, so that no process is left with one at the end.
+        ordered = sorted(setups, key=lambda setup: -_trace_cost(setup, config))
+        futures = {pool.submit(_trace_in_worker, config_data, setup, limit): setup for setup in ordered}
+        try:
+            for future in as_completed(futures):
+                on_done(Prediction.from_dict(future.result()))
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+class ForkedTraces:
+    """The fork server back end: the setups shared over children forked from ``server``
+    (whose caller had it preload the tracer, ``trace``), their stderr appended to
+    ``log_path``. Raises ForkServerError when the server cannot fork them."""
+
+    def __init__(self, server: ForkServer, log_path: Path) -> None:
+        self.server = server
+        self.log_path = log_path
+
+    def ready(self) -> bool:
+        """Whether the server runs (started now if it was not); False when it cannot serve."""
+        return self.server.start()
+
+    def describe_target(self, config: BenchConfig) -> tuple[str, str | None]:
+        """``trace.describe_target`` asked of a child, so that the caller never imports the tracer's stack."""
+        with self.log_path.open("a", encoding="utf-8") as log:
+            described = json.loads(self.server.output(describe_target_in_child, [json.dumps(to_dict(config))], log.fileno()))
+        return described["label"], described["caveat"]
+
+    def trace(self, setups: list[Setup], config: BenchConfig, jobs: int, limit: int | None,
+              on_done: Callable[[Prediction], None]) -> None:
+        # Each child prepares the trace inputs once (the run has left the tokenised data in the
+        # cache) and traces its share in turn, as a pool process would.
+        config_text = json.dumps(to_dict(config))
+        shares = _shares(setups, config, jobs)
+        threads = ["--single-threaded"] if len(shares) > 1 else []
+        done: dict[Setup, Prediction] = {}
+        failures: list[dict[str, Any]] = []
+        children = []
+        pending: dict[int, bytes] = {}  # each child's stdout, and what it wrote past its last full line
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("a", encoding="utf-8") as log, selectors.DefaultSelector() as selector:
+            try:
+                for share in shares:
+                    read, write = os.pipe()
+                    try:
+                        argv = [config_text, json.dumps([[setup.cell, setup.micro_batch_size] for setup in share]),
+                                json.dumps(limit), *threads]
+                        children.append(self.server.spawn(trace_share, argv, write, log.fileno()))
+                    except BaseException:
+                        os.close(read)
+                        raise
+                    finally:
+                        os.close(write)
+                    pending[read] = b""
+                    selector.register(read, selectors.EVENT_READ)
+                while pending:
+                    for key, _ in selector.select():
+                        fd = key.fd
+                        chunk = os.read(fd, 65536)
+                        if not chunk:
+                            selector.unregister(fd)
+                            os.close(fd)
+                            del pending[fd]
+                            continue
+                        *lines, pending[fd] = (pending[fd] + chunk).split(b"\n")
+                        for line in lines:
+                            message = json.loads(line)
+                            if "failed" in message:
+                                failures.append(message)
+                                continue
+                            prediction = Prediction.from_dict(message)
+                            done[prediction.setup] = prediction
+                            on_done(prediction)
+            finally:
+                for fd in pending:
+                    os.close(fd)
+                for child in children:
+                    child.terminate()  # only one still tracing: after Ctrl-C or an error here
+                    child.wait()
+        if failures:
+            reason = failures[0]["failed"]
+            raise UserError(reason) if failures[0]["user_error"] else RuntimeError(reason)
+        missing = [setup.label for setup in setups if setup not in done]
+        if missing:
+            codes = ", ".join(str(child.returncode) for child in children)
+            raise RuntimeError(f"trace processes ended without tracing {', '.join(missing)} (exit codes {codes}); see {self.log_path}")
+
+
+class Predictor:
+    """The trace pool: setups traced in processes that live as long as it does, on one of two
+    back ends. Spawned (the default): ``fit`` asks for traces a few at a time, and a fresh
+    pool each time would import torch and transformers again (~5 s a process) and re-read
+    the tokenised data. Forked (``forked``): children of a run's fork server, which import
+    nothing; when the server cannot fork, the spawned back end takes the traces over."""
+
+    def __init__(self, jobs: int = 1, forked: ForkedTraces | None = None) -> None:
+        self.jobs = jobs
+        self.forked = forked
+        self.spawned = SpawnedTraces(jobs)
+
+    def __enter__(self) -> "Predictor":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.spawned.close()
+
+    def describe_target(self, config: BenchConfig) -> tuple[str, str | None]:
+        """What an estimate's header says about the traces (``trace.describe_target``)."""
+        if self.forked is not None and self.forked.ready():
+            try:
+                return self.forked.describe_target(config)
+            except (ForkServerError, ValueError, KeyError):
+                pass  # described here instead
+        return describe_target(config)
+
     def predict(
         self,
         setups: list[Setup],
@@ -199,29 +318,28 @@ class Predictor:
         """Trace every setup; the result keeps the order of ``setups``. A setup that cannot be
         traced comes back with ``error`` set; a config or data problem raises. With ``limit``
         (tensor bytes on the device) a trace stops once it is passed (``Prediction.stopped``)."""
+        done: dict[Setup, Prediction] = {}
+
+        def record(prediction: Prediction) -> None:
+            done[prediction.setup] = prediction
+            on_done(prediction)
+
+        if self.forked is not None and self.forked.ready():
+            try:
+                # Each child prepares the trace inputs itself (a run has left the tokenised data in the cache).
+                self.forked.trace(setups, config, self.jobs, limit, record)
+                return [done[setup] for setup in setups]
+            except ForkServerError:
+                done.clear()  # the server stopped: the spawned back end still gives the estimate
         config_data = to_dict(config)
         # Tokenise once here: the pool's processes then read the cache instead of racing to write
         # it, and a trace in this process reuses the batches.
         _cached_inputs(config_data, config)
-        done: dict[Setup, Prediction] = {}
-        if self.jobs <= 1 or (len(setups) == 1 and self._pool is None):
+        if self.jobs <= 1 or (len(setups) == 1 and not self.spawned.started):
             for setup in setups:
-                done[setup] = Prediction.from_dict(_trace_in_worker(config_data, setup, limit))
-                on_done(done[setup])
-            return [done[setup] for setup in setups]
-        pool = self._executor()
-        # The longest traces first, so that no process is left with one at the end.
-        ordered = sorted(setups, key=lambda setup: -_trace_cost(setup, config))
-        futures = {pool.submit(_trace_in_worker, config_data, setup, limit): setup for setup in ordered}
-        try:
-            for future in as_completed(futures):
-                prediction = Prediction.from_dict(future.result())
-                done[prediction.setup] = prediction
-                on_done(prediction)
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
+                record(Prediction.from_dict(_trace_in_worker(config_data, setup, limit)))
+        else:
+            self.spawned.trace(setups, config, config_data, limit, record)
         return [done[setup] for setup in setups]
 
 
@@ -230,21 +348,12 @@ def predict(
     config: BenchConfig,
     jobs: int = 1,
     on_done: Callable[[Prediction], None] = lambda prediction: None,
-    forks: ForkServer | None = None,
-    log_path: Path | None = None,
+    forked: ForkedTraces | None = None,
     limit: int | None = None,
 ) -> list[Prediction]:
-    """Trace every setup; the result keeps the order of ``setups`` (see ``Predictor.predict``).
-
-    With ``forks`` (a started fork server) the traces run in ``jobs`` children forked from
-    it, their stderr in ``log_path``; a server that cannot fork leaves them to a pool of
-    ``min(jobs, len(setups))`` processes."""
-    if forks is not None and log_path is not None and forks.start():
-        try:
-            return _predict_in_forks(setups, config, jobs, on_done, forks, log_path, limit)
-        except ForkServerError:
-            pass  # the server stopped: the pool below still gives the estimate
-    with Predictor(min(jobs, max(1, len(setups)))) as predictor:
+    """Trace every setup once, in a pool of ``min(jobs, len(setups))`` processes (see
+    ``Predictor.predict``): children of a fork server with ``forked``, else spawned."""
+    with Predictor(min(jobs, max(1, len(setups))), forked) as predictor:
         return predictor.predict(setups, config, on_done, limit)
 
 
@@ -279,71 +388,3 @@ def trace_share(argv: list[str]) -> int:
               flush=True)
         return 1
     return 0
-
-
-def _predict_in_forks(
-    setups: list[Setup],
-    config: BenchConfig,
-    jobs: int,
-    on_done: Callable[[Prediction], None],
-    forks: ForkServer,
-    log_path: Path,
-    limit: int | None = None,
-) -> list[Prediction]:
-    # Each child prepares the trace inputs once (the run has left the tokenised data in the
-    # cache) and traces its share in turn, as a pool process would.
-    config_text = json.dumps(to_dict(config))
-    shares = _shares(setups, config, jobs)
-    threads = ["--single-threaded"] if len(shares) > 1 else []
-    done: dict[Setup, Prediction] = {}
-    failures: list[dict[str, Any]] = []
-    children = []
-    pending: dict[int, bytes] = {}  # each child's stdout, and what it wrote past its last full line
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("a", encoding="utf-8") as log, selectors.DefaultSelector() as selector:
-        try:
-            for share in shares:
-                read, write = os.pipe()
-                try:
-                    argv = [config_text, json.dumps([[setup.cell, setup.micro_batch_size] for setup in share]),
-                            json.dumps(limit), *threads]
-                    children.append(forks.spawn("gputech_bench.estimator.predict:trace_share", argv, write, log.fileno()))
-                except BaseException:
-                    os.close(read)
-                    raise
-                finally:
-                    os.close(write)
-                pending[read] = b""
-                selector.register(read, selectors.EVENT_READ)
-            while pending:
-                for key, _ in selector.select():
-                    fd = key.fd
-                    chunk = os.read(fd, 65536)
-                    if not chunk:
-                        selector.unregister(fd)
-                        os.close(fd)
-                        del pending[fd]
-                        continue
-                    *lines, pending[fd] = (pending[fd] + chunk).split(b"\n")
-                    for line in lines:
-                        message = json.loads(line)
-                        if "failed" in message:
-                            failures.append(message)
-                            continue
-                        prediction = Prediction.from_dict(message)
-                        done[prediction.setup] = prediction
-                        on_done(prediction)
-        finally:
-            for fd in pending:
-                os.close(fd)
-            for child in children:
-                child.terminate()  # only one still tracing: after Ctrl-C or an error here
-                child.wait()
-    if failures:
-        reason = failures[0]["failed"]
-        raise UserError(reason) if failures[0]["user_error"] else RuntimeError(reason)
-    missing = [setup.label for setup in setups if setup not in done]
-    if missing:
-        codes = ", ".join(str(child.returncode) for child in children)
-        raise RuntimeError(f"trace processes ended without tracing {', '.join(missing)} (exit codes {codes}); see {log_path}")
-    return [done[setup] for setup in setups]

@@ -1,7 +1,9 @@
 """A matrix of cells, each in its own worker process.
 
-In: the cells asked for (``matrix``), the resolved config and where to launch them
-(``launch``, ``slots``: GPUs, torchrun). Out: a run folder of result files
+In: a ``request.RunRequest``: the cells asked for (``matrix``), the resolved config, where
+to launch them (``launch``: GPU slots, torchrun), how often and for how long, and the run
+folder. ``runner.run_cells`` starts each worker through a ``launcher`` (a fresh interpreter,
+a child of the ``forkserver``, or torchrun). Out: a run folder of result files
 (``results.RunFolder``), repeats and ranks merged into one result per cell
 (``results.merge_repeats``; ``ranks`` reads a torchrun cell's ranks back for
 ``results.merge_ranks``). ``runner`` never touches CUDA itself.

@@ -11,7 +11,7 @@ What keeps forking safe here:
 - **No CUDA.** The server never initialises CUDA (a process that has cannot be forked
   safely); it checks ``torch.cuda.is_initialized()`` after preloading and refuses to serve
   otherwise. The runner sends it CPU cells only: CUDA cells and torchrun launches keep
-  fresh interpreters (``runner``).
+  fresh interpreters (``launcher``).
 - **No computation.** The server only imports, so no OpenMP pool exists to be copied
   half-locked into a child; each child creates its own. It has one Python thread when it
   forks (numpy's OpenBLAS keeps a native one and re-creates it in the child itself).
@@ -40,23 +40,14 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Callable, Union
 
 from ..worker.provenance import FORKED_ENV
 from .launch import die_with_parent
 
-#: What every CPU cell imports: the worker's cell module (torch, the project), the default
-#: model's class and the tokenizer stack (both imported where used, so named here), and the
-#: estimate's tracer. Not peft or bitsandbytes: only the cells that use them import them.
-PRELOAD = (
-    "gputech_bench.worker.__main__",
-    "gputech_bench.worker.cell",
-    "transformers.models.bert.modeling_bert",
-    "tokenizers",
-    "transformers.tokenization_utils_tokenizers",
-    "gputech_bench.estimator.trace",
-)
-WORKER_ENTRY = "gputech_bench.worker.__main__:main"
+#: What a child runs: a function taking its argv (returning an exit code, or None for 0), or
+#: its ``"module:function"`` name, which is how it crosses to the server (``entry_name``).
+Entry = Union[str, Callable[[list[str]], Any]]
 #: Preloading on a loaded 2-core machine has taken 30 s; past this the server is given up.
 BOOT_TIMEOUT_SECONDS = 300.0
 #: A fork takes milliseconds; past this the server is taken for stuck.
@@ -69,19 +60,26 @@ class ForkServerError(RuntimeError):
     """The fork server could not start or could not fork: the caller starts a fresh interpreter."""
 
 
+def entry_name(entry: Entry) -> str:
+    """The one place a child's entry becomes the ``"module:function"`` the server imports."""
+    if isinstance(entry, str):
+        return entry
+    return f"{entry.__module__}:{entry.__qualname__}"
+
+
 # --------------------------------------------------------------------------- the runner's side
 
 
 class ForkServer:
     """The runner's handle on one fork server; started on first use, stopped by ``close()``.
 
-    ``failure`` says why the server is not in use when it failed to start or died; the
-    runner then starts fresh interpreters, as it always did.
+    ``preload`` names the modules the server imports before it serves: its caller's choice
+    (the worker's stack, and the estimate's tracer after a run), so that this module names
+    none of the layers above it. ``failure`` says why the server is not in use when it failed
+    to start or died; the runner then starts fresh interpreters, as it always did.
     """
 
-    worker_entry = WORKER_ENTRY
-
-    def __init__(self, log_path: Path, preload: tuple[str, ...] = PRELOAD, boot_timeout: float = BOOT_TIMEOUT_SECONDS):
+    def __init__(self, log_path: Path, preload: tuple[str, ...], boot_timeout: float = BOOT_TIMEOUT_SECONDS):
         self.log_path = Path(log_path)
         self.preload = preload
         self.boot_timeout = boot_timeout
@@ -151,14 +149,14 @@ class ForkServer:
             raise ForkServerError(f"the fork server could not preload ({hello.get('error')})")
         self.hello = hello
 
-    def spawn(self, entry: str, argv: list[str], stdout: int, stderr: int) -> ForkedProcess:
+    def spawn(self, entry: Entry, argv: list[str], stdout: int, stderr: int) -> ForkedProcess:
         """A child running ``entry(argv)`` with these descriptors as its stdout and stderr."""
         if not self.start():
             raise ForkServerError(self.failure or "the fork server is not running")
         assert self._socket is not None
         status_read, status_write = os.pipe()
         try:
-            request = json.dumps({"entry": entry, "argv": argv}).encode("utf-8")
+            request = json.dumps({"entry": entry_name(entry), "argv": argv}).encode("utf-8")
             with self._lock:
                 socket.send_fds(self._socket, [request], [stdout, stderr, status_write])
         except OSError as error:
@@ -167,7 +165,7 @@ class ForkServer:
             raise ForkServerError(self.failure) from None
         finally:
             os.close(status_write)
-        child = ForkedProcess(status_read, [entry, *argv])
+        child = ForkedProcess(status_read, [entry_name(entry), *argv])
         try:
             child.read_pid(SPAWN_TIMEOUT_SECONDS)
         except ForkServerError as error:
@@ -175,11 +173,12 @@ class ForkServer:
             raise
         return child
 
-    def spawn_worker(self, argv: list[str], log: IO[str]) -> ForkedProcess:
-        """A cell's worker, as ``python -m gputech_bench.worker ARGV`` with ``stdout=PIPE, stderr=log`` would be."""
+    def spawn_piped(self, entry: Entry, argv: list[str], log: IO[str]) -> ForkedProcess:
+        """A child running ``entry(argv)`` as ``Popen(stdout=PIPE, stderr=log, text=True)`` would:
+        a cell's worker, whose events the runner reads from ``stdout``."""
         events_read, events_write = os.pipe()
         try:
-            child = self.spawn(self.worker_entry, argv, events_write, log.fileno())
+            child = self.spawn(entry, argv, events_write, log.fileno())
         except BaseException:
             os.close(events_read)
             raise
@@ -188,7 +187,7 @@ class ForkServer:
         child.stdout = os.fdopen(events_read, "r")  # text, as Popen(text=True) reads it
         return child
 
-    def output(self, entry: str, argv: list[str], stderr: int) -> str:
+    def output(self, entry: Entry, argv: list[str], stderr: int) -> str:
         """Run ``entry(argv)`` in a child and return what it printed; raises ForkServerError
         when it cannot be forked or does not exit with 0."""
         read, write = os.pipe()
@@ -202,7 +201,7 @@ class ForkServer:
         with os.fdopen(read, "r") as stdout:
             text = stdout.read()
         if child.wait() != 0:
-            raise ForkServerError(f"{entry} exited with {child.returncode if child.returncode is not None else child.lost}")
+            raise ForkServerError(f"{entry_name(entry)} exited with {child.returncode if child.returncode is not None else child.lost}")
         return text
 
     def close(self) -> None:

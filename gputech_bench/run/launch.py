@@ -1,4 +1,4 @@
-"""How a cell's worker is started: which GPUs it sees, and whether torchrun starts it.
+"""Where a cell's worker runs: which GPUs it sees, and torchrun's options when it starts it.
 
 ``--gpus 0,1,2,3`` turns the GPUs into slots: one cell runs per slot at a time, its
 process pinned with ``CUDA_VISIBLE_DEVICES`` so that it sees its own GPUs only. Under an
@@ -13,9 +13,7 @@ from __future__ import annotations
 import os
 import re
 import signal
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping
 
 from ..errors import ConfigError
@@ -91,19 +89,6 @@ def slot_environment(slot: Slot, base: dict[str, str]) -> dict[str, str]:
     if slot is not None:
         environment["CUDA_VISIBLE_DEVICES"] = ",".join(slot)
     return environment
-
-
-def worker_arguments(cell: str, config_path: Path, out: Path, seed: int | None = None) -> list[str]:
-    """The worker's own arguments, however its process is started."""
-    worker = ["--cell", cell, "--config", str(config_path), "--out", str(out), "--events"]
-    return worker + ([] if seed is None else ["--seed", str(seed)])
-
-
-def worker_command(cell: str, config_path: Path, out: Path, launch: Launch, seed: int | None = None) -> list[str]:
-    worker = worker_arguments(cell, config_path, out, seed)
-    if not launch.distributed:
-        return [sys.executable, "-m", "gputech_bench.worker", *worker]
-    return [sys.executable, "-m", "torch.distributed.run", *launch.torchrun_options(), "-m", "gputech_bench.worker", *worker]
 
 
 def die_with_parent() -> None:

@@ -1,10 +1,11 @@
 """Run a matrix: one worker process per cell, failures as rows, safe to re-run.
 
 The runner itself never touches CUDA: each worker starts with a fresh allocator and
-context, so one cell's fragmentation, leaks or crash cannot affect the next. A CPU cell's
-worker is forked from a preloaded fork server (``forkserver``) when the runner is given
-one: still a process of its own, without paying the imports again; CUDA cells and
-torchrun launches always start a fresh interpreter. Results
+context, so one cell's fragmentation, leaks or crash cannot affect the next. How a worker
+starts is its launcher's business (``launcher``): a CPU cell's worker is forked from a
+preloaded fork server, still a process of its own without paying the imports again; CUDA
+cells and torchrun launches start a fresh interpreter. What to run, where, how often and
+for how long is one ``RunRequest`` (``request``). Results
 are written atomically, one file per cell, so a runner killed at any moment loses
 nothing that had finished, and a re-run with the same name picks up where it stopped.
 
@@ -25,19 +26,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..config import BenchConfig, config_changes, to_dict
+from ..config import config_changes, to_dict
 from ..errors import ConfigError, ResultError
 from ..files import write_json
 from ..results import CellResult, RunFolder, merge_ranks, merge_repeats, read_result, write_result
-from .forkserver import ForkedProcess, ForkServer, ForkServerError
-from .launch import Launch, Slot, die_with_parent, slot_environment, worker_arguments, worker_command
+from .launch import Slot
+from .launcher import Launcher, WorkerCall, WorkerProcess
 from .ranks import clear_rank_results, describe_launch, read_rank_results
+from .request import RunRequest
 from .slots import run_on_slots
 
-#: A cell's worker: a fresh interpreter, or a child of the fork server (the part of Popen the runner uses).
-WorkerProcess = subprocess.Popen | ForkedProcess
-
 EventCallback = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class Listeners:
+    """What the runner tells as it goes, for a progress display: a worker's events by its
+    label, and each job (a cell, or one repeat of it) starting and ending by its index."""
+
+    on_event: EventCallback = lambda label, event: None
+    on_cell_start: Callable[[int, str, Slot], None] = lambda index, label, slot: None
+    on_cell_end: Callable[[int, CellResult], None] = lambda index, result: None
+
+
+#: Nobody listening: a run from a script that shows no progress.
+SILENT = Listeners()
 
 #: How often the runner looks up from waiting on a worker, to act on Ctrl-C promptly.
 WAIT_SLICE_SECONDS = 0.2
@@ -66,7 +79,7 @@ def job_result_path(folder: RunFolder, job: Job) -> Path:
     return folder.repeat_path(job.label) if job.repeat else folder.result_path(job.cell)
 
 
-def plan_jobs(cells: list[str], repeats: int = 1, seeds: list[int] | None = None) -> list[Job]:
+def plan_jobs(cells: list[str] | tuple[str, ...], repeats: int = 1, seeds: tuple[int, ...] | list[int] | None = None) -> list[Job]:
     """Every cell once, or every cell ``repeats`` times, round-robin: the first repeat of each
     cell, then the second of each... so that drift in the machine (heat, other load) is
     spread over the cells instead of landing on the last ones."""
@@ -75,10 +88,11 @@ def plan_jobs(cells: list[str], repeats: int = 1, seeds: list[int] | None = None
     return [Job(cell, repeat, seeds[repeat - 1] if seeds else None) for repeat in range(1, repeats + 1) for cell in cells]
 
 
-def prepare_run_dir(folder: RunFolder, config: BenchConfig, force: bool) -> None:
+def prepare_run_dir(request: RunRequest) -> None:
     """Create the run folder and save the resolved config; refuse to mix two configs in one run."""
-    current = to_dict(config)
-    if folder.config_path.exists() and not force:
+    folder = request.folder
+    current = to_dict(request.config)
+    if folder.config_path.exists() and not request.schedule.force:
         try:
             saved = json.loads(folder.config_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
@@ -126,38 +140,6 @@ class _DeferredCtrlC:
         signal.signal(signal.SIGINT, self._previous)
         if self.pressed:
             raise KeyboardInterrupt
-
-
-def fork_server_suits(cuda: bool, launch: Launch) -> bool:
-    """Whether a run's cells may be forked from a preloaded server: CPU cells in one plain
-    process each. A CUDA cell keeps a fresh interpreter (a process that holds CUDA cannot be
-    forked safely, and keeping CUDA out of the server is simplest where minutes of GPU work
-    dwarf the start-up), and so does a torchrun launch (torchrun starts its own ranks)."""
-    return not cuda and not launch.distributed
-
-
-def uses_fork_server(forks: ForkServer | None, launch: Launch, slot: Slot) -> bool:
-    """Only a plain process on the runner's own devices is forked; the caller hands a fork
-    server for CPU runs alone, since a forked process must never hold CUDA."""
-    return forks is not None and not launch.distributed and slot is None
-
-
-def _start_worker(job: Job, folder: RunFolder, result_path: Path, launch: Launch, slot: Slot, log,
-                  forks: ForkServer | None) -> WorkerProcess:
-    if uses_fork_server(forks, launch, slot):
-        assert forks is not None
-        try:
-            return forks.spawn_worker(worker_arguments(job.cell, folder.config_path, result_path, job.seed), log)
-        except ForkServerError as error:
-            # As before the fork server existed: a fresh interpreter, which reports in the cell's
-            # own result whatever stopped the server from preloading.
-            log.write(f"[runner] fresh interpreter for this cell: {error}\n")
-            log.flush()
-    return subprocess.Popen(
-        worker_command(job.cell, folder.config_path, result_path, launch, job.seed), stdout=subprocess.PIPE, stderr=log,
-        text=True, env=slot_environment(slot, dict(os.environ)),
-        preexec_fn=die_with_parent if os.name == "posix" else None,
-    )
 
 
 def _relay_events(process: WorkerProcess, cell: str, log, on_event: EventCallback) -> None:
@@ -239,25 +221,22 @@ class CellRun:
 
 def run_worker(
     job: Job,
-    folder: RunFolder,
+    request: RunRequest,
+    launcher: Launcher,
     on_event: EventCallback,
-    timeout: float | None = None,
-    launch: Launch = Launch(),
     slot: Slot = None,
     stop: threading.Event | None = None,
-    forks: ForkServer | None = None,
 ) -> CellRun:
-    """Run one cell's worker and return its result; a crash, timeout or Ctrl-C becomes a row too.
+    """Run one cell's worker as ``request`` says and return its result; a crash, timeout or
+    Ctrl-C becomes a row too.
 
-    ``slot`` pins the worker to its GPUs; ``stop`` stops it from another thread; ``forks``
-    forks it from a preloaded server (CPU runs only) instead of starting an interpreter."""
-    label = job.label
-    if uses_fork_server(forks, launch, slot):
-        assert forks is not None
-        # Before anything of this cell is touched and outside the Ctrl-C hold below: preloading
-        # takes seconds, Ctrl-C meanwhile stops the run as between two cells, and a server
-        # that cannot start leaves this cell to a fresh interpreter.
-        forks.start()
+    ``launcher`` starts the worker; ``slot`` pins it to its GPUs (None: the runner's own
+    devices); ``stop`` stops it from another thread."""
+    label, folder, launch, timeout = job.label, request.folder, request.launch, request.schedule.cell_timeout
+    # Before anything of this cell is touched and outside the Ctrl-C hold below: preloading a
+    # fork server takes seconds, Ctrl-C meanwhile stops the run as between two cells, and a
+    # server that cannot start leaves this cell to a fresh interpreter.
+    launcher.prepare(slot)
     result_path = job_result_path(folder, job)
     result_path.parent.mkdir(parents=True, exist_ok=True)
     if result_path.exists():
@@ -273,7 +252,7 @@ def run_worker(
         # nobody stops. Released inside the try below, where it stops the worker properly.
         ctrl_c = _DeferredCtrlC() if _in_main_thread() else None
         try:
-            process = _start_worker(job, folder, result_path, launch, slot, log, forks)
+            process = launcher.start(WorkerCall(job.cell, folder.config_path, result_path, job.seed), slot, log)
         except BaseException:
             if ctrl_c:
                 ctrl_c.release()
@@ -293,7 +272,7 @@ def run_worker(
                 _stop(process)
         relay.join(timeout=5)
 
-    result = _collect_result(job, folder, launch, process)
+    result = _collect_result(job, request, process)
     if job.repeat:
         result.repeat = job.repeat
     log_hint = f"see {folder.log_path(label)}"
@@ -305,8 +284,9 @@ def run_worker(
     return CellRun(result, interrupted)
 
 
-def _collect_result(job: Job, folder: RunFolder, launch: Launch, process: WorkerProcess) -> CellResult:
+def _collect_result(job: Job, request: RunRequest, process: WorkerProcess) -> CellResult:
     """The worker's result file, the merge of its ranks' files, or a row saying why there is none."""
+    folder, launch = request.folder, request.launch
     cell, log_hint = job.cell, f"see {folder.log_path(job.label)}"
     result_path = job_result_path(folder, job)
     if launch.distributed:
@@ -317,9 +297,8 @@ def _collect_result(job: Job, folder: RunFolder, launch: Launch, process: Worker
         return read_result(result_path)
     except ResultError:
         pass
-    lost = getattr(process, "lost", None)  # a forked worker whose server died first
-    if lost:
-        return CellResult.failed(cell, "crashed", f"worker ended without a result, exit status unknown: {lost}; {log_hint}")
+    if process.lost:  # a forked worker whose server died first
+        return CellResult.failed(cell, "crashed", f"worker ended without a result, exit status unknown: {process.lost}; {log_hint}")
     if process.returncode is not None and process.returncode < 0:
         name = _signal_name(process.returncode)
         hint = " (the kernel's OOM killer sends SIGKILL when host memory runs out)" if name == "SIGKILL" else ""
@@ -335,34 +314,22 @@ class MatrixOutcome:
     seconds: float = 0.0
 
 
-def run_matrix(
-    cells: list[str],
-    folder: RunFolder,
-    *,
-    force: bool = False,
-    cell_timeout: float | None = None,
-    on_event: EventCallback = lambda label, event: None,
-    on_cell_start: Callable[[int, str, Slot], None] = lambda index, label, slot: None,
-    on_cell_end: Callable[[int, CellResult], None] = lambda index, result: None,
-    launch: Launch = Launch(),
-    slots: list[Slot] = [None],  # noqa: B006 - never mutated
-    repeats: int = 1,
-    seeds: list[int] | None = None,
-    forks: ForkServer | None = None,
-) -> MatrixOutcome:
-    """Run ``cells`` (``repeats`` times each), one per slot at a time; stops early only on
-    Ctrl-C, never on a failed cell.
+def run_cells(request: RunRequest, launcher: Launcher, listeners: Listeners = SILENT) -> MatrixOutcome:
+    """Run the request's cells (each ``repeats`` times), one per slot at a time, each worker
+    started by ``launcher``; stops early only on Ctrl-C, never on a failed cell.
 
-    The callbacks see jobs (a cell, or one repeat of it) by their index in the job list
-    and their label. The outcome's results are per cell, in the order of ``cells``,
+    ``listeners`` see jobs (a cell, or one repeat of it) by their index in the job list
+    and their label. The outcome's results are per cell, in the order of the cells,
     whichever slot finished first; repeats are aggregated into their cell's result."""
     started = time.perf_counter()
     outcome = MatrixOutcome()
-    jobs = plan_jobs(cells, repeats, seeds)
+    cells, folder, slots, repeats = request.cells, request.folder, request.slots, request.schedule.repeats
+    on_cell_end = listeners.on_cell_end
+    jobs = plan_jobs(cells, repeats, request.schedule.seeds)
     results: dict[int, CellResult] = {}
     pending: list[tuple[int, Job]] = []
     for index, job in enumerate(jobs):
-        previous = None if force else reusable_result(folder, job)
+        previous = None if request.schedule.force else reusable_result(folder, job)
         if previous is None:
             pending.append((index, job))
             continue
@@ -374,8 +341,8 @@ def run_matrix(
 
     def run_one(item: tuple[int, Job], slot: Slot) -> bool:
         index, job = item
-        on_cell_start(index, job.label, slot)
-        run = run_worker(job, folder, on_event, cell_timeout, launch, slot, None if len(slots) == 1 else stop, forks)
+        listeners.on_cell_start(index, job.label, slot)
+        run = run_worker(job, request, launcher, listeners.on_event, slot, None if len(slots) == 1 else stop)
         results[index] = run.result
         on_cell_end(index, run.result)
         if run.interrupted:
@@ -388,7 +355,7 @@ def run_matrix(
                 if not run_one(item, slots[0]):
                     break
         else:
-            run_on_slots(pending, slots, run_one, stop)
+            run_on_slots(pending, list(slots), run_one, stop)
     except KeyboardInterrupt:  # between cells, or while parallel cells were stopped and recorded
         outcome.interrupted = True
     if repeats <= 1:
@@ -400,7 +367,7 @@ def run_matrix(
 
 
 def _aggregate_repeats(
-    cells: list[str], jobs: list[Job], results: dict[int, CellResult], folder: RunFolder, repeats: int
+    cells: tuple[str, ...], jobs: list[Job], results: dict[int, CellResult], folder: RunFolder, repeats: int
 ) -> list[CellResult]:
     """Each cell's result from the repeats that ran, written beside the single-run results."""
     aggregated = []
