@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import StrategyError
-from .architecture import is_causal_lm
+from .architecture import is_causal_lm, split_language_model
 from .base import MicroBatch, Placement, Precision, Predictor, RunContext, Strategy, TokenLoss, TokenPredict
 from .defaults import InPlacePlacement, argmax_tokens, build_adamw, logits_predictor, model_cross_entropy, whole_batch
 from .distributed import data_parallel
@@ -100,6 +100,7 @@ def compose_predict(strategies: list[Strategy], ctx: RunContext) -> TokenPredict
 def hidden_state_model(model: nn.Module, causal: bool, strategies: list[Strategy], ctx: RunContext) -> HiddenStateModel:
     """``model`` run to its final hidden states, with the strategies' hooks composed on them.
     Training's innermost loss is the model's own cross-entropy; evaluation's is in fp32."""
+    split_language_model(model, causal)  # refuses here, before training, a model it cannot split
     return HiddenStateModel(
         model,
         causal,
