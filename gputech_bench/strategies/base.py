@@ -29,7 +29,9 @@ shifts its labels), with the model's own LM head to apply. The innermost loss is
 cross-entropy the model's own forward computes (``defaults``); each strategy's hook
 wraps the hooks of the strategies after it in ``order``, so the earliest sees the rows
 first. A hook must call ``inner`` (on fewer rows, on chunks, or to change its result),
-never stand in for it, so that every strategy's hook takes part. The model is wrapped
+never stand in for it, so that every strategy's hook takes part. A loss hook changes how
+the mean cross-entropy is computed, not its value: evaluation reports the same hooks'
+loss (under no_grad, the innermost in fp32) as the objective's. The model is wrapped
 where the first such strategy stands in ``order``: strategies before it change the
 model inside the wrapper, strategies after it (compile) act on the wrapper. With no
 strategy using them, training calls the model's own forward and loss, as the baseline
@@ -283,7 +285,8 @@ class Strategy:
     def wrap_loss(self, inner: TokenLoss, ctx: RunContext) -> TokenLoss:
         """The training loss from the final hidden states: return a function of ``TokenRows``
         that calls ``inner`` (the later strategies' hooks, then the model's cross-entropy) and
-        returns the mean cross-entropy over the rows that carry a target."""
+        returns the mean cross-entropy over the rows that carry a target. Called twice per
+        plan (training's composition and evaluation's), so it keeps no state of its own."""
         return inner
 
     def wrap_predict(self, inner: TokenPredict, ctx: RunContext) -> TokenPredict:
