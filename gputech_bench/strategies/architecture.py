@@ -2,8 +2,8 @@
 
 Strategies act on any masked-LM or causal LM that ``modeling.load_model`` builds. Most of
 them only use the transformers API; the few that reach into a model's structure (LoRA's
-target modules, sparse-head's masked-LM head, fsdp-offload's repeated block) look it up
-here, and a refusal names the model type and the fix.
+target modules, the base model and head that the loss and predict hooks split a model into,
+fsdp-offload's repeated block) look it up here, and a refusal names the model type and the fix.
 
 Two entry points per question: one from the config alone (``config.json``, no weights,
 cheap enough to refuse a cell before any process starts) and one from the model object.
