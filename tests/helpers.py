@@ -64,7 +64,7 @@ def tiny_bert(vocab: int = 300, dropout: float = 0.0, layers: int = 2, hidden: i
 
 
 def context(*overrides: str) -> RunContext:
-    return RunContext(apply_overrides(BenchConfig(), ["device=cpu", *overrides]), torch.device("cpu"))
+    return RunContext(apply_overrides(BenchConfig(), ["device=cpu", *overrides]), torch.device("cpu"), new_head_modules=())
 
 
 def random_batch(size: int, length: int, vocab: int, seed: int = 0, mask_every: int = 0) -> dict[str, torch.Tensor]:

@@ -5,6 +5,7 @@ targets resolve per architecture; qlora holds 4-bit weights and trains only its 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -26,9 +27,8 @@ from gputech_bench.errors import StrategyError
 from gputech_bench.measure.tracker import QUANTIZED, StepMemoryTracker
 from gputech_bench.modeling import load_model
 from gputech_bench.strategies import RunContext, build_plan, distributed, launch_refusal, parse_cell, registered
-from gputech_bench.strategies.architecture import NEW_HEAD_ATTRIBUTE, repeated_blocks, resolve_lora_targets
+from gputech_bench.strategies.architecture import repeated_blocks, resolve_lora_targets
 from gputech_bench.strategies.checkpointing import is_checkpointing
-from gputech_bench.strategies.sparse_head import MaskedPositionsHead
 from gputech_bench.training.loop import optimizer_step
 
 VOCAB = 300
@@ -90,14 +90,11 @@ def arch_context(folder: Path, architecture: str, *overrides: str) -> RunContext
         f"train.batch_size={ROWS}", "strategy.micro_batch_size=2", "train.lr=1e-3",
         *overrides,
     ])
-    return RunContext(config, torch.device("cpu"))
+    return RunContext(config, torch.device("cpu"), new_head_modules=())
 
 
-def build(folder: Path, ctx: RunContext, new_head: tuple[str, ...] = ()) -> nn.Module:
-    model = load_model(ctx.config.model, VOCAB, 0, 0).model
-    if new_head:
-        setattr(model, NEW_HEAD_ATTRIBUTE, new_head)  # as the worker records a newly initialised head
-    return model
+def build(folder: Path, ctx: RunContext) -> nn.Module:
+    return load_model(ctx.config.model, VOCAB, 0, 0).model
 
 
 def batch_for(architecture: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -195,15 +192,14 @@ def test_sparse_head_equals_the_full_head_on_each_masked_lm(architecture, folder
     model = build(folders[architecture], ctx).eval()  # no dropout: both passes see the same network
     batch = batch_for(architecture)
     full = model(**batch)
-    sparse = MaskedPositionsHead(model)
-    logits, targets = sparse.masked_logits(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    sparse = build_plan(parse_cell("sparse-head"), model, ctx)
+    rows = sparse.model.token_rows(batch["input_ids"], batch["attention_mask"], batch["labels"]).labelled()
     masked = batch["labels"] != -100
-    torch.testing.assert_close(logits, full.logits[masked], rtol=1e-5, atol=1e-5)
-    assert torch.equal(targets, batch["labels"][masked])
-    sparse.train()
-    model.eval()  # MaskedPositionsHead's training path, the network still without dropout
-    torch.testing.assert_close(sparse(**batch).loss, full.loss, rtol=1e-6, atol=1e-6)
-    predictions = sparse(**batch, return_predictions=True)
+    torch.testing.assert_close(rows.head(rows.hidden), full.logits[masked], rtol=1e-5, atol=1e-5)
+    assert torch.equal(rows.targets, batch["labels"][masked])
+    torch.testing.assert_close(sparse.model(**batch).loss, full.loss, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        predictions = sparse.predictor.predict(batch)
     assert torch.equal(predictions.predicted, full.logits.argmax(-1))
 
 
@@ -251,9 +247,10 @@ def test_the_seeds_bert_keeps_query_and_value():
 
 
 def test_lora_trains_a_newly_initialised_head_in_full(folders):
-    ctx = arch_context(folders["distilbert"], "distilbert")
     head = ("vocab_transform", "vocab_layer_norm", "vocab_projector")
-    plan = build_plan(parse_cell("lora"), build(folders["distilbert"], ctx, new_head=head), ctx)
+    # As the worker fills it from the load report of a checkpoint saved without its head.
+    ctx = dataclasses.replace(arch_context(folders["distilbert"], "distilbert"), new_head_modules=head)
+    plan = build_plan(parse_cell("lora"), build(folders["distilbert"], ctx), ctx)
     trainable = {name for name, p in plan.model.named_parameters() if p.requires_grad}
     for module in head:
         assert any(f"{module}.modules_to_save." in name for name in trainable), module
@@ -358,9 +355,9 @@ def test_no_quantized_category_without_4bit_weights(folders):
 
 
 def test_qlora_keeps_a_newly_initialised_head_unquantised_and_trains_it(folders):
-    ctx = arch_context(folders["distilbert"], "distilbert")
     head = ("vocab_transform", "vocab_layer_norm", "vocab_projector")
-    plan = build_plan(parse_cell("qlora"), build(folders["distilbert"], ctx, new_head=head), ctx)
+    ctx = dataclasses.replace(arch_context(folders["distilbert"], "distilbert"), new_head_modules=head)
+    plan = build_plan(parse_cell("qlora"), build(folders["distilbert"], ctx), ctx)
     assert not any(name.split(".")[2] in head for name in params4bit(plan.model))  # base_model.model.<module>
     assert set(head) <= set(plan.facts["qlora"]["kept_unquantized"])
     trainable = {name for name, p in plan.model.named_parameters() if p.requires_grad}

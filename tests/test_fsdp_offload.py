@@ -133,7 +133,7 @@ def test_on_cuda_the_shards_stay_on_the_host_while_the_layers_compute_on_the_gpu
     from gputech_bench.config import BenchConfig, apply_overrides
     from gputech_bench.strategies import RunContext
 
-    ctx = RunContext(apply_overrides(BenchConfig(), ["device=cuda", *OVERRIDES]), torch.device("cuda"))
+    ctx = RunContext(apply_overrides(BenchConfig(), ["device=cuda", *OVERRIDES]), torch.device("cuda"), new_head_modules=())
     plan = build_plan(parse_cell("fsdp-offload"), tiny_bert(), ctx)
     for unit_groups in offload_units(plan.model).values():
         assert all(group.offload_policy.pin_memory for group in unit_groups)

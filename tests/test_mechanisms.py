@@ -240,15 +240,14 @@ def test_combinations_compose_every_hook(cell):
 
 
 def test_sparse_head_loss_and_masked_predictions_equal_the_full_heads():
-    from gputech_bench.strategies.sparse_head import MaskedPositionsHead
-
     model = tiny_bert(vocab=500, dropout=0.0)
     batch = random_batch(4, 24, 500, seed=3)
     full = model(**batch)
-    sparse = MaskedPositionsHead(model).train()
+    sparse = build_plan(parse_cell("sparse-head"), model, context("data.objective=mlm")).model.train()
     loss = sparse(**batch).loss
     torch.testing.assert_close(loss, full.loss, rtol=1e-6, atol=1e-6)
-    logits, targets = sparse.masked_logits(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    rows = sparse.token_rows(batch["input_ids"], batch["attention_mask"], batch["labels"]).labelled()
+    logits, targets = rows.head(rows.hidden), rows.targets
     masked = batch["labels"] != IGNORE_INDEX
     torch.testing.assert_close(logits, full.logits[masked], rtol=1e-5, atol=1e-5)
     assert torch.equal(logits.argmax(-1), full.logits[masked].argmax(-1))

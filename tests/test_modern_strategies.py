@@ -16,7 +16,7 @@ from gputech_bench.results import CellResult
 from gputech_bench.run.matrix import expand
 from gputech_bench.strategies import build_plan, device_refusal, parse_cell
 from gputech_bench.strategies.amp import AutocastPrecision
-from gputech_bench.strategies.sparse_head import MaskedPositionsHead
+from gputech_bench.strategies.defaults import logits_predictor
 from gputech_bench.training.evaluate import evaluate
 from gputech_bench.training.loop import TrainOutcome, optimizer_step
 from gputech_bench.worker.cell import record_compile_time
@@ -105,8 +105,9 @@ def eval_set(vocab: int, size: int = 6, length: int = 24) -> EvalSet:
 def test_sparse_head_evaluation_scores_like_the_full_head():
     model = tiny_bert(vocab=500)
     data = eval_set(500)
-    full = evaluate(model, data, torch.device("cpu"), batch_size=4)
-    sparse = evaluate(MaskedPositionsHead(model), data, torch.device("cpu"), batch_size=4)
+    full = evaluate(logits_predictor(model, causal=False), data, torch.device("cpu"), batch_size=4)
+    sparse_predictor = build_plan(parse_cell("sparse-head"), model, context("data.objective=mlm")).predictor
+    sparse = evaluate(sparse_predictor, data, torch.device("cpu"), batch_size=4)
     assert sparse.masked_accuracy == full.masked_accuracy
     assert sparse.token_accuracy == full.token_accuracy
     assert sparse.loss == pytest.approx(full.loss, rel=1e-5)
@@ -120,13 +121,14 @@ def test_sparse_head_evaluation_never_holds_the_full_logits(monkeypatch):
     model = tiny_bert(vocab=8000)
     data = eval_set(8000, size=8, length=32)
 
-    def eval_peak(module: torch.nn.Module) -> int:
-        with StepMemoryTracker(module) as tracker:
-            evaluate(module, data, torch.device("cpu"), batch_size=8)
+    def eval_peak(cell: str) -> int:
+        predictor = build_plan(parse_cell(cell), model, context("data.objective=mlm")).predictor
+        with StepMemoryTracker(predictor.model) as tracker:
+            evaluate(predictor, data, torch.device("cpu"), batch_size=8)
         return tracker.peaks()[0].total_bytes
 
     full_logits = 8 * 32 * 8000 * 4
-    full, sparse = eval_peak(model), eval_peak(MaskedPositionsHead(model))
+    full, sparse = eval_peak("baseline"), eval_peak("sparse-head")
     assert full - sparse > 0.8 * full_logits, (full, sparse, full_logits)
 
 
@@ -164,7 +166,7 @@ def test_paged_adam8bit_steps_with_paged_state_on_cuda():
     from gputech_bench.config import BenchConfig, apply_overrides
     from gputech_bench.strategies import RunContext
 
-    ctx = RunContext(apply_overrides(BenchConfig(), ["device=cuda"]), torch.device("cuda"))
+    ctx = RunContext(apply_overrides(BenchConfig(), ["device=cuda"]), torch.device("cuda"), new_head_modules=())
     plan = build_plan(parse_cell("paged-adam8bit"), tiny_bert(vocab=8000), ctx)
     scheduler = get_linear_schedule_with_warmup(plan.optimizer, 0, 10)
     optimizer_step(plan, scheduler, random_batch(4, 16, 8000), ctx)

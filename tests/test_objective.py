@@ -21,6 +21,7 @@ from gputech_bench.run.matrix import expand
 from gputech_bench.strategies import build_plan, parse_cell
 from gputech_bench.strategies.accumulation import split_into_micro_batches
 from gputech_bench.training.batches import epoch_batches
+from gputech_bench.strategies.defaults import logits_predictor
 from gputech_bench.training.evaluate import evaluate
 from gputech_bench.training.loop import accumulate_gradients
 
@@ -172,7 +173,7 @@ def test_token_accuracy_scores_real_tokens_and_masked_accuracy_the_masked_ones(o
     split = sentences(rows=16)
     out = apply_objective(objective, split.input_ids, SPEC, torch.Generator().manual_seed(2))
     eval_set = EvalSet(out.input_ids, out.labels, split.input_ids, split.attention_mask, out.masked)
-    scores = evaluate(Copier(split.input_ids), eval_set, torch.device("cpu"), batch_size=16)
+    scores = evaluate(logits_predictor(Copier(split.input_ids), causal=False), eval_set, torch.device("cpu"), batch_size=16)
     real = split.attention_mask.bool()
     # [MASK] shows at the chosen positions only under seed; mlm keeps or randomises some of them.
     shows_mask = (out.input_ids == MASK) & real

@@ -29,6 +29,7 @@ from gputech_bench.errors import ModelError
 from gputech_bench.modeling import CLM, CONFIG_ONLY, MLM, WEIGHTS, load_model, model_task, source_kind
 from gputech_bench.report.frame import build_frame
 from gputech_bench.report.table import markdown, table_notes
+from gputech_bench.strategies.defaults import logits_predictor
 from gputech_bench.training.evaluate import EvalSet, evaluate
 
 VOCAB = 300
@@ -157,7 +158,7 @@ def test_next_token_evaluation_scores_the_shifted_real_positions():
     attention[2, 6:] = 0
     targets = apply_objective("clm", ids, None, torch.Generator(), attention)
     eval_set = EvalSet(targets.input_ids, targets.labels, ids, attention, targets.masked, "clm")
-    scores = evaluate(model, eval_set, torch.device("cpu"), batch_size=2)
+    scores = evaluate(logits_predictor(model, causal=True), eval_set, torch.device("cpu"), batch_size=2)
     assert scores.scored_tokens == 9 + 9 + 5
     assert scores.perplexity == pytest.approx(torch.tensor(scores.loss).exp().item(), rel=1e-6)
     assert 0.0 <= scores.next_token_accuracy <= 1.0

@@ -28,7 +28,7 @@ from ..measure.tracker import TrackedPeak
 from ..modeling import build_shape_model
 from ..strategies import Cell, RunContext, Strategy, combination_refusal, launch_refusal
 from ..strategies.facts import EstimateKind
-from ..strategies.architecture import new_head_modules, repeated_blocks
+from ..strategies.architecture import repeated_blocks
 from ..strategies.qlora import DOUBLE_QUANT, modules_kept_unquantized
 from ..strategies.registry import lookup
 from ..units import format_size
@@ -99,7 +99,7 @@ def proxy_cell(cell: Cell, modelled: type[Strategy]) -> Cell:
 
 def _check_modelled_cell(cell: Cell, config: BenchConfig, target: TraceTarget) -> None:
     """What a traced cell is checked for (combinations, config, installation), but the trace refusal."""
-    ctx = RunContext(config, target.device, tracing=True)
+    ctx = RunContext(config, target.device, new_head_modules=(), tracing=True)  # no checkpoint is read: no head is new
     for strategy in launch_refusal(cell, config):
         strategy.device_refusal(ctx)
 
@@ -210,10 +210,11 @@ class FsdpUnitsModel:
 def quantised_sizes(model: nn.Module) -> list[tuple[int, int]]:
     """(values, bytes per value) of each weight the qlora strategy quantises: every Linear but
     those it keeps (transformers' own list, the LM head and what is tied to the input
-    embeddings, plus a newly initialised head), as ``replace_with_bnb_linear`` chooses."""
+    embeddings), as ``replace_with_bnb_linear`` chooses. An estimate reads no checkpoint, so
+    no head is known to be new (its RunContext has no new_head_modules) and none is kept for that."""
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    skip = modules_kept_unquantized(model, list(new_head_modules(model)))
+    skip = modules_kept_unquantized(model, [])
     return [
         (module.weight.numel(), module.weight.element_size())
         for name, module in model.named_modules()

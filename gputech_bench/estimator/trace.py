@@ -337,7 +337,8 @@ def trace_cell(
     pass it, and says so (``stopped``). ``inspect`` sees the built plan (a modeller counts
     what it needs there)."""
     started = time.perf_counter()
-    ctx = RunContext(config, target.device, tracing=True)
+    # The shape model reads no checkpoint, so no head is new: LoRA trains none in full.
+    ctx = RunContext(config, target.device, new_head_modules=(), tracing=True)
     device_refusal(cell, ctx)  # imports what the strategies need (bitsandbytes) before the fake mode starts
     watcher = _Watcher(str(target.device), limit, counted)
     with fake_mode(), _real_quantisation_maps(), _fused_attention_on_stand_in(config, target):

@@ -2,8 +2,8 @@
 
 Strategies act on any masked-LM or causal LM that ``modeling.load_model`` builds. Most of
 them only use the transformers API; the few that reach into a model's structure (LoRA's
-target modules, sparse-head's masked-LM head, fsdp-offload's repeated block) look it up
-here, and a refusal names the model type and the fix.
+target modules, the base model and head that the loss and predict hooks split a model into,
+fsdp-offload's repeated block) look it up here, and a refusal names the model type and the fix.
 
 Two entry points per question: one from the config alone (``config.json``, no weights,
 cheap enough to refuse a cell before any process starts) and one from the model object.
@@ -20,12 +20,6 @@ from ..modeling import FIELDS, model_task, read_config, source_kind
 
 if TYPE_CHECKING:
     from ..config import BenchConfig
-
-#: Set by the worker on the model after ``load_model``: the top-level modules of a head that
-#: loading initialised afresh (``LoadReport.new_head_modules``, e.g. ``("cls",)``). The model
-#: object does not carry the load report, so LoRA and qlora read the fact from here: a new
-#: head has learnt nothing, so they train it in full (peft's ``modules_to_save``).
-NEW_HEAD_ATTRIBUTE = "gputech_new_head_modules"
 
 #: LoRA targets for model types peft has no default for. peft's own table
 #: (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``) comes first; this only fills gaps,
@@ -76,11 +70,6 @@ def is_causal_lm(model: nn.Module) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     return type(pretrained_model(model)).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-
-
-def new_head_modules(model: nn.Module) -> tuple[str, ...]:
-    """The newly initialised head modules the worker recorded on the model (see NEW_HEAD_ATTRIBUTE)."""
-    return tuple(getattr(pretrained_model(model), NEW_HEAD_ATTRIBUTE, ()) or ())
 
 
 # --------------------------------------------------------------------------- LoRA targets
@@ -152,6 +141,50 @@ def split_masked_lm(mlm: nn.Module) -> tuple[nn.Module, Callable]:
         raise StrategyError(refusal)
     base, head = MASKED_LM_HEADS[model_type]
     return getattr(mlm, base), head(mlm)
+
+
+def split_language_model(model: nn.Module, causal: bool) -> tuple[nn.Module, Callable]:
+    """(base model, head) of the transformers model inside ``model`` (peft and the other
+    wrappers inject their layers in place): the base model's ``last_hidden_state`` through the
+    head gives the scores the model's own forward gives."""
+    inner = pretrained_model(model)
+    return split_causal_lm(inner) if causal else split_masked_lm(inner)
+
+
+# --------------------------------------------------------------------------- causal-LM heads
+
+
+#: Config fields with which a causal LM's forward changes the scores after its LM head
+#: (Gemma 2's soft-capping, Cohere's and Granite's scaling): the head alone would not give
+#: the model's scores, so no hidden-state hook may stand in for its forward.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def causal_lm_head_refusal(lm: nn.Module) -> str | None:
+    """Why a causal LM's scores are not its output embeddings applied to its base model's
+    hidden states, or None when they are."""
+    config = getattr(lm, "config", None)
+    for field in LOGIT_TRANSFORMS:
+        value = getattr(config, field, None)
+        if value not in (None, 1, 1.0):
+            return (
+                f"a '{model_type_of(lm)}' model changes its scores after the LM head ({field}={value}), so a "
+                "strategy that computes the loss from the hidden states cannot run on it: leave it out for this model"
+            )
+    base = getattr(lm, "base_model", lm)
+    if base is lm or lm.get_output_embeddings() is None:  # type: ignore[operator]
+        return f"{type(lm).__name__} has no separate base model and LM head: leave the strategy out for this model"
+    return None
+
+
+def split_causal_lm(lm: nn.Module) -> tuple[nn.Module, Callable]:
+    """(base model, LM head) of a causal LM: LlamaForCausalLM's ``model`` and ``lm_head``,
+    GPT-2's ``transformer`` and ``lm_head``, found through transformers' own accessors."""
+    refusal = causal_lm_head_refusal(lm)
+    if refusal:
+        raise StrategyError(refusal)
+    # (torch types a module's attributes as Tensor | Module: these are a module and a method.)
+    return lm.base_model, lm.get_output_embeddings()  # type: ignore[return-value,operator]
 
 
 # --------------------------------------------------------------------------- repeated blocks

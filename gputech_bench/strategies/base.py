@@ -11,9 +11,31 @@ A strategy acts on a run through these hooks:
                       (gradient accumulation). Exclusive.
 * ``precision``       how forward runs and how the loss reaches the gradients
                       (autocast, loss scaling). Exclusive.
+* ``wrap_loss``       how the training loss is computed from the model's final hidden
+                      states and the targets (sparse-head: at the labelled rows only).
+                      Composable.
+* ``wrap_predict``    how evaluation predicts from them (sparse-head: the argmax a few
+                      hundred rows at a time); evaluation's loss is the loss hooks'.
+                      Composable.
 
 "Exclusive" hooks have one owner per cell; two strategies that claim the same one
 cannot be combined and the cell is refused before anything runs.
+
+The loss and predict hooks compose, as torchtune's and litgpt's loss objects do: once a
+strategy of the cell overrides either, the model runs only to its final hidden states
+(``hidden_states.HiddenStateModel``), which become ``TokenRows``: one row per position,
+beside the token it should predict (a causal LM's already shifted, as transformers
+shifts its labels), with the model's own LM head to apply. The innermost loss is the
+cross-entropy the model's own forward computes (``defaults``); each strategy's hook
+wraps the hooks of the strategies after it in ``order``, so the earliest sees the rows
+first. A hook must call ``inner`` (on fewer rows, on chunks, or to change its result),
+never stand in for it, so that every strategy's hook takes part. A loss hook changes how
+the mean cross-entropy is computed, not its value: evaluation reports the same hooks'
+loss (under no_grad, the innermost in fp32) as the objective's. The model is wrapped
+where the first such strategy stands in ``order``: strategies before it change the
+model inside the wrapper, strategies after it (compile) act on the wrapper. With no
+strategy using them, training calls the model's own forward and loss, as the baseline
+always did.
 
 Refusals are declared or checked at the earliest stage that can judge them, and each
 check is named by its stage:
@@ -36,7 +58,9 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
+
+from ..data.masking import IGNORE_INDEX
 
 if TYPE_CHECKING:
     import torch
@@ -48,6 +72,8 @@ if TYPE_CHECKING:
 
 #: Hooks that only one strategy of a cell may own.
 EXCLUSIVE_HOOKS = ("placement", "build_optimizer", "split_batch", "precision")
+#: Hooks every strategy of a cell may use: each wraps the next in ``order``.
+HIDDEN_STATE_HOOKS = ("wrap_loss", "wrap_predict")
 
 
 @dataclass(frozen=True)
@@ -56,6 +82,11 @@ class RunContext:
 
     config: "BenchConfig"
     device: "torch.device"
+    #: The top-level modules of a head that loading initialised afresh (``LoadReport.
+    #: new_head_modules``, e.g. ``("cls",)``): it has learnt nothing, so LoRA and qlora train
+    #: it in full (peft's ``modules_to_save``). Required: a context that forgot the load
+    #: report would silently freeze a random head. A memory estimate reads no weights: ().
+    new_head_modules: tuple[str, ...]
     #: True while the memory estimate traces a step on fake tensors: no kernel runs,
     #: so checks that run one (bitsandbytes' probe) have nothing to test.
     tracing: bool = False
@@ -76,6 +107,59 @@ class MicroBatch:
 
     inputs: dict[str, "torch.Tensor"]
     loss_weight: float
+
+
+@dataclass(frozen=True)
+class TokenRows:
+    """What the loss and predict hooks work on: the model's final hidden states (the base
+    model's output, before its LM head), one row per position, beside the token each row
+    should predict. A causal LM's rows are already shifted: the row of position t holds the
+    token at t+1, exactly as transformers shifts its labels, and the last position has no
+    row. Rows without a target hold IGNORE_INDEX."""
+
+    hidden: "torch.Tensor"  # (rows, hidden size)
+    targets: "torch.Tensor"  # (rows,) token ids
+    #: The model's own head: hidden rows -> vocabulary scores, as its forward applies it.
+    head: Callable[["torch.Tensor"], "torch.Tensor"]
+
+    def select(self, rows: "torch.Tensor") -> TokenRows:
+        """The rows at the indices ``rows``, in that order."""
+        return TokenRows(self.hidden.index_select(0, rows), self.targets.index_select(0, rows), self.head)
+
+    def labelled(self) -> TokenRows:
+        """Only the rows that carry a target, in row order."""
+        return self.select((self.targets != IGNORE_INDEX).nonzero().squeeze(1))
+
+    def chunks(self, rows: int) -> list[TokenRows]:
+        """Consecutive slices of at most ``rows`` rows (views: nothing is copied)."""
+        return [
+            TokenRows(self.hidden[start:start + rows], self.targets[start:start + rows], self.head)
+            for start in range(0, self.hidden.shape[0], rows)
+        ]
+
+
+#: Rows -> the mean cross-entropy over those that carry a target: what a loss hook wraps.
+TokenLoss = Callable[[TokenRows], "torch.Tensor"]
+#: Rows -> the argmax token id of each row, shaped (rows,): what a predict hook wraps.
+TokenPredict = Callable[[TokenRows], "torch.Tensor"]
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """One evaluation batch's predictions: the argmax token at each position that has a
+    target (shaped like ``input_ids`` for a masked-LM; like ``input_ids[:, :-1]`` for a
+    causal LM, the next token) and the objective's loss, the mean over labelled positions."""
+
+    predicted: "torch.Tensor"
+    loss: "torch.Tensor"
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """How evaluation predicts a batch, and the model it puts in eval mode meanwhile."""
+
+    model: "nn.Module"
+    predict: Callable[[dict[str, "torch.Tensor"]], Predictions]
 
 
 class Placement:
@@ -209,4 +293,22 @@ class Strategy:
     def describe(self, model: "nn.Module", ctx: RunContext) -> dict[str, Any]:
         """Facts about what the strategy did, recorded in the result."""
         return {}
+
+    def wrap_loss(self, inner: TokenLoss, ctx: RunContext) -> TokenLoss:
+        """The training loss from the final hidden states: return a function of ``TokenRows``
+        that calls ``inner`` (the later strategies' hooks, then the model's cross-entropy) and
+        returns the mean cross-entropy over the rows that carry a target. Called twice per
+        plan (training's composition and evaluation's), so it keeps no state of its own."""
+        return inner
+
+    def wrap_predict(self, inner: TokenPredict, ctx: RunContext) -> TokenPredict:
+        """Evaluation's predictions from the final hidden states: return a function of
+        ``TokenRows`` that calls ``inner`` and returns the argmax token id of every row.
+        (Evaluation's loss is the loss hooks' own, under no_grad, with the innermost
+        cross-entropy in fp32.)"""
+        return inner
+
+    def uses_hidden_states(self) -> bool:
+        """Whether this strategy overrides a loss or predict hook (``HIDDEN_STATE_HOOKS``)."""
+        return any(getattr(type(self), hook) is not getattr(Strategy, hook) for hook in HIDDEN_STATE_HOOKS)
 

@@ -7,9 +7,8 @@ neither knows is refused before any process starts, naming the setting to use.
 
 A head that loading initialised afresh (a checkpoint saved without its masked-LM head) has
 learnt nothing, and frozen it would stay random: LoRA trains it in full, through peft's
-``modules_to_save``. The worker records those modules on the model as
-``model.gputech_new_head_modules`` (``architecture.NEW_HEAD_ATTRIBUTE``), since the model
-object does not carry its load report.
+``modules_to_save``. It reads those modules from ``RunContext.new_head_modules``, which the
+worker fills from the load report.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from .architecture import config_model_type, is_causal_lm, model_type_of, new_head_modules, resolve_lora_targets
+from .architecture import config_model_type, is_causal_lm, model_type_of, resolve_lora_targets
 from .base import RunContext, Strategy
 from .facts import StateLocation, TRACED, TimeFactor
 from .registry import register
@@ -42,7 +41,7 @@ def lora_config(model: nn.Module, ctx: RunContext, strategy: str):
 
     options = ctx.config.strategy
     targets, _ = resolve_lora_targets(options.lora_targets, model_type_of(model), strategy)
-    heads = new_head_modules(model)
+    heads = ctx.new_head_modules
     return LoraConfig(
         r=options.lora_r,
         lora_alpha=options.lora_alpha,
@@ -68,7 +67,7 @@ def lora_facts(model: nn.Module, ctx: RunContext, strategy: str) -> dict[str, An
         "lora": {"r": options.lora_r, "alpha": options.lora_alpha, "dropout": options.lora_dropout,
                  "targets": list(targets), "targets_from": source},
     }
-    heads = new_head_modules(model)
+    heads = ctx.new_head_modules
     if heads:
         facts["lora"]["trained_in_full"] = list(heads)
         facts["lora"]["trained_in_full_because"] = "loading initialised this head afresh (peft modules_to_save)"

@@ -1,7 +1,9 @@
 """Compose a cell's strategies into one training setup.
 
 Each exclusive hook goes to the one strategy that owns it, or to the baseline's
-behaviour in ``defaults``; ``prepare_model`` hooks run in the strategies' order.
+behaviour in ``defaults``; ``prepare_model`` hooks run in the strategies' order. The
+loss and predict hooks compose in that order too (the earliest outermost) around the
+model's own cross-entropy and argmax, inside a ``HiddenStateModel``.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import torch
 from torch import nn
 
 from ..errors import StrategyError
-from .base import MicroBatch, Placement, Precision, RunContext, Strategy
-from .defaults import InPlacePlacement, build_adamw, whole_batch
+from .architecture import is_causal_lm, split_language_model
+from .base import MicroBatch, Placement, Precision, Predictor, RunContext, Strategy, TokenLoss, TokenPredict
+from .defaults import InPlacePlacement, argmax_tokens, build_adamw, logits_predictor, model_cross_entropy, whole_batch
 from .distributed import data_parallel
+from .hidden_states import HiddenStateModel, hidden_state_predictor
 from .registry import Cell, combination_refusal
 
 if TYPE_CHECKING:
@@ -32,6 +36,8 @@ class TrainingPlan:
     optimizer: torch.optim.Optimizer
     split_batch: Callable[[dict[str, torch.Tensor]], list[MicroBatch]]
     precision: Precision
+    #: How evaluation predicts: the model's own logits, or the predict hooks.
+    predictor: Predictor
     facts: dict[str, Any]
     #: Rows of one forward pass in training (a micro-batch under accumulation).
     rows_per_forward: int
@@ -75,9 +81,45 @@ def device_refusal(cell: Cell, ctx: RunContext) -> list[Strategy]:
     return strategies
 
 
+def compose_loss(strategies: list[Strategy], innermost: TokenLoss, ctx: RunContext) -> TokenLoss:
+    """The strategies' loss hooks around ``innermost``: the earliest in order outermost."""
+    loss = innermost
+    for strategy in reversed(strategies):
+        loss = strategy.wrap_loss(loss, ctx)
+    return loss
+
+
+def compose_predict(strategies: list[Strategy], ctx: RunContext) -> TokenPredict:
+    """The strategies' predict hooks around the head's argmax: the earliest in order outermost."""
+    predict: TokenPredict = argmax_tokens
+    for strategy in reversed(strategies):
+        predict = strategy.wrap_predict(predict, ctx)
+    return predict
+
+
+def hidden_state_model(model: nn.Module, causal: bool, strategies: list[Strategy], ctx: RunContext) -> HiddenStateModel:
+    """``model`` run to its final hidden states, with the strategies' hooks composed on them.
+    Training's innermost loss is the model's own cross-entropy; evaluation's is in fp32."""
+    split_language_model(model, causal)  # refuses here, before training, a model it cannot split
+    return HiddenStateModel(
+        model,
+        causal,
+        train_loss=compose_loss(strategies, model_cross_entropy(upcast=causal), ctx),
+        eval_loss=compose_loss(strategies, model_cross_entropy(upcast=True), ctx),
+        predict=compose_predict(strategies, ctx),
+    )
+
+
 def build_plan(cell: Cell, model: nn.Module, ctx: RunContext) -> TrainingPlan:
     strategies = device_refusal(cell, ctx)
+    causal = is_causal_lm(model)
+    # The loss and predict hooks wrap the model where their first user stands in the order:
+    # the strategies before it (checkpointing, LoRA) change the model inside the wrapper,
+    # those after it (compile) act on the wrapper.
+    first_user = next((strategy for strategy in strategies if strategy.uses_hidden_states()), None)
     for strategy in strategies:  # already in canonical order
+        if strategy is first_user:
+            model = hidden_state_model(model, causal, strategies, ctx)
         model = strategy.prepare_model(model, ctx)
     owners = {hook: strategy for strategy in strategies for hook in strategy.claims()}
 
@@ -93,6 +135,8 @@ def build_plan(cell: Cell, model: nn.Module, ctx: RunContext) -> TrainingPlan:
     split = (lambda batch: splitter.split_batch(batch, ctx)) if splitter else (lambda batch: whole_batch(batch, ctx))
     rows_per_forward = splitter.rows_per_forward(ctx) if splitter else ctx.rank_batch_size
     precision = owners["precision"].precision(ctx) if "precision" in owners else Precision()
+    compute_model = placement.compute_model
+    predictor = hidden_state_predictor(compute_model) if first_user else logits_predictor(compute_model, causal)
 
     facts: dict[str, Any] = {
         "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
@@ -105,4 +149,5 @@ def build_plan(cell: Cell, model: nn.Module, ctx: RunContext) -> TrainingPlan:
     for strategy in strategies:
         facts.update(strategy.describe(placement.compute_model, ctx))
     recompiles = any(type(strategy).recompiles_on_new_shapes for strategy in strategies)
-    return TrainingPlan(cell, strategies, placement, optimizer, split, precision, facts, rows_per_forward, recompiles)
+    return TrainingPlan(cell, strategies, placement, optimizer, split, precision, predictor, facts, rows_per_forward,
+                        recompiles)

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..errors import StrategyError, first_line
 from .adam8bit import load_bitsandbytes
-from .architecture import config_model_type, new_head_modules, pretrained_model, resolve_lora_targets
+from .architecture import config_model_type, pretrained_model, resolve_lora_targets
 from .base import RunContext, Strategy
 from .facts import StateLocation, TimeFactor, modelled_by
 from .lora import lora_config, lora_facts
@@ -172,7 +172,7 @@ class Qlora(Strategy):
 
         inner = pretrained_model(model)
         self.compute_dtype = next(inner.parameters()).dtype
-        self.kept = quantize_base(inner, bnb_config(self.compute_dtype), ctx.device, list(new_head_modules(inner)))
+        self.kept = quantize_base(inner, bnb_config(self.compute_dtype), ctx.device, list(ctx.new_head_modules))
         # Freezes the base. Its gradient checkpointing is strategy 1's to turn on, so that
         # "qlora" and "1+qlora" stay two different cells.
         inner = prepare_model_for_kbit_training(inner, use_gradient_checkpointing=False)

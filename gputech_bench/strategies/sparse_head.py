@@ -10,6 +10,9 @@ Evaluation still scores every position, because the seed's all-token accuracy ne
 a prediction at each; it does so under no_grad, a few hundred positions at a time,
 keeping only the argmax, so that evaluation never holds a full logits tensor either.
 
+Both act through the loss and predict hooks (``base``): the model runs to its final hidden
+states, and the head sees only the rows chosen here.
+
 It works on the masked-LM heads of BERT, RoBERTa and DistilBERT (``architecture.
 MASKED_LM_HEADS``) and refuses other masked-LM types. A causal LM is refused: every position
 of its next-token objective carries a label, so there is nothing to skip.
@@ -17,98 +20,18 @@ of its next-token objective carries a label, so there is nothing to skip.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..data.masking import IGNORE_INDEX
 from ..errors import StrategyError
 from ..modeling import CLM
-from .architecture import config_model_type, config_task, masked_lm_head_refusal, split_masked_lm
-from .base import RunContext, Strategy
+from .architecture import config_model_type, config_task, masked_lm_head_refusal
+from .base import RunContext, Strategy, TokenLoss, TokenPredict, TokenRows
 from .facts import NOT_ESTIMATED, StateLocation, TimeFactor
 from .registry import register
 
-if TYPE_CHECKING:
-    from transformers.modeling_outputs import MaskedLMOutput
 #: Positions scored at once in evaluation: 512 x 149,798 fp32 scores is 0.3 GiB.
 EVAL_CHUNK_POSITIONS = 512
-
-
-@dataclass
-class TokenPredictions:
-    """What evaluation needs from a forward pass: the argmax at every position and the masked loss."""
-
-    loss: torch.Tensor
-    predicted: torch.Tensor  # token ids, shaped like input_ids
-
-
-def masked_lm_of(model: nn.Module) -> nn.Module:
-    """The masked-LM inside ``model`` (peft wraps it; its LoRA layers are injected in place)."""
-    # (torch types a module's attributes as Tensor | Module: this one is a method.)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
-
-
-class MaskedPositionsHead(nn.Module):
-    """Wraps a masked-LM (BERT, RoBERTa, DistilBERT): training forwards score only the masked
-    positions. Its base model gives the hidden states and its own head (``architecture.
-    MASKED_LM_HEADS``) scores the selected ones, as the model's forward would at every position.
-    """
-
-    #: Evaluation asks this model for predictions (``return_predictions=True``), not logits.
-    predicts_in_chunks = True
-
-    def __init__(self, model: nn.Module) -> None:
-        # Imported here, not with the module: the registry (which every command and the
-        # runner import) would otherwise import transformers for this one class.
-        from transformers.modeling_outputs import MaskedLMOutput
-
-        super().__init__()
-        self.model = model
-        self.output_type = MaskedLMOutput
-
-    def masked_logits(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, targets) at the masked positions, in row-major order."""
-        base, head = split_masked_lm(masked_lm_of(self.model))
-        hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        flat_labels = labels.reshape(-1)
-        positions = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
-        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
-        return head(selected), flat_labels.index_select(0, positions)
-
-    @torch.no_grad()
-    def chunked_predictions(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor
-    ) -> TokenPredictions:
-        base, head = split_masked_lm(masked_lm_of(self.model))
-        hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        predicted = torch.cat([
-            head(flat[start:start + EVAL_CHUNK_POSITIONS]).argmax(dim=-1)
-            for start in range(0, flat.shape[0], EVAL_CHUNK_POSITIONS)
-        ])
-        flat_labels = labels.reshape(-1)
-        positions = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
-        loss = F.cross_entropy(head(flat.index_select(0, positions)).float(), flat_labels.index_select(0, positions))
-        return TokenPredictions(loss=loss, predicted=predicted.view_as(input_ids))
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, return_predictions: bool = False,
-                **kwargs) -> MaskedLMOutput | TokenPredictions:
-        # Through forward rather than a method of its own, so that wrappers which act on
-        # forward (FSDP gathering its weights, DDP, torch.compile) act on evaluation too.
-        if return_predictions and labels is not None:
-            return self.chunked_predictions(input_ids, attention_mask, labels)
-        if labels is None or not self.training:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-        logits, targets = self.masked_logits(input_ids, attention_mask, labels)
-        # The same reduction as the masked-LMs' own: the mean over masked positions.
-        return self.output_type(loss=F.cross_entropy(logits, targets), logits=logits)
 
 
 @register
@@ -153,8 +76,19 @@ class SparseHead(Strategy):
                 "label, so the head runs at all of them): add --set data.objective=mlm"
             )
 
-    def prepare_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
-        return MaskedPositionsHead(model)
+    def wrap_loss(self, inner: TokenLoss, ctx: RunContext) -> TokenLoss:
+        def masked_positions_loss(rows: TokenRows) -> torch.Tensor:
+            # The same reduction as the masked-LMs' own: the mean over the masked positions.
+            return inner(rows.labelled())
+
+        return masked_positions_loss
+
+    def wrap_predict(self, inner: TokenPredict, ctx: RunContext) -> TokenPredict:
+        def predict_in_chunks(rows: TokenRows) -> torch.Tensor:
+            # EVAL_CHUNK_POSITIONS is read when called, not when wrapped: a test lowers it.
+            return torch.cat([inner(part) for part in rows.chunks(EVAL_CHUNK_POSITIONS)])
+
+        return predict_in_chunks
 
     def describe(self, model: nn.Module, ctx: RunContext) -> dict:
         return {"mlm_head": "masked positions only in training; every position in evaluation"}

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch import nn
 
 from ..data import IGNORE_INDEX
 from ..data.prepare import EvalSet
+from ..strategies.base import Predictor
 
 
 @dataclass(frozen=True)
@@ -29,11 +29,6 @@ class EvalScores:
     perplexity: float | None = None
 
 
-def predicts_in_chunks(model: nn.Module) -> bool:
-    """Whether ``model`` (or the module a DDP wrapper holds) returns predictions instead of logits."""
-    return bool(getattr(model, "predicts_in_chunks", False) or getattr(getattr(model, "module", None), "predicts_in_chunks", False))
-
-
 def _eval_batches(eval_set: EvalSet, device: torch.device, batch_size: int):
     """Each eval batch on ``device``: its slice of the set, its labels, and the model's inputs."""
     for start in range(0, eval_set.input_ids.shape[0], batch_size):
@@ -46,29 +41,26 @@ def _eval_batches(eval_set: EvalSet, device: torch.device, batch_size: int):
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module,
+    predictor: Predictor,
     eval_set: EvalSet,
     device: torch.device,
     batch_size: int,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> EvalScores:
-    """Score ``eval_set``; ``autocast`` is the training's precision context, so evaluation runs
-    in the precision the cell trains in."""
+    """Score ``eval_set`` with the plan's ``predictor`` (the model's own logits, or the cell's
+    predict hooks); ``autocast`` is the training's precision context, so evaluation runs in
+    the precision the cell trains in."""
     if eval_set.next_token:
-        return evaluate_next_token(model, eval_set, device, batch_size, autocast)
+        return evaluate_next_token(predictor, eval_set, device, batch_size, autocast)
+    model = predictor.model
     was_training = model.training
-    chunked = predicts_in_chunks(model)
     model.eval()
     masked_correct = masked_total = token_correct = token_total = labelled_total = 0
     loss_sum = 0.0
     for part, labels, inputs in _eval_batches(eval_set, device, batch_size):
         with autocast():
-            if chunked:  # sparse-head: the argmax comes back, never the full logits
-                output = model(**inputs, return_predictions=True)
-                predicted = output.predicted
-            else:
-                output = model(**inputs)
-                predicted = output.logits.argmax(dim=-1)
+            output = predictor.predict(inputs)
+            predicted = output.predicted
         original = eval_set.original_ids[part].to(device)
         correct = predicted == original
         masked = eval_set.masked[part].to(device)
@@ -98,7 +90,7 @@ def evaluate(
 
 @torch.no_grad()
 def evaluate_next_token(
-    model: nn.Module,
+    predictor: Predictor,
     eval_set: EvalSet,
     device: torch.device,
     batch_size: int,
@@ -107,16 +99,17 @@ def evaluate_next_token(
     """A causal LM's scores: at each real position but the last, is the argmax the next
     token? The loss is the model's own (shifted, padding ignored), weighted by each
     batch's count of scored positions; perplexity is its exponential."""
+    model = predictor.model
     was_training = model.training
     model.eval()
     correct_total = scored_total = 0
     loss_sum = 0.0
     for _, labels, inputs in _eval_batches(eval_set, device, batch_size):
         with autocast():
-            output = model(**inputs)
+            output = predictor.predict(inputs)
         targets = labels[:, 1:]
         scored = targets != IGNORE_INDEX
-        predicted = output.logits[:, :-1].argmax(dim=-1)
+        predicted = output.predicted  # position t's prediction of the token at t + 1
         count = int(scored.sum())
         if count:
             correct_total += int((predicted == targets)[scored].sum())

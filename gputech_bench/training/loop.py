@@ -94,6 +94,8 @@ def accumulate_gradients(
         # Move each micro-batch on its own: the device only ever holds one.
         inputs = {name: tensor.to(device, non_blocking=True) for name, tensor in micro.inputs.items()}
         with plan.precision.autocast():
+            # The model's own loss, or, where a strategy overrides wrap_loss, the cell's loss
+            # hooks on its final hidden states (the plan's HiddenStateModel).
             loss = plan.model(**inputs).loss
         plan.precision.backward(loss * micro.loss_weight if micro.loss_weight != 1.0 else loss)
         step_loss += loss.detach().float() * micro.loss_weight

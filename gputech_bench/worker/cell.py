@@ -158,7 +158,6 @@ def _measure_cell(
 ) -> CellResult:
     started = time.perf_counter()
     ranks = ensure_process_group(device) if launched_by_torchrun() else ranks_from_env()
-    ctx = RunContext(config, device, rank=ranks.rank, world_size=ranks.world_size)
 
     emit({"event": "phase", "phase": "data"})
     data = prepare_data(config)
@@ -175,8 +174,8 @@ def _measure_cell(
     loaded = load_model(config.model, data.tokenizer_size, data.pad_token_id, config.train.seed)
     model = loaded.model
     # LoRA trains a newly initialised head in full (modules_to_save): it must know which.
-    # (torch types a module's attributes as Tensor | Module, but any value can be set.)
-    model.gputech_new_head_modules = loaded.report.new_head_modules  # type: ignore[assignment]
+    ctx = RunContext(config, device, new_head_modules=loaded.report.new_head_modules, rank=ranks.rank,
+                     world_size=ranks.world_size)
     result.model = {
         **loaded.report.to_dict(),
         "vocab_rows": model.config.vocab_size,
@@ -224,7 +223,7 @@ def _measure_cell(
         "why": "at most the rows of one training forward, so that evaluation never holds more logits than training",
     }
     try:
-        scores = evaluate(plan.model, data.eval_set, device, eval_rows, plan.precision.autocast)
+        scores = evaluate(plan.predictor, data.eval_set, device, eval_rows, plan.precision.autocast)
     except BaseException as error:  # noqa: BLE001 - only an out-of-memory error is handled here
         if not is_out_of_memory(error):
             raise
