@@ -50,11 +50,11 @@ def build_estimate(
     a progress bar on its console while they trace. Shared by ``estimate`` and ``run_matrix``
     (which passes ``forked``, its fork server's back end: children that trace without
     importing anything)."""
-    from ..estimator.predict import Predictor, setups_for
+    from ..estimator.predict import TracePool, setups_for
     from ..estimator.render import EstimateReport
 
     setups = setups_for(cells, config)
-    with Predictor(min(jobs, max(1, len(setups))), forked) as pool:
+    with TracePool(min(jobs, max(1, len(setups))), forked) as pool:
         label, caveat = pool.describe_target(config)
         if output is None:
             predictions = pool.predict(setups, config)

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from ..estimator.fit import Candidate, FitResult
     from ..estimator.measured import Measured
     from ..estimator.overheads import Overheads
-    from ..estimator.predict import Predictor, Setup
+    from ..estimator.predict import TracePool, Setup
     from ._run import Run
 
 
@@ -258,7 +258,7 @@ def fit(
         >>> found.frame         # every traced candidate, fastest first
     """
     from ..estimator.fit import FitSearch, modelled_strategies, unsearchable
-    from ..estimator.predict import Predictor
+    from ..estimator.predict import TracePool
     from ..estimator.trace import trace_target
     from ..strategies.registry import lookup
 
@@ -292,9 +292,9 @@ def fit(
         output.say(f"[dim]modelled around a trace, not traced (their figures say so): {', '.join(modelled)}[/]")
     # One pool for the whole search: fit traces a few setups at a time, and a fresh pool each
     # time would import torch and transformers and read the tokenised data again.
-    with Predictor(workers) as predictor:
+    with TracePool(workers) as pool:
         result = FitSearch(
-            config, budget_bytes, overheads, _tracer(predictor, output if progress else None),
+            config, budget_bytes, overheads, _tracer(pool, output if progress else None),
             measured, config.strategy.micro_batch_size, top, excluded, parallel=workers, device_type=device_type,
         ).run()
     found = Fit(result, config, left_out, modelled=modelled, overheads=overheads)
@@ -303,15 +303,15 @@ def fit(
     return found
 
 
-def _tracer(predictor: "Predictor", output: Output | None):
-    """``FitSearch``'s trace function: the predictor's pool, with a progress bar per batch of setups."""
+def _tracer(pool: "TracePool", output: Output | None):
+    """``FitSearch``'s trace function: the trace pool, with a progress bar per batch of setups."""
 
     def trace(setups, config: BenchConfig, limit: Optional[int] = None):
         if output is None:
-            return predictor.predict(setups, config, limit=limit)
+            return pool.predict(setups, config, limit=limit)
         with trace_progress(output.console) as progress:
             task = progress.add_task(f"tracing {', '.join(setup.label for setup in setups)}", total=len(setups))
-            return predictor.predict(setups, config, on_done=lambda prediction: progress.advance(task), limit=limit)
+            return pool.predict(setups, config, on_done=lambda prediction: progress.advance(task), limit=limit)
 
     return trace
 

@@ -4,7 +4,7 @@ A setup is a cell plus, for cells with accumulation, a micro-batch size; ``fit``
 tries several of those per cell. Traces are independent and single-threaded
 Python, so a pool of processes divides the wall time by the cores it gets.
 
-One trace pool (:class:`Predictor`), two back ends: fresh interpreters started by
+One trace pool (:class:`TracePool`), two back ends: fresh interpreters started by
 ``multiprocessing``'s spawn (:class:`SpawnedTraces`), or, after a CPU run whose fork server
 is still up, children forked from that server (:class:`ForkedTraces`), which start without
 importing anything. A fork server that cannot fork leaves the traces to spawned processes.
@@ -281,7 +281,7 @@ class ForkedTraces:
             raise RuntimeError(f"trace processes ended without tracing {', '.join(missing)} (exit codes {codes}); see {self.log_path}")
 
 
-class Predictor:
+class TracePool:
     """The trace pool: setups traced in processes that live as long as it does, on one of two
     back ends. Spawned (the default): ``fit`` asks for traces a few at a time, and a fresh
     pool each time would import torch and transformers again (~5 s a process) and re-read
@@ -293,7 +293,7 @@ class Predictor:
         self.forked = forked
         self.spawned = SpawnedTraces(jobs)
 
-    def __enter__(self) -> "Predictor":
+    def __enter__(self) -> "TracePool":
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -352,9 +352,9 @@ def predict(
     limit: int | None = None,
 ) -> list[Prediction]:
     """Trace every setup once, in a pool of ``min(jobs, len(setups))`` processes (see
-    ``Predictor.predict``): children of a fork server with ``forked``, else spawned."""
-    with Predictor(min(jobs, max(1, len(setups))), forked) as predictor:
-        return predictor.predict(setups, config, on_done, limit)
+    ``TracePool.predict``): children of a fork server with ``forked``, else spawned."""
+    with TracePool(min(jobs, max(1, len(setups))), forked) as pool:
+        return pool.predict(setups, config, on_done, limit)
 
 
 # --------------------------------------------------------------------------- in the fork server's children
