@@ -21,7 +21,7 @@ from gputech_bench.modeling import build_model
 from gputech_bench.results import SCHEMA, CellResult, RunFolder, merge_repeats, write_result
 from gputech_bench.run.launch import Launch, Slot
 from gputech_bench.run.launcher import FreshInterpreter, WorkerCall
-from gputech_bench.run.request import Placement, RunRequest, Schedule
+from gputech_bench.run.request import CellPlacement, RunRequest, Schedule
 from gputech_bench.strategies import RunContext
 from gputech_bench.strategies.facts import TRACED, StateLocation, TimeFactor
 
@@ -194,7 +194,7 @@ def run_request(folder: RunFolder, cells: tuple[str, ...] = ("1",), *, slots: tu
                 cell_timeout: float | None = None, config: BenchConfig | None = None) -> RunRequest:
     """A request for ``cells`` into ``folder``: run once each, in one plain process each, nothing reused."""
     return RunRequest(
-        config or BenchConfig(), cells, Placement(Launch(), slots),
+        config or BenchConfig(), cells, CellPlacement(Launch(), slots),
         Schedule(repeats=1, seeds=None, vary_seed=False, cell_timeout=cell_timeout, force=False), folder,
     )
 

@@ -18,7 +18,7 @@ from gputech_bench.results import RunFolder, read_result
 from gputech_bench.run.forkserver import ForkServer
 from gputech_bench.run.launch import Launch
 from gputech_bench.run.launcher import ForkedChild, FreshInterpreter, Launcher
-from gputech_bench.run.request import Placement, RunRequest, Schedule
+from gputech_bench.run.request import CellPlacement, RunRequest, Schedule
 from gputech_bench.run.runner import SILENT, Listeners, prepare_run_dir, run_cells
 
 
@@ -53,7 +53,7 @@ def test_run_matrix_and_the_command_line_hand_the_runner_one_equal_request(tmp_p
     assert ours == theirs
     seed = ours.config.train.seed
     assert ours.cells == ("baseline", "1", "3") and ours.config.train.max_steps == 4
-    assert ours.placement == Placement(Launch(), (None,))
+    assert ours.placement == CellPlacement(Launch(), (None,))
     assert ours.schedule == Schedule(repeats=3, seeds=(seed, seed + 1, seed + 2), vary_seed=True, cell_timeout=30.0, force=True)
     assert ours.folder == RunFolder(results / "same")
     # On CPU the cells are forked from a server that preloads the worker's stack and the tracer.
@@ -72,7 +72,7 @@ def test_fit_verify_hands_the_runner_a_request_for_the_one_setup(tmp_path: Path,
         _verify(Chosen(), tiny_config, tmp_path, 1 << 30, Output(), progress=False)  # type: ignore[arg-type]
     (request, _), = received
     assert request.cells == ("1+2",) and request.config == Chosen.setup.config_for(tiny_config)
-    assert request.placement == Placement(Launch(), (None,))
+    assert request.placement == CellPlacement(Launch(), (None,))
     assert request.schedule == Schedule(repeats=1, seeds=None, vary_seed=False, cell_timeout=None, force=False)
     assert request.folder.root.parent == tmp_path and request.name.startswith("fit-")
 
@@ -81,7 +81,7 @@ def test_a_schedule_with_a_seed_per_repeat_and_a_placement_without_slots_are_ref
     with pytest.raises(ConfigError, match="one per repeat"):
         Schedule(repeats=3, seeds=(1, 2), vary_seed=True, cell_timeout=None, force=False)
     with pytest.raises(ConfigError, match="at least one slot"):
-        Placement(Launch(), ())
+        CellPlacement(Launch(), ())
 
 
 @pytest.mark.slow

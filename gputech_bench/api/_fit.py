@@ -19,7 +19,7 @@ from ..estimator.overheads import DEFAULTS, calibrate
 from ..metrics import EPOCH_SECONDS, NVML_PROCESS_PEAK
 from ..results import CellResult, RunFolder
 from ..run.launch import Launch
-from ..run.request import Placement, RunRequest, Schedule
+from ..run.request import CellPlacement, RunRequest, Schedule
 from ..units import GIB, MIB, format_gib, parse_size
 from ._display import text_html
 from ._estimate import PathLike, _jobs, _run_config, _run_path
@@ -325,7 +325,7 @@ def _verify(candidate: "Candidate", config: BenchConfig, results_dir: Path, budg
     output.say(f"verifying {setup.label} as a real cell -> {results_dir / name}")
     # The one cell, once, in one plain process: as a run of it with every option left as it comes.
     request = RunRequest(
-        setup.config_for(config), (setup.cell,), Placement(Launch(), (None,)),
+        setup.config_for(config), (setup.cell,), CellPlacement(Launch(), (None,)),
         Schedule(repeats=1, seeds=None, vary_seed=False, cell_timeout=None, force=False), RunFolder(results_dir / name),
     )
     run = execute(request, output=output, progress=progress, estimate=False, announce=False)

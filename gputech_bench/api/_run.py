@@ -20,7 +20,7 @@ from ..results import load_run as load_results
 from ..run.forkserver import ForkServer
 from ..run.launch import Launch, gpu_slots
 from ..run.launcher import WORKER_PRELOAD, Launcher, launcher_for
-from ..run.request import Placement, RunRequest, Schedule
+from ..run.request import CellPlacement, RunRequest, Schedule
 from ..run.runner import Listeners, prepare_run_dir, run_cells
 from ._display import show_figures_inline
 from ._estimate import Estimate, build_estimate
@@ -369,7 +369,7 @@ def run_matrix(
         check_gpu_idle(allow_busy_gpu, gpus, output)
     name = run_name or f"{config.preset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     request = RunRequest(
-        config, tuple(cells), Placement(launch, tuple(slots)),
+        config, tuple(cells), CellPlacement(launch, tuple(slots)),
         Schedule(repeat, seeds if repeat > 1 else None, vary_seed, cell_timeout, force),
         RunFolder(Path(results) / name),
     )

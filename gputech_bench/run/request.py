@@ -18,7 +18,7 @@ from .launch import Launch, Slot
 
 
 @dataclass(frozen=True)
-class Placement:
+class CellPlacement:
     """Where the cells run: torchrun's options for each cell (``launch``) and the slots
     (GPUs, ``--gpus``) that cells share, one cell per slot at a time."""
 
@@ -58,7 +58,7 @@ class RunRequest:
     config: BenchConfig
     #: Canonical cell names, in run order (``run.matrix.expand``).
     cells: tuple[str, ...]
-    placement: Placement
+    placement: CellPlacement
     schedule: Schedule
     folder: RunFolder
 
