@@ -38,9 +38,11 @@ class HiddenStateModel(nn.Module):
         self.predict = predict
         self.output_type = CausalLMOutput if causal else MaskedLMOutput
 
-    def token_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor) -> TokenRows:
+    def token_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
+                   **inputs: Any) -> TokenRows:
         base, head = split_language_model(self.model, self.causal)
-        hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # Every other input (token_type_ids, say) reaches the base model, as the model's own forward would pass it.
+        hidden = base(input_ids=input_ids, attention_mask=attention_mask, **inputs).last_hidden_state
         if self.causal:  # position t predicts the token at t + 1; the last predicts nothing
             hidden, labels = hidden[:, :-1], labels[:, 1:]
         return TokenRows(hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1), head)
@@ -49,7 +51,7 @@ class HiddenStateModel(nn.Module):
                 labels: torch.Tensor | None = None, predict: bool = False, **kwargs: Any) -> Any:
         if labels is None:  # nothing to score: the model's own forward
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        rows = self.token_rows(input_ids, attention_mask, labels)
+        rows = self.token_rows(input_ids, attention_mask, labels, **kwargs)
         if predict:  # hidden_state_predictor's call: (predictions by position, loss)
             shape = labels[:, 1:].shape if self.causal else labels.shape
             return self.predict(rows).view(shape), self.eval_loss(rows)
