@@ -25,7 +25,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from ..config import BenchConfig, from_dict
 from ..data.prepare import prepare_data
-from ..metrics import PARAMETERS, Role, categories_in
+from ..metrics import ACTIVATIONS, PARAMETERS, Role, categories_in
 from ..measure.tracker import StepMemoryTracker, TrackedPeak, named_categories
 from ..modeling import build_shape_model
 from ..strategies import Cell, RunContext, build_plan, device_refusal
@@ -322,6 +322,12 @@ def fake_mode() -> Iterator[FakeTensorMode]:
         yield mode
 
 
+#: What makes the host's peak a figure of its own: the model's weights there (strategy 4's
+#: fp32 master, an offloaded shard) or activations moved there to wait for backward. Without
+#: either the host holds only the optimizer's step counters, and no host column is shown.
+HOST_HOLDINGS = (PARAMETERS, ACTIVATIONS)
+
+
 def trace_cell(
     cell: Cell,
     config: BenchConfig,
@@ -368,7 +374,7 @@ def trace_cell(
     peaks = {peak.device: peak for peak in tracker.peaks()}
     device_peak = peaks.get(str(target.device)) or TrackedPeak(str(target.device), 0, {})
     host_peak = peaks.get(HOST) if target.device.type != HOST else None
-    if host_peak is not None and not host_peak.by_category.get(PARAMETERS.name):
-        host_peak = None  # only the data batch waits there: the host holds none of the model
+    if host_peak is not None and not any(host_peak.by_category.get(kept.name) for kept in HOST_HOLDINGS):
+        host_peak = None  # only the optimizer's step counters wait there: the host holds none of the model
     return CellTrace(cell.name, device_peak, host_peak, plan.facts, time.perf_counter() - started, False,
                      watcher.transient, watcher.state)
