@@ -289,3 +289,37 @@ def test_a_cell_the_tracer_cannot_follow_is_a_row_with_its_reason_and_the_others
     text = markdown(EstimateReport("test", None, predictions, NO_OVERHEAD, 2**30))
     assert "| test-reads | not traced [1] |" in text
     assert "- [1] not traced: DataDependentOutputException" in text
+
+
+class _SavedOnCpu(torch.nn.Module):
+    """The model with every tensor saved for backward moved to the host (torch's save_on_cpu)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs):
+        with torch.autograd.graph.save_on_cpu():
+            return self.model(**inputs)
+
+
+def test_activations_moved_to_the_host_keep_the_host_peak_in_the_estimate():
+    from gputech_bench.strategies import Cell, Strategy
+
+    class OffloadActivations(NoOpFacts, Strategy):  # a cell of its own, never registered
+        key = name = "test-offload-activations"
+        saves = costs = "test"
+        order = 99
+
+        def prepare_model(self, model, ctx):
+            return _SavedOnCpu(model)
+
+    config = load_preset("cpu")
+    inputs = trace_inputs(config)
+    offloaded = trace_cell(Cell((OffloadActivations,)), config, inputs, trace_target())
+    kept = trace_cell(parse_cell("baseline"), config, inputs, trace_target())
+    # The host holds none of the weights, only activations: its peak is still a figure.
+    assert offloaded.host is not None and offloaded.host.by_category["parameters"] == 0
+    assert offloaded.host.by_category["activations"] > 0.9 * kept.device.by_category["activations"]
+    assert offloaded.device.by_category["activations"] < 0.01 * kept.device.by_category["activations"]
+    assert kept.host is None  # the baseline's host holds only the optimizer's step counters
