@@ -48,6 +48,9 @@ ATTENTION_KERNELS: dict[str, str] = {
     "sdpa": "torch's scaled_dot_product_attention: fused kernels keep far less for backward on a GPU",
 }
 
+#: chunked-ce's cross-entropy kernels (``strategy.ce_kernel``): its own chunks, and two fused ones.
+CE_KERNELS = ("torch", "liger", "cce")
+
 
 def setting(default: Any, help: str) -> Any:
     """A dataclass field with its documentation attached (shown by ``presets``)."""
@@ -171,6 +174,16 @@ class StrategyConfig:
         (),
         "Module names that get LoRA adapters (lora, qlora); empty = peft's default for the model type "
         "(BERT, RoBERTa: query,value; Llama: q_proj,v_proj; DistilBERT: q_lin,v_lin).",
+    )
+    ce_chunk_tokens: int = setting(
+        1024,
+        "chunked-ce: positions whose logits exist at once; 1,024 rows x the seed's 149,798-row vocabulary is "
+        "0.57 GiB of fp32 logits, a quarter of the seed's full 2.3 GiB, in matmuls still large enough to keep a GPU busy.",
+    )
+    ce_kernel: str = setting(
+        "torch",
+        "chunked-ce: 'torch' (its own chunks, recomputed in backward; any device), 'liger' (Liger Kernel's fused "
+        "linear cross-entropy) or 'cce' (Cut Cross-Entropy); the last two on CUDA only, when installed.",
     )
 
 
@@ -387,6 +400,7 @@ def validate(config: BenchConfig) -> BenchConfig:
         ("train.eval_batch_size", t.eval_batch_size),
         ("strategy.micro_batch_size", s.micro_batch_size),
         ("strategy.lora_r", s.lora_r),
+        ("strategy.ce_chunk_tokens", s.ce_chunk_tokens),
     ):
         _positive(key, value)
     for key, value in (
@@ -422,6 +436,7 @@ def validate(config: BenchConfig) -> BenchConfig:
         "data.objective": (d.objective, tuple(OBJECTIVES)),
         "strategy.accumulation_loss": (s.accumulation_loss, ("seed", "token-weighted")),
         "strategy.half_dtype": (s.half_dtype, ("auto", "float16", "bfloat16")),
+        "strategy.ce_kernel": (s.ce_kernel, CE_KERNELS),
     }
     for key, (choice, allowed) in choices.items():
         if choice not in allowed:
