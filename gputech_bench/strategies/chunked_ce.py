@@ -49,7 +49,7 @@ class ChunkedCrossEntropy(Strategy):
     key = "chunked-ce"
     name = "chunked-ce"
     saves = ("the logits: one chunk of positions x vocabulary at a time, recomputed in backward, instead of the "
-             "full logits, their log-softmax and gradients (seed: ~2.3 GiB each -> 0.57 GiB chunks)")
+             "full logits, their log-softmax and gradients (seed: 2.3 GiB each -> 0.29 GiB chunks)")
     costs = "the LM head's forward matmul runs twice (once more in backward, chunk by chunk)"
     order = 65
     # Facts (facts.py): what estimate, fit, the runner, the warm-up and the docs know of it.
