@@ -178,13 +178,16 @@ def fused_kernel_loss(kernel: str) -> TokenLoss:
         before, linear = final_linear(rows.head)
         hidden = before(rows.hidden)
         if kernel == "liger":
-            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+            # The loss module's forward(weight, input, target, bias) is the same in every release.
+            from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
-            return liger_fused_linear_cross_entropy(hidden, linear.weight, rows.targets, linear.bias,
-                                                    ignore_index=IGNORE_INDEX, reduction="mean")
+            fused = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="mean")
+            return fused(linear.weight, hidden, rows.targets, linear.bias)
         from cut_cross_entropy import linear_cross_entropy
 
-        return linear_cross_entropy(hidden, linear.weight, rows.targets, bias=linear.bias,
-                                    ignore_index=IGNORE_INDEX, reduction="mean")
+        # bias only where the head has one: early releases take none (a Llama's lm_head has none).
+        bias = {} if linear.bias is None else {"bias": linear.bias}
+        return linear_cross_entropy(hidden, linear.weight, rows.targets, ignore_index=IGNORE_INDEX, reduction="mean",
+                                    **bias)
 
     return loss
