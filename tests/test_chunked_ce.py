@@ -300,3 +300,24 @@ def test_it_is_documented_outside_the_generated_listing():
     text = (Path(__file__).parents[1] / "docs" / "strategies.md").read_text()
     listing_end = text.index("<!-- end of listing -->")
     assert "## chunked-ce" in text[listing_end:] or "## chunked-ce" in text[:text.index("<!-- listing")]
+
+
+def test_with_fsdp_offload_the_recomputed_head_finds_its_weights_and_trains_as_without():
+    """FSDP2 gathers the root's weights for forward and again for backward: the chunks' recompute
+    in backward must see them whole (one process: the gathered weights are the host's)."""
+    import torch.distributed as dist
+
+    from gputech_bench.strategies import distributed
+
+    def losses(cell: str) -> list[float]:
+        ctx = context("train.batch_size=8", "train.lr=1e-3", f"strategy.ce_chunk_tokens={CHUNK}")
+        plan = build_plan(parse_cell(cell), tiny_bert(), ctx)
+        scheduler = get_linear_schedule_with_warmup(plan.optimizer, 0, 10)
+        return [float(optimizer_step(plan, scheduler, random_batch(8, 16, 300, seed=step), ctx)) for step in range(3)]
+
+    assert not dist.is_initialized()
+    try:
+        expected = losses("chunked-ce")
+        assert losses("fsdp-offload+chunked-ce") == pytest.approx(expected, abs=1e-6)
+    finally:
+        distributed.shutdown()
