@@ -172,6 +172,11 @@ class StrategyConfig:
         "Module names that get LoRA adapters (lora, qlora); empty = peft's default for the model type "
         "(BERT, RoBERTa: query,value; Llama: q_proj,v_proj; DistilBERT: q_lin,v_lin).",
     )
+    offload_min_bytes: int = setting(
+        1024,
+        "offload-activations: saved tensors (their storages) smaller than this many bytes stay on the device; "
+        "1024 is torchtune's threshold: a copy of less costs more in launches than it frees.",
+    )
 
 
 @dataclass(frozen=True)
@@ -395,6 +400,7 @@ def validate(config: BenchConfig) -> BenchConfig:
         ("train.max_steps", t.max_steps),
         ("train.max_grad_norm", t.max_grad_norm),
         ("train.weight_decay", t.weight_decay),
+        ("strategy.offload_min_bytes", s.offload_min_bytes),
     ):
         _positive(key, value, allow_zero=True)
     # Cross-checks of shape fields hold where both fields shape the model: the seed's BERT, or
