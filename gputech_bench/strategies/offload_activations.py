@@ -87,6 +87,8 @@ class OffloadCounts:
     """What the hooks did, for tests and for whoever wants the figures: bytes and tensors."""
 
     moved_bytes: int = 0  # host bytes allocated: one copy per storage
+    copies: int = 0  # storages copied to the host
+    pinned: int = 0  # of those, copies in pinned memory (CUDA)
     moved_tensors: int = 0  # saved tensors served by those copies
     kept_small: int = 0  # saved tensors under the size threshold, left on the device
     kept_resident: int = 0  # weights and buffers (or views of them), left where they are
@@ -148,6 +150,8 @@ class ActivationOffloader:
             copy = self._copy_out(tensor, storage)
             self._copies[key] = copy
             self.counts.moved_bytes += copy.host.untyped_storage().nbytes()
+            self.counts.copies += 1
+            self.counts.pinned += int(self.use_streams)
         copy.pending += 1
         self.counts.moved_tensors += 1
         return _Packed(copy, tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset())
@@ -218,6 +222,7 @@ class OffloadActivations(Strategy):
     micro_batch_counts = ()
     estimate = TRACED
     in_causal_lm_matrix = False
+    moves_activations_to_host = True
     incompatible = {
         "compile": "torch.compile traces the forward into its own graph, whose saved tensors it manages itself: "
                    "the saved-tensor hooks would not see them as the eager step does",
