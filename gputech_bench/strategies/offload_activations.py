@@ -154,7 +154,7 @@ class ActivationOffloader:
             self.counts.pinned += int(self.use_streams)
         copy.pending += 1
         self.counts.moved_tensors += 1
-        return _Packed(copy, tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset())
+        return _Packed(copy, tuple(tensor.shape), tuple(tensor.stride()), int(tensor.storage_offset()))
 
     def _copy_out(self, tensor: torch.Tensor, storage: Any) -> _HostCopy:
         # The whole storage, as one flat tensor: every view of it is then a view of the copy.
@@ -224,8 +224,9 @@ class OffloadActivations(Strategy):
     in_causal_lm_matrix = False
     moves_activations_to_host = True
     incompatible = {
-        "compile": "torch.compile traces the forward into its own graph, whose saved tensors it manages itself: "
-                   "the saved-tensor hooks would not see them as the eager step does",
+        "compile": "torch.compile traces the forward hooks that start and stop the offload; tried together (torch "
+                   "2.13, CPU), Dynamo broke the hooks' bookkeeping of storages (errors printed, one host copy per "
+                   "view instead of per storage)",
     }
 
     def prepare_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
