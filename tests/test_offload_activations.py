@@ -67,6 +67,25 @@ def test_gradients_equal_the_plain_steps_exactly(build, batch, without, with_off
     assert offloader.counts.kept_resident > 0
 
 
+@pytest.mark.parametrize("placement", ["4", "fsdp-offload", "lora"])
+def test_combines_with_the_placements_and_changes_none_of_their_numbers(placement):
+    def run(cell: str):
+        ctx = context("train.batch_size=4")
+        plan = build_plan(parse_cell(cell), tiny_bert(vocab=VOCAB), ctx)
+        plan.model.train()
+        loss = accumulate_gradients(plan, random_batch(4, 32, VOCAB), ctx.device)
+        plan.placement.before_step()  # the gradients where the optimizer reads them (4: the host's master)
+        grads = [getattr(p.grad, "full_tensor", lambda g=p.grad: g)() for p in plan.placement.optimizer_parameters()
+                 if p.grad is not None]
+        return loss, grads, offloader_of(plan.model)
+
+    loss, grads, _ = run(placement)
+    moved_loss, moved_grads, offloader = run(f"{placement}+offload-activations")
+    assert offloader.counts.moved_tensors > 0
+    assert torch.equal(loss, moved_loss)
+    assert len(grads) == len(moved_grads) and all(torch.equal(a, b) for a, b in zip(grads, moved_grads))
+
+
 def test_with_checkpointing_only_the_layer_inputs_move():
     alone = step("offload-activations", tiny_bert(vocab=VOCAB), random_batch(4, 32, VOCAB))[2].counts
     checkpointed = step("1+offload-activations", tiny_bert(vocab=VOCAB), random_batch(4, 32, VOCAB))[2].counts
