@@ -112,6 +112,9 @@ class ActivationOffloader:
 
     def enter(self, module: nn.Module, args: Any, kwargs: Any | None = None) -> None:
         """Forward pre-hook: start packing. Only under autograd: evaluation saves nothing."""
+        if not torch.is_grad_enabled():
+            self._active.append(contextlib.nullcontext())
+            return
         self._resident = {StorageWeakRef(t.untyped_storage())
                           for t in (*module.parameters(), *module.buffers()) if not _has_no_strided_storage(t)}
         self._copies = {}
