@@ -186,6 +186,11 @@ class StrategyConfig:
         "chunked-ce: 'torch' (its own chunks, recomputed in backward; any device), 'liger' (Liger Kernel's fused "
         "linear cross-entropy) or 'cce' (Cut Cross-Entropy); the last two on CUDA only, when installed.",
     )
+    offload_min_bytes: int = setting(
+        1024,
+        "offload-activations: saved tensors (their storages) smaller than this many bytes stay on the device; "
+        "1024 is torchtune's threshold: a copy of less costs more in launches than it frees.",
+    )
 
 
 @dataclass(frozen=True)
@@ -410,6 +415,7 @@ def validate(config: BenchConfig) -> BenchConfig:
         ("train.max_steps", t.max_steps),
         ("train.max_grad_norm", t.max_grad_norm),
         ("train.weight_decay", t.weight_decay),
+        ("strategy.offload_min_bytes", s.offload_min_bytes),
     ):
         _positive(key, value, allow_zero=True)
     # Cross-checks of shape fields hold where both fields shape the model: the seed's BERT, or

@@ -33,10 +33,10 @@ def measured_peak(result: CellResult | None) -> Measured:
         strategies = parse_cell(result.cell).strategies
     except StrategyError:  # a run made with a strategy this installation no longer registers
         return Measured(None, f"n/a: '{result.cell}' names a strategy not registered here")
-    if any(cls.state_location is StateLocation.HOST for cls in strategies):
-        # On a CPU run the host copy (strategy 4's fp32 master, fsdp-offload's shards) and
-        # the device's share one memory; the prediction keeps device and host apart, so
-        # there is nothing like to compare.
+    if any(cls.state_location is StateLocation.HOST or cls.moves_activations_to_host for cls in strategies):
+        # On a CPU run the host copy (strategy 4's fp32 master, fsdp-offload's shards, the
+        # activations offload-activations moves) and the device's share one memory; the
+        # prediction keeps device and host apart, so there is nothing like to compare.
         return Measured(None, "n/a on CPU (device and host are one memory)")
     value = result.number("tracked_peak_mib")
     return Measured(None if value is None else int(value * MIB), "MemTracker peak on the CPU")

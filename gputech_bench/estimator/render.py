@@ -214,13 +214,15 @@ def legend(report: EstimateReport, with_overheads: bool = True) -> list[str]:
         ]
     lines.append(
         "host: peak tensor bytes in host memory where the model lives partly there "
-        "(strategy 4's fp32 master, its gradients and optimizer state; fsdp-offload's offloaded state); - where it does not"
+        "(strategy 4's fp32 master, its gradients and optimizer state; fsdp-offload's offloaded state) or its saved "
+        "activations wait there (offload-activations); - where neither"
     )
     rows = report.rows()
     if any("measured_what" in row for row in rows):
         lines.append("error: tensor peak against the measured peak (allocated on CUDA, MemTracker on CPU)")
     if any(row.get("measured_what", "").startswith("n/a") for row in rows):
-        lines.append("n/a: a CPU run holds the device and host sides (strategy 4, fsdp-offload) in one memory, so there is no device peak to compare")
+        lines.append("n/a: a CPU run holds the device and host sides (strategy 4, fsdp-offload, offload-activations) in one "
+                     "memory, so there is no device peak to compare")
     if report.objective:
         lines.append(f"objective: {report.objective}, traced on the batches a run of it trains on (data.objective)")
     if report.attention:
