@@ -172,6 +172,12 @@ class StrategyConfig:
         "Module names that get LoRA adapters (lora, qlora); empty = peft's default for the model type "
         "(BERT, RoBERTa: query,value; Llama: q_proj,v_proj; DistilBERT: q_lin,v_lin).",
     )
+    stochastic_rounding: bool = setting(
+        False,
+        "bf16-weights: round each bf16 weight update stochastically (unbiased: updates under half a bf16 step "
+        "survive on average) with bf16-weights' own AdamW; off = round to nearest, which loses them. "
+        "Refused beside another strategy that builds the optimizer (3, adam4bit).",
+    )
 
 
 @dataclass(frozen=True)
