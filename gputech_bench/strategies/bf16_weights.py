@@ -63,7 +63,7 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
+    def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
@@ -84,7 +84,8 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
                 }
                 flat = [t.view(-1) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"])]
                 for start in range(0, param.numel(), SR_CHUNK_ELEMENTS):
-                    self._update(*(t[start:start + SR_CHUNK_ELEMENTS] for t in flat), beta1, beta2, group["eps"], scale)
+                    weight, grad, exp_avg, exp_avg_sq = (t[start:start + SR_CHUNK_ELEMENTS] for t in flat)
+                    self._update(weight, grad, exp_avg, exp_avg_sq, beta1, beta2, group["eps"], scale)
         return loss
 
     @staticmethod
