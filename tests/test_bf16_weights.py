@@ -250,3 +250,11 @@ def test_at_the_seeds_learning_rate_rounding_to_nearest_loses_most_of_the_traini
     fp32 = movement[("baseline", "false")]
     assert movement[("bf16-weights", "false")] < 0.5 * fp32, movement
     assert movement[("bf16-weights", "true")] == pytest.approx(fp32, rel=0.15), movement
+
+
+def test_the_table_notes_say_which_rounding_ran():
+    from gputech_bench.strategies.bf16_weights import Bf16Weights
+
+    nearest, = Bf16Weights().table_notes(context())
+    stochastic, = Bf16Weights().table_notes(context("strategy.stochastic_rounding=true"))
+    assert "lost to rounding" in nearest and "own AdamW" in stochastic and "stochastically" in stochastic

@@ -317,6 +317,11 @@ class Strategy:
         """Facts about what the strategy did, recorded in the result."""
         return {}
 
+    def table_notes(self, ctx: RunContext) -> list[str]:
+        """Lines the result's notes (under every table) carry for this strategy: what it changed
+        that a reader of the figures must know (an optimizer replaced, rounding that loses updates)."""
+        return []
+
     def wrap_loss(self, inner: TokenLoss, ctx: RunContext) -> TokenLoss:
         """The training loss from the final hidden states: return a function of ``TokenRows``
         that calls ``inner`` (the later strategies' hooks, then the model's cross-entropy) and

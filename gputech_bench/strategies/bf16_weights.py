@@ -163,6 +163,13 @@ class Bf16Weights(Strategy):
         train = ctx.config.train
         return StochasticRoundingAdamW(params, lr=train.lr, eps=train.adam_eps, weight_decay=train.weight_decay)
 
+    def table_notes(self, ctx: RunContext) -> list[str]:
+        if ctx.config.strategy.stochastic_rounding:
+            return ["the optimizer is bf16-weights' own AdamW (fp32 arithmetic, each new bf16 weight "
+                    "rounded stochastically), not torch's; weights, gradients and moments in bf16, no fp32 copy"]
+        return ["weights, gradients and optimizer state in bf16 with no fp32 copy; updates under half "
+                "a bf16 step of a weight are lost to rounding (strategy.stochastic_rounding=true keeps them on average)"]
+
     def describe(self, model: nn.Module, ctx: RunContext) -> dict[str, Any]:
         rounding = (
             "stochastic (bf16-weights' AdamW: fp32 arithmetic, each new weight rounded up or down, exact on average)"

@@ -188,6 +188,8 @@ def _measure_cell(
     result.strategy_facts = plan.facts
     if device.type == "cpu" and plan.facts["compute_dtype"] != "float32":
         result.notes.append(f"compute copy runs in {plan.facts['compute_dtype']} on the CPU")
+    for strategy in plan.strategies:
+        result.notes += strategy.table_notes(ctx)
     trainable, total = plan.facts["trainable_parameters"], plan.facts["total_parameters"]
     if trainable < total:
         result.notes.append(f"trains {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
