@@ -258,3 +258,30 @@ def test_the_table_notes_say_which_rounding_ran():
     nearest, = Bf16Weights().table_notes(context())
     stochastic, = Bf16Weights().table_notes(context("strategy.stochastic_rounding=true"))
     assert "lost to rounding" in nearest and "own AdamW" in stochastic and "stochastically" in stochastic
+
+
+def test_a_gpu_without_bf16_is_refused_in_one_line(monkeypatch):
+    from gputech_bench.strategies import RunContext
+    from gputech_bench.strategies.bf16_weights import Bf16Weights
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Tesla V100-SXM2-16GB")
+    ctx = RunContext(context().config, torch.device("cuda"), new_head_modules=())
+    with pytest.raises(StrategyError) as refused:
+        Bf16Weights().device_refusal(ctx)
+    message = str(refused.value)
+    assert "\n" not in message and "V100" in message and "amp-fp16" in message
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_a_step_keeps_everything_bf16_with_and_without_stochastic_rounding():
+    from gputech_bench.strategies import RunContext
+
+    for rounding in ("false", "true"):
+        config = context("train.batch_size=8", f"strategy.stochastic_rounding={rounding}").config
+        ctx = RunContext(config, torch.device("cuda"), new_head_modules=())
+        plan = build_plan(parse_cell("1+bf16-weights"), tiny_bert(VOCAB), ctx)
+        optimizer_step(plan, linear_schedule_with_warmup(plan.optimizer, 0, 10), random_batch(8, 16, VOCAB), ctx)
+        state = [t for s in plan.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.numel() > 1]
+        assert {p.dtype for p in plan.model.parameters()} == {torch.bfloat16}
+        assert state and {t.dtype for t in state} == {torch.bfloat16}
