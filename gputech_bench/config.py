@@ -191,6 +191,12 @@ class StrategyConfig:
         "offload-activations: saved tensors (their storages) smaller than this many bytes stay on the device; "
         "1024 is torchtune's threshold: a copy of less costs more in launches than it frees.",
     )
+    stochastic_rounding: bool = setting(
+        False,
+        "bf16-weights: round each bf16 weight update stochastically (unbiased: updates under half a bf16 step "
+        "survive on average) with bf16-weights' own AdamW; off = round to nearest, which loses them. "
+        "Refused beside another strategy that builds the optimizer (3, adam4bit).",
+    )
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,9 @@ A strategy acts on a run through these hooks:
                       Composable.
 
 "Exclusive" hooks have one owner per cell; two strategies that claim the same one
-cannot be combined and the cell is refused before anything runs.
+cannot be combined and the cell is refused before anything runs. A strategy may own one
+only while a setting is on (``hooks_owned_by_setting``): then the clash is refused at the
+launch stage, naming the setting that causes it.
 
 The loss and predict hooks compose, as torchtune's and litgpt's loss objects do: once a
 strategy of the cell overrides either, the model runs only to its final hidden states
@@ -44,7 +46,8 @@ check is named by its stage:
   or that name each other in ``incompatible``. Returns the reason, or None.
 * ``Strategy.config_refusal(config)``: the resolved config rules the strategy out.
   Cheap and import-free. Raises StrategyError.
-* ``launch_refusal(cell, config, cuda)`` (plan): the two above, plus ``needs_cuda``, in
+* ``launch_refusal(cell, config, cuda)`` (plan): the two above, plus ``needs_cuda`` and two
+  owners of one hook where a setting makes one its owner (``hooks_owned_by_setting``), in
   the runner before any process starts (also ``fit``, for each setup). Raises.
 * ``Strategy.trace_refusal(device_type)``: the memory estimate cannot follow the
   strategy on fake tensors. Returns the reason, or None.
@@ -136,6 +139,12 @@ class TokenRows:
             TokenRows(self.hidden[start:start + rows], self.targets[start:start + rows], self.head)
             for start in range(0, self.hidden.shape[0], rows)
         ]
+
+
+def setting_is_on(config: "BenchConfig", key: str) -> bool:
+    """Whether the boolean setting ``key`` ("section.field") is on in ``config``."""
+    section, field = key.split(".")
+    return bool(getattr(getattr(config, section), field))
 
 
 #: Rows -> the mean cross-entropy over those that carry a target: what a loss hook wraps.
@@ -234,6 +243,11 @@ class Strategy:
     #: Strategies (by key) this one cannot run with, and why; ``combination_refusal`` refuses
     #: the pair with this reason, as it refuses two owners of one hook.
     incompatible: ClassVar[dict[str, str]] = {}
+    #: Exclusive hooks this strategy overrides but owns only while a boolean setting is on,
+    #: by hook: the setting's key (bf16-weights builds its own optimizer only for
+    #: ``strategy.stochastic_rounding``). The combination stage judges a cell without them;
+    #: ``plan.launch_refusal`` refuses a clash under the config, naming the setting.
+    hooks_owned_by_setting: ClassVar[dict[str, str]] = {}
 
     #: Why the memory estimate cannot follow this strategy on fake tensors ("" = it can).
     untraceable: ClassVar[str] = ""
@@ -262,8 +276,17 @@ class Strategy:
         return cls.untraceable or None
 
     def claims(self) -> set[str]:
-        """The exclusive hooks this strategy overrides."""
-        return {hook for hook in EXCLUSIVE_HOOKS if getattr(type(self), hook) is not getattr(Strategy, hook)}
+        """The exclusive hooks this strategy owns whatever the config: those it overrides,
+        less the ones it owns only while a setting is on (``hooks_owned_by_setting``)."""
+        overridden = {hook for hook in EXCLUSIVE_HOOKS if getattr(type(self), hook) is not getattr(Strategy, hook)}
+        return overridden - set(self.hooks_owned_by_setting)
+
+    def claims_under(self, config: "BenchConfig") -> set[str]:
+        """The exclusive hooks this strategy owns under ``config``: ``claims()`` plus each hook
+        of ``hooks_owned_by_setting`` whose setting is on."""
+        return self.claims() | {
+            hook for hook, key in self.hooks_owned_by_setting.items() if setting_is_on(config, key)
+        }
 
     def config_refusal(self, config: "BenchConfig") -> None:
         """Config stage: raise StrategyError when the config rules this strategy out. Cheap and
@@ -296,6 +319,11 @@ class Strategy:
     def describe(self, model: "nn.Module", ctx: RunContext) -> dict[str, Any]:
         """Facts about what the strategy did, recorded in the result."""
         return {}
+
+    def table_notes(self, ctx: RunContext) -> list[str]:
+        """Lines the result's notes (under every table) carry for this strategy: what it changed
+        that a reader of the figures must know (an optimizer replaced, rounding that loses updates)."""
+        return []
 
     def wrap_loss(self, inner: TokenLoss, ctx: RunContext) -> TokenLoss:
         """The training loss from the final hidden states: return a function of ``TokenRows``

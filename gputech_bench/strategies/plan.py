@@ -66,7 +66,24 @@ def launch_refusal(cell: Cell, config: "BenchConfig", cuda: bool | None = None) 
                 "run it on a GPU machine, or leave it out"
             )
         strategy.config_refusal(config)
+    owned_setting_clash(strategies, config)
     return strategies
+
+
+def owned_setting_clash(strategies: list[Strategy], config: "BenchConfig") -> None:
+    """Refuse two owners of one exclusive hook where a setting makes one of them its owner
+    (``Strategy.hooks_owned_by_setting``); clashes without a setting are the combination stage's."""
+    owners: dict[str, Strategy] = {}
+    for strategy in strategies:
+        for hook in sorted(strategy.claims_under(config)):
+            if hook in owners:
+                first = owners[hook]
+                setting = first.hooks_owned_by_setting.get(hook) or strategy.hooks_owned_by_setting[hook]
+                raise StrategyError(
+                    f"'{first.key}' and '{strategy.key}' both own the {hook} hook while {setting} is on: "
+                    f"--set {setting}=false, or run them in separate cells"
+                )
+            owners[hook] = strategy
 
 
 def device_refusal(cell: Cell, ctx: RunContext) -> list[Strategy]:
@@ -121,7 +138,7 @@ def build_plan(cell: Cell, model: nn.Module, ctx: RunContext) -> TrainingPlan:
         if strategy is first_user:
             model = hidden_state_model(model, causal, strategies, ctx)
         model = strategy.prepare_model(model, ctx)
-    owners = {hook: strategy for strategy in strategies for hook in strategy.claims()}
+    owners = {hook: strategy for strategy in strategies for hook in strategy.claims_under(ctx.config)}
 
     placement = owners["placement"].placement(model, ctx) if "placement" in owners else InPlacePlacement(model, ctx)
     if ctx.world_size > 1 and not placement.shards:

@@ -191,6 +191,8 @@ def _measure_cell(
     if device.type == "cpu" and any(type(strategy).moves_activations_to_host for strategy in plan.strategies):
         result.notes.append("activations moved to the host stay in the CPU's one memory: the tensor peak shows no "
                             "saving here ('estimate' shows device and host apart)")
+    for strategy in plan.strategies:
+        result.notes += strategy.table_notes(ctx)
     trainable, total = plan.facts["trainable_parameters"], plan.facts["total_parameters"]
     if trainable < total:
         result.notes.append(f"trains {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
