@@ -148,6 +148,8 @@ def build_plan(cell: Cell, model: nn.Module, ctx: RunContext) -> TrainingPlan:
     facts.update(trainable_parameters=trainable, total_parameters=total)
     for strategy in strategies:
         facts.update(strategy.describe(placement.compute_model, ctx))
+    for strategy in strategies:  # after the facts, which name the optimizer that was built
+        optimizer = strategy.wrap_optimizer(optimizer, ctx)
     recompiles = any(type(strategy).recompiles_on_new_shapes for strategy in strategies)
     return TrainingPlan(cell, strategies, placement, optimizer, split, precision, predictor, facts, rows_per_forward,
                         recompiles)
