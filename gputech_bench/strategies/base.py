@@ -238,6 +238,11 @@ class Strategy:
     #: the pair with this reason, as it refuses two owners of one hook.
     incompatible: ClassVar[dict[str, str]] = {}
 
+    #: False when the strategy updates weights before every gradient exists (optimizer-in-
+    #: backward), so the global norm that clipping needs never exists: the loop then skips
+    #: clipping, and the result's ``gradient_clipping`` fact says so.
+    allows_gradient_clipping: ClassVar[bool] = True
+
     #: Why the memory estimate cannot follow this strategy on fake tensors ("" = it can).
     untraceable: ClassVar[str] = ""
     #: The model recompiles when a batch of a new shape arrives (torch.compile): a step on

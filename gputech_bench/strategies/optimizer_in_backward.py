@@ -109,6 +109,7 @@ class OptimizerInBackward(Strategy):
     in_causal_lm_matrix = False
     requires = "one process (no --nproc-per-node above 1)"
     gives_up = "gradient clipping by the global norm (train.max_grad_norm is not applied)"
+    allows_gradient_clipping = False
     incompatible = {
         "2": "accumulation sums micro-batches' gradients before one step, and each gradient here is "
              "stepped and freed in its own backward: there is nothing to accumulate into",
@@ -136,8 +137,6 @@ class OptimizerInBackward(Strategy):
         norm = ctx.config.train.max_grad_norm
         facts: dict[str, Any] = {
             "optimizer_step": "in backward, one parameter at a time; each gradient freed after its update",
-            # Overrides the plan's own fact: the loop's clip call finds no gradient left to clip.
-            "gradient_clipping": False,
         }
         if norm > 0:
             facts["turned_off"] = [CLIPPING_TURNED_OFF.format(norm=norm)]
