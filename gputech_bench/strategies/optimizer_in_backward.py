@@ -50,7 +50,8 @@ class StepInBackward(torch.optim.Optimizer):
         self.param_groups = inner.param_groups
         self.state = inner.state
         self.steps_in_backward = 0
-        self._handles = [p.register_post_accumulate_grad_hook(self._step_one) for p in self.stepped_parameters]
+        for parameter in self.stepped_parameters:
+            parameter.register_post_accumulate_grad_hook(self._step_one)
 
     def _step_one(self, parameter: torch.Tensor) -> None:
         self.inner.step()
@@ -79,12 +80,6 @@ class StepInBackward(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.inner.load_state_dict(state_dict)
-
-    def remove_hooks(self) -> None:
-        """Detach from the parameters (the plain optimizer steps them again)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
 
 @register
