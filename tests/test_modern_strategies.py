@@ -259,4 +259,4 @@ def test_fit_searches_only_what_the_trace_can_follow():
     from gputech_bench.config import BenchConfig
 
     searched = {part for setup in candidates(BenchConfig()) for part in setup.cell.split("+")}
-    assert searched == {"baseline", "1", "2", "3", "4", "lora", "fsdp-offload", "qlora", "chunked-ce", "offload-activations", "bf16-weights"}
+    assert searched == {"baseline", "1", "2", "3", "4", "lora", "fsdp-offload", "qlora", "chunked-ce", "offload-activations", "bf16-weights", "optimizer-in-backward"}

@@ -191,6 +191,9 @@ class StepMemoryTracker:
         # ModTracker warns for every module whose backward hook outlives its weakref
         # (checkpointed layers); the totals are unaffected.
         warnings.filterwarnings("ignore", message="Module is None", category=UserWarning)
+        # A gradient freed by an earlier post-accumulate-grad hook (optimizer-in-backward steps
+        # and frees each one) reaches MemTracker's own hook as None: nothing to file, no harm.
+        warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass", category=UserWarning)
         self._tracker.__enter__()
         return self
 

@@ -58,7 +58,7 @@ OOM_COLUMNS = ("oom_requested_mib", "oom_in_use_mib", "gpu_memory_limit_mib")
 INFO_COLUMNS = (
     "pareto", "world_size", "device_type", "device_name", "compute_dtype", "optimizer", "trainable_parameters",
     "total_parameters", "preset", "objective", "attention", "memory_snapshot", "corpus_source",
-    "train_sentences_repeated", "task", "architecture", "model_parameters", "model_notes",
+    "train_sentences_repeated", "task", "architecture", "model_parameters", "model_notes", "turned_off",
 )
 
 
@@ -167,8 +167,15 @@ def _row(result: CellResult) -> dict[str, Any]:
         architecture=(result.model or {}).get("architecture"),
         model_parameters=(result.model or {}).get("parameters"),
         model_notes=model_notes(result),
+        turned_off=turned_off(result),
     )
     return row
+
+
+def turned_off(result: CellResult) -> str | None:
+    """What the cell's strategies turned off that the config asked for (a strategy's
+    ``turned_off`` fact, e.g. optimizer-in-backward's gradient clipping), one per line."""
+    return "\n".join((result.strategy_facts or {}).get("turned_off", [])) or None
 
 
 def model_notes(result: CellResult) -> str | None:

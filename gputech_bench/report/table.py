@@ -137,10 +137,21 @@ def table_notes(frame: pd.DataFrame) -> list[str]:
     if not paged.empty:
         amounts = ", ".join(f"{row.cell} {fmt_mib(row.paged_optimizer_state_mib)}" for row in paged.itertuples())
         notes.append(f"optimizer state in CUDA unified memory, outside the memory column (add it before comparing): {amounts}")
+    notes += turned_off_notes(frame)
     frontier_cells = pareto_cells(frame)
     if len(frontier_cells) > 1:
         notes.append(f"Pareto frontier (no other cell is both smaller and faster): {', '.join(frontier_cells)}")
     return notes + model_lines(frame) + setup_notes(frame, "objective") + setup_notes(frame, "attention") + repeat_notes(frame)
+
+
+def turned_off_notes(frame: pd.DataFrame) -> list[str]:
+    """What a strategy turned off although the config asked for it, with the cells it
+    happened in: a cell that trained differently from its config must say so."""
+    cells: dict[str, list[str]] = {}
+    for row in frame.dropna(subset=["turned_off"]).itertuples():
+        for what in str(row.turned_off).split("\n"):
+            cells.setdefault(what, []).append(str(row.cell))
+    return [f"turned off in {', '.join(names)}: {what}" for what, names in cells.items()]
 
 
 def model_lines(frame: pd.DataFrame) -> list[str]:

@@ -17,6 +17,9 @@ A strategy acts on a run through these hooks:
 * ``wrap_predict``    how evaluation predicts from them (sparse-head: the argmax a few
                       hundred rows at a time); evaluation's loss is the loss hooks'.
                       Composable.
+* ``wrap_optimizer``  when the built optimizer steps (optimizer-in-backward: each
+                      parameter's update inside backward). Composable: it wraps whatever
+                      optimizer ``build_optimizer`` chose, so 3's 8-bit Adam keeps its state.
 
 "Exclusive" hooks have one owner per cell; two strategies that claim the same one
 cannot be combined and the cell is refused before anything runs. A strategy may own one
@@ -249,6 +252,11 @@ class Strategy:
     #: ``plan.launch_refusal`` refuses a clash under the config, naming the setting.
     hooks_owned_by_setting: ClassVar[dict[str, str]] = {}
 
+    #: False when the strategy updates weights before every gradient exists (optimizer-in-
+    #: backward), so the global norm that clipping needs never exists: the loop then skips
+    #: clipping, and the result's ``gradient_clipping`` fact says so.
+    allows_gradient_clipping: ClassVar[bool] = True
+
     #: Why the memory estimate cannot follow this strategy on fake tensors ("" = it can).
     untraceable: ClassVar[str] = ""
     #: The model recompiles when a batch of a new shape arrives (torch.compile): a step on
@@ -338,6 +346,13 @@ class Strategy:
         (Evaluation's loss is the loss hooks' own, under no_grad, with the innermost
         cross-entropy in fp32.)"""
         return inner
+
+    def wrap_optimizer(self, optimizer: "torch.optim.Optimizer", ctx: RunContext) -> "torch.optim.Optimizer":
+        """The optimizer the loop steps: ``optimizer`` (the cell's, from ``build_optimizer`` or
+        AdamW), or an object that drives it otherwise and exposes its ``param_groups`` and
+        ``state``, so the LR schedule and the memory tracker reach the real one. Applied in
+        ``order``, after the result's facts name the optimizer that was built."""
+        return optimizer
 
     def uses_hidden_states(self) -> bool:
         """Whether this strategy overrides a loss or predict hook (``HIDDEN_STATE_HOOKS``)."""

@@ -43,6 +43,9 @@ class TrainingPlan:
     rows_per_forward: int
     #: A batch of a new shape recompiles the model (torch.compile).
     recompiles_on_new_shapes: bool = False
+    #: Whether the loop clips gradients (train.max_grad_norm): the placement clips, and no
+    #: strategy steps before every gradient exists.
+    clips_gradients: bool = True
 
     @property
     def model(self) -> nn.Module:
@@ -155,16 +158,19 @@ def build_plan(cell: Cell, model: nn.Module, ctx: RunContext) -> TrainingPlan:
     compute_model = placement.compute_model
     predictor = hidden_state_predictor(compute_model) if first_user else logits_predictor(compute_model, causal)
 
+    clips_gradients = placement.clips_gradients and all(type(s).allows_gradient_clipping for s in strategies)
     facts: dict[str, Any] = {
         "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
         "compute_dtype": str(placement.compute_dtype).removeprefix("torch."),
-        "gradient_clipping": placement.clips_gradients and ctx.config.train.max_grad_norm > 0,
+        "gradient_clipping": clips_gradients and ctx.config.train.max_grad_norm > 0,
     }
     trainable = sum(p.numel() for p in placement.compute_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in placement.compute_model.parameters())
     facts.update(trainable_parameters=trainable, total_parameters=total)
     for strategy in strategies:
         facts.update(strategy.describe(placement.compute_model, ctx))
+    for strategy in strategies:  # after the facts, which name the optimizer that was built
+        optimizer = strategy.wrap_optimizer(optimizer, ctx)
     recompiles = any(type(strategy).recompiles_on_new_shapes for strategy in strategies)
     return TrainingPlan(cell, strategies, placement, optimizer, split, precision, predictor, facts, rows_per_forward,
-                        recompiles)
+                        recompiles, clips_gradients)

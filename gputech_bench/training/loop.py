@@ -113,7 +113,7 @@ def optimizer_step(
     step_loss = accumulate_gradients(plan, batch, ctx.device, before_forward)
     plan.placement.before_step()
     max_norm = ctx.config.train.max_grad_norm
-    if plan.placement.clips_gradients and max_norm > 0:
+    if plan.clips_gradients and max_norm > 0:
         plan.precision.unscale(plan.optimizer)
         torch.nn.utils.clip_grad_norm_(plan.placement.optimizer_parameters(), max_norm)
     plan.precision.step(plan.optimizer)
