@@ -244,3 +244,4 @@ class NoOpFacts:
     micro_batch_counts: tuple[int, ...] = ()
     estimate = TRACED
     in_causal_lm_matrix = False
+    moves_activations_to_host = False

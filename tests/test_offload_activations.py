@@ -41,7 +41,7 @@ def step(cell: str, model: torch.nn.Module, batch: dict[str, torch.Tensor], *ove
     plan = build_plan(parse_cell(cell), model, ctx)
     plan.model.train()
     loss = accumulate_gradients(plan, batch, ctx.device)
-    return loss, [p.grad.clone() for p in plan.model.parameters() if p.grad is not None], offloader_of(plan.model)
+    return loss, [p.grad.clone() for p in plan.model.parameters() if p.grad is not None], offloader_of(plan)
 
 
 # --------------------------------------------------------------------------- the same numbers
@@ -77,7 +77,7 @@ def test_combines_with_the_placements_and_changes_none_of_their_numbers(placemen
         plan.placement.before_step()  # the gradients where the optimizer reads them (4: the host's master)
         grads = [getattr(p.grad, "full_tensor", lambda g=p.grad: g)() for p in plan.placement.optimizer_parameters()
                  if p.grad is not None]
-        return loss, grads, offloader_of(plan.model)
+        return loss, grads, offloader_of(plan)
 
     loss, grads, _ = run(placement)
     moved_loss, moved_grads, offloader = run(f"{placement}+offload-activations")
@@ -187,7 +187,7 @@ def test_on_cuda_the_copies_are_pinned_and_the_gradients_unchanged():
         plan = build_plan(parse_cell(cell), tiny_bert(vocab=VOCAB).to(device), ctx)
         plan.model.train()
         loss = accumulate_gradients(plan, batch, device)
-        return loss, [p.grad for p in plan.model.parameters() if p.grad is not None], offloader_of(plan.model)
+        return loss, [p.grad for p in plan.model.parameters() if p.grad is not None], offloader_of(plan)
 
     loss, grads, _ = run("baseline")
     moved_loss, moved_grads, offloader = run("offload-activations")

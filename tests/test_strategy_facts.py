@@ -42,6 +42,7 @@ class NoopTest(Strategy):
     micro_batch_counts = ()
     estimate = TRACED
     in_causal_lm_matrix = False
+    moves_activations_to_host = False
 '''
 
 

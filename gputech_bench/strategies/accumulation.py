@@ -62,6 +62,7 @@ class Accumulation(Strategy):
     micro_batch_counts = (2, 4, 8, 16)
     estimate = TRACED
     in_causal_lm_matrix = False
+    moves_activations_to_host = False
     gives_up = "with the seed's /k loss rule, a short last batch counts less (accumulation_loss=token-weighted avoids it)"
 
     requires = "strategy.micro_batch_size must divide train.batch_size into 2 or more micro-batches"

@@ -55,6 +55,7 @@ class Adam8bit(Strategy):
     micro_batch_counts = ()
     estimate = TRACED
     in_causal_lm_matrix = False
+    moves_activations_to_host = False
     gives_up = "quantised optimizer moments (8-bit block-wise)"
     requires = "bitsandbytes >= 0.45 (CPU kernels included); on CUDA, a build with kernels for this GPU"
 

@@ -65,6 +65,7 @@ class _Autocast(Strategy):
     micro_batch_counts = ()
     estimate = TRACED
     in_causal_lm_matrix = False
+    moves_activations_to_host = False
     requires = "torch.autocast on the compute device (CUDA, or bf16 on CPU)"
     gives_up = "half-precision rounding in matmuls (weights, gradients and optimizer stay fp32)"
     costs = "none on tensor-core GPUs (usually faster); the fp32 weights stay on the device, so only activations shrink"

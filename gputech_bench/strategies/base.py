@@ -262,9 +262,6 @@ class Strategy:
     #: The model recompiles when a batch of a new shape arrives (torch.compile): a step on
     #: an epoch's short last batch is then compilation, and is kept out of the timing.
     recompiles_on_new_shapes: ClassVar[bool] = False
-    #: Moves the tensors saved for backward to the host (offload-activations): the estimate
-    #: counts them on the host, which a CPU run's one memory cannot tell from the device.
-    moves_activations_to_host: ClassVar[bool] = False
 
     # Facts every strategy declares (facts.py says what each means). No defaults on purpose:
     # registry.register refuses a class that leaves one out, naming it.
@@ -276,6 +273,7 @@ class Strategy:
     micro_batch_counts: ClassVar[tuple[int, ...]]
     estimate: ClassVar["Estimate"]
     in_causal_lm_matrix: ClassVar[bool]
+    moves_activations_to_host: ClassVar[bool]
 
     @classmethod
     def trace_refusal(cls, device_type: str) -> str | None:

@@ -131,6 +131,7 @@ class Bf16Weights(Strategy):
     micro_batch_counts = ()
     estimate = TRACED
     in_causal_lm_matrix = False
+    moves_activations_to_host = False
     requires = "bf16 on the compute device (CUDA compute capability 8.0 or later, or the CPU)"
     gives_up = ("bf16 weights with no fp32 copy: updates under half a bf16 step of a weight are lost to rounding "
                 "(unless strategy.stochastic_rounding), and a masked-LM's loss is computed in bf16")

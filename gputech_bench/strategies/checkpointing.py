@@ -62,6 +62,7 @@ class Checkpointing(Strategy):
     micro_batch_counts = ()
     estimate = TRACED
     in_causal_lm_matrix = False
+    moves_activations_to_host = False
 
     def prepare_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         enable_activation_checkpointing(model)

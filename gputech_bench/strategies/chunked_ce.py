@@ -69,6 +69,7 @@ class ChunkedCrossEntropy(Strategy):
     micro_batch_counts = ()
     estimate = TRACED
     in_causal_lm_matrix = False
+    moves_activations_to_host = False
     requires = ("a masked-LM (BERT, RoBERTa, DistilBERT) or a causal LM whose scores are its LM head's; "
                 "ce_kernel=liger or cce: CUDA and that package installed")
 

@@ -32,6 +32,7 @@ class Compile(Strategy):
     micro_batch_counts = ()
     estimate = NOT_ESTIMATED
     in_causal_lm_matrix = False
+    moves_activations_to_host = False
     requires = "a C++ compiler on CPU; Triton on CUDA"
     untraceable = "Inductor's fused kernels allocate differently from the eager step the estimate follows"
     recompiles_on_new_shapes = True

@@ -176,6 +176,9 @@ FACTS: tuple[Fact, ...] = (
     Fact("estimate", "how the memory estimate handles it: TRACED, modelled_by(modeller, ...) or NOT_ESTIMATED",
          _estimate),
     Fact("in_causal_lm_matrix", "True when --matrix adds it for a causal LM", _is(bool, "True or False")),
+    Fact("moves_activations_to_host", "True when tensors saved for backward wait in host memory: the estimate "
+         "shows them on the host side, and a CPU run (one memory) has no device peak to compare",
+         _is(bool, "True or False")),
 )
 
 

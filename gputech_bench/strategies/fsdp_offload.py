@@ -77,6 +77,7 @@ class FsdpOffload(Strategy):
     micro_batch_counts = ()
     estimate = modelled_by("fsdp-units", traced_in_its_place=None)
     in_causal_lm_matrix = False
+    moves_activations_to_host = False
     requires = "torch >= 2.6 with torch.distributed (FSDP2 fully_shard); gloo on CPU, nccl and gloo on CUDA"
     incompatible = {
         key: "bitsandbytes' 8-bit update cannot step FSDP's DTensor parameters"

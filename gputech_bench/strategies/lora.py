@@ -90,6 +90,7 @@ class Lora(Strategy):
     micro_batch_counts = ()
     estimate = TRACED
     in_causal_lm_matrix = False
+    moves_activations_to_host = False
     gives_up = "trains only the adapters, a different set of parameters: accuracy can differ"
     requires = "peft; target modules for the model type (peft's default, or strategy.lora_targets)"
 

@@ -95,6 +95,7 @@ class MixedPrecision(Strategy):
     micro_batch_counts = ()
     estimate = TRACED
     in_causal_lm_matrix = False
+    moves_activations_to_host = False
     gives_up = "fp16 compute without loss scaling or gradient clipping (as in the seed)"
     # The seed's precision is the default one: the weights themselves are half, with no
     # autocast and no loss scaling. Combined with amp it would be neither recipe.

@@ -191,12 +191,9 @@ def _has_no_strided_storage(tensor: torch.Tensor) -> bool:
     return tensor.layout != torch.strided
 
 
-def offloader_of(model: nn.Module) -> ActivationOffloader | None:
-    """The offloader a plan's model carries, if any (tests read its counts)."""
-    return getattr(model, OFFLOADER_ATTRIBUTE, None)
-
-
-OFFLOADER_ATTRIBUTE = "_gputech_activation_offloader"
+def offloader_of(plan: Any) -> ActivationOffloader | None:
+    """The offloader of a TrainingPlan's offload-activations strategy, if it has one (tests read its counts)."""
+    return next((strategy.offloader for strategy in plan.strategies if isinstance(strategy, OffloadActivations)), None)
 
 
 @register
@@ -232,6 +229,9 @@ class OffloadActivations(Strategy):
                    "view instead of per storage)",
     }
 
+    #: The offloader prepare_model installed (None before): its counts say what moved.
+    offloader: ActivationOffloader | None = None
+
     def prepare_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         offloader = ActivationOffloader(
             ctx.device,
@@ -243,8 +243,14 @@ class OffloadActivations(Strategy):
         # tracker keep seeing the same object, and evaluation (no_grad) saves nothing to move.
         model.register_forward_pre_hook(offloader.enter, with_kwargs=True)
         model.register_forward_hook(offloader.leave, always_call=True)
-        setattr(model, OFFLOADER_ATTRIBUTE, offloader)
+        self.offloader = offloader  # kept by the strategy, never set on the model
         return model
+
+    def table_notes(self, ctx: RunContext) -> list[str]:
+        if ctx.device.type != "cpu":
+            return []
+        return ["activations moved to the host stay in the CPU's one memory: the tensor peak shows no saving here "
+                "('estimate' shows device and host apart)"]
 
     def describe(self, model: nn.Module, ctx: RunContext) -> dict:
         where = ("pinned host memory, copied out on a side stream" if ctx.device.type == "cuda"

@@ -102,6 +102,7 @@ class OptimizerInBackward(Strategy):
     micro_batch_counts = ()
     estimate = TRACED
     in_causal_lm_matrix = False
+    moves_activations_to_host = False
     requires = "one process (no --nproc-per-node above 1)"
     gives_up = "gradient clipping by the global norm (train.max_grad_norm is not applied)"
     allows_gradient_clipping = False

@@ -32,6 +32,7 @@ class PagedAdam8bit(Adam8bit):
     micro_batch_counts = ()
     estimate = NOT_ESTIMATED
     in_causal_lm_matrix = False
+    moves_activations_to_host = False
     needs_cuda = True
     requires = "CUDA (unified memory) and bitsandbytes >= 0.45 with kernels for this GPU"
     gives_up = "quantised optimizer moments (8-bit block-wise), decoupled weight decay (AdamW)"

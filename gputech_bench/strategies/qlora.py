@@ -142,6 +142,7 @@ class Qlora(Strategy):
     micro_batch_counts = ()
     estimate = modelled_by("nf4-weights", traced_in_its_place="lora")
     in_causal_lm_matrix = True
+    moves_activations_to_host = False
     gives_up = "the frozen base is rounded to 4-bit NF4 and only the adapters train: accuracy can differ"
     requires = "bitsandbytes >= 0.45 (4-bit kernels, CPU included) and peft; LoRA targets for the model type"
     incompatible = {

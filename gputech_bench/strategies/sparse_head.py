@@ -50,6 +50,7 @@ class SparseHead(Strategy):
     micro_batch_counts = ()
     estimate = NOT_ESTIMATED
     in_causal_lm_matrix = False
+    moves_activations_to_host = False
 
     untraceable = "how many positions are masked is data, unknown on fake tensors"
     requires = ("a masked-LM (BERT, RoBERTa, DistilBERT) with data.objective=mlm: under the seed's objective, "

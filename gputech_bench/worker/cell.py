@@ -188,9 +188,6 @@ def _measure_cell(
     result.strategy_facts = plan.facts
     if device.type == "cpu" and plan.facts["compute_dtype"] != "float32":
         result.notes.append(f"compute copy runs in {plan.facts['compute_dtype']} on the CPU")
-    if device.type == "cpu" and any(type(strategy).moves_activations_to_host for strategy in plan.strategies):
-        result.notes.append("activations moved to the host stay in the CPU's one memory: the tensor peak shows no "
-                            "saving here ('estimate' shows device and host apart)")
     for strategy in plan.strategies:
         result.notes += strategy.table_notes(ctx)
     trainable, total = plan.facts["trainable_parameters"], plan.facts["total_parameters"]
