@@ -15,6 +15,7 @@ from ..units import MIB, format_gib
 from .measured import Measured, error_percent
 from .overheads import Overheads
 from .predict import Prediction
+from .trace import is_stand_in
 
 SCHEMA = "gputech-bench/estimate/1"
 
@@ -161,9 +162,17 @@ def has_source_column(report: EstimateReport) -> bool:
     return bool(modelled_methods(report))
 
 
+def method_word(method: str | None) -> str:
+    """A figure's source in one word: stand-in (traced under the estimate's own autocast
+    rules), modelled (around a trace), or traced."""
+    if not method:
+        return "traced"
+    return "stand-in" if is_stand_in(method) else "modelled"
+
+
 def source_text(report: EstimateReport, row: dict[str, Any]) -> str:
     if row.get("modelled"):
-        return f"modelled [{modelled_methods(report)[row['modelled']]}]"
+        return f"{method_word(row['modelled'])} [{modelled_methods(report)[row['modelled']]}]"
     return "traced"
 
 
