@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Collection
 
 from ..config import BenchConfig
-from ..errors import FitError, StrategyError
+from ..errors import FitError, StrategyError, first_line
 from ..results import CellResult
 from ..strategies import BASELINE, Cell, Strategy, combination_refusal, launch_refusal, parse_cell, registered
 from ..units import format_size
@@ -57,6 +57,24 @@ def searchable(cls: type[Strategy], device_type: str) -> bool:
 def unsearchable(device_type: str) -> list[str]:
     """Strategies the estimate can neither trace nor model on ``device_type`` fake tensors, so fit leaves them out."""
     return [cls.key for cls in registered() if not searchable(cls, device_type)]
+
+
+def not_searched(config: BenchConfig, device_type: str, exclude: Collection[str] = frozenset()) -> dict[str, str]:
+    """Each strategy fit leaves out, and why: the estimate can neither trace nor model it on
+    ``device_type`` (its own reason), or this config refuses it on its own (sparse-head under
+    an objective that labels every position). Excluded strategies are not listed."""
+    reasons: dict[str, str] = {}
+    for cls in registered():
+        if cls.key in exclude or cls.name in exclude:
+            continue
+        if not searchable(cls, device_type):
+            reasons[cls.key] = f"the estimate cannot weigh it: {cls.trace_refusal(device_type)}"
+            continue
+        try:
+            launch_refusal(Cell((cls,)), config)
+        except StrategyError as refusal:
+            reasons[cls.key] = f"refused by this config: {first_line(refusal)}"
+    return reasons
 
 
 def modelled_strategies(device_type: str) -> list[str]:
