@@ -142,6 +142,15 @@ def test_paged_adam8bit_counts_its_state_on_the_host_side(tiny):
     assert paged.device.total_bytes == adam8bit.device.total_bytes - state
 
 
+def test_a_model_around_a_stand_in_trace_says_both(tiny):
+    config, _ = tiny
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA torch traces amp on fake CUDA tensors: no stand-in to label")
+    prediction, = predict([Setup("paged-adam8bit+amp")], config)
+    assert prediction.source == "modelled" and prediction.error is None
+    assert "host side" in str(prediction.modelled) and "the proxy stand-in autocast:" in str(prediction.modelled)
+
+
 # --------------------------------------------------------------------------- what fit searches
 
 

@@ -102,6 +102,12 @@ def proxy_cell(cell: Cell, modelled: type[Strategy]) -> Cell:
     return Cell(tuple(sorted(rest + replacement, key=lambda cls: cls.order)))
 
 
+def with_proxy_method(method: str, trace: CellTrace) -> str:
+    """The model's method, and how its proxy's trace stood in for what the stand-in cannot run
+    (amp's autocast), so that neither is lost from the figure's label."""
+    return method if not trace.method else f"{method}; the proxy {trace.method}"
+
+
 def _check_modelled_cell(cell: Cell, config: BenchConfig, target: TraceTarget) -> None:
     """What a traced cell is checked for (combinations, config, installation), but the trace refusal."""
     ctx = RunContext(config, target.device, new_head_modules=(), tracing=True)  # no checkpoint is read: no head is new
@@ -205,6 +211,7 @@ class FsdpUnitsModel:
         )
         facts = dict(trace.facts)
         facts["modelled"] = {"strategy": self.strategy.key, "proxy": proxy.name, "fsdp_units": vars(unit)}
+        method = with_proxy_method(method, trace)
         return ModelledTrace(_peak(str(target.device), device), host, facts, time.perf_counter() - started,
                              trace.stopped, method)
 
@@ -278,6 +285,7 @@ class Nf4WeightsModel:
         facts = dict(trace.facts)
         facts["modelled"] = {"strategy": self.strategy.key, "proxy": proxy.name, "quantized_parameters": numel,
                              "quantized_weight_bytes": nf4, "double_quant": double_quant}
+        method = with_proxy_method(method, trace)
         return ModelledTrace(_peak(str(target.device), device), None, facts, time.perf_counter() - started,
                              trace.stopped, method)
 
@@ -326,6 +334,7 @@ class PagedStateModel:
         facts = dict(trace.facts)
         facts["modelled"] = {"strategy": self.strategy.key, "proxy": proxy.name,
                              "paged_state_bytes": paged.get(OPTIMIZER_STATE, 0)}
+        method = with_proxy_method(method, trace)
         return ModelledTrace(_peak(str(target.device), device), _peak("cpu", host), facts,
                              time.perf_counter() - started, trace.stopped, method)
 
