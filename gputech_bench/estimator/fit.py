@@ -3,7 +3,9 @@
 Candidates are every strategy combination the registry allows, and for those with
 accumulation every micro-batch size that keeps the effective batch (32 = 16x2, 8x4,
 4x8, 2x16). A strategy the tracer cannot follow is a candidate when ``modelled.py`` has a
-model for it (fsdp-offload, qlora): its figures are then labelled modelled.
+model for it (fsdp-offload, qlora, paged-adam8bit): its figures are then labelled modelled.
+On a torch without CUDA, amp is traced on the stand-in under CUDA autocast's op lists, its
+figures labelled stand-in. What fit leaves out, and why, ``not_searched`` says.
 
 Each trace takes seconds (a minute for an 8B model), so the search traces lazily, each
 trace stopping as soon as the device passes the budget (what does not fit is known at its
