@@ -163,6 +163,9 @@ def test_fit_leaves_out_only_what_it_cannot_weigh_each_with_its_reason(tiny, tin
     assert "every position carries a label" in seed["sparse-head"] and "data.objective=mlm" in seed["sparse-head"]
     assert set(not_searched(tiny_mlm[0], "meta")) == {"compile"}
     assert not_searched(tiny_mlm[0], "meta", exclude={"compile"}) == {}
+    # Accumulation is tried at fit's own micro-batch sizes, not the config's: a config whose
+    # micro-batch is the whole batch does not leave 2 out.
+    assert "2" not in not_searched(apply_overrides(config, ["strategy.micro_batch_size=16"]), "meta")
 
 
 def test_fit_searches_amp_paged_state_and_sparse_head_from_a_cpu_only_torch(tiny, tiny_mlm):

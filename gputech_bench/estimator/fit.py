@@ -72,11 +72,23 @@ def not_searched(config: BenchConfig, device_type: str, exclude: Collection[str]
         if not searchable(cls, device_type):
             reasons[cls.key] = f"the estimate cannot weigh it: {cls.trace_refusal(device_type)}"
             continue
-        try:
-            launch_refusal(Cell((cls,)), config)
-        except StrategyError as refusal:
-            reasons[cls.key] = f"refused by this config: {first_line(refusal)}"
+        refusal = _config_refusal(Cell((cls,)), config)
+        if refusal:
+            reasons[cls.key] = f"refused by this config: {refusal}"
     return reasons
+
+
+def _config_refusal(cell: Cell, config: BenchConfig) -> str | None:
+    """Why the config refuses ``cell`` at every micro-batch size fit tries for it (accumulation
+    is tried at its own sizes, not the config's), or None when one of them is accepted."""
+    reason = None
+    for micro in micro_batch_sizes(cell, config.train.batch_size):
+        try:
+            launch_refusal(cell, Setup(cell.name, micro).config_for(config))
+            return None
+        except StrategyError as refusal:
+            reason = first_line(refusal)
+    return reason or f"no micro-batch size divides train.batch_size={config.train.batch_size} into 2 or more"
 
 
 def modelled_strategies(device_type: str) -> list[str]:
