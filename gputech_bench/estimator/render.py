@@ -223,7 +223,7 @@ def legend(report: EstimateReport, with_overheads: bool = True) -> list[str]:
         ]
     lines.append(
         "host: peak tensor bytes in host memory where the model lives partly there "
-        "(strategy 4's fp32 master, its gradients and optimizer state; fsdp-offload's offloaded state); - where it does not"
+        "(strategy 4's fp32 master, its gradients and optimizer state; fsdp-offload's offloaded state; paged-adam8bit's paged state, modelled); - where it does not"
     )
     rows = report.rows()
     if any("measured_what" in row for row in rows):
