@@ -12,6 +12,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional
 
+from rich.markup import escape
+
 from ..config import BenchConfig, model_overrides
 from ..errors import ConfigError
 from ..estimator.measured import error_percent, measured_peak
@@ -82,11 +84,14 @@ class Fit:
 
     def __init__(self, result: "FitResult", config: BenchConfig, not_searched: list[str],
                  verification: Optional[Verification] = None, modelled: Optional[list[str]] = None,
-                 overheads: "Overheads | None" = None) -> None:
+                 overheads: "Overheads | None" = None, not_searched_reasons: Optional[dict[str, str]] = None) -> None:
         self.result = result
         self.config = config
-        #: Strategies left out because the tracer can neither follow nor model them on this machine.
+        #: Strategies left out: the tracer can neither follow nor model them on this machine, or
+        #: the config refuses them (sparse-head where every position carries a label).
         self.not_searched = not_searched
+        #: Why each of ``not_searched`` was left out, in one line.
+        self.not_searched_reasons = dict(not_searched_reasons or {})
         #: Strategies weighed by a model around a trace (fsdp-offload, qlora), labelled so.
         self.modelled = list(modelled or [])
         #: The CUDA context and allocator reserve added to each traced peak.
@@ -189,6 +194,7 @@ class Fit:
                 "allocator_reserve_source": overheads.reserve_source,
             },
             "not_searched": self.not_searched,
+            "not_searched_reasons": self.not_searched_reasons,
             "modelled_strategies": self.modelled,
             "chosen": [candidate(c) for c in result.chosen],
             "full_training": None if result.full_training is None else candidate(result.full_training),
@@ -257,7 +263,7 @@ def fit(
         >>> found.best          # Setup(cell='1+2+3', micro_batch_size=8), say
         >>> found.frame         # every traced candidate, fastest first
     """
-    from ..estimator.fit import FitSearch, modelled_strategies, unsearchable
+    from ..estimator.fit import FitSearch, modelled_strategies, not_searched
     from ..estimator.predict import TracePool
     from ..estimator.trace import trace_target
     from ..strategies.registry import lookup
@@ -284,9 +290,11 @@ def fit(
     workers = _jobs(jobs)
     excluded = {name.strip().lower() for name in exclude}
     device_type = trace_target().device.type
-    left_out = [key for key in unsearchable(device_type) if key not in excluded]
+    reasons = not_searched(config, device_type, excluded)
+    left_out = list(reasons)
     if left_out:
-        output.say(f"[dim]not searched (the estimate cannot trace them here; measure them with 'run'): {', '.join(left_out)}[/]")
+        listed = "; ".join(f"{key} ({reason})" for key, reason in reasons.items())
+        output.say(f"[dim]not searched (measure them with 'run'): {escape(listed)}[/]")
     modelled = [key for key in modelled_strategies(device_type) if key not in excluded]
     if modelled:
         output.say(f"[dim]modelled around a trace, not traced (their figures say so): {', '.join(modelled)}[/]")
@@ -297,7 +305,7 @@ def fit(
             config, budget_bytes, overheads, _tracer(pool, output if progress else None),
             measured, config.strategy.micro_batch_size, top, excluded, parallel=workers, device_type=device_type,
         ).run()
-    found = Fit(result, config, left_out, modelled=modelled, overheads=overheads)
+    found = Fit(result, config, left_out, modelled=modelled, overheads=overheads, not_searched_reasons=reasons)
     if verify and found.fits:
         found.verification = _verify(result.chosen[0], config, Path(results), budget_bytes, output, progress)
     return found

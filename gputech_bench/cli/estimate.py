@@ -125,8 +125,10 @@ def _figure_notes(result) -> dict[str, int]:
 
 
 def _figure(candidate, notes: dict[str, int]) -> str:
+    from ..estimator.render import method_word
+
     method = candidate.prediction.modelled
-    return f"modelled [{notes[method]}]" if method in notes else ("modelled" if method else "traced")
+    return f"{method_word(method)} [{notes[method]}]" if method in notes else method_word(method)
 
 
 def _time_text(candidate) -> str:

@@ -3,7 +3,9 @@
 Candidates are every strategy combination the registry allows, and for those with
 accumulation every micro-batch size that keeps the effective batch (32 = 16x2, 8x4,
 4x8, 2x16). A strategy the tracer cannot follow is a candidate when ``modelled.py`` has a
-model for it (fsdp-offload, qlora): its figures are then labelled modelled.
+model for it (fsdp-offload, qlora, paged-adam8bit): its figures are then labelled modelled.
+On a torch without CUDA, amp is traced on the stand-in under CUDA autocast's op lists, its
+figures labelled stand-in. What fit leaves out, and why, ``not_searched`` says.
 
 Each trace takes seconds (a minute for an 8B model), so the search traces lazily, each
 trace stopping as soon as the device passes the budget (what does not fit is known at its
@@ -36,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Collection
 
 from ..config import BenchConfig
-from ..errors import FitError, StrategyError
+from ..errors import FitError, StrategyError, first_line
 from ..results import CellResult
 from ..strategies import BASELINE, Cell, Strategy, combination_refusal, launch_refusal, parse_cell, registered
 from ..units import format_size
@@ -57,6 +59,36 @@ def searchable(cls: type[Strategy], device_type: str) -> bool:
 def unsearchable(device_type: str) -> list[str]:
     """Strategies the estimate can neither trace nor model on ``device_type`` fake tensors, so fit leaves them out."""
     return [cls.key for cls in registered() if not searchable(cls, device_type)]
+
+
+def not_searched(config: BenchConfig, device_type: str, exclude: Collection[str] = frozenset()) -> dict[str, str]:
+    """Each strategy fit leaves out, and why: the estimate can neither trace nor model it on
+    ``device_type`` (its own reason), or this config refuses it on its own (sparse-head under
+    an objective that labels every position). Excluded strategies are not listed."""
+    reasons: dict[str, str] = {}
+    for cls in registered():
+        if cls.key in exclude or cls.name in exclude:
+            continue
+        if not searchable(cls, device_type):
+            reasons[cls.key] = f"the estimate cannot weigh it: {cls.trace_refusal(device_type)}"
+            continue
+        refusal = _config_refusal(Cell((cls,)), config)
+        if refusal:
+            reasons[cls.key] = f"refused by this config: {refusal}"
+    return reasons
+
+
+def _config_refusal(cell: Cell, config: BenchConfig) -> str | None:
+    """Why the config refuses ``cell`` at every micro-batch size fit tries for it (accumulation
+    is tried at its own sizes, not the config's), or None when one of them is accepted."""
+    reason = None
+    for micro in micro_batch_sizes(cell, config.train.batch_size):
+        try:
+            launch_refusal(cell, Setup(cell.name, micro).config_for(config))
+            return None
+        except StrategyError as refusal:
+            reason = first_line(refusal)
+    return reason or f"no micro-batch size divides train.batch_size={config.train.batch_size} into 2 or more"
 
 
 def modelled_strategies(device_type: str) -> list[str]:

@@ -1,11 +1,13 @@
 """Setups the tracer cannot follow, modelled around a trace of their nearest traceable cell.
 
-Two strategies cannot run on fake tensors, and ``fit`` must still weigh them, because for
+Three strategies cannot run on fake tensors, and ``fit`` must still weigh them, because for
 an LLM larger than the card they are the answers:
 
 * ``fsdp-offload``: FSDP2 needs a process group and runs collectives, and it takes its
   compute device from the device mesh, which the stand-in device of a CPU-only trace is not.
 * ``qlora``: bitsandbytes quantises real values (a fake tensor has none).
+* ``paged-adam8bit``: its state lives in CUDA unified memory, which the driver pages to the
+  host; the trace follows the allocator only. Modelled as strategy 3 with its state on the host.
 
 Each is modelled as a *proxy trace plus a substitution*: the cell without the strategy (or,
 for qlora, with plain LoRA in its place) is traced on fake tensors as usual, and only what
@@ -25,6 +27,7 @@ from torch import nn
 
 from ..config import BenchConfig
 from ..measure.tracker import TrackedPeak
+from ..metrics import OPTIMIZER_STATE as OPTIMIZER_STATE_CATEGORY
 from ..modeling import build_shape_model
 from ..strategies import Cell, RunContext, Strategy, combination_refusal, launch_refusal
 from ..strategies.facts import EstimateKind
@@ -42,6 +45,8 @@ from .trace import (
     trace_cell,
     transient_bytes,
 )
+
+OPTIMIZER_STATE = OPTIMIZER_STATE_CATEGORY.name
 
 # --------------------------------------------------------------------------- NF4 bytes
 
@@ -95,6 +100,12 @@ def proxy_cell(cell: Cell, modelled: type[Strategy]) -> Cell:
     replacement = () if stand_in is None else (lookup(stand_in),)
     rest = tuple(cls for cls in cell.strategies if cls is not modelled)
     return Cell(tuple(sorted(rest + replacement, key=lambda cls: cls.order)))
+
+
+def with_proxy_method(method: str, trace: CellTrace) -> str:
+    """The model's method, and how its proxy's trace stood in for what the stand-in cannot run
+    (amp's autocast), so that neither is lost from the figure's label."""
+    return method if not trace.method else f"{method}; the proxy {trace.method}"
 
 
 def _check_modelled_cell(cell: Cell, config: BenchConfig, target: TraceTarget) -> None:
@@ -200,6 +211,7 @@ class FsdpUnitsModel:
         )
         facts = dict(trace.facts)
         facts["modelled"] = {"strategy": self.strategy.key, "proxy": proxy.name, "fsdp_units": vars(unit)}
+        method = with_proxy_method(method, trace)
         return ModelledTrace(_peak(str(target.device), device), host, facts, time.perf_counter() - started,
                              trace.stopped, method)
 
@@ -273,17 +285,69 @@ class Nf4WeightsModel:
         facts = dict(trace.facts)
         facts["modelled"] = {"strategy": self.strategy.key, "proxy": proxy.name, "quantized_parameters": numel,
                              "quantized_weight_bytes": nf4, "double_quant": double_quant}
+        method = with_proxy_method(method, trace)
         return ModelledTrace(_peak(str(target.device), device), None, facts, time.perf_counter() - started,
                              trace.stopped, method)
+
+
+# --------------------------------------------------------------------------- paged state
+
+
+class PagedStateModel:
+    """paged-adam8bit: the proxy is the same cell with strategy 3 (the same 8-bit optimizer and
+    state, in device memory); its optimizer state is then counted on the host side.
+
+    bitsandbytes allocates paged state in CUDA unified memory, which the driver pages out to
+    the host when the device runs short: for a budget the device cannot meet otherwise, that
+    is where the state lives. It is counted there, never dropped: the host column shows it."""
+
+    def __init__(self, strategy: type[Strategy]) -> None:
+        self.strategy = strategy
+
+    def proxy(self, cell: Cell) -> Cell:
+        return proxy_cell(cell, self.strategy)
+
+    def run(self, cell: Cell, config: BenchConfig, inputs: TraceInputs, target: TraceTarget,
+            limit: Limit | None) -> ModelledTrace:
+        started = time.perf_counter()
+        _check_modelled_cell(cell, config, target)
+        proxy = self.proxy(cell)
+
+        def paged_out(by_category: dict[str, int]) -> dict[str, int]:
+            return {**by_category, OPTIMIZER_STATE: 0}
+
+        trace = trace_cell(proxy, config, inputs, target, limit,
+                           counted=lambda by_category: sum(paged_out(by_category).values()))
+        # The device's peak without the state may fall at another moment than the proxy's: the
+        # largest of the moments the trace kept (its peak, activations' peak, the state's peak).
+        moments = [trace.device.by_category] + ([] if trace.stopped else [trace.transient, trace.state])
+        device = max((paged_out(moment) for moment in moments if moment), key=lambda moment: sum(moment.values()))
+        paged = trace.device.by_category if trace.stopped else trace.state
+        host = dict(trace.host.by_category) if trace.host is not None else {}
+        host[OPTIMIZER_STATE] = host.get(OPTIMIZER_STATE, 0) + paged.get(OPTIMIZER_STATE, 0)
+        method = (
+            f"modelled, not traced (unified memory is outside the allocator the trace follows): traced as "
+            f"'{proxy.name}' (the same 8-bit optimizer, its state in device memory), then its optimizer state "
+            f"({format_size(paged.get(OPTIMIZER_STATE, 0))}) counted on the host side, where the driver pages it "
+            f"when the device runs short; the page transfers each step are not in the time factor"
+        )
+        facts = dict(trace.facts)
+        facts["modelled"] = {"strategy": self.strategy.key, "proxy": proxy.name,
+                             "paged_state_bytes": paged.get(OPTIMIZER_STATE, 0)}
+        method = with_proxy_method(method, trace)
+        return ModelledTrace(_peak(str(target.device), device), _peak("cpu", host), facts,
+                             time.perf_counter() - started, trace.stopped, method)
 
 
 # --------------------------------------------------------------------------- which
 
 
 #: The modellers by the name a strategy's ``estimate = modelled_by(name, ...)`` gives.
-MODELLERS: dict[str, type[FsdpUnitsModel] | type[Nf4WeightsModel]] = {
+Modeller = FsdpUnitsModel | Nf4WeightsModel | PagedStateModel
+MODELLERS: dict[str, type[Modeller]] = {
     "fsdp-units": FsdpUnitsModel,
     "nf4-weights": Nf4WeightsModel,
+    "paged-state": PagedStateModel,
 }
 
 
@@ -292,7 +356,7 @@ def can_model(cls: type[Strategy]) -> bool:
     return cls.estimate.kind is EstimateKind.MODELLED and cls.estimate.modeller in MODELLERS
 
 
-def modeller_for(cell: Cell, device_type: str) -> FsdpUnitsModel | Nf4WeightsModel | None:
+def modeller_for(cell: Cell, device_type: str) -> Modeller | None:
     """The modeller for a cell with one untraceable strategy that has a model, whose proxy
     cell is itself a valid, traceable cell; None otherwise (the cell is then not traced)."""
     refusing = [cls for cls in cell.strategies if cls.trace_refusal(device_type)]

@@ -28,7 +28,15 @@ from ..measure.tracker import TrackedPeak
 from ..run.forkserver import ForkServer, ForkServerError
 from ..strategies import parse_cell
 from .modelled import modeller_for
-from .trace import Limit, describe_target, describe_target_in_child, trace_cell, trace_inputs, trace_target
+from .trace import (
+    Limit,
+    describe_target,
+    describe_target_in_child,
+    is_stand_in,
+    trace_cell,
+    trace_inputs,
+    trace_target,
+)
 
 
 @dataclass(frozen=True)
@@ -83,8 +91,13 @@ class Prediction:
 
     @property
     def source(self) -> str:
-        """How the figure came about, in one word: traced, modelled or untraced."""
-        return "untraced" if self.error else ("modelled" if self.modelled else "traced")
+        """How the figure came about, in one word: traced, stand-in (traced under the estimate's own
+        autocast rules), modelled or untraced."""
+        if self.error:
+            return "untraced"
+        if is_stand_in(self.modelled):
+            return "stand-in"
+        return "modelled" if self.modelled else "traced"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Prediction":
@@ -156,7 +169,9 @@ def _trace_in_worker(config_data: dict[str, Any], setup: Setup, limit_bytes: int
     except Exception as error:  # noqa: BLE001 - one setup the tracer cannot follow must not sink the others
         reason = first_line(error) if isinstance(error, UserError) else error_line(error)
         return Prediction(setup, TrackedPeak(str(target.device), 0, {}), None, 0.0, {}, reason).to_dict()
-    return Prediction(setup, trace.device, trace.host, trace.seconds, trace.facts, stopped=trace.stopped).to_dict()
+    # A trace that stood in for what the stand-in device cannot run (autocast) says how, as a model does.
+    return Prediction(setup, trace.device, trace.host, trace.seconds, trace.facts, None, trace.method,
+                      trace.stopped).to_dict()
 
 
 def default_jobs() -> int:

@@ -15,6 +15,7 @@ from ..units import MIB, format_gib
 from .measured import Measured, error_percent
 from .overheads import Overheads
 from .predict import Prediction
+from .trace import is_stand_in
 
 SCHEMA = "gputech-bench/estimate/1"
 
@@ -161,9 +162,17 @@ def has_source_column(report: EstimateReport) -> bool:
     return bool(modelled_methods(report))
 
 
+def method_word(method: str | None) -> str:
+    """A figure's source in one word: stand-in (traced under the estimate's own autocast
+    rules), modelled (around a trace), or traced."""
+    if not method:
+        return "traced"
+    return "stand-in" if is_stand_in(method) else "modelled"
+
+
 def source_text(report: EstimateReport, row: dict[str, Any]) -> str:
     if row.get("modelled"):
-        return f"modelled [{modelled_methods(report)[row['modelled']]}]"
+        return f"{method_word(row['modelled'])} [{modelled_methods(report)[row['modelled']]}]"
     return "traced"
 
 
@@ -214,8 +223,9 @@ def legend(report: EstimateReport, with_overheads: bool = True) -> list[str]:
         ]
     lines.append(
         "host: peak tensor bytes in host memory where the model lives partly there "
-        "(strategy 4's fp32 master, its gradients and optimizer state; fsdp-offload's offloaded state) or its saved "
-        "activations wait there (offload-activations); - where neither"
+        "(strategy 4's fp32 master, its gradients and optimizer state; fsdp-offload's offloaded state; "
+        "paged-adam8bit's paged state, modelled) or its saved activations wait there (offload-activations); "
+        "- where neither"
     )
     rows = report.rows()
     if any("measured_what" in row for row in rows):

@@ -22,16 +22,21 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..config import BenchConfig, from_dict
 from ..data.prepare import prepare_data
+from ..data.masking import IGNORE_INDEX
 from ..metrics import ACTIVATIONS, PARAMETERS, Role, categories_in
 from ..measure.tracker import StepMemoryTracker, TrackedPeak, named_categories
 from ..modeling import build_shape_model
 from ..strategies import Cell, RunContext, build_plan, device_refusal
+from ..strategies.base import Precision
+from ..strategies.amp import AutocastPrecision
 from ..training.batches import epoch_batches
 from ..training.loop import optimizer_step
 from ..training.schedule import linear_schedule_with_warmup
+from .autocast import cuda_autocast_rules, lower_precision_dtype
 
 HOST = "cpu"
 
@@ -98,6 +103,9 @@ class CellTrace:
     transient: dict[str, int] = field(default_factory=dict)
     #: Bytes by category at the moment weights, gradients and optimizer state together peaked.
     state: dict[str, int] = field(default_factory=dict)
+    #: How the trace stood in for what the stand-in device cannot run (autocast), in one
+    #: sentence shown with the figure; None when the step was traced as a run would take it.
+    method: str | None = None
 
 
 #: What a device snapshot's limit is compared with: the total, or a modeller's figure for it.
@@ -187,14 +195,16 @@ def _real_quantisation_maps() -> Iterator[None]:
 TRACED_MICRO_BATCHES = 2
 
 
-def _split_real_batches(plan) -> None:
+def _split_real_batches(plan, labelled: "_LabelledRowsFromRealBatches") -> None:
     """The batches are real data: split them outside the fake mode, where counting
     masked tokens (the token-weighted rule) has values to count."""
     split = plan.split_batch
 
     def split_for_real(batch):
         with unset_fake_temporarily():
-            return split(batch)[:TRACED_MICRO_BATCHES]
+            micro_batches = split(batch)[:TRACED_MICRO_BATCHES]
+        labelled.count(micro_batches)
+        return micro_batches
 
     plan.split_batch = split_for_real
 
@@ -265,6 +275,10 @@ class _FusedAttentionBytes(torch.autograd.Function):
 
 
 def _fused_sdpa_shapes(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    half = lower_precision_dtype()
+    if half is not None:
+        # sdpa is on CUDA autocast's lower-precision list: the kernel sees half inputs.
+        query, key, value = (t.to(half) if t.is_floating_point() else t for t in (query, key, value))
     return _FusedAttentionBytes.apply(query, key, value, attn_mask if torch.is_tensor(attn_mask) else None)
 
 
@@ -322,6 +336,109 @@ def fake_mode() -> Iterator[FakeTensorMode]:
         yield mode
 
 
+# --------------------------------------------------------------------------- autocast on the stand-in
+
+
+#: What a figure traced under the estimate's own autocast rules says (``CellTrace.method``).
+STAND_IN_AUTOCAST = (
+    "stand-in autocast: traced on the stand-in device (this torch has no CUDA, and torch.autocast has no rules "
+    "for it) under CUDA autocast's op lists applied by the estimate: matmuls, linear and sdpa in half precision "
+    "(2 bytes, bf16 or fp16 alike), softmax, log_softmax, layer_norm, the losses, exp, sum, pow and rsqrt in fp32. "
+    "CPU autocast is not used as the stand-in because its lists differ (it keeps those at their input's dtype: "
+    "an eager attention's probabilities would count half their CUDA bytes). Not counted: the GradScaler's few "
+    "scalars (amp-fp16), ops autocast casts below the Python API, autocast-disabled regions (rotary frequencies)"
+)
+
+
+def is_stand_in(method: str | None) -> bool:
+    """Whether a figure's method is the stand-in autocast (a trace), not a model around one."""
+    return bool(method) and str(method).startswith("stand-in")
+
+
+class _StandInAutocast(Precision):
+    """A run's autocast precision on the meta stand-in: CUDA's cast rules (``autocast.py``),
+    and a plain backward and step. The GradScaler reads its overflow flag (``.item()``), which
+    a fake tensor has no value for; what it holds is a few scalars."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return cuda_autocast_rules(self.dtype)
+
+
+
+@contextlib.contextmanager
+def _recomputed_under_the_same_rules() -> Iterator[None]:
+    """Checkpointing recomputes a block's forward in backward under the autocast state its
+    forward had (torch.utils.checkpoint re-enters ``torch.autocast``). The engine does not carry
+    a Python mode into backward, so each checkpointed function is wrapped, when the stand-in's
+    rules are on at its forward, to enter them again (a fresh cache per block, as autocast's)."""
+    from torch.utils import checkpoint
+
+    original = checkpoint._checkpoint_without_reentrant_generator
+
+    def generator(fn, *args: Any, **kwargs: Any):
+        dtype = lower_precision_dtype()
+        if dtype is not None:
+            inner = fn
+
+            def fn(*fn_args: Any, **fn_kwargs: Any) -> Any:
+                if lower_precision_dtype() is not None:  # the forward: the rules are on already
+                    return inner(*fn_args, **fn_kwargs)
+                with cuda_autocast_rules(dtype):
+                    return inner(*fn_args, **fn_kwargs)
+        return original(fn, *args, **kwargs)
+
+    checkpoint._checkpoint_without_reentrant_generator = generator
+    try:
+        yield
+    finally:
+        checkpoint._checkpoint_without_reentrant_generator = original
+
+
+def _autocast_on_stand_in(plan, target: TraceTarget) -> str | None:
+    """Replace an autocast precision that the stand-in device cannot enter; the method, if it did."""
+    if target.device.type != "meta" or not isinstance(plan.precision, AutocastPrecision):
+        return None
+    plan.precision = _StandInAutocast(plan.precision.dtype)
+    return STAND_IN_AUTOCAST
+
+
+# --------------------------------------------------------------------------- labelled rows
+
+
+class _LabelledRowsFromRealBatches(TorchDispatchMode):
+    """``nonzero`` of the targets (``TokenRows.labelled``, sparse-head) counted from the real batches.
+
+    How many positions carry a label is data, which a fake tensor does not have: fake
+    ``nonzero`` raises. The traced batches are real, though, so their labelled positions are
+    counted here, and a ``nonzero`` of a flat boolean mask over one micro-batch's positions
+    returns that many rows: the largest count of the traced micro-batches, so that the peak is
+    never understated. Any other ``nonzero`` is left to the fake mode (which refuses it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: Positions of a micro-batch -> the most labelled positions one of that size had.
+        self.labelled: dict[int, int] = {}
+
+    def count(self, micro_batches) -> None:
+        with unset_fake_temporarily():
+            for micro in micro_batches:
+                labels = micro.inputs.get("labels")
+                if isinstance(labels, torch.Tensor):
+                    count = int((labels != IGNORE_INDEX).sum())
+                    self.labelled[labels.numel()] = max(count, self.labelled.get(labels.numel(), 0))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.nonzero.default and len(args) == 1 and not kwargs:
+            mask = args[0]
+            if mask.dtype == torch.bool and mask.dim() == 1 and mask.numel() in self.labelled:
+                return torch.empty((self.labelled[mask.numel()], 1), dtype=torch.long, device=mask.device)
+        return func(*args, **kwargs)
+
+
 #: What makes the host's peak a figure of its own: the model's weights there (strategy 4's
 #: fp32 master, an offloaded shard) or activations moved there to wait for backward. Without
 #: either the host holds only the optimizer's step counters, and no host column is shown.
@@ -347,12 +464,15 @@ def trace_cell(
     ctx = RunContext(config, target.device, new_head_modules=(), tracing=True)
     device_refusal(cell, ctx)  # imports what the strategies need (bitsandbytes) before the fake mode starts
     watcher = _Watcher(str(target.device), limit, counted)
-    with fake_mode(), _real_quantisation_maps(), _fused_attention_on_stand_in(config, target):
+    labelled = _LabelledRowsFromRealBatches()
+    with (fake_mode(), _real_quantisation_maps(), _fused_attention_on_stand_in(config, target), labelled,
+          _recomputed_under_the_same_rules()):
         model = build_shape_model(config.model, inputs.tokenizer_size, inputs.pad_token_id, config.train.seed)
         plan = build_plan(cell, model, ctx)
+        method = _autocast_on_stand_in(plan, target)
         if inspect is not None:
             inspect(plan)
-        _split_real_batches(plan)
+        _split_real_batches(plan, labelled)
         scheduler = linear_schedule_with_warmup(plan.optimizer, 0, 2)
         plan.model.train()
         tracked = (plan.model, plan.optimizer, *plan.placement.tracked_objects())
@@ -370,11 +490,11 @@ def trace_cell(
         except _StopTrace as stop:
             device = TrackedPeak(str(target.device), stop.total, stop.by_category)
             return CellTrace(cell.name, device, None, plan.facts, time.perf_counter() - started, True, watcher.transient,
-                             watcher.state)
+                             watcher.state, method)
     peaks = {peak.device: peak for peak in tracker.peaks()}
     device_peak = peaks.get(str(target.device)) or TrackedPeak(str(target.device), 0, {})
     host_peak = peaks.get(HOST) if target.device.type != HOST else None
     if host_peak is not None and not any(host_peak.by_category.get(kept.name) for kept in HOST_HOLDINGS):
         host_peak = None  # only the optimizer's step counters wait there: the host holds none of the model
     return CellTrace(cell.name, device_peak, host_peak, plan.facts, time.perf_counter() - started, False,
-                     watcher.transient, watcher.state)
+                     watcher.transient, watcher.state, method)

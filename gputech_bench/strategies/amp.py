@@ -63,18 +63,15 @@ class _Autocast(Strategy):
     state_location = StateLocation.DEVICE
     libraries = ()
     micro_batch_counts = ()
+    # Traced on fake CUDA tensors; on a torch without CUDA, whose stand-in device autocast has
+    # no rules for, the estimate applies CUDA autocast's op lists itself and labels the figure
+    # "stand-in" (estimator/autocast.py).
     estimate = TRACED
     in_causal_lm_matrix = False
     moves_activations_to_host = False
     requires = "torch.autocast on the compute device (CUDA, or bf16 on CPU)"
     gives_up = "half-precision rounding in matmuls (weights, gradients and optimizer stay fp32)"
     costs = "none on tensor-core GPUs (usually faster); the fp32 weights stay on the device, so only activations shrink"
-
-    @classmethod
-    def trace_refusal(cls, device_type: str) -> str | None:
-        if device_type == "cuda":
-            return None
-        return "autocast has no rules for the stand-in device a torch without CUDA traces on; a CUDA build can trace it"
 
     def dtype(self, ctx: RunContext) -> torch.dtype:
         raise NotImplementedError

@@ -10,7 +10,7 @@ from __future__ import annotations
 from ..errors import StrategyError
 from .adam8bit import Adam8bit, load_bitsandbytes, probe_kernels
 from .base import RunContext
-from .facts import NOT_ESTIMATED, StateLocation, TimeFactor
+from .facts import StateLocation, TimeFactor, modelled_by
 from .registry import register
 
 
@@ -30,7 +30,8 @@ class PagedAdam8bit(Adam8bit):
     state_location = StateLocation.PAGED
     libraries = ("bitsandbytes",)
     micro_batch_counts = ()
-    estimate = NOT_ESTIMATED
+    # Modelled (estimator/modelled.py): traced as 3, its state counted on the host side.
+    estimate = modelled_by("paged-state", "3")
     in_causal_lm_matrix = False
     moves_activations_to_host = False
     needs_cuda = True
@@ -41,6 +42,11 @@ class PagedAdam8bit(Adam8bit):
     optimizer_class = "PagedAdamW8bit"
 
     def device_refusal(self, ctx: RunContext) -> None:
+        if ctx.tracing:
+            # The estimate models it (as 3, its state on the host side): it needs bitsandbytes'
+            # optimizer there, not unified memory.
+            load_bitsandbytes()
+            return
         if ctx.device.type != "cuda":
             raise StrategyError(
                 "paged-adam8bit needs CUDA: bitsandbytes pages optimizer state through CUDA unified memory; "

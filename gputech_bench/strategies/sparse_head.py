@@ -27,7 +27,7 @@ from ..errors import StrategyError
 from ..modeling import CLM
 from .architecture import config_model_type, config_task, masked_lm_head_refusal
 from .base import RunContext, Strategy, TokenLoss, TokenPredict, TokenRows
-from .facts import NOT_ESTIMATED, StateLocation, TimeFactor
+from .facts import TRACED, StateLocation, TimeFactor
 from .registry import register
 
 #: Positions scored at once in evaluation: 512 x 149,798 fp32 scores is 0.3 GiB.
@@ -42,17 +42,18 @@ class SparseHead(Strategy):
     costs = "none measurable expected: less head compute; evaluation still scores every position"
     order = 60
     # Facts (facts.py): what estimate, fit, the runner, the warm-up and the docs know of it.
-    time_factor = TimeFactor(1.0, "assumed: less head compute, none measurable expected (not estimated, so fit never weighs it)")
+    time_factor = TimeFactor(1.0, "assumed: less head compute, none measurable expected (a cost-model figure, not measured)")
     changes_activations_only = True
     trains_adapters = False
     state_location = StateLocation.DEVICE
     libraries = ()
     micro_batch_counts = ()
-    estimate = NOT_ESTIMATED
+    # How many positions are masked is data, which fake tensors lack: the trace counts them
+    # on the real batches it traces (estimator/trace.py), so the head's rows are exact.
+    estimate = TRACED
     in_causal_lm_matrix = False
     moves_activations_to_host = False
 
-    untraceable = "how many positions are masked is data, unknown on fake tensors"
     requires = ("a masked-LM (BERT, RoBERTa, DistilBERT) with data.objective=mlm: under the seed's objective, "
                 "and in a causal LM, every position carries a label")
 
