@@ -172,6 +172,11 @@ class StrategyConfig:
         "Module names that get LoRA adapters (lora, qlora); empty = peft's default for the model type "
         "(BERT, RoBERTa: query,value; Llama: q_proj,v_proj; DistilBERT: q_lin,v_lin).",
     )
+    adam8bit_backend: str = setting(
+        "bitsandbytes",
+        "Strategy 3: whose 8-bit optimizer steps: 'bitsandbytes' (Adam8bit, the seed's) or 'torchao' "
+        "(torchao.optim.AdamW8bit), to compare the two on one card; paged-adam8bit is bitsandbytes' whatever this says.",
+    )
 
 
 @dataclass(frozen=True)
@@ -422,6 +427,7 @@ def validate(config: BenchConfig) -> BenchConfig:
         "data.objective": (d.objective, tuple(OBJECTIVES)),
         "strategy.accumulation_loss": (s.accumulation_loss, ("seed", "token-weighted")),
         "strategy.half_dtype": (s.half_dtype, ("auto", "float16", "bfloat16")),
+        "strategy.adam8bit_backend": (s.adam8bit_backend, ("bitsandbytes", "torchao")),
     }
     for key, (choice, allowed) in choices.items():
         if choice not in allowed:
