@@ -14,7 +14,7 @@ from typing import Iterable
 import torch
 
 from .base import RunContext, Strategy
-from .facts import StateLocation, TRACED, TimeFactor
+from .facts import StateLocation, TimeFactor, modelled_by
 from .registry import register
 from .torchao_optim import (
     BLOCK_SIZE,
@@ -46,7 +46,12 @@ class Adam4bit(Strategy):
     state_location = StateLocation.DEVICE
     libraries = ("torchao",)
     micro_batch_counts = ()
-    estimate = TRACED
+    # The estimate's trace cannot follow it (``untraceable``): the cell is traced with the
+    # baseline's AdamW and its moments are replaced by 4-bit ones (estimator/modelled.py).
+    estimate = modelled_by("low-bit-state", traced_in_its_place=None)
+    untraceable = "torchao's compiled update quantises real values, which fake tensors do not have"
+    #: Bits a quantised moment value takes: what the estimate's low-bit-state model counts.
+    state_bits = BITS
     in_causal_lm_matrix = False
     gives_up = (f"quantised optimizer moments (4-bit, blocks of {BLOCK_SIZE[BITS]}); tensors under "
                 f"{QUANTISED_FROM_VALUES:,} values keep full-width moments")

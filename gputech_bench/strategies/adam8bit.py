@@ -9,7 +9,7 @@ both quantise in blocks (256 values) and both keep a tensor under 4,096 values i
 from __future__ import annotations
 
 import importlib
-from typing import Iterable
+from typing import ClassVar, Iterable
 
 import torch
 
@@ -64,7 +64,7 @@ class Adam8bit(Strategy):
     trains_adapters = False
     state_location = StateLocation.DEVICE
     # Either backend's library: ``libraries_for`` names the one a config chooses.
-    libraries = (BITSANDBYTES, TORCHAO)
+    libraries: ClassVar[tuple[str, ...]] = (BITSANDBYTES, TORCHAO)
     micro_batch_counts = ()
     estimate = TRACED
     in_causal_lm_matrix = False
@@ -81,11 +81,17 @@ class Adam8bit(Strategy):
     def libraries_for(cls, config) -> tuple[str, ...]:
         return (cls.backend_for(config),)
 
+    def _steps_torchao(self, ctx: RunContext) -> bool:
+        """Whether torchao's AdamW8bit steps. Not in the estimate's trace: torchao's compiled
+        update needs real values, so the trace builds bitsandbytes' Adam8bit, whose state has
+        the same bytes (a uint8 code a value, one fp32 scale per 256, a 256-value fp32 code
+        book, fp32 under 4,096 values), and the prediction's facts say so (``describe``)."""
+        return self.backend_for(ctx.config) == TORCHAO and not ctx.tracing
+
     def device_refusal(self, ctx: RunContext) -> None:
-        if self.backend_for(ctx.config) == TORCHAO:
+        if self._steps_torchao(ctx):
             load_torchao_optim(USE_BITSANDBYTES)
-            if not ctx.tracing:
-                probe_step(8, ctx.device, USE_BITSANDBYTES)
+            probe_step(8, ctx.device, USE_BITSANDBYTES)
             return
         bnb = load_bitsandbytes()
         if not ctx.tracing:
@@ -95,9 +101,8 @@ class Adam8bit(Strategy):
     optimizer_class = "Adam8bit"
 
     def build_optimizer(self, params: Iterable[torch.Tensor], ctx: RunContext) -> torch.optim.Optimizer:
-        if self.backend_for(ctx.config) == TORCHAO:
-            return low_bit_adamw(8, params, ctx, betas=ctx.config.strategy.adam8bit_betas,
-                                 otherwise=USE_BITSANDBYTES)
+        if self._steps_torchao(ctx):
+            return low_bit_adamw(8, params, ctx, betas=ctx.config.strategy.adam8bit_betas, otherwise=USE_BITSANDBYTES)
         train = ctx.config.train
         return getattr(load_bitsandbytes().optim, self.optimizer_class)(
             params,
@@ -108,7 +113,13 @@ class Adam8bit(Strategy):
         )
 
     def describe(self, model, ctx: RunContext) -> dict:
-        if self.backend_for(ctx.config) == TORCHAO:
+        if self.backend_for(ctx.config) == TORCHAO and ctx.tracing:
+            return {
+                "optimizer_backend": TORCHAO,
+                "traced_as": f"bitsandbytes.optim.{self.optimizer_class}: torchao's compiled update needs real values; "
+                             "its 8-bit state has the same bytes (uint8 codes, one fp32 scale per 256, a 256-value code book)",
+            }
+        if self._steps_torchao(ctx):
             return {
                 "optimizer_backend": TORCHAO,
                 "betas": list(ctx.config.strategy.adam8bit_betas),

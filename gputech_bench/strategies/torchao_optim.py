@@ -103,6 +103,21 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+#: Values in the code book each quantised moment carries (fp32): 2^bits codes.
+def code_book_values(bits: int) -> int:
+    return 2 ** bits
+
+
+def moment_bytes(numel: int, element_size: int, bits: int) -> int:
+    """Bytes of one Adam moment of a tensor of ``numel`` values, as torchao 0.18 keeps it:
+    quantised, ``bits`` per value packed, one fp32 scale per block and an fp32 code book; or,
+    under its rule, a plain tensor in the weights' dtype (``element_size`` bytes a value).
+    ``tests/test_adam4bit.py`` checks it against torchao's own state."""
+    if not quantises(numel, bits):
+        return numel * element_size
+    return numel * bits // 8 + 4 * (numel // BLOCK_SIZE[bits]) + 4 * code_book_values(bits)
+
+
 def is_quantised(tensor: torch.Tensor) -> bool:
     return type(tensor).__name__.startswith("OptimState")
 
