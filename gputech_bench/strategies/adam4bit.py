@@ -19,6 +19,7 @@ from .registry import register
 from .torchao_optim import (
     BLOCK_SIZE,
     QUANTISED_FROM_VALUES,
+    TRACKED_STEP_NOTE,
     TORCHAO_REQUIREMENT,
     MomentSplit,
     load_torchao_optim,
@@ -72,4 +73,5 @@ class Adam4bit(Strategy):
             "torchao_version": torchao_version(),
             "state_block_size": BLOCK_SIZE[BITS],
             **MomentSplit.of(model.parameters(), BITS).describe(BITS),
+            "memory_tracked_step": TRACKED_STEP_NOTE,
         }

@@ -17,7 +17,7 @@ from ..errors import StrategyError, first_line
 from .base import RunContext, Strategy
 from .facts import StateLocation, TRACED, TimeFactor
 from .registry import register
-from .torchao_optim import load_torchao_optim, low_bit_adamw, probe_step, torchao_version
+from .torchao_optim import TRACKED_STEP_NOTE, load_torchao_optim, low_bit_adamw, probe_step, torchao_version
 
 #: strategy.adam8bit_backend's choices.
 BITSANDBYTES, TORCHAO = "bitsandbytes", "torchao"
@@ -124,6 +124,7 @@ class Adam8bit(Strategy):
                 "optimizer_backend": TORCHAO,
                 "betas": list(ctx.config.strategy.adam8bit_betas),
                 "torchao_version": torchao_version(),
+                "memory_tracked_step": TRACKED_STEP_NOTE,
             }
         bnb = load_bitsandbytes()
         return {

@@ -12,12 +12,15 @@ step (a C++ compiler on CPU, Triton on CUDA).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import logging
+import types
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..errors import StrategyError, first_line
 
@@ -63,14 +66,41 @@ def torchao_version() -> str:
         return "unknown"
 
 
+#: What a result says about the memory-tracked step of a torchao optimizer (``eager_while_tracked``).
+TRACKED_STEP_NOTE = (
+    "the memory-tracked step runs torchao's update eagerly (torch.compile cannot run under MemTracker's dispatch "
+    "mode): its temporaries are the eager update's, more than the compiled kernel's; the state bytes are the same"
+)
+
+
+def eager_while_tracked(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Let ``optimizer.step`` run under a TorchDispatchMode (MemTracker, on the memory-tracked
+    step): torchao compiles its update with ``fullgraph=True``, which refuses such a mode, so
+    under one the update runs eagerly (``torch.compiler.set_stance("force_eager")``): the same
+    arithmetic on the same state tensors, op by op. Every other step stays compiled."""
+    compiled_step = type(optimizer).step
+
+    @functools.wraps(compiled_step)
+    def step(self: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        if _get_current_dispatch_mode() is None:
+            return compiled_step(self, *args, **kwargs)
+        with torch.compiler.set_stance("force_eager"):
+            return compiled_step(self, *args, **kwargs)
+
+    # A bound method of the instance, as torch's LR schedulers expect (they wrap it in turn):
+    # the optimizer stays torchao's own class.
+    optimizer.step = types.MethodType(step, optimizer)  # type: ignore[method-assign]
+    return optimizer
+
+
 def low_bit_adamw(bits: int, params: Any, ctx: Any, betas: tuple[float, float], otherwise: str) -> torch.optim.Optimizer:
     """torchao's AdamW4bit or AdamW8bit over ``params``, with the run's learning rate, eps and
     weight decay (decoupled, as the baseline's AdamW and bitsandbytes' Adam8bit apply it)."""
     optim = load_torchao_optim(otherwise)
     train = ctx.config.train
     optimizer_class = getattr(optim, f"AdamW{bits}bit")
-    return optimizer_class(params, lr=train.lr, betas=betas, eps=train.adam_eps, weight_decay=train.weight_decay,
-                           block_size=BLOCK_SIZE[bits])
+    return eager_while_tracked(optimizer_class(params, lr=train.lr, betas=betas, eps=train.adam_eps,
+                                               weight_decay=train.weight_decay, block_size=BLOCK_SIZE[bits]))
 
 
 def probe_step(bits: int, device: torch.device, otherwise: str) -> None:
