@@ -254,9 +254,9 @@ def test_fit_searches_only_what_the_trace_can_follow():
     # fsdp-offload and qlora cannot be traced, but are modelled around a trace of the rest of
     # their cell (estimator/modelled.py), their figures labelled so: fit weighs them.
     assert set(unsearchable("meta")) == {"amp", "amp-fp16", "sparse-head", "compile", "paged-adam8bit"}
-    assert {"fsdp-offload", "qlora"} <= set(modelled_strategies("meta"))
+    assert {"fsdp-offload", "qlora", "adam4bit"} <= set(modelled_strategies("meta"))
     assert "amp" not in unsearchable("cuda")
     from gputech_bench.config import BenchConfig
 
     searched = {part for setup in candidates(BenchConfig()) for part in setup.cell.split("+")}
-    assert searched == {"baseline", "1", "2", "3", "4", "lora", "fsdp-offload", "qlora"}
+    assert searched == {"baseline", "1", "2", "3", "4", "lora", "fsdp-offload", "qlora", "adam4bit"}
