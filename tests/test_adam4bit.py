@@ -289,3 +289,19 @@ def test_adam4bit_steps_fsdp_offloads_host_dtensors_like_it_steps_plain_tensors(
         distributed.shutdown()
     _, losses = stepped("adam4bit", 3)
     assert sharded_losses == pytest.approx(losses, rel=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torchao's compiled update on CUDA (Triton) needs a GPU")
+def test_adam4bit_steps_on_cuda_and_the_warm_up_loads_torchao():
+    from gputech_bench.measure.warmup import warm_up_cuda_libraries
+
+    device = torch.device("cuda")
+    assert "torchao low-bit optimizer (compiled)" in warm_up_cuda_libraries(device, {"torchao"})
+    ctx = dataclasses.replace(context("train.batch_size=8", "train.lr=1e-3"), device=device)
+    plan = build_plan(parse_cell("adam4bit"), tiny_bert(vocab=VOCAB, hidden=HIDDEN), ctx)
+    scheduler = get_linear_schedule_with_warmup(plan.optimizer, 0, 100)
+    batch = {name: tensor.to(device) for name, tensor in random_batch(8, 32, VOCAB).items()}
+    losses = [float(optimizer_step(plan, scheduler, batch, ctx)) for _ in range(3)]
+    assert losses[-1] < losses[0]
+    quantised = [m for pair in moments(plan.optimizer).values() for m in pair if is_quantised(m)]
+    assert quantised and all(m.device.type == "cuda" for m in quantised)
