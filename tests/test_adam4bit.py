@@ -305,3 +305,11 @@ def test_adam4bit_steps_on_cuda_and_the_warm_up_loads_torchao():
     assert losses[-1] < losses[0]
     quantised = [m for pair in moments(plan.optimizer).values() for m in pair if is_quantised(m)]
     assert quantised and all(m.device.type == "cuda" for m in quantised)
+
+
+def test_the_warm_up_steps_torchao_only_for_a_cell_that_uses_it():
+    from gputech_bench.measure.warmup import warm_up_cuda_libraries
+
+    cpu = torch.device("cpu")
+    assert warm_up_cuda_libraries(cpu, {"torchao"})[-1] == "torchao low-bit optimizer (compiled)"
+    assert not any("torchao" in step for step in warm_up_cuda_libraries(cpu, {"bitsandbytes"}))
