@@ -23,6 +23,7 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..errors import StrategyError, first_line
+from .base import RunContext
 
 #: The torchao release line the project pins (pyproject.toml): its optimizers' arguments,
 #: block sizes and threshold are read from 0.18.
@@ -93,7 +94,8 @@ def eager_while_tracked(optimizer: torch.optim.Optimizer) -> torch.optim.Optimiz
     return optimizer
 
 
-def low_bit_adamw(bits: int, params: Any, ctx: Any, betas: tuple[float, float], otherwise: str) -> torch.optim.Optimizer:
+def low_bit_adamw(bits: int, params: Iterable[torch.Tensor], ctx: RunContext, betas: tuple[float, float],
+                  otherwise: str) -> torch.optim.Optimizer:
     """torchao's AdamW4bit or AdamW8bit over ``params``, with the run's learning rate, eps and
     weight decay (decoupled, as the baseline's AdamW and bitsandbytes' Adam8bit apply it)."""
     optim = load_torchao_optim(otherwise)
@@ -133,8 +135,8 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-#: Values in the code book each quantised moment carries (fp32): 2^bits codes.
 def code_book_values(bits: int) -> int:
+    """Values (fp32) in the code book each quantised moment carries: one per code."""
     return 2 ** bits
 
 
