@@ -315,13 +315,18 @@ class LowBitState:
         }
 
     def substituted(self, by_category: dict[str, int]) -> dict[str, int]:
-        """``by_category`` with AdamW's moments scaled to the low-bit ones: exact once the whole
-        state is live (the traced second step), in proportion while the first step creates it."""
+        """``by_category`` with AdamW's moments replaced by the low-bit ones. Once the whole
+        state is live (the traced second step), what the category holds beyond the moments is
+        what AdamW allocates inside its step, which stays as traced; while the first step
+        creates the moments, they are scaled in proportion."""
         if not self.adamw_bytes:
             return by_category
         changed = dict(by_category)
         traced = by_category.get(OPTIMIZER_STATE.name, 0)
-        changed[OPTIMIZER_STATE.name] = round(traced * self.low_bit_bytes / self.adamw_bytes)
+        if traced >= self.adamw_bytes:
+            changed[OPTIMIZER_STATE.name] = traced - self.adamw_bytes + self.low_bit_bytes
+        else:
+            changed[OPTIMIZER_STATE.name] = round(traced * self.low_bit_bytes / self.adamw_bytes)
         return changed
 
 
