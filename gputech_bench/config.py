@@ -197,6 +197,11 @@ class StrategyConfig:
         "survive on average) with bf16-weights' own AdamW; off = round to nearest, which loses them. "
         "Refused beside another strategy that builds the optimizer (3, adam4bit).",
     )
+    adam8bit_backend: str = setting(
+        "bitsandbytes",
+        "Strategy 3: whose 8-bit optimizer steps: 'bitsandbytes' (Adam8bit, the seed's) or 'torchao' "
+        "(torchao.optim.AdamW8bit), to compare the two on one card; paged-adam8bit is bitsandbytes' whatever this says.",
+    )
 
 
 @dataclass(frozen=True)
@@ -450,6 +455,7 @@ def validate(config: BenchConfig) -> BenchConfig:
         "strategy.accumulation_loss": (s.accumulation_loss, ("seed", "token-weighted")),
         "strategy.half_dtype": (s.half_dtype, ("auto", "float16", "bfloat16")),
         "strategy.ce_kernel": (s.ce_kernel, CE_KERNELS),
+        "strategy.adam8bit_backend": (s.adam8bit_backend, ("bitsandbytes", "torchao")),
     }
     for key, (choice, allowed) in choices.items():
         if choice not in allowed:

@@ -213,19 +213,40 @@ def test_fit_on_a_small_llama_finds_full_training_and_its_bytes_are_16_per_param
 
     # A budget the baseline's 16 bytes per parameter cannot meet: full training must move its
     # state to the host, which fit must find. Left out so that the account is the plain one:
-    # 3 and paged-adam8bit (8-bit moments, 2 bytes a parameter) and 4 (its host gradients are
-    # copies made outside backward, which MemTracker files as activations); bf16-weights too, whose
-    # 8 bytes a parameter on the device answer the budget another way (tests/test_bf16_weights.py).
+    # 3, adam4bit and paged-adam8bit (8-bit or 4-bit moments) and 4 (its host gradients are copies
+    # made outside backward, which MemTracker files as activations); bf16-weights too, whose 8 bytes
+    # a parameter on the device answer the budget another way (tests/test_bf16_weights.py).
     budget = 10 * parameters
     assert baseline.device.total_bytes > budget
     trace = lambda setups, cfg, limit=None: predict(setups, cfg, jobs=1, limit=limit)  # noqa: E731
     result = FitSearch(config, budget, NO_OVERHEAD, trace, wanted=1,
-                       exclude={"3", "4", "paged-adam8bit", "bf16-weights"}).run()
+                       exclude={"3", "4", "adam4bit", "paged-adam8bit", "bf16-weights"}).run()
     assert result.chosen, "fit found nothing under the budget"
     full = result.full_training or next(c for c in result.chosen if trains_every_weight(c.setup))
     assert full.fits and full.device_total <= budget
     assert full.prediction.host is not None, "a full fine-tune under this budget keeps its state on the host"
     _sixteen_bytes_account(full.prediction.host, parameters, largest)
+
+
+def test_fit_weighs_adam4bit_and_keeps_a_full_fine_tune_on_the_device_under_13_bytes_a_parameter(small_llama):
+    config, inputs = small_llama
+    parameters = llama_parameters(SMALL_LLAMA)
+    # fp32 weights and gradients take 8 bytes a parameter, AdamW's moments 8 more, and its step
+    # about 3 (two fp32 temporaries of the embedding, most of this small model): only a smaller
+    # state fits on the device (adam4bit's peak: about 12 bytes a parameter).
+    budget = 13 * parameters
+    assert trace_cell(parse_cell("1"), config, inputs, trace_target()).device.total_bytes > budget
+    trace = lambda setups, cfg, limit=None: predict(setups, cfg, jobs=1, limit=limit)  # noqa: E731
+    result = FitSearch(config, budget, NO_OVERHEAD, trace, wanted=1, exclude={"3", "4", "fsdp-offload"}).run()
+    full = result.full_training or next(c for c in result.chosen if trains_every_weight(c.setup))
+    assert "adam4bit" in full.setup.cell.split("+") and full.fits and full.prediction.host is None
+    assert full.prediction.source == "modelled"
+    # About half a byte a moment value: the two moments of every large tensor in little over 1
+    # byte, plus what AdamW's step allocates (two fp32 temporaries of the largest tensor at most).
+    largest = SMALL_LLAMA["vocab_size"] * SMALL_LLAMA["hidden_size"]
+    state = full.prediction.device.by_category["optimizer_state"]
+    print(f"adam4bit optimizer state: {state / parameters:.2f} bytes a parameter")
+    assert state < 1.2 * parameters + 2 * 4 * largest
 
 
 def test_fsdp_offload_is_modelled_with_the_16_byte_state_on_the_host(small_llama):

@@ -251,10 +251,10 @@ def test_strategies_the_estimate_cannot_follow_say_why_in_one_line(cell, reason)
 def test_fit_searches_only_what_the_trace_can_follow():
     from gputech_bench.estimator.fit import candidates, modelled_strategies, unsearchable
 
-    # fsdp-offload, qlora and paged-adam8bit cannot be traced, but are modelled around a trace
-    # of the rest of their cell (estimator/modelled.py), their figures labelled so: fit weighs them.
+    # fsdp-offload, qlora, paged-adam8bit and adam4bit cannot be traced, but are modelled around a
+    # trace of the rest of their cell (estimator/modelled.py), their figures labelled so: fit weighs them.
     assert set(unsearchable("meta")) == {"compile"}
-    assert {"fsdp-offload", "qlora", "paged-adam8bit"} <= set(modelled_strategies("meta"))
+    assert {"fsdp-offload", "qlora", "paged-adam8bit", "adam4bit"} <= set(modelled_strategies("meta"))
     assert "amp" not in unsearchable("cuda")
     from gputech_bench.config import BenchConfig
 
@@ -262,4 +262,5 @@ def test_fit_searches_only_what_the_trace_can_follow():
     # it as not searched, with that reason (tests/test_fit_search.py).
     searched = {part for setup in candidates(BenchConfig()) for part in setup.cell.split("+")}
     assert searched == {"baseline", "1", "2", "3", "4", "lora", "fsdp-offload", "qlora", "amp", "amp-fp16",
-                        "paged-adam8bit", "chunked-ce", "offload-activations", "bf16-weights", "optimizer-in-backward"}
+                        "paged-adam8bit", "chunked-ce", "offload-activations", "bf16-weights", "optimizer-in-backward",
+                        "adam4bit"}

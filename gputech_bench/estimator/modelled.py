@@ -1,6 +1,6 @@
 """Setups the tracer cannot follow, modelled around a trace of their nearest traceable cell.
 
-Three strategies cannot run on fake tensors, and ``fit`` must still weigh them, because for
+Four strategies cannot run on fake tensors, and ``fit`` must still weigh them, because for
 an LLM larger than the card they are the answers:
 
 * ``fsdp-offload``: FSDP2 needs a process group and runs collectives, and it takes its
@@ -8,6 +8,7 @@ an LLM larger than the card they are the answers:
 * ``qlora``: bitsandbytes quantises real values (a fake tensor has none).
 * ``paged-adam8bit``: its state lives in CUDA unified memory, which the driver pages to the
   host; the trace follows the allocator only. Modelled as strategy 3 with its state on the host.
+* ``adam4bit``: torchao's compiled update quantises real values too, inside torch.compile.
 
 Each is modelled as a *proxy trace plus a substitution*: the cell without the strategy (or,
 for qlora, with plain LoRA in its place) is traced on fake tensors as usual, and only what
@@ -33,6 +34,7 @@ from ..strategies import Cell, RunContext, Strategy, combination_refusal, launch
 from ..strategies.facts import EstimateKind
 from ..strategies.architecture import repeated_blocks
 from ..strategies.qlora import DOUBLE_QUANT, modules_kept_unquantized
+from ..strategies.torchao_optim import BLOCK_SIZE, QUANTISED_FROM_VALUES, moment_bytes
 from ..strategies.registry import lookup
 from ..units import format_size
 from .trace import (
@@ -339,15 +341,120 @@ class PagedStateModel:
                              time.perf_counter() - started, trace.stopped, method)
 
 
+# --------------------------------------------------------------------------- low-bit optimizer state
+
+
+#: Adam's two moments per trained tensor.
+MOMENTS = 2
+
+
+@dataclass(frozen=True)
+class LowBitState:
+    """AdamW's moments on one device against the low-bit optimizer's, from the trained shapes."""
+
+    device: str
+    adamw_bytes: int
+    low_bit_bytes: int
+    quantised_tensors: int
+    full_width_tensors: int
+
+    @classmethod
+    def of(cls, params: list, bits: int) -> "dict[str, LowBitState]":
+        """One per device the trained tensors (the optimizer's parameters) live on."""
+        by_device: dict[str, list] = {}
+        for param in params:
+            by_device.setdefault(str(param.device), []).append(param)
+        return {
+            device: cls(
+                device,
+                sum(MOMENTS * p.numel() * p.element_size() for p in group),
+                sum(MOMENTS * moment_bytes(p.numel(), p.element_size(), bits) for p in group),
+                sum(1 for p in group if moment_bytes(p.numel(), p.element_size(), bits) < p.numel() * p.element_size()),
+                sum(1 for p in group if moment_bytes(p.numel(), p.element_size(), bits) >= p.numel() * p.element_size()),
+            )
+            for device, group in by_device.items()
+        }
+
+    def substituted(self, by_category: dict[str, int]) -> dict[str, int]:
+        """``by_category`` with AdamW's moments replaced by the low-bit ones. Once the whole
+        state is live (the traced second step), what the category holds beyond the moments is
+        what AdamW allocates inside its step, which stays as traced; while the first step
+        creates the moments, they are scaled in proportion."""
+        if not self.adamw_bytes:
+            return by_category
+        changed = dict(by_category)
+        traced = by_category.get(OPTIMIZER_STATE, 0)
+        if traced >= self.adamw_bytes:
+            changed[OPTIMIZER_STATE] = traced - self.adamw_bytes + self.low_bit_bytes
+        else:
+            changed[OPTIMIZER_STATE] = round(traced * self.low_bit_bytes / self.adamw_bytes)
+        return changed
+
+
+class LowBitStateModel:
+    """adam4bit: the proxy is the same cell with the baseline's AdamW (fp32 moments), whose
+    moments are then replaced by torchao's quantised ones, counted from the trained shapes."""
+
+    def __init__(self, strategy: type[Strategy]) -> None:
+        self.strategy = strategy
+        # A class attribute of the strategy (adam4bit's ``state_bits``), which Strategy does not declare.
+        bits = getattr(strategy, "state_bits", None)
+        if not isinstance(bits, int):
+            raise TypeError(f"{strategy.__name__} is modelled as low-bit-state but declares no state_bits")
+        self.bits = bits
+
+    def proxy(self, cell: Cell) -> Cell:
+        return proxy_cell(cell, self.strategy)
+
+    def run(self, cell: Cell, config: BenchConfig, inputs: TraceInputs, target: TraceTarget,
+            limit: Limit | None) -> ModelledTrace:
+        started = time.perf_counter()
+        _check_modelled_cell(cell, config, target)
+        proxy = self.proxy(cell)
+        states: list[dict[str, LowBitState]] = []
+
+        def inspect(plan) -> None:
+            states.append(LowBitState.of([p for group in plan.optimizer.param_groups for p in group["params"]], self.bits))
+
+        def on(device: str, by_category: dict[str, int]) -> dict[str, int]:
+            state = states[0].get(device) if states else None
+            return state.substituted(by_category) if state else by_category
+
+        device_name = str(target.device)
+        trace = trace_cell(proxy, config, inputs, target, limit, inspect,
+                           counted=lambda by_category: sum(on(device_name, by_category).values()))
+        device = on(device_name, trace.device.by_category)
+        host = None if trace.host is None else _peak(trace.host.device, on(trace.host.device, trace.host.by_category))
+        moved = {name: state for name, state in states[0].items()} if states else {}
+        where = "; ".join(
+            f"{name}: {format_size(state.adamw_bytes)} -> {format_size(state.low_bit_bytes)} "
+            f"({state.quantised_tensors} tensor(s) quantised, {state.full_width_tensors} kept full width)"
+            for name, state in moved.items()
+        )
+        method = (
+            f"modelled, not traced (torchao's compiled update quantises real values): traced as '{proxy.name}' "
+            f"(the baseline's AdamW), then its moments replaced by {self.bits}-bit ones counted from the trained "
+            f"shapes ({self.bits} bits a value, one fp32 scale per {BLOCK_SIZE[self.bits]} values, a code book; "
+            f"tensors under {QUANTISED_FROM_VALUES:,} values or not a multiple of the block keep full-width "
+            f"moments): {where}; the update's temporaries are taken as AdamW's"
+        )
+        facts = dict(trace.facts)
+        facts["modelled"] = {"strategy": self.strategy.key, "proxy": proxy.name, "state_bits": self.bits,
+                             "optimizer_state": {name: vars(state) for name, state in moved.items()}}
+        return ModelledTrace(_peak(device_name, device), host, facts, time.perf_counter() - started,
+                             trace.stopped, method)
+
+
 # --------------------------------------------------------------------------- which
 
 
 #: The modellers by the name a strategy's ``estimate = modelled_by(name, ...)`` gives.
-Modeller = FsdpUnitsModel | Nf4WeightsModel | PagedStateModel
+Modeller = FsdpUnitsModel | Nf4WeightsModel | PagedStateModel | LowBitStateModel
 MODELLERS: dict[str, type[Modeller]] = {
     "fsdp-units": FsdpUnitsModel,
     "nf4-weights": Nf4WeightsModel,
     "paged-state": PagedStateModel,
+    "low-bit-state": LowBitStateModel,
 }
 
 

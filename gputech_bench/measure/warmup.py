@@ -17,6 +17,9 @@ import torch.nn.functional as F
 #: The library name a strategy's ``libraries`` fact gives for bitsandbytes (its CUDA library
 #: loads at its first kernel).
 BITSANDBYTES = "bitsandbytes"
+#: torchao's low-bit optimizers compile their update with Triton on CUDA: its first kernel
+#: loads Triton's runtime and a CUDA module.
+TORCHAO = "torchao"
 
 
 def _tiny_training_step(device: torch.device, dtype: torch.dtype | None) -> None:
@@ -43,6 +46,15 @@ def _bitsandbytes_step(device: torch.device) -> None:
     optimizer.step()
 
 
+def _torchao_step(device: torch.device) -> None:
+    import torchao.optim
+
+    parameter = torch.nn.Parameter(torch.randn(4096, device=device))
+    optimizer = torchao.optim.AdamW4bit([parameter])
+    parameter.grad = torch.randn_like(parameter)
+    optimizer.step()
+
+
 def warm_up_cuda_libraries(device: torch.device, libraries: set[str]) -> list[str]:
     """Run what loads the cell's GPU libraries, then hand the allocator's cache back, so
     that what stays outside the allocator is the context a training step really has.
@@ -57,6 +69,9 @@ def warm_up_cuda_libraries(device: torch.device, libraries: set[str]) -> list[st
     if BITSANDBYTES in libraries:
         _bitsandbytes_step(device)
         warmed.append("bitsandbytes 8-bit optimizer")
+    if TORCHAO in libraries:
+        _torchao_step(device)
+        warmed.append("torchao low-bit optimizer (compiled)")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()

@@ -1,9 +1,15 @@
-"""Strategy 3: bitsandbytes' 8-bit Adam (block-wise quantised optimizer state)."""
+"""Strategy 3: 8-bit Adam (block-wise quantised optimizer state).
+
+``strategy.adam8bit_backend`` chooses whose: bitsandbytes' Adam8bit (the seed's, the default)
+or torchao's AdamW8bit, so that the two can be compared on one card. Both apply weight decay
+decoupled from the gradient (bitsandbytes' "adam" kernel decays the weights as AdamW does),
+both quantise in blocks (256 values) and both keep a tensor under 4,096 values in fp32.
+"""
 
 from __future__ import annotations
 
 import importlib
-from typing import Iterable
+from typing import ClassVar, Iterable
 
 import torch
 
@@ -11,6 +17,12 @@ from ..errors import StrategyError, first_line
 from .base import RunContext, Strategy
 from .facts import StateLocation, TRACED, TimeFactor
 from .registry import register
+from .torchao_optim import TRACKED_STEP_NOTE, load_torchao_optim, low_bit_adamw, probe_step, torchao_version
+
+#: strategy.adam8bit_backend's choices.
+BITSANDBYTES, TORCHAO = "bitsandbytes", "torchao"
+#: The fix a refusal of torchao's backend offers.
+USE_BITSANDBYTES = f"--set strategy.adam8bit_backend={BITSANDBYTES}"
 
 
 def load_bitsandbytes(needed_by: str = "strategy 3"):
@@ -51,15 +63,37 @@ class Adam8bit(Strategy):
     changes_activations_only = False
     trains_adapters = False
     state_location = StateLocation.DEVICE
-    libraries = ("bitsandbytes",)
+    # Either backend's library: ``libraries_for`` names the one a config chooses.
+    libraries: ClassVar[tuple[str, ...]] = (BITSANDBYTES, TORCHAO)
     micro_batch_counts = ()
     estimate = TRACED
     in_causal_lm_matrix = False
     moves_activations_to_host = False
     gives_up = "quantised optimizer moments (8-bit block-wise)"
-    requires = "bitsandbytes >= 0.45 (CPU kernels included); on CUDA, a build with kernels for this GPU"
+    requires = ("bitsandbytes >= 0.45 (CPU kernels included; on CUDA, a build with kernels for this GPU), "
+                "or with strategy.adam8bit_backend=torchao, torchao 0.18 and torch.compile")
+
+    @classmethod
+    def backend_for(cls, config) -> str:
+        """Whose 8-bit optimizer steps: strategy.adam8bit_backend."""
+        return config.strategy.adam8bit_backend
+
+    @classmethod
+    def libraries_for(cls, config) -> tuple[str, ...]:
+        return (cls.backend_for(config),)
+
+    def _steps_torchao(self, ctx: RunContext) -> bool:
+        """Whether torchao's AdamW8bit steps. Not in the estimate's trace: torchao's compiled
+        update needs real values, so the trace builds bitsandbytes' Adam8bit, whose state has
+        the same bytes (a uint8 code a value, one fp32 scale per 256, a 256-value fp32 code
+        book, fp32 under 4,096 values), and the prediction's facts say so (``describe``)."""
+        return self.backend_for(ctx.config) == TORCHAO and not ctx.tracing
 
     def device_refusal(self, ctx: RunContext) -> None:
+        if self._steps_torchao(ctx):
+            load_torchao_optim(USE_BITSANDBYTES)
+            probe_step(8, ctx.device, USE_BITSANDBYTES)
+            return
         bnb = load_bitsandbytes()
         if not ctx.tracing:
             probe_kernels(bnb, ctx.device)
@@ -68,6 +102,8 @@ class Adam8bit(Strategy):
     optimizer_class = "Adam8bit"
 
     def build_optimizer(self, params: Iterable[torch.Tensor], ctx: RunContext) -> torch.optim.Optimizer:
+        if self._steps_torchao(ctx):
+            return low_bit_adamw(8, params, ctx, betas=ctx.config.strategy.adam8bit_betas, otherwise=USE_BITSANDBYTES)
         train = ctx.config.train
         return getattr(load_bitsandbytes().optim, self.optimizer_class)(
             params,
@@ -78,8 +114,22 @@ class Adam8bit(Strategy):
         )
 
     def describe(self, model, ctx: RunContext) -> dict:
+        if self.backend_for(ctx.config) == TORCHAO and ctx.tracing:
+            return {
+                "optimizer_backend": TORCHAO,
+                "traced_as": f"bitsandbytes.optim.{self.optimizer_class}: torchao's compiled update needs real values; "
+                             "its 8-bit state has the same bytes (uint8 codes, one fp32 scale per 256, a 256-value code book)",
+            }
+        if self._steps_torchao(ctx):
+            return {
+                "optimizer_backend": TORCHAO,
+                "betas": list(ctx.config.strategy.adam8bit_betas),
+                "torchao_version": torchao_version(),
+                "memory_tracked_step": TRACKED_STEP_NOTE,
+            }
         bnb = load_bitsandbytes()
         return {
+            "optimizer_backend": BITSANDBYTES,
             "optimizer": f"bitsandbytes.optim.{self.optimizer_class}",
             "betas": list(ctx.config.strategy.adam8bit_betas),
             "bitsandbytes_version": getattr(bnb, "__version__", "unknown"),

@@ -276,6 +276,12 @@ class Strategy:
     moves_activations_to_host: ClassVar[bool]
 
     @classmethod
+    def libraries_for(cls, config: "BenchConfig") -> tuple[str, ...]:
+        """The libraries a run of it under ``config`` loads (the warm-up loads them): its
+        ``libraries``, unless a setting chooses among them (strategy 3's backend)."""
+        return cls.libraries
+
+    @classmethod
     def trace_refusal(cls, device_type: str) -> str | None:
         """Estimate stage: why the estimate cannot trace this strategy on fake tensors of
         ``device_type``, or None when it can; ``fit`` searches only traceable strategies."""

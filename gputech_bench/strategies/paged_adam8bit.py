@@ -8,7 +8,7 @@ back in when the step needs it. Only a CUDA device has unified memory to page.
 from __future__ import annotations
 
 from ..errors import StrategyError
-from .adam8bit import Adam8bit, load_bitsandbytes, probe_kernels
+from .adam8bit import BITSANDBYTES, Adam8bit, load_bitsandbytes, probe_kernels
 from .base import RunContext
 from .facts import StateLocation, TimeFactor, modelled_by
 from .registry import register
@@ -40,6 +40,12 @@ class PagedAdam8bit(Adam8bit):
 
     untraceable = "its state lives in unified memory, outside the allocator the estimate models"
     optimizer_class = "PagedAdamW8bit"
+
+    @classmethod
+    def backend_for(cls, config) -> str:
+        # Paged state is bitsandbytes' alone; strategy.adam8bit_backend chooses strategy 3's
+        # optimizer, and the result's optimizer_backend says bitsandbytes here whatever it is.
+        return BITSANDBYTES
 
     def device_refusal(self, ctx: RunContext) -> None:
         if ctx.tracing:

@@ -137,7 +137,7 @@ def _measure_cuda_cell(cell, config: BenchConfig, device: torch.device, result: 
         result.notes.append(SNAPSHOT_SLOWS_STEPS)
     try:
         if config.gpu_memory_limit:
-            apply_memory_cap(config, device, result, {library for cls in cell.strategies for library in cls.libraries})
+            apply_memory_cap(config, device, result, {library for cls in cell.strategies for library in cls.libraries_for(config)})
         return _measure_cell(cell, config, device, result, emit, sampler)
     finally:
         sampler.stop()
