@@ -54,6 +54,7 @@ class Adam4bit(Strategy):
     #: Bits a quantised moment value takes: what the estimate's low-bit-state model counts.
     state_bits = BITS
     in_causal_lm_matrix = False
+    moves_activations_to_host = False
     gives_up = (f"quantised optimizer moments (4-bit, blocks of {BLOCK_SIZE[BITS]}): less exact updates (a "
                 f"from-scratch run of the cpu preset learnt slower than AdamW); tensors under "
                 f"{QUANTISED_FROM_VALUES:,} values keep full-width moments")
