@@ -122,10 +122,12 @@ NO_OVERHEAD = Overheads(0, "test", 0.0, "test")
 def test_fit_picks_the_fastest_setup_that_fits_when_the_baseline_does_not():
     config = load_preset("seed")
     trace = _fake_trace({"baseline": 20 * 2**30, "3": 19 * 2**30, "1": 12 * 2**30, "default": 4 * 2**30})
-    # Without the setups faster than the baseline (lora, bf16-weights, amp's cells at x0.6), which
-    # fit would weigh first: the baseline would never be weighed, and the search has to reject it first.
+    # Without the setups faster than the baseline (lora, bf16-weights, amp's cells at x0.6) or as fast
+    # (optimizer-in-backward, adam4bit and paged-adam8bit at x1.0, which this fake trace would let fit),
+    # which fit would weigh first: the baseline would never be weighed, and the search has to reject it first.
     result = FitSearch(config, 16 * 2**30, NO_OVERHEAD, trace, wanted=2,
-                       exclude={"lora", "bf16-weights", "amp", "amp-fp16"}).run()
+                       exclude={"lora", "bf16-weights", "amp", "amp-fp16", "optimizer-in-backward", "adam4bit",
+                                "paged-adam8bit"}).run()
     assert result.floor is None
     assert result.chosen[0].setup.cell != "baseline" and result.chosen[0].fits
     assert all(c.device_total <= 16 * 2**30 for c in result.chosen)
