@@ -166,8 +166,10 @@ class FsdpUnits:
         return self.device_parameters() + self.device_gradients()
 
 
-class FsdpUnitsModel:
-    """fsdp-offload: the proxy is the cell without it, on the device in fp32."""
+class Modeller:
+    """A strategy the trace cannot follow, modelled around a trace of its proxy cell: the cell
+    with the strategy taken out or replaced (``proxy_cell``). Each modeller says, in ``model``,
+    how the proxy's trace becomes the strategy's figures."""
 
     def __init__(self, strategy: type[Strategy]) -> None:
         self.strategy = strategy
@@ -179,7 +181,18 @@ class FsdpUnitsModel:
             limit: Limit | None) -> ModelledTrace:
         started = time.perf_counter()
         _check_modelled_cell(cell, config, target)
-        proxy = self.proxy(cell)
+        return self.model(cell, self.proxy(cell), config, inputs, target, limit, started)
+
+    def model(self, cell: Cell, proxy: Cell, config: BenchConfig, inputs: TraceInputs, target: TraceTarget,
+              limit: Limit | None, started: float) -> ModelledTrace:
+        raise NotImplementedError
+
+
+class FsdpUnitsModel(Modeller):
+    """fsdp-offload: the proxy is the cell without it, on the device in fp32."""
+
+    def model(self, cell: Cell, proxy: Cell, config: BenchConfig, inputs: TraceInputs, target: TraceTarget,
+              limit: Limit | None, started: float) -> ModelledTrace:
         units: list[FsdpUnits] = []
 
         def inspect(plan) -> None:
@@ -244,20 +257,11 @@ def _shape_model_sizes(config: BenchConfig, inputs: TraceInputs) -> list[tuple[i
         return quantised_sizes(model)
 
 
-class Nf4WeightsModel:
+class Nf4WeightsModel(Modeller):
     """qlora: the proxy is the same cell with LoRA (the same adapters) on the fp32 base."""
 
-    def __init__(self, strategy: type[Strategy]) -> None:
-        self.strategy = strategy
-
-    def proxy(self, cell: Cell) -> Cell:
-        return proxy_cell(cell, self.strategy)
-
-    def run(self, cell: Cell, config: BenchConfig, inputs: TraceInputs, target: TraceTarget,
-            limit: Limit | None) -> ModelledTrace:
-        started = time.perf_counter()
-        _check_modelled_cell(cell, config, target)
-        proxy = self.proxy(cell)
+    def model(self, cell: Cell, proxy: Cell, config: BenchConfig, inputs: TraceInputs, target: TraceTarget,
+              limit: Limit | None, started: float) -> ModelledTrace:
         double_quant = DOUBLE_QUANT  # what the qlora strategy configures (bnb_4bit_use_double_quant)
         quantised = _shape_model_sizes(config, inputs)
 
@@ -295,7 +299,7 @@ class Nf4WeightsModel:
 # --------------------------------------------------------------------------- paged state
 
 
-class PagedStateModel:
+class PagedStateModel(Modeller):
     """paged-adam8bit: the proxy is the same cell with strategy 3 (the same 8-bit optimizer and
     state, in device memory); its optimizer state is then counted on the host side.
 
@@ -303,17 +307,8 @@ class PagedStateModel:
     the host when the device runs short: for a budget the device cannot meet otherwise, that
     is where the state lives. It is counted there, never dropped: the host column shows it."""
 
-    def __init__(self, strategy: type[Strategy]) -> None:
-        self.strategy = strategy
-
-    def proxy(self, cell: Cell) -> Cell:
-        return proxy_cell(cell, self.strategy)
-
-    def run(self, cell: Cell, config: BenchConfig, inputs: TraceInputs, target: TraceTarget,
-            limit: Limit | None) -> ModelledTrace:
-        started = time.perf_counter()
-        _check_modelled_cell(cell, config, target)
-        proxy = self.proxy(cell)
+    def model(self, cell: Cell, proxy: Cell, config: BenchConfig, inputs: TraceInputs, target: TraceTarget,
+              limit: Limit | None, started: float) -> ModelledTrace:
 
         def paged_out(by_category: dict[str, int]) -> dict[str, int]:
             return {**by_category, OPTIMIZER_STATE: 0}
@@ -391,26 +386,20 @@ class LowBitState:
         return changed
 
 
-class LowBitStateModel:
+class LowBitStateModel(Modeller):
     """adam4bit: the proxy is the same cell with the baseline's AdamW (fp32 moments), whose
     moments are then replaced by torchao's quantised ones, counted from the trained shapes."""
 
     def __init__(self, strategy: type[Strategy]) -> None:
-        self.strategy = strategy
+        super().__init__(strategy)
         # A class attribute of the strategy (adam4bit's ``state_bits``), which Strategy does not declare.
         bits = getattr(strategy, "state_bits", None)
         if not isinstance(bits, int):
             raise TypeError(f"{strategy.__name__} is modelled as low-bit-state but declares no state_bits")
         self.bits = bits
 
-    def proxy(self, cell: Cell) -> Cell:
-        return proxy_cell(cell, self.strategy)
-
-    def run(self, cell: Cell, config: BenchConfig, inputs: TraceInputs, target: TraceTarget,
-            limit: Limit | None) -> ModelledTrace:
-        started = time.perf_counter()
-        _check_modelled_cell(cell, config, target)
-        proxy = self.proxy(cell)
+    def model(self, cell: Cell, proxy: Cell, config: BenchConfig, inputs: TraceInputs, target: TraceTarget,
+              limit: Limit | None, started: float) -> ModelledTrace:
         states: list[dict[str, LowBitState]] = []
 
         def inspect(plan) -> None:
@@ -449,7 +438,6 @@ class LowBitStateModel:
 
 
 #: The modellers by the name a strategy's ``estimate = modelled_by(name, ...)`` gives.
-Modeller = FsdpUnitsModel | Nf4WeightsModel | PagedStateModel | LowBitStateModel
 MODELLERS: dict[str, type[Modeller]] = {
     "fsdp-units": FsdpUnitsModel,
     "nf4-weights": Nf4WeightsModel,
