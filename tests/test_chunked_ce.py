@@ -267,9 +267,9 @@ def kernel_installed(kernel: str) -> bool:
 @pytest.mark.parametrize("kernel", list(FUSED_KERNELS))
 def test_a_fused_kernel_gives_the_torch_kernels_loss_and_gradients_on_cuda(kernel):
     if not torch.cuda.is_available():
-        pytest.skip("the fused kernels run on CUDA only, and this machine has none")
+        pytest.skip(reason="the fused kernels run on CUDA only, and this machine has none")
     if not kernel_installed(kernel):
-        pytest.skip(f"{FUSED_KERNELS[kernel][1]} is not installed (an optional extra)")
+        pytest.skip(reason=f"{FUSED_KERNELS[kernel][1]} is not installed (an optional extra)")
     results = {}
     for chosen in ("torch", kernel):
         ctx = dataclasses.replace(context(f"strategy.ce_kernel={chosen}", "data.objective=clm"),

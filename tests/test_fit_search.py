@@ -106,7 +106,7 @@ def test_amp_is_traced_on_the_stand_in_with_half_the_matmul_activations(tiny, ce
 def test_a_stand_in_figure_is_labelled_so(tiny):
     config, _ = tiny
     if torch.cuda.is_available():
-        pytest.skip("a CUDA torch traces amp on fake CUDA tensors: no stand-in to label")
+        pytest.skip(reason="a CUDA torch traces amp on fake CUDA tensors: no stand-in to label")
     prediction, = predict([Setup("amp")], config)
     assert prediction.error is None and prediction.source == "stand-in"
     text = markdown(EstimateReport("test", None, [prediction], NO_OVERHEAD))
@@ -145,7 +145,7 @@ def test_paged_adam8bit_counts_its_state_on_the_host_side(tiny):
 def test_a_model_around_a_stand_in_trace_says_both(tiny):
     config, _ = tiny
     if torch.cuda.is_available():
-        pytest.skip("a CUDA torch traces amp on fake CUDA tensors: no stand-in to label")
+        pytest.skip(reason="a CUDA torch traces amp on fake CUDA tensors: no stand-in to label")
     prediction, = predict([Setup("paged-adam8bit+amp")], config)
     assert prediction.source == "modelled" and prediction.error is None
     assert "host side" in str(prediction.modelled) and "the proxy stand-in autocast:" in str(prediction.modelled)
