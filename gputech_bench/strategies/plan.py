@@ -20,7 +20,7 @@ from .base import MicroBatch, Placement, Precision, Predictor, RunContext, Strat
 from .defaults import InPlacePlacement, argmax_tokens, build_adamw, logits_predictor, model_cross_entropy, whole_batch
 from .distributed import data_parallel
 from .hidden_states import HiddenStateModel, hidden_state_predictor
-from .registry import Cell, combination_refusal
+from .registry import Cell, combination_refusal, shared_hook
 
 if TYPE_CHECKING:
     from ..config import BenchConfig
@@ -76,17 +76,14 @@ def launch_refusal(cell: Cell, config: "BenchConfig", cuda: bool | None = None) 
 def owned_setting_clash(strategies: list[Strategy], config: "BenchConfig") -> None:
     """Refuse two owners of one exclusive hook where a setting makes one of them its owner
     (``Strategy.hooks_owned_by_setting``); clashes without a setting are the combination stage's."""
-    owners: dict[str, Strategy] = {}
-    for strategy in strategies:
-        for hook in sorted(strategy.claims_under(config)):
-            if hook in owners:
-                first = owners[hook]
-                setting = first.hooks_owned_by_setting.get(hook) or strategy.hooks_owned_by_setting[hook]
-                raise StrategyError(
-                    f"'{first.key}' and '{strategy.key}' both own the {hook} hook while {setting} is on: "
-                    f"--set {setting}=false, or run them in separate cells"
-                )
-            owners[hook] = strategy
+    shared = shared_hook(strategies, lambda strategy: strategy.claims_under(config))
+    if shared is not None:
+        first, second, hook = shared
+        setting = first.hooks_owned_by_setting.get(hook) or second.hooks_owned_by_setting[hook]
+        raise StrategyError(
+            f"'{first.key}' and '{second.key}' both own the {hook} hook while {setting} is on: "
+            f"--set {setting}=false, or run them in separate cells"
+        )
 
 
 def device_refusal(cell: Cell, ctx: RunContext) -> list[Strategy]:

@@ -7,6 +7,7 @@ sorted by their ``order``) so that ``3+1`` and ``1+3`` are the same cell.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from ..errors import StrategyError
 from .base import Strategy
@@ -102,13 +103,20 @@ def combination_refusal(cell: Cell) -> str | None:
         for other, why in cls.incompatible.items():
             if other in keys:
                 return f"'{cls.key}' cannot run with '{other}' ({why}), so '{cell.name}' is refused: run them in separate cells"
-    owners: dict[str, str] = {}
-    for strategy in cell.instantiate():
-        for hook in sorted(strategy.claims()):
+    shared = shared_hook(cell.instantiate(), Strategy.claims)
+    if shared is not None:
+        first, second, hook = shared
+        return f"'{first.key}' and '{second.key}' both own the {hook} hook, so '{cell.name}' is undefined: run them in separate cells"
+    return None
+
+
+def shared_hook(strategies: list[Strategy], claims: Callable[[Strategy], set[str]]) -> tuple[Strategy, Strategy, str] | None:
+    """The first exclusive hook that two of ``strategies`` both own by ``claims``, with its two
+    owners in order; None when every hook has one owner at most."""
+    owners: dict[str, Strategy] = {}
+    for strategy in strategies:
+        for hook in sorted(claims(strategy)):
             if hook in owners:
-                return (
-                    f"'{owners[hook]}' and '{strategy.key}' both own the {hook} hook, "
-                    f"so '{cell.name}' is undefined: run them in separate cells"
-                )
-            owners[hook] = strategy.key
+                return owners[hook], strategy, hook
+            owners[hook] = strategy
     return None
