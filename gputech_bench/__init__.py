@@ -12,10 +12,19 @@ loaded on first use (PEP 562), not here.
 
 from __future__ import annotations
 
+import logging
 from importlib import import_module
 from typing import Any
 
 __version__ = "0.1.0"
+
+# transformers imports torchao (installed for adam4bit) whenever it loads a model class, in
+# every process: the command's own included. torchao then logs a warning for each compiled
+# extension this machine cannot load (mxfp8, CUTLASS kernels for one CUDA architecture), and
+# torch logs one for each enum torchao registers with a deprecated call. None of it is about
+# the run, and none of it is anything the user can act on; errors still show.
+for _noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 #: The public API; each name is documented in docs/api.md (a test checks).
 __all__ = [

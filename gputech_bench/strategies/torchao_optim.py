@@ -11,13 +11,11 @@ step (a C++ compiler on CPU, Triton on CUDA).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
-import logging
 import types
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -34,25 +32,10 @@ QUANTISED_FROM_VALUES = 4096
 BLOCK_SIZE = {4: 128, 8: 256}
 
 
-@contextlib.contextmanager
-def _quiet_extension_loading() -> Iterator[None]:
-    """torchao logs a warning for each of its compiled extensions that fails to load (mxfp8,
-    CUTLASS kernels for one CUDA architecture). The optimizers use none of them: they are
-    Python and torch.compile, so those lines would only alarm the reader of a cell's log."""
-    logger = logging.getLogger("torchao")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def load_torchao_optim(otherwise: str) -> Any:
     """``torchao.optim``, or a StrategyError in one line saying what to install (or ``otherwise`` do)."""
     try:
-        with _quiet_extension_loading():
-            return importlib.import_module("torchao.optim")
+        return importlib.import_module("torchao.optim")  # its extension warnings: gputech_bench/__init__.py
     except Exception as error:  # broken installs raise all sorts of things
         raise StrategyError(
             f"torchao could not be imported ({first_line(error)}): pip install '{TORCHAO_REQUIREMENT}' "
