@@ -208,7 +208,9 @@ class SegmentGrowth:
 
     ``almost_free`` lists, as (address, size, live bytes), each existing segment of the same
     stream and pool at least as large as the request that could not serve it because it holds
-    live blocks: had those been freed in time, the growth might not have happened.
+    live blocks: had those been freed in time, the growth might not have happened. Under
+    expandable segments the segment being extended is itself listed when its mapped bytes
+    before the growth reach the request and it holds live blocks (its size is those bytes).
     """
 
     event_index: int  # malloc calls so far, this one included
