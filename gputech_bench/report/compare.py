@@ -19,6 +19,7 @@ import pandas as pd
 
 from ..config import config_changes
 from ..metrics import EPOCH_SECONDS, MEMORY, Metric, TaskMetrics
+from ..measure.allocator import describe as describe_allocator
 from ..results import CellResult, LoadedRun, cell_order
 from ..stats import HIGHER, LOWER, SINGLE_RUN, WITHIN_NOISE, versus
 from ..units import is_missing
@@ -154,6 +155,7 @@ def _warnings(run_a: LoadedRun, run_b: LoadedRun) -> list[str]:
         warnings.append("memory snapshots (--memory-snapshot) were recorded in "
                         f"{', '.join(snapshots[0]) or 'no cell'} -> {', '.join(snapshots[1]) or 'no cell'}: recording "
                         "slows every step, so those cells' times are not comparable")
+    warnings += _allocator_warnings(run_a, run_b)
     if run_a.config is None or run_b.config is None:
         warnings.append("a run has no config.json: its settings cannot be compared")
     else:
@@ -165,6 +167,18 @@ def _warnings(run_a: LoadedRun, run_b: LoadedRun) -> list[str]:
     if devices[0] != devices[1]:
         warnings.append(f"devices differ: {', '.join(sorted(devices[0]))} -> {', '.join(sorted(devices[1]))}")
     return warnings
+
+
+def _allocator_warnings(run_a: LoadedRun, run_b: LoadedRun) -> list[str]:
+    """The CUDA allocator's settings (PYTORCH_CUDA_ALLOC_CONF, run --allocator), when they differ
+    between runs with CUDA cells: the reserved and NVML peaks hold the allocator's caching."""
+    if not any(r.device_type == "cuda" for run in (run_a, run_b) for r in run.results):
+        return []
+    settings = [sorted({describe_allocator(r.allocator) for r in run.results}) for run in (run_a, run_b)]
+    if settings[0] == settings[1]:
+        return []
+    return [f"allocator settings differ: {'; '.join(settings[0])} -> {'; '.join(settings[1])}: the allocator's "
+            "caching differs, so compare reserved and NVML peaks with care and memory on allocated"]
 
 
 def compare_runs(run_a: LoadedRun, run_b: LoadedRun) -> Comparison:
