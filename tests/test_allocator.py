@@ -205,6 +205,18 @@ def test_compare_warns_when_two_cuda_runs_differ_in_their_allocator(tmp_path: Pa
     assert not any(w.startswith("allocator") for w in same)
 
 
+def test_compare_of_cuda_runs_shows_allocated_beside_memory(tmp_path: Path):
+    from gputech_bench.report.compare import comparison_rows, headers
+
+    write_run(tmp_path / "a", [cuda_result("baseline", 9000.0, 12000.0, [[2342.0, 1]])])
+    write_run(tmp_path / "b", [cuda_result("baseline", 8000.0, 12000.0, [[2342.0, 1]])])
+    comparison = compare_runs(load_run(tmp_path / "a"), load_run(tmp_path / "b"))
+    assert headers(comparison)[1:7] == ["memory A", "memory B", "B/A", "alloc A", "alloc B", "B/A"]
+    assert comparison_rows(comparison)[0][4:7] == ["8.79 GiB", "7.81 GiB", "0.89x"]
+    cpu = compare_runs(load_run(FIXTURES / "cpu"), load_run(FIXTURES / "cpu"))
+    assert "alloc A" not in headers(cpu)
+
+
 def test_segment_sizes_group_a_snapshots_segments_largest_first():
     snapshot = [{"total_size": 2 << 20}, {"total_size": 2342 << 20}, {"total_size": 2 << 20}, {"total_size": 20 << 20}]
     assert segment_sizes(snapshot) == [[2342.0, 1], [20.0, 1], [2.0, 2]]

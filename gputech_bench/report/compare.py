@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 import pandas as pd
 
 from ..config import config_changes
-from ..metrics import EPOCH_SECONDS, MEMORY, Metric, TaskMetrics
+from ..metrics import EPOCH_SECONDS, MEMORY, PEAK_ALLOCATED, Metric, TaskMetrics
 from ..measure.allocator import describe as describe_allocator
 from ..results import CellResult, LoadedRun, cell_order
 from ..stats import HIGHER, LOWER, SINGLE_RUN, WITHIN_NOISE, versus
@@ -48,15 +48,22 @@ TIME_FIGURE = ComparedFigure("time / epoch", "time", EPOCH_SECONDS.name, EPOCH_S
                              False, fmt_seconds)
 
 
+#: Beside a CUDA run's memory (NVML or reserved, which hold the allocator's caching): the tensors' peak.
+ALLOCATED_FIGURE = ComparedFigure("allocated", "alloc", PEAK_ALLOCATED.name, PEAK_ALLOCATED.name, PEAK_ALLOCATED.name,
+                                  False, fmt_mib)
+
+
 def _accuracy_figure(metric: Metric) -> ComparedFigure:
     labels = metric.shown_as
     return ComparedFigure(labels.long, labels.abbreviation, metric.name, metric.name, metric.stem, metric.is_fraction,
                           lambda value: fmt_figure(metric, value))
 
 
-def compared_figures(accuracy: TaskMetrics) -> tuple[ComparedFigure, ...]:
-    """What a comparison of runs of ``accuracy``'s task shows, in column order."""
-    return (MEMORY_FIGURE, TIME_FIGURE, *(_accuracy_figure(metric) for metric in accuracy.compared))
+def compared_figures(accuracy: TaskMetrics, cuda: bool = False) -> tuple[ComparedFigure, ...]:
+    """What a comparison of runs of ``accuracy``'s task shows, in column order; with ``cuda`` (a
+    side ran on CUDA) the allocated peak beside the memory column."""
+    return (MEMORY_FIGURE, *((ALLOCATED_FIGURE,) if cuda else ()), TIME_FIGURE,
+            *(_accuracy_figure(metric) for metric in accuracy.compared))
 
 
 def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
@@ -189,7 +196,7 @@ def compare_runs(run_a: LoadedRun, run_b: LoadedRun) -> Comparison:
     if accuracy != accuracy_b:
         warnings.append(f"the runs trained different tasks ({accuracy.task} -> {accuracy_b.task}): "
                         f"B's accuracy columns hold B's {accuracy.accuracy.shown_as.long}, which it never measured")
-    figures = compared_figures(accuracy)
+    figures = compared_figures(accuracy, any(r.device_type == "cuda" for run in (run_a, run_b) for r in run.results))
     if measure_a.metric != measure_b.metric:
         warnings.append(f"memory is measured differently ({measure_a.label} -> {measure_b.label}): "
                         "its ratio compares two different figures")
