@@ -112,6 +112,10 @@ NVML_PROCESS_PEAK = Metric("nvml_process_peak_mib", "MiB", _U, _LARGEST, BOTH_TA
 TRACKED_PEAK = Metric("tracked_peak_mib", "MiB", _U, _LARGEST, BOTH_TASKS, None)
 TRACKED_HOST_PEAK = Metric("tracked_host_peak_mib", "MiB", _U, _LARGEST, BOTH_TASKS, None)
 PEAK_RSS = Metric("peak_rss_mib", "MiB", _U, _LARGEST, BOTH_TASKS, None)
+#: CUDA only: the caching allocator's reserved segments at the end of the training loop, as
+#: ``[size_mib, count]`` pairs, largest first (a list, not a number), and the largest one's size.
+RESERVED_SEGMENTS = Metric("reserved_segments", "[MiB, count] pairs", _U, _LOWEST, BOTH_TASKS, None)
+LARGEST_SEGMENT = Metric("largest_segment_mib", "MiB", _U, _LOWEST, BOTH_TASKS, None)
 # Time.
 EPOCH_SECONDS = Metric("epoch_seconds", "s", _L, _LOWEST, BOTH_TASKS, None)
 EPOCH_TIME_EXTRAPOLATED = Metric("epoch_time_extrapolated", "bool", _U, _LOWEST, BOTH_TASKS, None)
@@ -152,7 +156,7 @@ FINAL_TRAIN_LOSS = Metric("final_train_loss", "nats/token", _L, _LOWEST, BOTH_TA
 #: Every metric a worker records, in the report's column order.
 MEASURED: tuple[Metric, ...] = (
     PEAK_ALLOCATED, PEAK_RESERVED, NVML_PROCESS_PEAK, TRACKED_PEAK, TRACKED_HOST_PEAK, PEAK_RSS,
-    EPOCH_SECONDS, EPOCH_TIME_EXTRAPOLATED, SAMPLES_PER_SECOND, MEAN_STEP_SECONDS, FIRST_STEP_SECONDS,
+    RESERVED_SEGMENTS, LARGEST_SEGMENT, EPOCH_SECONDS, EPOCH_TIME_EXTRAPOLATED, SAMPLES_PER_SECOND, MEAN_STEP_SECONDS, FIRST_STEP_SECONDS,
     TRACKED_STEP_SECONDS, CELL_SECONDS, COMPILE_SECONDS, STEPS_RUN, NONFINITE_LOSS_STEPS, PAGED_OPTIMIZER_STATE,
     MASKED_ACCURACY, TOKEN_ACCURACY, NEXT_TOKEN_ACCURACY, PERPLEXITY, EVAL_LOSS, FINAL_TRAIN_LOSS,
 )

@@ -90,6 +90,10 @@ class CellResult:
     strategy_facts: dict[str, Any] | None = None
     evaluation: dict[str, Any] | None = None
     memory_cap: dict[str, Any] | None = None
+    #: The CUDA caching allocator's setting in the cell's process (``measure.allocator.recorded_setting``):
+    #: ``conf`` (PYTORCH_CUDA_ALLOC_CONF, None when unset), ``option`` (run --allocator) and
+    #: ``inherited``. None in a result written before it was recorded.
+    allocator: dict[str, Any] | None = None
     metrics: dict[str, Figure] = field(default_factory=dict)
     memory_breakdown: dict[str, dict[str, float]] = field(default_factory=dict)
     oom: dict[str, Any] | None = None

@@ -10,7 +10,12 @@
 # the project's baseline must be within ±2% of the bare loop in torch.cuda.max_memory_allocated
 # and at most 1.05x its mean step time, and every cell must be ok or say why it is not.
 # Then `gputech-bench estimate --compare` puts the fake-tensor estimate beside the measured peaks,
-# and the summary flags every cell whose measured allocated peak is more than 10% off it.
+# and the summary flags every cell whose measured allocated peak is more than 10% off it; where the
+# estimate predicts the allocator's reserve and the NVML figure, it puts those beside the measured ones.
+# Last it runs the seed run's baseline and lora again with --allocator expandable --memory-snapshot
+# (expandable segments; on the dry run without the snapshot, which is CUDA-only) and puts each cell's
+# allocated, reserved and NVML peaks with and without expandable segments, and the segments over
+# 1 GiB read from each snapshot, in the summary.
 #
 #   bash scripts/gpu_check.sh                 # on the GPU machine; aimed at under 8 minutes on an H100/H200
 #   GPUTECH_WHEELS=/path/to/wheels bash scripts/gpu_check.sh   # install missing bitsandbytes /
@@ -19,8 +24,8 @@
 #
 # It writes at most 6 files, all directly under $OUT (default /tmp/gpu-check, or
 # /tmp/gpu-check-dry-run for --dry-run): summary.md (the table and the PASS/FAIL lines),
-# summary.json (the same figures), report.csv and report-mlm.csv (the two runs' reports) and
-# gpu_check.log (everything printed). The run folders go to a fresh folder under /tmp.
+# summary.json (the same figures), report.csv, report-mlm.csv and report-expandable.csv (the three
+# runs' reports) and gpu_check.log (everything printed). The run folders go to a fresh folder under /tmp.
 # Exit code: 0 when every acceptance check passes, 1 otherwise (the files are written first).
 # Nothing is downloaded. Environment: PYTHON (default python3), MAX_STEPS (default 12),
 # CELL_TIMEOUT (seconds per cell, default 300), GPUTECH_BENCH_CACHE (default /tmp/gputech-cache).
@@ -53,7 +58,7 @@ OUT_DIR="$(absolute "$OUT_DIR")"
 mkdir -p "$OUT_DIR"
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 # Only this script's own files are replaced; nothing else in the folder is touched.
-rm -f "$OUT_DIR"/{summary.md,summary.json,report.csv,report-mlm.csv,gpu_check.log}
+rm -f "$OUT_DIR"/{summary.md,summary.json,report.csv,report-mlm.csv,report-expandable.csv,gpu_check.log}
 RUNS="$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-runs.XXXXXX")"
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -96,33 +101,48 @@ main() {
   if [ "$DRY_RUN" = 1 ]; then drop_cuda_only_cells "$skipped"; fi
 
   local seed_rc=0 mlm_rc=0 bare_rc=0
-  echo; echo "== 1/5 the seed preset's cells and amp (data.objective=seed): baseline,$SEED_RUN_CELLS"
+  echo; echo "== 1/6 the seed preset's cells and amp (data.objective=seed): baseline,$SEED_RUN_CELLS"
   "$PYTHON" -m gputech_bench run --preset "$PRESET" --device "$DEVICE" --strategies "${SEED_RUN_CELLS:-baseline}" --no-estimate \
     --cell-timeout "${CELL_TIMEOUT:-300}" "${SETS[@]}" --results "$RUNS" --run-name seed || seed_rc=$?
   echo "seed run: exit $seed_rc, $((SECONDS - started)) s so far"
 
-  echo; echo "== 2/5 the bare loop (transformers + torch only) at the seed run's baseline shape"
+  echo; echo "== 2/6 the bare loop (transformers + torch only) at the seed run's baseline shape"
   bare_loop "$RUNS/seed" "$RUNS/bare.json" || bare_rc=$?
   echo "bare loop: exit $bare_rc, $((SECONDS - started)) s so far"
 
-  echo; echo "== 3/5 sparse-head cells (data.objective=mlm): baseline,$MLM_RUN_CELLS"
+  echo; echo "== 3/6 sparse-head cells (data.objective=mlm): baseline,$MLM_RUN_CELLS"
   "$PYTHON" -m gputech_bench run --preset "$PRESET" --device "$DEVICE" --strategies "${MLM_RUN_CELLS:-baseline}" --no-estimate \
     --cell-timeout "${CELL_TIMEOUT:-300}" "${SETS[@]}" --set data.objective=mlm --results "$RUNS" --run-name mlm \
     || mlm_rc=$?
   echo "mlm run: exit $mlm_rc, $((SECONDS - started)) s so far"
 
-  echo; echo "== 4/5 the fake-tensor estimate against the seed run's measured peaks"
+  echo; echo "== 4/6 the fake-tensor estimate against the seed run's measured peaks"
   # As JSON, for the summary's predicted-against-measured table (printed there, and in the log).
   "$PYTHON" -m gputech_bench estimate --compare "$RUNS/seed" --format json --output "$RUNS/estimate-seed.json" \
     --jobs "$ESTIMATE_JOBS" || echo "estimate: exit $? (see above)"
   echo "estimate done, $((SECONDS - started)) s so far"
 
-  echo; echo "== 5/5 summary"
+  # The same cells with expandable segments: the caching allocator's segments set the reserved and NVML
+  # peaks apart from the tensors (allocated), so these show how much of a gap is the allocator's.
+  local expandable_rc=0 snapshot=(--memory-snapshot)
+  if [ "$DRY_RUN" = 1 ]; then
+    snapshot=()
+    echo; echo "== 5/6 baseline and lora again with --allocator expandable (no --memory-snapshot on the dry run: it is CUDA-only)"
+  else
+    echo; echo "== 5/6 baseline and lora again with --allocator expandable --memory-snapshot"
+  fi
+  "$PYTHON" -m gputech_bench run --preset "$PRESET" --device "$DEVICE" --strategies lora --no-estimate \
+    --cell-timeout "${CELL_TIMEOUT:-300}" "${SETS[@]}" --allocator expandable "${snapshot[@]}" --results "$RUNS" \
+    --run-name expandable || expandable_rc=$?
+  echo "expandable run: exit $expandable_rc, $((SECONDS - started)) s so far"
+
+  echo; echo "== 6/6 summary"
   [ -f "$RUNS/seed/report.csv" ] && cp "$RUNS/seed/report.csv" "$OUT_DIR/report.csv"
   [ -f "$RUNS/mlm/report.csv" ] && cp "$RUNS/mlm/report.csv" "$OUT_DIR/report-mlm.csv"
+  [ -f "$RUNS/expandable/report.csv" ] && cp "$RUNS/expandable/report.csv" "$OUT_DIR/report-expandable.csv"
   local summary_rc=0
   summarize "$skipped" || summary_rc=$?
-  echo "total: $((SECONDS - started)) s; files: $(cd "$OUT_DIR" && ls summary.md summary.json report.csv report-mlm.csv gpu_check.log 2>/dev/null | tr '\n' ' ')"
+  echo "total: $((SECONDS - started)) s; files: $(cd "$OUT_DIR" && ls summary.md summary.json report.csv report-mlm.csv report-expandable.csv gpu_check.log 2>/dev/null | tr '\n' ' ')"
   return "$summary_rc"
 }
 
@@ -541,6 +561,69 @@ else:
                       if flagged else "")))
 passed = all(verdict != "FAIL" for verdict, counts, _ in checks if counts)
 
+# ---- with and without expandable segments
+GIB = 1024.0
+
+
+def big_segments(result):
+    """Sizes of the segments over 1 GiB in the cell's memory snapshot (a pickle of
+    torch.cuda.memory._snapshot(): "segments", each with "total_size"), largest first."""
+    path = result.get("memory_snapshot")
+    if not path:
+        return None, "no snapshot recorded" + (" (--memory-snapshot is CUDA-only)" if dry else "")
+    try:
+        import pickle
+
+        with open(path, "rb") as handle:
+            snapshot = pickle.load(handle)  # our own cell's file, written by torch.cuda.memory._dump_snapshot
+        sizes = sorted((segment["total_size"] / 2**20 for segment in snapshot.get("segments", [])), reverse=True)
+    except Exception as error:
+        return None, f"snapshot unreadable ({type(error).__name__}: {error})"
+    return [size for size in sizes if size > GIB], None
+
+
+expandable = load("expandable")
+comparisons = []
+for name in ("baseline", "lora"):
+    row = {"cell": name}
+    default_cell = next((c for c in cells if c["run"] == "seed" and c["cell"] == name), {})
+    row["default"] = {k: default_cell.get(k) for k in ("status", "peak_allocated_mib", "peak_reserved_mib",
+                                                       "nvml_process_peak_mib")}
+    result = expandable.get(name)
+    if result is None:
+        row["expandable"] = {"status": "missing"}
+    else:
+        row["expandable"] = {"status": result.get("status"), "reason": result.get("reason"),
+                             "allocator": (result.get("allocator") or {}).get("conf"),
+                             **{k: metric(result, k) for k in ("peak_allocated_mib", "peak_reserved_mib",
+                                                                "nvml_process_peak_mib")}}
+        sizes, why = big_segments(result)
+        row["segments_over_1_gib_mib"], row["segments_note"] = sizes, why
+    comparisons.append(row)
+
+
+def expandable_lines():
+    out = ["", "With and without expandable segments (--allocator expandable: PYTORCH_CUDA_ALLOC_CONF="
+           "expandable_segments:True), the seed run's preset and steps; MiB:", "",
+           "| cell | allocator | status | allocated | reserved | NVML | segments over 1 GiB |",
+           "|:---|:---|:---|---:|---:|---:|:---|"]
+    for row in comparisons:
+        for label, key in (("default", "default"), ("expandable", "expandable")):
+            side = row[key]
+            segments = ""
+            if key == "expandable":
+                sizes = row.get("segments_over_1_gib_mib")
+                segments = (", ".join(f"{mib(size)}" for size in sizes) or "none") if sizes is not None \
+                    else cell_text(row.get("segments_note") or "")
+            if side.get("status") != "ok":
+                out.append(f"| {row['cell']} | {label} | {side.get('status')} | - | - | - | "
+                           f"{cell_text(side.get('reason') or segments)} |")
+                continue
+            out.append(f"| {row['cell']} | {label} | ok | {mib(side.get('peak_allocated_mib'))} | "
+                       f"{mib(side.get('peak_reserved_mib'))} | {mib(side.get('nvml_process_peak_mib'))} | {segments} |")
+    return out
+
+
 # ---- the table
 device = project.get("device") or bare.get("device_name") or bare.get("device") or "?"
 steps = project.get("steps_run")
@@ -571,6 +654,24 @@ for c in cells:
         f"{sec(c.get('mean_step_seconds'))} | |"
     )
 if estimated:
+    # The predicted reserve (allocator: tensors + cached segments) and NVML figure (+ CUDA context), where
+    # the estimate gives them (older estimates do not: "-"), beside the measured ones of the same cell.
+    measured = {c["cell"]: c for c in cells if c["run"] == "seed" and c["status"] == "ok"}
+
+    def predicted(row, low, high):
+        a, b = row.get(low), row.get(high)
+        if not ok_number(b):
+            return "-"
+        return mib(b) if not ok_number(a) or round(a, 1) == round(b, 1) else f"{mib(a)} to {mib(b)}"
+
+    lines += ["", "Predicted against measured reserved and NVML, seed run (MiB; - where the estimate does not predict it):",
+              "", "| cell | predicted reserved | measured reserved | predicted NVML | measured NVML |",
+              "|:---|---:|---:|---:|---:|"]
+    for row in estimated:
+        cell = measured.get(str(row.get("cell")), {})
+        lines.append(f"| {row.get('cell')} | {predicted(row, 'reserved_low_mib', 'reserved_high_mib')} | "
+                     f"{mib(cell.get('peak_reserved_mib'))} | {predicted(row, 'device_total_low_mib', 'device_total_mib')} | "
+                     f"{mib(cell.get('nvml_process_peak_mib'))} |")
     lines += ["", "Estimate (fake-tensor trace) against measured, seed run:", "",
               "| cell | predicted tensor MiB | host MiB | measured MiB | error | |",
               "|:---|---:|---:|---:|---:|:---|"]
@@ -582,6 +683,7 @@ if estimated:
             f"{'FLAG: more than 10% off' if row in flagged else cell_text(row.get('error') or '')} |")
     what = next((row.get("measured_what") for row in estimated if row.get("measured_what")), None)
     lines += ["", f"- measured: {what or 'n/a'}; n/a where a cell keeps part of the model on the host."]
+lines += expandable_lines()
 lines += ["", "Acceptance:", ""]
 lines += [f"- {verdict}{'' if counts or verdict in ('NOT CHECKED', 'FLAG') else ' (not counted)'} {text}"
           for verdict, counts, text in checks]
@@ -602,7 +704,8 @@ summary = {
     "schema": "gputech-bench/gpu-check/1",
     "mode": "dry-run" if dry else "gpu",
     "device": device,
-    "run_folders": {"seed": str(runs / "seed"), "mlm": str(runs / "mlm")},
+    "run_folders": {"seed": str(runs / "seed"), "mlm": str(runs / "mlm"), "expandable": str(runs / "expandable")},
+    "expandable_segments": comparisons,
     "comparison": {
         "project_baseline": {k: project.get(k) for k in (*FIGURES, "steps_run", "status", "reason", "nvml_method")},
         "bare_loop": bare,

@@ -22,7 +22,14 @@ from gputech_bench.results import RunFolder
 from gputech_bench.run import runner
 from gputech_bench.run.forkserver import ForkServer
 from gputech_bench.run.launch import Launch
-from gputech_bench.run.launcher import ForkedChild, FreshInterpreter, Torchrun, fork_server_suits, launcher_for
+from gputech_bench.run.launcher import (
+    ForkedChild,
+    FreshInterpreter,
+    Torchrun,
+    WorkerCall,
+    fork_server_suits,
+    launcher_for,
+)
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or not Path("/proc/self").exists(), reason="Linux fork server")
 
@@ -42,6 +49,11 @@ def talk(argv):
 
 def leave(argv):
     raise SystemExit(argv[0])
+
+def environ(argv):
+    print(json.dumps({name: os.environ.get(name) for name in ("PYTORCH_CUDA_ALLOC_CONF", "GPUTECH_BENCH_ALLOCATOR")}),
+          flush=True)
+    return 0
 
 STATE = []
 
@@ -155,6 +167,22 @@ def sleeper_worker(server: ForkServer) -> ForkedChild:
 def slept(folder: RunFolder, cell: str) -> bool:
     """Whether the sleeper of ``cell`` slept its whole minute: nobody stopped it."""
     return Path(f"{folder.result_path(cell)}.slept").exists()
+
+
+def test_a_forked_worker_gets_the_calls_environment_before_its_entry_runs(tmp_path, light_server):
+    """run --allocator's PYTORCH_CUDA_ALLOC_CONF reaches a forked cell as it reaches a fresh interpreter:
+    set in the child before its entry runs (the server never initialises CUDA, whose allocator reads it)."""
+    launcher = ForkedChild(light_server)
+    launcher.worker_entry = "forkserver_entries:environ"
+    call = WorkerCall("1", tmp_path / "c.json", tmp_path / "1.json", None,
+                      {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "GPUTECH_BENCH_ALLOCATOR": "{}"})
+    with (tmp_path / "child.log").open("w") as log:
+        child = launcher.start(call, None, log)
+        assert child.stdout is not None
+        seen = json.loads(child.stdout.readline())
+        assert child.wait(30) == 0
+    assert seen == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "GPUTECH_BENCH_ALLOCATOR": "{}"}
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ or os.environ["PYTORCH_CUDA_ALLOC_CONF"] != "expandable_segments:True"
 
 
 def test_a_forked_worker_killed_with_sigkill_is_a_crashed_row(tmp_path, light_server):

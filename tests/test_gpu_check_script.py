@@ -39,7 +39,8 @@ def test_dry_run_writes_few_shallow_files_and_passes(tmp_path: Path, cache_dir: 
     # At most 6 files, all directly under OUT (the run folders live elsewhere).
     entries = list(out.iterdir())
     assert len(entries) <= 6 and all(entry.is_file() for entry in entries), entries
-    assert {"summary.md", "summary.json", "report.csv", "gpu_check.log"} <= {entry.name for entry in entries}
+    assert {"summary.md", "summary.json", "report.csv", "report-expandable.csv", "gpu_check.log"} <= {
+        entry.name for entry in entries}
 
     # One table: the project's baseline against the bare loop, their ratio, then every cell of both runs.
     markdown = (out / "summary.md").read_text()
@@ -56,7 +57,20 @@ def test_dry_run_writes_few_shallow_files_and_passes(tmp_path: Path, cache_dir: 
     assert "| baseline |" in estimate and "| 1+3+chunked-ce |" in estimate and "FLAG" not in estimate
     assert "of the measured peak" in next(a["detail"] for a in summary_acceptance(out) if a["detail"].startswith("estimate"))
 
+    # Predicted against measured reserved and NVML for every cell ("-" where the estimate predicts neither).
+    reserved = markdown.split("Predicted against measured reserved and NVML, seed run", 1)[1].split("Estimate (")[0]
+    assert "| baseline |" in reserved and "| 1+3+chunked-ce |" in reserved
+    # baseline and lora again with expandable segments, beside the default allocator's figures; on CPU
+    # without the snapshot, which is CUDA-only.
+    expandable = markdown.split("With and without expandable segments", 1)[1].split("Acceptance:")[0]
+    for cell in ("baseline", "lora"):
+        for allocator in ("default", "expandable"):
+            assert f"| {cell} | {allocator} | ok |" in expandable, (cell, allocator)
+    assert "no snapshot recorded (--memory-snapshot is CUDA-only)" in expandable
+    assert "--allocator has no effect on CPU" in (out / "gpu_check.log").read_text()
+
     summary = json.loads((out / "summary.json").read_text())
+    assert [row["expandable"]["allocator"] for row in summary["expandable_segments"]] == ["expandable_segments:True"] * 2
     assert {(c["run"], c["cell"]) for c in summary["cells"]} == {(r, c) for r, cells in CELLS.items() for c in cells}
     assert all(c["status"] == "ok" for c in summary["cells"])
     assert summary["mode"] == "dry-run" and summary["passed"] is True and summary["exit_code"] == 0

@@ -31,7 +31,7 @@ from gputech_bench.estimator.render import SHOWN_CATEGORIES, from_dict
 from gputech_bench.report.compare import compare_runs, comparison_rows
 from gputech_bench.report.export import to_json
 from gputech_bench.report.frame import build_frame
-from gputech_bench.report.table import row_texts
+from gputech_bench.report.table import allocated_text, row_texts, shows_allocated
 from gputech_bench.results import TRAINED_STATUSES, CellResult, load_run
 
 FIXTURES = Path(__file__).parent / "fixtures" / "plots"
@@ -74,7 +74,11 @@ def main_table_rows(results: list[CellResult]) -> dict[str, list[str]]:
     status is words: a narrow terminal may leave it out, and the note under the table says it.)"""
     frame, measure = build_frame(results)
     payload = json.loads(to_json(frame, measure, "baseline"))
-    return {row["cell"]: list(row_texts(SimpleNamespace(**row)) if row["status"] in TRAINED_STATUSES else ())
+    # A CUDA run's table shows the allocated peak beside its memory column: it must be whole too.
+    cuda = shows_allocated(frame)
+    return {row["cell"]: (list(row_texts(SimpleNamespace(**row)))
+                          + ([allocated_text(SimpleNamespace(**row))] if cuda else [])
+                          if row["status"] in TRAINED_STATUSES else [])
             for row in payload["rows"]}
 
 

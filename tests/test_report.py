@@ -48,14 +48,16 @@ def test_best_and_worst_follow_each_columns_direction():
 
 def test_markdown_names_the_baseline_figures_in_its_headers():
     results = [make_result("baseline", "ok", "cuda", nvml_process_peak_mib=22528.0, epoch_seconds=110.0,
-                           eval_masked_accuracy=0.5, eval_token_accuracy=0.89),
+                           eval_masked_accuracy=0.5, eval_token_accuracy=0.89, peak_allocated_mib=20480.0),
                make_result("2", "ok", "cuda", nvml_process_peak_mib=9728.0, epoch_seconds=180.0,
-                           eval_masked_accuracy=0.5, eval_token_accuracy=0.89)]
+                           eval_masked_accuracy=0.5, eval_token_accuracy=0.89, peak_allocated_mib=8192.0)]
     frame, measure = build_frame(results)
     text = markdown(frame, measure, results)
     assert "GPU memory (NVML) (baseline: 22.00 GiB)" in text
     assert "time / epoch (baseline: 110.0 s)" in text
-    assert "| 2 (accumulation) | 9.50 GiB (0.43x) | 180.0 s (1.64x) | 50.0% (+0.0) | 89.0% | ok |" in text
+    # On CUDA the allocated peak stands beside the NVML column.
+    assert "| allocated (baseline: 20.00 GiB) |" in text
+    assert "| 2 (accumulation) | 9.50 GiB (0.43x) | 8.00 GiB | 180.0 s (1.64x) | 50.0% (+0.0) | 89.0% | ok |" in text
     assert "NVIDIA A30 (24.0 GiB, CUDA 12.4)" in text
 
 

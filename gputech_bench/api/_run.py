@@ -19,6 +19,8 @@ from ..results import CellResult, LoadedRun, RunFolder
 from ..results import load_run as load_results
 from ..run.forkserver import ForkServer
 from ..run.launch import Launch, gpu_slots
+from ..measure.allocator import ALLOC_CONF_ENV, ALLOCATOR_CHOICES, NO_EFFECT_ON_CPU
+from ..measure.allocator import DEFAULT as DEFAULT_ALLOCATOR
 from ..run.launcher import WORKER_PRELOAD, Launcher, launcher_for
 from ..run.request import CellPlacement, RunRequest, Schedule
 from ..run.runner import Listeners, prepare_run_dir, run_cells
@@ -314,6 +316,7 @@ def run_matrix(
     estimate: bool = True,
     progress: bool = True,
     output: Output | None = None,
+    allocator: str = "default",
 ) -> Run:
     """Run strategy cells, each in its own worker process, and return the :class:`Run`.
 
@@ -326,7 +329,9 @@ def run_matrix(
     name skips the cells already ok, ``force=True`` re-runs them); ``repeat`` and ``vary_seed``;
     ``cell_timeout`` in seconds; and the GPU options ``allow_busy_gpu``, ``gpu_memory_limit``,
     ``memory_snapshot``, ``gpus``, ``nproc_per_node``, ``nnodes``, ``node_rank`` and
-    ``rdzv_endpoint``. ``estimate=False`` skips the fake-tensor estimate made after the cells;
+    ``rdzv_endpoint``; ``allocator`` (``"default"`` leaves the inherited PYTORCH_CUDA_ALLOC_CONF
+    alone, ``"expandable"`` sets ``expandable_segments:True`` in every cell, keeping the inherited
+    conf's other options). ``estimate=False`` skips the fake-tensor estimate made after the cells;
     ``progress=False`` prints nothing while it runs; ``output`` (an ``api.Output``) takes the
     consoles that messages and warnings go to (the command line passes its own).
 
@@ -356,6 +361,10 @@ def run_matrix(
     cuda = uses_cuda(config)
     if (config.gpu_memory_limit or config.memory_snapshot) and not cuda:
         raise ConfigError("--gpu-memory-limit and --memory-snapshot need a CUDA device: drop them on this machine")
+    if allocator not in ALLOCATOR_CHOICES:
+        raise ConfigError(f"unknown --allocator '{allocator}': choose one of {', '.join(ALLOCATOR_CHOICES)}")
+    if allocator != DEFAULT_ALLOCATOR and not cuda:
+        output.note(f"{NO_EFFECT_ON_CPU} (recorded in each result all the same)")
     cells = selection.cells(config, cuda)
     launch = Launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
     launch.check()
@@ -371,7 +380,7 @@ def run_matrix(
     request = RunRequest(
         config, tuple(cells), CellPlacement(launch, tuple(slots)),
         Schedule(repeat, seeds if repeat > 1 else None, vary_seed, cell_timeout, force),
-        RunFolder(Path(results) / name),
+        RunFolder(Path(results) / name), allocator,
     )
     return execute(request, output=output, progress=progress, estimate=estimate)
 
@@ -401,6 +410,9 @@ def execute(request: RunRequest, *, output: Output, progress: bool, estimate: bo
         if len(request.slots) > 1:
             output.say(f"{len(request.slots)} cells at a time: "
                        + ", ".join(f"GPU {','.join(slot)}" for slot in request.slots if slot))
+        for name, value in request.cell_environment().items():
+            if name == ALLOC_CONF_ENV:
+                output.say(f"each cell: {name}={value} (--allocator {request.allocator})")
         seeds = schedule.seeds
         if schedule.repeats > 1 and seeds:
             how = (f"seeds {seeds[0]}..{seeds[-1]}" if schedule.vary_seed

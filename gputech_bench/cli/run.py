@@ -45,6 +45,7 @@ and a log per cell. Re-running with the same --run-name skips cells that are alr
 * `gputech-bench run --matrix --preset seed-512 --gpu-memory-limit 24GiB` - which cells fit a 24 GiB card?
 * `gputech-bench run --matrix --model ./my-bert --train-file train.txt --eval-file eval.txt`
 * `gputech-bench run --strategies amp,amp+sparse-head,1+amp+sparse-head,fsdp-offload --set data.objective=mlm` - the modern strategies (sparse-head needs the mlm objective)
+* `gputech-bench run --matrix --preset seed --allocator expandable` - the CUDA allocator with expandable segments (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True), so cached segments weigh less in reserved and NVML
 * `gputech-bench run --matrix --repeat 5` - medians, spread and outliers; differences within noise are marked
 * `gputech-bench run --strategies 1,amp --repeat 3 --vary-seed` - accuracy's spread over seeds
 * `gputech-bench run --matrix --gpus 0,1,2,3` - four cells at a time, one per GPU
@@ -70,6 +71,7 @@ def run(
     allow_busy_gpu: bool = typer.Option(False, "--allow-busy-gpu", help="Run even when other processes hold GPU memory."),
     gpu_memory_limit: Optional[str] = typer.Option(None, help="Emulate a smaller card, e.g. 24GiB: cells past it become 'oom' rows."),
     memory_snapshot: bool = typer.Option(False, "--memory-snapshot", help="Write a CUDA memory snapshot per cell (open it in pytorch.org/memory_viz)."),
+    allocator: str = typer.Option("default", "--allocator", help="The CUDA caching allocator's setting for every cell: 'default' leaves the inherited PYTORCH_CUDA_ALLOC_CONF alone; 'expandable' sets expandable_segments:True in it (other inherited options kept), e.g. --allocator expandable. Recorded in each result; no effect on CPU."),
     estimate: bool = typer.Option(True, "--estimate/--no-estimate", help="After the cells, trace each one on fake tensors and show predicted against measured memory."),
     gpus: Optional[str] = typer.Option(None, help="Run cells at the same time, one per GPU, e.g. --gpus 0,1,2,3 (each pinned with CUDA_VISIBLE_DEVICES; under an inherited CUDA_VISIBLE_DEVICES, indices into that list)."),
     nproc_per_node: int = typer.Option(1, "--nproc-per-node", min=1, help="Ranks per cell through torchrun: data-parallel (DDP), or sharded with fsdp-offload. gloo on CPU."),
@@ -91,7 +93,7 @@ def run(
             eval_file=eval_file, device=device, results=results, run_name=run_name, repeat=repeat, vary_seed=vary_seed,
             cell_timeout=cell_timeout, force=force, allow_busy_gpu=allow_busy_gpu, gpu_memory_limit=gpu_memory_limit,
             memory_snapshot=memory_snapshot, gpus=gpus, nproc_per_node=nproc_per_node, nnodes=nnodes,
-            node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, estimate=estimate, output=output(),
+            node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, estimate=estimate, output=output(), allocator=allocator,
         )
     except ValueError as error:
         fail(str(error))

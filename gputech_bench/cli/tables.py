@@ -18,7 +18,7 @@ from rich.table import Table
 from ..metrics import EPOCH_SECONDS, EPOCH_X_BASELINE, MEMORY, MEMORY_X_BASELINE
 from ..report.compare import Comparison, comparison_rows, headers
 from ..report.frame import MemoryMeasure, accuracy_columns
-from ..report.table import extremes, reason_notes, row_texts, table_notes
+from ..report.table import ALLOCATED_HEADER, allocated_text, extremes, reason_notes, row_texts, shows_allocated, table_notes
 from ..results import TRAINED_STATUSES
 from ..units import format_gib
 
@@ -47,6 +47,10 @@ def results_table(frame: pd.DataFrame, measure: MemoryMeasure, title: str = "gpu
     table.add_column("cell", no_wrap=True)
     table.add_column(f"{measure.label}", justify="right")
     table.add_column("x base", justify="right")
+    # On CUDA the memory column (NVML, or reserved) holds the allocator's caching: allocated beside it.
+    allocated = shows_allocated(frame)
+    if allocated:
+        table.add_column(ALLOCATED_HEADER, justify="right")
     table.add_column("time / epoch", justify="right")
     table.add_column("x base", justify="right")
     accuracy = accuracy_columns(frame)
@@ -63,10 +67,12 @@ def results_table(frame: pd.DataFrame, measure: MemoryMeasure, title: str = "gpu
         if (row.status, row.reason) in numbers:
             status += escape(f" [{numbers[row.status, row.reason]}]")
         if row.status not in TRAINED_STATUSES:
-            table.add_row(row.cell, *["-"] * 7, status)
+            table.add_row(row.cell, *["-"] * (8 if allocated else 7), status)
             continue
         styled = [_styled(text, getattr(row, column), best_worst[column])
                   for text, column in zip(row_texts(row, accuracy), columns)]
+        if allocated:
+            styled.insert(2, allocated_text(row))
         table.add_row(row.cell, *styled, status)
     table.caption = "\n".join(reasons + table_notes(frame)) or None
     return table

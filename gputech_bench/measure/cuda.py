@@ -31,6 +31,14 @@ def allocator_peaks(device: torch.device) -> tuple[int, int]:
     return torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
 
 
+def reserved_segments(device: torch.device) -> tuple[list[dict[str, Any]], int]:
+    """The caching allocator's segments on ``device`` now (``torch.cuda.memory_snapshot()``),
+    and the bytes it reserves now (``torch.cuda.memory_reserved``)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    segments = [segment for segment in torch.cuda.memory_snapshot() if segment.get("device", index) == index]
+    return segments, torch.cuda.memory_reserved(device)
+
+
 def context_bytes(device: torch.device) -> tuple[int, str]:
     """GPU memory this process holds outside the caching allocator (the CUDA context), and how it was measured."""
     reserved = torch.cuda.memory_reserved(device)

@@ -18,7 +18,8 @@ from typing import Any, Callable, Iterable
 import pandas as pd
 
 from ..config import config_changes
-from ..metrics import EPOCH_SECONDS, MEMORY, Metric, TaskMetrics
+from ..metrics import EPOCH_SECONDS, MEMORY, PEAK_ALLOCATED, Metric, TaskMetrics
+from ..measure.allocator import describe as describe_allocator
 from ..results import CellResult, LoadedRun, cell_order
 from ..stats import HIGHER, LOWER, SINGLE_RUN, WITHIN_NOISE, versus
 from ..units import is_missing
@@ -47,15 +48,22 @@ TIME_FIGURE = ComparedFigure("time / epoch", "time", EPOCH_SECONDS.name, EPOCH_S
                              False, fmt_seconds)
 
 
+#: Beside a CUDA run's memory (NVML or reserved, which hold the allocator's caching): the tensors' peak.
+ALLOCATED_FIGURE = ComparedFigure("allocated", "alloc", PEAK_ALLOCATED.name, PEAK_ALLOCATED.name, PEAK_ALLOCATED.name,
+                                  False, fmt_mib)
+
+
 def _accuracy_figure(metric: Metric) -> ComparedFigure:
     labels = metric.shown_as
     return ComparedFigure(labels.long, labels.abbreviation, metric.name, metric.name, metric.stem, metric.is_fraction,
                           lambda value: fmt_figure(metric, value))
 
 
-def compared_figures(accuracy: TaskMetrics) -> tuple[ComparedFigure, ...]:
-    """What a comparison of runs of ``accuracy``'s task shows, in column order."""
-    return (MEMORY_FIGURE, TIME_FIGURE, *(_accuracy_figure(metric) for metric in accuracy.compared))
+def compared_figures(accuracy: TaskMetrics, cuda: bool = False) -> tuple[ComparedFigure, ...]:
+    """What a comparison of runs of ``accuracy``'s task shows, in column order; with ``cuda`` (a
+    side ran on CUDA) the allocated peak beside the memory column."""
+    return (MEMORY_FIGURE, *((ALLOCATED_FIGURE,) if cuda else ()), TIME_FIGURE,
+            *(_accuracy_figure(metric) for metric in accuracy.compared))
 
 
 def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
@@ -154,6 +162,7 @@ def _warnings(run_a: LoadedRun, run_b: LoadedRun) -> list[str]:
         warnings.append("memory snapshots (--memory-snapshot) were recorded in "
                         f"{', '.join(snapshots[0]) or 'no cell'} -> {', '.join(snapshots[1]) or 'no cell'}: recording "
                         "slows every step, so those cells' times are not comparable")
+    warnings += _allocator_warnings(run_a, run_b)
     if run_a.config is None or run_b.config is None:
         warnings.append("a run has no config.json: its settings cannot be compared")
     else:
@@ -167,6 +176,18 @@ def _warnings(run_a: LoadedRun, run_b: LoadedRun) -> list[str]:
     return warnings
 
 
+def _allocator_warnings(run_a: LoadedRun, run_b: LoadedRun) -> list[str]:
+    """The CUDA allocator's settings (PYTORCH_CUDA_ALLOC_CONF, run --allocator), when they differ
+    between runs with CUDA cells: the reserved and NVML peaks hold the allocator's caching."""
+    if not any(r.device_type == "cuda" for run in (run_a, run_b) for r in run.results):
+        return []
+    settings = [sorted({describe_allocator(r.allocator) for r in run.results}) for run in (run_a, run_b)]
+    if settings[0] == settings[1]:
+        return []
+    return [f"allocator settings differ: {'; '.join(settings[0])} -> {'; '.join(settings[1])}: the allocator's "
+            "caching differs, so compare reserved and NVML peaks with care and memory on allocated"]
+
+
 def compare_runs(run_a: LoadedRun, run_b: LoadedRun) -> Comparison:
     frame_a, measure_a = build_frame(run_a.results)
     frame_b, measure_b = build_frame(run_b.results)
@@ -175,7 +196,7 @@ def compare_runs(run_a: LoadedRun, run_b: LoadedRun) -> Comparison:
     if accuracy != accuracy_b:
         warnings.append(f"the runs trained different tasks ({accuracy.task} -> {accuracy_b.task}): "
                         f"B's accuracy columns hold B's {accuracy.accuracy.shown_as.long}, which it never measured")
-    figures = compared_figures(accuracy)
+    figures = compared_figures(accuracy, any(r.device_type == "cuda" for run in (run_a, run_b) for r in run.results))
     if measure_a.metric != measure_b.metric:
         warnings.append(f"memory is measured differently ({measure_a.label} -> {measure_b.label}): "
                         "its ratio compares two different figures")

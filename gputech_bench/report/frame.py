@@ -29,6 +29,7 @@ from ..metrics import (
     MEMORY_X_BASELINE,
     NVML_PROCESS_PEAK,
     PEAK_RESERVED,
+    RESERVED_SEGMENTS,
     TASK_BEFORE_CAUSAL_LMS,
     TRACKED_PEAK,
     Direction,
@@ -36,6 +37,7 @@ from ..metrics import (
     ranked,
     task_metrics,
 )
+from ..measure.allocator import describe as describe_allocator
 from ..results import TRAINED_STATUSES, CellResult
 from ..stats import versus
 from ..units import MIB, format_gib
@@ -58,7 +60,7 @@ OOM_COLUMNS = ("oom_requested_mib", "oom_in_use_mib", "gpu_memory_limit_mib")
 INFO_COLUMNS = (
     "pareto", "world_size", "device_type", "device_name", "compute_dtype", "optimizer", "trainable_parameters",
     "total_parameters", "preset", "objective", "attention", "memory_snapshot", "corpus_source",
-    "train_sentences_repeated", "task", "architecture", "model_parameters", "model_notes", "turned_off",
+    "train_sentences_repeated", "task", "architecture", "model_parameters", "model_notes", "turned_off", "allocator",
 )
 
 
@@ -168,8 +170,14 @@ def _row(result: CellResult) -> dict[str, Any]:
         model_parameters=(result.model or {}).get("parameters"),
         model_notes=model_notes(result),
         turned_off=turned_off(result),
+        allocator=allocator_setting(result),
     )
     return row
+
+
+def allocator_setting(result: CellResult) -> str:
+    """The CUDA allocator's setting the cell ran under, in words (``measure.allocator.describe``)."""
+    return describe_allocator(result.allocator)
 
 
 def turned_off(result: CellResult) -> str | None:
@@ -189,7 +197,9 @@ def build_frame(results: list[CellResult], baseline: str = "baseline") -> tuple[
     measure = memory_measure(results)
     accuracy = results_metrics(results)
     frame = pd.DataFrame([_row(result) for result in results]).reindex(columns=list(frame_columns(accuracy)))
-    numeric = [c for c in (*DERIVED_COLUMNS, *METRIC_COLUMNS, *BREAKDOWN_COLUMNS) if c != EPOCH_TIME_EXTRAPOLATED.name]
+    # (Not a number: the extrapolation flag, and the segments' list of [MiB, count] pairs.)
+    numeric = [c for c in (*DERIVED_COLUMNS, *METRIC_COLUMNS, *BREAKDOWN_COLUMNS)
+               if c not in (EPOCH_TIME_EXTRAPOLATED.name, RESERVED_SEGMENTS.name)]
     frame[numeric] = frame[numeric].apply(pd.to_numeric, errors="coerce").astype("float64")
     frame[MEMORY.name] = frame[measure.metric]
     spread = [(result.memory_per_rank or {}).get(measure.metric, {}) for result in results]

@@ -17,7 +17,7 @@ import pandas as pd
 from ..results import TRAINED_STATUSES, LoadedRun
 from .frame import MemoryMeasure, accuracy_columns
 from .plots import png_bytes, run_charts
-from .table import provenance_lines, row_texts, table_notes
+from .table import ALLOCATED_HEADER, allocated_text, provenance_lines, row_texts, shows_allocated, table_notes
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 70rem;
@@ -42,18 +42,22 @@ def _esc(value: Any) -> str:
 
 def _table(frame: pd.DataFrame, measure: MemoryMeasure) -> str:
     accuracy = accuracy_columns(frame)
-    head = ["cell", measure.label, "x baseline", "time / epoch", "x baseline", accuracy.accuracy.shown_as.long, "Δ points",
-            accuracy.second.shown_as.long, "status"]
+    allocated = shows_allocated(frame)
+    head = ["cell", measure.label, "x baseline", *([ALLOCATED_HEADER] if allocated else []), "time / epoch", "x baseline",
+            accuracy.accuracy.shown_as.long, "Δ points", accuracy.second.shown_as.long, "status"]
     rows = []
     for row in frame.itertuples(index=False):
         classes = ["pareto"] if row.pareto else []
         status = "ok" if row.status == "ok" else f"{row.status}: {row.reason or ''}"
         if row.status not in TRAINED_STATUSES:
-            rows.append(f'<tr class="failed"><td>{_esc(row.cell)}</td>' + "<td>-</td>" * 7
+            rows.append(f'<tr class="failed"><td>{_esc(row.cell)}</td>' + "<td>-</td>" * (8 if allocated else 7)
                         + f'<td class="status">{_esc(status)}</td></tr>')
             continue
+        texts = list(row_texts(row, accuracy))
+        if allocated:
+            texts.insert(2, allocated_text(row))
         rows.append(f'<tr class="{" ".join(classes)}"><td>{_esc(row.cell)}</td>'
-                    + "".join(f"<td>{_esc(text)}</td>" for text in row_texts(row, accuracy)) + f'<td class="status">{_esc(status)}</td></tr>')
+                    + "".join(f"<td>{_esc(text)}</td>" for text in texts) + f'<td class="status">{_esc(status)}</td></tr>')
     header = "".join(f"<th>{_esc(text)}</th>" for text in head)
     return f"<table><thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 

@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 
 from ..config import ATTENTION_KERNELS, OBJECTIVES
+from ..measure.allocator import NOT_RECORDED, caching_note
 from ..results import TRAINED_STATUSES, CellResult
 from ..stats import WITHIN_NOISE
 from ..units import MIB, MIB_PER_GIB, format_gib, format_size, is_missing
@@ -21,6 +22,9 @@ from ..metrics import (
     MASKED_LM,
     MEMORY,
     PAGED_OPTIMIZER_STATE,
+    PEAK_ALLOCATED,
+    PEAK_RESERVED,
+    RESERVED_SEGMENTS,
     TASK_METRICS,
     TOKEN_ACCURACY,
     Metric,
@@ -115,6 +119,22 @@ def row_texts(row: Any, accuracy: TaskMetrics | None = None) -> tuple[str, ...]:
     )
 
 
+def shows_allocated(frame: pd.DataFrame) -> bool:
+    """Whether a table of the run shows the allocated peak beside its memory column: every CUDA
+    run's, whose memory column (NVML, or reserved) holds the allocator's caching too."""
+    return bool(frame["device_type"].eq("cuda").any())
+
+
+#: The allocated column's header in every table.
+ALLOCATED_HEADER = "allocated"
+
+
+def allocated_text(row: Any) -> str:
+    """A row's allocated peak (torch.cuda.max_memory_allocated) as the tables show it."""
+    value = getattr(row, PEAK_ALLOCATED.name)
+    return "-" if is_missing(value) else fmt_mib(value)
+
+
 def fmt_number(value: float) -> str:
     return "-" if is_missing(value) else f"{value:,.2f}"
 
@@ -141,7 +161,36 @@ def table_notes(frame: pd.DataFrame) -> list[str]:
     frontier_cells = pareto_cells(frame)
     if len(frontier_cells) > 1:
         notes.append(f"Pareto frontier (no other cell is both smaller and faster): {', '.join(frontier_cells)}")
-    return notes + model_lines(frame) + setup_notes(frame, "objective") + setup_notes(frame, "attention") + repeat_notes(frame)
+    return (notes + model_lines(frame) + setup_notes(frame, "objective") + setup_notes(frame, "attention")
+            + allocator_notes(frame) + repeat_notes(frame))
+
+
+def allocator_notes(frame: pd.DataFrame) -> list[str]:
+    """The CUDA allocator's setting (PYTORCH_CUDA_ALLOC_CONF), named when a CUDA cell ran (on a
+    CPU run only when it is not PyTorch's default, saying it had no effect), then a line for each
+    CUDA cell whose reserve is the allocator's caching rather than tensors."""
+    cuda = frame["device_type"].eq("cuda")
+    settings = frame.loc[cuda, "allocator"] if cuda.any() else frame["allocator"]
+    values = list(dict.fromkeys(settings.dropna()))
+    if not cuda.any():
+        values = [value for value in values if value != NOT_RECORDED and "unset" not in value]
+    lines = []
+    suffix = "" if cuda.any() else "; no effect on CPU"
+    if len(values) == 1:
+        lines.append(f"allocator: {values[0]}{suffix}")
+    elif len(values) > 1:
+        by_value = "; ".join(f"{value}: {', '.join(frame.loc[frame['allocator'] == value, 'cell'])}" for value in values)
+        lines.append(f"allocator settings differ between cells, so their reserved and NVML peaks are not comparable "
+                     f"({by_value}){suffix}")
+    for row in frame[cuda & frame["status"].isin(TRAINED_STATUSES)].itertuples(index=False):
+        segments = getattr(row, RESERVED_SEGMENTS.name)
+        allocated, reserved = getattr(row, PEAK_ALLOCATED.name), getattr(row, PEAK_RESERVED.name)
+        if not isinstance(segments, list) or is_missing(allocated) or is_missing(reserved):
+            continue
+        note = caching_note(str(row.cell), allocated, reserved, segments)
+        if note:
+            lines.append(note)
+    return lines
 
 
 def turned_off_notes(frame: pd.DataFrame) -> list[str]:
@@ -226,25 +275,29 @@ def markdown(frame: pd.DataFrame, measure: MemoryMeasure, results: list[CellResu
     def header(label: str, value: Any, fmt) -> str:
         return f"{label} ({baseline}: {fmt(value)})" if not is_missing(value) else label
 
+    allocated = shows_allocated(frame)
     lines = [
         "| strategy | " + " | ".join([
             header(measure.label, memory, fmt_mib),
+            *([header(ALLOCATED_HEADER, _baseline_value(frame, baseline, PEAK_ALLOCATED.name), fmt_mib)]
+              if allocated else []),
             header("time / epoch", seconds, fmt_seconds),
             header(accuracy.accuracy.shown_as.markdown, headline, fmt_percent),
             header(accuracy.second.shown_as.markdown, second, lambda value: fmt_figure(accuracy.second, value)),
         ]) + " | status |",
-        "|:---|---:|---:|---:|---:|:---|",
+        "|:---|---:|" + ("---:|" if allocated else "") + "---:|---:|---:|:---|",
     ]
     for row in frame.itertuples(index=False):
         name = row.cell if row.strategies in ("baseline", row.cell) else f"{row.cell} ({row.strategies})"
         reason = str(row.reason or "").replace("|", "\\|")
         if row.status not in TRAINED_STATUSES:
-            lines.append(f"| {name} | {row.status} | {row.status} | {row.status} | {row.status} | {row.status}: {reason} |")
+            lines.append(f"| {name} | " + f"{row.status} | " * (5 if allocated else 4) + f"{row.status}: {reason} |")
             continue
         memory, memory_x, seconds, seconds_x, accuracy_text, delta_text, second_text = row_texts(row, accuracy)
         status = "ok" if row.status == "ok" else f"{row.status}: {reason}"
-        lines.append(f"| {name} | {memory} ({memory_x}) | {seconds} ({seconds_x}) | {accuracy_text} ({delta_text}) "
-                     f"| {second_text} | {status} |")
+        allocated_cell = f" {allocated_text(row)} |" if allocated else ""
+        lines.append(f"| {name} | {memory} ({memory_x}) |{allocated_cell} {seconds} ({seconds_x}) | {accuracy_text} "
+                     f"({delta_text}) | {second_text} | {status} |")
     lines.append("")
     lines += [f"- {note}".replace("- *", "- \\*", 1) for note in table_notes(frame)]
     lines += provenance_lines(results, measure)

@@ -149,14 +149,16 @@ class ForkServer:
             raise ForkServerError(f"the fork server could not preload ({hello.get('error')})")
         self.hello = hello
 
-    def spawn(self, entry: Entry, argv: list[str], stdout: int, stderr: int) -> ForkedProcess:
-        """A child running ``entry(argv)`` with these descriptors as its stdout and stderr."""
+    def spawn(self, entry: Entry, argv: list[str], stdout: int, stderr: int,
+              environment: dict[str, str] | None = None) -> ForkedProcess:
+        """A child running ``entry(argv)`` with these descriptors as its stdout and stderr, and
+        ``environment`` set in its ``os.environ`` before the entry runs."""
         if not self.start():
             raise ForkServerError(self.failure or "the fork server is not running")
         assert self._socket is not None
         status_read, status_write = os.pipe()
         try:
-            request = json.dumps({"entry": entry_name(entry), "argv": argv}).encode("utf-8")
+            request = json.dumps({"entry": entry_name(entry), "argv": argv, "env": environment or {}}).encode("utf-8")
             with self._lock:
                 socket.send_fds(self._socket, [request], [stdout, stderr, status_write])
         except OSError as error:
@@ -173,12 +175,13 @@ class ForkServer:
             raise
         return child
 
-    def spawn_piped(self, entry: Entry, argv: list[str], log: IO[str]) -> ForkedProcess:
+    def spawn_piped(self, entry: Entry, argv: list[str], log: IO[str],
+                    environment: dict[str, str] | None = None) -> ForkedProcess:
         """A child running ``entry(argv)`` as ``Popen(stdout=PIPE, stderr=log, text=True)`` would:
         a cell's worker, whose events the runner reads from ``stdout``."""
         events_read, events_write = os.pipe()
         try:
-            child = self.spawn(entry, argv, events_write, log.fileno())
+            child = self.spawn(entry, argv, events_write, log.fileno(), environment)
         except BaseException:
             os.close(events_read)
             raise
@@ -485,6 +488,10 @@ def _child(request: dict[str, Any], stdout: int, stderr: int, inherited: list[in
         # The server's exit handlers clean up what the server made; this child runs its own only.
         atexit._clear()
         os.environ[FORKED_ENV] = str(server)
+        # The cell's own variables (run --allocator's PYTORCH_CUDA_ALLOC_CONF): the server never
+        # initialises CUDA, whose allocator reads its settings at first initialisation, so a
+        # child that sets them here, before its entry runs, is as a fresh interpreter would be.
+        os.environ.update(request.get("env") or {})
         code = _run_entry(request["entry"], list(request["argv"]))
     except KeyboardInterrupt:
         # As CPython ends on an uncaught Ctrl-C: by SIGINT, so the parent sees the signal.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -48,6 +48,9 @@ class WorkerCall:
     out: Path
     #: train.seed for this run (a repeat with --vary-seed); None keeps the config's.
     seed: int | None
+    #: Variables set in the worker's environment over the runner's (``RunRequest.cell_environment``):
+    #: every launcher applies them before the worker runs.
+    environment: dict[str, str] = field(default_factory=dict)
 
     def argv(self) -> list[str]:
         worker = ["--cell", self.cell, "--config", str(self.config_path), "--out", str(self.out), "--events"]
@@ -109,7 +112,8 @@ class FreshInterpreter:
 
     def start(self, call: WorkerCall, slot: Slot, log: IO[str]) -> WorkerProcess:
         return InterpreterProcess(
-            self.command(call), stdout=subprocess.PIPE, stderr=log, text=True, env=slot_environment(slot, dict(os.environ)),
+            self.command(call), stdout=subprocess.PIPE, stderr=log, text=True,
+            env=slot_environment(slot, {**os.environ, **call.environment}),
             preexec_fn=die_with_parent if os.name == "posix" else None,
         )
 
@@ -152,7 +156,7 @@ class ForkedChild:
     def start(self, call: WorkerCall, slot: Slot, log: IO[str]) -> WorkerProcess:
         if slot is None:
             try:
-                return self.server.spawn_piped(self.worker_entry, call.argv(), log)
+                return self.server.spawn_piped(self.worker_entry, call.argv(), log, call.environment)
             except ForkServerError as error:
                 # As before the fork server existed: a fresh interpreter, which reports in the cell's
                 # own result whatever stopped the server from preloading.

@@ -9,10 +9,13 @@ built, so that a bad one is refused before any process starts.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Mapping
 
 from ..config import BenchConfig
 from ..errors import ConfigError
+from ..measure.allocator import ALLOCATOR_CHOICES, DEFAULT, cell_environment
 from ..results import RunFolder
 from .launch import Launch, Slot
 
@@ -61,6 +64,18 @@ class RunRequest:
     placement: CellPlacement
     schedule: Schedule
     folder: RunFolder
+    #: The CUDA caching allocator's setting for every cell (``run --allocator``): ``default``
+    #: leaves the inherited PYTORCH_CUDA_ALLOC_CONF alone, ``expandable`` sets expandable_segments:True.
+    allocator: str = DEFAULT
+
+    def __post_init__(self) -> None:
+        if self.allocator not in ALLOCATOR_CHOICES:
+            raise ConfigError(f"unknown --allocator '{self.allocator}': choose one of {', '.join(ALLOCATOR_CHOICES)}")
+
+    def cell_environment(self, inherited: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The variables every cell's process gets over ``inherited`` (the runner's environment),
+        whichever launcher starts it: the allocator's settings."""
+        return cell_environment(self.allocator, os.environ if inherited is None else inherited)
 
     @property
     def launch(self) -> Launch:

@@ -252,7 +252,8 @@ def run_worker(
         # nobody stops. Released inside the try below, where it stops the worker properly.
         ctrl_c = _DeferredCtrlC() if _in_main_thread() else None
         try:
-            process = launcher.start(WorkerCall(job.cell, folder.config_path, result_path, job.seed), slot, log)
+            call = WorkerCall(job.cell, folder.config_path, result_path, job.seed, request.cell_environment())
+            process = launcher.start(call, slot, log)
         except BaseException:
             if ctrl_c:
                 ctrl_c.release()

@@ -8,6 +8,7 @@ writing; tests call it directly.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -19,6 +20,7 @@ from ..data.objective import REFERENCE_OBJECTIVE
 from ..data.prepare import prepare_data
 from ..errors import DeviceError, UserError, first_line
 from ..measure import cuda as cuda_memory
+from ..measure.allocator import recorded_setting, segment_sizes
 from ..measure.cap import overshoot_note, plan_cap
 from ..measure.host import peak_rss_bytes
 from ..measure.oom import oom_details
@@ -82,7 +84,9 @@ def check_rank_split(config: BenchConfig, train_rows: int, world_size: int) -> N
 
 def new_result(cell_text: str, config: BenchConfig) -> CellResult:
     return CellResult(
-        cell_text, preset=config.preset, config=to_dict(config), provenance={"started_at": utc_now(), **environment()}
+        cell_text, preset=config.preset, config=to_dict(config), provenance={"started_at": utc_now(), **environment()},
+        # What the CUDA allocator runs under (recorded on CPU too, where it has no effect).
+        allocator=recorded_setting(os.environ),
     )
 
 
@@ -299,11 +303,34 @@ def record_cuda_memory(result: CellResult, device: torch.device, nvml: cuda_memo
     result.record("peak_reserved_mib", to_mib(reserved), "MiB", f"torch.cuda.max_memory_reserved {window}")
     nvml_mib = None if nvml.peak_bytes is None else to_mib(nvml.peak_bytes)
     result.record("nvml_process_peak_mib", nvml_mib, "MiB", f"{nvml.method}, {window}")
+    record_segments(result, device, reserved)
     cap = result.memory_cap
     note = overshoot_note(cap, nvml_mib) if cap else None
     if cap and nvml_mib is not None and note:
         cap["nvml_overshoot_mib"] = round(nvml_mib - float(cap["limit_mib"]), 1)
         result.notes.append(note)
+
+
+def record_segments(result: CellResult, device: torch.device, peak_reserved: int) -> None:
+    """The allocator's reserved segments by size, read at the end of the training loop: nothing
+    empties the cache between the training steps and here (only a compiled cell's window does,
+    before its compiled steps), so the reserve is still the one the steps built up."""
+    try:
+        segments, reserved_now = cuda_memory.reserved_segments(device)
+    except Exception as error:  # a diagnostic: never fail the cell for it
+        result.notes.append(f"reserved segments not read: {type(error).__name__}: {error}")
+        return
+    sizes = segment_sizes(segments)
+    when = ("the reserve then equals the peak reserved" if reserved_now == peak_reserved
+            else f"the reserve then is {to_mib(reserved_now):,} MiB, the peak reserved {to_mib(peak_reserved):,} MiB")
+    result.record(
+        "reserved_segments", sizes, "[MiB, count] pairs",
+        f"torch.cuda.memory_snapshot() at the end of the training loop, before anything empties the cache: the caching "
+        f"allocator's segments by size, largest first, summing to {to_mib(sum(int(s['total_size']) for s in segments)):,} "
+        f"MiB ({when})",
+    )
+    result.record("largest_segment_mib", sizes[0][0] if sizes else None, "MiB",
+                  "the largest reserved segment at the end of the training loop (reserved_segments)")
 
 
 def record_paged_state(result: CellResult, optimizer: Any) -> None:
