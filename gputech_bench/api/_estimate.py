@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Optional, Protocol, Sequence, Union
 
 from ..config import BenchConfig, from_dict, model_overrides
 from ..errors import ConfigError
+from ..measure.allocator import ALLOC_CONF_ENV
 from ..estimator.measured import measured_peak
 from ..estimator.overheads import DEFAULTS, calibrate
 from ..results import CellResult, RunFolder
@@ -54,7 +55,7 @@ def build_estimate(
     from ..estimator.render import EstimateReport
 
     setups = setups_for(cells, config)
-    with TracePool(min(jobs, max(1, len(setups))), forked) as pool:
+    with TracePool(min(jobs, max(1, len(setups))), forked, allocator_conf(results)) as pool:
         label, caveat = pool.describe_target(config)
         if output is None:
             predictions = pool.predict(setups, config)
@@ -69,6 +70,16 @@ def build_estimate(
         measured = {cell: measured_peak(by_cell.get(cell)) for cell in cells}
     return EstimateReport(label, caveat, predictions, overheads, budget, measured, config.data.objective,
                           config.model.attention, model_overrides(config.model))
+
+
+def allocator_conf(results: Optional[list[CellResult]]) -> Optional[str]:
+    """The PYTORCH_CUDA_ALLOC_CONF the reserve is replayed under: what a measured run's cells
+    ran with (``run --allocator`` included), else this process's environment, which a run
+    started from it would inherit."""
+    for result in results or []:
+        if result.allocator:
+            return result.allocator.get("conf")
+    return os.environ.get(ALLOC_CONF_ENV) or None
 
 
 def _run_config(run_dir: Path) -> tuple[BenchConfig, list[CellResult]]:

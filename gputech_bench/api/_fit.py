@@ -24,7 +24,7 @@ from ..run.launch import Launch
 from ..run.request import CellPlacement, RunRequest, Schedule
 from ..units import GIB, MIB, format_gib, parse_size
 from ._display import text_html
-from ._estimate import PathLike, _jobs, _run_config, _run_path
+from ._estimate import PathLike, _jobs, _run_config, _run_path, allocator_conf
 from ._output import Output, output_or_default
 from ._progress import trace_progress
 from ._run import execute
@@ -300,7 +300,7 @@ def fit(
         output.say(f"[dim]modelled around a trace, not traced (their figures say so): {', '.join(modelled)}[/]")
     # One pool for the whole search: fit traces a few setups at a time, and a fresh pool each
     # time would import torch and transformers and read the tokenised data again.
-    with TracePool(workers) as pool:
+    with TracePool(workers, allocator_conf=allocator_conf(run_results)) as pool:
         result = FitSearch(
             config, budget_bytes, overheads, _tracer(pool, output if progress else None),
             measured, config.strategy.micro_batch_size, top, excluded, parallel=workers, device_type=device_type,

@@ -14,6 +14,7 @@ first matrix product of a thread and kept for the process's life.
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 from dataclasses import dataclass
@@ -148,12 +149,15 @@ class AllocationRecorder(TorchDispatchMode):
         if size is not None:
             self._events.append((FREE, handle, 0, self.stream))
 
+    def _on_collected(self, handle: int, _ref: object) -> None:
+        self._freed(handle)
+
     def _allocate(self, storage: Any, size: int) -> None:
         handle = self._next
         self._next += 1
         self._handles[storage] = handle
         self._sizes[handle] = size
-        self._refs[handle] = weakref.ref(storage, lambda _ref, handle=handle: self._freed(handle))
+        self._refs[handle] = weakref.ref(storage, functools.partial(self._on_collected, handle))
         self._events.append((ALLOC, handle, size, self.stream))
 
     def _see(self, tensor: torch.Tensor) -> None:

@@ -195,13 +195,18 @@ def regime_floors(setups: list[Setup]) -> list[Setup]:
 
 
 def tensor_limit(budget: int, overheads: Overheads) -> int:
-    """The largest tensor peak whose device total (with reserve and context) stays within ``budget``."""
-    bound = max(0, int((budget - overheads.context_bytes) / (1 + overheads.reserve_fraction)))
-    while bound > 0 and overheads.device_total(bound) > budget:
-        bound -= 1
-    while overheads.device_total(bound + 1) <= budget:
-        bound += 1
-    return bound
+    """The largest tensor peak that could still fit ``budget``: the allocator holds at least
+    what the tensors need, and the context comes on top. A trace stops past it; one that
+    stays under it is judged by its replayed reserve (``device_total``)."""
+    return max(0, budget - overheads.context_bytes)
+
+
+def device_total(overheads: Overheads, prediction: Prediction) -> int:
+    """What a setup is judged by: the upper end of what nvidia-smi will show. A stopped
+    trace gives a lower bound: its live tensors and the context."""
+    if prediction.stopped:
+        return prediction.device.total_bytes + overheads.context_bytes
+    return overheads.device_total(prediction.device.total_bytes, prediction.reserved)
 
 
 @dataclass(frozen=True)
@@ -282,7 +287,7 @@ class FitSearch:
         return self.rank()
 
     def judge(self, setup: Setup, prediction: Prediction) -> Candidate:
-        total = self.overheads.device_total(prediction.device.total_bytes)
+        total = device_total(self.overheads, prediction)
         fits = total <= self.budget and not prediction.error and not prediction.stopped
         return Candidate(setup, self.times[setup], prediction, total, fits)
 
@@ -374,7 +379,7 @@ def _suggestions(floor: Setup, config: BenchConfig, budget: int, overheads: Over
         length //= 2
         shorter = dataclasses.replace(config, data=dataclasses.replace(config.data, max_length=length))
         prediction = trace([floor], shorter, limit=limit)[0]
-        total = overheads.device_total(prediction.device.total_bytes)
+        total = device_total(overheads, prediction)
         if total <= budget and not prediction.stopped and not prediction.error:
             return [f"--set data.max_length={length}: {floor.label} would need {format_size(total)}"]
     return [f"even data.max_length={length} does not fit: lower train.batch_size, or use a smaller model or a larger device"]

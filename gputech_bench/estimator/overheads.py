@@ -1,13 +1,17 @@
 """What a GPU needs beyond the tensors a trace counts: the CUDA context and the
-caching allocator's reserve. Both come from measured runs when there are any.
+caching allocator's reserve.
 
-* CUDA context: driver state, kernels and cuBLAS handles that exist before the first
-  tensor. It is what NVML shows beyond the allocator's reserve. The default, 512 MiB,
-  is the size a CUDA 12 context with lazy module loading takes on a current data-centre
-  GPU; it grows with every library whose kernels load (cuDNN, bitsandbytes).
-* Allocator reserve: memory the caching allocator holds but no tensor uses (block
-  rounding, fragmentation, cached free blocks). Default: 10 % of the tensor peak, a
-  typical figure for a training step without memory pressure.
+* CUDA context: driver state, kernels and cuBLAS handles outside the allocator. It is what
+  NVML shows beyond the allocator's reserved bytes. The default, 742 MiB, is what an H200
+  measured after the worker's warm-up (torch 2.11, CUDA 13, the seed's baseline and a bare
+  loop alike: NVML 14,042 MiB against 13,300 reserved); a run's own CUDA cells calibrate it
+  (``calibrate``). It grows with every library whose kernels load (cuDNN, bitsandbytes).
+* Allocator reserve: what the caching allocator holds beyond the tensor peak (block
+  rounding, cached free blocks, fragmentation). Replayed from the traced allocations
+  wherever there are some (``reserved.py``), as a range where it depends on where a
+  workspace lands. A flat fraction of the tensor peak stands in only where no allocation
+  sequence was traced (a modelled figure, a stopped trace): 10 % by default, or the run's
+  own median with ``--compare``.
 """
 
 from __future__ import annotations
@@ -17,8 +21,11 @@ from dataclasses import dataclass
 
 from ..results import CellResult
 from ..units import MIB
+from .reserved import ReservedRange
 
-DEFAULT_CONTEXT_BYTES = 512 * MIB
+DEFAULT_CONTEXT_BYTES = 742 * MIB
+DEFAULT_CONTEXT_SOURCE = ("default: measured on an H200 after the worker's warm-up (torch 2.11, CUDA 13; "
+                          "NVML minus reserved); calibrate with --compare RUN_DIR")
 DEFAULT_RESERVE_FRACTION = 0.10
 
 
@@ -30,15 +37,30 @@ class Overheads:
     reserve_source: str
 
     def reserve_bytes(self, tensor_peak_bytes: int) -> int:
+        """The flat reserve, for a figure without a replayed allocation sequence."""
         return int(tensor_peak_bytes * self.reserve_fraction)
 
-    def device_total(self, tensor_peak_bytes: int) -> int:
-        return tensor_peak_bytes + self.reserve_bytes(tensor_peak_bytes) + self.context_bytes
+    def reserved_range(self, tensor_peak_bytes: int, replayed: ReservedRange | None) -> tuple[int, int]:
+        """(low, high) bytes the caching allocator holds at its peak: replayed, else the flat reserve.
+        Never below the tensor peak: what the tensors need, the allocator holds."""
+        if replayed is None:
+            flat = tensor_peak_bytes + self.reserve_bytes(tensor_peak_bytes)
+            return flat, flat
+        return max(replayed.low_bytes, tensor_peak_bytes), max(replayed.high_bytes, tensor_peak_bytes)
+
+    def device_range(self, tensor_peak_bytes: int, replayed: ReservedRange | None) -> tuple[int, int]:
+        """(low, high) of what nvidia-smi will show: reserved plus the context."""
+        low, high = self.reserved_range(tensor_peak_bytes, replayed)
+        return low + self.context_bytes, high + self.context_bytes
+
+    def device_total(self, tensor_peak_bytes: int, replayed: ReservedRange | None = None) -> int:
+        """The upper end of what nvidia-smi will show: what a budget is judged against."""
+        return self.device_range(tensor_peak_bytes, replayed)[1]
 
 
 DEFAULTS = Overheads(
-    DEFAULT_CONTEXT_BYTES, "default (no measured CUDA run given)",
-    DEFAULT_RESERVE_FRACTION, "default (no measured CUDA run given)",
+    DEFAULT_CONTEXT_BYTES, DEFAULT_CONTEXT_SOURCE,
+    DEFAULT_RESERVE_FRACTION, "default, for figures without a replayed allocation sequence",
 )
 
 

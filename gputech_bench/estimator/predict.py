@@ -27,7 +27,9 @@ from ..errors import UserError, error_line, first_line
 from ..measure.tracker import TrackedPeak
 from ..run.forkserver import ForkServer, ForkServerError
 from ..strategies import parse_cell
+from .allocator import AllocatorSettings
 from .modelled import modeller_for
+from .reserved import ReservedRange, predict_reserved
 from .trace import (
     Limit,
     describe_target,
@@ -74,6 +76,12 @@ class Prediction:
     #: The trace stopped once the device passed the limit ``fit`` gave it: ``device`` is a
     #: lower bound of the peak, enough to know the setup does not fit.
     stopped: bool = False
+    #: The caching allocator's reserved peak, replayed from the traced allocations
+    #: (``reserved.py``); None where there was no sequence to replay (a modelled figure, a
+    #: stopped trace) or the allocator settings are ones the model does not follow.
+    reserved: ReservedRange | None = None
+    #: Why ``reserved`` is None for a traced setup (an allocator setting the model does not follow).
+    reserved_note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -87,6 +95,8 @@ class Prediction:
             "source": self.source,
             "modelled": self.modelled,
             "stopped": self.stopped,
+            "reserved": None if self.reserved is None else self.reserved.to_dict(),
+            "reserved_note": self.reserved_note,
         }
 
     @property
@@ -111,6 +121,8 @@ class Prediction:
             data.get("error"),
             data.get("modelled"),
             bool(data.get("stopped", False)),
+            None if data.get("reserved") is None else ReservedRange.from_dict(data["reserved"]),
+            data.get("reserved_note"),
         )
 
 
@@ -154,7 +166,17 @@ def _cached_inputs(config_data: dict[str, Any], config: BenchConfig):
     return _worker_inputs[key]
 
 
-def _trace_in_worker(config_data: dict[str, Any], setup: Setup, limit_bytes: int | None = None) -> dict[str, Any]:
+def allocator_settings(conf: str | None) -> tuple[AllocatorSettings | None, str | None]:
+    """The allocator model's settings for ``PYTORCH_CUDA_ALLOC_CONF`` text, or why there are none."""
+    try:
+        return AllocatorSettings.from_conf(conf), None
+    except ValueError as error:
+        return None, (f"reserve not replayed: PYTORCH_CUDA_ALLOC_CONF={conf}: {error}; a flat "
+                      "reserve stands in")
+
+
+def _trace_in_worker(config_data: dict[str, Any], setup: Setup, limit_bytes: int | None = None,
+                     allocator_conf: str | None = None) -> dict[str, Any]:
     config = setup.config_for(from_dict(config_data))
     inputs = _cached_inputs(config_data, config)
     target = trace_target()
@@ -166,12 +188,16 @@ def _trace_in_worker(config_data: dict[str, Any], setup: Setup, limit_bytes: int
             out = modeller.run(cell, config, inputs, target, limit)
             return Prediction(setup, out.device, out.host, out.seconds, out.facts, None, out.method, out.stopped).to_dict()
         trace = trace_cell(cell, config, inputs, target, limit)
+        settings, note = allocator_settings(allocator_conf)
+        reserved = None
+        if settings is not None and trace.allocations is not None and not trace.stopped:
+            reserved = predict_reserved(trace.allocations, settings)
     except Exception as error:  # noqa: BLE001 - one setup the tracer cannot follow must not sink the others
         reason = first_line(error) if isinstance(error, UserError) else error_line(error)
         return Prediction(setup, TrackedPeak(str(target.device), 0, {}), None, 0.0, {}, reason).to_dict()
     # A trace that stood in for what the stand-in device cannot run (autocast) says how, as a model does.
     return Prediction(setup, trace.device, trace.host, trace.seconds, trace.facts, None, trace.method,
-                      trace.stopped).to_dict()
+                      trace.stopped, reserved, note).to_dict()
 
 
 def default_jobs() -> int:
@@ -182,8 +208,9 @@ class SpawnedTraces:
     """The spawn back end: a pool of fresh interpreters (``jobs`` of them at most), started
     on first use and kept until ``close()``."""
 
-    def __init__(self, jobs: int) -> None:
+    def __init__(self, jobs: int, allocator_conf: str | None = None) -> None:
         self.jobs = jobs
+        self.allocator_conf = allocator_conf
         self._pool: ProcessPoolExecutor | None = None
 
     @property
@@ -207,7 +234,8 @@ class SpawnedTraces:
         pool = self._executor()
         # The longest traces first, so that no process is left with one at the end.
         ordered = sorted(setups, key=lambda setup: -_trace_cost(setup, config))
-        futures = {pool.submit(_trace_in_worker, config_data, setup, limit): setup for setup in ordered}
+        futures = {pool.submit(_trace_in_worker, config_data, setup, limit, self.allocator_conf): setup
+                   for setup in ordered}
         try:
             for future in as_completed(futures):
                 on_done(Prediction.from_dict(future.result()))
@@ -222,9 +250,10 @@ class ForkedTraces:
     (whose caller had it preload the tracer, ``trace``), their stderr appended to
     ``log_path``. Raises ForkServerError when the server cannot fork them."""
 
-    def __init__(self, server: ForkServer, log_path: Path) -> None:
+    def __init__(self, server: ForkServer, log_path: Path, allocator_conf: str | None = None) -> None:
         self.server = server
         self.log_path = log_path
+        self.allocator_conf = allocator_conf
 
     def ready(self) -> bool:
         """Whether the server runs (started now if it was not); False when it cannot serve."""
@@ -254,7 +283,7 @@ class ForkedTraces:
                     read, write = os.pipe()
                     try:
                         argv = [config_text, json.dumps([[setup.cell, setup.micro_batch_size] for setup in share]),
-                                json.dumps(limit), *threads]
+                                json.dumps(limit), json.dumps(self.allocator_conf), *threads]
                         children.append(self.server.spawn(trace_share, argv, write, log.fileno()))
                     except BaseException:
                         os.close(read)
@@ -303,10 +332,13 @@ class TracePool:
     the tokenised data. Forked (``forked``): children of a run's fork server, which import
     nothing; when the server cannot fork, the spawned back end takes the traces over."""
 
-    def __init__(self, jobs: int = 1, forked: ForkedTraces | None = None) -> None:
+    def __init__(self, jobs: int = 1, forked: ForkedTraces | None = None, allocator_conf: str | None = None) -> None:
         self.jobs = jobs
         self.forked = forked
-        self.spawned = SpawnedTraces(jobs)
+        if forked is not None:
+            forked.allocator_conf = allocator_conf
+        self.allocator_conf = allocator_conf
+        self.spawned = SpawnedTraces(jobs, allocator_conf)
 
     def __enter__(self) -> "TracePool":
         return self
@@ -352,7 +384,7 @@ class TracePool:
         _cached_inputs(config_data, config)
         if self.jobs <= 1 or (len(setups) == 1 and not self.spawned.started):
             for setup in setups:
-                record(Prediction.from_dict(_trace_in_worker(config_data, setup, limit)))
+                record(Prediction.from_dict(_trace_in_worker(config_data, setup, limit, self.allocator_conf)))
         else:
             self.spawned.trace(setups, config, config_data, limit, record)
         return [done[setup] for setup in setups]
@@ -365,10 +397,12 @@ def predict(
     on_done: Callable[[Prediction], None] = lambda prediction: None,
     forked: ForkedTraces | None = None,
     limit: int | None = None,
+    allocator_conf: str | None = None,
 ) -> list[Prediction]:
     """Trace every setup once, in a pool of ``min(jobs, len(setups))`` processes (see
-    ``TracePool.predict``): children of a fork server with ``forked``, else spawned."""
-    with TracePool(min(jobs, max(1, len(setups))), forked) as pool:
+    ``TracePool.predict``): children of a fork server with ``forked``, else spawned. The
+    reserve is replayed under ``allocator_conf`` (PYTORCH_CUDA_ALLOC_CONF's text)."""
+    with TracePool(min(jobs, max(1, len(setups))), forked, allocator_conf) as pool:
         return pool.predict(setups, config, on_done, limit)
 
 
@@ -388,16 +422,18 @@ def _shares(setups: list[Setup], config: BenchConfig, jobs: int) -> list[list[Se
 
 def trace_share(argv: list[str]) -> int:
     """A forked child's entry: trace the setups in ``argv[1]`` (JSON) under the config in
-    ``argv[0]`` (JSON) and the limit in ``argv[2]`` (JSON: bytes or null), printing one JSON
-    line per prediction, or one ``failed`` line."""
+    ``argv[0]`` (JSON), the limit in ``argv[2]`` (JSON: bytes or null) and the allocator
+    conf in ``argv[3]`` (JSON: text or null), printing one JSON line per prediction, or one
+    ``failed`` line."""
     config_data = json.loads(argv[0])
     setups = [Setup(cell, micro) for cell, micro in json.loads(argv[1])]
     limit = json.loads(argv[2])
-    if "--single-threaded" in argv[3:]:
+    allocator_conf = json.loads(argv[3])
+    if "--single-threaded" in argv[4:]:
         _single_threaded()
     try:
         for setup in setups:
-            print(json.dumps(_trace_in_worker(config_data, setup, limit)), flush=True)
+            print(json.dumps(_trace_in_worker(config_data, setup, limit, allocator_conf)), flush=True)
     except Exception as error:  # noqa: BLE001 - a config or data problem: the parent raises it
         print(json.dumps({"failed": f"{type(error).__name__}: {first_line(error)}", "user_error": isinstance(error, UserError)}),
               flush=True)

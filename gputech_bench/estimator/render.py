@@ -52,14 +52,22 @@ class EstimateReport:
 
     def row(self, prediction: Prediction) -> dict[str, Any]:
         device = prediction.device
-        total = self.overheads.device_total(device.total_bytes)
+        total = self.overheads.device_total(device.total_bytes, prediction.reserved)
         row: dict[str, Any] = {"setup": prediction.setup.label, "cell": prediction.setup.cell, "error": prediction.error,
                                "source": prediction.source, "modelled": prediction.modelled, "stopped": prediction.stopped}
         for category, _ in (*SHOWN_CATEGORIES, QUANTIZED):
             row[f"{category}_mib"] = device.by_category.get(category, 0) / MIB
         row["tensor_peak_mib"] = device.total_bytes / MIB
-        row["allocator_reserve_mib"] = self.overheads.reserve_bytes(device.total_bytes) / MIB
+        replayed = prediction.reserved
+        low, high = self.overheads.reserved_range(device.total_bytes, replayed)
+        row["reserved_low_mib"], row["reserved_high_mib"] = low / MIB, high / MIB
+        row["reserved_source"] = "replayed" if replayed is not None else "flat"
+        row["allocator_reserve_low_mib"] = (low - device.total_bytes) / MIB
+        row["allocator_reserve_mib"] = (high - device.total_bytes) / MIB
+        row["allocator_note"] = replayed.why if replayed is not None else prediction.reserved_note
+        row["reserved_segments"] = None if replayed is None else [[size / MIB, count] for size, count in replayed.segments]
         row["cuda_context_mib"] = self.overheads.context_bytes / MIB
+        row["device_total_low_mib"] = (low + self.overheads.context_bytes) / MIB
         row["device_total_mib"] = total / MIB
         row["host_peak_mib"] = None if prediction.host is None else prediction.host.total_bytes / MIB
         row["fits"] = None if self.budget_bytes is None or prediction.error else total <= self.budget_bytes
@@ -131,6 +139,13 @@ def mib_text(value: float | None) -> str:
     return f"{value:.2f}" if 0 < value < 1 else f"{value:,.0f}"
 
 
+def range_text(low: float | None, high: float | None) -> str:
+    """One figure, or ``low-high`` where the allocator may hold one segment more or less."""
+    if low is None or high is None or round(low) == round(high):
+        return mib_text(high)
+    return f"{mib_text(low)}-{mib_text(high)}"
+
+
 def _plain_fits(value: bool | None) -> str:
     return "-" if value is None else ("yes" if value else "no")
 
@@ -182,8 +197,9 @@ def row_cells(report: EstimateReport, row: dict[str, Any], compared: bool, fits:
     if has_source_column(report):
         cells.append(source_text(report, row))
     cells += [mib_text(row[f"{category}_mib"]) for category, _ in categories(report)]
-    cells += [mib_text(row["tensor_peak_mib"]), mib_text(row["allocator_reserve_mib"]), mib_text(row["cuda_context_mib"])]
-    cells += [mib_text(row["device_total_mib"]), mib_text(row["host_peak_mib"])]
+    cells += [mib_text(row["tensor_peak_mib"]),
+              range_text(row.get("allocator_reserve_low_mib"), row["allocator_reserve_mib"]), mib_text(row["cuda_context_mib"])]
+    cells += [range_text(row.get("device_total_low_mib"), row["device_total_mib"]), mib_text(row["host_peak_mib"])]
     if report.budget_bytes is not None:
         cells.append(fits(row["fits"]))
     if compared:
@@ -217,10 +233,8 @@ def legend(report: EstimateReport, with_overheads: bool = True) -> list[str]:
         "peak live tensor bytes by category (torch MemTracker)",
     ]
     if with_overheads:
-        lines += [
-            f"+ reserve: {report.overheads.reserve_fraction:.0%} of the tensor peak, {report.overheads.reserve_source}",
-            f"+ context: {report.overheads.context_bytes / MIB:,.0f} MiB CUDA context, {report.overheads.context_source}",
-        ]
+        lines += reserve_legend(report)
+        lines.append(f"+ context: {report.overheads.context_bytes / MIB:,.0f} MiB CUDA context, {report.overheads.context_source}")
     lines.append(
         "host: peak tensor bytes in host memory where the model lives partly there "
         "(strategy 4's fp32 master, its gradients and optimizer state; fsdp-offload's offloaded state; "
@@ -243,6 +257,30 @@ def legend(report: EstimateReport, with_overheads: bool = True) -> list[str]:
         lines.append(f"note: {report.caveat}")
     lines += [f"[{number}] not traced: {reason}" for reason, number in untraced_reasons(report).items()]
     lines += [f"[{number}] {method}" for method, number in modelled_methods(report).items()]
+    return lines
+
+
+def reserve_legend(report: EstimateReport) -> list[str]:
+    """How the reserve column came about, and each setup's reason for a range."""
+    replayed = [p for p in report.predictions if p.reserved is not None and not p.error]
+    flat = [p for p in report.predictions if p.reserved is None and not p.error]
+    lines = []
+    if replayed:
+        first = replayed[0].reserved
+        assert first is not None
+        lines.append(
+            "+ reserve: what PyTorch's caching allocator holds beyond the tensor peak, from the traced step's "
+            "allocations and frees (placement, 3 steps) replayed through a model of the allocator "
+            f"({first.settings}; {first.workspaces}); device total is what nvidia-smi will show (a range where one "
+            "segment may or may not be needed; a budget is judged against its upper end)"
+        )
+    if flat:
+        names = ", ".join(p.setup.label for p in flat)
+        notes = sorted({p.reserved_note for p in flat if p.reserved_note})
+        why = "; ".join(notes) if notes else "no allocation sequence was traced (modelled or stopped)"
+        lines.append(f"+ reserve for {names}: {report.overheads.reserve_fraction:.0%} of the tensor peak, "
+                     f"{report.overheads.reserve_source} ({why})")
+    lines += [f"{p.setup.label}: {p.reserved.why}" for p in replayed if p.reserved is not None and p.reserved.why]
     return lines
 
 

@@ -64,8 +64,8 @@ def trace_target() -> TraceTarget:
     return TraceTarget(
         torch.device("meta"),
         "fake tensors on a stand-in device (this torch has no CUDA)",
-        "traced without CUDA: tensors are counted exactly, but cuBLAS workspaces and "
-        "the allocator's 512-byte rounding are not",
+        "traced without CUDA: tensors are counted exactly; dropout is traced as CUDA's fused kernel "
+        "(a 1-byte mask), and the reserve's cuBLAS workspaces take Hopper's default size",
     )
 
 
