@@ -348,12 +348,10 @@ def _dropout_as_on_cuda(input, p=0.5, training=True, inplace=False):
     (output and a bool mask) for CUDA inputs and, for any other device, multiplies by a
     noise tensor of the input's dtype, which backward keeps: 4 bytes an element in fp32
     against the mask's 1, for every dropout of the model."""
-    if not training or p <= 0.0 or p >= 1.0 or input.numel() == 0:
+    if inplace or not training or p <= 0.0 or p >= 1.0 or input.numel() == 0:
+        # ATen's dropout_ (in place) takes the unfused path on CUDA too.
         return _ORIGINAL_DROPOUT(input, p, training, inplace)
-    output = torch.native_dropout(input, p, True)[0]
-    if inplace:
-        return input.copy_(output)
-    return output
+    return torch.native_dropout(input, p, True)[0]
 
 
 _ORIGINAL_DROPOUT = torch.nn.functional.dropout
