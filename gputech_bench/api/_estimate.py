@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Optional, Protocol, Sequence, Union
 
 from ..config import BenchConfig, from_dict, model_overrides
 from ..errors import ConfigError
-from ..measure.allocator import ALLOC_CONF_ENV
 from ..estimator.measured import measured_peak
 from ..estimator.overheads import DEFAULTS, calibrate
 from ..results import CellResult, RunFolder
@@ -79,7 +78,9 @@ def allocator_conf(results: Optional[list[CellResult]]) -> Optional[str]:
     for result in results or []:
         if result.allocator:
             return result.allocator.get("conf")
-    return os.environ.get(ALLOC_CONF_ENV) or None
+    # The variable's name, not measure.allocator's constant: importing the measure package
+    # would load torch on every front end's start-up.
+    return os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or None
 
 
 def _run_config(run_dir: Path) -> tuple[BenchConfig, list[CellResult]]:

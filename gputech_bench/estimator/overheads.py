@@ -19,9 +19,13 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 from ..results import CellResult
 from ..units import MIB
-from .reserved import ReservedRange
+
+if TYPE_CHECKING:  # the replay's module brings torch (through the recorder): not for the front ends' start-up
+    from .reserved import ReservedRange
 
 DEFAULT_CONTEXT_BYTES = 742 * MIB
 DEFAULT_CONTEXT_SOURCE = ("default: measured on an H200 after the worker's warm-up (torch 2.11, CUDA 13; "
@@ -40,7 +44,7 @@ class Overheads:
         """The flat reserve, for a figure without a replayed allocation sequence."""
         return int(tensor_peak_bytes * self.reserve_fraction)
 
-    def reserved_range(self, tensor_peak_bytes: int, replayed: ReservedRange | None) -> tuple[int, int]:
+    def reserved_range(self, tensor_peak_bytes: int, replayed: "ReservedRange | None") -> tuple[int, int]:
         """(low, high) bytes the caching allocator holds at its peak: replayed, else the flat reserve.
         Never below the tensor peak: what the tensors need, the allocator holds."""
         if replayed is None:
@@ -48,12 +52,12 @@ class Overheads:
             return flat, flat
         return max(replayed.low_bytes, tensor_peak_bytes), max(replayed.high_bytes, tensor_peak_bytes)
 
-    def device_range(self, tensor_peak_bytes: int, replayed: ReservedRange | None) -> tuple[int, int]:
+    def device_range(self, tensor_peak_bytes: int, replayed: "ReservedRange | None") -> tuple[int, int]:
         """(low, high) of what nvidia-smi will show: reserved plus the context."""
         low, high = self.reserved_range(tensor_peak_bytes, replayed)
         return low + self.context_bytes, high + self.context_bytes
 
-    def device_total(self, tensor_peak_bytes: int, replayed: ReservedRange | None = None) -> int:
+    def device_total(self, tensor_peak_bytes: int, replayed: "ReservedRange | None" = None) -> int:
         """The upper end of what nvidia-smi will show: what a budget is judged against."""
         return self.device_range(tensor_peak_bytes, replayed)[1]
 

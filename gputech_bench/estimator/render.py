@@ -244,6 +244,9 @@ def legend(report: EstimateReport, with_overheads: bool = True) -> list[str]:
     rows = report.rows()
     if any("measured_what" in row for row in rows):
         lines.append("error: tensor peak against the measured peak (allocated on CUDA, MemTracker on CPU)")
+    if any(row.get("measured_what") == "MemTracker peak on the CPU" for row in rows):
+        lines.append("on CPU: a CPU run's dropout keeps a noise tensor of the input's dtype for backward, where the "
+                     "estimate follows a GPU's fused kernel (a 1-byte mask): with dropout, the CPU's figure is higher")
     if any(row.get("measured_what", "").startswith("n/a") for row in rows):
         lines.append("n/a: a CPU run holds the device and host sides (strategy 4, fsdp-offload, offload-activations) in one "
                      "memory, so there is no device peak to compare")
