@@ -299,3 +299,48 @@ def test_the_seed_cells_reserved_plus_the_context_match_the_h200s_nvml_peaks(cac
     low, high = lora.low_bytes / MIB + H200_CONTEXT_MIB, lora.high_bytes / MIB + H200_CONTEXT_MIB
     assert low <= H200_LORA_NVML_PEAK_MIB <= high
     assert lora.why is not None and "2,342 MiB" in lora.why
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compares the model with the real CUDA allocator: needs a CUDA device")
+def test_the_model_replays_a_real_cuda_steps_reserved_bytes():
+    # A small MLP's training step on a real card, its allocations recorded as the trace records
+    # them, replayed through the model: the reserved growth must match torch's own figure.
+    from gputech_bench.estimator.allocator import CachingAllocatorModel
+
+    device = torch.device("cuda")
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.GELU(), torch.nn.Linear(4096, 1024)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), foreach=False)
+    # Both threads' cuBLAS workspaces exist before the recorded step, so neither is in its growth.
+    model(torch.randn(8, 1024, device=device)).sum().backward()
+    optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    model(torch.randn(8, 1024, device=device)).sum().backward()  # workspaces again, if empty_cache freed them
+    optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    recorder = AllocationRecorder(device, WORKSPACE)
+    with recorder:
+        for _ in range(2):
+            loss = model(torch.randn(512, 1024, device=device)).pow(2).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            del loss
+    torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_reserved(device) - before
+    sequence = recorder.sequence()
+    replay = CachingAllocatorModel()
+    handles: dict[int, int] = {}
+    for kind, handle, size, stream in sequence.events:
+        if handle in sequence.modelled:
+            continue  # the workspaces were made before the step
+        if kind == ALLOC:
+            handles[handle] = replay.malloc(size, stream)
+        elif handle in handles:
+            replay.free(handles.pop(handle))
+    # The parameters were allocated before the step and are never freed in it: the model's
+    # cache starts empty where the real one holds their segments, which the step cannot reuse.
+    assert abs(replay.peak_reserved_bytes - measured) <= 2 * MIB, (replay.peak_reserved_bytes, measured)

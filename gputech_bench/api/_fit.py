@@ -131,6 +131,9 @@ class Fit:
             "verdict": verdict, "setup": candidate.setup.label, "cell": candidate.setup.cell,
             "micro_batch_size": candidate.setup.micro_batch_size,
             "device_gib": None if candidate.prediction.error else candidate.device_total / GIB,
+            # The lower end where one allocator segment may or may not be needed; device_gib is judged.
+            "device_low_gib": None if candidate.prediction.error or candidate.device_total_low is None
+            else candidate.device_total_low / GIB,
             # The trace stopped once past the budget: device_gib is what was live then, a lower bound.
             "device_is_lower_bound": candidate.at_least,
             "host_gib": None if host is None or candidate.prediction.error else host.total_bytes / GIB,
@@ -153,7 +156,8 @@ class Fit:
         if result.floor is not None and result.floor not in result.rejected:
             rows.append(self._row(result.floor, "too big"))
         rows += [self._row(candidate, "not traced") for candidate in result.untraceable]
-        columns = ["verdict", "setup", "cell", "micro_batch_size", "device_gib", "device_is_lower_bound", "host_gib",
+        columns = ["verdict", "setup", "cell", "micro_batch_size", "device_gib", "device_low_gib", "device_is_lower_bound",
+                   "host_gib",
                    "figure", "modelled", EPOCH_SECONDS.name, "time_x_baseline", "time_from", "gives_up", "error"]
         return pd.DataFrame(rows, columns=columns)
 
@@ -170,6 +174,7 @@ class Fit:
                 "micro_batch_size": c.setup.micro_batch_size,
                 "fits": c.fits,
                 "device_total_bytes": c.device_total,
+                "device_total_low_bytes": c.device_total_low,
                 "device_total_is_lower_bound": c.at_least,
                 "trains_every_weight": trains_every_weight(c.setup),
                 "time_factor": c.time.factor,

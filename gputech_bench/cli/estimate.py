@@ -142,7 +142,11 @@ def _host_text(candidate) -> str:
 
 
 def _device_text(candidate) -> str:
-    """'>' marks a lower bound: the trace stopped once past the budget."""
+    """'>' marks a lower bound: the trace stopped once past the budget. A range where one
+    allocator segment may or may not be needed; the budget is judged against its upper end."""
+    low = candidate.device_total_low
+    if low is not None and not candidate.at_least and format_size(low) != format_size(candidate.device_total):
+        return f"{format_size(low)}-{format_size(candidate.device_total)}"
     return (">" if candidate.at_least else "") + format_size(candidate.device_total)
 
 
@@ -194,9 +198,15 @@ def _print_fit(found) -> None:
                           "or was not run: the same weights as a setup whose weights alone passed it[/]", highlight=False)
     for method, number in notes.items():
         console.print(f"  [dim][{number}] {method}[/]", highlight=False)
+    for _rank, candidate in rows:
+        why = candidate.prediction.reserved.why if candidate.prediction.reserved is not None else None
+        if why:
+            console.print(f"  {candidate.setup.label}: {why}; judged against the upper end", highlight=False)
     overridden = "".join(f"; {text}" for text in model_overrides(config.model))
     console.print(
-        f"  [dim]device = tensor peak + allocator reserve + CUDA context; host = tensors kept in host memory; "
+        f"  [dim]device = what nvidia-smi will show: tensor peak + the caching allocator's reserve (replayed from the "
+        f"traced allocations; a range where one segment may or may not be needed, judged against its upper end) + "
+        f"CUDA context; host = tensors kept in host memory; "
         f"{result.untraced} slower candidate(s) not traced; objective {config.data.objective}, "
         f"attention {config.model.attention}{overridden}[/]", highlight=False,
     )

@@ -201,12 +201,17 @@ def tensor_limit(budget: int, overheads: Overheads) -> int:
     return max(0, budget - overheads.context_bytes)
 
 
-def device_total(overheads: Overheads, prediction: Prediction) -> int:
-    """What a setup is judged by: the upper end of what nvidia-smi will show. A stopped
-    trace gives a lower bound: its live tensors and the context."""
+def device_range(overheads: Overheads, prediction: Prediction) -> tuple[int, int]:
+    """(low, high) of what nvidia-smi will show; a setup is judged by the upper end. A
+    stopped trace gives a lower bound: its live tensors and the context."""
     if prediction.stopped:
-        return prediction.device.total_bytes + overheads.context_bytes
-    return overheads.device_total(prediction.device.total_bytes, prediction.reserved)
+        bound = prediction.device.total_bytes + overheads.context_bytes
+        return bound, bound
+    return overheads.device_range(prediction.device.total_bytes, prediction.reserved)
+
+
+def device_total(overheads: Overheads, prediction: Prediction) -> int:
+    return device_range(overheads, prediction)[1]
 
 
 @dataclass(frozen=True)
@@ -214,8 +219,10 @@ class Candidate:
     setup: Setup
     time: ExpectedTime
     prediction: Prediction
-    device_total: int
+    device_total: int  # the upper end of what nvidia-smi will show: what the budget is judged against
     fits: bool
+    #: The lower end, where one allocator segment may or may not be needed (else device_total).
+    device_total_low: int | None = None
 
     @property
     def at_least(self) -> bool:
@@ -287,9 +294,9 @@ class FitSearch:
         return self.rank()
 
     def judge(self, setup: Setup, prediction: Prediction) -> Candidate:
-        total = device_total(self.overheads, prediction)
+        low, total = device_range(self.overheads, prediction)
         fits = total <= self.budget and not prediction.error and not prediction.stopped
-        return Candidate(setup, self.times[setup], prediction, total, fits)
+        return Candidate(setup, self.times[setup], prediction, total, fits, low)
 
     def weigh(self, batch: list[Setup]) -> None:
         """Judge the setups not judged yet: by a trace, or by their regime's weights alone."""
