@@ -341,6 +341,7 @@ def test_the_model_replays_a_real_cuda_steps_reserved_bytes():
             handles[handle] = replay.malloc(size, stream)
         elif handle in handles:
             replay.free(handles.pop(handle))
-    # The parameters were allocated before the step and are never freed in it: the model's
-    # cache starts empty where the real one holds their segments, which the step cannot reuse.
-    assert abs(replay.peak_reserved_bytes - measured) <= 2 * MIB, (replay.peak_reserved_bytes, measured)
+    # The model's cache starts empty; the real one holds the parameters' segments, whose only
+    # free room is what the biases left in their 2 MiB small-pool segments: at most two of
+    # those small segments apart.
+    assert abs(replay.peak_reserved_bytes - measured) <= 4 * MIB, (replay.peak_reserved_bytes, measured)
