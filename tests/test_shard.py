@@ -177,3 +177,9 @@ def test_one_shard_says_what_is_missing_refuses_a_mismatch_and_resumes_alone(tmp
     assert "reused 1 finished cell(s): baseline" in text and "missing: 1 (shard 2/2)" in text
     assert read_result(run_dir / "2.json").ok and read_result(run_dir / "previous" / "2.json").status == "interrupted"
     assert not (run_dir / "1.json").exists()
+
+
+def test_run_help_shows_a_shard_example():
+    out = invoke("run", "--help")
+    assert out.exit_code == 0
+    assert "--shard 2/4" in out.stdout and "SLURM_ARRAY_TASK_ID" in out.stdout
