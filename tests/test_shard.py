@@ -183,3 +183,14 @@ def test_run_help_shows_a_shard_example():
     out = invoke("run", "--help")
     assert out.exit_code == 0
     assert "--shard 2/4" in out.stdout and "SLURM_ARRAY_TASK_ID" in out.stdout
+
+
+def test_the_api_takes_a_shard_as_text_or_a_pair_and_refuses_it_in_one_line(tmp_path: Path):
+    from gputech_bench import UserError, run_matrix
+
+    for shard, fragment in [((0, 2), "--shard 0/2: K counts from 1"), ("1/2", "needs --run-name NAME"),
+                            ((3, 2), "--shard 3/2: K must be between 1 and 2")]:
+        with pytest.raises(UserError, match=fragment):
+            run_matrix(strategies=["1"], preset="cpu", device="cpu", results=tmp_path / "r",
+                       run_name=None if shard == "1/2" else "split", shard=shard)
+    assert not (tmp_path / "r").exists()
