@@ -1,4 +1,4 @@
-"""File work every layer shares: atomic writes, cache writes and content fingerprints."""
+"""File work every layer shares: atomic writes, create-if-absent writes, cache writes and content fingerprints."""
 
 from __future__ import annotations
 
@@ -45,6 +45,46 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
+
+
+def create_exclusive_bytes(path: Path, data: bytes) -> bool:
+    """Write ``data`` to ``path`` only if no file is there: True when this call made it,
+    False when another process (another machine, on a shared filesystem) got there first.
+
+    The complete file is written beside ``path`` and hard-linked to it: a link fails when the
+    name exists, atomically even on NFS, so a reader never sees a half-written file and two
+    writers never both win. A filesystem without hard links falls back to ``O_EXCL``.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
+        with os.fdopen(fd, "wb") as tmp:
+            tmp.write(data)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        try:
+            os.link(tmp_name, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links here (some FUSE and object-store mounts)
+            try:
+                exclusive = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                return False
+            with os.fdopen(exclusive, "wb") as out:
+                out.write(data)
+            return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+
+
+def create_exclusive_json(path: Path, value: Any) -> bool:
+    """``value`` as indented JSON at ``path`` unless a file is there (``create_exclusive_bytes``)."""
+    text = json.dumps(_json_safe(value), indent=2, allow_nan=False) + "\n"
+    return create_exclusive_bytes(Path(path), text.encode("utf-8"))
 
 
 def _json_safe(value: Any) -> Any:

@@ -345,17 +345,27 @@ class RunFolder:
     ``RUN/repeats/CELL.repK.json`` a repeat's; ``RUN/ranks/CELL.rankR.json`` a rank's;
     ``RUN/logs/`` the workers' logs (and the fork server's and the estimate's); ``RUN/previous/`` earlier attempts;
     ``RUN/report.{md,csv,json,html}``; ``RUN/estimate.json``; ``RUN/CELL.snapshot.pickle``.
+
+    A run split over machines (``run --shard K/N``) adds ``RUN/shards.json``, the split every
+    shard agrees on; a shard's folder (``shard`` set, e.g. ``"2-of-3"``) writes its estimate to
+    ``RUN/shards/estimate.2-of-3.json`` and its fork server's and estimate's logs to
+    ``RUN/logs/fork-server.2-of-3.log`` and ``RUN/logs/estimate.2-of-3.log``, so that shards
+    running at the same time never write the same file.
     """
 
     root: Path
+    #: This shard's tag (``run.shard.Shard.tag``), or None for a run that is not split.
+    shard: str | None = None
 
     CONFIG = "config.json"
     ESTIMATE = "estimate.json"
     REPORT = "report"
     REPEATS = "repeats"
     RANKS = "ranks"
+    SHARD_PLAN = "shards.json"
+    SHARDS = "shards"
     #: JSON files beside the cell results that are not cell results.
-    NOT_RESULTS = frozenset({CONFIG, ESTIMATE, f"{REPORT}.json"})
+    NOT_RESULTS = frozenset({CONFIG, ESTIMATE, f"{REPORT}.json", SHARD_PLAN})
 
     @property
     def config_path(self) -> Path:
@@ -363,7 +373,26 @@ class RunFolder:
 
     @property
     def estimate_path(self) -> Path:
+        """The run's estimate; a shard's own, of its cells, when ``shard`` is set."""
+        if self.shard:
+            return self.root / self.SHARDS / f"estimate.{self.shard}.json"
         return self.root / self.ESTIMATE
+
+    @property
+    def shard_plan_path(self) -> Path:
+        """How a run split over machines was split (``run --shard``)."""
+        return self.root / self.SHARD_PLAN
+
+    def shard_estimate_paths(self) -> list[Path]:
+        """Every shard's estimate file, in name order."""
+        return sorted((self.root / self.SHARDS).glob("estimate.*.json"))
+
+    def for_shard(self, shard: str | None) -> RunFolder:
+        """The same folder as shard ``shard`` writes it."""
+        return RunFolder(self.root, shard)
+
+    def _shard_suffix(self) -> str:
+        return f".{self.shard}" if self.shard else ""
 
     def result_path(self, cell: str) -> Path:
         return self.root / f"{cell}.json"
@@ -385,12 +414,12 @@ class RunFolder:
     @property
     def fork_server_log_path(self) -> Path:
         """The fork server's own log (its preload); each cell's output is in the cell's log."""
-        return self.root / "logs" / "fork-server.log"
+        return self.root / "logs" / f"fork-server{self._shard_suffix()}.log"
 
     @property
     def estimate_log_path(self) -> Path:
         """The post-run estimate's trace processes' output."""
-        return self.root / "logs" / "estimate.log"
+        return self.root / "logs" / f"estimate{self._shard_suffix()}.log"
 
     def previous_path(self, cell: str) -> Path:
         return self.root / "previous" / f"{cell}.json"
@@ -411,6 +440,17 @@ class RunFolder:
 
     def result_paths(self) -> list[Path]:
         return [path for path in sorted(self.root.glob("*.json")) if path.name not in self.NOT_RESULTS]
+
+    def result_stamps(self) -> tuple[tuple[str, int, int], ...]:
+        """Each result file's name, modification time and size: changes when any result is written."""
+        stamps = []
+        for path in self.result_paths():
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # moved to previous/ as a cell starts again
+                continue
+            stamps.append((path.name, stat.st_mtime_ns, stat.st_size))
+        return tuple(stamps)
 
     def load(self) -> LoadedRun:
         """Every cell result of the folder; unreadable or foreign files are named and skipped."""

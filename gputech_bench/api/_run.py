@@ -15,7 +15,7 @@ from .. import estimator
 from ..config import BenchConfig, from_dict
 from ..errors import ConfigError, error_line, first_line
 from ..estimator.measured import measured_peak
-from ..results import CellResult, LoadedRun, RunFolder
+from ..results import CellResult, LoadedRun, RunFolder, cell_order
 from ..results import load_run as load_results
 from ..run.forkserver import ForkServer
 from ..run.launch import Launch, gpu_slots
@@ -24,6 +24,7 @@ from ..measure.allocator import DEFAULT as DEFAULT_ALLOCATOR
 from ..run.launcher import WORKER_PRELOAD, Launcher, launcher_for
 from ..run.request import CellPlacement, RunRequest, Schedule
 from ..run.runner import Listeners, prepare_run_dir, run_cells
+from ..run.shard import Shard, ShardLike, Sharding, ShardPlan, missing, missing_line, parse_shard
 from ._display import show_figures_inline
 from ._estimate import Estimate, build_estimate
 from ._output import Output, output_or_default
@@ -78,6 +79,7 @@ class Run:
         estimate: Optional[Estimate] = None,
         estimate_skipped: Optional[str] = None,
         output: Output | None = None,
+        shard: Optional[Shard] = None,
     ) -> None:
         from ..report.frame import build_frame
 
@@ -100,6 +102,8 @@ class Run:
         self.exports = list(exports)
         #: Why a run just made has no estimate (None when it has one, or was loaded).
         self.estimate_skipped = estimate_skipped
+        #: This call's slice of a matrix split over machines (``shard="2/3"``); None when not split.
+        self.shard = shard
         self._estimate = estimate
         self._estimate_known = estimate is not None or seconds is not None
         self._output = output
@@ -157,6 +161,18 @@ class Run:
         """Whether every cell is ok."""
         return not self.failed
 
+    @property
+    def missing(self) -> list[tuple[str, Shard]]:
+        """For a matrix split over machines (``run --shard K/N``): the cells of the split that have
+        no result in the folder yet, each with the shard that runs it; empty otherwise."""
+        return missing(self._loaded.folder, self.cells)
+
+    @property
+    def missing_line(self) -> Optional[str]:
+        """``missing: 4, lora (shard 2/3)``, or None when no cell of a split is missing."""
+        cells = self.missing
+        return missing_line(cells) if cells else None
+
     def by_cell(self) -> dict[str, CellResult]:
         return self._loaded.by_cell()
 
@@ -182,7 +198,7 @@ class Run:
 
     def with_baseline(self, cell: str) -> "Run":
         """The same run with ratios and differences against ``cell`` instead of the baseline."""
-        return Run(self._loaded, cell, output=self._output)
+        return Run(self._loaded, cell, output=self._output, shard=self.shard)
 
     # ---- how it shows
 
@@ -239,17 +255,31 @@ class Run:
 
 
 def _saved_estimate(loaded: LoadedRun, output: Output) -> Optional[Estimate]:
-    """The run's saved estimate against its results, or None (a warning when it is unreadable)."""
-    if not loaded.folder.estimate_path.is_file():
-        return None
+    """The run's saved estimate against its results, or None (a warning when it is unreadable).
+
+    A run split over machines has one estimate per shard (``RUN/shards/``), each of its own
+    cells: they are read as one, unless an estimate.json of the whole run is there."""
     from ..estimator.render import read_estimate
 
-    try:
-        saved = read_estimate(loaded.folder)
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        output.warn(f"{loaded.folder.estimate_path} is unreadable ({first_line(error)}): "
-                    f"'gputech-bench estimate --compare {loaded.root}' makes it again")
+    folder = loaded.folder
+    if folder.estimate_path.is_file():
+        sources = [folder]
+    else:  # estimate.2-of-3.json -> the folder as shard 2-of-3 writes it
+        sources = [folder.for_shard(path.name.removeprefix("estimate.").removesuffix(".json"))
+                   for path in folder.shard_estimate_paths()]
+    if not sources:
         return None
+    reports = []
+    for source in sources:
+        path = source.estimate_path
+        try:
+            reports.append(read_estimate(source))
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            output.warn(f"{path} is unreadable ({first_line(error)}): "
+                        f"'gputech-bench estimate --compare {loaded.root}' makes the run's estimate again")
+    if not reports:
+        return None
+    saved = _merged_estimates(reports)
     by_cell = loaded.by_cell()
     measured = {p.setup.cell: measured_peak(by_cell.get(p.setup.cell)) for p in saved.predictions}
     import dataclasses
@@ -259,6 +289,21 @@ def _saved_estimate(loaded: LoadedRun, output: Output) -> Optional[Estimate]:
     except ConfigError:
         config = BenchConfig()
     return Estimate(dataclasses.replace(saved, measured=measured), config)
+
+
+def _merged_estimates(reports: list[Any]) -> Any:
+    """One estimate from the shards' (each of its own cells), in the table's order; the first
+    shard's overheads and notes stand for all."""
+    import dataclasses
+
+    if len(reports) == 1:
+        return reports[0]
+    predictions: dict[str, Any] = {}
+    for report in reports:
+        for prediction in report.predictions:
+            predictions.setdefault(prediction.setup.cell, prediction)
+    ordered = [predictions[cell] for cell in sorted(predictions, key=cell_order)]
+    return dataclasses.replace(reports[0], predictions=ordered)
 
 
 def load_folder(path: PathLike, output: Output) -> LoadedRun:
@@ -317,6 +362,7 @@ def run_matrix(
     progress: bool = True,
     output: Output | None = None,
     allocator: str = "default",
+    shard: ShardLike = None,
 ) -> Run:
     """Run strategy cells, each in its own worker process, and return the :class:`Run`.
 
@@ -334,6 +380,9 @@ def run_matrix(
     conf's other options). ``estimate=False`` skips the fake-tensor estimate made after the cells;
     ``progress=False`` prints nothing while it runs; ``output`` (an ``api.Output``) takes the
     consoles that messages and warnings go to (the command line passes its own).
+    ``shard`` (``"2/3"`` or ``(2, 3)``, as ``--shard``) runs only the K-th of N round-robin slices
+    of the cells (the baseline is in slice 1) into the shared folder ``results/run_name``, which
+    it then needs: every machine of a split matrix passes the same cells, config, ``run_name`` and N.
 
     A cell that fails (out of memory, an error, a crash, a timeout, Ctrl-C) is a row with its
     status and reason, never an exception. Bad input raises :class:`UserError`, one line
@@ -347,6 +396,10 @@ def run_matrix(
         >>> print(run.frame[["cell", "memory_mib", "epoch_seconds", "status"]])
     """
     output = output_or_default(output)
+    parsed_shard = parse_shard(shard)
+    if parsed_shard is not None and not run_name:
+        raise ConfigError(f"--shard {parsed_shard.label} needs --run-name NAME, the same on every shard: "
+                          "all shards write into one run folder")
     for option, value, least in (("--repeat", repeat, 1), ("--nproc-per-node", nproc_per_node, 1),
                                  ("--nnodes", nnodes, 1), ("--node-rank", node_rank, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
@@ -377,10 +430,15 @@ def run_matrix(
     if cuda:
         check_gpu_idle(allow_busy_gpu, gpus, output)
     name = run_name or f"{config.preset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    sharding = None
+    if parsed_shard is not None:
+        plan = ShardPlan(parsed_shard.count, tuple(cells), repeat, seeds if repeat > 1 else None)
+        plan.check(parsed_shard)
+        sharding = Sharding(parsed_shard, plan)
     request = RunRequest(
-        config, tuple(cells), CellPlacement(launch, tuple(slots)),
+        config, sharding.cells if sharding else tuple(cells), CellPlacement(launch, tuple(slots)),
         Schedule(repeat, seeds if repeat > 1 else None, vary_seed, cell_timeout, force),
-        RunFolder(Path(results) / name), allocator,
+        RunFolder(Path(results) / name, parsed_shard.tag if parsed_shard else None), allocator, sharding,
     )
     return execute(request, output=output, progress=progress, estimate=estimate)
 
@@ -404,6 +462,10 @@ def execute(request: RunRequest, *, output: Output, progress: bool, estimate: bo
     prepare_run_dir(request)
     if announce:
         output.say(f"run [bold]{request.name}[/]: {len(request.cells)} cell(s), preset {config.preset} -> {folder.root}")
+        if request.sharding is not None:
+            sharding = request.sharding
+            output.say(f"shard {sharding.shard.label}: {', '.join(sharding.cells)} "
+                       f"(of {len(sharding.plan.cells)} cells dealt round-robin over {sharding.shard.count} shards)")
         if launch.distributed:
             output.say(f"each cell: {launch.world_size} rank(s) via torchrun "
                        f"({launch.nproc_per_node} per node x {launch.nnodes} node(s))")
@@ -440,12 +502,15 @@ def _execute_cells(request: RunRequest, launcher: Launcher, *, output: Output, p
     if outcome.reused:
         output.say(f"reused {len(outcome.reused)} finished cell(s): {', '.join(outcome.reused)} (--force re-runs them)")
 
-    loaded = load_folder(folder.root, output)
     exports: list[Path] = []
     try:
-        exports = write_exports(loaded)
+        loaded, exports = _write_settled_exports(folder, write_exports)
     except OSError as error:
+        loaded = load_folder(folder.root, output)
         output.warn(f"could not write the report files ({error}); the cell results are in {folder.root}")
+    else:
+        for problem in loaded.problems:
+            output.warn(problem)
 
     server = launcher.fork_server
     if server is not None and server.failure:
@@ -464,7 +529,27 @@ def _execute_cells(request: RunRequest, launcher: Launcher, *, output: Output, p
             skipped = "the trace failed (see the warning)"
     return Run(loaded, seconds=outcome.seconds, reused=outcome.reused, interrupted=outcome.interrupted,
                cells_run=request.cells, exports=exports, estimate=made,
-               estimate_skipped=skipped, output=output)
+               estimate_skipped=skipped, output=output,
+               shard=request.sharding.shard if request.sharding else None)
+
+
+#: How often the report files are written again when results changed meanwhile.
+SETTLE_ATTEMPTS = 10
+
+
+def _write_settled_exports(folder: RunFolder, write: Any) -> tuple[LoadedRun, list[Path]]:
+    """report.md/.csv/.json from every result in the folder, written again until no result
+    changed while they were made. Each write is atomic; with shards on other machines
+    finishing at the same time, whichever shard writes last has checked that it saw every
+    result written before its check, and a result written after that check is followed by
+    its own shard's exports: the files end up holding every cell."""
+    for _ in range(SETTLE_ATTEMPTS):
+        before = folder.result_stamps()
+        loaded = load_results(folder.root)
+        exports = write(loaded)
+        if folder.result_stamps() == before:
+            break
+    return loaded, exports
 
 
 def _estimate_run(request: RunRequest, results: list[CellResult], output: Output, progress: bool,

@@ -49,10 +49,13 @@ def report(
         except OSError as error:
             fail(f"cannot write plots to '{plot}' ({error.strerror or error}): pass a writable --plot folder")
         console.print(f"plots: {', '.join(str(path) for path in written)}", highlight=False)
+    missing = run.missing_line
     if format_ == "table":
         table = results_table(run.frame, run.measure, title=f"gputech-bench: {run.name}")
         if output is None:
             print_table(table, hint=MORE_HINT)
+            if missing:
+                console.print(missing, highlight=False)
             if run.estimate is not None:
                 print_against_measured(run.estimate.report)
             return
@@ -64,6 +67,8 @@ def report(
     if format_ == "html" and output is None:
         output = run_dir / "report.html"
     emit(rendered, output)
+    if missing:  # on stderr: the rendered table stays alone on stdout
+        errors.print(missing, highlight=False, soft_wrap=True)
 
 
 COMPARE_HELP = """Put two runs side by side, cell by cell: figures, ratios B/A, and what changed beyond noise.

@@ -36,6 +36,7 @@ RUN_HELP = """Run strategy cells, one isolated process each, and print the compa
 
 Results go to RESULTS/RUN-NAME: one JSON per cell, the resolved config, report.md/.csv/.json
 and a log per cell. Re-running with the same --run-name skips cells that are already ok.
+--shard K/N spreads one matrix over N machines that share the results folder.
 
 **Examples**
 
@@ -51,6 +52,7 @@ and a log per cell. Re-running with the same --run-name skips cells that are alr
 * `gputech-bench run --matrix --gpus 0,1,2,3` - four cells at a time, one per GPU
 * `gputech-bench run --strategies fsdp-offload --nproc-per-node 4` - each cell sharded over 4 GPUs (torchrun)
 * `gputech-bench run --matrix --nproc-per-node 8 --nnodes 2 --node-rank 0 --rdzv-endpoint node0:29500` - on node 0 of 2
+* `gputech-bench run --matrix --preset seed --results /shared/results --run-name big --shard 2/4` - the 2nd of 4 machines' slices of one matrix, into one folder on a shared filesystem (slurm: --shard ${SLURM_ARRAY_TASK_ID}/4); `gputech-bench report /shared/results/big` shows the merged table and what is missing
 """
 
 
@@ -80,6 +82,7 @@ def run(
     rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of node 0, reachable from every node (torchrun --rdzv-endpoint)."),
     repeat: int = typer.Option(1, min=1, help="Run each cell N times, each in a fresh process; the table shows medians, and differences within the spread are marked as noise."),
     vary_seed: bool = typer.Option(False, "--vary-seed", help="With --repeat: train.seed + 0, 1, 2... (weights, batches, masks), to see accuracy's spread; without it the seed is fixed and the spread is timing noise alone."),
+    shard: Optional[str] = typer.Option(None, "--shard", metavar="K/N", help="Run only the K-th (from 1) of N round-robin slices of the cells, e.g. --shard 2/4 on the second of four machines; the baseline is in slice 1. Needs --run-name, the same on every shard, and --results on a filesystem they share. Running the same command again finishes that shard's missing cells."),
     format_: str = typer.Option("table", "--format", help="How the table at the end is printed: table, md, csv or json (md, csv and json go to stdout alone, everything else to stderr). report.md/.csv/.json are written either way."),
 ) -> None:
     if format_ not in RUN_FORMATS:
@@ -94,6 +97,7 @@ def run(
             cell_timeout=cell_timeout, force=force, allow_busy_gpu=allow_busy_gpu, gpu_memory_limit=gpu_memory_limit,
             memory_snapshot=memory_snapshot, gpus=gpus, nproc_per_node=nproc_per_node, nnodes=nnodes,
             node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, estimate=estimate, output=output(), allocator=allocator,
+            shard=shard,
         )
     except ValueError as error:
         fail(str(error))
@@ -112,13 +116,17 @@ def run(
     if run.exports:
         console.print(f"results: {run.path} ({', '.join(path.name for path in run.exports)})", highlight=False)
     console.print(f"matrix wall time: {run.seconds:,.0f} s", highlight=False)
+    if run.missing_line:
+        console.print(f"{run.missing_line}: 'gputech-bench report {run.path}' shows them once their shards are done",
+                      highlight=False)
     if run.estimate is not None:
         print_against_measured(run.estimate.report)
     elif estimate and (nproc_per_node > 1 or nnodes > 1):
         console.print(f"[dim]no memory estimate: {run.estimate_skipped}[/]", highlight=False)
 
     if run.interrupted:
-        console.print(f"interrupted: re-run with --run-name {run.name} to finish {', '.join(run.unfinished)}", highlight=False)
+        again = f"--run-name {run.name}" + (f" --shard {run.shard.label}" if run.shard else "")
+        console.print(f"interrupted: re-run with {again} to finish {', '.join(run.unfinished)}", highlight=False)
         raise typer.Exit(EXIT_INTERRUPTED)
     if run.unfinished:  # this call's cells: a failed cell from an earlier call is in the table, not the exit code
         raise typer.Exit(EXIT_FAILED_CELL)

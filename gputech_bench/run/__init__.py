@@ -6,5 +6,6 @@ folder. ``runner.run_cells`` starts each worker through a ``launcher`` (a fresh 
 a child of the ``forkserver``, or torchrun). Out: a run folder of result files
 (``results.RunFolder``), repeats and ranks merged into one result per cell
 (``results.merge_repeats``; ``ranks`` reads a torchrun cell's ranks back for
-``results.merge_ranks``). ``runner`` never touches CUDA itself.
+``results.merge_ranks``). ``shard`` deals the cells over machines (``--shard K/N``) that
+share one folder. ``runner`` never touches CUDA itself.
 """

@@ -1,5 +1,5 @@
 """What a run is, as one frozen object: the config, its cells, how each cell is launched,
-how often and for how long, and the folder the results go to.
+how often and for how long, the folder the results go to, and its shard of a split matrix.
 
 ``api.run_matrix`` and ``fit(verify=True)`` build a :class:`RunRequest` once; the runner
 (``runner.run_cells``) and each cell's worker (``runner.run_worker``) read what they need
@@ -18,6 +18,7 @@ from ..errors import ConfigError
 from ..measure.allocator import ALLOCATOR_CHOICES, DEFAULT, cell_environment
 from ..results import RunFolder
 from .launch import Launch, Slot
+from .shard import Sharding
 
 
 @dataclass(frozen=True)
@@ -67,10 +68,16 @@ class RunRequest:
     #: The CUDA caching allocator's setting for every cell (``run --allocator``): ``default``
     #: leaves the inherited PYTORCH_CUDA_ALLOC_CONF alone, ``expandable`` sets expandable_segments:True.
     allocator: str = DEFAULT
+    #: This run's slice of a matrix split over machines (``--shard K/N``): ``cells`` are its
+    #: cells, and ``folder`` is the shard's view of the shared run folder. None: not split.
+    sharding: Sharding | None = None
 
     def __post_init__(self) -> None:
         if self.allocator not in ALLOCATOR_CHOICES:
             raise ConfigError(f"unknown --allocator '{self.allocator}': choose one of {', '.join(ALLOCATOR_CHOICES)}")
+        if self.sharding is not None and self.cells != self.sharding.cells:
+            raise ConfigError(f"shard {self.sharding.shard.label}: its cells are {', '.join(self.sharding.cells)}, "
+                              f"not {', '.join(self.cells)}")
 
     def cell_environment(self, inherited: Mapping[str, str] | None = None) -> dict[str, str]:
         """The variables every cell's process gets over ``inherited`` (the runner's environment),

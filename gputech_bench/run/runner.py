@@ -28,12 +28,13 @@ from typing import Any, Callable
 
 from ..config import config_changes, to_dict
 from ..errors import ConfigError, ResultError
-from ..files import write_json
+from ..files import create_exclusive_json, write_json
 from ..results import CellResult, RunFolder, merge_ranks, merge_repeats, read_result, write_result
 from .launch import Slot
 from .launcher import Launcher, WorkerCall, WorkerProcess
 from .ranks import clear_rank_results, describe_launch, read_rank_results
 from .request import RunRequest
+from .shard import record_plan
 from .slots import run_on_slots
 
 EventCallback = Callable[[str, dict[str, Any]], None]
@@ -89,7 +90,14 @@ def plan_jobs(cells: list[str] | tuple[str, ...], repeats: int = 1, seeds: tuple
 
 
 def prepare_run_dir(request: RunRequest) -> None:
-    """Create the run folder and save the resolved config; refuse to mix two configs in one run."""
+    """Create the run folder and save the resolved config; refuse to mix two configs in one run.
+
+    A shard (``--shard K/N``) shares the folder with shards running at the same time on other
+    machines: the first to get there writes config.json and shards.json, each only if absent
+    (``files.create_exclusive_json``), and every other shard must match both, ``--force`` or not."""
+    if request.sharding is not None:
+        _prepare_shard(request)
+        return
     folder = request.folder
     current = to_dict(request.config)
     if folder.config_path.exists() and not request.schedule.force:
@@ -111,6 +119,31 @@ def prepare_run_dir(request: RunRequest) -> None:
         raise ConfigError(
             f"cannot write to results folder '{folder.root}' ({error.strerror or error}): pass a writable --results DIR"
         ) from None
+
+
+def _prepare_shard(request: RunRequest) -> None:
+    folder, sharding = request.folder, request.sharding
+    assert sharding is not None
+    label = sharding.shard.label
+    current = to_dict(request.config)
+    try:
+        created = create_exclusive_json(folder.config_path, current)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot write to results folder '{folder.root}' ({error.strerror or error}): pass a writable --results DIR"
+        ) from None
+    if not created:
+        saved = folder.read_config()
+        if saved is None:
+            raise ConfigError(f"{folder.config_path} is unreadable: delete it once no shard is running, "
+                              "or use another --run-name")
+        differences = [key for key, _, _ in config_changes(saved, current)]
+        if differences:
+            raise ConfigError(
+                f"shard {label}: run folder {folder.root} holds a different config ({', '.join(differences[:4])}): "
+                "give every shard the same --preset, --set and files, or use another --run-name"
+            )
+    record_plan(folder, sharding.plan, sharding.shard)
 
 
 def reusable_result(folder: RunFolder, job: Job) -> CellResult | None:
@@ -280,7 +313,8 @@ def run_worker(
     if timed_out and not result.ok:
         result.status, result.reason = "timeout", f"exceeded --cell-timeout of {timeout:g} s; {log_hint}"
     elif interrupted and not result.ok:
-        result.status, result.reason = "interrupted", "stopped by Ctrl-C; re-run with the same --run-name to finish"
+        again = "the same --run-name" + (f" and --shard {request.sharding.shard.label}" if request.sharding else "")
+        result.status, result.reason = "interrupted", f"stopped by Ctrl-C; re-run with {again} to finish"
     write_result(result_path, result)
     return CellRun(result, interrupted)
 
