@@ -25,6 +25,7 @@ from ..units import MIB
 from .allocations import ALLOC, AllocationSequence
 from .allocator import AllocatorSettings, Block, CachingAllocatorModel
 
+
 @dataclass(frozen=True)
 class ReservedRange:
     """The predicted reserved peak: as traced, and the range the placement variants span."""
@@ -38,7 +39,8 @@ class ReservedRange:
     segments: list[list[int]]
     settings: str
     workspaces: str
-    #: Why low and high differ ("one 2,342 MiB segment may or may not be reused: ..."); None when they agree.
+    #: Why low and high differ ("one 2,342 MiB segment more if a cuBLAS workspace lands in a free
+    #: block of that size and pins it ..."); None when they agree.
     why: str | None = None
     variants: int = 0
 
