@@ -30,12 +30,14 @@ from .common import (
 )
 from .tables import compact_estimate_table, estimate_table
 
-ESTIMATE_HELP = """Predict each cell's peak memory without a GPU: one training step traced on fake tensors.
+ESTIMATE_HELP = """Predict each cell's peak memory without a GPU, and what nvidia-smi will show.
 
-The real model, strategies and training step run under PyTorch's FakeTensorMode, so
+The real model, strategies and training steps run under PyTorch's FakeTensorMode, so
 nothing is allocated; MemTracker counts parameters, gradients, optimizer state,
-activations and temporaries. The CUDA context and the allocator's reserve are added as
-labelled lines (calibrated from a measured run with --compare).
+activations and temporaries. The traced allocations and frees are replayed through a
+model of PyTorch's caching allocator (under PYTORCH_CUDA_ALLOC_CONF, or the settings of
+the run given with --compare): its reserve, and the CUDA context, are added as labelled
+lines, with a range where one cached segment may or may not be needed.
 
 **Examples**
 
