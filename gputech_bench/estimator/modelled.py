@@ -89,6 +89,9 @@ class ModelledTrace:
     stopped: bool
     #: What was traced and what was modelled, in one sentence; shown with the figure.
     method: str
+    #: The proxy's own trace: its allocation sequence gives the caching allocator's reserve
+    #: beyond the tensors, which the modelled figure takes over (``predict._reserve_of``).
+    proxy: CellTrace | None = None
 
 
 def _peak(device: str, by_category: dict[str, int]) -> TrackedPeak:
@@ -228,7 +231,7 @@ class FsdpUnitsModel(Modeller):
         facts["modelled"] = {"strategy": self.strategy.key, "proxy": proxy.name, "fsdp_units": vars(unit)}
         method = with_proxy_method(method, trace)
         return ModelledTrace(_peak(str(target.device), device), host, facts, time.perf_counter() - started,
-                             trace.stopped, method)
+                             trace.stopped, method, trace)
 
 
 # --------------------------------------------------------------------------- qlora
@@ -293,7 +296,7 @@ class Nf4WeightsModel(Modeller):
                              "quantized_weight_bytes": nf4, "double_quant": double_quant}
         method = with_proxy_method(method, trace)
         return ModelledTrace(_peak(str(target.device), device), None, facts, time.perf_counter() - started,
-                             trace.stopped, method)
+                             trace.stopped, method, trace)
 
 
 # --------------------------------------------------------------------------- paged state
@@ -333,7 +336,7 @@ class PagedStateModel(Modeller):
                              "paged_state_bytes": paged.get(OPTIMIZER_STATE, 0)}
         method = with_proxy_method(method, trace)
         return ModelledTrace(_peak(str(target.device), device), _peak("cpu", host), facts,
-                             time.perf_counter() - started, trace.stopped, method)
+                             time.perf_counter() - started, trace.stopped, method, trace)
 
 
 # --------------------------------------------------------------------------- low-bit optimizer state
@@ -431,7 +434,7 @@ class LowBitStateModel(Modeller):
         facts["modelled"] = {"strategy": self.strategy.key, "proxy": proxy.name, "state_bits": self.bits,
                              "optimizer_state": {name: vars(state) for name, state in moved.items()}}
         return ModelledTrace(_peak(device_name, device), host, facts, time.perf_counter() - started,
-                             trace.stopped, method)
+                             trace.stopped, method, trace)
 
 
 # --------------------------------------------------------------------------- which

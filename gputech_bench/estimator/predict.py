@@ -184,11 +184,17 @@ def _trace_in_worker(config_data: dict[str, Any], setup: Setup, limit_bytes: int
     try:
         cell = parse_cell(setup.cell)
         modeller = modeller_for(cell, target.device.type)
+        settings, note = allocator_settings(allocator_conf)
         if modeller is not None:
             out = modeller.run(cell, config, inputs, target, limit)
-            return Prediction(setup, out.device, out.host, out.seconds, out.facts, None, out.method, out.stopped).to_dict()
+            reserved = None
+            proxy = out.proxy
+            if settings is not None and proxy is not None and proxy.allocations is not None and not out.stopped:
+                reserved = predict_reserved(proxy.allocations, settings).carried_over(
+                    proxy.device.total_bytes, out.device.total_bytes, proxy.cell)
+            return Prediction(setup, out.device, out.host, out.seconds, out.facts, None, out.method, out.stopped,
+                              reserved, note).to_dict()
         trace = trace_cell(cell, config, inputs, target, limit)
-        settings, note = allocator_settings(allocator_conf)
         reserved = None
         if settings is not None and trace.allocations is not None and not trace.stopped:
             reserved = predict_reserved(trace.allocations, settings)

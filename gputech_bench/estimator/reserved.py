@@ -51,6 +51,17 @@ class ReservedRange:
             "workspaces": self.workspaces, "why": self.why, "variants": self.variants,
         }
 
+    def carried_over(self, traced_tensor_bytes: int, modelled_tensor_bytes: int, proxy: str) -> "ReservedRange":
+        """This range, replayed on a proxy's trace, carried over to a figure modelled around it:
+        the allocator's bytes beyond the proxy's tensor peak are kept on top of the modelled one
+        (what a modeller changes is state, whose segments the reserve is seldom about)."""
+        shift = modelled_tensor_bytes - traced_tensor_bytes
+        why = None if self.why is None else f"{self.why}; replayed on the proxy '{proxy}'"
+        return ReservedRange(self.traced_bytes + shift, self.low_bytes + shift, self.high_bytes + shift,
+                             self.allocated_bytes + shift, self.segments, self.settings,
+                             f"{self.workspaces}; the reserve beyond the tensors replayed on the proxy '{proxy}'",
+                             why, self.variants)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ReservedRange":
         return cls(int(data["traced_bytes"]), int(data["low_bytes"]), int(data["high_bytes"]),
