@@ -345,3 +345,34 @@ def test_the_model_replays_a_real_cuda_steps_reserved_bytes():
     # free room is what the biases left in their 2 MiB small-pool segments: at most two of
     # those small segments apart.
     assert abs(replay.peak_reserved_bytes - measured) <= 4 * MIB, (replay.peak_reserved_bytes, measured)
+
+
+def test_a_modelled_figure_carries_its_proxys_replayed_reserve(tiny_dropout):
+    # paged-adam8bit is modelled around a trace of 3: the allocator's bytes beyond the tensors,
+    # replayed on 3's trace, sit on top of the modelled tensor peak, and the figure says so.
+    from gputech_bench.estimator.predict import Setup, predict
+
+    config, _ = tiny_dropout
+    proxy, paged = predict([Setup("3"), Setup("paged-adam8bit")], config)
+    assert proxy.reserved is not None and paged.reserved is not None
+    assert paged.device.total_bytes < proxy.device.total_bytes  # its state went to the host side
+    over_proxy = proxy.reserved.traced_bytes - proxy.device.total_bytes
+    assert paged.reserved.traced_bytes - paged.device.total_bytes == over_proxy
+    assert paged.reserved.high_bytes - paged.reserved.low_bytes == proxy.reserved.high_bytes - proxy.reserved.low_bytes
+    assert "proxy '3'" in paged.reserved.workspaces
+
+
+def test_fit_judges_the_upper_end_and_a_stopped_trace_by_its_tensors_and_the_context():
+    from gputech_bench.estimator.fit import device_range, tensor_limit
+    from gputech_bench.estimator.overheads import DEFAULTS
+    from gputech_bench.estimator.predict import Prediction, Setup
+    from gputech_bench.measure.tracker import TrackedPeak
+
+    context = DEFAULTS.context_bytes
+    ranged = ReservedRange(110 * MIB, 110 * MIB, 3000 * MIB, 100 * MIB, [], "", "", "one segment more", 2)
+    replayed = Prediction(Setup("lora"), TrackedPeak("meta", 100 * MIB, {}), None, 0.0, {}, reserved=ranged)
+    assert device_range(DEFAULTS, replayed) == (110 * MIB + context, 3000 * MIB + context)
+    stopped = Prediction(Setup("baseline"), TrackedPeak("meta", 900 * MIB, {}), None, 0.0, {}, stopped=True)
+    assert device_range(DEFAULTS, stopped) == (900 * MIB + context, 900 * MIB + context)
+    # A trace may stop only where no reserve could bring it back under the budget.
+    assert tensor_limit(4096 * MIB, DEFAULTS) == 4096 * MIB - context
