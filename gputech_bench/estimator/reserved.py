@@ -153,10 +153,8 @@ def _difference(more: list[int], fewer: list[int]) -> list[int]:
 
 
 def _segment_words(sizes: list[int]) -> str:
-    counts = _segments(sizes)
-    words = {1: "one", 2: "two", 3: "three"}
-    return ", ".join(f"{words.get(count, str(count))} {size / MIB:,.0f} MiB segment{'s' if count > 1 else ''}"
-                     for size, count in counts)
+    return ", ".join(f"one {size / MIB:,.0f} MiB segment" if count == 1 else f"{count} x {size / MIB:,.0f} MiB segments"
+                     for size, count in _segments(sizes))
 
 
 PYTORCH_DEFAULT = AllocatorSettings()
