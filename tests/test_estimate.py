@@ -119,7 +119,9 @@ def _fake_trace(device_bytes: dict[str, int]):
     return trace
 
 
-NO_OVERHEAD = Overheads(0, "test", 0.0, "test")
+# Tensor bytes alone: no context, no reserve, the allocator's replay left out (its segments
+# and workspaces would dwarf a tiny model's bytes; tests/test_reserved.py checks the replay).
+NO_OVERHEAD = Overheads(0, "test", 0.0, "test", replayed=False)
 
 
 def test_fit_picks_the_fastest_setup_that_fits_when_the_baseline_does_not():

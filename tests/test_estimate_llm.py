@@ -24,7 +24,9 @@ from gputech_bench.modeling import build_shape_model
 from gputech_bench.strategies import parse_cell
 
 LLAMA_8B = Path(__file__).resolve().parents[1] / "configs" / "models" / "llama-8b"
-NO_OVERHEAD = Overheads(0, "test", 0.0, "test")
+# Tensor bytes alone: no context, no reserve, the allocator's replay left out (its segments
+# and workspaces would dwarf a tiny model's bytes; tests/test_reserved.py checks the replay).
+NO_OVERHEAD = Overheads(0, "test", 0.0, "test", replayed=False)
 runner = CliRunner()
 
 #: A small Llama: 4 layers, GQA (4 heads, 2 KV heads), untied head; ~4.5M parameters, so that

@@ -24,7 +24,9 @@ from gputech_bench.worker.cell import new_result, run_cell
 MIB = 2**20
 #: The meta stand-in whatever this torch is: the tests hold on a CUDA build too.
 STAND_IN = TraceTarget(torch.device("meta"), "stand-in (test)", None)
-NO_OVERHEAD = Overheads(0, "test", 0.0, "test")
+# Tensor bytes alone: no context, no reserve, the allocator's replay left out (its segments
+# and workspaces would dwarf a tiny model's bytes; tests/test_reserved.py checks the replay).
+NO_OVERHEAD = Overheads(0, "test", 0.0, "test", replayed=False)
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,9 @@ class Overheads:
     context_source: str
     reserve_fraction: float
     reserve_source: str
+    #: Whether a replayed reserve counts where there is one; False judges tensors by the flat
+    #: fraction alone (a search tested on tensor bytes, with no allocator in the way).
+    replayed: bool = True
 
     def reserve_bytes(self, tensor_peak_bytes: int) -> int:
         """The flat reserve, for a figure without a replayed allocation sequence."""
@@ -47,7 +50,7 @@ class Overheads:
     def reserved_range(self, tensor_peak_bytes: int, replayed: "ReservedRange | None") -> tuple[int, int]:
         """(low, high) bytes the caching allocator holds at its peak: replayed, else the flat reserve.
         Never below the tensor peak: what the tensors need, the allocator holds."""
-        if replayed is None:
+        if replayed is None or not self.replayed:
             flat = tensor_peak_bytes + self.reserve_bytes(tensor_peak_bytes)
             return flat, flat
         return max(replayed.low_bytes, tensor_peak_bytes), max(replayed.high_bytes, tensor_peak_bytes)
