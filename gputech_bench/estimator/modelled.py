@@ -224,7 +224,7 @@ class FsdpUnitsModel(Modeller):
                                  for category in STATE_CATEGORIES})
         blocks = f"{unit.blocks} {unit.block_class} block(s)"
         method = (
-            f"modelled, not traced (FSDP needs a process group): activations and temporaries traced on "
+            f"modelled, not traced (a trace cannot keep FSDP's offloaded host shards apart from the device): activations and temporaries traced on "
             f"'{proxy.name}' (the same cell in place); FSDP's device bytes counted from the model's shapes: "
             f"the root unit (everything outside {blocks}: {format_size(unit.root_parameters)}) with its gradients "
             f"for the whole step, two blocks in flight as host copy and gathered weights "

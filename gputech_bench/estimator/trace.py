@@ -410,6 +410,9 @@ def fake_mode() -> Iterator[FakeTensorMode]:
         # peft asks transformers 5 for a renamed attribute on every LoRA+checkpointing
         # step; a real cell logs it once, a search of many traces would repeat it.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        # FSDPMemTracker's module tracker warns when FSDP's own hooks re-enter a unit (checkpointed
+        # layers): the per-module hierarchy, which nothing here reads; the totals are unaffected.
+        warnings.filterwarnings("ignore", message="The module hierarchy tracking", category=UserWarning)
         yield mode
 
 
