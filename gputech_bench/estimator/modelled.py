@@ -3,8 +3,9 @@
 Four strategies cannot run on fake tensors, and ``fit`` must still weigh them, because for
 an LLM larger than the card they are the answers:
 
-* ``fsdp-offload``: FSDP2 needs a process group and runs collectives, and it takes its
-  compute device from the device mesh, which the stand-in device of a CPU-only trace is not.
+* ``fsdp-offload``: FSDP2 takes its compute device from the device mesh, which the meta
+  stand-in of a CPU-only trace cannot be, and only there are host and device apart (plain
+  ``fsdp`` is traced, on fake CPU tensors in a fake process group: ``trace.trace_cell``).
 * ``qlora``: bitsandbytes quantises real values (a fake tensor has none).
 * ``paged-adam8bit``: its state lives in CUDA unified memory, which the driver pages to the
   host; the trace follows the allocator only. Modelled as strategy 3 with its state on the host.
