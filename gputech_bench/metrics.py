@@ -282,23 +282,40 @@ class MemoryCategory:
     estimate_header: str | None
     #: The breakdown chart's legend; None when the chart folds it into ``other``.
     chart_label: str | None
+    #: The estimate table shows its column only when a setup has such bytes (qlora's 4-bit
+    #: weights, FSDP's gathered units, DDP's buckets): other tables stay as they were.
+    shown_when_present: bool = False
+    #: ``FSDPMemTracker``'s reference types filed under it (the estimate traces FSDP cells with it).
+    fsdp_memtracker: tuple[str, ...] = ()
 
 
-PARAMETERS = MemoryCategory("parameters", "Parameter", Role.STATE, "params", "parameters")
+PARAMETERS = MemoryCategory("parameters", "Parameter", Role.STATE, "params", "parameters",
+                            fsdp_memtracker=("Sharded Param",))
 #: qlora's frozen base: the packed uint8 storage and its quantisation constants, moved out of
 #: ``parameters`` (and the constants out of ``other``) by ``measure.tracker``.
 QUANTIZED_WEIGHTS = MemoryCategory("quantized_weights", None, Role.NEITHER, "4-bit",
-                                   "4-bit weights\n(+ quant. constants)")
-BUFFERS = MemoryCategory("buffers", "Buffer", Role.NEITHER, None, None)
-GRADIENTS = MemoryCategory("gradients", "Gradient", Role.STATE, "grads", "gradients")
-OPTIMIZER_STATE = MemoryCategory("optimizer_state", "Optstate", Role.STATE, "optim", "optimizer state")
-ACTIVATIONS = MemoryCategory("activations", "Activation", Role.TRANSIENT, "activ", "activations")
-TEMPORARIES = MemoryCategory("temporaries", "Temp", Role.TRANSIENT, "temp", "temporaries")
-OTHER = MemoryCategory("other", "Other", Role.TRANSIENT, None, "buffers + other")
+                                   "4-bit weights\n(+ quant. constants)", shown_when_present=True)
+BUFFERS = MemoryCategory("buffers", "Buffer", Role.NEITHER, None, None, fsdp_memtracker=("Buffer",))
+GRADIENTS = MemoryCategory("gradients", "Gradient", Role.STATE, "grads", "gradients", fsdp_memtracker=("Sharded Grad",))
+OPTIMIZER_STATE = MemoryCategory("optimizer_state", "Optstate", Role.STATE, "optim", "optimizer state",
+                                 fsdp_memtracker=("OptState",))
+#: FSDP's units in flight on a rank: the all-gathered (unsharded) weights of the running and
+#: prefetched layers and of the root, their full-size gradients before the reduce-scatter, and
+#: the collectives' buffers. Never mixed into the sharded parameters, gradients or optimizer state.
+GATHERED = MemoryCategory("gathered", None, Role.TRANSIENT, "gathered", None, shown_when_present=True,
+                          fsdp_memtracker=("Unsharded Param", "Unsharded Grad", "All Gather", "Reduce Scatter"))
+#: DDP's gradient buckets: a flat copy of every trained gradient, made when the model is wrapped
+#: and all-reduced in backward (counted by the estimate from the trained shapes).
+GRADIENT_BUCKETS = MemoryCategory("gradient_buckets", None, Role.NEITHER, "buckets", None, shown_when_present=True)
+ACTIVATIONS = MemoryCategory("activations", "Activation", Role.TRANSIENT, "activ", "activations",
+                             fsdp_memtracker=("Activation", "Inputs"))
+TEMPORARIES = MemoryCategory("temporaries", "Temp", Role.TRANSIENT, "temp", "temporaries", fsdp_memtracker=("Temp",))
+OTHER = MemoryCategory("other", "Other", Role.TRANSIENT, None, "buffers + other", fsdp_memtracker=("Other",))
 
 #: Every category, in the order the report's columns and the breakdown chart's stack use.
 MEMORY_CATEGORIES: tuple[MemoryCategory, ...] = (
     PARAMETERS, QUANTIZED_WEIGHTS, BUFFERS, GRADIENTS, OPTIMIZER_STATE, ACTIVATIONS, TEMPORARIES, OTHER,
+    GATHERED, GRADIENT_BUCKETS,
 )
 
 

@@ -112,17 +112,26 @@ def test_each_tasks_accuracy_metrics_apply_to_it_and_are_labelled():
 
 def test_every_reader_of_memory_categories_takes_the_one_list():
     from gputech_bench.estimator.trace import STATE_CATEGORIES, TRANSIENT_CATEGORIES
-    from gputech_bench.measure.tracker import CATEGORY_NAMES, QUANTIZED
+    from gputech_bench.estimator.render import WHEN_PRESENT
+    from gputech_bench.measure.tracker import CATEGORY_NAMES, FSDP_CATEGORY_NAMES, QUANTIZED
 
     names = [category.name for category in MEMORY_CATEGORIES]
     assert list(CATEGORIES) == names
-    assert set(CATEGORY_NAMES.values()) | {QUANTIZED} == set(names)
+    assert len(set(names)) == len(names)  # each declared once
+    # MemTracker's own types; FSDPMemTracker's (gathered apart); the two the estimate adds itself.
+    assert set(CATEGORY_NAMES.values()) | {QUANTIZED, "gradient_buckets", "gathered"} == set(names)
+    assert set(FSDP_CATEGORY_NAMES.values()) == set(names) - {QUANTIZED, "gradient_buckets"}
+    assert [FSDP_CATEGORY_NAMES[kind] for kind in ("Sharded Param", "Sharded Grad", "OptState")] == [
+        "parameters", "gradients", "optimizer_state"]
+    assert {FSDP_CATEGORY_NAMES[kind] for kind in ("Unsharded Param", "Unsharded Grad", "All Gather",
+                                                    "Reduce Scatter")} == {"gathered"}
     assert [name for name, _ in (*SHOWN_CATEGORIES, QUANTIZED_COLUMN)] == [
         "parameters", "gradients", "optimizer_state", "activations", "temporaries", "quantized_weights"]
+    assert [name for name, _ in WHEN_PRESENT] == ["quantized_weights", "gathered", "gradient_buckets"]
     assert [key for key, _, _ in SEGMENTS][:7] == [
         "parameters", "quantized_weights", "gradients", "optimizer_state", "activations", "temporaries", "other"]
     assert (STATE_CATEGORIES, TRANSIENT_CATEGORIES) == (
-        ("parameters", "gradients", "optimizer_state"), ("activations", "temporaries", "other"))
+        ("parameters", "gradients", "optimizer_state"), ("activations", "temporaries", "other", "gathered"))
 
 
 # --------------------------------------------------------------------------- every reader, each task, repeated

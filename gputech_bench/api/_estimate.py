@@ -44,16 +44,19 @@ class RunLike(Protocol):
 
 def build_estimate(
     config: BenchConfig, cells: list[str], jobs: int, budget: Optional[int], results: Optional[list[CellResult]],
-    output: Output | None = None, *, forked: "ForkedTraces | None" = None,
+    output: Output | None = None, *, forked: "ForkedTraces | None" = None, world_size: Optional[int] = None,
 ) -> "EstimateReport":
     """Trace ``cells`` in a pool of ``jobs`` processes and assemble the report; with ``output``,
     a progress bar on its console while they trace. Shared by ``estimate`` and ``run_matrix``
     (which passes ``forked``, its fork server's back end: children that trace without
-    importing anything)."""
+    importing anything). ``world_size``: the ranks each cell runs on, each traced as rank 0 of
+    them (default: the measured run's, else 1)."""
     from ..estimator.predict import TracePool, setups_for
     from ..estimator.render import EstimateReport
 
-    setups = setups_for(cells, config)
+    if world_size is None:
+        world_size = run_world_size(results)
+    setups = setups_for(cells, config, world_size)
     with TracePool(min(jobs, max(1, len(setups))), forked, allocator_conf(results)) as pool:
         label, caveat = pool.describe_target(config)
         if output is None:
@@ -68,7 +71,23 @@ def build_estimate(
         by_cell = {result.cell: result for result in results}
         measured = {cell: measured_peak(by_cell.get(cell)) for cell in cells}
     return EstimateReport(label, caveat, predictions, overheads, budget, measured, config.data.objective,
-                          config.model.attention, model_overrides(config.model))
+                          config.model.attention, model_overrides(config.model), world_size)
+
+
+def run_world_size(results: Optional[list[CellResult]]) -> int:
+    """The ranks a measured run's cells ran on (its merged results say), else 1."""
+    for result in results or []:
+        if result.distributed and result.distributed.get("world_size"):
+            return int(result.distributed["world_size"])
+    return 1
+
+
+def world_size_of(nproc_per_node: int, nnodes: int) -> int:
+    """``--nproc-per-node`` x ``--nnodes``, each checked to be a positive whole number (one error line)."""
+    for option, value in (("--nproc-per-node", nproc_per_node), ("--nnodes", nnodes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{option} {value!r}: pass a positive whole number of ranks (1 or more)")
+    return nproc_per_node * nnodes
 
 
 def allocator_conf(results: Optional[list[CellResult]]) -> Optional[str]:
@@ -192,6 +211,8 @@ def estimate(
     jobs: int = 0,
     progress: bool = True,
     output: Output | None = None,
+    nproc_per_node: int = 1,
+    nnodes: int = 1,
 ) -> Estimate:
     """Predict each cell's peak memory without a GPU: one training step traced on fake tensors.
 
@@ -201,7 +222,10 @@ def estimate(
     (``{"data.max_length": 512}``); ``model`` (only its config.json is read); ``train_file``;
     ``device_memory`` to judge what fits (``"24GiB"``; default: this GPU's, if any);
     ``compare``, a run folder or :class:`Run`, to use its config and put each prediction beside
-    the measured peak; ``jobs`` trace processes (0: one per core, up to 4).
+    the measured peak; ``jobs`` trace processes (0: one per core, up to 4). ``nproc_per_node``
+    and ``nnodes``: the ranks each cell would run on (``run``'s options); with more than one
+    (or with ``fsdp``) each cell is traced as rank 0 of them, in a fake process group, and the
+    table is per rank (``--compare`` takes the run's own world size).
 
     A setup the tracer cannot follow is a row with its reason (``Estimate.failed``), never an
     exception; bad input raises :class:`UserError` (one line).
@@ -214,6 +238,7 @@ def estimate(
         >>> est.frame           # a pandas DataFrame, one row per setup
     """
     output = output_or_default(output)
+    world_size = world_size_of(nproc_per_node, nnodes)
     # The cells' names are checked first, before the preset is resolved and named.
     selection = Selection(strategies_text(strategies), matrix, preset, overrides, model, Path(train_file) if train_file else None,
                           None, "auto")
@@ -222,6 +247,11 @@ def estimate(
         if preset or overrides or model or train_file:
             raise ConfigError("--compare uses the run's own config: drop --preset, --set, --model and --train-file")
         config, results = _run_config(_run_path(compare))
+        measured_world = run_world_size(results)
+        if world_size > 1 and world_size != measured_world:
+            raise ConfigError(f"--compare: the run's cells ran on {measured_world} rank(s), not {world_size}: "
+                              "drop --nproc-per-node and --nnodes (the run's own are taken)")
+        world_size = measured_world
         chosen = [result.cell for result in results]
         cells = selection.cells(config) if selection.names_cells else chosen
     else:
@@ -230,7 +260,8 @@ def estimate(
     budget = _device_memory(device_memory)
     if not cells:
         raise ConfigError(f"'{compare}' holds no cell results: run some cells first, or pass --strategies")
-    report = build_estimate(config, cells, _jobs(jobs), budget, results, output if progress else None)
+    report = build_estimate(config, cells, _jobs(jobs), budget, results, output if progress else None,
+                            world_size=world_size)
     return Estimate(report, config)
 
 

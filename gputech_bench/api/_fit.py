@@ -24,7 +24,7 @@ from ..run.launch import Launch
 from ..run.request import CellPlacement, RunRequest, Schedule
 from ..units import GIB, MIB, format_gib, parse_size
 from ._display import text_html
-from ._estimate import PathLike, _jobs, _run_config, _run_path, allocator_conf
+from ._estimate import PathLike, _jobs, _run_config, _run_path, allocator_conf, run_world_size, world_size_of
 from ._output import Output, output_or_default
 from ._progress import trace_progress
 from ._run import execute
@@ -84,8 +84,11 @@ class Fit:
 
     def __init__(self, result: "FitResult", config: BenchConfig, not_searched: list[str],
                  verification: Optional[Verification] = None, modelled: Optional[list[str]] = None,
-                 overheads: "Overheads | None" = None, not_searched_reasons: Optional[dict[str, str]] = None) -> None:
+                 overheads: "Overheads | None" = None, not_searched_reasons: Optional[dict[str, str]] = None,
+                 world_size: int = 1) -> None:
         self.result = result
+        #: The ranks each setup runs on: above 1 every figure is one rank's.
+        self.world_size = world_size
         self.config = config
         #: Strategies left out: the tracer can neither follow nor model them on this machine, or
         #: the config refuses them (sparse-head where every position carries a label).
@@ -187,6 +190,7 @@ class Fit:
         return {
             "schema": FIT_SCHEMA,
             "budget_bytes": result.budget,
+            "world_size": self.world_size,
             "model": config.model.pretrained or "(model.* fields)",
             "model_overrides": list(model_overrides(config.model)),
             "batch_size": config.train.batch_size,
@@ -220,8 +224,9 @@ class Fit:
         # Plain text: the setups as a table, then what would fit (the terminal's rich table is
         # the command line's: cli/estimate.py).
         result = self.result
-        head = (f"setups that fit {format_gib(result.budget)}, fastest first" if self.fits
-                else f"nothing fits {format_gib(result.budget)}")
+        per_rank = f" per rank of {self.world_size}" if self.world_size > 1 else ""
+        head = (f"setups that fit {format_gib(result.budget)}{per_rank}, fastest first" if self.fits
+                else f"nothing fits {format_gib(result.budget)}{per_rank}")
         lines = [head, self.frame.to_string(index=False)]
         lines += [f"  would fit: {line}" for line in result.suggestions]
         return "\n".join(lines)
@@ -247,6 +252,8 @@ def fit(
     jobs: int = 0,
     progress: bool = True,
     output: Output | None = None,
+    nproc_per_node: int = 1,
+    nnodes: int = 1,
 ) -> Fit:
     """Find the fastest setup predicted to fit a memory budget, as ``gputech-bench fit`` does.
 
@@ -274,6 +281,10 @@ def fit(
     from ..strategies.registry import lookup
 
     output = output_or_default(output)
+    world_size = world_size_of(nproc_per_node, nnodes)
+    if verify and world_size > 1:
+        raise ConfigError("--verify runs the best setup in one process: drop it, and check a per-rank figure with "
+                          "'run --nproc-per-node N' and 'estimate --compare RUN_DIR'")
     if isinstance(exclude, str):
         exclude = [exclude]
     exclude = list(exclude)
@@ -289,6 +300,8 @@ def fit(
             raise ConfigError("--from uses the run's own config: drop --preset, --set and --model")
         config, run_results = _run_config(_run_path(from_run))
         measured = {result.cell: result for result in run_results}
+        if world_size == 1:
+            world_size = run_world_size(run_results)
     else:
         config = Selection(None, False, preset, overrides, model, None, None, "auto").config(output)
     overheads = calibrate(run_results) if run_results else DEFAULTS
@@ -300,6 +313,12 @@ def fit(
     if left_out:
         listed = "; ".join(f"{key} ({reason})" for key, reason in reasons.items())
         output.say(f"[dim]not searched (measure them with 'run'): {escape(listed)}[/]")
+    if world_size == 1:
+        output.say("[dim]on one rank: fsdp is left out (it shards over ranks and saves nothing on one; "
+                   "pass --nproc-per-node)[/]")
+    else:
+        output.say(f"[dim]per rank of {world_size}: fsdp cells sharded (traced in a fake process group), "
+                   "the others replicated (DDP, with their gradient buckets), fsdp-offload modelled[/]")
     modelled = [key for key in modelled_strategies(device_type) if key not in excluded]
     if modelled:
         output.say(f"[dim]modelled around a trace, not traced (their figures say so): {', '.join(modelled)}[/]")
@@ -309,8 +328,10 @@ def fit(
         result = FitSearch(
             config, budget_bytes, overheads, _tracer(pool, output if progress else None),
             measured, config.strategy.micro_batch_size, top, excluded, parallel=workers, device_type=device_type,
+            world_size=world_size,
         ).run()
-    found = Fit(result, config, left_out, modelled=modelled, overheads=overheads, not_searched_reasons=reasons)
+    found = Fit(result, config, left_out, modelled=modelled, overheads=overheads, not_searched_reasons=reasons,
+                world_size=world_size)
     if verify and found.fits:
         found.verification = _verify(result.chosen[0], config, Path(results), budget_bytes, output, progress)
     return found

@@ -44,6 +44,7 @@ lines, with a range where one cached segment may or may not be needed.
 * `gputech-bench estimate --matrix --preset seed --device-memory 24GiB` - will the seed's cells fit a 24 GiB card?
 * `gputech-bench estimate --strategies 1,1+2+3 --preset seed --set data.max_length=512`
 * `gputech-bench estimate --compare results/seed-20261127-120000` - predicted against measured, error in %
+* `gputech-bench estimate --strategies fsdp --nproc-per-node 8 --preset seed` - per rank of 8: fsdp's shards and DDP's replicas
 * `gputech-bench estimate --model configs/models/llama-8b --preset seed --set data.objective=clm --set model.attention=sdpa --set train.batch_size=8 --set data.max_length=512 --strategies 1,4 --device-memory 24GiB` - an 8B Llama from its config.json alone
 """
 
@@ -62,7 +63,13 @@ fitting setup trains adapters only, the fastest one that trains every weight is 
 * `gputech-bench fit --budget 6GiB --preset cpu --verify` - and run the winner to check the prediction
 * `gputech-bench fit --budget 24GiB --model configs/models/llama-8b --preset seed --set data.objective=clm --set model.attention=sdpa --set train.batch_size=8 --set data.max_length=512` - an 8B Llama on a 24 GiB card, from its config.json alone
 * `gputech-bench fit --budget 24GiB --preset seed --format json --output fit.json` - every candidate weighed, as JSON
+* `gputech-bench fit --budget 80GiB --nproc-per-node 8 --model configs/models/llama-70b --preset seed --set data.objective=clm --set model.attention=sdpa` - a 70B Llama on 8 GPUs of 80 GiB, per rank: fsdp, DDP and fsdp-offload weighed
 """
+
+
+NPROC_HELP = ("Ranks per node each cell would run on (as for 'run'): with more than one, each cell is traced as "
+              "rank 0 in a fake process group, per rank: fsdp sharded, the others replicated (DDP).")
+NNODES_HELP = "Nodes each cell would run on (as for 'run'); the world size is --nproc-per-node x --nnodes."
 
 
 def print_against_measured(report) -> None:
@@ -85,6 +92,8 @@ def estimate(
     device_memory: Optional[str] = typer.Option(None, help="Memory to fit, e.g. 24GiB or 24GB; default: this GPU's, if any."),
     compare: Optional[Path] = typer.Option(None, help="A run folder: use its config, and show predicted against measured."),
     jobs: int = typer.Option(0, min=0, help="Processes tracing in parallel; 0 = one per core, up to 4."),
+    nproc_per_node: int = typer.Option(1, "--nproc-per-node", help=NPROC_HELP),
+    nnodes: int = typer.Option(1, "--nnodes", help=NNODES_HELP),
     format_: str = typer.Option("table", "--format", help="table, md or json."),
     output_path: Optional[Path] = typer.Option(None, "--output", help="Write to this file instead of the terminal."),
 ) -> None:
@@ -94,7 +103,7 @@ def estimate(
     try:
         found = estimate_memory(
             strategies, matrix=matrix, preset=preset, overrides=set_, model=model, train_file=train_file,
-            device_memory=device_memory, compare=compare, jobs=jobs,
+            device_memory=device_memory, compare=compare, jobs=jobs, nproc_per_node=nproc_per_node, nnodes=nnodes,
             output=output(stdout_is_data=format_ != "table" and output_path is None),
         )
     except UserError as error:
@@ -107,7 +116,9 @@ def estimate(
     elif format_ == "md" or output_path is not None:
         emit(found.markdown(), output_path)
     else:
-        print_table(estimate_table(found.report, title=f"gputech-bench estimate: preset {found.config.preset} (MiB)"),
+        per_rank = f", {found.report.per_rank}" if found.report.per_rank else ""
+        print_table(estimate_table(found.report,
+                                   title=f"gputech-bench estimate: preset {found.config.preset} (MiB{per_rank})"),
                     hint=MORE_HINT)
         for line in found.legend():
             console.print(f"  [dim]{line}[/]", highlight=False)
@@ -162,7 +173,8 @@ def _print_fit(found) -> None:
             console.print(f"  [yellow]not traced[/] {candidate.setup.label}: {candidate.prediction.error}", highlight=False)
         floor = result.floor
         console.print(
-            f"[bold red]nothing fits {format_gib(result.budget)}[/]: the most frugal setup, "
+            f"[bold red]nothing fits {format_gib(result.budget)}{' per rank' if found.world_size > 1 else ''}[/]: "
+            f"the most frugal setup, "
             f"{floor.setup.label}, needs {'more than ' if floor.at_least else ''}{format_size(floor.device_total)} "
             f"({_figure(floor, notes)})", highlight=False,
         )
@@ -171,7 +183,8 @@ def _print_fit(found) -> None:
         for method, number in notes.items():
             console.print(f"  [dim][{number}] {method}[/]", highlight=False)
         return
-    table = Table(title=f"setups that fit {format_gib(result.budget)}, fastest first", title_justify="left")
+    per_rank = f" per rank of {found.world_size}" if found.world_size > 1 else ""
+    table = Table(title=f"setups that fit {format_gib(result.budget)}{per_rank}, fastest first", title_justify="left")
     for header in ("", "setup", "device", "host", "figure", "time", "time from", "gives up"):
         # 'time from' and 'gives up' are prose: a narrow terminal folds them, never a figure or a name.
         table.add_column(header, justify="right" if header in ("device", "host", "time") else "left",
@@ -225,6 +238,8 @@ def fit(
     verify: bool = typer.Option(False, "--verify", help="Run the best setup as a real cell and check the prediction."),
     results_dir: Path = typer.Option(Path("results"), "--results", help="Where --verify writes its run."),
     jobs: int = typer.Option(0, min=0, help="Processes tracing in parallel; 0 = one per core, up to 4."),
+    nproc_per_node: int = typer.Option(1, "--nproc-per-node", help=NPROC_HELP),
+    nnodes: int = typer.Option(1, "--nnodes", help=NNODES_HELP),
     format_: str = typer.Option("table", "--format", help="table or json (every candidate weighed, with how each figure came about)."),
     output_path: Optional[Path] = typer.Option(None, "--output", help="With --format json: write to this file instead of the terminal."),
 ) -> None:
@@ -234,7 +249,7 @@ def fit(
         fail("--output writes the JSON result: add --format json")
     try:
         found = fit_budget(budget, preset=preset, overrides=set_, model=model, from_run=from_, exclude=exclude, top=top,
-                           verify=verify, results=results_dir, jobs=jobs,
+                           verify=verify, results=results_dir, jobs=jobs, nproc_per_node=nproc_per_node, nnodes=nnodes,
                            output=output(stdout_is_data=format_ == "json" and output_path is None))
     except UserError as error:
         fail(str(error))

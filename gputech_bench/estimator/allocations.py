@@ -143,6 +143,13 @@ class AllocationRecorder(TorchDispatchMode):
         return AllocationSequence(tuple(self._events), tuple(self._phases), self.workspaces,
                                   frozenset(self._modelled), self._resized)
 
+    def allocate_modelled(self, size: int) -> None:
+        """An allocation no tensor shows (DDP's gradient buckets, made in C++), never freed."""
+        handle = self._next
+        self._next += 1
+        self._modelled.append(handle)
+        self._events.append((ALLOC, handle, size, self.stream))
+
     def _freed(self, handle: int) -> None:
         size = self._sizes.pop(handle, None)
         self._refs.pop(handle, None)

@@ -41,6 +41,7 @@ from ..config import BenchConfig
 from ..errors import FitError, StrategyError, first_line
 from ..results import CellResult
 from ..strategies import BASELINE, Cell, Strategy, combination_refusal, launch_refusal, parse_cell, registered
+from ..strategies.facts import StateLocation
 from ..units import format_size
 from .modelled import can_model, modeller_for
 from .overheads import Overheads
@@ -96,17 +97,28 @@ def modelled_strategies(device_type: str) -> list[str]:
     return [cls.key for cls in registered() if cls.trace_refusal(device_type) and can_model(cls)]
 
 
-def micro_batch_sizes(cell: Cell, batch: int) -> list[int | None]:
-    """The micro-batch sizes fit tries for ``cell``: the batch split into each count its
-    strategy declares (16x2, 8x4, 4x8, 2x16 for 32), or [None] when none splits the batch."""
+def micro_batch_sizes(cell: Cell, batch: int, world_size: int = 1) -> list[int | None]:
+    """The micro-batch sizes fit tries for ``cell``: each rank's share of the batch split into
+    each count its strategy declares (16x2, 8x4, 4x8, 2x16 for 32 on one rank), or [None]
+    when none splits the batch."""
     counts = next((cls.micro_batch_counts for cls in cell.strategies if cls.micro_batch_counts), ())
     if not counts:
         return [None]
-    return [batch // steps for steps in counts if batch % steps == 0]
+    rows = batch // world_size
+    return [rows // steps for steps in counts if rows >= steps and rows % steps == 0]
 
 
-def candidates(config: BenchConfig, exclude: Collection[str] = frozenset(), device_type: str = "meta") -> list[Setup]:
-    """Every allowed, traceable (or modelled) combination, with each micro-batch size for those that accumulate."""
+def saves_nothing_alone(cell: Cell, world_size: int) -> bool:
+    """A cell that shards its state over the ranks on the device (fsdp) saves nothing on one
+    rank, where it only adds its collectives: fit leaves it out there."""
+    return world_size == 1 and any(cls.shards and cls.state_location is StateLocation.DEVICE for cls in cell.strategies)
+
+
+def candidates(config: BenchConfig, exclude: Collection[str] = frozenset(), device_type: str = "meta",
+               world_size: int = 1) -> list[Setup]:
+    """Every allowed, traceable (or modelled) combination, with each micro-batch size for those
+    that accumulate, on ``world_size`` ranks: a cell that shards is sharded over them (fsdp,
+    fsdp-offload), any other is replicated (DDP)."""
     strategies = [
         cls for cls in registered()
         if cls.key not in exclude and cls.name not in exclude and searchable(cls, device_type)
@@ -115,12 +127,12 @@ def candidates(config: BenchConfig, exclude: Collection[str] = frozenset(), devi
     for size in range(len(strategies) + 1):
         for combo in itertools.combinations(strategies, size):
             cell = Cell(tuple(combo))
-            if combination_refusal(cell):
+            if combination_refusal(cell) or saves_nothing_alone(cell, world_size):
                 continue
             if any(cls.trace_refusal(device_type) for cls in combo) and modeller_for(cell, device_type) is None:
                 continue  # a model stands on a trace of the rest of the cell: one modelled strategy per cell
-            for micro in micro_batch_sizes(cell, config.train.batch_size):
-                setup = Setup(cell.name, micro)
+            for micro in micro_batch_sizes(cell, config.train.batch_size, world_size):
+                setup = Setup(cell.name, micro, world_size)
                 try:
                     launch_refusal(cell, setup.config_for(config))
                 except StrategyError:
@@ -139,7 +151,8 @@ def trains_every_weight(setup: Setup) -> bool:
 
 def modelled_factor(setup: Setup, config: BenchConfig) -> float:
     """Step time relative to the baseline's: the product of the cell's declared time factors."""
-    micro_batches = config.train.batch_size // setup.micro_batch_size if setup.micro_batch_size else None
+    rows = config.train.batch_size // setup.world_size
+    micro_batches = rows // setup.micro_batch_size if setup.micro_batch_size else None
     factor = 1.0
     for cls in _strategies(setup):
         factor *= cls.time_factor.for_micro_batches(micro_batches)
@@ -273,10 +286,12 @@ class FitSearch:
         exclude: Collection[str] = frozenset(),
         parallel: int = 1,
         device_type: str = "meta",
+        world_size: int = 1,
     ) -> None:
         self.config, self.budget, self.overheads, self.trace = config, budget, overheads, trace
         self.wanted, self.parallel = wanted, parallel
-        self.setups = candidates(config, exclude, device_type)
+        self.world_size = world_size
+        self.setups = candidates(config, exclude, device_type, world_size)
         if not self.setups:
             raise FitError("no strategy combination is left to try: drop some --exclude entries")
         self.times = {setup: expected_time(setup, config, measured or {}, run_micro) for setup in self.setups}

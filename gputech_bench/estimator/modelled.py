@@ -3,8 +3,9 @@
 Four strategies cannot run on fake tensors, and ``fit`` must still weigh them, because for
 an LLM larger than the card they are the answers:
 
-* ``fsdp-offload``: FSDP2 needs a process group and runs collectives, and it takes its
-  compute device from the device mesh, which the stand-in device of a CPU-only trace is not.
+* ``fsdp-offload``: FSDP2 takes its compute device from the device mesh, which the meta
+  stand-in of a CPU-only trace cannot be, and only there are host and device apart (plain
+  ``fsdp`` is traced, on fake CPU tensors in a fake process group: ``trace.trace_cell``).
 * ``qlora``: bitsandbytes quantises real values (a fake tensor has none).
 * ``paged-adam8bit``: its state lives in CUDA unified memory, which the driver pages to the
   host; the trace follows the allocator only. Modelled as strategy 3 with its state on the host.
@@ -176,13 +177,16 @@ class Modeller:
 
     def __init__(self, strategy: type[Strategy]) -> None:
         self.strategy = strategy
+        #: The ranks the cell runs on: its proxy is traced as rank 0 of that many (``trace_cell``).
+        self.world_size = 1
 
     def proxy(self, cell: Cell) -> Cell:
         return proxy_cell(cell, self.strategy)
 
     def run(self, cell: Cell, config: BenchConfig, inputs: TraceInputs, target: TraceTarget,
-            limit: Limit | None) -> ModelledTrace:
+            limit: Limit | None, world_size: int = 1) -> ModelledTrace:
         started = time.perf_counter()
+        self.world_size = world_size
         _check_modelled_cell(cell, config, target)
         return self.model(cell, self.proxy(cell), config, inputs, target, limit, started)
 
@@ -203,8 +207,10 @@ class FsdpUnitsModel(Modeller):
 
         # Against the limit: what the device would hold, the traced activations and
         # temporaries plus FSDP's resident bytes (the proxy's own weights stay out).
+        # Its own units replace the proxy's weights: no DDP around it (data_parallel=False).
         trace = trace_cell(proxy, config, inputs, target, limit, inspect,
-                           counted=lambda by_category: transient_bytes(by_category) + units[0].resident())
+                           counted=lambda by_category: transient_bytes(by_category) + units[0].resident(),
+                           world_size=self.world_size, data_parallel=False)
         unit = units[0]
         transient = trace.device.by_category if trace.stopped else trace.transient
         device = {
@@ -217,15 +223,19 @@ class FsdpUnitsModel(Modeller):
         if not trace.stopped:
             # The offloaded state is the proxy's own: the same tensors, on the host, taken at
             # the moment they peaked together (the optimizer's update).
-            host = _peak("cpu", {category: trace.state.get(category, 0) for category in STATE_CATEGORIES})
+            # With N ranks each host keeps 1/N of it (FSDP's shards, padding aside).
+            host = _peak("cpu", {category: math.ceil(trace.state.get(category, 0) / self.world_size)
+                                 for category in STATE_CATEGORIES})
         blocks = f"{unit.blocks} {unit.block_class} block(s)"
         method = (
-            f"modelled, not traced (FSDP needs a process group): activations and temporaries traced on "
+            f"modelled, not traced (a trace cannot keep FSDP's offloaded host shards apart from the device): activations and temporaries traced on "
             f"'{proxy.name}' (the same cell in place); FSDP's device bytes counted from the model's shapes: "
             f"the root unit (everything outside {blocks}: {format_size(unit.root_parameters)}) with its gradients "
             f"for the whole step, two blocks in flight as host copy and gathered weights "
             f"({format_size(unit.block_parameters)} each), one block's gradients twice; the maxima are added, "
             f"an upper bound; host: the parameters, gradients and optimizer state traced on '{proxy.name}'"
+            + (f", divided by the {self.world_size} ranks (each keeps its shard; FSDP's padding aside); "
+               f"traced as rank 0 of {self.world_size} on its share of each batch" if self.world_size > 1 else "")
         )
         facts = dict(trace.facts)
         facts["modelled"] = {"strategy": self.strategy.key, "proxy": proxy.name, "fsdp_units": vars(unit)}
@@ -280,7 +290,8 @@ class Nf4WeightsModel(Modeller):
             return changed
 
         trace: CellTrace = trace_cell(proxy, config, inputs, target, limit,
-                                      counted=lambda by_category: sum(substituted(by_category).values()))
+                                      counted=lambda by_category: sum(substituted(by_category).values()),
+                                      world_size=self.world_size)
         device = substituted(trace.device.by_category)
         numel = sum(n for n, _ in quantised)
         nf4 = device["quantized_weights"]
@@ -317,7 +328,7 @@ class PagedStateModel(Modeller):
             return {**by_category, OPTIMIZER_STATE: 0}
 
         trace = trace_cell(proxy, config, inputs, target, limit,
-                           counted=lambda by_category: sum(paged_out(by_category).values()))
+                           counted=lambda by_category: sum(paged_out(by_category).values()), world_size=self.world_size)
         # The device's peak without the state may fall at another moment than the proxy's: the
         # largest of the moments the trace kept (its peak, activations' peak, the state's peak).
         moments = [trace.device.by_category] + ([] if trace.stopped else [trace.transient, trace.state])
@@ -414,7 +425,8 @@ class LowBitStateModel(Modeller):
 
         device_name = str(target.device)
         trace = trace_cell(proxy, config, inputs, target, limit, inspect,
-                           counted=lambda by_category: sum(on(device_name, by_category).values()))
+                           counted=lambda by_category: sum(on(device_name, by_category).values()),
+                           world_size=self.world_size)
         device = on(device_name, trace.device.by_category)
         host = None if trace.host is None else _peak(trace.host.device, on(trace.host.device, trace.host.by_category))
         moved = {name: state for name, state in states[0].items()} if states else {}

@@ -47,6 +47,8 @@ class Setup:
 
     cell: str
     micro_batch_size: int | None = None
+    #: Ranks the setup runs on (``--nproc-per-node`` x ``--nnodes``): the trace is rank 0's.
+    world_size: int = 1
 
     @property
     def label(self) -> str:
@@ -87,6 +89,7 @@ class Prediction:
         return {
             "cell": self.setup.cell,
             "micro_batch_size": self.setup.micro_batch_size,
+            "world_size": self.setup.world_size,
             "device": dataclasses.asdict(self.device),
             "host": None if self.host is None else dataclasses.asdict(self.host),
             "trace_seconds": round(self.trace_seconds, 3),
@@ -113,7 +116,7 @@ class Prediction:
     def from_dict(cls, data: dict[str, Any]) -> "Prediction":
         host = data.get("host")
         return cls(
-            Setup(data["cell"], data.get("micro_batch_size")),
+            Setup(data["cell"], data.get("micro_batch_size"), int(data.get("world_size") or 1)),
             TrackedPeak(**data["device"]),
             None if host is None else TrackedPeak(**host),
             float(data.get("trace_seconds", 0.0)),
@@ -130,10 +133,11 @@ def _uses_accumulation(cell: str) -> bool:
     return any(cls.micro_batch_counts for cls in parse_cell(cell).strategies)
 
 
-def setups_for(cells: Iterable[str], config: BenchConfig) -> list[Setup]:
-    """The cells as ``run`` would train them: accumulation at the config's micro-batch size."""
+def setups_for(cells: Iterable[str], config: BenchConfig, world_size: int = 1) -> list[Setup]:
+    """The cells as ``run`` would train them: accumulation at the config's micro-batch size, on ``world_size`` ranks."""
     return [
-        Setup(cell, config.strategy.micro_batch_size if _uses_accumulation(cell) else None) for cell in cells
+        Setup(cell, config.strategy.micro_batch_size if _uses_accumulation(cell) else None, world_size)
+        for cell in cells
     ]
 
 
@@ -186,7 +190,7 @@ def _trace_in_worker(config_data: dict[str, Any], setup: Setup, limit_bytes: int
         modeller = modeller_for(cell, target.device.type)
         settings, note = allocator_settings(allocator_conf)
         if modeller is not None:
-            out = modeller.run(cell, config, inputs, target, limit)
+            out = modeller.run(cell, config, inputs, target, limit, setup.world_size)
             reserved = None
             proxy = out.proxy
             if settings is not None and proxy is not None and proxy.allocations is not None and not out.stopped:
@@ -194,7 +198,7 @@ def _trace_in_worker(config_data: dict[str, Any], setup: Setup, limit_bytes: int
                     proxy.device.total_bytes, out.device.total_bytes, proxy.cell)
             return Prediction(setup, out.device, out.host, out.seconds, out.facts, None, out.method, out.stopped,
                               reserved, note).to_dict()
-        trace = trace_cell(cell, config, inputs, target, limit)
+        trace = trace_cell(cell, config, inputs, target, limit, world_size=setup.world_size)
         reserved = None
         if settings is not None and trace.allocations is not None and not trace.stopped:
             reserved = predict_reserved(trace.allocations, settings)
@@ -288,7 +292,8 @@ class ForkedTraces:
                 for share in shares:
                     read, write = os.pipe()
                     try:
-                        argv = [config_text, json.dumps([[setup.cell, setup.micro_batch_size] for setup in share]),
+                        argv = [config_text, json.dumps([[setup.cell, setup.micro_batch_size, setup.world_size]
+                                                         for setup in share]),
                                 json.dumps(limit), json.dumps(self.allocator_conf), *threads]
                         children.append(self.server.spawn(trace_share, argv, write, log.fileno()))
                     except BaseException:
@@ -432,7 +437,7 @@ def trace_share(argv: list[str]) -> int:
     conf in ``argv[3]`` (JSON: text or null), printing one JSON line per prediction, or one
     ``failed`` line."""
     config_data = json.loads(argv[0])
-    setups = [Setup(cell, micro) for cell, micro in json.loads(argv[1])]
+    setups = [Setup(*fields) for fields in json.loads(argv[1])]
     limit = json.loads(argv[2])
     allocator_conf = json.loads(argv[3])
     if "--single-threaded" in argv[4:]:

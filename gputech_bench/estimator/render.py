@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ..files import atomic_write_bytes
-from ..metrics import MEMORY_CATEGORIES, QUANTIZED_WEIGHTS, MemoryCategory
+from ..metrics import GATHERED, MEMORY_CATEGORIES, QUANTIZED_WEIGHTS, MemoryCategory
 from ..results import RunFolder
 from ..units import MIB, format_gib
 from .measured import Measured, error_percent
@@ -29,9 +29,11 @@ def _column(category: MemoryCategory) -> tuple[str, str]:
 
 #: Category columns (name, header), in the order memory is usually explained.
 SHOWN_CATEGORIES = tuple(_column(category) for category in MEMORY_CATEGORIES
-                         if category.estimate_header is not None and category is not QUANTIZED_WEIGHTS)
+                         if category.estimate_header is not None and not category.shown_when_present)
 #: Shown only when a setup has them (qlora's packed 4-bit weights and their constants), last.
 QUANTIZED = _column(QUANTIZED_WEIGHTS)
+#: Every column shown only when a setup has it: 4-bit weights, FSDP's gathered units, DDP's buckets.
+WHEN_PRESENT = tuple(_column(category) for category in MEMORY_CATEGORIES if category.shown_when_present)
 
 
 @dataclass(frozen=True)
@@ -49,13 +51,20 @@ class EstimateReport:
     attention: str | None = None
     #: The shape fields that overrode the traced --model's config (``model.num_layers=4``).
     model_overrides: tuple[str, ...] = ()
+    #: The ranks each cell runs on; above 1 every figure is one rank's (rank 0's).
+    world_size: int = 1
+
+    @property
+    def per_rank(self) -> str:
+        """'' on one rank, else how the table says its figures are one rank's ("per rank of 8")."""
+        return f"per rank of {self.world_size}" if self.world_size > 1 else ""
 
     def row(self, prediction: Prediction) -> dict[str, Any]:
         device = prediction.device
         total = self.overheads.device_total(device.total_bytes, prediction.reserved)
         row: dict[str, Any] = {"setup": prediction.setup.label, "cell": prediction.setup.cell, "error": prediction.error,
                                "source": prediction.source, "modelled": prediction.modelled, "stopped": prediction.stopped}
-        for category, _ in (*SHOWN_CATEGORIES, QUANTIZED):
+        for category, _ in (*SHOWN_CATEGORIES, *WHEN_PRESENT):
             row[f"{category}_mib"] = device.by_category.get(category, 0) / MIB
         row["tensor_peak_mib"] = device.total_bytes / MIB
         replayed = prediction.reserved
@@ -90,6 +99,7 @@ class EstimateReport:
             "objective": self.objective,
             "attention": self.attention,
             "model_overrides": list(self.model_overrides),
+            "world_size": self.world_size,
             "budget_bytes": self.budget_bytes,
             "overheads": {
                 "cuda_context_bytes": self.overheads.context_bytes,
@@ -118,6 +128,7 @@ def from_dict(data: dict[str, Any]) -> EstimateReport:
         objective=data.get("objective"),
         attention=data.get("attention"),
         model_overrides=tuple(data.get("model_overrides", ())),
+        world_size=int(data.get("world_size") or 1),
     )
 
 
@@ -151,10 +162,11 @@ def _plain_fits(value: bool | None) -> str:
 
 
 def categories(report: EstimateReport) -> tuple[tuple[str, str], ...]:
-    """The category columns: the usual five, and 4-bit weights when a setup has them."""
-    if any(p.device.by_category.get(QUANTIZED[0]) for p in report.predictions):
-        return (*SHOWN_CATEGORIES, QUANTIZED)
-    return SHOWN_CATEGORIES
+    """The category columns: the usual five, then 4-bit weights, FSDP's gathered units and DDP's
+    gradient buckets, each when a setup has them."""
+    present = tuple(column for column in WHEN_PRESENT
+                    if any(p.device.by_category.get(column[0]) for p in report.predictions))
+    return (*SHOWN_CATEGORIES, *present)
 
 
 def numbered_methods(predictions: Iterable[Prediction], first: int = 1) -> dict[str, int]:
@@ -232,6 +244,8 @@ def legend(report: EstimateReport, with_overheads: bool = True) -> list[str]:
         f"traced on {report.target}: one full optimizer step (the second, so optimizer state is live), "
         "peak live tensor bytes by category (torch MemTracker)",
     ]
+    if report.world_size > 1 or any(p.device.by_category.get(GATHERED.name) for p in report.predictions):
+        lines.append(per_rank_legend(report.world_size))
     if with_overheads:
         lines += reserve_legend(report)
         lines.append(f"+ context: {report.overheads.context_bytes / MIB:,.0f} MiB CUDA context, {report.overheads.context_source}")
@@ -261,6 +275,18 @@ def legend(report: EstimateReport, with_overheads: bool = True) -> list[str]:
     lines += [f"[{number}] not traced: {reason}" for reason, number in untraced_reasons(report).items()]
     lines += [f"[{number}] {method}" for method, number in modelled_methods(report).items()]
     return lines
+
+
+def per_rank_legend(world_size: int) -> str:
+    """How a per-rank figure was traced, in one line."""
+    return (f"per rank of {world_size}: each cell traced as rank 0 of {world_size} in a fake process group "
+            "(collectives return at once, no other rank runs), on its share of each batch; fsdp: the "
+            "parameters, gradients and optimizer state are its DTensor shards (1/N each, FSDP's padding "
+            "included), gathered = the all-gathered units in flight and their full-size gradients "
+            "(FSDPMemTracker); any other cell is replicated (DDP): whole state, plus its gradient buckets "
+            "(a flat copy of the trained gradients, counted from their shapes); fsdp-offload stays modelled; "
+            "where torch has no CUDA, sharded cells run on fake CPU tensors standing in for the GPU (FSDP2 "
+            "needs a device mesh, which the meta stand-in cannot have)")
 
 
 def reserve_legend(report: EstimateReport) -> list[str]:
@@ -302,7 +328,8 @@ def markdown(report: EstimateReport) -> str:
             lines.append("| " + " | ".join(untraceable_row(report, row, len(headers))) + " |")
             continue
         lines.append("| " + " | ".join(row_cells(report, row, compared, _plain_fits)) + " |")
-    return "\n".join(["Memory in MiB.", "", *lines, "", *(f"- {line}" for line in legend(report))]) + "\n"
+    title = f"Memory in MiB, {report.per_rank}." if report.per_rank else "Memory in MiB."
+    return "\n".join([title, "", *lines, "", *(f"- {line}" for line in legend(report))]) + "\n"
 
 
 def to_json(report: EstimateReport) -> str:

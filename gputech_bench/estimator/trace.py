@@ -17,7 +17,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -27,13 +27,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ..config import BenchConfig, from_dict
 from ..data.prepare import prepare_data
 from ..data.masking import IGNORE_INDEX
-from ..metrics import ACTIVATIONS, PARAMETERS, Role, categories_in
+from ..metrics import ACTIVATIONS, GRADIENT_BUCKETS, PARAMETERS, Role, categories_in
 from ..measure.tracker import StepMemoryTracker, TrackedPeak, named_categories
 from ..modeling import build_shape_model
 from ..strategies import Cell, RunContext, build_plan, device_refusal
 from ..strategies.base import Precision
 from ..strategies.amp import AutocastPrecision
-from ..training.batches import epoch_batches
+from ..strategies.distributed import fake_process_group
+from ..training.batches import epoch_batches, rank_share
 from ..training.loop import optimizer_step
 from ..training.schedule import linear_schedule_with_warmup
 from .allocations import AllocationRecorder, AllocationSequence, WorkspaceRule
@@ -49,6 +50,13 @@ class TraceTarget:
     device: torch.device
     label: str
     caveat: str | None
+    #: Tensors stand in for a GPU's (no CUDA in this torch): the meta device, or fake CPU
+    #: tensors where FSDP2 needs a device mesh (the meta device cannot have one).
+    stand_in: bool = False
+
+    @property
+    def stands_in(self) -> bool:
+        return self.stand_in or self.device.type == "meta"
 
 
 def trace_target() -> TraceTarget:
@@ -66,7 +74,23 @@ def trace_target() -> TraceTarget:
         "fake tensors on a stand-in device (this torch has no CUDA)",
         "traced without CUDA: tensors are counted exactly; dropout is traced as CUDA's fused kernel "
         "(a 1-byte mask), and the reserve's cuBLAS workspaces take Hopper's default size",
+        stand_in=True,
     )
+
+
+#: What a sharded cell (fsdp) is traced on where this torch has no CUDA: FSDP2 meshes a real
+#: device type, and the meta device is none. Nothing else lives on the host in such a cell.
+SHARDED_NOTE = ("sharded cells (fsdp) are traced on fake CPU tensors standing in for the GPU: FSDP2 needs a "
+                "device mesh, which the meta stand-in cannot have; the stand-in's rules (fused dropout and sdpa, "
+                "CUDA's autocast lists) apply as on the meta device")
+
+
+def sharded_target(target: TraceTarget) -> TraceTarget:
+    """The target a sharded cell is traced on: the same where it is fake CUDA, else fake CPU tensors."""
+    if not target.stands_in:
+        return target
+    return TraceTarget(torch.device("cpu"), f"{target.label}; sharded cells on fake CPU tensors", target.caveat,
+                       stand_in=True)
 
 
 @dataclass(frozen=True)
@@ -152,8 +176,11 @@ class _Watcher:
     """Follows the device's live bytes after every operator: keeps the moments activations
     and temporaries, and the model's state, peak; stops the step when ``counted`` passes the limit."""
 
-    def __init__(self, device: str, limit: Limit | None, counted: Counted | None) -> None:
+    def __init__(self, device: str, limit: Limit | None, counted: Counted | None,
+                 constant: dict[str, int] | None = None) -> None:
         self.device, self.limit, self.counted = device, limit, counted
+        #: Bytes no tensor shows but the device holds throughout (DDP's buckets), added to every snapshot.
+        self.constant = constant if constant is not None else {}
         self.transient: dict[str, int] = {}
         self.state: dict[str, int] = {}
 
@@ -161,6 +188,9 @@ class _Watcher:
         if device != self.device:
             return
         total, by_category = named_categories(snapshot)
+        for category, size in self.constant.items():
+            by_category[category] = by_category.get(category, 0) + size
+            total += size
         if transient_bytes(by_category) > transient_bytes(self.transient) or not self.transient:
             self.transient = by_category
         if state_bytes(by_category) > state_bytes(self.state) or not self.state:
@@ -301,7 +331,7 @@ FUSED_SDPA_NOTE = (
 
 def modelled_attention_note(config: BenchConfig, target: "TraceTarget") -> str | None:
     """The note an estimate carries when it models sdpa's fused kernel (see below)."""
-    return FUSED_SDPA_NOTE if target.device.type == "meta" and config.model.attention == "sdpa" else None
+    return FUSED_SDPA_NOTE if target.stands_in and config.model.attention == "sdpa" else None
 
 
 def describe_target(config: BenchConfig) -> tuple[str, str | None]:
@@ -362,7 +392,7 @@ def _fused_dropout_on_stand_in(target: "TraceTarget") -> Iterator[None]:
     """On the stand-in device, dropout is traced as a GPU runs it (see ``_dropout_as_on_cuda``).
     The difference is not small: in an eager BERT-base at batch 32 x 128 it is 441 MiB of the
     step's peak, which the allocator then places. Fake CUDA tensors take the fused path themselves."""
-    if target.device.type != "meta":
+    if not target.stands_in:
         yield
         return
     functional = torch.nn.functional
@@ -380,6 +410,12 @@ def fake_mode() -> Iterator[FakeTensorMode]:
         # peft asks transformers 5 for a renamed attribute on every LoRA+checkpointing
         # step; a real cell logs it once, a search of many traces would repeat it.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        # FSDPMemTracker's module tracker warns when FSDP's own hooks re-enter a unit (checkpointed
+        # layers): the per-module hierarchy, which nothing here reads; the totals are unaffected.
+        warnings.filterwarnings("ignore", message="The module hierarchy tracking", category=UserWarning)
+        # A trace stopped past fit's limit raises through FSDP's always-called hooks, which say so.
+        warnings.filterwarnings("ignore", message="module forward hook with ``always_call=True`` raised",
+                                category=UserWarning)
         yield mode
 
 
@@ -446,7 +482,7 @@ def _recomputed_under_the_same_rules() -> Iterator[None]:
 
 def _autocast_on_stand_in(plan, target: TraceTarget) -> str | None:
     """Replace an autocast precision that the stand-in device cannot enter; the method, if it did."""
-    if target.device.type != "meta" or not isinstance(plan.precision, AutocastPrecision):
+    if not target.stands_in or not isinstance(plan.precision, AutocastPrecision):
         return None
     plan.precision = _StandInAutocast(plan.precision.dtype)
     return STAND_IN_AUTOCAST
@@ -492,6 +528,40 @@ class _LabelledRowsFromRealBatches(TorchDispatchMode):
 HOST_HOLDINGS = (PARAMETERS, ACTIVATIONS)
 
 
+def _rank_share(batch: dict[str, torch.Tensor], world_size: int) -> dict[str, torch.Tensor]:
+    """Rank 0's rows of a traced batch, as a run with ``world_size`` ranks gives it (``rank_share``)."""
+    return batch if world_size <= 1 else rank_share(batch, 0, world_size)
+
+
+#: DDP's first bucket, and every later one's cap (``DistributedDataParallel``'s defaults).
+DDP_FIRST_BUCKET, DDP_BUCKET_CAP = 1024 * 1024, 25 * 1024 * 1024
+
+
+def ddp_bucket_bytes(params: "Iterable[torch.Tensor]") -> int:
+    """What DDP's gradient buckets hold: a flat copy of every trained gradient (in its dtype)."""
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def _ddp_buckets(size: int) -> list[int]:
+    """The allocations DDP makes for ``size`` bytes of buckets: 1 MiB first, then up to 25 MiB each."""
+    sizes, left = [], size
+    cap = DDP_FIRST_BUCKET
+    while left > 0:
+        sizes.append(min(cap, left))
+        left -= sizes[-1]
+        cap = DDP_BUCKET_CAP
+    return sizes
+
+
+def _with_constant(peak: TrackedPeak, constant: dict[str, int]) -> TrackedPeak:
+    if not constant:
+        return peak
+    by_category = dict(peak.by_category)
+    for category, size in constant.items():
+        by_category[category] = by_category.get(category, 0) + size
+    return TrackedPeak(peak.device, peak.total_bytes + sum(constant.values()), by_category)
+
+
 def trace_cell(
     cell: Cell,
     config: BenchConfig,
@@ -500,19 +570,42 @@ def trace_cell(
     limit: Limit | None = None,
     inspect: Callable[[Any], None] | None = None,
     counted: Counted | None = None,
+    world_size: int = 1,
+    data_parallel: bool = True,
 ) -> CellTrace:
     """Peak bytes by category of the cell's second optimizer step, device and host apart.
 
     With ``limit`` the trace stops once the device's live bytes (or ``counted`` of them)
     pass it, and says so (``stopped``). ``inspect`` sees the built plan (a modeller counts
-    what it needs there)."""
+    what it needs there).
+
+    ``world_size`` > 1 traces rank 0 of that many, on its share of each batch, inside a fake
+    process group (so is a sharded cell at any world size: ``fake_process_group``). A sharded
+    cell's state is then FSDP2's DTensor shards, its gathered units their own category
+    (``gathered``, from FSDPMemTracker); any other cell is replicated, and DDP's gradient
+    buckets (which its C++ reducer cannot make on fake tensors) are counted from the trained
+    shapes (``gradient_buckets``), unless ``data_parallel`` is False (a modeller's proxy)."""
+    sharded = any(cls.shards for cls in cell.strategies)
+    grouped = sharded or world_size > 1
+    if sharded:
+        target = sharded_target(target)
+    with fake_process_group(world_size) if grouped else contextlib.nullcontext():
+        return _trace_cell(cell, config, inputs, target, limit, inspect, counted, world_size,
+                           data_parallel and world_size > 1 and not sharded, sharded)
+
+
+def _trace_cell(cell: Cell, config: BenchConfig, inputs: TraceInputs, target: TraceTarget, limit: Limit | None,
+                inspect: Callable[[Any], None] | None, counted: Counted | None, world_size: int, replicated: bool,
+                sharded: bool) -> CellTrace:
     started = time.perf_counter()
     # The shape model reads no checkpoint, so no head is new: LoRA trains none in full.
-    ctx = RunContext(config, target.device, new_head_modules=(), tracing=True)
+    ctx = RunContext(config, target.device, new_head_modules=(), tracing=True, rank=0, world_size=world_size)
     device_refusal(cell, ctx)  # imports what the strategies need (bitsandbytes) before the fake mode starts
-    watcher = _Watcher(str(target.device), limit, counted)
+    constant: dict[str, int] = {}
+    watcher = _Watcher(str(target.device), limit, counted, constant)
     labelled = _LabelledRowsFromRealBatches()
     recorder = AllocationRecorder(target.device, WorkspaceRule.for_target(target.device))
+    batches = [_rank_share(batch, world_size) for batch in inputs.batches]
     with (fake_mode(), _real_quantisation_maps(), _fused_attention_on_stand_in(config, target),
           _fused_dropout_on_stand_in(target), labelled,
           _recomputed_under_the_same_rules()):
@@ -524,6 +617,18 @@ def trace_cell(
         except BaseException:
             recorder.__exit__(None, None, None)
             raise
+        if replicated:
+            # DistributedDataParallel's buckets, made when it wraps the model: on the device, for good.
+            trained = [p for p in plan.placement.compute_model.parameters()
+                       if p.requires_grad and p.device == target.device]
+            constant[GRADIENT_BUCKETS.name] = ddp_bucket_bytes(trained)
+            for size in _ddp_buckets(constant[GRADIENT_BUCKETS.name]):
+                recorder.allocate_modelled(size)
+            plan.facts["ddp_gradient_buckets"] = (
+                f"{constant[GRADIENT_BUCKETS.name]:,} bytes: a flat copy of every trained gradient, counted from the "
+                "trained shapes (DDP's C++ reducer makes them, which a fake-tensor trace cannot run)")
+        if world_size > 1:
+            plan.facts["traced_rank"] = f"rank 0 of {world_size}, on its share of each batch, in a fake process group"
         method = _autocast_on_stand_in(plan, target)
         if inspect is not None:
             inspect(plan)
@@ -534,18 +639,23 @@ def trace_cell(
         try:
             recorder.phase("step 1")
             if limit is None:
-                optimizer_step(plan, scheduler, inputs.batches[0], ctx)
+                optimizer_step(plan, scheduler, batches[0], ctx)
             else:
                 # Watched too, so that a setup that cannot fit stops in its first step.
-                first = StepMemoryTracker(*tracked, watch=watcher)
+                first = StepMemoryTracker(*tracked, watch=watcher, sharded=sharded)
                 with first:
-                    optimizer_step(plan, scheduler, inputs.batches[0], ctx, first.before_forward)
+                    optimizer_step(plan, scheduler, batches[0], ctx, first.before_forward)
             recorder.phase("step 2")
-            tracker = StepMemoryTracker(*tracked, watch=watcher)
+            tracker = StepMemoryTracker(*tracked, watch=watcher, sharded=sharded)
             with tracker:
-                optimizer_step(plan, scheduler, inputs.batches[1], ctx, tracker.before_forward)
-            recorder.phase("step 3")
-            optimizer_step(plan, scheduler, inputs.batches[1], ctx)
+                optimizer_step(plan, scheduler, batches[1], ctx, tracker.before_forward)
+            if limit is None or not (sharded or world_size > 1):
+                recorder.phase("step 3")
+                optimizer_step(plan, scheduler, batches[1], ctx)
+            else:
+                # fit's traces of a rank: a 70B shape's step takes minutes on fake tensors, so the
+                # third (the allocator's steady state) is left out, and the replay ends at the second.
+                plan.facts["traced_steps"] = "2: fit leaves the third step out of a rank's trace (time)"
         except _StopTrace as stop:
             device = TrackedPeak(str(target.device), stop.total, stop.by_category)
             return CellTrace(cell.name, device, None, plan.facts, time.perf_counter() - started, True, watcher.transient,
@@ -553,7 +663,7 @@ def trace_cell(
         finally:
             recorder.__exit__(None, None, None)
     peaks = {peak.device: peak for peak in tracker.peaks()}
-    device_peak = peaks.get(str(target.device)) or TrackedPeak(str(target.device), 0, {})
+    device_peak = _with_constant(peaks.get(str(target.device)) or TrackedPeak(str(target.device), 0, {}), constant)
     host_peak = peaks.get(HOST) if target.device.type != HOST else None
     if host_peak is not None and not any(host_peak.by_category.get(kept.name) for kept in HOST_HOLDINGS):
         host_peak = None  # only the optimizer's step counters wait there: the host holds none of the model

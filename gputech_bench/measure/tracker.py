@@ -22,6 +22,9 @@ from ..metrics import MEMORY_CATEGORIES, OTHER, PARAMETERS, QUANTIZED_WEIGHTS
 
 #: MemTracker's reference types, renamed to the words a result file uses.
 CATEGORY_NAMES = {category.memtracker: category.name for category in MEMORY_CATEGORIES if category.memtracker}
+#: FSDPMemTracker's reference types (sharded and unsharded apart), renamed the same way;
+#: several of them may land in one category (``gathered``).
+FSDP_CATEGORY_NAMES = {kind: category.name for category in MEMORY_CATEGORIES for kind in category.fsdp_memtracker}
 TOTAL_KEY = "Total"
 #: bitsandbytes' 4-bit weights (qlora): the packed uint8 storage and its quantisation constants.
 QUANTIZED = QUANTIZED_WEIGHTS.name
@@ -120,12 +123,14 @@ class QuantizedStorages:
 
 
 def named_categories(categories: dict[Any, int]) -> tuple[int, dict[str, int]]:
-    """(total, bytes by category name) of one MemTracker device snapshot."""
-    by_category = {
-        CATEGORY_NAMES.get(getattr(key, "value", key), str(key)): int(value)
-        for key, value in categories.items()
-        if getattr(key, "value", key) != TOTAL_KEY
-    }
+    """(total, bytes by category name) of one MemTracker (or FSDPMemTracker) device snapshot."""
+    by_category: dict[str, int] = {}
+    for key, value in categories.items():
+        kind = getattr(key, "value", key)
+        if kind == TOTAL_KEY:
+            continue
+        name = CATEGORY_NAMES.get(kind) or FSDP_CATEGORY_NAMES.get(kind) or str(kind)
+        by_category[name] = by_category.get(name, 0) + int(value)
     return int(categories.get(TOTAL_KEY, sum(by_category.values()))), by_category
 
 
@@ -133,8 +138,8 @@ def named_categories(categories: dict[Any, int]) -> tuple[int, dict[str, int]]:
 Watch = Callable[[str, dict[Any, int]], None]
 
 
-class _PeakMemTracker(MemTracker):
-    """MemTracker keeping the per-device peak only, and showing each update to ``watch``.
+class _PeakOnly:
+    """Keeps the per-device peak only, and shows each update to ``watch``.
 
     After every operator MemTracker also walks every module it has seen to update that
     module's own peak: work that grows with operators x modules, so a 32-layer model's
@@ -142,9 +147,10 @@ class _PeakMemTracker(MemTracker):
     here reads per-module peaks, and the per-device peak (``get_tracker_snapshot("peak")``)
     is kept by the same code as MemTracker's own, so every figure is unchanged."""
 
-    def __init__(self, watch: Watch | None = None) -> None:
-        super().__init__()
-        self._watch = watch
+    _watch: Watch | None
+    _curr_mem_snap: Any
+    _peak_mem: Any
+    _peak_mem_snap: Any
 
     def _update_peak_stats(self, peak_state: Any) -> None:
         for dev, dev_snap in self._curr_mem_snap.items():
@@ -153,6 +159,32 @@ class _PeakMemTracker(MemTracker):
                 self._peak_mem_snap[dev] = deepcopy(dev_snap)
             if self._watch is not None:
                 self._watch(str(dev), dev_snap)
+
+
+class _PeakMemTracker(_PeakOnly, MemTracker):
+    def __init__(self, watch: Watch | None = None) -> None:
+        super().__init__()
+        self._watch = watch
+
+
+def _fsdp_tracker(external: tuple[Any, ...], watch: Watch | None) -> Any:
+    """An FSDPMemTracker over the FSDP root among ``external`` (and its optimizer), or None
+    when there is none: it files sharded and unsharded parameters and gradients apart, and
+    the collectives' buffers, where MemTracker counts gathered weights as activations."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed.fsdp import FSDPModule
+
+    root: Any = next((obj for obj in external if isinstance(obj, FSDPModule)), None)
+    if root is None:
+        return None
+    optimizer = next((obj for obj in external if isinstance(obj, torch.optim.Optimizer)), None)
+
+    class _PeakFSDPMemTracker(_PeakOnly, FSDPMemTracker):
+        pass
+
+    tracker = _PeakFSDPMemTracker(root, optimizer)
+    tracker._watch = watch
+    return tracker
 
 
 class StepMemoryTracker:
@@ -164,10 +196,12 @@ class StepMemoryTracker:
     for the whole step, so at the peak those categories hold them in full.
     """
 
-    def __init__(self, *external: Any, watch: Watch | None = None) -> None:
-        self._tracker = _PeakMemTracker(watch)
+    def __init__(self, *external: Any, watch: Watch | None = None, sharded: bool = False) -> None:
+        # sharded: an FSDP model, tracked by FSDPMemTracker (the estimate's traces of FSDP cells).
+        fsdp = _fsdp_tracker(external, watch) if sharded else None
+        self._tracker = fsdp if fsdp is not None else _PeakMemTracker(watch)
         # Tensors created before the step (weights, existing optimizer state) are
-        # unknown to a dispatch mode unless registered up front.
+        # unknown to a dispatch mode unless registered up front (FSDPMemTracker finds them itself).
         self._tracker.track_external(*[obj for obj in external if obj is not None])
         self._quantized = QuantizedStorages.find(external)
         if self._quantized.constant_tensors:

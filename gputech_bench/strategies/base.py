@@ -257,6 +257,11 @@ class Strategy:
     #: clipping, and the result's ``gradient_clipping`` fact says so.
     allows_gradient_clipping: ClassVar[bool] = True
 
+    #: True when its placement shards the weights over the ranks itself (FSDP): a run with
+    #: several ranks is not wrapped in DistributedDataParallel, and the estimate traces it
+    #: inside a fake process group on a device FSDP2 can mesh.
+    shards: ClassVar[bool] = False
+
     #: Why the memory estimate cannot follow this strategy on fake tensors ("" = it can).
     untraceable: ClassVar[str] = ""
     #: The model recompiles when a batch of a new shape arrives (torch.compile): a step on

@@ -7,9 +7,10 @@ of one, so the same code path serves both.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -107,3 +108,20 @@ def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def fake_process_group(world_size: int) -> Iterator[Ranks]:
+    """Rank 0 of a *fake* process group of ``world_size`` for the length of the block: its
+    collectives return at once without any other rank, so FSDP2's all-gathers and
+    reduce-scatters trace on fake tensors (torchtitan's memory estimator does the same).
+    Torn down afterwards, so that the next trace in the same process starts clean."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already initialised: a trace needs its own fake one")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield Ranks(0, 0, world_size)
+    finally:
+        dist.destroy_process_group()

@@ -141,7 +141,9 @@ def build_plan(cell: Cell, model: nn.Module, ctx: RunContext) -> TrainingPlan:
     owners = {hook: strategy for strategy in strategies for hook in strategy.claims_under(ctx.config)}
 
     placement = owners["placement"].placement(model, ctx) if "placement" in owners else InPlacePlacement(model, ctx)
-    if ctx.world_size > 1 and not placement.shards:
+    if ctx.world_size > 1 and not placement.shards and not ctx.tracing:
+        # A trace cannot run DDP's C++ reducer on fake tensors: the estimate adds its
+        # gradient buckets itself (``estimator.trace``).
         placement.compute_model = data_parallel(placement.compute_model, ctx.device)
     params = placement.optimizer_parameters()
     if "build_optimizer" in owners:
