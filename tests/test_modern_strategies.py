@@ -234,7 +234,7 @@ def test_compile_time_is_the_first_steps_excess_over_a_steady_step():
 # on the real batches) are traced now: tests/test_fit_search.py.
 @pytest.mark.parametrize("cell, reason", [
     ("compile", "Inductor's fused kernels"),
-    ("fsdp-offload", "no process group"),
+    ("fsdp-offload", "FSDP's CPU offload"),
     ("paged-adam8bit", "unified memory"),
     ("qlora", "Params4bit, a Tensor subclass"),
 ], ids=["compile", "fsdp-offload", "paged-adam8bit", "qlora"])
