@@ -24,13 +24,10 @@ os.umask(_UMASK)
 FINGERPRINT_CHARS = 16
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so readers see either the old file or the complete new one.
+def _complete_temp_file(path: Path, data: bytes) -> str:
+    """``data`` written and synced to a temp file beside ``path``; returns its name.
 
-    The temp file lives in the destination folder because os.replace is only atomic
-    within one filesystem; concurrent writers of the same cache entry are harmless
-    because each replaces the file with identical, complete content.
-    """
+    Beside, because os.replace and os.link are only atomic within one filesystem."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -39,6 +36,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             tmp.write(data)
             tmp.flush()
             os.fsync(tmp.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    return tmp_name
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so readers see either the old file or the complete new one.
+
+    Concurrent writers of the same cache entry are harmless because each replaces the file
+    with identical, complete content.
+    """
+    tmp_name = _complete_temp_file(path, data)
+    try:
         os.replace(tmp_name, path)
     except BaseException:
         # Never leave stray temp files behind, even on KeyboardInterrupt.
@@ -55,14 +67,8 @@ def create_exclusive_bytes(path: Path, data: bytes) -> bool:
     name exists, atomically even on NFS, so a reader never sees a half-written file and two
     writers never both win. A filesystem without hard links falls back to ``O_EXCL``.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp_name = _complete_temp_file(path, data)
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as tmp:
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
         try:
             os.link(tmp_name, path)
             return True
@@ -81,10 +87,14 @@ def create_exclusive_bytes(path: Path, data: bytes) -> bool:
             os.unlink(tmp_name)
 
 
+def _json_bytes(value: Any) -> bytes:
+    """``value`` as indented JSON; NaN and infinity become null."""
+    return (json.dumps(_json_safe(value), indent=2, allow_nan=False) + "\n").encode("utf-8")
+
+
 def create_exclusive_json(path: Path, value: Any) -> bool:
     """``value`` as indented JSON at ``path`` unless a file is there (``create_exclusive_bytes``)."""
-    text = json.dumps(_json_safe(value), indent=2, allow_nan=False) + "\n"
-    return create_exclusive_bytes(Path(path), text.encode("utf-8"))
+    return create_exclusive_bytes(Path(path), _json_bytes(value))
 
 
 def _json_safe(value: Any) -> Any:
@@ -100,8 +110,7 @@ def _json_safe(value: Any) -> Any:
 
 def write_json(path: Path, value: Any) -> Path:
     """``value`` as indented JSON, atomically; NaN and infinity become null."""
-    text = json.dumps(_json_safe(value), indent=2, allow_nan=False) + "\n"
-    atomic_write_bytes(Path(path), text.encode("utf-8"))
+    atomic_write_bytes(Path(path), _json_bytes(value))
     return Path(path)
 
 
