@@ -61,14 +61,15 @@ class EstimateReport:
 
     def row(self, prediction: Prediction) -> dict[str, Any]:
         device = prediction.device
-        total = self.overheads.device_total(device.total_bytes, prediction.reserved)
         row: dict[str, Any] = {"setup": prediction.setup.label, "cell": prediction.setup.cell, "error": prediction.error,
                                "source": prediction.source, "modelled": prediction.modelled, "stopped": prediction.stopped}
         for category, _ in (*SHOWN_CATEGORIES, *WHEN_PRESENT):
             row[f"{category}_mib"] = device.by_category.get(category, 0) / MIB
         row["tensor_peak_mib"] = device.total_bytes / MIB
-        replayed = prediction.reserved
+        # Where the overheads judge tensors by the flat fraction alone, no replay stands in the row.
+        replayed = prediction.reserved if self.overheads.replayed else None
         low, high = self.overheads.reserved_range(device.total_bytes, replayed)
+        total = high + self.overheads.context_bytes
         row["reserved_low_mib"], row["reserved_high_mib"] = low / MIB, high / MIB
         row["reserved_source"] = "replayed" if replayed is not None else "flat"
         row["allocator_reserve_low_mib"] = (low - device.total_bytes) / MIB
