@@ -31,6 +31,8 @@ import bisect
 import re
 from dataclasses import dataclass
 
+from ..units import MIB
+
 __all__ = [
     "AllocatorSettings",
     "CachingAllocatorModel",
@@ -39,22 +41,21 @@ __all__ = [
     "SegmentState",
 ]
 
-MiB = 1024 * 1024
 
 # The constants at the top of CUDACachingAllocator.cpp, quoted with their comments.
 K_MIN_BLOCK_SIZE = 512  # "all sizes are rounded to at least 512 bytes"
-K_SMALL_SIZE = 1 * MiB  # "largest "small" allocation is 1 MiB"
-K_SMALL_BUFFER = 2 * MiB  # ""small" allocations are packed in 2 MiB blocks"
-K_LARGE_BUFFER = 20 * MiB  # ""large" allocations may be packed in 20 MiB blocks"
-K_MIN_LARGE_ALLOC = 10 * MiB  # "allocations between 1 and 10 MiB may use kLargeBuffer"
-K_ROUND_LARGE = 2 * MiB  # "round up large allocations to 2 MiB"
+K_SMALL_SIZE = 1 * MIB  # "largest "small" allocation is 1 MiB"
+K_SMALL_BUFFER = 2 * MIB  # ""small" allocations are packed in 2 MiB blocks"
+K_LARGE_BUFFER = 20 * MIB  # ""large" allocations may be packed in 20 MiB blocks"
+K_MIN_LARGE_ALLOC = 10 * MIB  # "allocations between 1 and 10 MiB may use kLargeBuffer"
+K_ROUND_LARGE = 2 * MIB  # "round up large allocations to 2 MiB"
 # AllocatorConfig's default max_non_split_rounding_size_ is kLargeBuffer; older 2.x releases
 # hard-code kLargeBuffer in get_free_block's oversize check. Either way: 20 MiB.
 MAX_NON_SPLIT_ROUNDING = K_LARGE_BUFFER
 # An expandable segment reserves virtual address space for 1 1/8 of the GPU's memory
 # (ExpandableSegment's constructor). The model needs only "more than any request", so one
 # TiB of address space stands in for it; nothing of it counts as reserved until mapped.
-EXPANDABLE_ADDRESS_SPACE = 1024 * 1024 * MiB
+EXPANDABLE_ADDRESS_SPACE = 1024 * 1024 * MIB
 
 SMALL = "small"
 LARGE = "large"
@@ -147,9 +148,9 @@ class AllocatorSettings:
                         f"PYTORCH_CUDA_ALLOC_CONF={text!r}: max_split_size_mb takes a whole number of MiB, got {value!r}"
                     )
                 megabytes = int(value)
-                if megabytes * MiB < K_LARGE_BUFFER:
+                if megabytes * MIB < K_LARGE_BUFFER:
                     raise ValueError(f"PYTORCH_CUDA_ALLOC_CONF={text!r}: max_split_size_mb too small, PyTorch requires >= 20")
-                max_split = megabytes * MiB
+                max_split = megabytes * MIB
             elif key == "backend":
                 if value == "cudaMallocAsync":
                     raise ValueError(
@@ -179,8 +180,8 @@ class AllocatorSettings:
             return "expandable_segments:False (PyTorch's default)"
         parts = [f"expandable_segments:{self.expandable_segments}"]
         if self.max_split_size_bytes is not None:
-            if self.max_split_size_bytes % MiB == 0:
-                parts.append(f"max_split_size_mb:{self.max_split_size_bytes // MiB}")
+            if self.max_split_size_bytes % MIB == 0:
+                parts.append(f"max_split_size_mb:{self.max_split_size_bytes // MIB}")
             else:
                 parts.append(f"max_split_size_bytes:{self.max_split_size_bytes}")
         return ", ".join(parts)
