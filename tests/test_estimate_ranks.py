@@ -141,3 +141,31 @@ def test_each_gloo_rank_measures_within_5_percent_of_the_per_rank_prediction(tmp
         error = float(row.rstrip(" |").rsplit("|", 1)[1].strip().rstrip("%"))
         assert abs(error) < 5, row
     print(f"{ranks} ranks: {time.perf_counter() - started:.0f} s")
+
+
+def live_peak(sequence) -> int:
+    """The largest sum of allocated, not yet freed sizes in a recorded sequence (workspaces left out)."""
+    live: dict[int, int] = {}
+    current = peak = 0
+    for kind, handle, size, _stream in sequence.events:
+        if handle in sequence.modelled:
+            continue
+        if kind == "alloc":
+            live[handle] = size
+            current += size
+            peak = max(peak, current)
+        else:
+            current -= live.pop(handle, 0)
+    return peak
+
+
+@pytest.mark.parametrize("cell", ["fsdp", "1+fsdp"])
+def test_a_sharded_cells_recorded_allocations_free_what_fsdp_frees(tiny, cell):
+    # FSDP frees a gathered unit by emptying its storage in place (UntypedStorage.resize_(0)),
+    # and a DTensor is a wrapper whose global-shape storage holds nothing: the allocator model's
+    # sequence must follow both, or every gathered unit stays allocated for the whole run and
+    # every shard counts at its full size. Its live peak is then the tracker's tensor peak.
+    config, inputs = tiny
+    traced = trace_cell(parse_cell(cell), config, inputs, trace_target(), world_size=4)
+    assert traced.allocations is not None and traced.allocations.resized > 0
+    assert live_peak(traced.allocations) == pytest.approx(traced.device.total_bytes, rel=0.02)

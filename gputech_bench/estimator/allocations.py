@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -128,6 +128,8 @@ class AllocationRecorder(TorchDispatchMode):
         self._events: list[tuple[str, int, int, int]] = []
         self._phases: list[tuple[int, str]] = []
         self._handles: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        #: Storages of the device's that ``resize_(0)`` emptied in place, to be grown again (FSDP).
+        self._emptied: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._sizes: dict[int, int] = {}
         self._refs: dict[int, weakref.ref] = {}
         self._next = 0
@@ -168,13 +170,17 @@ class AllocationRecorder(TorchDispatchMode):
         self._events.append((ALLOC, handle, size, self.stream))
 
     def _see(self, tensor: torch.Tensor) -> None:
-        if tensor.device != self.device:
-            return
-        storage = tensor.untyped_storage()
+        # A DTensor is a wrapper: its global-shape storage holds nothing, and the operator on
+        # its local shard, which holds the bytes, passes through this mode as well.
+        if tensor.device == self.device and not is_traceable_wrapper_subclass(tensor):
+            self._see_storage(tensor.untyped_storage())
+
+    def _see_storage(self, storage: Any) -> None:
         size = storage.nbytes()
         handle = self._handles.get(storage)
         if handle is None:
             if size:
+                self._emptied.pop(storage, None)
                 self._allocate(storage, size)
             return
         if self._sizes.get(handle) != size:
@@ -185,6 +191,31 @@ class AllocationRecorder(TorchDispatchMode):
             self._freed(handle)
             if size:
                 self._allocate(storage, size)
+            else:
+                self._emptied[storage] = True
+
+    def __enter__(self) -> "AllocationRecorder":
+        # FSDP frees a gathered unit's storage in place and grows it back for the next gather
+        # (``UntypedStorage.resize_``), below the operators a dispatch mode sees; MemTracker
+        # follows it the same way. Without it, every gathered unit would stay allocated.
+        self._original_resize = original = torch.UntypedStorage.resize_
+
+        def resize_(storage: Any, size: int) -> Any:
+            result = original(storage, size)
+            # A fake tensor's storage is on the meta device whatever the tensor's: ours are the
+            # storages the recorder has seen on its device, or emptied there.
+            if storage in self._handles or storage in self._emptied:
+                self._see_storage(storage)
+            return result
+
+        torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign]
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            torch.UntypedStorage.resize_ = self._original_resize  # type: ignore[method-assign]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
