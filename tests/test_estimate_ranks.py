@@ -18,8 +18,9 @@ import pytest
 import torch.distributed as dist
 from helpers import TINY_RUN, assert_one_line_error, invoke
 
-from gputech_bench.config import apply_overrides, load_preset
+from gputech_bench.config import apply_overrides, load_preset, to_dict
 from gputech_bench.estimator.fit import candidates
+from gputech_bench.estimator.predict import Prediction, Setup, _trace_in_worker
 from gputech_bench.estimator.trace import trace_cell, trace_inputs, trace_target
 from gputech_bench.modeling import build_shape_model
 from gputech_bench.results import read_result
@@ -169,3 +170,23 @@ def test_a_sharded_cells_recorded_allocations_free_what_fsdp_frees(tiny, cell):
     traced = trace_cell(parse_cell(cell), config, inputs, trace_target(), world_size=4)
     assert traced.allocations is not None and traced.allocations.resized > 0
     assert live_peak(traced.allocations) == pytest.approx(traced.device.total_bytes, rel=0.02)
+
+
+def test_adam4bit_under_fsdp_quantises_each_ranks_shard_of_the_moments(tiny):
+    # torchao quantises the local shard of a sharded parameter's moments: the model counts the
+    # rank's shards (not the DTensor's global shape), on the device the sharded proxy runs on.
+    config, inputs = tiny
+    # Layers wide enough that each rank's shard of a matrix is quantised (4,096 values or more).
+    config = apply_overrides(config, ["model.hidden_size=128", "model.intermediate_size=512"])
+    world = 4
+    data = to_dict(config)
+    plain = Prediction.from_dict(_trace_in_worker(data, Setup("fsdp", None, world)))
+    quantised = Prediction.from_dict(_trace_in_worker(data, Setup("adam4bit+fsdp", None, world)))
+    assert quantised.error is None and quantised.source == "modelled"
+    _, shard, _ = shard_elements(config, inputs, world)
+    (device, state), = quantised.facts["modelled"]["optimizer_state"].items()
+    assert device == plain.device.device
+    assert state["adamw_bytes"] == 8 * shard  # AdamW's two fp32 moments of this rank's shards
+    assert state["low_bit_bytes"] < state["adamw_bytes"] / 2
+    moved = state["adamw_bytes"] - state["low_bit_bytes"]
+    assert (plain.device.by_category["optimizer_state"] - quantised.device.by_category["optimizer_state"]) == moved

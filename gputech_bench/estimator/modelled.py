@@ -45,6 +45,7 @@ from .trace import (
     TraceInputs,
     TraceTarget,
     fake_mode,
+    sharded_target,
     trace_cell,
     transient_bytes,
 )
@@ -372,7 +373,10 @@ class LowBitState:
         """One per device the trained tensors (the optimizer's parameters) live on."""
         by_device: dict[str, list] = {}
         for param in params:
-            by_device.setdefault(str(param.device), []).append(param)
+            # A sharded parameter (FSDP's DTensor) has its moments on this rank's shard alone,
+            # and torchao quantises that local tensor: count its shape, not the global one.
+            local = param.to_local() if hasattr(param, "to_local") else param
+            by_device.setdefault(str(param.device), []).append(local)
         return {
             device: cls(
                 device,
@@ -423,7 +427,8 @@ class LowBitStateModel(Modeller):
             state = states[0].get(device) if states else None
             return state.substituted(by_category) if state else by_category
 
-        device_name = str(target.device)
+        # A sharded proxy is traced where FSDP2 can mesh (fake CPU tensors without CUDA).
+        device_name = str((sharded_target(target) if any(cls.shards for cls in proxy.strategies) else target).device)
         trace = trace_cell(proxy, config, inputs, target, limit, inspect,
                            counted=lambda by_category: sum(on(device_name, by_category).values()),
                            world_size=self.world_size)
