@@ -182,7 +182,8 @@ def test_dropout_on_the_stand_in_keeps_a_bool_mask_not_an_fp32_noise_tensor(tiny
 
 
 def _sequence(events, modelled=()) -> AllocationSequence:
-    return AllocationSequence(tuple(events), ((0, "test"),), WORKSPACE, frozenset(modelled))
+    # The modelled allocations here are workspaces: placed by a guess, so the range varies them.
+    return AllocationSequence(tuple(events), ((0, "test"),), WORKSPACE, frozenset(modelled), 0, frozenset(modelled))
 
 
 def test_a_workspace_that_pins_a_freed_logits_block_costs_a_segment_which_its_own_segment_avoids():

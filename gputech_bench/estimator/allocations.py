@@ -111,6 +111,15 @@ class AllocationSequence:
     modelled: frozenset[int] = frozenset()
     #: Storages that changed size in place (``resize_``): replayed as a free and a new allocation.
     resized: int = 0
+    #: The modelled allocations whose place is a guess (the workspaces: where a thread's first
+    #: matrix product falls). DDP's buckets are modelled too, but made in order when DDP wraps
+    #: the model, before any step: their place is known, and a 70B shape has hundreds of them.
+    placed_by_guess: frozenset[int] = frozenset()
+
+    @property
+    def workspace_bytes(self) -> int:
+        """What the workspaces add up to."""
+        return sum(size for kind, handle, size, _ in self.events if kind == ALLOC and handle in self.placed_by_guess)
 
 
 class AllocationRecorder(TorchDispatchMode):
@@ -136,6 +145,7 @@ class AllocationRecorder(TorchDispatchMode):
         self._resized = 0
         self._workspace_threads: set[str] = set()
         self._modelled: list[int] = []
+        self._workspaces: list[int] = []
 
     def phase(self, label: str) -> None:
         """Mark where a phase of the traced run starts (model placement, step 1, ...)."""
@@ -143,7 +153,7 @@ class AllocationRecorder(TorchDispatchMode):
 
     def sequence(self) -> AllocationSequence:
         return AllocationSequence(tuple(self._events), tuple(self._phases), self.workspaces,
-                                  frozenset(self._modelled), self._resized)
+                                  frozenset(self._modelled), self._resized, frozenset(self._workspaces))
 
     def allocate_modelled(self, size: int) -> None:
         """An allocation no tensor shows (DDP's gradient buckets, made in C++), never freed."""
@@ -208,7 +218,7 @@ class AllocationRecorder(TorchDispatchMode):
                 self._see_storage(storage)
             return result
 
-        torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign]
+        torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign, assignment]
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
@@ -232,6 +242,7 @@ class AllocationRecorder(TorchDispatchMode):
                 handle = self._next
                 self._next += 1
                 self._modelled.append(handle)
+                self._workspaces.append(handle)
                 self._events.append((ALLOC, handle, self.workspaces.bytes_each, self.stream))
         if func in (torch.ops.aten.resize_.default, torch.ops.aten.set_.source_Storage):
             for value in tree_flatten(args)[0]:
