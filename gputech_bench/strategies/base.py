@@ -261,6 +261,9 @@ class Strategy:
     #: several ranks is not wrapped in DistributedDataParallel, and the estimate traces it
     #: inside a fake process group on a device FSDP2 can mesh.
     shards: ClassVar[bool] = False
+    #: Why it cannot run on more than one rank ("" = it can): its cells are refused on several
+    #: ranks, and fit leaves them out there.
+    one_rank_only: ClassVar[str] = ""
 
     #: Why the memory estimate cannot follow this strategy on fake tensors ("" = it can).
     untraceable: ClassVar[str] = ""

@@ -117,13 +117,15 @@ class OptimizerInBackward(Strategy):
                     "gradients before any step",
     }
 
+    # DDP all-reduces gradients in buckets after they accumulate: a step inside backward
+    # would use this rank's gradient alone, and the ranks' weights would drift apart.
+    one_rank_only = "it steps each gradient before DistributedDataParallel averages it over the ranks"
+
     def device_refusal(self, ctx: RunContext) -> None:
         if ctx.world_size > 1:
-            # DDP all-reduces gradients in buckets after they accumulate: a step inside backward
-            # would use this rank's gradient alone, and the ranks' weights would drift apart.
             raise StrategyError(
-                "optimizer-in-backward steps each gradient before DistributedDataParallel averages it over the "
-                f"ranks ({ctx.world_size} here): run it with one process per cell (--nproc-per-node 1)"
+                f"optimizer-in-backward: {self.one_rank_only} ({ctx.world_size} here): run it with one process per "
+                "cell (--nproc-per-node 1)"
             )
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, ctx: RunContext) -> torch.optim.Optimizer:
