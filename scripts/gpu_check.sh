@@ -2,8 +2,10 @@
 # gpu_check.sh: does gputech-bench tell the truth on this GPU?
 #
 # It runs, on one CUDA device, the seed preset's 8 cells, `amp`, today's strategies
-# (`chunked-ce`, `1+3+chunked-ce`, `bf16-weights`, `optimizer-in-backward`) and the two no card
-# has run yet (`fsdp-offload`, `qlora`) in one run under the seed's objective, then `sparse-head` and `1+3+amp+sparse-head` (a second run under
+# (`chunked-ce`, `1+3+chunked-ce`, `bf16-weights`, `optimizer-in-backward`), the two no card
+# has run yet (`fsdp-offload`, `qlora`) and `fsdp` in a process group of one (the per-rank
+# estimate's path at world size 1: the only multi-GPU figure one card can check) in one run
+# under the seed's objective, then `sparse-head` and `1+3+amp+sparse-head` (a second run under
 # data.objective=mlm, which sparse-head needs; each run has its own baseline), all short
 # (train.max_steps=12). Beside them it runs a bare training loop of the baseline's shape,
 # written below in plain transformers + torch (no gputech_bench code), and compares the two:
@@ -68,7 +70,7 @@ SITE=""                            # where local wheels went, if any; the bare l
 
 # The cells. SEED_CELLS are `gputech-bench run --matrix` (the seed's 8), amp and the newer ones, under the
 # seed's objective; MLM_CELLS run under data.objective=mlm. --strategies adds the baseline.
-SEED_CELLS="1,2,3,4,1+2+3,1+2+4,lora,amp,chunked-ce,1+3+chunked-ce,bf16-weights,optimizer-in-backward,fsdp-offload,qlora"
+SEED_CELLS="1,2,3,4,1+2+3,1+2+4,lora,amp,chunked-ce,1+3+chunked-ce,bf16-weights,optimizer-in-backward,fsdp-offload,qlora,fsdp"
 MLM_CELLS="sparse-head,1+3+amp+sparse-head"
 SEED_RUN_CELLS="$SEED_CELLS" MLM_RUN_CELLS="$MLM_CELLS"  # what runs here (the dry run drops CUDA-only cells)
 if [ "$DRY_RUN" = 1 ]; then

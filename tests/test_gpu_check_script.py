@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
 CELLS = {
     "seed": ["baseline", "1", "2", "3", "4", "1+2+3", "1+2+4", "lora", "amp", "chunked-ce", "1+3+chunked-ce",
-             "bf16-weights", "optimizer-in-backward", "fsdp-offload", "qlora"],
+             "bf16-weights", "optimizer-in-backward", "fsdp-offload", "qlora", "fsdp"],
     "mlm": ["baseline", "sparse-head", "1+3+amp+sparse-head"],
 }
 
@@ -51,7 +51,7 @@ def test_dry_run_writes_few_shallow_files_and_passes(tmp_path: Path, cache_dir: 
         for cell in cells:
             assert any(row.startswith(f"| {run}: {cell} | ok |") for row in table), (run, cell)
     assert "NOT CHECKED allocated memory: not checked on CPU (allocated is CUDA-only)" in markdown
-    assert "PASS cells: 18 of 18 ok" in markdown
+    assert "PASS cells: 19 of 19 ok" in markdown
     # The estimate beside every measured peak, each cell more than 10% off flagged (none at this shape).
     estimate = markdown.split("Estimate (fake-tensor trace) against measured, seed run:", 1)[1].split("Acceptance:")[0]
     assert "| baseline |" in estimate and "| 1+3+chunked-ce |" in estimate and "FLAG" not in estimate
