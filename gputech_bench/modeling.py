@@ -89,6 +89,16 @@ def read_config(pretrained: str):
         ) from None
 
 
+def model_depth(model_config: ModelConfig) -> int:
+    """How many blocks (layers) the model has: ``model.num_layers`` for the seed's BERT or where
+    it is set for a --model, else the checkpoint config's (0 when the config names none)."""
+    if not model_config.pretrained or "num_layers" in model_config.overrides:
+        return model_config.num_layers
+    hf_config = read_config(model_config.pretrained)
+    attribute = type(hf_config).attribute_map.get("num_hidden_layers", "num_hidden_layers")
+    return int(getattr(hf_config, attribute, 0) or 0)
+
+
 #: Each ``model.*`` shape field and the config attributes it sets, by transformers' standard
 #: names: a config's ``attribute_map`` turns them into the architecture's own (DistilBERT's
 #: ``n_layers``, GPT-2's ``n_embd``). A field sets every one of its attributes that the

@@ -275,7 +275,9 @@ def fit(
         >>> found.best          # Setup(cell='1+2+3', micro_batch_size=8), say
         >>> found.frame         # every traced candidate, fastest first
     """
+    from ..estimator.depth import depth_to_extrapolate
     from ..estimator.fit import FitSearch, modelled_strategies, not_searched
+    from ..modeling import model_depth
     from ..estimator.predict import TracePool
     from ..estimator.trace import trace_target
     from ..strategies.registry import lookup
@@ -308,7 +310,7 @@ def fit(
     workers = _jobs(jobs)
     excluded = {name.strip().lower() for name in exclude}
     device_type = trace_target().device.type
-    reasons = not_searched(config, device_type, excluded)
+    reasons = not_searched(config, device_type, excluded, world_size)
     left_out = list(reasons)
     if left_out:
         listed = "; ".join(f"{key} ({reason})" for key, reason in reasons.items())
@@ -319,6 +321,9 @@ def fit(
     else:
         output.say(f"[dim]per rank of {world_size}: fsdp cells sharded (traced in a fake process group), "
                    "the others replicated (DDP, with their gradient buckets), fsdp-offload modelled[/]")
+        depth = depth_to_extrapolate(model_depth(config.model))
+        if depth is not None:
+            output.say(f"[dim]each setup {escape(depth.describe())}; 'estimate' traces any of them whole[/]")
     modelled = [key for key in modelled_strategies(device_type) if key not in excluded]
     if modelled:
         output.say(f"[dim]modelled around a trace, not traced (their figures say so): {', '.join(modelled)}[/]")
@@ -342,10 +347,11 @@ def _tracer(pool: "TracePool", output: Output | None):
 
     def trace(setups, config: BenchConfig, limit: Optional[int] = None):
         if output is None:
-            return pool.predict(setups, config, limit=limit)
+            return pool.predict(setups, config, limit=limit, extrapolate=True)
         with trace_progress(output.console) as progress:
             task = progress.add_task(f"tracing {', '.join(setup.label for setup in setups)}", total=len(setups))
-            return pool.predict(setups, config, on_done=lambda prediction: progress.advance(task), limit=limit)
+            return pool.predict(setups, config, on_done=lambda prediction: progress.advance(task), limit=limit,
+                                extrapolate=True)
 
     return trace
 

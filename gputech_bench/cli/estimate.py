@@ -210,7 +210,7 @@ def _print_fit(found) -> None:
         console.print(f"  [dim]faster but too big: {too_big}[/]", highlight=False)
         if any(c.at_least for c in result.rejected):
             console.print("  [dim]>: the trace stopped once the device passed the budget (the figure is what was live then), "
-                          "or was not run: the same weights as a setup whose weights alone passed it[/]", highlight=False)
+                          "or was not run: the same weights and optimizer state as a setup whose weights and optimizer state alone passed it[/]", highlight=False)
     for method, number in notes.items():
         console.print(f"  [dim][{number}] {method}[/]", highlight=False)
     for _rank, candidate in rows:

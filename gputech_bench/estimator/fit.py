@@ -50,6 +50,8 @@ from .predict import Prediction, Setup
 #: Set in a prediction's facts when it was not traced because another setup with the same
 #: weights (the same regime) showed them too big: the label of that setup.
 SAME_WEIGHTS = "same_weights_as"
+#: The bytes every setup of a regime holds alike (``FitSearch.weigh``).
+REGIME_STATE = ("parameters", "buffers", "optimizer_state", "quantized_weights")
 
 
 def searchable(cls: type[Strategy], device_type: str) -> bool:
@@ -62,16 +64,21 @@ def unsearchable(device_type: str) -> list[str]:
     return [cls.key for cls in registered() if not searchable(cls, device_type)]
 
 
-def not_searched(config: BenchConfig, device_type: str, exclude: Collection[str] = frozenset()) -> dict[str, str]:
+def not_searched(config: BenchConfig, device_type: str, exclude: Collection[str] = frozenset(),
+                 world_size: int = 1) -> dict[str, str]:
     """Each strategy fit leaves out, and why: the estimate can neither trace nor model it on
-    ``device_type`` (its own reason), or this config refuses it on its own (sparse-head under
-    an objective that labels every position). Excluded strategies are not listed."""
+    ``device_type`` (its own reason), it runs on one rank only and fit weighs ``world_size``,
+    or this config refuses it on its own (sparse-head under an objective that labels every
+    position). Excluded strategies are not listed."""
     reasons: dict[str, str] = {}
     for cls in registered():
         if cls.key in exclude or cls.name in exclude:
             continue
         if not searchable(cls, device_type):
             reasons[cls.key] = f"the estimate cannot weigh it: {cls.trace_refusal(device_type)}"
+            continue
+        if world_size > 1 and cls.one_rank_only:
+            reasons[cls.key] = f"one rank only: {cls.one_rank_only}"
             continue
         refusal = _config_refusal(Cell((cls,)), config)
         if refusal:
@@ -122,6 +129,7 @@ def candidates(config: BenchConfig, exclude: Collection[str] = frozenset(), devi
     strategies = [
         cls for cls in registered()
         if cls.key not in exclude and cls.name not in exclude and searchable(cls, device_type)
+        and not (world_size > 1 and cls.one_rank_only)
     ]
     setups: list[Setup] = []
     for size in range(len(strategies) + 1):
@@ -297,7 +305,7 @@ class FitSearch:
         self.times = {setup: expected_time(setup, config, measured or {}, run_micro) for setup in self.setups}
         self.limit = tensor_limit(budget, overheads)
         self.judged: dict[Setup, Candidate] = {}
-        #: Regimes whose weights alone pass the limit, and the setup whose trace showed it.
+        #: Regimes whose weights and optimizer state alone pass the limit, and the setup whose trace showed it.
         self.too_heavy: dict[str, Candidate] = {}
         self.untraceable: list[Candidate] = []
 
@@ -314,11 +322,13 @@ class FitSearch:
         return Candidate(setup, self.times[setup], prediction, total, fits, low)
 
     def weigh(self, batch: list[Setup]) -> None:
-        """Judge the setups not judged yet: by a trace, or by their regime's weights alone."""
+        """Judge the setups not judged yet: by a trace, or by their regime's weights and optimizer state alone."""
         fresh = [setup for setup in batch if setup not in self.judged]
         for setup in [setup for setup in fresh if regime(setup) in self.too_heavy]:
-            # Checkpointing and accumulation leave the weights as they are: a setup of a regime
-            # whose weights alone are too big is too big, without a trace of its own.
+            # Checkpointing, accumulation, a chunked loss and activation offload leave the weights and
+            # the optimizer state as they are: a setup of a regime whose weights and optimizer state
+            # alone are too big is too big, without a trace of its own. (Not the gradients:
+            # accumulation can hold them unsharded, so one setup's are no floor for the others'.)
             shown = self.too_heavy[regime(setup)]
             prediction = Prediction(setup, shown.prediction.device, None, 0.0, {SAME_WEIGHTS: shown.setup.label},
                                     stopped=True)
@@ -326,8 +336,12 @@ class FitSearch:
             fresh.remove(setup)
         for setup, prediction in zip(fresh, self.trace(fresh, self.config, limit=self.limit) if fresh else []):
             self.judged[setup] = self.judge(setup, prediction)
-            weights = sum(prediction.device.by_category.get(category, 0) for category in ("parameters", "buffers"))
-            if prediction.stopped and weights > self.limit and not prediction.modelled:
+            weights = sum(prediction.device.by_category.get(category, 0) for category in REGIME_STATE)
+            # Weights and optimizer state alone past the limit show the whole regime too heavy: a stopped trace's
+            # (unless its figure is modelled around a proxy, whose weights it counted), or a
+            # finished figure's, such as one extrapolated to the model's depth (never stopped).
+            traced = prediction.source in ("traced", "stand-in")
+            if weights > self.limit and not prediction.error and (traced or not prediction.stopped):
                 self.too_heavy.setdefault(regime(setup), self.judged[setup])
 
     def weigh_floors(self) -> list[Setup]:

@@ -25,9 +25,20 @@ from typing import Any, Callable, Iterable
 from ..config import BenchConfig, from_dict, to_dict
 from ..errors import UserError, error_line, first_line
 from ..measure.tracker import TrackedPeak
+from ..modeling import model_depth
 from ..run.forkserver import ForkServer, ForkServerError
-from ..strategies import parse_cell
+from ..strategies import Cell, parse_cell
 from .allocator import AllocatorSettings
+from .depth import (
+    Depth,
+    DepthError,
+    Moments,
+    depth_facts,
+    depth_to_extrapolate,
+    extrapolate_peak,
+    extrapolate_reserved,
+    peak_of_moments,
+)
 from .modelled import modeller_for
 from .reserved import ReservedRange, predict_reserved
 from .trace import (
@@ -179,35 +190,96 @@ def allocator_settings(conf: str | None) -> tuple[AllocatorSettings | None, str 
                       "reserve stands in")
 
 
+@dataclass(frozen=True)
+class _Figures:
+    """What one trace (or a model around one) gives a prediction."""
+
+    device: TrackedPeak
+    host: TrackedPeak | None
+    seconds: float
+    facts: dict[str, Any]
+    method: str | None
+    stopped: bool
+    reserved: ReservedRange | None
+    moments: Moments
+
+
+def _figures(cell: Cell, config: BenchConfig, inputs: Any, target: Any, limit: Limit | None, world_size: int,
+             settings: AllocatorSettings | None, moments: bool = False) -> _Figures:
+    """The cell traced (or modelled around a trace), with its replayed reserve."""
+    modeller = modeller_for(cell, target.device.type)
+    if modeller is not None:
+        out = modeller.run(cell, config, inputs, target, limit, world_size)
+        reserved = None
+        proxy = out.proxy
+        if settings is not None and proxy is not None and proxy.allocations is not None and not out.stopped:
+            reserved = predict_reserved(proxy.allocations, settings).carried_over(
+                proxy.device.total_bytes, out.device.total_bytes, proxy.cell)
+        return _Figures(out.device, out.host, out.seconds, out.facts, out.method, out.stopped, reserved, {})
+    trace = trace_cell(cell, config, inputs, target, limit, world_size=world_size, moments=moments)
+    reserved = None
+    if settings is not None and trace.allocations is not None and not trace.stopped:
+        reserved = predict_reserved(trace.allocations, settings).reconciled(trace.device.total_bytes,
+                                                                             trace.allocations.workspace_bytes)
+    # A trace that stood in for what the stand-in device cannot run (autocast) says how, as a model does.
+    return _Figures(trace.device, trace.host, trace.seconds, trace.facts, trace.method, trace.stopped, reserved,
+                    trace.moments)
+
+
+def _extrapolated(cell: Cell, config: BenchConfig, inputs: Any, target: Any, world_size: int,
+                  settings: AllocatorSettings | None, depth: Depth) -> _Figures:
+    """The cell at its model's depth from two shallow traces (``depth.py``). Raises DepthError
+    when they do not line up, and the cell is then traced whole."""
+    shallow, deep = (_figures(cell, depth.config(config, blocks), inputs, target, None, world_size, settings, True)
+                     for blocks in depth.shallow)
+    if deep.moments:
+        device_name = deep.device.device
+        covered = peak_of_moments(deep.moments, deep.moments, device_name, 0)
+        if covered is None or covered.total_bytes != deep.device.total_bytes:
+            raise DepthError("the moments do not cover the traced step's peak")
+        device = peak_of_moments(shallow.moments, deep.moments, device_name, depth.steps)
+        host = None if deep.host is None else peak_of_moments(shallow.moments, deep.moments, deep.host.device,
+                                                              depth.steps)
+        how = depth.describe()
+    else:  # a figure modelled around a trace has no moments: its own line
+        device = extrapolate_peak(shallow.device, deep.device, depth.steps)
+        host = None if deep.host is None or shallow.host is None else extrapolate_peak(shallow.host, deep.host,
+                                                                                       depth.steps)
+        how = depth.describe_modelled()
+    if device is None:
+        raise DepthError("the shallow traces have no moment on the device")
+    reserved = extrapolate_reserved(deep.reserved, deep.device.total_bytes, device.total_bytes, depth)
+    return _Figures(device, host, shallow.seconds + deep.seconds,
+                    depth_facts(deep.facts, how, (shallow.seconds, deep.seconds)), deep.method, False, reserved, {})
+
+
 def _trace_in_worker(config_data: dict[str, Any], setup: Setup, limit_bytes: int | None = None,
-                     allocator_conf: str | None = None) -> dict[str, Any]:
+                     allocator_conf: str | None = None, extrapolate: bool = False) -> dict[str, Any]:
+    """One setup's prediction, as a dict. ``extrapolate``: a setup on more than one rank, of a
+    model deep enough, is traced at two shallow depths and extrapolated (``depth.py``)."""
     config = setup.config_for(from_dict(config_data))
     inputs = _cached_inputs(config_data, config)
     target = trace_target()
     limit = None if limit_bytes is None else Limit(limit_bytes)
+    settings, note = allocator_settings(allocator_conf)
     try:
         cell = parse_cell(setup.cell)
-        modeller = modeller_for(cell, target.device.type)
-        settings, note = allocator_settings(allocator_conf)
-        if modeller is not None:
-            out = modeller.run(cell, config, inputs, target, limit, setup.world_size)
-            reserved = None
-            proxy = out.proxy
-            if settings is not None and proxy is not None and proxy.allocations is not None and not out.stopped:
-                reserved = predict_reserved(proxy.allocations, settings).carried_over(
-                    proxy.device.total_bytes, out.device.total_bytes, proxy.cell)
-            return Prediction(setup, out.device, out.host, out.seconds, out.facts, None, out.method, out.stopped,
-                              reserved, note).to_dict()
-        trace = trace_cell(cell, config, inputs, target, limit, world_size=setup.world_size)
-        reserved = None
-        if settings is not None and trace.allocations is not None and not trace.stopped:
-            reserved = predict_reserved(trace.allocations, settings)
+        depth = depth_to_extrapolate(model_depth(config.model)) if extrapolate and setup.world_size > 1 else None
+        figures, whole = None, None
+        if depth is not None:
+            try:
+                figures = _extrapolated(cell, config, inputs, target, setup.world_size, settings, depth)
+            except DepthError as error:
+                whole = f"traced whole at {depth.blocks} blocks: {error}"  # slower, never wrong
+        if figures is None:
+            figures = _figures(cell, config, inputs, target, limit, setup.world_size, settings)
+            if whole:
+                figures = dataclasses.replace(figures, facts={**figures.facts, "depth": whole})
     except Exception as error:  # noqa: BLE001 - one setup the tracer cannot follow must not sink the others
         reason = first_line(error) if isinstance(error, UserError) else error_line(error)
         return Prediction(setup, TrackedPeak(str(target.device), 0, {}), None, 0.0, {}, reason).to_dict()
-    # A trace that stood in for what the stand-in device cannot run (autocast) says how, as a model does.
-    return Prediction(setup, trace.device, trace.host, trace.seconds, trace.facts, None, trace.method,
-                      trace.stopped, reserved, note).to_dict()
+    return Prediction(setup, figures.device, figures.host, figures.seconds, figures.facts, None, figures.method,
+                      figures.stopped, figures.reserved, note).to_dict()
 
 
 def default_jobs() -> int:
@@ -240,11 +312,11 @@ class SpawnedTraces:
         return self._pool
 
     def trace(self, setups: list[Setup], config: BenchConfig, config_data: dict[str, Any], limit: int | None,
-              on_done: Callable[[Prediction], None]) -> None:
+              on_done: Callable[[Prediction], None], extrapolate: bool = False) -> None:
         pool = self._executor()
         # The longest traces first, so that no process is left with one at the end.
         ordered = sorted(setups, key=lambda setup: -_trace_cost(setup, config))
-        futures = {pool.submit(_trace_in_worker, config_data, setup, limit, self.allocator_conf): setup
+        futures = {pool.submit(_trace_in_worker, config_data, setup, limit, self.allocator_conf, extrapolate): setup
                    for setup in ordered}
         try:
             for future in as_completed(futures):
@@ -276,7 +348,7 @@ class ForkedTraces:
         return described["label"], described["caveat"]
 
     def trace(self, setups: list[Setup], config: BenchConfig, jobs: int, limit: int | None,
-              on_done: Callable[[Prediction], None]) -> None:
+              on_done: Callable[[Prediction], None], extrapolate: bool = False) -> None:
         # Each child prepares the trace inputs once (the run has left the tokenised data in the
         # cache) and traces its share in turn, as a pool process would.
         config_text = json.dumps(to_dict(config))
@@ -294,7 +366,7 @@ class ForkedTraces:
                     try:
                         argv = [config_text, json.dumps([[setup.cell, setup.micro_batch_size, setup.world_size]
                                                          for setup in share]),
-                                json.dumps(limit), json.dumps(self.allocator_conf), *threads]
+                                json.dumps(limit), json.dumps(self.allocator_conf), json.dumps(extrapolate), *threads]
                         children.append(self.server.spawn(trace_share, argv, write, log.fileno()))
                     except BaseException:
                         os.close(read)
@@ -372,10 +444,13 @@ class TracePool:
         config: BenchConfig,
         on_done: Callable[[Prediction], None] = lambda prediction: None,
         limit: int | None = None,
+        extrapolate: bool = False,
     ) -> list[Prediction]:
         """Trace every setup; the result keeps the order of ``setups``. A setup that cannot be
         traced comes back with ``error`` set; a config or data problem raises. With ``limit``
-        (tensor bytes on the device) a trace stops once it is passed (``Prediction.stopped``)."""
+        (tensor bytes on the device) a trace stops once it is passed (``Prediction.stopped``).
+        ``extrapolate``: a setup on several ranks of a deep model is traced at two shallow
+        depths and extrapolated to its own (``depth.py``), as fit weighs them."""
         done: dict[Setup, Prediction] = {}
 
         def record(prediction: Prediction) -> None:
@@ -385,7 +460,7 @@ class TracePool:
         if self.forked is not None and self.forked.ready():
             try:
                 # Each child prepares the trace inputs itself (a run has left the tokenised data in the cache).
-                self.forked.trace(setups, config, self.jobs, limit, record)
+                self.forked.trace(setups, config, self.jobs, limit, record, extrapolate)
                 return [done[setup] for setup in setups]
             except ForkServerError:
                 done.clear()  # the server stopped: the spawned back end still gives the estimate
@@ -395,9 +470,10 @@ class TracePool:
         _cached_inputs(config_data, config)
         if self.jobs <= 1 or (len(setups) == 1 and not self.spawned.started):
             for setup in setups:
-                record(Prediction.from_dict(_trace_in_worker(config_data, setup, limit, self.allocator_conf)))
+                record(Prediction.from_dict(_trace_in_worker(config_data, setup, limit, self.allocator_conf,
+                                                             extrapolate)))
         else:
-            self.spawned.trace(setups, config, config_data, limit, record)
+            self.spawned.trace(setups, config, config_data, limit, record, extrapolate)
         return [done[setup] for setup in setups]
 
 
@@ -433,18 +509,19 @@ def _shares(setups: list[Setup], config: BenchConfig, jobs: int) -> list[list[Se
 
 def trace_share(argv: list[str]) -> int:
     """A forked child's entry: trace the setups in ``argv[1]`` (JSON) under the config in
-    ``argv[0]`` (JSON), the limit in ``argv[2]`` (JSON: bytes or null) and the allocator
-    conf in ``argv[3]`` (JSON: text or null), printing one JSON line per prediction, or one
-    ``failed`` line."""
+    ``argv[0]`` (JSON), the limit in ``argv[2]`` (JSON: bytes or null), the allocator
+    conf in ``argv[3]`` (JSON: text or null) and whether to extrapolate deep ranks in
+    ``argv[4]`` (JSON), printing one JSON line per prediction, or one ``failed`` line."""
     config_data = json.loads(argv[0])
     setups = [Setup(*fields) for fields in json.loads(argv[1])]
     limit = json.loads(argv[2])
     allocator_conf = json.loads(argv[3])
-    if "--single-threaded" in argv[4:]:
+    extrapolate = bool(json.loads(argv[4]))
+    if "--single-threaded" in argv[5:]:
         _single_threaded()
     try:
         for setup in setups:
-            print(json.dumps(_trace_in_worker(config_data, setup, limit, allocator_conf)), flush=True)
+            print(json.dumps(_trace_in_worker(config_data, setup, limit, allocator_conf, extrapolate)), flush=True)
     except Exception as error:  # noqa: BLE001 - a config or data problem: the parent raises it
         print(json.dumps({"failed": f"{type(error).__name__}: {first_line(error)}", "user_error": isinstance(error, UserError)}),
               flush=True)

@@ -33,12 +33,14 @@ from ..modeling import build_shape_model
 from ..strategies import Cell, RunContext, build_plan, device_refusal
 from ..strategies.base import Precision
 from ..strategies.amp import AutocastPrecision
+from ..strategies.architecture import repeated_blocks
 from ..strategies.distributed import fake_process_group
 from ..training.batches import epoch_batches, rank_share
 from ..training.loop import optimizer_step
 from ..training.schedule import linear_schedule_with_warmup
 from .allocations import AllocationRecorder, AllocationSequence, WorkspaceRule
 from .autocast import cuda_autocast_rules, lower_precision_dtype
+from .depth import Moments, StepPosition
 
 HOST = "cpu"
 
@@ -134,6 +136,8 @@ class CellTrace:
     #: The device's allocations and frees from the model's placement through the third step,
     #: for the allocator model (``reserved.py``); None for a stopped trace.
     allocations: AllocationSequence | None = None
+    #: The measured step's moments (``depth.py``), when asked for (``trace_cell(moments=True)``).
+    moments: Moments = field(default_factory=dict)
 
 
 #: What a device snapshot's limit is compared with: the total, or a modeller's figure for it.
@@ -183,14 +187,25 @@ class _Watcher:
         self.constant = constant if constant is not None else {}
         self.transient: dict[str, int] = {}
         self.state: dict[str, int] = {}
+        #: Where in the step an operator runs (``depth.StepPosition``), while moments are kept.
+        self.position: Callable[[], tuple[int, str, str]] | None = None
+        #: Each moment's largest live bytes, on every device (``depth.py``).
+        self.moments: Moments = {}
 
     def __call__(self, device: str, snapshot: dict[Any, int]) -> None:
-        if device != self.device:
+        if device != self.device and self.position is None:
             return
         total, by_category = named_categories(snapshot)
-        for category, size in self.constant.items():
-            by_category[category] = by_category.get(category, 0) + size
-            total += size
+        if device == self.device:
+            for category, size in self.constant.items():
+                by_category[category] = by_category.get(category, 0) + size
+                total += size
+        if self.position is not None:
+            moment = (device, *self.position())
+            if moment not in self.moments or total > self.moments[moment][0]:
+                self.moments[moment] = (total, by_category)
+            if device != self.device:
+                return
         if transient_bytes(by_category) > transient_bytes(self.transient) or not self.transient:
             self.transient = by_category
         if state_bytes(by_category) > state_bytes(self.state) or not self.state:
@@ -572,6 +587,7 @@ def trace_cell(
     counted: Counted | None = None,
     world_size: int = 1,
     data_parallel: bool = True,
+    moments: bool = False,
 ) -> CellTrace:
     """Peak bytes by category of the cell's second optimizer step, device and host apart.
 
@@ -584,19 +600,21 @@ def trace_cell(
     cell's state is then FSDP2's DTensor shards, its gathered units their own category
     (``gathered``, from FSDPMemTracker); any other cell is replicated, and DDP's gradient
     buckets (which its C++ reducer cannot make on fake tensors) are counted from the trained
-    shapes (``gradient_buckets``), unless ``data_parallel`` is False (a modeller's proxy)."""
+    shapes (``gradient_buckets``), unless ``data_parallel`` is False (a modeller's proxy).
+
+    ``moments`` keeps the measured step's bytes moment by moment, for ``depth.py``'s extrapolation."""
     sharded = any(cls.shards for cls in cell.strategies)
     grouped = sharded or world_size > 1
     if sharded:
         target = sharded_target(target)
     with fake_process_group(world_size) if grouped else contextlib.nullcontext():
         return _trace_cell(cell, config, inputs, target, limit, inspect, counted, world_size,
-                           data_parallel and world_size > 1 and not sharded, sharded)
+                           data_parallel and world_size > 1 and not sharded, sharded, moments)
 
 
 def _trace_cell(cell: Cell, config: BenchConfig, inputs: TraceInputs, target: TraceTarget, limit: Limit | None,
                 inspect: Callable[[Any], None] | None, counted: Counted | None, world_size: int, replicated: bool,
-                sharded: bool) -> CellTrace:
+                sharded: bool, moments: bool) -> CellTrace:
     started = time.perf_counter()
     # The shape model reads no checkpoint, so no head is new: LoRA trains none in full.
     ctx = RunContext(config, target.device, new_head_modules=(), tracing=True, rank=0, world_size=world_size)
@@ -647,8 +665,11 @@ def _trace_cell(cell: Cell, config: BenchConfig, inputs: TraceInputs, target: Tr
                     optimizer_step(plan, scheduler, batches[0], ctx, first.before_forward)
             recorder.phase("step 2")
             tracker = StepMemoryTracker(*tracked, watch=watcher, sharded=sharded)
+            if moments:
+                watcher.position = StepPosition(tracker, repeated_blocks(plan.model)[0])
             with tracker:
                 optimizer_step(plan, scheduler, batches[1], ctx, tracker.before_forward)
+            watcher.position = None
             if limit is None or not (sharded or world_size > 1):
                 recorder.phase("step 3")
                 optimizer_step(plan, scheduler, batches[1], ctx)
@@ -668,4 +689,4 @@ def _trace_cell(cell: Cell, config: BenchConfig, inputs: TraceInputs, target: Tr
     if host_peak is not None and not any(host_peak.by_category.get(kept.name) for kept in HOST_HOLDINGS):
         host_peak = None  # only the optimizer's step counters wait there: the host holds none of the model
     return CellTrace(cell.name, device_peak, host_peak, plan.facts, time.perf_counter() - started, False,
-                     watcher.transient, watcher.state, method, recorder.sequence())
+                     watcher.transient, watcher.state, method, recorder.sequence(), watcher.moments)

@@ -237,6 +237,17 @@ class StepMemoryTracker:
         finally:
             self._warnings.__exit__(*exc)
 
+    @property
+    def modules(self) -> Any:
+        """The ModTracker that MemTracker follows modules with: which modules an operator runs
+        in (``parents``) and whether it runs in backward (``is_bw``)."""
+        return self._tracker._mod_tracker
+
+    @property
+    def in_optimizer_step(self) -> bool:
+        """Whether an optimizer's ``step`` is running (MemTracker's own optimizer hooks set it)."""
+        return bool(self._tracker._in_opt)
+
     def before_forward(self) -> None:
         """Call before each forward of a step: MemTracker keeps per-module stats for one
         forward only, so micro-batches would otherwise trip it. Peaks are kept."""
