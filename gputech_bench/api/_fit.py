@@ -277,9 +277,9 @@ def fit(
     """
     from ..estimator.depth import depth_to_extrapolate
     from ..estimator.fit import FitSearch, modelled_strategies, not_searched
-    from ..modeling import model_depth
     from ..estimator.predict import TracePool
     from ..estimator.trace import trace_target
+    from ..modeling import model_depth
     from ..strategies.registry import lookup
 
     output = output_or_default(output)

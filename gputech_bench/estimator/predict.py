@@ -249,8 +249,10 @@ def _extrapolated(cell: Cell, config: BenchConfig, inputs: Any, target: Any, wor
     if device is None:
         raise DepthError("the shallow traces have no moment on the device")
     reserved = extrapolate_reserved(deep.reserved, deep.device.total_bytes, device.total_bytes, depth)
+    # A model's method names its own figures: those of the deeper shallow trace.
+    method = None if deep.method is None else f"{deep.method} (at {depth.shallow[1]} blocks; {how})"
     return _Figures(device, host, shallow.seconds + deep.seconds,
-                    depth_facts(deep.facts, how, (shallow.seconds, deep.seconds)), deep.method, False, reserved, {})
+                    depth_facts(deep.facts, how, (shallow.seconds, deep.seconds)), method, False, reserved, {})
 
 
 def _trace_in_worker(config_data: dict[str, Any], setup: Setup, limit_bytes: int | None = None,
