@@ -13,10 +13,10 @@ the optimizer step, where every gradient shard is live. Extrapolating the peak i
 follow the wrong line. So every operator of the measured step is filed under *where* it
 runs, in words that do not depend on the depth (:class:`StepPosition`): the pass (forward,
 backward or optimizer step, counted in order) and the position in the block stack (before
-the first block, in the first, in a middle one, between two, in the last, or after the last). Within a
-pass the blocks repeat the same work, so across the middle blocks the bytes move along a
-line too, and their largest moment sits at one end of them: the same moment at any depth of
-3 blocks or more. Each moment's bytes are extrapolated from the traces at 3 and 4 blocks,
+the first block, in the first, in a middle one, between two, in the last, or after the
+last). Within a pass the blocks repeat the same work, so across the middle blocks the bytes
+move along a line too, and their largest moment sits at one end of them: the same moment at
+any depth of 3 blocks or more. Each moment's bytes are extrapolated from the traces at 3 and 4 blocks,
 and the peak at the model's depth is the largest extrapolated moment.
 
 ``tests/test_depth.py`` checks it against whole traces: the extrapolated peak of a deeper

@@ -67,8 +67,8 @@ class ReservedRange:
         DDP's buckets), the workspaces and 1% for rounding: storages the trace kept alive that
         MemTracker does not count as the step's (seen in one sharded combination,
         fsdp+lora+bf16-weights, whose frozen layers' cast weights outlive their sharding in the
-        trace). The estimate stands on the tracker's
-        tensors; the replay's extra bytes would otherwise come on top of them, once per layer."""
+        trace). The estimate stands on the tracker's tensors; the replay's extra bytes would
+        otherwise come on top of them, once per layer."""
         extra = self.allocated_bytes - tensor_bytes - workspace_bytes - tensor_bytes // 100
         if extra <= 0:
             return self
