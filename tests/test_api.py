@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import io
+import os
 import re
 import subprocess
 import sys
@@ -78,8 +79,11 @@ def test_public_functions_stay_functions_after_every_subpackage_is_imported():
 
 def test_a_user_error_is_one_line_in_ipython():
     code = "from gputech_bench import run_matrix; run_matrix(strategies=['no-such-cell'], preset='cpu', progress=False)"
+    # IPython warns on stderr when VIRTUAL_ENV names another environment than the interpreter's
+    # (a shell that activated a different venv): its own warning, not the error's lines.
+    env = {key: value for key, value in os.environ.items() if key != "VIRTUAL_ENV"}
     out = subprocess.run([sys.executable, "-m", "IPython", "--colors=nocolor", "--no-banner", "-c", code],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, env=env)
     shown = (out.stdout + out.stderr).strip().splitlines()
     assert [line for line in shown if "no-such-cell" in line] == shown, shown
     assert len(shown) == 1 and shown[0].startswith("StrategyError: unknown strategy 'no-such-cell'"), shown
