@@ -9,23 +9,13 @@ of it in a process group of one: the same code path, nothing saved.
 
 from __future__ import annotations
 
-from torch import nn
-
-from .base import Placement, RunContext, Strategy
 from .facts import TRACED, StateLocation, TimeFactor
 from .registry import register
-from .sharded import SHARDED_INCOMPATIBLE, ShardedPlacement, describe_sharding, fsdp_device_refusal
-
-
-class FsdpPlacement(ShardedPlacement):
-    """The model sharded in place: its parameters become device DTensors that the optimizer steps."""
-
-    def __init__(self, model: nn.Module, ctx: RunContext) -> None:
-        super().__init__(model, ctx, offload=False)
+from .sharded import SHARDED_INCOMPATIBLE, ShardedStrategy
 
 
 @register
-class Fsdp(Strategy):
+class Fsdp(ShardedStrategy):
     key = "fsdp"
     name = "fsdp"
     saves = "device memory: each of N ranks keeps 1/N of the weights, grads and optimizer state; a layer is whole only while it runs"
@@ -54,13 +44,5 @@ class Fsdp(Strategy):
 
     untraceable = ""
 
-    def device_refusal(self, ctx: RunContext) -> None:
-        fsdp_device_refusal(self.key, ctx, offload=False)
-
-    def placement(self, model: nn.Module, ctx: RunContext) -> Placement:
-        placement = FsdpPlacement(model, ctx)
-        self.layer_unit = placement.layer_unit
-        return placement
-
-    def describe(self, model: nn.Module, ctx: RunContext) -> dict:
-        return describe_sharding(model, getattr(self, "layer_unit", "?"), "device (1/N of each per rank)")
+    offload = False  # its parameters become device DTensors that the optimizer steps
+    state_where = "device (1/N of each per rank)"

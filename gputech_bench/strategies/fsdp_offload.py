@@ -11,23 +11,16 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Placement, RunContext, Strategy
+from .base import RunContext
 from .facts import StateLocation, TimeFactor, modelled_by
 from .registry import register
-from .sharded import LAYER_RESHARD, ROOT_RESHARD, SHARDED_INCOMPATIBLE, ShardedPlacement, describe_sharding, fsdp_device_refusal
+from .sharded import LAYER_RESHARD, ROOT_RESHARD, SHARDED_INCOMPATIBLE, ShardedStrategy
 
-__all__ = ["FsdpOffload", "FsdpOffloadPlacement", "LAYER_RESHARD", "ROOT_RESHARD"]
-
-
-class FsdpOffloadPlacement(ShardedPlacement):
-    """The model sharded in place: its parameters become host DTensors that the optimizer steps."""
-
-    def __init__(self, model: nn.Module, ctx: RunContext) -> None:
-        super().__init__(model, ctx, offload=True)
+__all__ = ["FsdpOffload", "LAYER_RESHARD", "ROOT_RESHARD"]
 
 
 @register
-class FsdpOffload(Strategy):
+class FsdpOffload(ShardedStrategy):
     key = "fsdp-offload"
     name = "fsdp-offload"
     saves = "device memory: weights, grads and optimizer state stay on the host; only the running layer is on the device"
@@ -51,16 +44,11 @@ class FsdpOffload(Strategy):
     untraceable = ("a fake-tensor trace runs no collective with FSDP's CPU offload: it keeps host and device apart "
                    "only on the meta stand-in, where FSDP2 has no device mesh (fsdp, without offload, is traced)")
 
-    def device_refusal(self, ctx: RunContext) -> None:
-        fsdp_device_refusal(self.key, ctx, offload=True)
-
-    def placement(self, model: nn.Module, ctx: RunContext) -> Placement:
-        placement = FsdpOffloadPlacement(model, ctx)
-        self.layer_unit = placement.layer_unit
-        return placement
+    offload = True  # its parameters become host DTensors that the optimizer steps
+    state_where = "host (CPU offload)"
 
     def describe(self, model: nn.Module, ctx: RunContext) -> dict:
-        facts = describe_sharding(model, getattr(self, "layer_unit", "?"), "host (CPU offload)")
+        facts = super().describe(model, ctx)
         facts.update(
             cpu_offload="parameters, gradients and optimizer state on the host; one unit at a time on the device",
             optimizer_device="cpu",

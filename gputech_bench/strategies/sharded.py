@@ -14,14 +14,14 @@ estimate traces one rank inside a fake process group of N (``distributed.fake_pr
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import StrategyError
 from .architecture import repeated_blocks
-from .base import Placement, RunContext
+from .base import Placement, RunContext, Strategy
 from .distributed import ensure_process_group
 
 #: Layers are freed after their forward and gathered again for backward; the root is
@@ -110,6 +110,27 @@ def describe_sharding(model: nn.Module, layer_unit: str, where: str) -> dict[str
         "reshard_after_forward": f"layers: {LAYER_RESHARD}; root (embeddings, LM head): {ROOT_RESHARD}",
         "fsdp_state": where,
     }
+
+
+class ShardedStrategy(Strategy):
+    """What ``fsdp`` and ``fsdp-offload`` do alike: the checks, the placement and the sharding
+    facts. Each declares its own facts in its own file, and where its shards live here."""
+
+    #: Whether the shards live on the host (FSDP's CPU offload policy) rather than the device.
+    offload: ClassVar[bool] = False
+    #: Where the state lives, as the facts say it.
+    state_where: ClassVar[str] = ""
+
+    def device_refusal(self, ctx: RunContext) -> None:
+        fsdp_device_refusal(self.key, ctx, offload=self.offload)
+
+    def placement(self, model: nn.Module, ctx: RunContext) -> Placement:
+        placement = ShardedPlacement(model, ctx, offload=self.offload)
+        self.layer_unit = placement.layer_unit
+        return placement
+
+    def describe(self, model: nn.Module, ctx: RunContext) -> dict:
+        return describe_sharding(model, getattr(self, "layer_unit", "?"), self.state_where)
 
 
 #: What neither FSDP strategy can run with, and why (each adds its own).
