@@ -39,6 +39,7 @@ from typing import Callable, Collection
 
 from ..config import BenchConfig
 from ..errors import FitError, StrategyError, first_line
+from ..metrics import BUFFERS, OPTIMIZER_STATE, PARAMETERS, QUANTIZED_WEIGHTS
 from ..results import CellResult
 from ..strategies import BASELINE, Cell, Strategy, combination_refusal, launch_refusal, parse_cell, registered
 from ..strategies.facts import StateLocation
@@ -51,7 +52,7 @@ from .predict import Prediction, Setup
 #: weights (the same regime) showed them too big: the label of that setup.
 SAME_WEIGHTS = "same_weights_as"
 #: The bytes every setup of a regime holds alike (``FitSearch.weigh``).
-REGIME_STATE = ("parameters", "buffers", "optimizer_state", "quantized_weights")
+REGIME_STATE = tuple(category.name for category in (PARAMETERS, BUFFERS, OPTIMIZER_STATE, QUANTIZED_WEIGHTS))
 
 
 def searchable(cls: type[Strategy], device_type: str) -> bool:
